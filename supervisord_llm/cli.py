@@ -1,0 +1,86 @@
+"""Command line of the daemon: `llm-supervisor [--config PATH] [--check]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, LOG_FORMATS
+from .daemon import Overrides, apply_overrides, discover, fatal, make_backend, run
+from .errors import ConfigError, StartupError
+from .logs import setup_logging
+from .plan import render_plan, resolve_plan
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llm-supervisor",
+        description="Supervise self-hosted LLM inference servers (run by systemd).",
+    )
+    p.add_argument("--config", metavar="PATH",
+                   default=os.environ.get("LLM_SUPERVISOR_CONFIG", DEFAULT_CONFIG_PATH),
+                   help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+    p.add_argument("--check", action="store_true",
+                   help="validate the configuration, print the resolved plan and exit")
+    p.add_argument("--control-socket", metavar="PATH",
+                   help="control socket path (overrides supervisor.control_socket)")
+    p.add_argument("--state-dir", metavar="PATH",
+                   help="state directory (overrides supervisor.state_dir)")
+    p.add_argument("--log-format", choices=LOG_FORMATS,
+                   help="log format (overrides supervisor.log_format)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"llm-supervisor {__version__}")
+    return p
+
+
+def check(config_path: str, overrides: Overrides) -> int:
+    from .config import load_config
+
+    try:
+        cfg = apply_overrides(load_config(config_path), overrides)
+        backend = make_backend(cfg)
+        gpus = asyncio.run(discover(backend))
+        plans = resolve_plan(cfg, gpus)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            sys.stderr.write(f"llm-supervisor: config error: {problem}\n")
+        sys.stderr.write(f"llm-supervisor: {config_path}: {len(exc.problems)} "
+                         f"error{'s' if len(exc.problems) != 1 else ''}\n")
+        return 1
+    except StartupError as exc:
+        sys.stderr.write(f"llm-supervisor: {exc}\n")
+        return 2
+    sys.stdout.write(render_plan(cfg, gpus, plans, backend.name) + "\n")
+    return 0
+
+
+def daemon_main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = Overrides(args.control_socket, args.state_dir, args.log_format)
+    if args.check:
+        return check(args.config, overrides)
+    # The log format comes from the config; read it first, report config errors plainly.
+    from .config import load_config
+
+    try:
+        cfg = apply_overrides(load_config(args.config), overrides)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            fatal(f"config error: {problem}")
+        return 1
+    setup_logging(cfg.supervisor.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return run(args.config, overrides)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            fatal(f"config error: {problem}")
+        return 1
+    except StartupError as exc:
+        fatal(str(exc))
+        return 2
+    except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled on the loop
+        return 0

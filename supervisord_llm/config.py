@@ -1,0 +1,931 @@
+"""TOML configuration -> frozen dataclasses, with every check in one place.
+
+`load_config(path)` and `parse_config(text)` validate the whole document and raise one
+`ConfigError` listing every problem, each naming its key by path
+(`service[2].health.interval_s: must be > 0`). The same function serves start-up, `--check`
+and reload. Checks that need the discovered GPUs (unknown GPU in `service[i].gpus`) are done by
+`plan.resolve_plan`, which reports them in the same form.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import pwd
+import re
+import signal
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH: Final = "/etc/llm-supervisor/config.toml"
+DEFAULT_CONTROL_SOCKET: Final = "/run/llm-supervisor/control.sock"
+DEFAULT_STATE_DIR: Final = "/var/lib/llm-supervisor"
+DEFAULT_METRICS_LISTEN: Final = "127.0.0.1:9468"
+
+LOG_FORMATS: Final = ("journal", "text", "json")
+GPU_BACKENDS: Final = ("auto", "nvml", "amd-sysfs", "sim", "none")
+RESTART_POLICIES: Final = ("always", "on-failure", "never")
+ON_CRITICAL: Final = ("drain-restart", "stop", "none")
+POWER_SOURCES: Final = ("nut", "none")
+CHECKPOINT_KINDS: Final = ("http", "command", "signal")
+
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_ENV_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_UUID_RE: Final = re.compile(r"^(GPU|MIG)-[0-9A-Za-z-]+$")
+_PCI_RE: Final = re.compile(r"^(?:([0-9A-Fa-f]{4,8}):)?([0-9A-Fa-f]{2}):([0-9A-Fa-f]{2})\.([0-7])$")
+_THRESHOLD_RE: Final = re.compile(r"^(slowdown|shutdown)\s*(?:([+-])\s*(\d+(?:\.\d+)?))?$")
+_PLACEHOLDER_RE: Final = re.compile(r"\{([A-Za-z_]*)\}")
+PLACEHOLDERS: Final = ("port", "gpu_uuids")
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataclasses
+
+
+@dataclass(frozen=True)
+class SupervisorSection:
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+    control_group: str | None = None
+    state_dir: str = DEFAULT_STATE_DIR
+    log_format: str = "journal"
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    listen: Listen | None = Listen("127.0.0.1", 9468)
+
+
+@dataclass(frozen=True)
+class SimGpu:
+    uuid: str
+    name: str = "Simulated GPU"
+    pci_bus_id: str = ""
+    numa_node: int = -1
+    vendor: str = "nvidia"
+    memory_total_bytes: int = 24 * 1024**3
+    default_power_limit_w: float = 300.0
+    min_power_limit_w: float = 100.0
+    max_power_limit_w: float | None = None
+    slowdown_c: float = 89.0
+    shutdown_c: float = 95.0
+
+
+@dataclass(frozen=True)
+class GpuSection:
+    backend: str = "auto"
+    poll_interval_s: float = 1.0
+    call_timeout_s: float = 2.0
+    sim_state_file: str | None = None
+    sim: tuple[SimGpu, ...] = ()
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A temperature: absolute (`base` None) or relative to the GPU's slowdown/shutdown."""
+
+    base: str | None
+    offset: float
+
+    def resolve(self, slowdown_c: float | None, shutdown_c: float | None) -> float | None:
+        if self.base is None:
+            return self.offset
+        ref = slowdown_c if self.base == "slowdown" else shutdown_c
+        return None if ref is None else ref + self.offset
+
+    def __str__(self) -> str:
+        if self.base is None:
+            return f"{self.offset:g}"
+        return f"{self.base}{self.offset:+g}" if self.offset else self.base
+
+
+@dataclass(frozen=True)
+class ThermalSection:
+    warn_c: Threshold = Threshold("slowdown", -6.0)
+    throttle_c: Threshold = Threshold("slowdown", -4.0)
+    critical_c: Threshold = Threshold("slowdown", -1.0)
+    resume_c: Threshold = Threshold("slowdown", -10.0)
+    power_step: float = 0.10
+    min_power_fraction: float = 0.5
+    step_interval_s: float = 5.0
+    on_critical: str = "drain-restart"
+
+
+@dataclass(frozen=True)
+class PowerSection:
+    source: str = "none"
+    ups: str = "ups@127.0.0.1:3493"
+    poll_interval_s: float = 2.0
+    on_battery_grace_s: float = 20.0
+    low_runtime_s: float = 300.0
+    low_charge_pct: float = 20.0
+    deadtime_s: float = 15.0
+    drain_timeout_s: float = 60.0
+    stop_timeout_s: float = 30.0
+    shutdown_command: tuple[str, ...] = ()
+    restart_on_power_return: bool = True
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    kind: str
+    url: str | None = None
+    command: tuple[str, ...] = ()
+    service: str | None = None
+    signal: int | None = None
+    done_file: str | None = None
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class HealthSection:
+    url: str | None  # None: no HTTP check; "ready" once launched
+    interval_s: float = 5.0
+    timeout_s: float = 3.0
+    failures: int = 3
+    startup_timeout_s: float = 900.0
+
+
+@dataclass(frozen=True)
+class RestartSection:
+    policy: str = "on-failure"
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 300.0
+    max_restarts: int = 10
+    window_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class StopSection:
+    signal: int = int(signal.SIGTERM)
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class GateSection:
+    listen: Listen
+    max_concurrency: int = 64
+    max_queue: int = 256
+    backup: str | None = None
+    swap_port: int | None = None
+    queue_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    command: tuple[str, ...]
+    port: int | None = None
+    gpus: tuple[int | str, ...] = ()
+    numa: int | str = "auto"  # "auto" | "none" | node number
+    user: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    health: HealthSection = HealthSection(url=None)
+    restart: RestartSection = RestartSection()
+    stop: StopSection = StopSection()
+    gate: GateSection | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    supervisor: SupervisorSection = SupervisorSection()
+    metrics: MetricsSection = MetricsSection()
+    gpu: GpuSection = GpuSection()
+    thermal: ThermalSection = ThermalSection()
+    power: PowerSection = PowerSection()
+    checkpoints: tuple[Checkpoint, ...] = ()
+    services: tuple[ServiceConfig, ...] = ()
+    path: str | None = field(default=None, compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def service(self, name: str) -> ServiceConfig | None:
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tables with path-qualified errors
+
+_MISSING: Final[Any] = object()
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+class _Table:
+    """One TOML table being read; collects problems instead of raising."""
+
+    def __init__(self, data: object, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        self.ok = isinstance(data, dict)
+        if not self.ok:
+            problems.append(f"{path}: must be a table, not {_type_name(data)}")
+        self.data: dict[str, Any] = dict(data) if isinstance(data, dict) else {}
+        self.used: set[str] = set()
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.key_path(key)}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str) -> Any:
+        self.used.add(key)
+        return self.data.get(key, _MISSING)
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.used:
+                self.problems.append(f"{self.key_path(key)}: unknown key")
+
+    def string(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        choices: tuple[str, ...] | None = None,
+        allow_empty: bool = False,
+    ) -> Any:
+        value = self.raw(key)
+        if value is _MISSING:
+            if default is _MISSING:
+                self.error(key, "required key is missing")
+            return default
+        if not isinstance(value, str):
+            self.error(key, f"must be a string, not {_type_name(value)}")
+            return default
+        if "\x00" in value:
+            self.error(key, "must not contain NUL characters")
+            return default
+        if choices is not None and value not in choices:
+            self.error(key, f"must be one of {', '.join(choices)} (got {value!r})")
+            return default
+        if not value and not allow_empty:
+            self.error(key, "must not be empty")
+            return default
+        return value
+
+    def number(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        *,
+        integer: bool = False,
+        minimum: float | None = None,
+        above: float | None = None,
+        maximum: float | None = None,
+    ) -> Any:
+        value = self.raw(key)
+        if value is _MISSING:
+            if default is _MISSING:
+                self.error(key, "required key is missing")
+            return default
+        kind = "an integer" if integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.error(key, f"must be {kind}, not {_type_name(value)}")
+            return default
+        if integer and not isinstance(value, int):
+            self.error(key, f"must be an integer, not {value!r}")
+            return default
+        if isinstance(value, float) and not math.isfinite(value):
+            self.error(key, f"must be a finite number, not {value!r}")
+            return default
+        if above is not None and not value > above:
+            self.error(key, f"must be > {above:g} (got {value!r})")
+            return default
+        if minimum is not None and value < minimum:
+            self.error(key, f"must be >= {minimum:g} (got {value!r})")
+            return default
+        if maximum is not None and value > maximum:
+            self.error(key, f"must be <= {maximum:g} (got {value!r})")
+            return default
+        return value if integer else float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self.error(key, f"must be true or false, not {_type_name(value)}")
+            return default
+        return value
+
+    def string_list(self, key: str, default: Any = _MISSING, allow_empty: bool = True) -> Any:
+        value = self.raw(key)
+        if value is _MISSING:
+            if default is _MISSING:
+                self.error(key, "required key is missing")
+            return default
+        if not isinstance(value, list):
+            self.error(key, f"must be an array of strings, not {_type_name(value)}")
+            return default
+        good = True
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.problems.append(
+                    f"{self.key_path(key)}[{i}]: must be a string, not {_type_name(item)}"
+                )
+                good = False
+            elif "\x00" in item:
+                self.problems.append(f"{self.key_path(key)}[{i}]: must not contain NUL")
+                good = False
+        if good and not value and not allow_empty:
+            self.error(key, "must not be empty")
+            return default
+        return tuple(value) if good else default
+
+    def table(self, key: str) -> _Table | None:
+        value = self.raw(key)
+        if value is _MISSING:
+            return None
+        return _Table(value, self.key_path(key), self.problems)
+
+    def array_of_tables(self, key: str) -> Iterator[_Table]:
+        value = self.raw(key)
+        if value is _MISSING:
+            return
+        if not isinstance(value, list):
+            self.error(key, f"must be an array of tables ([[{key}]]), not {_type_name(value)}")
+            return
+        for i, item in enumerate(value):
+            yield _Table(item, f"{self.key_path(key)}[{i}]", self.problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsers
+
+
+def parse_listen(text: str) -> Listen:
+    """`host:port`, `[v6]:port`; raises ValueError with a readable message."""
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected [ADDRESS]:PORT, got {text!r}")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if not host:
+        raise ValueError(f"missing host in {text!r}")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"port must be 1-65535, got {port_text!r}")
+    return Listen(host, int(port_text))
+
+
+def parse_signal(value: str) -> int:
+    name = value.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    if name.startswith("SIG_"):
+        raise ValueError(f"unknown signal {value!r}")
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise ValueError(f"unknown signal {value!r} (use a name such as SIGTERM)") from None
+
+
+def normalize_pci_bus_id(text: str) -> str | None:
+    """`41:00.0`, `0000:41:00.0`, `00000000:41:00.0` -> `0000:41:00.0` (sysfs form)."""
+    m = _PCI_RE.match(text.strip())
+    if not m:
+        return None
+    domain = int(m.group(1) or "0", 16)
+    return f"{domain:04x}:{m.group(2).lower()}:{m.group(3).lower()}.{m.group(4)}"
+
+
+def _threshold(table: _Table, key: str, default: Threshold) -> Threshold:
+    value = table.raw(key)
+    if value is _MISSING:
+        return default
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or not -50 <= value <= 150:
+            table.error(key, f"must be between -50 and 150 Celsius (got {value!r})")
+            return default
+        return Threshold(None, float(value))
+    if isinstance(value, str):
+        m = _THRESHOLD_RE.match(value.strip())
+        if m:
+            offset = float(m.group(3) or 0)
+            if offset > 60:
+                table.error(key, f"offset {m.group(3)} is too large (at most 60)")
+                return default
+            return Threshold(m.group(1), -offset if m.group(2) == "-" else offset)
+    table.error(
+        key, f'must be a temperature in Celsius or "slowdown-N" / "shutdown-N", not {value!r}'
+    )
+    return default
+
+
+def _placeholders_ok(table: _Table, key: str, values: tuple[str, ...], has_port: bool) -> None:
+    for i, value in enumerate(values):
+        for m in _PLACEHOLDER_RE.finditer(value):
+            name = m.group(1)
+            where = f"{table.key_path(key)}[{i}]" if len(values) > 1 or key == "command" else (
+                table.key_path(key)
+            )
+            if name not in PLACEHOLDERS:
+                table.problems.append(
+                    f"{where}: unknown placeholder {{{name}}} (known: {{port}}, {{gpu_uuids}})"
+                )
+            elif name == "port" and not has_port:
+                table.problems.append(f"{where}: uses {{port}} but the service has no port")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def _supervisor(root: _Table) -> SupervisorSection:
+    t = root.table("supervisor")
+    if t is None:
+        return SupervisorSection()
+    d = SupervisorSection()
+    sock = t.string("control_socket", d.control_socket)
+    if not os.path.isabs(sock):
+        t.error("control_socket", f"must be an absolute path (got {sock!r})")
+        sock = d.control_socket
+    elif len(os.fsencode(sock)) > 107:
+        t.error("control_socket", "path is too long for a Unix socket (at most 107 bytes)")
+        sock = d.control_socket
+    group = t.string("control_group", None)
+    if group is not None:
+        import grp
+
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            t.error("control_group", f"no such group {group!r} (create it or remove the key)")
+    state_dir = t.string("state_dir", d.state_dir)
+    if not os.path.isabs(state_dir):
+        t.error("state_dir", f"must be an absolute path (got {state_dir!r})")
+        state_dir = d.state_dir
+    log_format = t.string("log_format", d.log_format, choices=LOG_FORMATS)
+    t.finish()
+    return SupervisorSection(sock, group, state_dir, log_format)
+
+
+def _metrics(root: _Table) -> MetricsSection:
+    t = root.table("metrics")
+    if t is None:
+        return MetricsSection()
+    text = t.string("listen", DEFAULT_METRICS_LISTEN, allow_empty=True)
+    t.finish()
+    if text == "":
+        return MetricsSection(listen=None)
+    try:
+        return MetricsSection(parse_listen(text))
+    except ValueError as exc:
+        t.error("listen", str(exc))
+        return MetricsSection()
+
+
+def _sim_gpu(t: _Table) -> SimGpu | None:
+    uuid = t.string("uuid")
+    if isinstance(uuid, str) and not _UUID_RE.match(uuid):
+        t.error("uuid", f'must look like "GPU-xxxxxxxx-..." (got {uuid!r})')
+    d = SimGpu(uuid="")
+    name = t.string("name", d.name)
+    pci = t.string("pci_bus_id", "")
+    if pci and normalize_pci_bus_id(pci) is None:
+        t.error("pci_bus_id", f'must look like "00000000:41:00.0" (got {pci!r})')
+    numa = t.number("numa_node", d.numa_node, integer=True, minimum=-1, maximum=1023)
+    vendor = t.string("vendor", d.vendor, choices=("nvidia", "amd"))
+    mem = t.number("memory_total_bytes", d.memory_total_bytes, integer=True, above=0)
+    dpl = t.number("default_power_limit_w", d.default_power_limit_w, above=0, maximum=5000)
+    mpl = t.number("min_power_limit_w", min(d.min_power_limit_w, dpl), above=0, maximum=5000)
+    xpl = t.number("max_power_limit_w", None, above=0, maximum=5000)
+    slow = t.number("slowdown_c", d.slowdown_c, minimum=20, maximum=150)
+    shut = t.number("shutdown_c", d.shutdown_c, minimum=20, maximum=150)
+    t.finish()
+    if mpl > dpl:
+        t.error("min_power_limit_w", f"must be <= default_power_limit_w ({dpl:g})")
+    if xpl is not None and xpl < dpl:
+        t.error("max_power_limit_w", f"must be >= default_power_limit_w ({dpl:g})")
+    if shut < slow:
+        t.error("shutdown_c", f"must be >= slowdown_c ({slow:g})")
+    if not isinstance(uuid, str):
+        return None
+    return SimGpu(uuid, name, pci, numa, vendor, mem, dpl, mpl, xpl, slow, shut)
+
+
+def _gpu(root: _Table) -> GpuSection:
+    t = root.table("gpu")
+    if t is None:
+        return GpuSection()
+    d = GpuSection()
+    backend = t.string("backend", d.backend, choices=GPU_BACKENDS)
+    poll = t.number("poll_interval_s", d.poll_interval_s, above=0, maximum=3600)
+    call_timeout = t.number("call_timeout_s", d.call_timeout_s, above=0, maximum=600)
+    state_file = t.string("sim_state_file", None)
+    if state_file is not None and not os.path.isabs(state_file):
+        t.error("sim_state_file", f"must be an absolute path (got {state_file!r})")
+    sims = []
+    for st in t.array_of_tables("sim"):
+        sim = _sim_gpu(st)
+        if sim is not None:
+            sims.append(sim)
+    t.finish()
+    if backend == "sim":
+        if not t.has("sim"):
+            t.error("sim", 'backend = "sim" needs at least one [[gpu.sim]] table')
+        seen: dict[str, int] = {}
+        for i, sim in enumerate(sims):
+            for key, value in (("uuid", sim.uuid), ("pci_bus_id", sim.pci_bus_id)):
+                if not value:
+                    continue
+                norm = normalize_pci_bus_id(value) if key == "pci_bus_id" else value
+                tag = f"{key}:{norm}"
+                if tag in seen:
+                    t.problems.append(
+                        f"gpu.sim[{i}].{key}: {value!r} is already used by gpu.sim[{seen[tag]}]"
+                    )
+                seen[tag] = i
+    else:
+        if t.has("sim"):
+            t.error("sim", f'[[gpu.sim]] is only used with backend = "sim" (not {backend!r})')
+        if state_file is not None:
+            t.error("sim_state_file", f'is only used with backend = "sim" (not {backend!r})')
+    return GpuSection(backend, poll, call_timeout, state_file, tuple(sims))
+
+
+def _thermal(root: _Table) -> ThermalSection:
+    t = root.table("thermal")
+    d = ThermalSection()
+    if t is None:
+        return d
+    warn = _threshold(t, "warn_c", d.warn_c)
+    throttle = _threshold(t, "throttle_c", d.throttle_c)
+    critical = _threshold(t, "critical_c", d.critical_c)
+    resume = _threshold(t, "resume_c", d.resume_c)
+    step = t.number("power_step", d.power_step, above=0, maximum=1)
+    min_frac = t.number("min_power_fraction", d.min_power_fraction, above=0, maximum=1)
+    interval = t.number("step_interval_s", d.step_interval_s, above=0, maximum=3600)
+    on_critical = t.string("on_critical", d.on_critical, choices=ON_CRITICAL)
+    t.finish()
+    # Order check, where both sides share a base (all relative or all absolute).
+    chain = (("resume_c", resume), ("warn_c", warn), ("throttle_c", throttle),
+             ("critical_c", critical))
+    for (lo_key, lo), (hi_key, hi) in itertools.pairwise(chain):
+        if lo.base == hi.base and lo.offset > hi.offset:
+            t.error(hi_key, f"must not be below {lo_key} ({lo} > {hi})")
+    return ThermalSection(warn, throttle, critical, resume, step, min_frac, interval, on_critical)
+
+
+def _power(root: _Table) -> PowerSection:
+    t = root.table("power")
+    d = PowerSection()
+    if t is None:
+        return d
+    source = t.string("source", "nut" if t.has("ups") else d.source, choices=POWER_SOURCES)
+    ups = t.string("ups", d.ups)
+    if isinstance(ups, str) and not re.match(r"^[A-Za-z0-9_.-]+@[^\s@]+$", ups):
+        t.error("ups", f'must look like "NAME@HOST[:PORT]" (got {ups!r})')
+    poll = t.number("poll_interval_s", d.poll_interval_s, above=0, maximum=3600)
+    grace = t.number("on_battery_grace_s", d.on_battery_grace_s, minimum=0, maximum=86400)
+    low_rt = t.number("low_runtime_s", d.low_runtime_s, minimum=0, maximum=86400)
+    low_ch = t.number("low_charge_pct", d.low_charge_pct, minimum=0, maximum=100)
+    dead = t.number("deadtime_s", d.deadtime_s, above=0, maximum=86400)
+    drain = t.number("drain_timeout_s", d.drain_timeout_s, minimum=0, maximum=86400)
+    stop = t.number("stop_timeout_s", d.stop_timeout_s, above=0, maximum=86400)
+    cmd = t.string_list("shutdown_command", ())
+    ret = t.boolean("restart_on_power_return", d.restart_on_power_return)
+    t.finish()
+    return PowerSection(source, ups, poll, grace, low_rt, low_ch, dead, drain, stop, cmd, ret)
+
+
+def _checkpoint(t: _Table) -> Checkpoint | None:
+    name = t.string("name")
+    if isinstance(name, str) and not _NAME_RE.match(name):
+        t.error("name", f"must be letters, digits, '_', '.', '-' (got {name!r})")
+    kind = t.string("kind", choices=CHECKPOINT_KINDS)
+    timeout = t.number("timeout_s", 30.0, above=0, maximum=86400)
+    url = command = service = sig = done_file = None
+    if kind == "http":
+        url = t.string("url")
+        if isinstance(url, str) and not url.startswith(("http://", "https://")):
+            t.error("url", f"must be an http:// or https:// URL (got {url!r})")
+    elif kind == "command":
+        command = t.string_list("command", allow_empty=False)
+    elif kind == "signal":
+        service = t.string("service")
+        sig_name = t.string("signal", "SIGUSR1")
+        try:
+            sig = parse_signal(sig_name)
+        except ValueError as exc:
+            t.error("signal", str(exc))
+        done_file = t.string("done_file", None)
+        if done_file is not None and not os.path.isabs(done_file):
+            t.error("done_file", f"must be an absolute path (got {done_file!r})")
+    t.finish()
+    if not isinstance(name, str) or not isinstance(kind, str):
+        return None
+    return Checkpoint(name, kind, url, command or (), service, sig, done_file, timeout)
+
+
+def _health(t: _Table | None, port: int | None) -> HealthSection:
+    default_url = "http://127.0.0.1:{port}/health" if port is not None else None
+    if t is None:
+        return HealthSection(url=default_url)
+    url = t.string("url", default_url)
+    if url is not None and isinstance(url, str):
+        if not url.startswith(("http://", "https://")):
+            t.error("url", f"must be an http:// or https:// URL (got {url!r})")
+        else:
+            _placeholders_ok(t, "url", (url,), port is not None)
+    elif url is None and t.ok:
+        t.problems.append(
+            f"{t.path}: a health check needs `url` (or a `port` for the default "
+            "http://127.0.0.1:{port}/health)"
+        )
+    d = HealthSection(url=None)
+    interval = t.number("interval_s", d.interval_s, above=0, maximum=86400)
+    timeout = t.number("timeout_s", d.timeout_s, above=0, maximum=3600)
+    failures = t.number("failures", d.failures, integer=True, minimum=1, maximum=1000)
+    startup = t.number("startup_timeout_s", d.startup_timeout_s, above=0, maximum=7 * 86400)
+    t.finish()
+    return HealthSection(url, interval, timeout, failures, startup)
+
+
+def _restart(t: _Table | None) -> RestartSection:
+    d = RestartSection()
+    if t is None:
+        return d
+    policy = t.string("policy", d.policy, choices=RESTART_POLICIES)
+    initial = t.number("backoff_initial_s", d.backoff_initial_s, minimum=0, maximum=86400)
+    maximum = t.number("backoff_max_s", max(d.backoff_max_s, initial), minimum=0, maximum=86400)
+    max_restarts = t.number("max_restarts", d.max_restarts, integer=True, minimum=0,
+                            maximum=1_000_000)
+    window = t.number("window_s", d.window_s, above=0, maximum=30 * 86400)
+    t.finish()
+    if maximum < initial:
+        t.error("backoff_max_s", f"must be >= backoff_initial_s ({initial:g})")
+    return RestartSection(policy, initial, maximum, max_restarts, window)
+
+
+def _stop(t: _Table | None) -> StopSection:
+    d = StopSection()
+    if t is None:
+        return d
+    sig = d.signal
+    name = t.string("signal", "SIGTERM")
+    try:
+        sig = parse_signal(name)
+    except ValueError as exc:
+        t.error("signal", str(exc))
+    if sig == signal.SIGKILL:
+        t.error("signal", "SIGKILL cannot be the stop signal (it is what follows the timeout)")
+    timeout = t.number("timeout_s", d.timeout_s, above=0, maximum=86400)
+    t.finish()
+    return StopSection(sig, timeout)
+
+
+def _gate(t: _Table | None) -> GateSection | None:
+    if t is None:
+        return None
+    listen = None
+    text = t.string("listen")
+    if isinstance(text, str):
+        try:
+            listen = parse_listen(text)
+        except ValueError as exc:
+            t.error("listen", str(exc))
+    d_conc, d_queue = 64, 256
+    conc = t.number("max_concurrency", d_conc, integer=True, minimum=1, maximum=100_000)
+    queue = t.number("max_queue", d_queue, integer=True, minimum=0, maximum=1_000_000)
+    backup = t.string("backup", None)
+    swap_port = t.number("swap_port", None, integer=True, minimum=1, maximum=65535)
+    qt = t.number("queue_timeout_s", 30.0, above=0, maximum=86400)
+    t.finish()
+    if listen is None:
+        return None
+    return GateSection(listen, conc, queue, backup, swap_port, qt)
+
+
+def _gpu_ref(value: object) -> int | str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str):
+        if _UUID_RE.match(value):
+            return value
+        pci = normalize_pci_bus_id(value)
+        return pci
+    return None
+
+
+def _service(t: _Table, warnings: list[str]) -> ServiceConfig | None:
+    name = t.string("name")
+    if isinstance(name, str) and not _NAME_RE.match(name):
+        t.error("name", f"must be 1-63 letters, digits, '_', '.', '-' (got {name!r})")
+    port = t.number("port", None, integer=True, minimum=1, maximum=65535)
+    command = t.string_list("command", allow_empty=False)
+    if isinstance(command, tuple):
+        _placeholders_ok(t, "command", command, port is not None)
+    gpus: list[int | str] = []
+    raw_gpus = t.raw("gpus")
+    if raw_gpus is not _MISSING:
+        if not isinstance(raw_gpus, list):
+            t.error("gpus", f"must be an array of GPU indexes, UUIDs or PCI bus ids, "
+                            f"not {_type_name(raw_gpus)}")
+        else:
+            for i, item in enumerate(raw_gpus):
+                ref = _gpu_ref(item)
+                if ref is None:
+                    t.problems.append(
+                        f"{t.key_path('gpus')}[{i}]: must be a GPU index (>= 0), a UUID "
+                        f'("GPU-...") or a PCI bus id ("0000:41:00.0"), not {item!r}'
+                    )
+                elif ref in gpus:
+                    t.problems.append(f"{t.key_path('gpus')}[{i}]: GPU {item!r} is listed twice")
+                else:
+                    gpus.append(ref)
+    numa: int | str = "auto"
+    raw_numa = t.raw("numa")
+    if raw_numa is not _MISSING:
+        if (isinstance(raw_numa, str) and raw_numa in ("auto", "none")) or (
+            isinstance(raw_numa, int) and not isinstance(raw_numa, bool) and 0 <= raw_numa < 1024
+        ):
+            numa = raw_numa
+        else:
+            t.error("numa", f'must be "auto", "none" or a node number, not {raw_numa!r}')
+    user = t.string("user", None)
+    if isinstance(user, str):
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            t.error("user", f"no such user {user!r}")
+        else:
+            if os.geteuid() != 0 and pwd.getpwnam(user).pw_uid != os.geteuid():
+                warnings.append(f"{t.key_path('user')}: only root can run a service as {user!r}")
+    env: list[tuple[str, str]] = []
+    raw_env = t.raw("env")
+    if raw_env is not _MISSING:
+        if not isinstance(raw_env, dict):
+            t.error("env", f"must be a table of strings, not {_type_name(raw_env)}")
+        else:
+            for key, value in raw_env.items():
+                if not _ENV_RE.match(key):
+                    t.problems.append(f"{t.key_path('env')}.{key}: not a valid variable name")
+                elif not isinstance(value, str) or "\x00" in value:
+                    t.problems.append(
+                        f"{t.key_path('env')}.{key}: must be a string, not {_type_name(value)}"
+                    )
+                else:
+                    env.append((key, value))
+            _placeholders_ok(t, "env", tuple(v for _, v in env), port is not None)
+    health = _health(t.table("health"), port)
+    restart = _restart(t.table("restart"))
+    stop = _stop(t.table("stop"))
+    gate = _gate(t.table("gate"))
+    t.finish()
+    if not isinstance(name, str) or not isinstance(command, tuple):
+        return None
+    return ServiceConfig(name, command, port, tuple(gpus), numa, user, tuple(env), health,
+                         restart, stop, gate)
+
+
+def _cross_checks(cfg: Config, problems: list[str]) -> None:
+    names: dict[str, int] = {}
+    ports: dict[tuple[str, int], str] = {}
+
+    def claim(port: int, path: str, owner: str) -> None:
+        key = ("tcp", port)
+        if key in ports:
+            problems.append(f"{path}: port {port} is already used by {ports[key]}")
+        else:
+            ports[key] = owner
+
+    if cfg.metrics.listen is not None:
+        claim(cfg.metrics.listen.port, "metrics.listen", "metrics.listen")
+    for i, svc in enumerate(cfg.services):
+        if svc.name in names:
+            problems.append(
+                f"service[{i}].name: {svc.name!r} is already used by service[{names[svc.name]}]"
+            )
+        names.setdefault(svc.name, i)
+        if svc.port is not None:
+            claim(svc.port, f"service[{i}].port", f"service[{i}] ({svc.name})")
+        if svc.gate is not None:
+            claim(svc.gate.listen.port, f"service[{i}].gate.listen",
+                  f"service[{i}].gate ({svc.name})")
+            if svc.gate.swap_port is not None:
+                claim(svc.gate.swap_port, f"service[{i}].gate.swap_port",
+                      f"service[{i}].gate.swap_port ({svc.name})")
+        if svc.health.timeout_s > svc.health.interval_s and svc.health.url:
+            problems.append(
+                f"service[{i}].health.timeout_s: must be <= interval_s "
+                f"({svc.health.interval_s:g})"
+            )
+    for i, svc in enumerate(cfg.services):
+        if svc.gate is not None and svc.gate.backup is not None:
+            if svc.gate.backup == svc.name:
+                problems.append(f"service[{i}].gate.backup: a service cannot back itself up")
+            elif svc.gate.backup not in names:
+                problems.append(f"service[{i}].gate.backup: no service named {svc.gate.backup!r}")
+        if cfg.gpu.backend == "none" and svc.gpus:
+            problems.append(f'service[{i}].gpus: gpu.backend is "none", so no GPU can be named')
+    for i, cp in enumerate(cfg.checkpoints):
+        if cp.kind == "signal" and cp.service is not None and cp.service not in names:
+            problems.append(f"checkpoint[{i}].service: no service named {cp.service!r}")
+    seen_cp: dict[str, int] = {}
+    for i, cp in enumerate(cfg.checkpoints):
+        if cp.name in seen_cp:
+            problems.append(f"checkpoint[{i}].name: {cp.name!r} is already used by "
+                            f"checkpoint[{seen_cp[cp.name]}]")
+        seen_cp.setdefault(cp.name, i)
+
+
+def build_config(doc: Mapping[str, Any], path: str | None = None) -> Config:
+    """Validate a parsed TOML document; raises ConfigError with every problem."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    root = _Table(dict(doc), "", problems)
+    supervisor = _supervisor(root)
+    metrics = _metrics(root)
+    gpu = _gpu(root)
+    thermal = _thermal(root)
+    power = _power(root)
+    checkpoints = tuple(c for c in map(_checkpoint, root.array_of_tables("checkpoint")) if c)
+    services = tuple(
+        s for s in (_service(t, warnings) for t in root.array_of_tables("service")) if s
+    )
+    root.finish()
+    cfg = Config(supervisor, metrics, gpu, thermal, power, checkpoints, services, path,
+                 tuple(warnings))
+    if not problems:
+        _cross_checks(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def parse_config(text: str, path: str | None = None) -> Config:
+    where = path or "<config>"
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{where}: TOML syntax error: {exc}"]) from None
+    return build_config(doc, path)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: no such file"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{p}: is a directory, not a config file"]) from None
+    except PermissionError:
+        raise ConfigError([f"{p}: permission denied"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError([f"{p}: line {line}: not valid UTF-8"]) from None
+    return parse_config(text, str(p))
+
+
+def substitute(value: str, values: Mapping[str, str]) -> str:
+    """Replace `{port}` and `{gpu_uuids}`; other braces are left as they are."""
+
+    def repl(m: re.Match[str]) -> str:
+        return values.get(m.group(1), m.group(0))
+
+    return _PLACEHOLDER_RE.sub(repl, value)

@@ -1,0 +1,287 @@
+"""llmctl: control llm-supervisor over its Unix socket. Imports only the protocol.
+
+Exit codes: 0 done; 1 the daemon refused or the command failed; 2 usage error;
+3 cannot reach the daemon; 4 permission denied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import socket
+import sys
+from typing import Any, NoReturn
+
+from . import protocol as P
+
+DEFAULT_SOCKET = "/run/llm-supervisor/control.sock"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_DENIED = 0, 1, 2, 3, 4
+CONNECT_TIMEOUT_S = 5.0
+POWER_EVENTS = ("on-battery", "on-line", "low-battery", "fsd")
+
+
+class CtlError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def call(path: str, cmd: str, args: dict[str, Any], timeout_s: float | None) -> Any:
+    """One request, one reply. Raises CtlError with the exit code to use."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            raise CtlError(EXIT_UNREACHABLE, f"is llm-supervisor running? socket {path} not "
+                           "found (systemctl status llm-supervisor)") from None
+        except PermissionError:
+            raise CtlError(EXIT_DENIED, f"permission denied opening {path}: run as root or "
+                           "as a member of the supervisor's control_group") from None
+        except ConnectionRefusedError:
+            raise CtlError(EXIT_UNREACHABLE, f"is llm-supervisor running? nothing listens on "
+                           f"{path} (a stale socket)") from None
+        except OSError as exc:
+            raise CtlError(EXIT_UNREACHABLE, f"cannot connect to {path}: "
+                           f"{exc.strerror or exc}") from None
+        sock.settimeout(timeout_s)
+        sock.sendall(P.request(cmd, args))
+        buf = b""
+        while not buf.endswith(b"\n"):
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise CtlError(EXIT_FAILED, f"no answer from llm-supervisor within "
+                               f"{timeout_s:g} s") from None
+            except OSError as exc:
+                raise CtlError(EXIT_UNREACHABLE, f"connection to {path} failed: "
+                               f"{os.strerror(exc.errno or errno.EIO)}") from None
+            if not chunk:
+                raise CtlError(EXIT_UNREACHABLE, "llm-supervisor closed the connection "
+                               "without answering (did it stop?)")
+            buf += chunk
+    finally:
+        sock.close()
+    try:
+        reply = json.loads(buf)
+    except ValueError:
+        raise CtlError(EXIT_FAILED, "llm-supervisor sent an unreadable reply") from None
+    if not isinstance(reply, dict):
+        raise CtlError(EXIT_FAILED, "llm-supervisor sent an unreadable reply")
+    if reply.get("ok") is True:
+        return reply.get("data")
+    err = reply.get("error") or {}
+    code = err.get("code", "failed") if isinstance(err, dict) else "failed"
+    message = err.get("message", "") if isinstance(err, dict) else str(err)
+    exit_code = EXIT_DENIED if code == P.PERMISSION_DENIED else EXIT_FAILED
+    raise CtlError(exit_code, f"{message} ({code})")
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _num(value: Any, fmt: str, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:{fmt}}{unit}"
+
+
+def render_status(data: dict[str, Any]) -> str:
+    out: list[str] = []
+    s = data.get("supervisor", {})
+    out.append(f"llm-supervisor {s.get('version')}  pid {s.get('pid')}  up "
+               f"{_dur(s.get('uptime_s'))}  mode {s.get('mode')}  config {s.get('config_path')}")
+    services = data.get("services", [])
+    gpu_index = {g["uuid"]: g["index"] for g in data.get("gpus", [])}
+    if services:
+        rows = [["SERVICE", "STATE", "PID", "PORT", "GPUS", "NUMA", "RESTARTS", "UPTIME",
+                 "HEALTH", "LAST EXIT"]]
+        for svc in services:
+            h = svc.get("health") or {}
+            if h.get("ok") is True:
+                health = "ok"
+            elif h.get("ok") is False:
+                health = h.get("last_error") or "failing"
+            else:
+                health = "-"
+            gpus = ",".join(f"GPU{gpu_index[u]}" if u in gpu_index else u
+                            for u in svc.get("gpus", [])) or "-"
+            state = svc.get("state", "?")
+            if state == "backoff" and svc.get("backoff_s") is not None:
+                state = f"backoff {svc['backoff_s']:.1f}s"
+            rows.append([
+                svc.get("name", "?"), state, str(svc.get("pid") or "-"),
+                str(svc.get("port") or "-"), gpus,
+                "-" if svc.get("numa_node") is None else str(svc["numa_node"]),
+                str(svc.get("restarts", 0)), _dur(svc.get("uptime_s")), health[:40],
+                (svc.get("last_exit") or "-")[:40],
+            ])
+        out.append("")
+        out.append(_table(rows))
+        for svc in services:
+            if svc.get("failed_reason"):
+                out.append(f"  {svc['name']} failed: {svc['failed_reason']}")
+    gpus_data = data.get("gpus", [])
+    if gpus_data:
+        rows = [["GPU", "NAME", "TEMP", "MEMTEMP", "POWER", "LIMIT", "UTIL", "MEMORY", "STATE"]]
+        for g in gpus_data:
+            total = g.get("memory_total_bytes")
+            used = g.get("memory_used_bytes")
+            mem = "-" if total is None else (
+                f"{(used or 0) / 2**30:.1f}/{total / 2**30:.0f} GiB")
+            rows.append([
+                str(g.get("index")), str(g.get("name"))[:28],
+                _num(g.get("temperature_c"), ".0f", "C"),
+                _num(g.get("memory_temperature_c"), ".0f", "C"),
+                _num(g.get("power_w"), ".0f", "W"), _num(g.get("power_limit_w"), ".0f", "W"),
+                _num(g.get("utilization_pct"), ".0f", "%"), mem, str(g.get("thermal_state")),
+            ])
+        out.append("")
+        out.append(_table(rows))
+    p = data.get("power") or {}
+    if p:
+        line = f"power: source {p.get('source')}, state {p.get('state')}"
+        if p.get("source") not in (None, "none"):
+            line += (f", ups {p.get('ups')} status {p.get('status')}, charge "
+                     f"{_num(p.get('charge_pct'), '.0f', '%')}, runtime "
+                     f"{_dur(p.get('runtime_s'))}")
+        out.append("")
+        out.append(line)
+    return "\n".join(out)
+
+
+def render_brief(data: Any) -> str:
+    if isinstance(data, dict) and isinstance(data.get("services"), list):
+        return "\n".join(f"{s.get('name')}: {s.get('state')}" for s in data["services"])
+    if isinstance(data, dict) and "restarted" in data:
+        lines = []
+        for key in ("added", "removed", "restarted", "unchanged"):
+            lines.append(f"{key}: {', '.join(data.get(key) or []) or '-'}")
+        lines += [f"warning: {w}" for w in data.get("warnings") or []]
+        return "\n".join(lines)
+    return json.dumps(data, indent=2)
+
+
+# --- argument parsing ---------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"llmctl: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="llmctl", description="Control llm-supervisor.")
+    p.add_argument("--socket", metavar="PATH",
+                   default=os.environ.get("LLMCTL_SOCKET", DEFAULT_SOCKET),
+                   help=f"control socket (default {DEFAULT_SOCKET}, or $LLMCTL_SOCKET)")
+    p.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    st = sub.add_parser("status", help="services, GPUs, power, mode")
+    st.add_argument("service", nargs="?")
+
+    def services(name: str, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("services", nargs="*", metavar="SERVICE")
+        sp.add_argument("--all", action="store_true", help="every configured service")
+        return sp
+
+    services("start", "start services")
+    stop = services("stop", "stop services (waits until they are stopped)")
+    stop.add_argument("--no-wait", action="store_true", help="return once the stop is sent")
+    rs = services("restart", "restart services (waits until ready)")
+    rs.add_argument("--no-wait", action="store_true", help="return once the restart is sent")
+    rs.add_argument("--timeout", type=float, metavar="S", help="how long to wait for ready")
+    dr = services("drain", "close the gate and wait for in-flight requests")
+    dr.add_argument("--timeout", type=float, metavar="S")
+    services("resume", "reopen the gate")
+    sw = sub.add_parser("swap", help="hot swap: replacement instance, then switch the gate")
+    sw.add_argument("service", metavar="SERVICE")
+    rst = sub.add_parser("reset", help="clear failed and start again")
+    rst.add_argument("services", nargs="+", metavar="SERVICE")
+    sub.add_parser("reload", help="re-read the config; restart only what changed")
+    sub.add_parser("checkpoint", help="run the checkpoint hooks now")
+    pe = sub.add_parser("power-event", help="a power event (for upsmon NOTIFYCMD)")
+    pe.add_argument("event", choices=POWER_EVENTS)
+    return p
+
+
+def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any], float | None]:
+    cmd: str = args.command
+    if cmd == "status":
+        return cmd, ({"service": args.service} if args.service else {}), 30.0
+    if cmd in ("start", "stop", "restart", "drain", "resume"):
+        if args.all and args.services:
+            raise CtlError(EXIT_USAGE, f"{cmd}: give SERVICE names or --all, not both")
+        if not args.all and not args.services:
+            raise CtlError(EXIT_USAGE, f"{cmd}: name at least one SERVICE, or use --all")
+        req: dict[str, Any] = {"all": True} if args.all else {"services": args.services}
+        timeout = getattr(args, "timeout", None)
+        if timeout is not None:
+            if not 0 < timeout <= 86400:
+                raise CtlError(EXIT_USAGE, f"{cmd}: --timeout must be in (0, 86400] seconds")
+            req["timeout_s"] = timeout
+        if getattr(args, "no_wait", False):
+            req["wait"] = False
+        # Waiting commands: the daemon enforces its own deadline; do not cut it off.
+        return cmd, req, None
+    if cmd == "swap":
+        return cmd, {"service": args.service}, None
+    if cmd == "reset":
+        return cmd, {"services": args.services}, 60.0
+    if cmd == "power-event":
+        return cmd, {"event": args.event}, 60.0
+    return cmd, {}, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cmd, req, timeout = _request(args)
+        data = call(args.socket, cmd, req, timeout)
+    except CtlError as exc:
+        if exc.code == EXIT_USAGE:
+            sys.stderr.write(f"llmctl: {exc.message}\n")
+        else:
+            sys.stderr.write(f"llmctl: {exc.message}\n")
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    elif cmd == "status":
+        sys.stdout.write(render_status(data) + "\n")
+    else:
+        sys.stdout.write(render_brief(data) + "\n")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Prometheus metrics: a custom collector that renders the supervisor's current state.
+
+No I/O while scraping: GPU values are the hub's last snapshots, service values the actors'
+own fields. The collector has its own registry (no process-global default registry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .states import RestartReason, State
+from .supervisor import MODES, Supervisor
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+GPU_LABELS = ["gpu", "uuid", "pci_bus_id", "name"]
+THERMAL_STATES = ("ok", "warm", "throttled", "critical", "lost", "unresponsive")
+
+
+class SupervisorCollector(Collector):
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def collect(self) -> Iterator[Metric]:
+        sup = self.sup
+        info = GaugeMetricFamily("llm_supervisor_build_info", "Build information",
+                                 labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        mode = GaugeMetricFamily("llm_supervisor_mode", "Supervisor mode (1 = current)",
+                                 labels=["mode"])
+        for m in MODES:
+            mode.add_metric([m], 1.0 if sup.mode == m else 0.0)
+        yield mode
+        yield GaugeMetricFamily("llm_supervisor_loop_lag_seconds",
+                                "How late the event loop ran its last timer",
+                                value=sup.loop.lag_s)
+        yield CounterMetricFamily("llm_supervisor_watchdog_pings",
+                                  "WATCHDOG=1 messages sent to systemd",
+                                  value=sup.loop.watchdog_pings)
+        errs = CounterMetricFamily("llm_supervisor_sensor_errors", "Failed sensor reads",
+                                   labels=["sensor"])
+        for sensor, n in sorted(sup.hub.errors_total.items()):
+            errs.add_metric([sensor], n)
+        yield errs
+        yield from self._services()
+        yield from self._gpus()
+
+    def _services(self) -> Iterator[Metric]:
+        actors = list(self.sup.actors.values())
+        state = GaugeMetricFamily("llm_supervisor_service_state",
+                                  "Service state (1 = current)", labels=["service", "state"])
+        up = GaugeMetricFamily("llm_supervisor_service_up", "1 when the service is ready",
+                               labels=["service"])
+        restarts = CounterMetricFamily("llm_supervisor_service_restarts",
+                                       "Service restarts by reason", labels=["service", "reason"])
+        fails = CounterMetricFamily("llm_supervisor_service_health_failures",
+                                    "Failed health checks", labels=["service"])
+        dur = GaugeMetricFamily("llm_supervisor_service_start_duration_seconds",
+                                "Time from the last launch to ready", labels=["service"])
+        for a in actors:
+            for s in State:
+                state.add_metric([a.name, s.value], 1.0 if a.state is s else 0.0)
+            up.add_metric([a.name], 1.0 if a.state is State.READY else 0.0)
+            for reason in RestartReason:
+                restarts.add_metric([a.name, reason.value],
+                                    a.counters.restarts.get(reason.value, 0))
+            fails.add_metric([a.name], a.counters.health_failures)
+            if a.start_duration_s is not None:
+                dur.add_metric([a.name], a.start_duration_s)
+        yield from (state, up, restarts, fails, dur)
+
+    def _gpus(self) -> Iterator[Metric]:
+        def g(name: str, doc: str, extra: list[str] | None = None) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"llm_supervisor_gpu_{name}", doc,
+                                     labels=GPU_LABELS + (extra or []))
+
+        temp = g("temperature_celsius", "GPU core temperature")
+        mtemp = g("memory_temperature_celsius", "GPU memory temperature")
+        power = g("power_watts", "GPU board power draw")
+        limit = g("power_limit_watts", "GPU board power limit in force")
+        util = g("utilization_ratio", "GPU utilisation (0-1)")
+        used = g("memory_used_bytes", "GPU memory in use")
+        total = g("memory_total_bytes", "GPU memory")
+        gup = g("up", "1 while the GPU answers its sensor calls")
+        thermal = g("thermal_state", "GPU thermal state (1 = current)", ["state"])
+        slow = g("slowdown_threshold_celsius", "The GPU's own slowdown temperature")
+        actions = CounterMetricFamily("llm_supervisor_gpu_throttle_actions",
+                                      "Throttle actions taken", labels=[*GPU_LABELS, "action"])
+        xid = CounterMetricFamily("llm_supervisor_gpu_xid_errors", "Xid errors seen",
+                                  labels=[*GPU_LABELS, "xid"])
+        for snap in self.sup.hub.snapshots():
+            info, r = snap.info, snap.reading
+            labels = [str(info.index), info.uuid, info.pci_bus_id, info.name]
+            fresh = snap.status == "ok" and r is not None
+            if fresh and r is not None:
+                for fam, value in ((temp, r.temperature_c), (mtemp, r.memory_temperature_c),
+                                   (power, r.power_w), (used, r.memory_used_bytes)):
+                    if value is not None:
+                        fam.add_metric(labels, float(value))
+                if r.utilization_pct is not None:
+                    util.add_metric(labels, r.utilization_pct / 100.0)
+            if snap.power_limit_w is not None:
+                limit.add_metric(labels, snap.power_limit_w)
+            if info.memory_total_bytes is not None:
+                total.add_metric(labels, float(info.memory_total_bytes))
+            if info.slowdown_c is not None:
+                slow.add_metric(labels, info.slowdown_c)
+            gup.add_metric(labels, 1.0 if snap.status == "ok" else 0.0)
+            current = snap.status if snap.status in ("lost", "unresponsive") else "ok"
+            for st in THERMAL_STATES:
+                thermal.add_metric([*labels, st], 1.0 if st == current else 0.0)
+        yield from (temp, mtemp, power, limit, util, used, total, gup, thermal, slow, actions,
+                    xid)
+
+
+def make_registry(sup: Supervisor) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SupervisorCollector(sup))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,122 @@
+"""Simulated GPUs (`backend = "sim"`): the inventory comes from `[[gpu.sim]]`, the live
+readings from an optional JSON state file re-read at every poll, so that a test or an operator
+can heat a GPU (`temperature_c`), pull it from the bus (`lost`) or hang its calls (`hang`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import SimGpu
+from ..errors import GpuLostError, SensorError
+from .base import GpuInfo, GpuReading
+
+IDLE_C = 35.0
+_HANG_RECHECK_S = 0.1
+_FIELDS = {
+    "temperature_c": float,
+    "memory_temperature_c": float,
+    "power_w": float,
+    "utilization_pct": float,
+    "memory_used_bytes": int,
+}
+
+
+class SimBackend:
+    name = "sim"
+
+    def __init__(self, gpus: tuple[SimGpu, ...], state_file: str | None = None) -> None:
+        self._gpus = gpus
+        self._state_file = Path(state_file) if state_file else None
+        self._limits: dict[str, float] = {g.uuid: g.default_power_limit_w for g in gpus}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+
+    def discover(self) -> list[GpuInfo]:
+        return [
+            GpuInfo(
+                index=i,
+                uuid=g.uuid,
+                name=g.name,
+                pci_bus_id=g.pci_bus_id,
+                vendor=g.vendor,
+                numa_node=g.numa_node,
+                memory_total_bytes=g.memory_total_bytes,
+                default_power_limit_w=g.default_power_limit_w,
+                min_power_limit_w=g.min_power_limit_w,
+                max_power_limit_w=g.max_power_limit_w or g.default_power_limit_w,
+                slowdown_c=g.slowdown_c,
+                shutdown_c=g.shutdown_c,
+            )
+            for i, g in enumerate(self._gpus)
+        ]
+
+    def _state(self, uuid: str) -> dict[str, Any]:
+        if self._state_file is None:
+            return {}
+        try:
+            doc = json.loads(self._state_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise SensorError(f"sim state file {self._state_file}: {exc}") from None
+        if not isinstance(doc, dict):
+            raise SensorError(f"sim state file {self._state_file}: must hold a JSON object")
+        entry = doc.get(uuid, {})
+        if not isinstance(entry, dict):
+            raise SensorError(f"sim state file {self._state_file}: {uuid} must map to an object")
+        return entry
+
+    def read(self, gpu: GpuInfo) -> GpuReading:
+        state = self._state(gpu.uuid)
+        while state.get("hang") is True and not self._closed.is_set():
+            # A hung call: block like NVML does when a GPU falls off the bus.
+            time.sleep(_HANG_RECHECK_S)
+            state = self._state(gpu.uuid)
+        if state.get("lost") is True:
+            raise GpuLostError(f"GPU {gpu.uuid} is lost (sim)")
+        values: dict[str, float | int | None] = {}
+        for key, kind in _FIELDS.items():
+            raw = state.get(key)
+            if raw is None:
+                values[key] = None
+                continue
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(
+                raw
+            ):
+                raise SensorError(f"sim state file: {gpu.uuid}.{key}: not a number: {raw!r}")
+            values[key] = kind(raw)
+        with self._lock:
+            limit = self._limits.get(gpu.uuid)
+        temp = values["temperature_c"]
+        return GpuReading(
+            temperature_c=IDLE_C if temp is None else float(temp),
+            memory_temperature_c=(
+                None if values["memory_temperature_c"] is None
+                else float(values["memory_temperature_c"])
+            ),
+            power_w=None if values["power_w"] is None else float(values["power_w"]),
+            power_limit_w=limit,
+            utilization_pct=(
+                0.0 if values["utilization_pct"] is None else float(values["utilization_pct"])
+            ),
+            memory_used_bytes=(
+                0 if values["memory_used_bytes"] is None else int(values["memory_used_bytes"])
+            ),
+        )
+
+    def set_power_limit(self, gpu: GpuInfo, watts: float) -> None:
+        lo = gpu.min_power_limit_w or 0.0
+        hi = gpu.max_power_limit_w or math.inf
+        if not lo <= watts <= hi:
+            raise SensorError(f"power limit {watts:g} W outside [{lo:g}, {hi:g}] W")
+        with self._lock:
+            self._limits[gpu.uuid] = watts
+
+    def close(self) -> None:
+        self._closed.set()

@@ -1,0 +1,265 @@
+"""Owns the service actors and the GPU hub; host-wide mode, status, reload."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import __version__
+from .config import Config
+from .errors import ControlError
+from .plan import ServicePlan
+from .sensors.hub import GpuHub, GpuSnapshot
+from .service import Prober, ServiceActor
+from .spawn import Spawner
+from .states import State
+
+log = logging.getLogger(__name__)
+
+MODES = ("normal", "on_battery", "draining", "shutting_down", "powered_down")
+
+
+@dataclass
+class LoopStats:
+    lag_s: float = 0.0
+    max_lag_s: float = 0.0
+    last_tick: float = 0.0
+    watchdog_pings: int = 0
+    notify_dropped: int = 0
+
+
+@dataclass
+class ReloadResult:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"added": self.added, "removed": self.removed, "restarted": self.restarted,
+                "unchanged": self.unchanged, "warnings": self.warnings}
+
+
+class Supervisor:
+    def __init__(
+        self,
+        cfg: Config,
+        plans: list[ServicePlan],
+        hub: GpuHub,
+        spawner: Spawner,
+        prober: Prober,
+        *,
+        base_env: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.hub = hub
+        self.spawner = spawner
+        self.prober = prober
+        self._base_env = dict(os.environ if base_env is None else base_env)
+        self._clock = clock
+        self.mode = "normal"
+        self.started_at = clock()
+        self.loop = LoopStats(last_tick=clock())
+        self.actors: dict[str, ServiceActor] = {}
+        self._listeners: list[Callable[[], None]] = []
+        for plan in plans:
+            self.actors[plan.name] = self._make_actor(plan)
+
+    def _make_actor(self, plan: ServicePlan) -> ServiceActor:
+        return ServiceActor(plan, self.spawner, self.prober, base_env=self._base_env,
+                            on_change=lambda _a: self._changed(), clock=self._clock)
+
+    def on_change(self, fn: Callable[[], None]) -> None:
+        self._listeners.append(fn)
+
+    def _changed(self) -> None:
+        for fn in self._listeners:
+            fn()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start_all(self) -> None:
+        """Launch every service in config order (not waiting for the models to load)."""
+        for actor in list(self.actors.values()):
+            if not actor.alive:
+                actor.run()
+            await actor.command("start")
+
+    async def stop_all(self) -> None:
+        """Graceful: stop services in reverse config order, each within its stop timeout."""
+        self.mode = "shutting_down"
+        self._changed()
+        for actor in reversed(list(self.actors.values())):
+            await self._stop_actor(actor)
+
+    async def _stop_actor(self, actor: ServiceActor) -> None:
+        if not actor.alive:
+            return
+        await actor.command("stop")
+        try:
+            await actor.wait_stopped(actor.cfg.stop.timeout_s + 5.0)
+        except TimeoutError:
+            log.error("%s: did not stop in time; killing its process group", actor.name)
+            actor.kill_now()
+            with contextlib.suppress(TimeoutError):
+                await actor.wait_stopped(5.0)
+
+    def kill_all(self) -> None:
+        """Fast stop (second SIGTERM): SIGKILL every process group now."""
+        self.mode = "shutting_down"
+        for actor in self.actors.values():
+            actor.kill_now()
+        self.spawner.kill_all()
+
+    async def close(self) -> None:
+        for actor in self.actors.values():
+            await actor.shutdown()
+
+    def tasks_alive(self) -> bool:
+        return all(a.alive for a in self.actors.values())
+
+    # --- queries -----------------------------------------------------------------------------
+
+    def actor(self, name: str) -> ServiceActor:
+        try:
+            return self.actors[name]
+        except KeyError:
+            known = ", ".join(self.actors) or "none configured"
+            raise ControlError("unknown_service",
+                               f"no service named {name!r} (services: {known})") from None
+
+    def any_failed(self) -> bool:
+        return any(a.state is State.FAILED for a in self.actors.values())
+
+    def gpu_status(self, snap: GpuSnapshot, now: float) -> dict[str, Any]:
+        g, r = snap.info, snap.reading
+        fresh = snap.status == "ok"
+        thermal = {"ok": "ok", "lost": "lost", "unresponsive": "unresponsive"}.get(snap.status,
+                                                                                   "ok")
+        return {
+            "index": g.index,
+            "uuid": g.uuid,
+            "name": g.name,
+            "pci_bus_id": g.pci_bus_id,
+            "numa_node": g.numa_node,
+            "temperature_c": r.temperature_c if r and fresh else None,
+            "memory_temperature_c": r.memory_temperature_c if r and fresh else None,
+            "power_w": r.power_w if r and fresh else None,
+            "power_limit_w": snap.power_limit_w,
+            "default_power_limit_w": g.default_power_limit_w,
+            "utilization_pct": r.utilization_pct if r and fresh else None,
+            "memory_used_bytes": r.memory_used_bytes if r and fresh else None,
+            "memory_total_bytes": g.memory_total_bytes,
+            "thermal_state": thermal,
+            "thresholds": {"slowdown_c": g.slowdown_c, "shutdown_c": g.shutdown_c},
+            "reading_age_s": None if snap.read_at is None else round(now - snap.read_at, 3),
+            "error": snap.error,
+        }
+
+    def status(self, service: str | None = None) -> dict[str, Any]:
+        now = self._clock()
+        actors = [self.actor(service)] if service is not None else list(self.actors.values())
+        return {
+            "supervisor": {
+                "version": __version__,
+                "pid": os.getpid(),
+                "uptime_s": round(now - self.started_at, 3),
+                "config_path": self.cfg.path,
+                "mode": self.mode,
+                "gpu_backend": self.hub.backend.name,
+                "loop_lag_s": round(self.loop.lag_s, 6),
+            },
+            "services": [a.status(now) for a in actors],
+            "gpus": [self.gpu_status(s, now) for s in self.hub.snapshots()],
+            "power": {
+                "source": "none",
+                "ups": None,
+                "status": None,
+                "charge_pct": None,
+                "runtime_s": None,
+                "state": "unknown",
+            },
+        }
+
+    def status_line(self) -> str:
+        """The systemd STATUS= text: "3/4 services ready; GPU0 62C"."""
+        ready = sum(1 for a in self.actors.values() if a.state is State.READY)
+        parts = [f"{ready}/{len(self.actors)} services ready"]
+        failed = [a.name for a in self.actors.values() if a.state is State.FAILED]
+        if failed:
+            parts.append("failed: " + ",".join(failed))
+        for snap in self.hub.snapshots():
+            r = snap.reading
+            if snap.status != "ok":
+                parts.append(f"GPU{snap.info.index} {snap.status}")
+            elif r is not None and r.temperature_c is not None:
+                parts.append(f"GPU{snap.info.index} {r.temperature_c:.0f}C")
+        if self.mode != "normal":
+            parts.append(self.mode)
+        return "; ".join(parts)
+
+    # --- reload ------------------------------------------------------------------------------
+
+    async def reload(self, cfg: Config, plans: list[ServicePlan]) -> ReloadResult:
+        """Apply a validated config: restart only what changed, keep the rest running."""
+        res = ReloadResult()
+        old = self.cfg
+        for section in ("supervisor", "metrics", "gpu"):
+            if getattr(old, section) != getattr(cfg, section):
+                res.warnings.append(f"[{section}] changed: takes effect at the next restart "
+                                    "of llm-supervisor")
+        new_plans = {p.name: p for p in plans}
+        for name in [n for n in self.actors if n not in new_plans]:
+            actor = self.actors.pop(name)
+            await self._stop_actor(actor)
+            await actor.shutdown()
+            res.removed.append(name)
+        actors: dict[str, ServiceActor] = {}
+        to_start: list[ServiceActor] = []
+        for name, plan in new_plans.items():
+            current = self.actors.get(name)
+            if current is None:
+                actor = self._make_actor(plan)
+                actor.run()
+                to_start.append(actor)
+                res.added.append(name)
+            elif current.plan == plan:
+                actor = current
+                res.unchanged.append(name)
+            else:
+                wanted = current.desired_up
+                await self._stop_actor(current)
+                await current.shutdown()
+                actor = self._make_actor(plan)
+                actor.run()
+                if wanted:
+                    to_start.append(actor)
+                res.restarted.append(name)
+            actors[name] = actor
+        self.actors = actors
+        self.cfg = cfg
+        for actor in to_start:
+            await actor.command("start")
+        self._changed()
+        return res
+
+    # --- the loop monitor --------------------------------------------------------------------
+
+    async def monitor_loop(self, interval_s: float = 0.25) -> None:
+        """Measure event-loop lag: how late a timer fires."""
+        while True:
+            before = self._clock()
+            await asyncio.sleep(interval_s)
+            now = self._clock()
+            lag = max(0.0, now - before - interval_s)
+            self.loop.lag_s = lag
+            self.loop.max_lag_s = max(self.loop.max_lag_s, lag)
+            self.loop.last_tick = now
