@@ -44,7 +44,7 @@ class Prober(Protocol):
 
 @dataclass
 class Command:
-    kind: str  # start | stop | restart | reset | kill
+    kind: str  # start | stop | restart | reset
     reply: asyncio.Future[int] | None = None  # resolves with the generation after handling
 
 
@@ -208,11 +208,13 @@ class ServiceActor:
         )
 
     def kill_now(self) -> None:
-        """Fast stop: SIGKILL the group at once (second SIGTERM to the daemon)."""
+        """Fast stop: SIGKILL the group at once (second SIGTERM to the daemon); the actor
+        then settles in `stopped` through the ordinary stop path."""
         self.desired_up = False
         if self.proc is not None:
             self._killed = True
             self.proc.signal_group(signal.SIGKILL)
+        self._events.put_nowait(Command("stop"))
 
     def status(self, now: float | None = None) -> dict[str, Any]:
         now = self._clock() if now is None else now
@@ -355,8 +357,6 @@ class ServiceActor:
             if s is State.FAILED:
                 self.desired_up = True
                 await self._launch("reset")
-        elif kind == "kill":
-            self.kill_now()
         else:
             raise ControlError("bad_request", f"unknown service command {kind!r}")
 

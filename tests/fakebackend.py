@@ -1,0 +1,139 @@
+"""A fake inference backend with fault knobs, for what a real server cannot do on demand.
+
+    python tests/fakebackend.py --port N [knobs]
+
+Knobs (command line, or at run time with `POST /_ctl?key=value`):
+  --load-s S         /health answers 503 ("loading") for S seconds after start
+  --health-status N  the status /health answers once loaded (default 200)
+  --health-hang      /health never answers
+  --ignore-term      ignore SIGTERM (only SIGKILL ends it)
+  --grandchild       fork a grandchild that ignores SIGTERM and holds stdout/stderr
+  --exit-after S     exit by itself S seconds after start, with --exit-code (default 1)
+  --pidfile PATH     write "PID GRANDCHILD_PID" here once listening
+  --no-listen        never listen (a server stuck before binding its port)
+Serves `/v1/models` and `/v1/chat/completions` (plain and `stream: true`), like llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+
+from aiohttp import web
+
+
+def _grandchild() -> int:
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # keeps the inherited stdout/stderr (the supervisor's log pipe) open
+        while True:
+            time.sleep(3600)
+    return pid
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--load-s", type=float, default=0.0)
+    ap.add_argument("--health-status", type=int, default=200)
+    ap.add_argument("--health-hang", action="store_true")
+    ap.add_argument("--ignore-term", action="store_true")
+    ap.add_argument("--grandchild", action="store_true")
+    ap.add_argument("--exit-after", type=float, default=None)
+    ap.add_argument("--exit-code", type=int, default=1)
+    ap.add_argument("--pidfile", default=None)
+    ap.add_argument("--no-listen", action="store_true")
+    a = ap.parse_args()
+    started = time.monotonic()
+    knobs: dict[str, object] = {"health_status": a.health_status, "health_hang": a.health_hang,
+                                "load_s": a.load_s}
+    if a.ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    gc_pid = _grandchild() if a.grandchild else 0
+
+    async def health(request: web.Request) -> web.StreamResponse:
+        if knobs["health_hang"]:
+            await asyncio.sleep(3600)
+        if time.monotonic() - started < float(knobs["load_s"]):  # type: ignore[arg-type]
+            return web.json_response({"error": "Loading model"}, status=503)
+        status = int(knobs["health_status"])  # type: ignore[call-overload]
+        return web.json_response({"status": "ok" if status == 200 else "error"}, status=status)
+
+    async def ctl(request: web.Request) -> web.Response:
+        for key, value in request.query.items():
+            if key in ("health_hang",):
+                knobs[key] = value in ("1", "true")
+            elif key == "health_status":
+                knobs[key] = int(value)
+            elif key == "load_s":
+                knobs[key] = float(value)
+            elif key == "exit":
+                asyncio.get_running_loop().call_later(0.01, os._exit, int(value))
+        return web.json_response(knobs)
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        n = int(body.get("max_tokens", 8))
+        delay = float(body.get("fake_token_delay_s", 0.0))
+        if body.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for i in range(n):
+                chunk = {"object": "chat.completion.chunk", "choices": [
+                    {"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
+                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                if delay:
+                    await asyncio.sleep(delay)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        return web.json_response({
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant",
+                                                  "content": " ".join(f"t{i}" for i in range(n))},
+                         "finish_reason": "length"}],
+            "usage": {"completion_tokens": n},
+        })
+
+    async def run() -> None:
+        if a.exit_after is not None:
+            asyncio.get_running_loop().call_later(a.exit_after, os._exit, a.exit_code)
+        if a.no_listen:
+            await asyncio.sleep(3600 * 24)
+        app = web.Application()
+        app.router.add_get("/health", health)
+        app.router.add_post("/_ctl", ctl)
+        app.router.add_get("/v1/models", models)
+        app.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, a.host, a.port).start()
+        if a.pidfile:
+            tmp = a.pidfile + ".tmp"
+            with open(tmp, "w") as fh:
+                fh.write(f"{os.getpid()} {gc_pid}\n")
+            os.replace(tmp, a.pidfile)
+        print(f"fakebackend listening on {a.host}:{a.port}", flush=True)
+        stop = asyncio.Event()
+        if not a.ignore_term:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(run())
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

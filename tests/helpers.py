@@ -1,0 +1,302 @@
+"""Shared test helpers: ports, waiting with deadlines, a TOML writer, the daemon as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from supervisord_llm import ctl
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE = str(Path(__file__).resolve().parent / "fakebackend.py")
+SIM_UUID = "GPU-5a1e0000-0000-4000-8000-{:012d}"
+
+_used_ports: set[int] = set()
+
+
+def free_port() -> int:
+    """A free TCP port below the ephemeral range (32768+), where a connect() poll can never
+    connect a socket to itself."""
+    for _ in range(1000):
+        port = random.randint(20000, 32000)
+        if port in _used_ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _used_ports.add(port)
+        return port
+    raise RuntimeError("no free port")
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+               what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+async def async_wait_until(pred: Callable[[], Any], timeout: float = 10.0,
+                           interval: float = 0.02, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+# --- a small TOML writer (tests write configs from dicts) ------------------------------------
+
+
+def _key(k: str) -> str:
+    bare = k and all(c.isalnum() or c in "_-" for c in k) and k.isascii()
+    return k if bare else json.dumps(k)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (dt.datetime, dt.date, dt.time)):
+        return v.isoformat()
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_key(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(type(v))
+
+
+def toml_dumps(doc: Mapping[str, Any], prefix: str = "") -> str:
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for k, v in doc.items():
+        is_tables = isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+        if isinstance(v, dict) or is_tables:
+            tables.append((k, v))
+        else:
+            lines.append(f"{_key(k)} = {toml_value(v)}")
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for k, v in tables:
+        name = f"{prefix}.{_key(k)}" if prefix else _key(k)
+        if isinstance(v, dict):
+            out += f"\n[{name}]\n" + toml_dumps(v, name)
+        else:
+            for item in v:
+                out += f"\n[[{name}]]\n" + toml_dumps(item, name)
+    return out
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+
+def sim_gpus(n: int, numa: int = 0) -> list[dict[str, Any]]:
+    return [{"uuid": SIM_UUID.format(i), "name": f"Sim GPU {i}",
+             "pci_bus_id": f"00000000:{0x41 + i:02x}:00.0", "numa_node": numa}
+            for i in range(n)]
+
+
+def fake_service(name: str, port: int, *knobs: str, gpus: list[Any] | None = None,
+                 **sections: Any) -> dict[str, Any]:
+    svc: dict[str, Any] = {
+        "name": name,
+        "command": [sys.executable, FAKE, "--port", "{port}", *knobs],
+        "port": port,
+        "health": {"interval_s": 0.1, "timeout_s": 0.1, "failures": 2,
+                   "startup_timeout_s": 10},
+        "restart": {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "max_restarts": 5,
+                    "window_s": 60},
+        "stop": {"timeout_s": 2},
+    }
+    if gpus is not None:
+        svc["gpus"] = gpus
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(svc.get(key), dict):
+            svc[key] = {**svc[key], **value}
+        else:
+            svc[key] = value
+    return svc
+
+
+def base_config(tmp: Path, services: list[dict[str, Any]], gpus: int = 2,
+                metrics: bool = True, **extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "supervisor": {"control_socket": str(tmp / "ctl.sock"), "state_dir": str(tmp / "state"),
+                       "log_format": "text"},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}" if metrics else ""},
+        "gpu": {"backend": "sim", "poll_interval_s": 0.2, "sim_state_file": str(tmp / "sim.json"),
+                "sim": sim_gpus(gpus)},
+        "service": services,
+    }
+    doc.update(extra)
+    return doc
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+    """True if the process exists and is not a zombie (a zombie holds no memory)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def proc_environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+class Daemon:
+    """llm-supervisor as a real process, on a config written under `tmp`."""
+
+    def __init__(self, tmp: Path, doc: dict[str, Any], env: Mapping[str, str] | None = None
+                 ) -> None:
+        self.tmp = tmp
+        self.doc = doc
+        self.config = tmp / "config.toml"
+        self.write(doc)
+        self.socket = doc["supervisor"]["control_socket"]
+        self.log = tmp / "daemon.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pids_seen: set[int] = set()
+
+    def write(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.config.write_text(toml_dumps(doc))
+
+    def start(self, wait: bool = True) -> Daemon:
+        self._logfh = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisord_llm", "--config", str(self.config)],
+            stdout=self._logfh, stderr=subprocess.STDOUT, env=self.env, cwd=str(self.tmp),
+        )
+        if wait:
+            wait_until(self._answers, 20, what=f"control socket (log: {self.logtext()[-2000:]})")
+        return self
+
+    def _answers(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited {self.proc.returncode}: {self.logtext()}")
+        try:
+            self.status()
+        except ctl.CtlError:
+            return False
+        return True
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def call(self, cmd: str, args: dict[str, Any] | None = None,
+             timeout: float | None = 30) -> Any:
+        return ctl.call(self.socket, cmd, args or {}, timeout)
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.call("status")
+        for svc in data["services"]:
+            if svc["pid"]:
+                self.pids_seen.add(svc["pid"])
+        return data
+
+    def service(self, name: str) -> dict[str, Any]:
+        for svc in self.status()["services"]:
+            if svc["name"] == name:
+                return dict(svc)
+        raise KeyError(name)
+
+    def wait_state(self, name: str, state: str, timeout: float = 15.0) -> dict[str, Any]:
+        result: dict[str, Any] = wait_until(
+            lambda: (s := self.service(name))["state"] == state and s,
+            timeout, what=f"{name} {state} (log: {self.logtext()[-3000:]})")
+        return result
+
+    def llmctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "supervisord_llm.ctl", "--socket", self.socket, *args],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if hasattr(self, "_logfh"):
+            self._logfh.close()
+        for pid in self.pids_seen:  # never leave a test's processes behind
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running(tmp: Path, doc: dict[str, Any], env: Mapping[str, str] | None = None
+            ) -> Iterator[Daemon]:
+    d = Daemon(tmp, doc, env)
+    try:
+        yield d.start()
+    finally:
+        d.stop()

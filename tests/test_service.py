@@ -1,0 +1,355 @@
+"""The service actor with real processes (the fake backend) and real HTTP probes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from helpers import (
+    FAKE,
+    alive,
+    async_wait_until,
+    fake_service,
+    free_port,
+    proc_environ,
+    proc_status,
+    toml_dumps,
+)
+from supervisord_llm.config import parse_config
+from supervisord_llm.health import HttpProber
+from supervisord_llm.plan import resolve_plan
+from supervisord_llm.service import ServiceActor
+from supervisord_llm.spawn import Spawner
+from supervisord_llm.states import State
+
+Factory = Callable[..., ServiceActor]
+
+
+def exec_done(pid: int, argv0: str) -> bool:
+    """The shim has exec'd the real command (its own argv also names the command)."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == argv0.encode()
+
+
+@pytest.fixture
+async def make(spawner: Spawner, prober: HttpProber) -> AsyncIterator[Factory]:
+    actors: list[ServiceActor] = []
+
+    def factory(svc: dict[str, Any]) -> ServiceActor:
+        cfg = parse_config(toml_dumps({"gpu": {"backend": "none"}, "service": [svc]}))
+        actor = ServiceActor(resolve_plan(cfg, [])[0], spawner, prober)
+        actor.run()
+        actors.append(actor)
+        return actor
+
+    yield factory
+    for actor in actors:
+        actor.kill_now()
+        if actor.alive:
+            with contextlib.suppress(TimeoutError):
+                await actor.wait_stopped(5)
+        await actor.shutdown()
+
+
+async def state(actor: ServiceActor, want: State, timeout: float = 10) -> None:
+    await async_wait_until(lambda: actor.state is want, timeout,
+                           what=f"{actor.name} {want} (is {actor.state}, {actor.last_exit})")
+
+
+async def knob(port: int, **kw: str) -> None:
+    async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{port}/_ctl",
+                                                   params=kw) as r:
+        assert r.status == 200
+
+
+async def test_start_loading_then_ready(make: Factory) -> None:
+    port = free_port()
+    a = make(fake_service("svc", port, "--load-s", "0.4"))
+    await a.command("start")
+    assert a.state is State.STARTING
+    await async_wait_until(lambda: a.health.last_error == "HTTP 503 (loading)", 5,
+                           what="a 503 seen as loading")
+    assert a.state is State.STARTING and a.counters.health_failures == 0
+    await state(a, State.READY)
+    assert a.start_duration_s is not None and a.start_duration_s >= 0.4
+    st = a.status()
+    assert st["pid"] and st["health"]["ok"] is True and st["restarts"] == 0
+
+
+async def test_exit_is_restarted_with_backoff(make: Factory) -> None:
+    port = free_port()
+    a = make(fake_service("svc", port))
+    await a.command("start")
+    await state(a, State.READY)
+    assert a.proc is not None
+    old = a.proc.pid
+    os.kill(old, signal.SIGKILL)
+    await async_wait_until(lambda: a.gen == 2 and a.state is State.READY, 10, what="restart")
+    assert a.proc is not None and a.proc.pid != old
+    assert a.last_exit == "killed by SIGKILL"
+    assert a.counters.restarts == {"exit": 1} and a.restart_count == 1
+
+
+async def test_health_failures_restart(make: Factory) -> None:
+    port = free_port()
+    a = make(fake_service("svc", port))
+    await a.command("start")
+    await state(a, State.READY)
+    await knob(port, health_status="500")
+    await async_wait_until(lambda: a.counters.restarts.get("health") == 1, 10, what="restart")
+    assert a.counters.health_failures >= 2
+    await state(a, State.READY)
+
+
+async def test_sigstopped_backend_is_detected_and_replaced(make: Factory) -> None:
+    port = free_port()
+    a = make(fake_service("svc", port))
+    await a.command("start")
+    await state(a, State.READY)
+    assert a.proc is not None
+    old = a.proc.pid
+    os.kill(old, signal.SIGSTOP)
+    await async_wait_until(lambda: a.gen == 2 and a.state is State.READY, 10,
+                           what="replacement ready")
+    assert not alive(old)
+    assert a.counters.restarts == {"health": 1}
+
+
+async def test_hung_backend_ignoring_sigterm_is_killed_at_deadline(make: Factory) -> None:
+    port = free_port()
+    a = make(fake_service("svc", port, "--ignore-term", stop={"timeout_s": 0.5}))
+    await a.command("start")
+    await state(a, State.READY)
+    assert a.proc is not None
+    old = a.proc.pid
+    await knob(port, health_hang="1")
+    await state(a, State.STOPPING)
+    t0 = time.monotonic()
+    await async_wait_until(lambda: not alive(old), 5, what="SIGKILL")
+    assert 0.35 <= time.monotonic() - t0 <= 2.0  # at the stop deadline, not before
+    await async_wait_until(lambda: a.gen == 2 and a.state is State.READY, 10, what="replaced")
+
+
+async def test_crash_loop_fails_and_reset_starts_again(make: Factory) -> None:
+    port = free_port()
+    a = make(fake_service("svc", port, "--exit-after", "0.05",
+                          restart={"max_restarts": 3, "window_s": 60}))
+    await a.command("start")
+    await state(a, State.FAILED, 20)
+    assert a.restart_count == 3 and a.last_exit == "exit 1"
+    assert a.failed_reason is not None and "3 restarts within 60 s" in a.failed_reason
+    assert a.proc is None
+    await a.command("reset")
+    assert a.state is State.STARTING
+    await state(a, State.FAILED, 20)
+
+
+async def test_startup_timeout_restarts(make: Factory) -> None:
+    port = free_port()
+    a = make(fake_service("svc", port, "--no-listen", health={"startup_timeout_s": 0.5},
+                          restart={"max_restarts": 1}))
+    await a.command("start")
+    await state(a, State.FAILED, 10)
+    assert a.counters.restarts == {"health": 1}
+
+
+async def test_grandchild_is_stopped_with_the_group(make: Factory, tmp_path: Path) -> None:
+    port = free_port()
+    pidfile = tmp_path / "pids"
+    a = make(fake_service("svc", port, "--grandchild", "--pidfile", str(pidfile),
+                          stop={"timeout_s": 0.5}))
+    await a.command("start")
+    await state(a, State.READY)
+    await async_wait_until(pidfile.exists, 5, what="pidfile")
+    main, grandchild = map(int, pidfile.read_text().split())
+    assert alive(grandchild)
+    await a.command("stop")
+    await state(a, State.STOPPED)
+    assert not alive(main) and not alive(grandchild)
+
+
+async def test_crash_leaving_grandchild_cleans_group_before_restart(
+        make: Factory, tmp_path: Path) -> None:
+    port = free_port()
+    pidfile = tmp_path / "pids"
+    a = make(fake_service("svc", port, "--grandchild", "--pidfile", str(pidfile),
+                          stop={"timeout_s": 0.3}))
+    await a.command("start")
+    await state(a, State.READY)
+    await async_wait_until(pidfile.exists, 5, what="pidfile")
+    main, grandchild = map(int, pidfile.read_text().split())
+    pidfile.unlink()
+    os.kill(main, signal.SIGKILL)
+    await async_wait_until(lambda: a.gen == 2, 10, what="relaunch")
+    assert not alive(grandchild)  # gone before the replacement was launched
+
+
+async def test_restart_policies(make: Factory) -> None:
+    clean = make(fake_service("clean", free_port(), "--exit-after", "0.3", "--exit-code", "0"))
+    never = make(fake_service("never", free_port(), "--exit-after", "0.3",
+                              restart={"policy": "never"}))
+    always = make(fake_service("always", free_port(), "--exit-after", "0.3", "--exit-code", "0",
+                               restart={"policy": "always"}))
+    for a in (clean, never, always):
+        await a.command("start")
+    await state(clean, State.STOPPED)
+    assert clean.last_exit == "exit 0" and not clean.desired_up
+    await state(never, State.FAILED)
+    await async_wait_until(lambda: always.restart_count >= 1, 10, what="always restarts")
+
+
+async def test_missing_binary_backs_off_then_fails(make: Factory) -> None:
+    a = make({"name": "nobin", "command": ["/nonexistent/server"],
+              "restart": {"backoff_initial_s": 0.01, "max_restarts": 2}})
+    await a.command("start")
+    await state(a, State.FAILED)
+    assert a.last_exit is not None and "command not found" in a.last_exit
+
+
+async def test_no_health_check_is_ready_on_launch(make: Factory) -> None:
+    a = make({"name": "sleeper", "command": ["/bin/sleep", "30"], "stop": {"timeout_s": 1}})
+    await a.command("start")
+    assert a.state is State.READY
+    await a.command("stop")
+    await state(a, State.STOPPED)
+    assert a.last_exit == "killed by SIGTERM"
+
+
+async def test_restart_command_and_waiting(make: Factory) -> None:
+    port = free_port()
+    a = make(fake_service("svc", port))
+    await a.command("start")
+    await state(a, State.READY)
+    before = a.gen
+    await a.command("restart")
+    assert await a.wait_settled(before, 10) is State.READY
+    assert a.gen == before + 1 and a.counters.restarts == {"manual": 1}
+
+
+async def test_stop_during_backoff(make: Factory) -> None:
+    a = make(fake_service("svc", free_port(), "--exit-after", "0.05",
+                          restart={"backoff_initial_s": 5, "backoff_max_s": 5}))
+    await a.command("start")
+    await state(a, State.BACKOFF)
+    await a.command("stop")
+    assert a.state is State.STOPPED
+
+
+async def test_launched_process_is_pinned(spawner: Spawner, prober: HttpProber) -> None:
+    from supervisord_llm.config import SimGpu
+    from supervisord_llm.sensors.sim import SimBackend
+
+    gpus = SimBackend((SimGpu(uuid="GPU-00000000-0000-4000-8000-000000000001", numa_node=0),
+                       )).discover()
+    cfg = parse_config(toml_dumps({"gpu": {"backend": "none"}, "service": [
+        {"name": "pinned", "command": ["/bin/sleep", "30"], "env": {"EXTRA": "{gpu_uuids}"}}]}))
+    plan = resolve_plan(cfg, gpus, allowed_cpus={0})[0]
+    # the config has no GPUs: give it the sim GPU directly through the plan
+    from dataclasses import replace
+
+    from supervisord_llm.plan import _pinning_env
+
+    plan = replace(plan, gpus=tuple(gpus), numa_node=0, cpus=(0,), bind_memory=True,
+                   env=plan.env + tuple(_pinning_env(tuple(gpus))))
+    a = ServiceActor(plan, spawner, prober, base_env={"PATH": os.defpath,
+                                                       "NOTIFY_SOCKET": "/x"})
+    a.run()
+    try:
+        await a.command("start")
+        assert a.proc is not None
+        pid = a.proc.pid
+        await async_wait_until(lambda: exec_done(pid, "/bin/sleep"), 5,
+                               what="exec of the real command")
+        st = proc_status(pid)
+        assert st["Cpus_allowed_list"] == "0"
+        assert st["Mems_allowed_list"] == "0"
+        numa_maps = Path(f"/proc/{pid}/numa_maps").read_text()
+        assert "bind:0" in numa_maps
+        env = proc_environ(pid)
+        assert env["CUDA_VISIBLE_DEVICES"] == gpus[0].uuid
+        assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        assert env["EXTRA"] == gpus[0].uuid
+        assert "NOTIFY_SOCKET" not in env
+        assert os.getpgid(pid) == pid and os.getsid(pid) == pid
+    finally:
+        a.kill_now()
+        await a.wait_stopped(5)
+        await a.shutdown()
+
+
+def test_parent_death_signal_kills_the_service(tmp_path: Path) -> None:
+    """A parent that dies by SIGKILL takes its service with it (PR_SET_PDEATHSIG in the
+    shim), even without the guardian."""
+    import subprocess
+
+    pidfile = tmp_path / "pid"
+    code = f"""
+import asyncio, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from supervisord_llm.spawn import Spawner, LaunchSpec
+async def main():
+    sp = Spawner(None, use_guardian=False)
+    p = await sp.launch(LaunchSpec("x", ("/bin/sleep", "60"), {{"PATH": "/bin:/usr/bin"}}))
+    open({str(pidfile)!r}, "w").write(str(p.pid))
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 10
+        while not (pidfile.exists() and pidfile.read_text()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        child = int(pidfile.read_text())
+        deadline = time.monotonic() + 5
+        while not exec_done(child, "/bin/sleep"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 2
+        while alive(child):
+            assert time.monotonic() < deadline, "service outlived its parent"
+            time.sleep(0.02)
+    finally:
+        parent.kill()
+
+
+async def test_guardian_kills_groups_when_its_pipe_closes(tmp_path: Path) -> None:
+    from supervisord_llm.spawn import LaunchSpec
+
+    sp = Spawner(tmp_path, use_guardian=True)
+    await sp.start()
+    proc = await sp.launch(LaunchSpec("x", (sys.executable, FAKE, "--port", str(free_port()),
+                                            "--ignore-term"), dict(os.environ)))
+    guardian = sp.guardian_pid()
+    assert guardian is not None
+    # what a SIGKILL of the daemon does to the pipe: the write end closes
+    assert sp._guardian_fd is not None
+    os.close(sp._guardian_fd)
+    sp._guardian_fd = None
+    await async_wait_until(lambda: not alive(proc.pid), 3, what="guardian kill")
+    await sp.close()
+
+
+async def test_leftovers_of_an_earlier_run_are_stopped(tmp_path: Path) -> None:
+    from supervisord_llm.spawn import LaunchSpec
+
+    first = Spawner(tmp_path, use_guardian=False)
+    proc = await first.launch(LaunchSpec("old", ("/bin/sleep", "60"),
+                                         {"PATH": "/bin:/usr/bin"}))
+    assert (tmp_path / "processes.json").exists()
+    second = Spawner(tmp_path, use_guardian=False)
+    found = await second.reap_leftovers(2.0)
+    assert found == [f"old (pgid {proc.pgid})"]
+    await proc.wait()
+    assert not alive(proc.pid)
+    assert await second.reap_leftovers(2.0) == []
