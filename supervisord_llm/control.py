@@ -101,13 +101,14 @@ class ControlServer:
                 log.error("cannot give %s to group %s: %s", self.path, self.group, exc)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._clients):
-                task.cancel()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
+        if self._server is None:
+            return  # never bound: the path may belong to another daemon
+        self._server.close()
+        for task in list(self._clients):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self._server.wait_closed()
+        self._server = None
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 

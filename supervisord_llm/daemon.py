@@ -9,6 +9,7 @@ the loop and every actor task are alive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -216,7 +217,8 @@ class Daemon:
                     log.warning("second stop signal: killing every service now")
                     sup.kill_all()
             elif what == "hup" and stopping is None:
-                await self.reload()
+                with contextlib.suppress(ControlError):  # logged; the old config stays
+                    await self.reload()
 
     # --- status and watchdog ---------------------------------------------------------------
 
