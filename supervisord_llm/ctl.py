@@ -145,7 +145,8 @@ def render_status(data: dict[str, Any]) -> str:
         out.append(_table(rows))
         for svc in services:
             if svc.get("failed_reason"):
-                out.append(f"  {svc['name']} failed: {svc['failed_reason']}")
+                out.append(f"  {svc['name']} failed: {svc['failed_reason']} "
+                           f"(`llmctl reset {svc['name']}` starts it again)")
     gpus_data = data.get("gpus", [])
     if gpus_data:
         rows = [["GPU", "NAME", "TEMP", "MEMTEMP", "POWER", "LIMIT", "UTIL", "MEMORY", "STATE"]]

@@ -300,3 +300,24 @@ def running(tmp: Path, doc: dict[str, Any], env: Mapping[str, str] | None = None
         yield d.start()
     finally:
         d.stop()
+
+
+# --- llama.cpp's llama-server -----------------------------------------------------------------
+
+LLAMA_VERSION = "0.3.36"
+
+
+def llama_server_binary() -> str | None:
+    """$LLAMA_SERVER, or the binary that scripts/build-llama-server.sh caches."""
+    env = os.environ.get("LLAMA_SERVER")
+    if env:
+        return env if os.access(env, os.X_OK) else None
+    cache = Path(os.environ.get("LLM_SUPERVISOR_CACHE", Path.home() / ".cache/llm-supervisor"))
+    path = cache / f"llama-server-{LLAMA_VERSION}" / "llama-server"
+    return str(path) if os.access(path, os.X_OK) else None
+
+
+def make_tiny_model(path: Path, *args: str) -> Path:
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "make_tiny_gguf.py"),
+                    str(path), *args], check=True, capture_output=True)
+    return path

@@ -3,6 +3,7 @@ orphans. Services are the fake backend; GPUs are simulated."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -168,7 +169,7 @@ def test_permission_denied_for_mutating_commands(tmp_path: Path) -> None:
 def run_permission_checks(tmp_path: Path, doc: dict[str, Any]) -> None:
     with running(tmp_path, doc) as d:
         d.wait_state("alpha", "ready")
-        os.chmod(d.socket, 0o666)  # let an ordinary user connect: SO_PEERCRED decides
+        os.chmod(d.socket, 0o666)  # noqa: S103 - let an ordinary user connect: SO_PEERCRED decides
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
         # llmctl needs only the standard library: the system Python runs it as nobody even
@@ -207,7 +208,7 @@ def test_ready_status_watchdog_reload_stopping(tmp_path: Path, notify: NotifyLis
         assert all(s["pid"] for s in data["services"])
         wait_until(lambda: len(notify.times("WATCHDOG=1")) >= 5, 5, what="pings")
         pings = notify.times("WATCHDOG=1")
-        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert max(gaps) < 0.4 and min(gaps) > 0.1
         wait_until(lambda: any("STATUS=2/2 services ready" in m for _, m in notify.messages),
                    10, what="STATUS line")

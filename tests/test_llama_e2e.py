@@ -1,0 +1,137 @@
+"""End to end with a real inference server: llama.cpp's llama-server on a generated tiny
+model, supervised by the daemon as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import Daemon, alive, base_config, free_port, llama_server_binary, \
+    make_tiny_model, running, wait_until
+
+pytestmark = pytest.mark.e2e
+
+BIN = llama_server_binary()
+if BIN is None:
+    if os.environ.get("LLM_SUPERVISOR_REQUIRE_E2E") == "1":
+        raise RuntimeError("llama-server is required (LLM_SUPERVISOR_REQUIRE_E2E=1) but not "
+                           "built: run scripts/build-llama-server.sh")
+    pytest.skip("llama-server not built: run scripts/build-llama-server.sh",
+                allow_module_level=True)
+
+
+def llama(name: str, model: Path, **sections: Any) -> dict[str, Any]:
+    assert BIN is not None
+    svc: dict[str, Any] = {
+        "name": name,
+        "command": [BIN, "-m", str(model), "--host", "127.0.0.1", "--port", "{port}",
+                    "-c", "512", "-t", "1", "--no-webui"],
+        "port": free_port(),
+        "health": {"interval_s": 0.2, "timeout_s": 0.2, "failures": 2, "startup_timeout_s": 30},
+        "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "max_restarts": 4,
+                    "window_s": 60},
+        "stop": {"timeout_s": 3},
+    }
+    svc.update(sections)
+    return svc
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    tmp = tmp_path_factory.mktemp("llama")
+    model = make_tiny_model(tmp / "tiny.gguf")
+    doc = base_config(tmp, [
+        llama("tiny-a", model, gpus=[0]),
+        llama("tiny-b", model, gpus=[1]),
+        llama("broken", tmp / "missing.gguf"),
+    ])
+    with running(tmp, doc) as d:
+        yield d
+
+
+def chat(port: int, stream: bool = False, max_tokens: int = 8) -> Any:
+    body = json.dumps({"messages": [{"role": "user", "content": "hello"}],
+                       "max_tokens": max_tokens, "stream": stream}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 - loopback only
+        raw = r.read().decode()
+    if not stream:
+        return json.loads(raw)
+    return [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
+
+
+def assert_serves(port: int) -> None:
+    reply = chat(port, max_tokens=8)
+    assert reply["object"] == "chat.completion"
+    choice = reply["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] in ("length", "stop")
+    assert 0 < reply["usage"]["completion_tokens"] <= 8
+    chunks = chat(port, stream=True, max_tokens=6)
+    assert chunks[-1] == "[DONE]"
+    parsed = [json.loads(c) for c in chunks[:-1]]
+    assert all(p["object"] == "chat.completion.chunk" for p in parsed)
+    assert any(p["choices"] and p["choices"][0].get("finish_reason") for p in parsed)
+
+
+def test_start_to_ready_and_serving(daemon: Daemon) -> None:
+    a = daemon.wait_state("tiny-a", "ready", 30)
+    b = daemon.wait_state("tiny-b", "ready", 30)
+    assert a["health"]["ok"] is True
+    assert_serves(a["port"])
+    assert_serves(b["port"])
+    env = Path(f"/proc/{a['pid']}/environ").read_bytes().split(b"\0")
+    assert f"CUDA_VISIBLE_DEVICES={a['gpus'][0]}".encode() in env
+
+
+def test_kill_9_is_restarted_and_serving_again(daemon: Daemon) -> None:
+    before = daemon.wait_state("tiny-a", "ready", 30)
+    os.kill(before["pid"], signal.SIGKILL)
+    after = wait_until(lambda: (s := daemon.service("tiny-a"))["state"] == "ready"
+                       and s["pid"] != before["pid"] and s, 30, what="tiny-a back")
+    assert after["restarts"] == before["restarts"] + 1
+    assert after["last_exit"] == "killed by SIGKILL"
+    assert_serves(after["port"])
+
+
+def test_sigstop_is_detected_and_replaced(daemon: Daemon) -> None:
+    before = daemon.wait_state("tiny-b", "ready", 30)
+    os.kill(before["pid"], signal.SIGSTOP)
+    after = wait_until(lambda: (s := daemon.service("tiny-b"))["state"] == "ready"
+                       and s["pid"] != before["pid"] and s, 30, what="tiny-b replaced")
+    assert not alive(before["pid"])
+    assert_serves(after["port"])
+    metrics = urllib.request.urlopen(  # noqa: S310 - loopback only
+        f"http://{daemon.doc['metrics']['listen']}/metrics", timeout=5).read().decode()
+    assert 'llm_supervisor_service_restarts_total{reason="health",service="tiny-b"} 1.0' in \
+        metrics
+
+
+def test_crash_loop_ends_failed(daemon: Daemon) -> None:
+    svc = daemon.wait_state("broken", "failed", 60)
+    assert svc["restarts"] == 4 and svc["last_exit"] == "exit 1"
+    r = daemon.llmctl("status")
+    assert "broken failed:" in r.stdout and "llmctl reset broken" in r.stdout
+
+
+def test_llmctl_stop_start_restart(daemon: Daemon) -> None:
+    daemon.wait_state("tiny-a", "ready", 30)
+    r = daemon.llmctl("stop", "tiny-a")
+    assert r.returncode == 0, r.stderr
+    assert daemon.service("tiny-a")["state"] == "stopped"
+    r = daemon.llmctl("start", "tiny-a")
+    assert r.returncode == 0
+    svc = daemon.wait_state("tiny-a", "ready", 30)
+    r = daemon.llmctl("restart", "tiny-a")
+    assert r.returncode == 0 and "tiny-a: ready" in r.stdout
+    after = daemon.service("tiny-a")
+    assert after["pid"] != svc["pid"]
+    assert_serves(after["port"])
