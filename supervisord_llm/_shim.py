@@ -40,6 +40,13 @@ def main(args: list[str]) -> int:
         _warn(f"prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}")
     if daemon_pid and os.getppid() != daemon_pid:
         return 1  # the supervisor died before we got here: do not start an orphan
+    try:  # the supervisor protects itself from the OOM killer; its services must not inherit it
+        with open("/proc/self/oom_score_adj", "r+") as fh:
+            if int(fh.read().strip() or 0) < 0:
+                fh.seek(0)
+                fh.write("0")
+    except (OSError, ValueError):
+        pass
     if cpus != "-":
         try:
             os.sched_setaffinity(0, _cpus(cpus))

@@ -13,8 +13,16 @@ from typing import Any
 
 import pytest
 
-from helpers import Daemon, alive, base_config, free_port, llama_server_binary, \
-    make_tiny_model, running, wait_until
+from helpers import (
+    Daemon,
+    alive,
+    base_config,
+    free_port,
+    llama_server_binary,
+    make_tiny_model,
+    running,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -109,7 +117,7 @@ def test_sigstop_is_detected_and_replaced(daemon: Daemon) -> None:
                        and s["pid"] != before["pid"] and s, 30, what="tiny-b replaced")
     assert not alive(before["pid"])
     assert_serves(after["port"])
-    metrics = urllib.request.urlopen(  # noqa: S310 - loopback only
+    metrics = urllib.request.urlopen(
         f"http://{daemon.doc['metrics']['listen']}/metrics", timeout=5).read().decode()
     assert 'llm_supervisor_service_restarts_total{reason="health",service="tiny-b"} 1.0' in \
         metrics

@@ -1,0 +1,228 @@
+"""The unit file under a real systemd (PID 1 of private namespaces, tests/sdlab.sh):
+Type=notify activation, the watchdog restarting a daemon whose loop is blocked, and
+`systemctl stop` leaving no service process behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import ROOT, fake_service, free_port, toml_dumps, wait_until
+from supervisord_llm import ctl
+
+pytestmark = pytest.mark.e2e
+
+SDLAB = Path(__file__).resolve().parent / "sdlab.sh"
+UNIT = ROOT / "units" / "llm-supervisor.service"
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (systemd as PID 1 in new namespaces)"
+    for tool in ("unshare", "nsenter", "script"):
+        if shutil.which(tool) is None:
+            return f"{tool} (util-linux) is missing"
+    if not Path("/lib/systemd/systemd").exists():
+        return "the systemd package is not installed"
+    return None
+
+
+if (reason := _why_not()) is not None:
+    pytest.skip(reason, allow_module_level=True)
+
+
+class Lab:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.dir = base / "lab"
+        self.units = self.dir / "units"
+        self.env = {**os.environ, "SDLAB_DIR": str(self.dir), "SDLAB_UNITS": str(self.units),
+                    "SDLAB_NET": "0"}
+
+    def sh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(SDLAB), *args], env=self.env, capture_output=True, text=True,
+                              check=check, timeout=60)
+
+    def ctl(self, *args: str, check: bool = True) -> str:
+        return self.sh("ctl", *args, check=check).stdout
+
+    def show(self) -> dict[str, str]:
+        out = self.ctl("show", "-p", "ActiveState,SubState,NRestarts,MainPID,StatusText,Result",
+                       "llm-supervisor.service")
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def console(self) -> str:
+        path = self.dir / "console.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    # Not under /tmp: the unit's PrivateTmp=yes would hide the config from the daemon.
+    base = ROOT / "build" / f"sdlab-{uuid.uuid4().hex[:8]}"
+    base.mkdir(parents=True)
+    lab = Lab(base)
+    lab.units.mkdir(parents=True)
+    lab.sh("start")
+    try:
+        yield lab
+    finally:
+        lab.sh("stop", check=False)
+        kill_marked(str(base))
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def marked(marker: str) -> list[int]:
+    """Host pids of processes whose command line mentions `marker` (the lab's directory)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            ours = marker.encode() in cmd and b"/lab/" not in cmd  # not sdlab itself
+            if ours and state != "Z" and int(entry.name) != os.getpid():
+                pids.append(int(entry.name))
+    return pids
+
+
+def describe(lab: Lab) -> str:
+    out = []
+    for pid in marked(str(lab.base)):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        out.append(f"{pid}: {cmd[:150]}")
+    return "; ".join(out) + " | console: " + lab.console()[-1500:]
+
+
+def kill_marked(marker: str) -> None:
+    for pid in marked(marker):
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+
+
+def install(lab: Lab, services: int = 2) -> dict[str, Any]:
+    tmp = lab.base
+    doc: dict[str, Any] = {
+        "supervisor": {"control_socket": str(tmp / "ctl.sock"), "state_dir": str(tmp / "state"),
+                       "log_format": "journal"},
+        "metrics": {"listen": ""},
+        "gpu": {"backend": "none"},
+        "service": [fake_service(f"svc{i}", free_port(), "--grandchild", "--ignore-term",
+                                 "--pidfile", str(tmp / f"svc{i}.pid"), stop={"timeout_s": 1})
+                    for i in range(services)],
+    }
+    (tmp / "config.toml").write_text(toml_dumps(doc))
+    unit = UNIT.read_text().replace(
+        "ExecStart=/usr/local/bin/llm-supervisor --config /etc/llm-supervisor/config.toml",
+        f"ExecStart={sys.executable} -m supervisord_llm --config {tmp / 'config.toml'}")
+    assert f"ExecStart={sys.executable}" in unit
+    (lab.units / "llm-supervisor.service").write_text(unit)
+    dropin = lab.units / "llm-supervisor.service.d"
+    dropin.mkdir(exist_ok=True)
+    (dropin / "test.conf").write_text(
+        "[Service]\nWatchdogSec=2s\nRestartSec=200ms\n"
+        f"Environment=LLM_SUPERVISOR_TEST_HOOKS=1 PYTHONPATH={ROOT}\n")
+    lab.ctl("daemon-reload")
+    return doc
+
+
+def socket_status(doc: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = ctl.call(doc["supervisor"]["control_socket"], "status", {}, 5)
+    except ctl.CtlError:
+        return None
+    return data
+
+
+def test_unit_active_only_after_ready(lab: Lab) -> None:
+    doc = install(lab)
+    lab.ctl("start", "--no-block", "llm-supervisor.service")
+    seen: list[str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = lab.show()["ActiveState"]
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if state == "active":
+            break
+        time.sleep(0.01)
+    assert seen[-1] == "active", (seen, lab.console()[-3000:])
+    assert "activating" in seen
+    # active means READY=1 was sent: the socket answers and every service has been launched
+    data = socket_status(doc)
+    assert data is not None
+    assert all(s["pid"] for s in data["services"])
+    wait_until(lambda: "services ready" in lab.show()["StatusText"], 10, what="STATUS=")
+    lab.ctl("stop", "llm-supervisor.service")
+
+
+def test_blocked_loop_gets_the_daemon_restarted_by_the_watchdog(lab: Lab) -> None:
+    doc = install(lab)
+    lab.ctl("start", "llm-supervisor.service")
+    first = lab.show()
+    assert first["ActiveState"] == "active"
+    before = wait_until(lambda: (d := socket_status(doc)) and all(
+        s["state"] == "ready" for s in d["services"]) and d, 20, what="services ready")
+    old_pids = {s["pid"] for s in before["services"]}
+
+    def block() -> None:
+        try:
+            ctl.call(doc["supervisor"]["control_socket"], "status",
+                     {"debug_block_loop_s": 8}, 12)
+        except ctl.CtlError:
+            pass  # the daemon is killed before it answers
+
+    threading.Thread(target=block, daemon=True).start()
+    wait_until(lambda: int(lab.show()["NRestarts"]) >= int(first["NRestarts"]) + 1, 15,
+               what=f"watchdog restart ({lab.console()[-2000:]})")
+    assert "watchdog" in lab.console().lower()
+    after = wait_until(lambda: (d := socket_status(doc)) and all(
+        s["state"] == "ready" for s in d["services"]) and d, 20, what="services back")
+    assert after["supervisor"]["pid"] != before["supervisor"]["pid"]
+    assert not old_pids & {s["pid"] for s in after["services"]}
+    lab.ctl("stop", "llm-supervisor.service")
+
+
+def test_systemctl_stop_leaves_no_service_process(lab: Lab) -> None:
+    doc = install(lab)
+    lab.ctl("start", "llm-supervisor.service")
+    wait_until(lambda: (d := socket_status(doc)) and all(
+        s["state"] == "ready" for s in d["services"]), 20, what="services ready")
+    for i in range(2):
+        wait_until((lab.base / f"svc{i}.pid").exists, 5, what="pidfile")
+    procs = marked(str(lab.base))
+    assert len(procs) >= 5  # daemon, two services, two grandchildren
+    in_unit = unit_procs(lab)
+    assert len(in_unit) >= 6  # and the guardian
+    lab.ctl("stop", "llm-supervisor.service")
+    assert lab.show()["ActiveState"] in ("inactive", "failed")
+    wait_until(lambda: not marked(str(lab.base)) and not unit_procs(lab), 5,
+               what=f"no process left: {describe(lab)}")
+
+
+def unit_procs(lab: Lab) -> list[int]:
+    """Host pids in the unit's cgroup (inside the lab's delegated cgroup tree)."""
+    cg2 = next(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+               if line.split(" - ")[1].startswith("cgroup2 "))
+    path = Path(cg2) / f"sdlab_{lab.dir.name}" / "system.slice" / "llm-supervisor.service"
+    try:
+        return [int(p) for p in (path / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
