@@ -4,6 +4,7 @@ Type=notify activation, the watchdog restarting a daemon whose loop is blocked, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -111,10 +112,8 @@ def describe(lab: Lab) -> str:
 
 def kill_marked(marker: str) -> None:
     for pid in marked(marker):
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, 9)
-        except OSError:
-            pass
 
 
 def install(lab: Lab, services: int = 2) -> dict[str, Any]:
@@ -183,11 +182,9 @@ def test_blocked_loop_gets_the_daemon_restarted_by_the_watchdog(lab: Lab) -> Non
     old_pids = {s["pid"] for s in before["services"]}
 
     def block() -> None:
-        try:
+        with contextlib.suppress(ctl.CtlError):  # the daemon is killed before it answers
             ctl.call(doc["supervisor"]["control_socket"], "status",
                      {"debug_block_loop_s": 8}, 12)
-        except ctl.CtlError:
-            pass  # the daemon is killed before it answers
 
     threading.Thread(target=block, daemon=True).start()
     wait_until(lambda: int(lab.show()["NRestarts"]) >= int(first["NRestarts"]) + 1, 15,
