@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# A self-contained demo, no GPU needed: llm-supervisor with two simulated GPUs supervising two
+# real llama.cpp model servers (a generated tiny model). It shows `llmctl status`, a chat
+# completion through a supervised server, a crash (kill -9) and the automatic restart, a hot
+# GPU, then stops cleanly. With --keep it leaves the supervisor running for you to explore.
+#
+#   scripts/demo.sh          # run the tour, then stop
+#   scripts/demo.sh --keep   # leave it running (stop with: kill $(cat demo-run/daemon.pid))
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KEEP=0
+[ "${1:-}" = "--keep" ] && KEEP=1
+
+LLAMA_SERVER=$(scripts/setup.sh)
+RUN=$PWD/demo-run
+if [ -f "$RUN/daemon.pid" ] && kill -0 "$(cat "$RUN/daemon.pid")" 2>/dev/null; then
+  echo "demo: a demo supervisor is already running (pid $(cat "$RUN/daemon.pid")); stopping it"
+  kill "$(cat "$RUN/daemon.pid")"
+  for _ in $(seq 100); do kill -0 "$(cat "$RUN/daemon.pid")" 2>/dev/null || break; sleep 0.1; done
+fi
+mkdir -p "$RUN"
+[ -f "$RUN/tiny.gguf" ] || .venv/bin/python tests/make_tiny_gguf.py "$RUN/tiny.gguf" >/dev/null
+
+free_port() {  # below the ephemeral range
+  .venv/bin/python - "$@" <<'PY'
+import random, socket, sys
+taken = set(int(p) for p in sys.argv[1:])
+while True:
+    port = random.randint(20000, 32000)
+    if port in taken:
+        continue
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    print(port)
+    break
+PY
+}
+P1=$(free_port); P2=$(free_port "$P1"); PM=$(free_port "$P1" "$P2")
+
+cat > "$RUN/config.toml" <<EOF
+# llm-supervisor demo: simulated GPUs, real llama.cpp servers on a tiny random model.
+[supervisor]
+control_socket = "$RUN/control.sock"
+state_dir = "$RUN/state"
+log_format = "text"
+
+[metrics]
+listen = "127.0.0.1:$PM"
+
+[gpu]
+backend = "sim"
+poll_interval_s = 1.0
+sim_state_file = "$RUN/sim-gpus.json"
+[[gpu.sim]]
+uuid = "GPU-5a1e0000-0000-4000-8000-000000000000"
+name = "Simulated RTX 6000 Ada"
+pci_bus_id = "00000000:41:00.0"
+numa_node = 0
+memory_total_bytes = 103079215104
+default_power_limit_w = 300
+min_power_limit_w = 150
+slowdown_c = 89
+shutdown_c = 95
+[[gpu.sim]]
+uuid = "GPU-5a1e0000-0000-4000-8000-000000000001"
+name = "Simulated Radeon PRO W7900"
+pci_bus_id = "00000000:c1:00.0"
+vendor = "amd"
+numa_node = -1
+memory_total_bytes = 51539607552
+default_power_limit_w = 295
+min_power_limit_w = 150
+
+[[service]]
+name = "chat"
+command = ["$LLAMA_SERVER", "-m", "$RUN/tiny.gguf", "--host", "127.0.0.1", "--port", "{port}",
+           "-c", "1024", "-t", "1", "--no-webui"]
+port = $P1
+gpus = [0]
+[service.health]
+interval_s = 1
+timeout_s = 1
+failures = 3
+startup_timeout_s = 60
+[service.restart]
+backoff_initial_s = 0.5
+
+[[service]]
+name = "embed"
+command = ["$LLAMA_SERVER", "-m", "$RUN/tiny.gguf", "--host", "127.0.0.1", "--port", "{port}",
+           "-c", "512", "-t", "1", "--no-webui", "--embeddings"]
+port = $P2
+gpus = ["GPU-5a1e0000-0000-4000-8000-000000000001"]
+[service.health]
+interval_s = 1
+timeout_s = 1
+EOF
+rm -f "$RUN/sim-gpus.json"
+
+LLM=.venv/bin/llm-supervisor
+CTL=(.venv/bin/llmctl --socket "$RUN/control.sock")
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+say "llm-supervisor --check (the resolved plan)"
+"$LLM" --config "$RUN/config.toml" --check
+
+say "starting llm-supervisor (log: demo-run/daemon.log)"
+"$LLM" --config "$RUN/config.toml" >"$RUN/daemon.log" 2>&1 &
+echo $! > "$RUN/daemon.pid"
+cleanup() {
+  if [ "$KEEP" = 0 ] && kill -0 "$(cat "$RUN/daemon.pid")" 2>/dev/null; then
+    kill "$(cat "$RUN/daemon.pid")"
+    for _ in $(seq 300); do kill -0 "$(cat "$RUN/daemon.pid")" 2>/dev/null || break; sleep 0.1; done
+  fi
+}
+trap cleanup EXIT
+
+ready() {
+  for _ in $(seq 300); do
+    n=$("${CTL[@]}" --json status 2>/dev/null | .venv/bin/python -c \
+      'import json,sys; print(sum(s["state"]=="ready" for s in json.load(sys.stdin)["services"]))' \
+      2>/dev/null || echo 0)
+    [ "$n" = 2 ] && return 0
+    sleep 0.1
+  done
+  echo "demo: services did not become ready; see $RUN/daemon.log" >&2; tail -20 "$RUN/daemon.log" >&2
+  return 1
+}
+ready
+say "llmctl status"
+"${CTL[@]}" status
+
+say "a chat completion through the supervised llama-server (random weights: junk text)"
+curl -s "http://127.0.0.1:$P1/v1/chat/completions" -H 'Content-Type: application/json' \
+  -d '{"messages":[{"role":"user","content":"hello"}],"max_tokens":12}' \
+  | .venv/bin/python -c 'import json,sys; r=json.load(sys.stdin); c=r["choices"][0]; print("finish_reason:", c["finish_reason"], "| tokens:", r["usage"]["completion_tokens"], "| text:", repr(c["message"]["content"][:60]))'
+
+PID=$("${CTL[@]}" --json status chat | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["services"][0]["pid"])')
+say "kill -9 $PID (the chat server crashes); llm-supervisor restarts it"
+kill -9 "$PID"
+sleep 0.3
+ready
+"${CTL[@]}" status chat | sed -n '3,4p'
+
+say "GPU0 heats up to 84C (written to the sim state file, re-read at every poll)"
+echo '{"GPU-5a1e0000-0000-4000-8000-000000000000": {"temperature_c": 84, "power_w": 291, "utilization_pct": 97, "memory_used_bytes": 61000000000}}' > "$RUN/sim-gpus.json"
+sleep 1.5
+"${CTL[@]}" status | sed -n '/^GPU/,/^$/p'
+
+say "Prometheus metrics at http://127.0.0.1:$PM/metrics (a few of them)"
+curl -s "http://127.0.0.1:$PM/metrics" | grep -E '^llm_supervisor_(service_up|service_restarts_total\{reason="exit"|gpu_temperature_celsius)'
+
+if [ "$KEEP" = 1 ]; then
+  say "llm-supervisor keeps running (pid $(cat "$RUN/daemon.pid"))"
+  echo "  .venv/bin/llmctl --socket $RUN/control.sock status"
+  echo "  .venv/bin/llmctl --socket $RUN/control.sock restart chat"
+  echo "  stop it: kill $(cat "$RUN/daemon.pid")"
+else
+  say "stopping llm-supervisor (SIGTERM: services stop in reverse order)"
+  cleanup
+  tail -4 "$RUN/daemon.log"
+  echo "(run scripts/demo.sh --keep to leave it running)"
+fi

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Set up what llm-supervisor's demo and tests need on Debian 12 (run as root for apt):
+#   - Debian packages: a C++ toolchain and CMake/Ninja (to build llama-server), python3-venv,
+#     util-linux and systemd (the systemd tests run a private systemd as PID 1);
+#   - a virtual environment in .venv with the project and its test dependencies;
+#   - llama.cpp's llama-server, built once and cached (scripts/build-llama-server.sh).
+# Prints nothing on stdout but the llama-server path; progress goes to stderr.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+apt_need=()
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  for p in cmake ninja-build g++ make util-linux bsdutils systemd procps curl; do
+    have_pkg "$p" || apt_need+=("$p")
+  done
+  command -v "$PY" >/dev/null || apt_need+=(python3)
+  "$PY" -c 'import ensurepip, venv' 2>/dev/null || apt_need+=(python3-venv)
+  if [ ${#apt_need[@]} -gt 0 ]; then
+    echo "setup: apt-get install ${apt_need[*]}" >&2
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${apt_need[@]}" >&2
+  fi
+fi
+
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "setup: Python 3.11 or newer is needed ($PY is $("$PY" -V 2>&1))" >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$PY" -m venv .venv >&2
+fi
+stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -e "$stamp" ]; then
+  echo "setup: pip install -e .[test]" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >&2
+  .venv/bin/python -m pip install -q -e '.[test]' >&2
+  rm -f .venv/.installed-* && touch "$stamp"
+fi
+PYTHON=.venv/bin/python scripts/build-llama-server.sh
