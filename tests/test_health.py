@@ -1,0 +1,98 @@
+"""The HTTP prober: classification, keep-alive across server restarts, odd servers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from helpers import free_port
+from supervisord_llm.health import HttpProber, ProbeKind
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def serve(port: int, answer: bytes, *, close: bool = False, count: list[int] | None = None
+                ) -> asyncio.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if count is not None:
+            count.append(1)
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(answer)
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+async def test_statuses_and_keep_alive() -> None:
+    port = free_port()
+    conns: list[int] = []
+    server = await serve(port, b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"status\":\"ok\"}",
+                         count=conns)
+    p = HttpProber()
+    url = f"http://127.0.0.1:{port}/health"
+    for _ in range(5):
+        r = await p.probe(url, 1)
+        assert r.kind is ProbeKind.OK and r.detail == "HTTP 200"
+    assert len(conns) == 1  # one kept connection for five probes
+    # the server restarts: the kept connection is dead, the probe still succeeds
+    server.close()
+    await server.wait_closed()
+    for w in list(p._idle.values()):
+        w[1].transport.abort()  # what the old process's exit does to our side, eventually
+    server = await serve(port, b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    r = await p.probe(url, 1)
+    assert r.kind is ProbeKind.LOADING
+    server.close()
+    await server.wait_closed()
+    for w in list(p._idle.values()):
+        w[1].transport.abort()
+    r = await p.probe(url, 1)
+    assert r.kind is ProbeKind.REFUSED
+    await p.close()
+
+
+async def test_chunked_close_delimited_and_errors() -> None:
+    p = HttpProber()
+    cases = [
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nok!!\r\n0\r\n\r\n",
+         ProbeKind.OK),
+        (b"HTTP/1.0 200 OK\r\n\r\nbody until close", ProbeKind.OK),
+        (b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\nno", ProbeKind.ERROR),
+        (b"SSH-2.0-OpenSSH\r\n", ProbeKind.ERROR),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n", ProbeKind.ERROR),
+    ]
+    for answer, kind in cases:
+        port = free_port()
+        server = await serve(port, answer, close=True)
+        r = await p.probe(f"http://127.0.0.1:{port}/health", 1)
+        assert r.kind is kind, (answer, r)
+        server.close()
+        await server.wait_closed()
+    await p.close()
+
+
+async def test_silent_server_times_out() -> None:
+    port = free_port()
+
+    done = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await done.wait()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", port)
+    p = HttpProber()
+    r = await p.probe(f"http://127.0.0.1:{port}/health", 0.2)
+    assert r.kind is ProbeKind.TIMEOUT and not r.ok and r.not_yet
+    done.set()
+    server.close()
+    await server.wait_closed()
+    await p.close()
