@@ -1,9 +1,10 @@
-"""Exec shim: run as `python -I -S _shim.py DAEMON_PID PDEATHSIG CPUS MEMNODE -- ARGV...`.
+"""Exec shim: `python -I -S _shim.py DAEMON_PID PDEATHSIG CPUS MEMNODE CREDS -- ARGV...`.
 
-It applies what must not be done in `preexec_fn` (the daemon has threads): the parent-death
-signal, CPU affinity and NUMA memory binding, then `execvp`s the real command, so the service
-keeps the shim's pid and process group. Standard library only; keep it tiny: it is on the path
-of every restart. CPUS is a kernel cpulist or "-", MEMNODE a node number or "-".
+It applies what must not be done in `preexec_fn` (the daemon has threads): the user switch,
+the parent-death signal (after the switch, which would clear it), CPU affinity and NUMA memory
+binding, then `execvp`s the real command, so the service keeps the shim's pid and process
+group. Standard library only; keep it tiny: it is on the path of every restart.
+CPUS is a kernel cpulist or "-", MEMNODE a node number or "-", CREDS "UID:GID:G1,G2" or "-".
 """
 
 import ctypes
@@ -30,16 +31,12 @@ def _cpus(text: str) -> set[int]:
 
 
 def main(args: list[str]) -> int:
-    if len(args) < 6 or args[4] != "--":
-        _warn("usage: _shim.py DAEMON_PID PDEATHSIG CPUS MEMNODE -- ARGV...")
+    if len(args) < 7 or args[5] != "--":
+        _warn("usage: _shim.py DAEMON_PID PDEATHSIG CPUS MEMNODE CREDS -- ARGV...")
         return 127
-    daemon_pid, pdeathsig, cpus, memnode, argv = int(args[0]), int(args[1]), args[2], args[3], \
-        args[5:]
-    libc = ctypes.CDLL(None, use_errno=True)
-    if pdeathsig and libc.prctl(PR_SET_PDEATHSIG, pdeathsig, 0, 0, 0) != 0:
-        _warn(f"prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}")
-    if daemon_pid and os.getppid() != daemon_pid:
-        return 1  # the supervisor died before we got here: do not start an orphan
+    daemon_pid, pdeathsig, cpus, memnode, creds = int(args[0]), int(args[1]), args[2], \
+        args[3], args[4]
+    argv = args[6:]
     try:  # the supervisor protects itself from the OOM killer; its services must not inherit it
         with open("/proc/self/oom_score_adj", "r+") as fh:
             if int(fh.read().strip() or 0) < 0:
@@ -47,6 +44,20 @@ def main(args: list[str]) -> int:
                 fh.write("0")
     except (OSError, ValueError):
         pass
+    if creds != "-":
+        uid, gid, groups = creds.split(":")
+        try:
+            os.setgroups([int(g) for g in groups.split(",") if g])
+            os.setgid(int(gid))
+            os.setuid(int(uid))
+        except (OSError, ValueError) as exc:
+            _warn(f"cannot switch to uid {uid} gid {gid}: {exc}")
+            return 126
+    libc = ctypes.CDLL(None, use_errno=True)
+    if pdeathsig and libc.prctl(PR_SET_PDEATHSIG, pdeathsig, 0, 0, 0) != 0:
+        _warn(f"prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}")
+    if daemon_pid and os.getppid() != daemon_pid:
+        return 1  # the supervisor died before we got here: do not start an orphan
     if cpus != "-":
         try:
             os.sched_setaffinity(0, _cpus(cpus))

@@ -169,7 +169,7 @@ class Spawner:
 
     async def launch(self, spec: LaunchSpec) -> ServiceProcess:
         env = dict(spec.env)
-        kwargs: dict[str, object] = {}
+        creds = "-"
         if spec.user is not None:
             try:
                 uid, gid, user_env = _user_env(spec.user)
@@ -177,8 +177,8 @@ class Spawner:
                 raise SpawnError(f"no such user {spec.user!r}") from None
             env.update(user_env)
             if uid != os.geteuid():
-                kwargs.update(user=uid, group=gid,
-                              extra_groups=os.getgrouplist(spec.user, gid))
+                groups = ",".join(str(g) for g in os.getgrouplist(spec.user, gid))
+                creds = f"{uid}:{gid}:{groups}"
         exe = shutil.which(spec.argv[0], path=env.get("PATH", os.defpath))
         if exe is None:
             raise SpawnError(f"command not found: {spec.argv[0]!r}"
@@ -186,7 +186,7 @@ class Spawner:
         cpus = ",".join(str(c) for c in spec.cpus) if spec.cpus else "-"
         mem = str(spec.mem_node) if spec.mem_node is not None else "-"
         argv = (sys.executable, "-I", "-S", SHIM, str(os.getpid()), str(int(signal.SIGKILL)),
-                cpus, mem, "--", *spec.argv)
+                cpus, mem, creds, "--", *spec.argv)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -196,7 +196,6 @@ class Spawner:
                 env=env,
                 start_new_session=True,
                 limit=_LINE_LIMIT,
-                **kwargs,  # type: ignore[arg-type]
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             raise SpawnError(f"cannot launch {spec.argv[0]!r}: {exc}") from None

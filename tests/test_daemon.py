@@ -195,6 +195,14 @@ def run_permission_checks(tmp_path: Path, doc: dict[str, Any]) -> None:
         os.chmod(d.socket, 0o660)
         r = as_nobody("status")
         assert r.returncode == 4, r.stderr
+    # members of control_group may mutate: nobody's own group is nogroup
+    doc["supervisor"]["control_group"] = "nogroup"
+    with running(tmp_path, doc) as d:
+        d.wait_state("alpha", "ready")
+        assert os.stat(d.socket).st_gid == 65534
+        r = as_nobody("stop", "alpha")
+        assert r.returncode == 0, r.stderr
+        assert d.service("alpha")["state"] == "stopped"
 
 
 def test_ready_status_watchdog_reload_stopping(tmp_path: Path, notify: NotifyListener) -> None:

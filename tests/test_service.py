@@ -353,3 +353,38 @@ async def test_leftovers_of_an_earlier_run_are_stopped(tmp_path: Path) -> None:
     await proc.wait()
     assert not alive(proc.pid)
     assert await second.reap_leftovers(2.0) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+async def test_service_runs_as_its_user_without_inheriting_oom_protection(
+        spawner: Spawner, prober: HttpProber) -> None:
+    cfg = parse_config(toml_dumps({"gpu": {"backend": "none"}, "service": [
+        {"name": "as-nobody", "command": ["/bin/sleep", "30"], "user": "nobody"}]}))
+    a = ServiceActor(resolve_plan(cfg, [])[0], spawner, prober,
+                     base_env={"PATH": "/bin:/usr/bin", "HOME": "/root"})
+    a.run()
+    own = Path("/proc/self/oom_score_adj")
+    saved = own.read_text().strip()
+    try:
+        own.write_text("-100")  # a protected supervisor ...
+        protected = True
+    except PermissionError:  # no CAP_SYS_RESOURCE in this sandbox
+        protected = False
+    try:
+        await a.command("start")
+        assert a.proc is not None
+        pid = a.proc.pid
+        await async_wait_until(lambda: exec_done(pid, "/bin/sleep"), 5, what="exec")
+        st = proc_status(pid)
+        assert st["Uid"].split()[:2] == ["65534", "65534"]
+        assert st["Gid"].split()[0] == "65534"
+        assert proc_environ(pid)["USER"] == "nobody"
+        # ... whose services are not protected
+        if protected:
+            assert Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "0"
+    finally:
+        if protected:
+            own.write_text(saved)
+        a.kill_now()
+        await a.wait_stopped(5)
+        await a.shutdown()

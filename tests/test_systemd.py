@@ -208,6 +208,14 @@ def test_systemctl_stop_leaves_no_service_process(lab: Lab) -> None:
     assert len(procs) >= 5  # daemon, two services, two grandchildren
     in_unit = unit_procs(lab)
     assert len(in_unit) >= 6  # and the guardian
+    # OOMScoreAdjust=-500 protects the supervisor (where this sandbox lets systemd set it);
+    # its services reset theirs to 0
+    adj = {pid: Path(f"/proc/{pid}/oom_score_adj").read_text().strip() for pid in procs}
+    cmds = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in procs}
+    daemon = [p for p in procs if b"supervisord_llm" in cmds[p]]
+    assert len(daemon) == 1
+    if adj[daemon[0]] == "-500":
+        assert all(adj[p] == "0" for p in procs if b"fakebackend" in cmds[p]), adj
     lab.ctl("stop", "llm-supervisor.service")
     assert lab.show()["ActiveState"] in ("inactive", "failed")
     wait_until(lambda: not marked(str(lab.base)) and not unit_procs(lab), 5,
