@@ -135,9 +135,13 @@ def install(lab: Lab, services: int = 2) -> dict[str, Any]:
     (lab.units / "llm-supervisor.service").write_text(unit)
     dropin = lab.units / "llm-supervisor.service.d"
     dropin.mkdir(exist_ok=True)
+    # A checkout under /tmp (as a CI clone may be) would be hidden by the unit's
+    # PrivateTmp=yes: bind it into the service's namespace, hardening left as it is.
+    bind = f"BindPaths={ROOT}\n" if ROOT.is_relative_to("/tmp") or \
+        ROOT.is_relative_to("/var/tmp") else ""
     (dropin / "test.conf").write_text(
         "[Service]\nWatchdogSec=2s\nRestartSec=200ms\n"
-        f"Environment=LLM_SUPERVISOR_TEST_HOOKS=1 PYTHONPATH={ROOT}\n")
+        f"Environment=LLM_SUPERVISOR_TEST_HOOKS=1 PYTHONPATH={ROOT}\n{bind}")
     lab.ctl("daemon-reload")
     return doc
 
