@@ -84,3 +84,7 @@ def daemon_main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled on the loop
         return 0
+    except Exception as exc:  # a bug: one line on stderr, the traceback in the log
+        logging.getLogger("llm-supervisor").critical("internal error", exc_info=True)
+        fatal(f"internal error: {type(exc).__name__}: {exc}")
+        return 2

@@ -268,10 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd, req, timeout = _request(args)
         data = call(args.socket, cmd, req, timeout)
     except CtlError as exc:
-        if exc.code == EXIT_USAGE:
-            sys.stderr.write(f"llmctl: {exc.message}\n")
-        else:
-            sys.stderr.write(f"llmctl: {exc.message}\n")
+        sys.stderr.write(f"llmctl: {exc.message}\n")
         return exc.code
     except KeyboardInterrupt:
         return 130

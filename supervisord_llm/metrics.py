@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .states import RestartReason, State
-from .supervisor import MODES, Supervisor
+from .supervisor import MODES, Supervisor, thermal_state
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GPU_LABELS = ["gpu", "uuid", "pci_bus_id", "name"]
@@ -111,7 +111,7 @@ class SupervisorCollector(Collector):
             if info.slowdown_c is not None:
                 slow.add_metric(labels, info.slowdown_c)
             gup.add_metric(labels, 1.0 if snap.status == "ok" else 0.0)
-            current = snap.status if snap.status in ("lost", "unresponsive") else "ok"
+            current = thermal_state(snap)
             for st in THERMAL_STATES:
                 thermal.add_metric([*labels, st], 1.0 if st == current else 0.0)
         yield from (temp, mtemp, power, limit, util, used, total, gup, thermal, slow, actions,

@@ -160,7 +160,13 @@ class ServiceActor:
 
     def run(self) -> asyncio.Task[None]:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"svc-{self.name}")
+        self._task.add_done_callback(self._ended)
         return self._task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A bug: say so now. The watchdog stops being petted and systemd restarts us.
+            log.critical("%s: service actor crashed", self.name, exc_info=task.exception())
 
     @property
     def alive(self) -> bool:

@@ -114,6 +114,8 @@ class Spawner:
         self._live: dict[int, ServiceProcess] = {}
         self._guardian: asyncio.subprocess.Process | None = None
         self._guardian_fd: int | None = None
+        self._guardian_watch: asyncio.Task[None] | None = None
+        self._closing = False
         self.launches_total = 0
 
     # --- the guardian ------------------------------------------------------------------------
@@ -125,7 +127,7 @@ class Spawner:
     async def _start_guardian(self) -> None:
         rfd, wfd = os.pipe()  # both non-inheritable: no service gets the write end
         try:
-            self._guardian = await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-S", GUARDIAN,
                 stdin=rfd, stdout=asyncio.subprocess.DEVNULL, start_new_session=True,
             )
@@ -135,9 +137,27 @@ class Spawner:
             raise StartupError(f"cannot start the orphan guardian: {exc}") from None
         os.close(rfd)
         os.set_blocking(wfd, False)
+        self._guardian = proc
         self._guardian_fd = wfd
-        for proc in self._live.values():
-            self._tell_guardian(f"+{proc.pgid}\n")
+        for live in self._live.values():
+            self._tell_guardian(f"+{live.pgid}\n")
+        self._guardian_watch = asyncio.get_running_loop().create_task(
+            self._watch_guardian(proc, wfd), name="guardian-watch")
+
+    async def _watch_guardian(self, proc: asyncio.subprocess.Process, wfd: int) -> None:
+        """A guardian that dies (killed by hand, OOM) is replaced at once."""
+        code = await proc.wait()
+        if self._closing or self._guardian is not proc:
+            return
+        log.error("orphan guardian (pid %d) ended (%s); starting a new one", proc.pid, code)
+        if self._guardian_fd == wfd:
+            os.close(wfd)
+            self._guardian_fd = None
+        try:
+            await self._start_guardian()
+        except StartupError as exc:
+            log.error("%s: services are not protected against a crash of the supervisor",
+                      exc)
 
     def _tell_guardian(self, line: str) -> None:
         if self._guardian_fd is None:
@@ -146,17 +166,15 @@ class Spawner:
             os.write(self._guardian_fd, line.encode())
         except BlockingIOError:
             log.error("orphan guardian is not reading its pipe; %s not recorded", line.strip())
-        except OSError:
-            log.error("orphan guardian is gone; restarting it")
-            os.close(self._guardian_fd)
-            self._guardian_fd = None
-            asyncio.get_running_loop().create_task(self._start_guardian())
+        except OSError as exc:  # it died: _watch_guardian replaces it and re-registers all
+            log.debug("orphan guardian pipe: %s", exc)
 
     def guardian_pid(self) -> int | None:
         return self._guardian.pid if self._guardian is not None else None
 
     async def close(self) -> None:
         """Stop the guardian cleanly: groups still registered are killed by it."""
+        self._closing = True
         if self._guardian_fd is not None:
             os.close(self._guardian_fd)
             self._guardian_fd = None

@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 MODES = ("normal", "on_battery", "draining", "shutting_down", "powered_down")
 
 
+def thermal_state(snap: GpuSnapshot) -> str:
+    """ok | lost | unresponsive (warm/throttled/critical come with the thermal policy)."""
+    return {"lost": "lost", "unresponsive": "unresponsive",
+            "error": "unresponsive"}.get(snap.status, "ok")
+
+
 @dataclass
 class LoopStats:
     lag_s: float = 0.0
@@ -142,8 +148,7 @@ class Supervisor:
     def gpu_status(self, snap: GpuSnapshot, now: float) -> dict[str, Any]:
         g, r = snap.info, snap.reading
         fresh = snap.status == "ok"
-        thermal = {"ok": "ok", "lost": "lost", "unresponsive": "unresponsive"}.get(snap.status,
-                                                                                   "ok")
+        thermal = thermal_state(snap)
         return {
             "index": g.index,
             "uuid": g.uuid,

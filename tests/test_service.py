@@ -388,3 +388,22 @@ async def test_service_runs_as_its_user_without_inheriting_oom_protection(
         a.kill_now()
         await a.wait_stopped(5)
         await a.shutdown()
+
+
+async def test_a_killed_guardian_is_replaced(tmp_path: Path) -> None:
+    from supervisord_llm.spawn import LaunchSpec
+
+    sp = Spawner(tmp_path, use_guardian=True)
+    await sp.start()
+    proc = await sp.launch(LaunchSpec("x", ("/bin/sleep", "60"), {"PATH": "/bin:/usr/bin"}))
+    first = sp.guardian_pid()
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    await async_wait_until(lambda: sp.guardian_pid() not in (None, first), 5,
+                           what="a new guardian")
+    # the new one knows the live group: closing its pipe (a daemon SIGKILL) kills it
+    assert sp._guardian_fd is not None
+    os.close(sp._guardian_fd)
+    sp._guardian_fd = None
+    await async_wait_until(lambda: not alive(proc.pid), 3, what="guardian kill")
+    await sp.close()
