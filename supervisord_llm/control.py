@@ -254,8 +254,16 @@ class Commands:
         return result
 
     def _brief(self, names: list[str]) -> dict[str, Any]:
-        return {"services": [{"name": n, "state": self.sup.actor(n).state.value}
-                             for n in names if n in self.sup.actors]}
+        out = []
+        for n in names:
+            if n in self.sup.actors:
+                item: dict[str, Any] = {"name": n, "state": self.sup.actor(n).state.value}
+                gate = self.sup.gate_of(n)
+                if gate is not None:
+                    item["gate"] = gate.state
+                    item["inflight"] = gate.inflight
+                out.append(item)
+        return {"services": out}
 
     async def cmd_status(self, args: dict[str, Any]) -> Any:
         service = args.get("service")
@@ -321,6 +329,25 @@ class Commands:
         names = _arg_services(args, self.sup)
         for name in names:
             await self.sup.actor(name).command("reset")
+        return self._brief(names)
+
+    async def cmd_drain(self, args: dict[str, Any]) -> Any:
+        names = _arg_services(args, self.sup)
+        if args.get("all") is True:
+            names = [n for n in names if self.sup.gate_of(n) is not None]
+        timeout = _arg_timeout(args, self.sup.cfg.power.drain_timeout_s)
+        left = await self.sup.drain(names, timeout)
+        if left:
+            raise ControlError(P.TIMEOUT, f"still in flight after {timeout:g} s: " + ", ".join(
+                f"{n} {c} request{'s' if c != 1 else ''}" for n, c in left.items())
+                + " (the gate stays closed to new requests; `llmctl resume` reopens it)")
+        return self._brief(names)
+
+    async def cmd_resume(self, args: dict[str, Any]) -> Any:
+        names = _arg_services(args, self.sup)
+        if args.get("all") is True:
+            names = [n for n in names if self.sup.gate_of(n) is not None]
+        await self.sup.resume(names)
         return self._brief(names)
 
     async def cmd_reload(self, args: dict[str, Any]) -> Any:

@@ -120,7 +120,7 @@ def render_status(data: dict[str, Any]) -> str:
     gpu_index = {g["uuid"]: g["index"] for g in data.get("gpus", [])}
     if services:
         rows = [["SERVICE", "STATE", "PID", "PORT", "GPUS", "NUMA", "RESTARTS", "UPTIME",
-                 "HEALTH", "LAST EXIT"]]
+                 "GATE", "HEALTH", "LAST EXIT"]]
         for svc in services:
             h = svc.get("health") or {}
             if h.get("ok") is True:
@@ -138,7 +138,10 @@ def render_status(data: dict[str, Any]) -> str:
                 svc.get("name", "?"), state, str(svc.get("pid") or "-"),
                 str(svc.get("port") or "-"), gpus,
                 "-" if svc.get("numa_node") is None else str(svc["numa_node"]),
-                str(svc.get("restarts", 0)), _dur(svc.get("uptime_s")), health[:40],
+                str(svc.get("restarts", 0)), _dur(svc.get("uptime_s")),
+                "-" if svc.get("gate", "none") == "none" else
+                f"{svc['gate']} {svc.get('inflight', 0)}",
+                health[:40],
                 (svc.get("last_exit") or "-")[:40],
             ])
         out.append("")
@@ -178,7 +181,10 @@ def render_status(data: dict[str, Any]) -> str:
 
 def render_brief(data: Any) -> str:
     if isinstance(data, dict) and isinstance(data.get("services"), list):
-        return "\n".join(f"{s.get('name')}: {s.get('state')}" for s in data["services"])
+        return "\n".join(
+            f"{s.get('name')}: {s.get('state')}"
+            + (f" (gate {s['gate']}, {s.get('inflight', 0)} in flight)" if "gate" in s else "")
+            for s in data["services"])
     if isinstance(data, dict) and "restarted" in data:
         lines = []
         for key in ("added", "removed", "restarted", "unchanged"):

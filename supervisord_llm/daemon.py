@@ -156,6 +156,7 @@ class Daemon:
             if cfg.metrics.listen is not None:
                 web = MetricsServer(sup, cfg.metrics.listen, self.clock)
                 await web.start()
+            await sup.start_gates()
             await hub.poll_once()
             loop = asyncio.get_running_loop()
             for sig, what in ((signal.SIGTERM, "term"), (signal.SIGINT, "term"),

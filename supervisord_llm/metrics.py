@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from . import __version__
@@ -48,7 +53,36 @@ class SupervisorCollector(Collector):
             errs.add_metric([sensor], n)
         yield errs
         yield from self._services()
+        yield from self._gates()
         yield from self._gpus()
+
+    def _gates(self) -> Iterator[Metric]:
+        inflight = GaugeMetricFamily("llm_supervisor_gate_inflight_requests",
+                                     "Requests in flight through the gate", labels=["service"])
+        requests = CounterMetricFamily("llm_supervisor_gate_requests",
+                                       "Requests answered by the gate, by status code",
+                                       labels=["service", "code"])
+        rejected = CounterMetricFamily("llm_supervisor_gate_rejected",
+                                       "Requests the gate refused, by reason",
+                                       labels=["service", "reason"])
+        duration = HistogramMetricFamily("llm_supervisor_gate_request_duration_seconds",
+                                         "Request duration through the gate",
+                                         labels=["service"])
+        ttfb = HistogramMetricFamily("llm_supervisor_gate_time_to_first_byte_seconds",
+                                     "Time to the first byte of the response",
+                                     labels=["service"])
+        host = self.sup.gates
+        gates = list(host.gates.items()) if host is not None else []
+        for name, gate in gates:
+            inflight.add_metric([name], gate.inflight)
+            for code, n in sorted(gate.stats.requests.items()):
+                requests.add_metric([name, code], n)
+            for reason, n in sorted(gate.stats.rejected.items()):
+                rejected.add_metric([name, reason], n)
+            for fam, hist in ((duration, gate.stats.duration), (ttfb, gate.stats.ttfb)):
+                buckets, total, _count = hist.snapshot()
+                fam.add_metric([name], buckets, total)
+        yield from (inflight, requests, rejected, duration, ttfb)
 
     def _services(self) -> Iterator[Metric]:
         actors = list(self.sup.actors.values())

@@ -44,7 +44,7 @@ class Prober(Protocol):
 
 @dataclass
 class Command:
-    kind: str  # start | stop | restart | reset
+    kind: str  # start | stop | restart | reset | drain | resume
     reply: asyncio.Future[int] | None = None  # resolves with the generation after handling
 
 
@@ -284,7 +284,8 @@ class ServiceActor:
             if ev.gen == self.gen and self.proc is not None:
                 self._on_group_gone()
         elif isinstance(ev, Probed):
-            if ev.gen == self.gen and self.state in (State.STARTING, State.READY):
+            if ev.gen == self.gen and self.state in (State.STARTING, State.READY,
+                                                     State.DRAINING):
                 self._on_probe(ev.result)
         elif isinstance(ev, Timer) and ev.token == self._timer_token:
             self._timer = None
@@ -363,6 +364,12 @@ class ServiceActor:
             if s is State.FAILED:
                 self.desired_up = True
                 await self._launch("reset")
+        elif kind == "drain":
+            if s is State.READY:
+                self._transition(State.DRAINING, "gate draining")
+        elif kind == "resume":
+            if s is State.DRAINING:
+                self._transition(State.READY, "gate reopened")
         else:
             raise ControlError("bad_request", f"unknown service command {kind!r}")
 

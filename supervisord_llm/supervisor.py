@@ -14,6 +14,7 @@ from typing import Any
 from . import __version__
 from .config import Config
 from .errors import ControlError
+from .gate import Gate, GateHost
 from .plan import ServicePlan
 from .sensors.hub import GpuHub, GpuSnapshot
 from .service import Prober, ServiceActor
@@ -64,8 +65,11 @@ class Supervisor:
         *,
         base_env: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        gates: GateHost | None = None,
     ) -> None:
         self.cfg = cfg
+        self.gates = gates
+        self._pushed: dict[str, tuple[tuple[str, int] | None, tuple[str, int] | None]] = {}
         self.hub = hub
         self.spawner = spawner
         self.prober = prober
@@ -87,8 +91,72 @@ class Supervisor:
         self._listeners.append(fn)
 
     def _changed(self) -> None:
+        self._sync_gates()
         for fn in self._listeners:
             fn()
+
+    # --- gates ---------------------------------------------------------------------------
+
+    def gate_of(self, name: str) -> Gate | None:
+        return None if self.gates is None else self.gates.gates.get(name)
+
+    async def start_gates(self) -> None:
+        """Bind every configured gate (closed until its service is ready)."""
+        for actor in self.actors.values():
+            if actor.cfg.gate is not None and self.gate_of(actor.name) is None:
+                if self.gates is None:
+                    self.gates = GateHost()
+                await self.gates.add(actor.name, actor.cfg.gate)
+        self._sync_gates()
+
+    def _upstream(self, name: str | None) -> tuple[str, int] | None:
+        actor = self.actors.get(name) if name else None
+        if actor is None or actor.port is None:
+            return None
+        if actor.state in (State.READY, State.DRAINING):
+            return ("127.0.0.1", actor.port)
+        return None
+
+    def _sync_gates(self) -> None:
+        """Point each gate at its service while it is ready (and at its backup's)."""
+        if self.gates is None:
+            return
+        for name, gate in self.gates.gates.items():
+            actor = self.actors.get(name)
+            if actor is None or actor.cfg.gate is None:
+                continue
+            wanted = (self._upstream(name), self._upstream(actor.cfg.gate.backup))
+            if self._pushed.get(name) != wanted:
+                self._pushed[name] = wanted
+                self.gates.call(gate.set_upstreams, *wanted)
+
+    async def drain(self, names: list[str], timeout_s: float) -> dict[str, int]:
+        """Close the gates to new requests; wait until nothing is in flight. Returns what is
+        still in flight per service when the time is up (empty: all drained)."""
+        gates = []
+        for name in names:
+            gate = self.gate_of(name)
+            if gate is None:
+                raise ControlError("failed", f"{name} has no gate ([service.gate] in the config)")
+            gates.append((name, gate))
+        assert self.gates is not None
+        for name, gate in gates:
+            self.gates.call(gate.drain)
+            await self.actor(name).command("drain")
+        waits = [self.gates.submit(gate.wait_idle(gate.is_idle)) for _name, gate in gates]
+        _done, pending = await asyncio.wait(waits, timeout=timeout_s)
+        for fut in pending:
+            fut.cancel()
+        return {name: gate.inflight for name, gate in gates if gate.inflight}
+
+    async def resume(self, names: list[str]) -> None:
+        for name in names:
+            gate = self.gate_of(name)
+            if gate is None:
+                raise ControlError("failed", f"{name} has no gate ([service.gate] in the config)")
+            assert self.gates is not None
+            self.gates.call(gate.resume)
+            await self.actor(name).command("resume")
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -103,6 +171,13 @@ class Supervisor:
         """Graceful: stop services in reverse config order, each within its stop timeout."""
         self.mode = "shutting_down"
         self._changed()
+        gated = [a.name for a in self.actors.values() if self.gate_of(a.name) is not None]
+        if gated:
+            left = await self.drain(gated, self.cfg.power.drain_timeout_s)
+            if left:
+                log.warning("stopping with requests still in flight after %g s: %s",
+                            self.cfg.power.drain_timeout_s,
+                            ", ".join(f"{n} {c}" for n, c in left.items()))
         for actor in reversed(list(self.actors.values())):
             await self._stop_actor(actor)
 
@@ -128,6 +203,8 @@ class Supervisor:
     async def close(self) -> None:
         for actor in self.actors.values():
             await actor.shutdown()
+        if self.gates is not None:
+            await self.gates.close()
 
     def tasks_alive(self) -> bool:
         return all(a.alive for a in self.actors.values())
@@ -182,7 +259,7 @@ class Supervisor:
                 "gpu_backend": self.hub.backend.name,
                 "loop_lag_s": round(self.loop.lag_s, 6),
             },
-            "services": [a.status(now) for a in actors],
+            "services": [self._service_status(a, now) for a in actors],
             "gpus": [self.gpu_status(s, now) for s in self.hub.snapshots()],
             "power": {
                 "source": "none",
@@ -193,6 +270,17 @@ class Supervisor:
                 "state": "unknown",
             },
         }
+
+    def _service_status(self, actor: ServiceActor, now: float) -> dict[str, Any]:
+        data = actor.status(now)
+        gate = self.gate_of(actor.name)
+        if gate is not None:
+            data["inflight"] = gate.inflight
+            data["gate"] = gate.state
+            data["gate_listen"] = str(actor.cfg.gate.listen) if actor.cfg.gate else None
+            data["queued"] = gate.queued
+            data["max_concurrency"] = gate.limit
+        return data
 
     def status_line(self) -> str:
         """The systemd STATUS= text: "3/4 services ready; GPU0 62C"."""
