@@ -11,7 +11,10 @@ Knobs (command line, or at run time with `POST /_ctl?key=value`):
   --exit-after S     exit by itself S seconds after start, with --exit-code (default 1)
   --pidfile PATH     write "PID GRANDCHILD_PID" here once listening
   --no-listen        never listen (a server stuck before binding its port)
-Serves `/v1/models` and `/v1/chat/completions` (plain and `stream: true`), like llama.cpp.
+Serves `/v1/models` and `/v1/chat/completions` (plain and `stream: true`, with
+`fake_token_delay_s` between chunks and `fake_die_after` chunks to crash mid-stream), like
+llama.cpp; `/echo` answers the request's method, path, headers and body size; `/_stats` counts
+streams completed and streams whose client went away (the generation was stopped).
 """
 
 from __future__ import annotations
@@ -79,6 +82,20 @@ def main() -> None:
                 asyncio.get_running_loop().call_later(0.01, os._exit, int(value))
         return web.json_response(knobs)
 
+    stats = {"streams_done": 0, "streams_aborted": 0, "streams_active": 0}
+
+    async def stats_view(request: web.Request) -> web.Response:
+        return web.json_response(stats)
+
+    async def echo(request: web.Request) -> web.Response:
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+        return web.json_response({"method": request.method, "path": request.path_qs,
+                                  "headers": dict(request.headers), "body_bytes": size},
+                                 headers={"X-Backend-Port": str(a.port), "Connection": "close"
+                                          if request.query.get("close") else "keep-alive"})
+
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
 
@@ -86,18 +103,32 @@ def main() -> None:
         body = await request.json()
         n = int(body.get("max_tokens", 8))
         delay = float(body.get("fake_token_delay_s", 0.0))
+        die_after = body.get("fake_die_after")
         if body.get("stream"):
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "X-Backend-Port": str(a.port)})
             await resp.prepare(request)
-            for i in range(n):
-                chunk = {"object": "chat.completion.chunk", "choices": [
-                    {"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
-                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                if delay:
-                    await asyncio.sleep(delay)
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
+            stats["streams_active"] += 1
+            try:
+                for i in range(n):
+                    if die_after is not None and i == die_after:
+                        os._exit(3)  # the model server crashes mid-stream
+                    chunk = {"object": "chat.completion.chunk", "choices": [
+                        {"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
+                    await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    if delay:
+                        await asyncio.sleep(delay)
+                await resp.write(b"data: [DONE]\n\n")
+                await resp.write_eof()
+            except (ConnectionResetError, asyncio.CancelledError):
+                stats["streams_aborted"] += 1
+                raise
+            finally:
+                stats["streams_active"] -= 1
+            stats["streams_done"] += 1
             return resp
+        if delay:
+            await asyncio.sleep(delay * n)
         return web.json_response({
             "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant",
@@ -116,7 +147,10 @@ def main() -> None:
         app.router.add_post("/_ctl", ctl)
         app.router.add_get("/v1/models", models)
         app.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        app.router.add_route("*", "/echo", echo)
+        app.router.add_get("/_stats", stats_view)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, a.host, a.port).start()
         if a.pidfile:
