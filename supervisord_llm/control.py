@@ -350,6 +350,15 @@ class Commands:
         await self.sup.resume(names)
         return self._brief(names)
 
+    async def cmd_swap(self, args: dict[str, Any]) -> Any:
+        name = args.get("service")
+        if not isinstance(name, str):
+            raise ControlError(P.BAD_REQUEST, "args.service must be a service name")
+        timeout = args.get("timeout_s")
+        if timeout is not None:
+            timeout = _arg_timeout(args, 0)
+        return await self.sup.swap(name, None, timeout)
+
     async def cmd_reload(self, args: dict[str, Any]) -> Any:
         if args:
             raise ControlError(P.BAD_REQUEST, "reload takes no arguments")

@@ -187,10 +187,13 @@ def render_brief(data: Any) -> str:
             for s in data["services"])
     if isinstance(data, dict) and "restarted" in data:
         lines = []
-        for key in ("added", "removed", "restarted", "unchanged"):
+        for key in ("added", "removed", "restarted", "swapped", "unchanged"):
             lines.append(f"{key}: {', '.join(data.get(key) or []) or '-'}")
         lines += [f"warning: {w}" for w in data.get("warnings") or []]
         return "\n".join(lines)
+    if isinstance(data, dict) and "old_port" in data:
+        return (f"{data.get('service')}: swapped, port {data.get('old_port')} -> "
+                f"{data.get('port')} ({data.get('state')})")
     return json.dumps(data, indent=2)
 
 
@@ -231,6 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     services("resume", "reopen the gate")
     sw = sub.add_parser("swap", help="hot swap: replacement instance, then switch the gate")
     sw.add_argument("service", metavar="SERVICE")
+    sw.add_argument("--timeout", type=float, metavar="S",
+                    help="how long the replacement may take to become ready")
     rst = sub.add_parser("reset", help="clear failed and start again")
     rst.add_argument("services", nargs="+", metavar="SERVICE")
     sub.add_parser("reload", help="re-read the config; restart only what changed")
@@ -260,7 +265,12 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any], float | Non
         # Waiting commands: the daemon enforces its own deadline; do not cut it off.
         return cmd, req, None
     if cmd == "swap":
-        return cmd, {"service": args.service}, None
+        req = {"service": args.service}
+        if args.timeout is not None:
+            if not 0 < args.timeout <= 86400:
+                raise CtlError(EXIT_USAGE, "swap: --timeout must be in (0, 86400] seconds")
+            req["timeout_s"] = args.timeout
+        return cmd, req, None
     if cmd == "reset":
         return cmd, {"services": args.services}, 60.0
     if cmd == "power-event":

@@ -26,6 +26,25 @@ log = logging.getLogger(__name__)
 MODES = ("normal", "on_battery", "draining", "shutting_down", "powered_down")
 
 
+def pick_free_port(exclude: set[int]) -> int:
+    """A free loopback port below the ephemeral range (where a probe's connect() to a port
+    nobody listens on yet could connect a socket to itself)."""
+    import random
+    import socket
+
+    for _ in range(2000):
+        port = random.randint(20000, 32000)
+        if port in exclude:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise ControlError("failed", "no free port found for the replacement instance")
+
+
 def thermal_state(snap: GpuSnapshot) -> str:
     """ok | lost | unresponsive (warm/throttled/critical come with the thermal policy)."""
     return {"lost": "lost", "unresponsive": "unresponsive",
@@ -46,12 +65,14 @@ class ReloadResult:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     restarted: list[str] = field(default_factory=list)
+    swapped: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list[str]]:
         return {"added": self.added, "removed": self.removed, "restarted": self.restarted,
-                "unchanged": self.unchanged, "warnings": self.warnings}
+                "swapped": self.swapped, "unchanged": self.unchanged,
+                "warnings": self.warnings}
 
 
 class Supervisor:
@@ -148,6 +169,61 @@ class Supervisor:
         for fut in pending:
             fut.cancel()
         return {name: gate.inflight for name, gate in gates if gate.inflight}
+
+    async def swap(self, name: str, plan: ServicePlan | None = None,
+                   timeout_s: float | None = None) -> dict[str, Any]:
+        """Hot swap: start a second instance on the other port, switch the gate to it once it
+        is ready, let the old one finish its requests, then stop it."""
+        old = self.actor(name)
+        gate = self.gate_of(name)
+        if gate is None or self.gates is None or old.cfg.gate is None:
+            raise ControlError("failed", f"{name} has no gate ([service.gate] in the config): "
+                               "use `llmctl restart`")
+        if old.state is not State.READY:
+            raise ControlError("failed", f"{name} is {old.state}, not ready: nothing to swap "
+                               "(use `llmctl restart`)")
+        plan = plan or old.plan
+        gcfg = old.cfg.gate
+        ports = (plan.config.port, gcfg.swap_port)
+        if old.port == ports[0] and ports[1] is not None:
+            new_port = ports[1]
+        elif old.port != ports[0] and ports[0] is not None:
+            new_port = ports[0]
+        else:
+            new_port = pick_free_port(exclude={old.port or 0, gcfg.listen.port})
+        log.info("%s: hot swap: second instance on port %d", name, new_port)
+        new = self._make_actor(plan)
+        new.port = new_port
+        new.counters = old.counters
+        new.restart_count = old.restart_count
+        new.run()
+        await new.command("start")
+        limit = timeout_s or (plan.config.health.startup_timeout_s + 5.0)
+        try:
+            state = await new.wait_settled(0, limit)
+        except TimeoutError:
+            state = new.state
+        if state is not State.READY:
+            why = new.failed_reason or new.last_exit or f"not ready after {limit:g} s"
+            await self._stop_actor(new)
+            await new.shutdown()
+            raise ControlError("failed", f"{name}: the replacement did not become ready "
+                               f"({state}: {why}); the old instance keeps serving")
+        old_up = ("127.0.0.1", old.port or 0)
+        self.actors[name] = new  # the gate follows the service's actor: switched atomically
+        self._changed()
+        drain_s = self.cfg.power.drain_timeout_s
+        try:
+            await asyncio.wait_for(self.gates.submit(
+                gate.wait_idle(lambda: gate.by_upstream.get(old_up, 0) == 0)), drain_s)
+        except TimeoutError:
+            log.warning("%s: hot swap: %d requests still on the old instance after %g s; "
+                        "stopping it", name, gate.by_upstream.get(old_up, 0), drain_s)
+        await self._stop_actor(old)
+        await old.shutdown()
+        log.info("%s: hot swap done: port %s -> %d", name, old.port, new_port)
+        return {"service": name, "old_port": old.port, "port": new_port,
+                "state": new.state.value}
 
     async def resume(self, names: list[str]) -> None:
         for name in names:
@@ -327,6 +403,16 @@ class Supervisor:
             elif current.plan == plan:
                 actor = current
                 res.unchanged.append(name)
+            elif (current.cfg.gate is not None and current.cfg.gate == plan.config.gate
+                  and current.state is State.READY and self.gate_of(name) is not None):
+                # behind an unchanged gate: hot swap, no request lost
+                try:
+                    await self.swap(name, plan)
+                    res.swapped.append(name)
+                except ControlError as exc:
+                    res.warnings.append(f"{name}: hot swap failed ({exc.message}); the old "
+                                        "instance keeps serving with the old configuration")
+                actor = self.actors[name]
             else:
                 wanted = current.desired_up
                 await self._stop_actor(current)

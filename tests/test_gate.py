@@ -267,3 +267,101 @@ async def test_graceful_stop_drains_first(tmp_path: Path, client: aiohttp.Client
         code, lines, _t = await long
         assert code == 200 and lines[-1] == "[DONE]"
         assert await asyncio.get_running_loop().run_in_executor(None, d.wait, 20) == 0
+
+
+async def test_swap_under_load_loses_nothing(tmp_path: Path,
+                                             client: aiohttp.ClientSession) -> None:
+    svc = gated("svc", swap_port=free_port())
+    with running(tmp_path, base_config(tmp_path, [svc])) as d:
+        d.wait_state("svc", "ready")
+        url = gate_url(d, "svc")
+        old_pid = status(d, "svc")["pid"]
+        stop = asyncio.Event()
+        results: list[Stream] = []
+
+        async def user() -> None:
+            while not stop.is_set():
+                results.append(await stream(client, url, tokens=8, delay=0.03))
+
+        users = [asyncio.create_task(user()) for _ in range(32)]
+        await async_wait_until(lambda: len(results) >= 32, 20, what="load running")
+        r = await asyncio.get_running_loop().run_in_executor(None, d.llmctl, "swap", "svc")
+        assert r.returncode == 0, r.stderr
+        assert f"port {svc['port']} -> {svc['gate']['swap_port']}" in r.stdout
+        after = len(results)
+        await async_wait_until(lambda: len(results) >= after + 32, 20, what="load after swap")
+        stop.set()
+        await asyncio.gather(*users)
+        failed = [x for x in results if x[0] != 200 or x[1][-1] != "[DONE]"]
+        assert not failed, failed[:3]
+        new = status(d, "svc")
+        assert new["port"] == svc["gate"]["swap_port"] and new["pid"] != old_pid
+        assert new["state"] == "ready"
+        # and back: instances alternate between port and swap_port
+        r = await asyncio.get_running_loop().run_in_executor(None, d.llmctl, "swap", "svc")
+        assert r.returncode == 0 and status(d, "svc")["port"] == svc["port"]
+
+
+async def test_reload_of_a_gated_service_swaps(tmp_path: Path,
+                                               client: aiohttp.ClientSession) -> None:
+    svc = gated("svc")
+    doc = base_config(tmp_path, [svc])
+    with running(tmp_path, doc) as d:
+        d.wait_state("svc", "ready")
+        url = gate_url(d, "svc")
+        long = asyncio.create_task(stream(client, url, tokens=20, delay=0.05))
+        await async_wait_until(lambda: status(d, "svc")["inflight"] == 1, 5, what="in flight")
+        doc["service"][0]["env"] = {"NEW": "1"}
+        d.write(doc)
+        r = await asyncio.get_running_loop().run_in_executor(None, d.llmctl, "--json", "reload")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["swapped"] == ["svc"]
+        code, lines, _t = await long
+        assert code == 200 and lines[-1] == "[DONE]"  # the old instance finished it
+        assert status(d, "svc")["port"] != svc["port"]
+        r2 = d.llmctl("swap", "nope")
+        assert r2.returncode == 1 and "no service named" in r2.stderr
+
+
+async def test_limit_changes_at_run_time(tmp_path: Path, client: aiohttp.ClientSession) -> None:
+    """In-process: the admission limit can be lowered and raised (the thermal policy
+    throttles through it); raising it admits queued requests at once."""
+    import subprocess
+    import sys
+
+    from helpers import FAKE
+    from supervisord_llm.config import GateSection, parse_listen
+    from supervisord_llm.gate import GateHost
+
+    port = free_port()
+    backend = subprocess.Popen([sys.executable, FAKE, "--port", str(port)])
+    host = GateHost()
+    try:
+        listen = parse_listen(f"127.0.0.1:{free_port()}")
+        gate = await host.add("svc", GateSection(listen, max_concurrency=4, max_queue=10,
+                                                 queue_timeout_s=10))
+        host.call(gate.set_upstreams, ("127.0.0.1", port), None)
+        url = f"http://{listen}"
+
+        async def up() -> bool:
+            try:
+                async with client.get(f"{url}/v1/models") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await async_wait_until(up, 10, what="backend up")
+        host.call(gate.set_limit, 1)
+        tasks = [asyncio.create_task(stream(client, url, tokens=10, delay=0.1))
+                 for _ in range(4)]
+        await async_wait_until(lambda: gate.inflight == 1 and gate.queued == 3, 5,
+                               what="one admitted, three queued")
+        host.call(gate.set_limit, 4)
+        await async_wait_until(lambda: gate.inflight == 4 and gate.queued == 0, 2,
+                               what="all admitted once the limit is raised")
+        assert all(code == 200 for code, _l, _t in await asyncio.gather(*tasks))
+        await async_wait_until(lambda: gate.inflight == 0, 5, what="accounted")
+    finally:
+        await host.close()
+        backend.terminate()
+        backend.wait()
