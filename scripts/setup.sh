@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up what llm-supervisor's demo and tests need on Debian 12 (run as root for apt):
 #   - Debian packages: a C++ toolchain and CMake/Ninja (to build llama-server), python3-venv,
-#     util-linux and systemd (the systemd tests run a private systemd as PID 1);
+#     util-linux and systemd (the systemd tests run a private systemd as PID 1), nginx (in
+#     front of the gates in tests and benchmarks) and wrk (load generator);
 #   - a virtual environment in .venv with the project and its test dependencies;
 #   - llama.cpp's llama-server, built once and cached (scripts/build-llama-server.sh).
 # Prints nothing on stdout but the llama-server path; progress goes to stderr.
@@ -15,6 +16,8 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   for p in cmake ninja-build g++ make util-linux bsdutils systemd procps curl; do
     have_pkg "$p" || apt_need+=("$p")
   done
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_need+=(nginx-light)
+  command -v wrk >/dev/null || apt_need+=(wrk)
   command -v "$PY" >/dev/null || apt_need+=(python3)
   "$PY" -c 'import ensurepip, venv' 2>/dev/null || apt_need+=(python3-venv)
   if [ ${#apt_need[@]} -gt 0 ]; then

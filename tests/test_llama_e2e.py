@@ -56,7 +56,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     tmp = tmp_path_factory.mktemp("llama")
     model = make_tiny_model(tmp / "tiny.gguf")
     doc = base_config(tmp, [
-        llama("tiny-a", model, gpus=[0]),
+        llama("tiny-a", model, gpus=[0],
+              gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 4}),
         llama("tiny-b", model, gpus=[1]),
         llama("broken", tmp / "missing.gguf"),
     ])
@@ -98,6 +99,18 @@ def test_start_to_ready_and_serving(daemon: Daemon) -> None:
     assert_serves(b["port"])
     env = Path(f"/proc/{a['pid']}/environ").read_bytes().split(b"\0")
     assert f"CUDA_VISIBLE_DEVICES={a['gpus'][0]}".encode() in env
+
+
+def test_through_the_gate(daemon: Daemon) -> None:
+    """Plain and streamed chat completions through the gate; accounting returns to zero."""
+    daemon.wait_state("tiny-a", "ready", 30)
+    wait_until(lambda: daemon.service("tiny-a")["gate"] == "open", 10, what="gate open")
+    gate_port = int(daemon.doc["service"][0]["gate"]["listen"].rsplit(":", 1)[1])
+    assert_serves(gate_port)
+    wait_until(lambda: daemon.service("tiny-a")["inflight"] == 0, 5, what="accounted")
+    metrics = urllib.request.urlopen(
+        f"http://{daemon.doc['metrics']['listen']}/metrics", timeout=5).read().decode()
+    assert 'llm_supervisor_gate_requests_total{code="200",service="tiny-a"} 2.0' in metrics
 
 
 def test_kill_9_is_restarted_and_serving_again(daemon: Daemon) -> None:
