@@ -96,8 +96,9 @@ async def test_drained_gate_traffic_moves_to_the_other(
         await async_wait_until(nginx_up, 10, what="nginx up")
         before = Counter([await who() for _ in range(20)])
         assert set(before) == {"chat-a", "chat-b"}  # round robin over both gates
-        r = await asyncio.get_running_loop().run_in_executor(None, d.llmctl, "drain", "chat-a")
-        assert r.returncode == 0, r.stderr
+        done = await asyncio.get_running_loop().run_in_executor(None, d.llmctl, "drain",
+                                                                "chat-a")
+        assert done.returncode == 0, done.stderr
         after = Counter([await who() for _ in range(20)])
         assert after == Counter({"chat-b": 20})  # every request served, all by chat-b
         rejected = d.service("chat-a")
