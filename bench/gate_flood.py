@@ -23,6 +23,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import itertools
+
 from helpers import Daemon, free_port, sim_gpus, wait_until
 
 HERE = Path(__file__).resolve().parent
@@ -61,7 +63,7 @@ def sample(d: Daemon, seconds: float) -> dict[str, list[float]]:
 
 def gaps(times: list[float], start: float, end: float) -> list[float]:
     inside = [t for t in times if start <= t <= end]
-    return [b - a for a, b in zip(inside, inside[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(inside)]
 
 
 def main() -> None:
