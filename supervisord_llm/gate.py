@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from .config import GateSection
 from .errors import StartupError
@@ -290,7 +291,9 @@ class Gate:
         if peer:
             prior = request.headers.get("X-Forwarded-For")
             headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        url = f"http://{target[0]}:{target[1]}{request.rel_url}"
+        path, _, query = request.raw_path.partition("?")
+        url = URL.build(scheme="http", host=target[0], port=target[1], path=path,
+                        query_string=query, encoded=True)
         body = request.content if request.body_exists else None
         response: web.StreamResponse | None = None
         try:
@@ -302,20 +305,27 @@ class Gate:
                     response.content_length = up.content_length
                 await response.prepare(request)
                 self.stats.ttfb.observe(time.perf_counter() - started)
-                try:
-                    async for chunk in up.content.iter_any():
-                        await response.write(chunk)
-                except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-                        aiohttp.ClientOSError) as exc:
-                    await self._cut(request, response, up, exc)
-                    return response
+                chunks = up.content.iter_any().__aiter__()
+                while True:
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except (aiohttp.ClientError, OSError) as exc:
+                        await self._cut(request, response, exc)
+                        return response
+                    await response.write(chunk)
                 await response.write_eof()
                 self.stats.count(up.status)
                 return response
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-                aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+        except ConnectionResetError:
+            # The client went away (writing to it failed): the upstream request is closed on
+            # the way out of the `async with`, and the server stops generating.
+            self.stats.count(499)
+            return response or web.Response(status=499)
+        except (aiohttp.ClientError, OSError) as exc:
             if response is not None and response.prepared:
-                await self._cut(request, response, None, exc)
+                await self._cut(request, response, exc)
                 return response
             log.warning("%s gate: upstream %s:%d failed: %s", self.name, target[0], target[1],
                         exc)
@@ -327,7 +337,7 @@ class Gate:
                           "code": "upstream_error"}}))
 
     async def _cut(self, request: web.Request, response: web.StreamResponse,
-                   up: aiohttp.ClientResponse | None, exc: BaseException) -> None:
+                   exc: BaseException) -> None:
         """The backend died after the response started: tell the client as well as we can."""
         log.warning("%s gate: upstream ended mid-response: %s", self.name, exc)
         self.stats.count(502)
