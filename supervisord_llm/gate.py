@@ -152,6 +152,12 @@ class Gate:
         self.drained = False
         self._refresh()
 
+    def reconfigure(self, cfg: GateSection) -> None:
+        """New limits from a reload (same listen address)."""
+        self.cfg = cfg
+        self.max_queue = cfg.max_queue
+        self.set_limit(cfg.max_concurrency)
+
     def set_limit(self, limit: int) -> None:
         self.limit = max(1, limit)
         self._hand_out()

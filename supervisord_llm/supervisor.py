@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__
-from .config import Config
+from .config import Config, GateSection
 from .errors import ControlError
 from .gate import Gate, GateHost
 from .plan import ServicePlan
@@ -24,6 +25,10 @@ from .states import State
 log = logging.getLogger(__name__)
 
 MODES = ("normal", "on_battery", "draining", "shutting_down", "powered_down")
+
+
+def _without_gate(plan: ServicePlan) -> ServicePlan:
+    return dataclasses.replace(plan, config=dataclasses.replace(plan.config, gate=None))
 
 
 def pick_free_port(exclude: set[int]) -> int:
@@ -386,6 +391,7 @@ class Supervisor:
                 res.warnings.append(f"[{section}] changed: takes effect at the next restart "
                                     "of llm-supervisor")
         new_plans = {p.name: p for p in plans}
+        old_gates = {name: a.cfg.gate for name, a in self.actors.items()}
         for name in [n for n in self.actors if n not in new_plans]:
             actor = self.actors.pop(name)
             await self._stop_actor(actor)
@@ -401,6 +407,11 @@ class Supervisor:
                 to_start.append(actor)
                 res.added.append(name)
             elif current.plan == plan:
+                actor = current
+                res.unchanged.append(name)
+            elif _without_gate(current.plan) == _without_gate(plan):
+                # only [service.gate] changed: the server keeps running, the gate is redone
+                current.plan, current.cfg = plan, plan.config
                 actor = current
                 res.unchanged.append(name)
             elif (current.cfg.gate is not None and current.cfg.gate == plan.config.gate
@@ -425,10 +436,28 @@ class Supervisor:
             actors[name] = actor
         self.actors = actors
         self.cfg = cfg
+        await self._reconcile_gates(old_gates)
         for actor in to_start:
             await actor.command("start")
         self._changed()
         return res
+
+    async def _reconcile_gates(self, old: dict[str, GateSection | None]) -> None:
+        """After a reload: new gates bind, removed ones close, changed limits apply live; a
+        gate whose listen address changed is closed and bound again."""
+        for name, was in old.items():
+            now = self.actors[name].cfg.gate if name in self.actors else None
+            gate = self.gate_of(name)
+            if gate is None or self.gates is None or was == now:
+                continue
+            if now is not None and was is not None and now.listen == was.listen:
+                self.gates.call(gate.reconfigure, now)
+            else:
+                log.info("%s: gate %s closed%s", name, was.listen if was else "-",
+                         f"; it moves to {now.listen}" if now else "")
+                await self.gates.remove(name)
+                self._pushed.pop(name, None)
+        await self.start_gates()
 
     # --- the loop monitor --------------------------------------------------------------------
 

@@ -365,3 +365,35 @@ async def test_limit_changes_at_run_time(tmp_path: Path, client: aiohttp.ClientS
         await host.close()
         backend.terminate()
         backend.wait()
+
+
+async def test_reload_adds_removes_and_reconfigures_gates(
+        tmp_path: Path, client: aiohttp.ClientSession) -> None:
+    one, two = gated("one", max_concurrency=4), gated("two")
+    doc = base_config(tmp_path, [one, two])
+    with running(tmp_path, doc) as d:
+        d.wait_state("one", "ready")
+        d.wait_state("two", "ready")
+        one_pid = status(d, "one")["pid"]
+        doc["service"][0]["gate"]["max_concurrency"] = 9  # limits only: applied live
+        moved, old_listen = f"127.0.0.1:{free_port()}", two["gate"]["listen"]
+        doc["service"][1]["gate"]["listen"] = moved  # a new address: bound again
+        three = gated("three")
+        doc["service"].append(three)
+        d.write(doc)
+        r = await asyncio.get_running_loop().run_in_executor(None, d.llmctl, "--json", "reload")
+        assert r.returncode == 0, r.stderr
+        assert status(d, "one")["max_concurrency"] == 9 and status(d, "one")["pid"] == one_pid
+        d.wait_state("three", "ready")
+        await async_wait_until(lambda: status(d, "three")["gate"] == "open", 5, what="open")
+        for listen in (moved, three["gate"]["listen"]):
+            async with client.get(f"http://{listen}/v1/models") as resp:
+                assert resp.status == 200
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await client.get(f"http://{old_listen}/v1/models")
+        del doc["service"][2]
+        d.write(doc)
+        assert (await asyncio.get_running_loop().run_in_executor(
+            None, d.llmctl, "reload")).returncode == 0
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await client.get(f"http://{three['gate']['listen']}/v1/models")
