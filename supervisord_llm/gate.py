@@ -41,6 +41,7 @@ from yarl import URL
 
 from .config import GateSection
 from .errors import StartupError
+from .upstream import HIGH_WATER, Body, UpstreamError, UpstreamPool, UpstreamProtocol
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -120,10 +121,12 @@ def error_response(status: int, reason: str, message: str) -> web.Response:
 class Gate:
     """One gate. Every method runs on the gate loop."""
 
-    def __init__(self, name: str, cfg: GateSection, session: aiohttp.ClientSession) -> None:
+    def __init__(self, name: str, cfg: GateSection, session: aiohttp.ClientSession,
+                 pool: UpstreamPool | None = None) -> None:
         self.name = name
         self.cfg = cfg
         self.session = session
+        self.pool = pool
         self.limit = cfg.max_concurrency
         self.max_queue = cfg.max_queue
         self.state = "closed"  # open | draining | closed
@@ -292,6 +295,176 @@ class Gate:
 
     async def _proxy(self, request: web.Request, target: Upstream,
                      started: float) -> web.StreamResponse:
+        if request.version < aiohttp.HttpVersion11 or self.pool is None:
+            return await self._proxy_aiohttp(request, target, started)
+        return await self._proxy_raw(request, target, started)
+
+    def _request_head(self, request: web.Request, target: Upstream, chunked: bool) -> bytes:
+        lines = [f"{request.method} {request.raw_path} HTTP/1.1",
+                 f"Host: {target[0]}:{target[1]}"]
+        drop = set(HOP_BY_HOP) | {"host", "content-length", "x-forwarded-for"}
+        for value in request.headers.getall("Connection", ()):
+            drop.update(v.strip().lower() for v in value.split(","))
+        for key, value in request.headers.items():
+            if key.lower() not in drop:
+                lines.append(f"{key}: {value}")
+        prior = request.headers.get("X-Forwarded-For")
+        peer = request.remote
+        if peer:
+            lines.append(f"X-Forwarded-For: {prior}, {peer}" if prior else
+                         f"X-Forwarded-For: {peer}")
+        elif prior:
+            lines.append(f"X-Forwarded-For: {prior}")
+        if chunked:
+            lines.append("Transfer-Encoding: chunked")
+        elif request.content_length is not None:
+            lines.append(f"Content-Length: {request.content_length}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+
+    async def _proxy_raw(self, request: web.Request, target: Upstream,
+                         started: float) -> web.StreamResponse:
+        """The fast path: our own upstream client; the response body goes from the upstream
+        socket to the client's as it arrives, chunk frames passed through unchanged."""
+        assert self.pool is not None
+        has_body = request.body_exists
+        chunked = has_body and request.content_length is None
+        conn: UpstreamProtocol | None = None
+        response: web.StreamResponse | None = None
+        finished = False
+        try:
+            for attempt in (0, 1):
+                conn = await self.pool.acquire(*target)
+                head_fut = await conn.send_head(self._request_head(request, target, chunked))
+                try:
+                    if has_body:
+                        async for data in request.content.iter_any():
+                            await conn.send_body(
+                                f"{len(data):x}\r\n".encode() + data + b"\r\n"
+                                if chunked else data)
+                        if chunked:
+                            await conn.send_body(b"0\r\n\r\n")
+                    head = await head_fut
+                    break
+                except UpstreamError:
+                    retry = conn.reused and not has_body and attempt == 0
+                    self.pool.discard(conn)
+                    conn = None
+                    if not retry:
+                        raise
+            assert conn is not None
+            response = web.StreamResponse(status=head.status, reason=head.reason,
+                                          headers=_upstream_headers(head.headers))
+            raw = head.framing in ("chunked", "length", "none")
+            if head.framing == "chunked":
+                response.enable_chunked_encoding()
+            elif head.framing == "length":
+                response.content_length = head.length
+            await response.prepare(request)
+            self.stats.ttfb.observe(time.perf_counter() - started)
+            transport = request.transport
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[Exception | None] = loop.create_future()
+            backlog: asyncio.Queue[bytes] = asyncio.Queue()
+            pressure = asyncio.Event()
+            up = conn
+
+            def write(data: bytes) -> None:
+                if not raw:
+                    backlog.put_nowait(data)
+                elif transport is not None and not transport.is_closing():
+                    transport.write(data)
+                    if transport.get_write_buffer_size() > HIGH_WATER:
+                        up.pause()
+                        pressure.set()
+
+            def end(exc: Exception | None) -> None:
+                if not done.done():
+                    done.set_result(exc)
+
+            conn.start_body(Body(write, end))
+            exc = await self._pump(done, backlog, pressure, response, transport, up, raw)
+            if exc is not None:
+                await self._cut_raw(request, response, exc, up.boundary)
+                return response
+            finished = True
+            await response.write_eof()
+            self.stats.count(head.status)
+            return response
+        except UpstreamError as exc:
+            if response is not None and response.prepared:
+                await self._cut_raw(request, response, exc, conn.boundary if conn else False)
+                return response
+            return self._bad_gateway(target, exc)
+        except ConnectionResetError:
+            self.stats.count(499)  # the client went away
+            return response or web.Response(status=499)
+        finally:
+            if conn is not None and not finished:
+                self.pool.discard(conn)  # mid-request: the server must see the end of it
+
+    async def _pump(  # noqa: PLR0917
+            self, done: asyncio.Future[Exception | None], backlog: asyncio.Queue[bytes],
+                    pressure: asyncio.Event, response: web.StreamResponse,
+                    transport: asyncio.BaseTransport | None, up: UpstreamProtocol,
+                    raw: bool) -> Exception | None:
+        """Wait for the end of the body; meanwhile relieve back-pressure, or (for a body the
+        client cannot get verbatim) write what the upstream sends."""
+        if raw:
+            while True:
+                if not pressure.is_set():
+                    waiter = asyncio.ensure_future(pressure.wait())
+                    both: set[asyncio.Future[Any]] = {done, waiter}
+                    await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                if done.done():
+                    return done.result()
+                # the client reads slower than the server writes: wait for it to catch up
+                assert isinstance(transport, asyncio.WriteTransport)
+                while transport.get_write_buffer_size() > HIGH_WATER // 2:
+                    if transport.is_closing():
+                        raise ConnectionResetError("client went away")
+                    await asyncio.sleep(0.005)
+                pressure.clear()
+                up.resume()
+        while True:
+            getter = asyncio.ensure_future(backlog.get())
+            pair: set[asyncio.Future[Any]] = {done, getter}
+            await asyncio.wait(pair, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                await response.write(getter.result())
+                continue
+            getter.cancel()
+            while not backlog.empty():
+                await response.write(backlog.get_nowait())
+            return done.result()
+
+    async def _cut_raw(self, request: web.Request, response: web.StreamResponse,
+                       exc: BaseException, at_boundary: bool) -> None:
+        if at_boundary and response.headers.get("Content-Type", "").startswith(
+                "text/event-stream") and response.chunked:
+            log.warning("%s gate: upstream ended mid-response: %s", self.name, exc)
+            self.stats.count(502)
+            self.stats.reject("upstream_cut")
+            event = {"error": {"message": f"{self.name}: the model server stopped mid-stream",
+                               "type": "server_error", "code": "upstream_cut"}}
+            data = f"data: {json.dumps(event)}\n\n".encode()
+            if request.transport is not None and not request.transport.is_closing():
+                request.transport.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await response.write_eof()
+            return
+        await self._cut(request, response, exc)
+
+    def _bad_gateway(self, target: Upstream, exc: BaseException) -> web.Response:
+        log.warning("%s gate: upstream %s:%d failed: %s", self.name, target[0], target[1], exc)
+        self.stats.count(502)
+        self.stats.reject("upstream_error")
+        return web.Response(status=502, content_type="application/json", text=json.dumps({
+            "error": {"message": f"{self.name}: the model server did not answer "
+                      f"({exc})", "type": "server_error", "code": "upstream_error"}}))
+
+    async def _proxy_aiohttp(self, request: web.Request, target: Upstream,
+                             started: float) -> web.StreamResponse:
         headers = _forward_headers(request.headers)
         peer = request.remote
         if peer:
@@ -333,14 +506,7 @@ class Gate:
             if response is not None and response.prepared:
                 await self._cut(request, response, exc)
                 return response
-            log.warning("%s gate: upstream %s:%d failed: %s", self.name, target[0], target[1],
-                        exc)
-            self.stats.count(502)
-            self.stats.reject("upstream_error")
-            return web.Response(status=502, content_type="application/json", text=json.dumps({
-                "error": {"message": f"{self.name}: the model server did not answer "
-                          f"({type(exc).__name__})", "type": "server_error",
-                          "code": "upstream_error"}}))
+            return self._bad_gateway(target, exc)
 
     async def _cut(self, request: web.Request, response: web.StreamResponse,
                    exc: BaseException) -> None:
@@ -372,6 +538,18 @@ def _forward_headers(src: Any) -> CIMultiDict[str]:
     return out
 
 
+def _upstream_headers(src: list[tuple[str, str]]) -> CIMultiDict[str]:
+    drop = set(HOP_BY_HOP) | {"content-length"}
+    for key, value in src:
+        if key.lower() == "connection":
+            drop.update(v.strip().lower() for v in value.split(","))
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in src:
+        if key.lower() not in drop:
+            out.add(key, value)
+    return out
+
+
 def _response_headers(src: Any) -> CIMultiDict[str]:
     out = _forward_headers(src)
     out.popall("Content-Length", None)  # set from the upstream's length, if it had one
@@ -386,6 +564,7 @@ class GateHost:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         self._runners: dict[str, web.AppRunner] = {}
         self._ready = threading.Event()
 
@@ -431,7 +610,9 @@ class GateHost:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
             )
-        gate = Gate(name, cfg, self._session)
+        if self._pool is None:
+            self._pool = UpstreamPool()
+        gate = Gate(name, cfg, self._session, self._pool)
         app = web.Application(client_max_size=0)
         app.router.add_route("*", "/{tail:.*}", gate.handle)
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -474,3 +655,6 @@ class GateHost:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
