@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A self-contained demo, no GPU needed: llm-supervisor with two simulated GPUs supervising two
 # real llama.cpp model servers (a generated tiny model). It shows `llmctl status`, a chat
-# completion through a supervised server, a crash (kill -9) and the automatic restart, a hot
-# GPU, then stops cleanly. With --keep it leaves the supervisor running for you to explore.
+# completion through the request gate, a crash (kill -9) and the automatic restart, a hot
+# swap and a drain, a hot GPU, then stops cleanly. With --keep it leaves the supervisor
+# running for you to explore.
 #
 #   scripts/demo.sh          # run the tour, then stop
 #   scripts/demo.sh --keep   # leave it running (stop with: kill $(cat demo-run/daemon.pid))
@@ -38,7 +39,7 @@ while True:
     break
 PY
 }
-P1=$(free_port); P2=$(free_port "$P1"); PM=$(free_port "$P1" "$P2")
+P1=$(free_port); P2=$(free_port "$P1"); PM=$(free_port "$P1" "$P2"); PG=$(free_port "$P1" "$P2" "$PM")
 
 cat > "$RUN/config.toml" <<EOF
 # llm-supervisor demo: simulated GPUs, real llama.cpp servers on a tiny random model.
@@ -87,6 +88,9 @@ failures = 3
 startup_timeout_s = 60
 [service.restart]
 backoff_initial_s = 0.5
+[service.gate]                 # clients use the gate: it drains, limits and hot-swaps
+listen = "127.0.0.1:$PG"
+max_concurrency = 4
 
 [[service]]
 name = "embed"
@@ -133,8 +137,8 @@ ready
 say "llmctl status"
 "${CTL[@]}" status
 
-say "a chat completion through the supervised llama-server (random weights: junk text)"
-curl -s "http://127.0.0.1:$P1/v1/chat/completions" -H 'Content-Type: application/json' \
+say "a chat completion through the gate (127.0.0.1:$PG) to llama-server (random weights: junk text)"
+curl -s "http://127.0.0.1:$PG/v1/chat/completions" -H 'Content-Type: application/json' \
   -d '{"messages":[{"role":"user","content":"hello"}],"max_tokens":12}' \
   | .venv/bin/python -c 'import json,sys; r=json.load(sys.stdin); c=r["choices"][0]; print("finish_reason:", c["finish_reason"], "| tokens:", r["usage"]["completion_tokens"], "| text:", repr(c["message"]["content"][:60]))'
 
@@ -145,13 +149,20 @@ sleep 0.3
 ready
 "${CTL[@]}" status chat | sed -n '3,4p'
 
+say "llmctl swap chat: a second instance, the gate switches to it, the old one stops"
+"${CTL[@]}" swap chat
+say "llmctl drain chat: the gate closes to new requests (503) and waits for in-flight ones"
+"${CTL[@]}" drain chat --timeout 10
+curl -s -o /dev/null -w "a new request now gets HTTP %{http_code}\n" "http://127.0.0.1:$PG/v1/models"
+"${CTL[@]}" resume chat
+
 say "GPU0 heats up to 84C (written to the sim state file, re-read at every poll)"
 echo '{"GPU-5a1e0000-0000-4000-8000-000000000000": {"temperature_c": 84, "power_w": 291, "utilization_pct": 97, "memory_used_bytes": 61000000000}}' > "$RUN/sim-gpus.json"
 sleep 1.5
 "${CTL[@]}" status | sed -n '/^GPU/,/^$/p'
 
 say "Prometheus metrics at http://127.0.0.1:$PM/metrics (a few of them)"
-curl -s "http://127.0.0.1:$PM/metrics" | grep -E '^llm_supervisor_(service_up|service_restarts_total\{reason="exit"|gpu_temperature_celsius)'
+curl -s "http://127.0.0.1:$PM/metrics" | grep -E '^llm_supervisor_(service_up|service_restarts_total\{reason="exit"|gpu_temperature_celsius|gate_requests_total)'
 
 if [ "$KEEP" = 1 ]; then
   say "llm-supervisor keeps running (pid $(cat "$RUN/daemon.pid"))"

@@ -596,6 +596,14 @@ class GateHost:
     def call(self, fn: Callable[..., None], *args: Any) -> None:
         self.loop.call_soon_threadsafe(fn, *args)
 
+    async def run(self, fn: Callable[..., None], *args: Any) -> None:
+        """Like `call`, and wait until it has run on the gate loop."""
+
+        async def step() -> None:
+            fn(*args)
+
+        await self.submit(step())
+
     async def add(self, name: str, cfg: GateSection) -> Gate:
         self.start()
         return await self.submit(self._add(name, cfg))

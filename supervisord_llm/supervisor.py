@@ -167,7 +167,7 @@ class Supervisor:
             gates.append((name, gate))
         assert self.gates is not None
         for name, gate in gates:
-            self.gates.call(gate.drain)
+            await self.gates.run(gate.drain)
             await self.actor(name).command("drain")
         waits = [self.gates.submit(gate.wait_idle(gate.is_idle)) for _name, gate in gates]
         _done, pending = await asyncio.wait(waits, timeout=timeout_s)
@@ -236,7 +236,7 @@ class Supervisor:
             if gate is None:
                 raise ControlError("failed", f"{name} has no gate ([service.gate] in the config)")
             assert self.gates is not None
-            self.gates.call(gate.resume)
+            await self.gates.run(gate.resume)
             await self.actor(name).command("resume")
 
     # --- lifecycle ---------------------------------------------------------------------------
