@@ -22,22 +22,9 @@ fi
 mkdir -p "$RUN"
 [ -f "$RUN/tiny.gguf" ] || .venv/bin/python tests/make_tiny_gguf.py "$RUN/tiny.gguf" >/dev/null
 
-free_port() {  # below the ephemeral range
-  .venv/bin/python - "$@" <<'PY'
-import random, socket, sys
-taken = set(int(p) for p in sys.argv[1:])
-while True:
-    port = random.randint(20000, 32000)
-    if port in taken:
-        continue
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-    print(port)
-    break
-PY
+free_port() {  # below the ephemeral range, none of "$@"
+  .venv/bin/python -c 'import sys; from supervisord_llm.supervisor import pick_free_port
+print(pick_free_port(set(map(int, sys.argv[1:]))))' "$@"
 }
 P1=$(free_port); P2=$(free_port "$P1"); PM=$(free_port "$P1" "$P2"); PG=$(free_port "$P1" "$P2" "$PM")
 

@@ -8,9 +8,7 @@ import datetime as dt
 import json
 import math
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from typing import Any
 import psutil
 
 from supervisord_llm import ctl
+from supervisord_llm.supervisor import pick_free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = str(Path(__file__).resolve().parent / "fakebackend.py")
@@ -30,20 +29,10 @@ _used_ports: set[int] = set()
 
 
 def free_port() -> int:
-    """A free TCP port below the ephemeral range (32768+), where a connect() poll can never
-    connect a socket to itself."""
-    for _ in range(1000):
-        port = random.randint(20000, 32000)
-        if port in _used_ports:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _used_ports.add(port)
-        return port
-    raise RuntimeError("no free port")
+    """A free TCP port below the ephemeral range, not handed out before in this run."""
+    port = pick_free_port(exclude=_used_ports)
+    _used_ports.add(port)
+    return port
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
