@@ -302,7 +302,8 @@ class Gate:
     def _request_head(self, request: web.Request, target: Upstream, chunked: bool) -> bytes:
         lines = [f"{request.method} {request.raw_path} HTTP/1.1",
                  f"Host: {target[0]}:{target[1]}"]
-        drop = set(HOP_BY_HOP) | {"host", "content-length", "x-forwarded-for"}
+        # Expect: the gate's server side already answered "100 Continue" to the client
+        drop = set(HOP_BY_HOP) | {"host", "content-length", "x-forwarded-for", "expect"}
         for value in request.headers.getall("Connection", ()):
             drop.update(v.strip().lower() for v in value.split(","))
         for key, value in request.headers.items():

@@ -94,6 +94,10 @@ class UpstreamProtocol(asyncio.Protocol):
                 return
             rest = bytes(self._buf[end + 4:])
             self._buf.clear()
+            if 100 <= head.status < 200:  # an interim response (100 Continue, 103): skip it
+                if rest:
+                    self.data_received(rest)
+                return
             self._head = head
             self._left = head.length if head.framing == "length" else 0
             if not self._head_fut.done():

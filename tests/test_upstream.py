@@ -202,3 +202,19 @@ async def test_server_dropping_idle_connections(gate_host: tuple[GateHost, Calla
                 assert r.status == 200 and await r.read() == b"ok"
             await asyncio.sleep(0.1)
         assert backend.connections == 5
+
+
+async def test_interim_responses_are_skipped(gate_host: tuple[GateHost, Callable[[int],
+                                            Awaitable[str]]]) -> None:
+    _host, make = gate_host
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal")
+
+    async with Backend(handler) as backend, aiohttp.ClientSession() as client:
+        url = await make(backend.port)
+        async with client.post(f"http://{url}/x", data=b"q",
+                               headers={"Expect": "100-continue"}) as r:
+            assert r.status == 200 and await r.read() == b"final"
