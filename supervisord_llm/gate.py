@@ -415,8 +415,10 @@ class Gate:
                 if not pressure.is_set():
                     waiter = asyncio.ensure_future(pressure.wait())
                     both: set[asyncio.Future[Any]] = {done, waiter}
-                    await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
+                    try:
+                        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiter.cancel()  # also when the client went away (cancellation)
                 if done.done():
                     return done.result()
                 # the client reads slower than the server writes: wait for it to catch up
@@ -430,11 +432,16 @@ class Gate:
         while True:
             getter = asyncio.ensure_future(backlog.get())
             pair: set[asyncio.Future[Any]] = {done, getter}
-            await asyncio.wait(pair, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
+            got = False
+            try:
+                await asyncio.wait(pair, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                got = getter.done() and not getter.cancelled()
+                if not got:
+                    getter.cancel()  # a cancelled Queue.get takes nothing from the queue
+            if got:
                 await response.write(getter.result())
                 continue
-            getter.cancel()
             while not backlog.empty():
                 await response.write(backlog.get_nowait())
             return done.result()
