@@ -10,7 +10,7 @@ import sys
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, LOG_FORMATS
-from .daemon import Overrides, apply_overrides, discover, fatal, make_backend, run
+from .daemon import Overrides, apply_overrides, discover_gpus, fatal, run
 from .errors import ConfigError, StartupError
 from .logs import setup_logging
 from .plan import render_plan, resolve_plan
@@ -42,8 +42,7 @@ def check(config_path: str, overrides: Overrides) -> int:
 
     try:
         cfg = apply_overrides(load_config(config_path), overrides)
-        backend = make_backend(cfg)
-        gpus = asyncio.run(discover(backend))
+        backend, gpus = asyncio.run(discover_gpus(cfg))
         plans = resolve_plan(cfg, gpus)
     except ConfigError as exc:
         for problem in exc.problems:

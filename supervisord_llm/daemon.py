@@ -28,6 +28,7 @@ from .health import HttpProber
 from .plan import ServicePlan, resolve_plan
 from .sensors.base import GpuBackend, GpuInfo, NoGpuBackend
 from .sensors.hub import CallThread, GpuHub
+from .sensors.nvml import NvmlBackend
 from .sensors.sim import SimBackend
 from .spawn import Spawner
 from .supervisor import Supervisor
@@ -61,17 +62,42 @@ def apply_overrides(cfg: Config, ov: Overrides) -> Config:
     return dataclasses.replace(cfg, supervisor=dataclasses.replace(sup, **changes))
 
 
+def _pynvml() -> Any:
+    try:
+        import pynvml  # nvidia-ml-py
+    except ImportError:
+        return None
+    return pynvml
+
+
 def make_backend(cfg: Config) -> GpuBackend:
     backend = cfg.gpu.backend
     if backend == "sim":
         return SimBackend(cfg.gpu.sim, cfg.gpu.sim_state_file)
-    if backend in ("none", "auto"):
-        if backend == "auto":
-            log.info("gpu.backend auto: no NVML or AMD sysfs backend in this version; "
-                     "running without GPU telemetry")
+    if backend == "none":
+        return NoGpuBackend()
+    if backend in ("nvml", "auto"):
+        nvml = _pynvml()
+        if nvml is not None:
+            return NvmlBackend(nvml)
+        if backend == "nvml":
+            raise StartupError("gpu.backend nvml: the nvidia-ml-py package is not installed")
         return NoGpuBackend()
     raise ConfigError([f'gpu.backend: "{backend}" is not available in this version of '
-                       'llm-supervisor (use "sim", "none" or "auto")'])
+                       'llm-supervisor (use "nvml", "sim", "none" or "auto")'])
+
+
+async def discover_gpus(cfg: Config) -> tuple[GpuBackend, list[GpuInfo]]:
+    """The backend and its GPUs; `auto` without a working NVML runs without GPUs."""
+    backend = make_backend(cfg)
+    try:
+        return backend, await discover(backend)
+    except StartupError as exc:
+        if cfg.gpu.backend != "auto":
+            raise
+        log.info("gpu.backend auto: no NVIDIA GPU (%s); running without GPU telemetry", exc)
+        backend.close()
+        return NoGpuBackend(), []
 
 
 async def discover(backend: GpuBackend) -> list[GpuInfo]:
@@ -131,8 +157,7 @@ class Daemon:
         self.cfg = cfg
         for warning in cfg.warnings:
             log.warning("config: %s", warning)
-        backend = make_backend(cfg)
-        self.gpus = await discover(backend)
+        backend, self.gpus = await discover_gpus(cfg)
         plans = resolve_plan(cfg, self.gpus)
         lock_fd = lock_state_dir(cfg.supervisor.state_dir)
         spawner = Spawner(cfg.supervisor.state_dir)
