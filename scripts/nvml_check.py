@@ -41,6 +41,15 @@ def main() -> None:
         b.set_power_limit(g, target)
         out["set_limit_ms"] = round((time.perf_counter() - t) * 1000, 2)
         out["limit_after_set_w"] = b.read(g).power_limit_w
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        seen = []
+        t0 = time.perf_counter()
+        for _ in range(20):  # when does the enforced limit follow?
+            seen.append((round(time.perf_counter() - t0, 3),
+                         pynvml.nvmlDeviceGetPowerManagementLimit(h) / 1000,
+                         pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000))
+            time.sleep(0.05)
+        out["limits_after_set"] = seen[:3] + seen[-2:]
     finally:
         b.set_power_limit(g, default)
         out["limit_restored_w"] = b.read(g).power_limit_w

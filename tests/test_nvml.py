@@ -91,6 +91,10 @@ class ScriptedNVML:
         self._maybe("nvmlDeviceGetPowerUsage")
         return int(H200["power_mw"])
 
+    def nvmlDeviceGetPowerManagementLimit(self, h: str) -> int:
+        self._maybe("nvmlDeviceGetPowerManagementLimit")
+        return self.limit_set[-1] if self.limit_set else int(H200["power_limit_mw"])
+
     def nvmlDeviceGetEnforcedPowerLimit(self, h: str) -> int:
         return self.limit_set[-1] if self.limit_set else int(H200["power_enforced_mw"])
 
@@ -146,6 +150,8 @@ def test_error_mapping(tmp_path: Path) -> None:
     [g] = b.discover()
     nv.fail["nvmlDeviceGetPowerUsage"] = 3
     assert b.read(g).power_w is None  # not supported: no value, no error
+    nv.fail["nvmlDeviceGetPowerManagementLimit"] = 3
+    assert b.read(g).power_limit_w == 700.0  # then the enforced limit
     nv.fail["nvmlDeviceGetTemperature"] = 15
     with pytest.raises(GpuLostError):
         b.read(g)

@@ -95,7 +95,12 @@ class NvmlBackend:
         try:
             temp = self._optional(nv.nvmlDeviceGetTemperature, h, NVML_TEMPERATURE_GPU)
             power = self._optional(nv.nvmlDeviceGetPowerUsage, h)
-            limit = self._optional(nv.nvmlDeviceGetEnforcedPowerLimit, h)
+            # The configured limit: what the supervisor sets and restores. The enforced limit
+            # follows it 50-100 ms later (measured on an H200), so reading that one right
+            # after a change would show the old value.
+            limit = self._optional(nv.nvmlDeviceGetPowerManagementLimit, h)
+            if limit is None:
+                limit = self._optional(nv.nvmlDeviceGetEnforcedPowerLimit, h)
             util = self._optional(nv.nvmlDeviceGetUtilizationRates, h)
             mem = nv.nvmlDeviceGetMemoryInfo(h)
         except nv.NVMLError as exc:
