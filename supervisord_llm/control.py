@@ -64,8 +64,6 @@ class ControlServer:
         self.dispatch = dispatch
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[Any]] = set()
-        self.requests_total = 0
-        self.bad_requests_total = 0
 
     def allowed_to_mutate(self, peer: Peer) -> bool:
         if peer.uid in (0, os.geteuid()):
@@ -127,7 +125,6 @@ class ControlServer:
                         await self._answer(writer, exc.partial, peer)
                     return
                 except asyncio.LimitOverrunError:
-                    self.bad_requests_total += 1
                     writer.write(P.error_reply(None, P.BAD_REQUEST,
                                                f"message longer than {P.MAX_MESSAGE} bytes"))
                     await writer.drain()
@@ -144,11 +141,9 @@ class ControlServer:
                 writer.close()
 
     async def _answer(self, writer: asyncio.StreamWriter, line: bytes, peer: Peer) -> None:
-        self.requests_total += 1
         try:
             req = P.parse_request(line)
         except P.ProtocolError as exc:
-            self.bad_requests_total += 1
             writer.write(P.error_reply(exc.req_id, P.BAD_REQUEST, exc.message))
             await writer.drain()
             return
@@ -164,8 +159,6 @@ class ControlServer:
             data = await self.dispatch(req, peer)
             reply = P.ok_reply(req.id, data)
         except ControlError as exc:
-            if exc.code == P.BAD_REQUEST:
-                self.bad_requests_total += 1
             reply = P.error_reply(req.id, exc.code, exc.message)
         except Exception as exc:
             log.exception("control command %s failed", req.cmd)

@@ -284,7 +284,6 @@ class Daemon:
                 self._watchdog_warned = True
         elif self.notifier.watchdog():
             sup.loop.watchdog_pings += 1
-        sup.loop.notify_dropped = self.notifier.dropped
         self._watchdog = asyncio.get_running_loop().call_later(interval, self._pet, interval)
 
     # --- reload ----------------------------------------------------------------------------

@@ -129,7 +129,6 @@ class ServiceActor:
         self.tracker = RestartTracker(r.backoff_initial_s, r.backoff_max_s, r.max_restarts,
                                       r.window_s, rng or random.Random())
         self.state = State.STOPPED
-        self.state_since = clock()
         self.desired_up = False
         self.proc: ServiceProcess | None = None
         self.gen = 0
@@ -139,7 +138,6 @@ class ServiceActor:
         self.restart_count = 0
         self.last_exit: str | None = None
         self.launched_at: float | None = None
-        self.ready_at: float | None = None
         self.start_duration_s: float | None = None
         self.backoff_until: float | None = None
         self.throttled = False
@@ -152,7 +150,6 @@ class ServiceActor:
         self._health_task: asyncio.Task[None] | None = None
         self._failures = 0
         self._exited = False  # main process of the current generation has exited
-        self._killed = False  # SIGKILL sent to the current group
         self._pending: RestartReason | None = None  # why the current stop happens
         self._task: asyncio.Task[None] | None = None
 
@@ -218,7 +215,6 @@ class ServiceActor:
         then settles in `stopped` through the ordinary stop path."""
         self.desired_up = False
         if self.proc is not None:
-            self._killed = True
             self.proc.signal_group(signal.SIGKILL)
         self._events.put_nowait(Command("stop"))
 
@@ -298,7 +294,6 @@ class ServiceActor:
         if not can_transition(old, new):
             raise RuntimeError(f"{self.name}: illegal transition {old} -> {new} ({reason})")
         self.state = new
-        self.state_since = self._clock()
         level = logging.WARNING if new in (State.BACKOFF, State.FAILED) else logging.INFO
         log.log(level, "%s: %s -> %s (%s)", self.name, old, new, reason)
         self._on_change(self)
@@ -379,7 +374,6 @@ class ServiceActor:
         self.gen += 1
         gen = self.gen
         self._exited = False
-        self._killed = False
         self._failures = 0
         self._pending = None
         self.health = HealthStatus()
@@ -460,7 +454,6 @@ class ServiceActor:
 
     def _became_ready(self, reason: str) -> None:
         now = self._clock()
-        self.ready_at = now
         if self.launched_at is not None:
             self.start_duration_s = now - self.launched_at
         self._transition(State.READY, reason)
@@ -598,7 +591,6 @@ class ServiceActor:
         elif kind == "stop_deadline" and self.state is State.STOPPING and self.proc is not None:
             log.warning("%s: still running %g s after the stop signal: SIGKILL",
                         self.name, self.cfg.stop.timeout_s)
-            self._killed = True
             self.proc.signal_group(signal.SIGKILL)
             if self._exited:
                 return  # the reap task sees the group go

@@ -116,7 +116,6 @@ class Spawner:
         self._guardian_fd: int | None = None
         self._guardian_watch: asyncio.Task[None] | None = None
         self._closing = False
-        self.launches_total = 0
 
     # --- the guardian ------------------------------------------------------------------------
 
@@ -223,7 +222,6 @@ class Spawner:
             create_time = 0.0
         sp = ServiceProcess(spec, proc, create_time, self)
         self._live[sp.pgid] = sp
-        self.launches_total += 1
         self._tell_guardian(f"+{sp.pgid}\n")
         self._save_state()
         if proc.stdout is not None:

@@ -59,10 +59,8 @@ def thermal_state(snap: GpuSnapshot) -> str:
 @dataclass
 class LoopStats:
     lag_s: float = 0.0
-    max_lag_s: float = 0.0
     last_tick: float = 0.0
     watchdog_pings: int = 0
-    notify_dropped: int = 0
 
 
 @dataclass
@@ -469,5 +467,4 @@ class Supervisor:
             now = self._clock()
             lag = max(0.0, now - before - interval_s)
             self.loop.lag_s = lag
-            self.loop.max_lag_s = max(self.loop.max_lag_s, lag)
             self.loop.last_tick = now

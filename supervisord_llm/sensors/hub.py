@@ -92,8 +92,6 @@ class GpuHub:
             for g in self.gpus
         }
         self.errors_total: dict[str, int] = {}
-        self.polls_total = 0
-        self.last_poll_at: float | None = None
         self._listeners: list[Callable[[], None]] = []
 
     def snapshots(self) -> tuple[GpuSnapshot, ...]:
@@ -138,8 +136,6 @@ class GpuHub:
                 self._count_error("gpu_timeout")
                 self._set(gpu, status="unresponsive",
                           error=f"sensor call did not return within {self.call_timeout_s:g} s")
-        self.polls_total += 1
-        self.last_poll_at = now
         for fn in self._listeners:
             fn()
 
