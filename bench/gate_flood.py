@@ -10,43 +10,21 @@ last health check, and times the watchdog pings; the same without the flood, for
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import itertools
-
-from helpers import Daemon, free_port, sim_gpus, wait_until
+from helpers import Daemon, NotifyListener, free_port, sim_gpus, wait_until
 
 HERE = Path(__file__).resolve().parent
-
-
-class Pings:
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.times: list[float] = []
-        self.stop = threading.Event()
-        threading.Thread(target=self.run, daemon=True).start()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            if b"WATCHDOG=1" in data:
-                self.times.append(time.monotonic())
 
 
 def sample(d: Daemon, seconds: float) -> dict[str, list[float]]:
@@ -72,7 +50,7 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="llmsup-flood-") as dname:
         tmp = Path(dname)
-        pings = Pings(tmp / "notify.sock")
+        pings = NotifyListener(tmp / "notify.sock")
         gate = free_port()
         doc: dict[str, Any] = {
             "supervisor": {"control_socket": str(tmp / "ctl.sock"),
@@ -108,7 +86,7 @@ def main() -> None:
             failures = d.service("bench")["restarts"]
         finally:
             d.stop()
-            pings.stop.set()
+            pings.close()
     print(f"flood: wrk -c128 on the gate, {rps} requests/s; service restarts during it: "
           f"{failures}")
     print(f"{'':24s} {'idle':>16s} {'flooded':>16s}")
@@ -117,7 +95,8 @@ def main() -> None:
         i, b = idle[name], busy[name]
         print(f"{label:24s} {statistics.median(i) * 1000:7.1f} / {max(i) * 1000:6.1f}"
               f"  {statistics.median(b) * 1000:7.1f} / {max(b) * 1000:6.1f}   (median / max)")
-    gi, gb = gaps(pings.times, t0, t1), gaps(pings.times, t2, t3)
+    watchdog = pings.times("WATCHDOG=1")
+    gi, gb = gaps(watchdog, t0, t1), gaps(watchdog, t2, t3)
     print(f"{'watchdog ping gap (ms)':24s} {statistics.median(gi) * 1000:7.1f} / "
           f"{max(gi) * 1000:6.1f}  {statistics.median(gb) * 1000:7.1f} / {max(gb) * 1000:6.1f}"
           f"   (every 500 ms expected; systemd would act after 1000 ms)")

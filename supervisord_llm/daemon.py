@@ -173,7 +173,7 @@ class Daemon:
             await spawner.start()
             sup = Supervisor(cfg, plans, hub, spawner, prober)
             self.sup = sup
-            commands = Commands(sup, self._reload_from_control)
+            commands = Commands(sup, self.reload)
             control = ControlServer(cfg.supervisor.control_socket,
                                     cfg.supervisor.control_group,
                                     self._dispatch_with_hooks(commands))
@@ -313,9 +313,6 @@ class Daemon:
                 return res.as_dict()
             finally:
                 self.notifier.ready(self.sup.status_line())
-
-    async def _reload_from_control(self) -> dict[str, Any]:
-        return await self.reload()
 
     def _dispatch_with_hooks(self, commands: Commands) -> Any:
         hooks = os.environ.get(TEST_HOOKS_ENV) == "1"

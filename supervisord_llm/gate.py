@@ -335,7 +335,7 @@ class Gate:
         try:
             for attempt in (0, 1):
                 conn = await self.pool.acquire(*target)
-                head_fut = await conn.send_head(self._request_head(request, target, chunked))
+                head_fut = conn.send_head(self._request_head(request, target, chunked))
                 try:
                     if has_body:
                         async for data in request.content.iter_any():

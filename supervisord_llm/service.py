@@ -567,14 +567,7 @@ class ServiceActor:
         self.backoff_until = now + delay
         self._transition(State.BACKOFF,
                          f"{reason.value}: {self.last_exit}; restart in {delay:.2f} s")
-        if delay <= 0:
-            self.post(Timer(self._next_token(), "backoff"))
-        else:
-            self._set_timer(delay, "backoff")
-
-    def _next_token(self) -> int:
-        self._cancel_timer()
-        return self._timer_token
+        self._set_timer(delay, "backoff")
 
     def _fail(self, why: str) -> None:
         self.failed_reason = why

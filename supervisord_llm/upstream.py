@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_HEAD = 64 * 1024
 HIGH_WATER = 256 * 1024  # downstream buffer above which the upstream is paused
@@ -39,7 +39,6 @@ class Body:
 
     write: Callable[[bytes], None]
     done: Callable[[Exception | None], None]
-    at_boundary: Callable[[], bool] = field(default=lambda: True)
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -59,6 +58,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.boundary = True  # the downstream has received only whole chunk frames
         self.idle_since = 0.0
         self.reused = False
+        self._pending = b""  # body bytes that came before start_body
 
     # --- asyncio callbacks ----------------------------------------------------------------
 
@@ -107,8 +107,6 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         self._feed(data)
 
-    _pending: bytes = b""
-
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
 
@@ -128,7 +126,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     # --- the request ------------------------------------------------------------------------
 
-    async def send_head(self, head: bytes) -> asyncio.Future[Head]:
+    def send_head(self, head: bytes) -> asyncio.Future[Head]:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self._head_fut = loop.create_future()

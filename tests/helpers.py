@@ -9,8 +9,10 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
@@ -279,6 +281,41 @@ class Daemon:
         for pid in self.pids_seen:  # never leave a test's processes behind
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+class NotifyListener:
+    """A fake systemd: an AF_UNIX datagram socket that records what the daemon sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def has(self, field: str) -> bool:
+        return any(field in m.split("\n") for _, m in self.messages)
+
+    def times(self, field: str) -> list[float]:
+        return [t for t, m in self.messages if field in m.split("\n")]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +24,7 @@ from hypothesis import strategies as st
 from helpers import (
     SIM_UUID,
     Daemon,
+    NotifyListener,
     alive,
     base_config,
     descendants,
@@ -34,41 +34,6 @@ from helpers import (
     toml_dumps,
     wait_until,
 )
-
-
-class NotifyListener:
-    """A fake systemd: an AF_UNIX datagram socket that records what the daemon sends."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.messages.append((time.monotonic(), data.decode()))
-
-    def has(self, field: str) -> bool:
-        return any(field in m.split("\n") for _, m in self.messages)
-
-    def times(self, field: str) -> list[float]:
-        return [t for t, m in self.messages if field in m.split("\n")]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 @pytest.fixture
