@@ -184,6 +184,10 @@ class GateSection:
     backup: str | None = None
     swap_port: int | None = None
     queue_timeout_s: float = 30.0
+    header_timeout_s: float = 30.0  # a client's request head must arrive within this
+    body_timeout_s: float = 60.0  # longest pause between reads of a request body
+    send_timeout_s: float = 120.0  # a client that accepts nothing for this long is dropped
+    max_connections: int = 1024  # beyond it, new connections wait in the listen backlog
 
 
 @dataclass(frozen=True)
@@ -728,10 +732,15 @@ def _gate(t: _Table | None) -> GateSection | None:
     backup = t.string("backup", None)
     swap_port = t.number("swap_port", None, integer=True, minimum=1, maximum=65535)
     qt = t.number("queue_timeout_s", 30.0, above=0, maximum=86400)
+    header_t = t.number("header_timeout_s", 30.0, above=0, maximum=3600)
+    body_t = t.number("body_timeout_s", 60.0, above=0, maximum=86400)
+    send_t = t.number("send_timeout_s", 120.0, above=0, maximum=86400)
+    max_conn = t.number("max_connections", 1024, integer=True, minimum=1, maximum=1_000_000)
     t.finish()
     if listen is None:
         return None
-    return GateSection(listen, conc, queue, backup, swap_port, qt)
+    return GateSection(listen, conc, queue, backup, swap_port, qt, header_t, body_t, send_t,
+                       max_conn)
 
 
 def _gpu_ref(value: object) -> int | str | None:
