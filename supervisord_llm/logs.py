@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
              logging.DEBUG: 7}
@@ -60,3 +62,46 @@ def setup_logging(fmt: str, level: int = logging.INFO) -> None:
 def error_line(message: str, journal: bool) -> str:
     """A fatal start-up error as one stderr line."""
     return f"<3>llm-supervisor: {message}" if journal else f"llm-supervisor: {message}"
+
+
+class LogLimiter:
+    """Logs what strangers can cause (bad requests, slow clients, failing upstreams) at a
+    bounded rate: per key, at most `burst` lines per `window_s`; the first line of the next
+    window says how many were left out."""
+
+    def __init__(self, name: str, burst: int = 5, window_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logging.getLogger(name)
+        self.burst = burst
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[str, tuple[float, int, int]] = {}  # key: (start, logged, dropped)
+
+    def log(self, key: str, level: int, msg: str, *args: object, exc_info: bool = False
+            ) -> bool:
+        now = self._clock()
+        with self._lock:
+            start, logged, dropped = self._windows.get(key, (now, 0, 0))
+            if now - start >= self.window_s:
+                if dropped:
+                    msg += f" ({dropped} similar message{'s' if dropped != 1 else ''} " \
+                           f"left out in the last {now - start:.0f} s)"
+                start, logged, dropped = now, 0, 0
+            if logged >= self.burst:
+                self._windows[key] = (start, logged, dropped + 1)
+                return False
+            self._windows[key] = (start, logged + 1, dropped)
+            if len(self._windows) > 1024:  # keys are ours, but never let the dict grow
+                self._windows.pop(next(iter(self._windows)))
+        self.logger.log(level, msg, *args, exc_info=exc_info)
+        return True
+
+    def info(self, key: str, msg: str, *args: object) -> bool:
+        return self.log(key, logging.INFO, msg, *args)
+
+    def warning(self, key: str, msg: str, *args: object) -> bool:
+        return self.log(key, logging.WARNING, msg, *args)
+
+    def exception(self, key: str, msg: str, *args: object) -> bool:
+        return self.log(key, logging.ERROR, msg, *args, exc_info=True)

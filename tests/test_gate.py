@@ -351,12 +351,12 @@ async def test_limit_changes_at_run_time(tmp_path: Path, client: aiohttp.ClientS
                 return False
 
         await async_wait_until(up, 10, what="backend up")
-        host.call(gate.set_limit, 1)
+        host.call(gate.set_limit_factor, 0.25)
         tasks = [asyncio.create_task(stream(client, url, tokens=10, delay=0.1))
                  for _ in range(4)]
         await async_wait_until(lambda: gate.inflight == 1 and gate.queued == 3, 5,
                                what="one admitted, three queued")
-        host.call(gate.set_limit, 4)
+        host.call(gate.set_limit_factor, 1.0)
         await async_wait_until(lambda: gate.inflight == 4 and gate.queued == 0, 2,
                                what="all admitted once the limit is raised")
         assert all(code == 200 for code, _l, _t in await asyncio.gather(*tasks))

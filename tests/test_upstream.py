@@ -177,9 +177,10 @@ async def test_chunked_upload_and_http10_client(gate_host: tuple[GateHost, Calla
         assert seen[-1] == b"z" * 10000
         host, port = url.split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"GET /old HTTP/1.0\r\n\r\n")  # the aiohttp client path
-        reply = await reader.read()
-        assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(b"\r\n\r\n0")
+        writer.write(b"GET /old HTTP/1.0\r\n\r\n")
+        reply = await reader.read()  # the gate closes the connection after the response
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"\r\n\r\n0")
+        assert b"\r\nConnection: close\r\n" in reply
         writer.close()
 
 

@@ -1,0 +1,115 @@
+"""Runs every gate on one event loop in a thread of its own, so that a flood of requests never
+delays the supervisor's loop (watchdog, sensor polls, health checks) by more than the
+interpreter's thread switch interval. The supervisor drives the gates only through these
+methods, which hop onto the gate loop; it reads their counters directly (ints and locked
+histograms, consistent under the GIL)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, TypeVar
+
+from ..config import GateSection
+from ..errors import StartupError
+from ..logs import LogLimiter
+from .proxy import Gate
+from .server import Listener
+from .upstream import UpstreamPool
+
+T = TypeVar("T")
+REMOVE_GRACE_S: Final = 10.0  # requests in progress on a gate being removed
+CLOSE_GRACE_S: Final = 2.0  # at exit (the gates were drained before)
+
+
+class GateHost:
+    def __init__(self) -> None:
+        self.gates: dict[str, Gate] = {}
+        self._listeners: dict[str, Listener] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pool: UpstreamPool | None = None
+        self._ready = threading.Event()
+        self.limiter = LogLimiter("supervisord_llm.gate")
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="gate-loop", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        self._ready.set()
+        loop.run_forever()
+        loop.close()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Run a coroutine on the gate loop; await the result from the supervisor's loop."""
+        cfut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return asyncio.wrap_future(cfut)
+
+    def call(self, fn: Callable[..., None], *args: Any) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    async def run(self, fn: Callable[..., None], *args: Any) -> None:
+        """Like `call`, and wait until it has run on the gate loop."""
+
+        async def step() -> None:
+            fn(*args)
+
+        await self.submit(step())
+
+    async def add(self, name: str, cfg: GateSection) -> Gate:
+        self.start()
+        return await self.submit(self._add(name, cfg))
+
+    async def _add(self, name: str, cfg: GateSection) -> Gate:
+        if self._pool is None:
+            self._pool = UpstreamPool()
+        gate = Gate(name, cfg, self._pool, self.limiter)
+        listener = Listener(gate, cfg.listen.host, cfg.listen.port)
+        try:
+            listener.bind()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {name}'s gate {cfg.listen}: "
+                               f"{exc.strerror or exc}") from None
+        listener.start()
+        self.gates[name] = gate
+        self._listeners[name] = listener
+        return gate
+
+    async def remove(self, name: str) -> None:
+        await self.submit(self._remove(name, REMOVE_GRACE_S))
+
+    async def _remove(self, name: str, grace_s: float) -> None:
+        listener = self._listeners.pop(name, None)
+        self.gates.pop(name, None)
+        if listener is not None:
+            await listener.close(grace_s)
+
+    async def close(self) -> None:
+        if self._loop is None:
+            return
+        await self.submit(self._close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5)
+        self._loop = None
+        self._thread = None
+
+    async def _close(self) -> None:
+        await asyncio.gather(*(self._remove(n, CLOSE_GRACE_S) for n in list(self._listeners)))
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None

@@ -1,0 +1,364 @@
+"""One gate: the state (open, draining, closed), admission, and the proxying of a request.
+
+- `open`: requests go to the service's current instance; `draining`: some drain reason
+  holds (operator, swap, thermal, power, shutdown): admitted requests run to completion, new
+  ones get 503 or go to the backup; `closed`: the service is not ready (or stopped).
+- A request body is read up to `BODY_BUFFER` before the request takes an admission slot, so a
+  client that trickles its body holds a connection, never a slot.
+- Every request is counted once in `requests` by its outcome: the status sent, 499 when the
+  client went away first, 502 when the upstream failed.
+
+Every method runs on the gate loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from .. import http1
+from ..config import GateSection
+from ..logs import LogLimiter
+from .admission import Admission, Rejected
+from .server import BODY_BUFFER, BodyTimeout, ClientConnection, ClientGone, Request, ResponseWriter
+from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
+
+DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                           60.0, 120.0, 300.0)
+TTFB_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                       10.0, 30.0)
+RETRY_AFTER: Final = {"closed": b"5", "stopped": b"5", "draining": b"10", "queue_full": b"1",
+                      "queue_timeout": b"1"}
+DRAIN_REASONS: Final = ("operator", "swap", "thermal", "power", "shutdown")
+_TO_UPSTREAM_DROP: Final = frozenset({b"host", b"content-length", b"expect",
+                                      b"x-forwarded-for"})
+_TO_CLIENT_DROP: Final = frozenset({b"content-length"})
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+Upstream = tuple[str, int]
+
+
+class Histogram:
+    """Fixed-bucket histogram, written on the gate loop and read by the metrics collector."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self.bounds, value)
+        with self._lock:
+            self._counts[i] += 1
+            self._sum += value
+
+    def snapshot(self) -> tuple[list[tuple[str, float]], float, int]:
+        """Cumulative buckets as Prometheus wants them, the sum and the count."""
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), counts, strict=True):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+        return out, total, running
+
+
+@dataclass
+class GateStats:
+    requests: dict[str, int] = field(default_factory=dict)  # by status code
+    rejected: dict[str, int] = field(default_factory=dict)  # by reason
+    duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
+    ttfb: Histogram = field(default_factory=lambda: Histogram(TTFB_BUCKETS))
+
+    def count(self, code: int) -> None:
+        key = str(code)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+class Gate:
+    def __init__(self, name: str, cfg: GateSection, pool: UpstreamPool,
+                 limiter: LogLimiter | None = None) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.pool = pool
+        self.limiter = limiter or LogLimiter(__name__)
+        self.admission = Admission(cfg.max_concurrency, cfg.max_queue, cfg.queue_timeout_s)
+        self.drains: set[str] = set()
+        self.upstream: Upstream | None = None
+        self.backup: Upstream | None = None
+        self.by_upstream: dict[Upstream, int] = {}
+        self.stats = GateStats()
+        self._idle: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+
+    # --- state (called on the gate loop) ------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.drains:
+            return "draining"
+        return "closed" if self.upstream is None else "open"
+
+    @property
+    def inflight(self) -> int:
+        return self.admission.inflight
+
+    @property
+    def queued(self) -> int:
+        return self.admission.queued
+
+    @property
+    def limit(self) -> int:
+        return self.admission.limit
+
+    def set_upstreams(self, upstream: Upstream | None, backup: Upstream | None) -> None:
+        """The service is ready at `upstream` (None: not ready); its backup at `backup`."""
+        self.upstream = upstream
+        self.backup = backup
+        self._refresh()
+
+    def drain(self, reason: str = "operator") -> None:
+        self.drains.add(reason)
+        self._refresh()
+
+    def resume(self, reason: str = "operator") -> None:
+        self.drains.discard(reason)
+        self._refresh()
+
+    def reconfigure(self, cfg: GateSection) -> None:
+        """New settings from a reload (same listen address); drain reasons and the limit
+        factor stay."""
+        self.cfg = cfg
+        self.admission.configure(cfg.max_concurrency, cfg.max_queue, cfg.queue_timeout_s)
+        self._wake_idle()
+
+    def set_limit_factor(self, factor: float) -> None:
+        self.admission.set_factor(factor)
+        self._wake_idle()
+
+    def _refresh(self) -> None:
+        if self.state != "open":
+            # queued requests were never admitted: they re-decide (backup, or 503) now
+            self.admission.reject_waiting(self.state)
+        self._wake_idle()
+
+    def is_idle(self) -> bool:
+        return self.inflight == 0
+
+    async def wait_idle(self, predicate: Callable[[], bool]) -> None:
+        if predicate():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (predicate, fut)
+        self._idle.append(entry)
+        try:
+            await fut
+        finally:
+            if entry in self._idle:
+                self._idle.remove(entry)
+
+    def _wake_idle(self) -> None:
+        for predicate, fut in list(self._idle):
+            if not fut.done() and predicate():
+                fut.set_result(None)
+
+    def count(self, code: int) -> None:
+        self.stats.count(code)
+
+    # --- a request -----------------------------------------------------------------------------
+
+    def _target(self) -> Upstream | None:
+        if self.state == "open" and self.upstream is not None:
+            return self.upstream
+        return self.backup
+
+    async def handle(self, req: Request, conn: ClientConnection) -> bool:
+        """Answer one request; True if the connection may serve another."""
+        started = time.perf_counter()
+        writer = ResponseWriter(conn, req)
+        code = 499
+        try:
+            code = await self._serve(req, conn, writer, started)
+        except (ClientGone, asyncio.CancelledError):
+            code = 499  # the client went away
+        except BodyTimeout as exc:
+            code = 408
+            self.limiter.info("body_timeout", "%s gate: %s: %s", self.name,
+                              conn.peer or "?", exc)
+            if not writer.started:
+                writer.simple(408, http1.error_body(str(exc), "invalid_request_error",
+                                                    "request_timeout"))
+            return False
+        finally:
+            self.stats.count(code)
+            self.stats.duration.observe(time.perf_counter() - started)
+        return writer.finished and writer.keep_alive
+
+    async def _serve(self, req: Request, conn: ClientConnection, writer: ResponseWriter,
+                     started: float) -> int:
+        if req.expect_continue and self._target() is not None and not req.body.complete:
+            conn.write(_CONTINUE)
+        await req.body.fill(BODY_BUFFER, self.cfg.body_timeout_s)
+        for _ in range(3):
+            target = self._target()
+            if target is None:
+                return self._reject(writer, 503, self.state)
+            try:
+                await self.admission.acquire()
+            except Rejected as exc:
+                if exc.reason in ("queue_full", "queue_timeout"):
+                    return self._reject(writer, 429, exc.reason)
+                continue  # drained or closed while queued: decide again (backup, or 503)
+            break
+        else:
+            return self._reject(writer, 503, self.state)
+        try:
+            target = self._target()
+            if target is None:  # the state changed while this request waited
+                return self._reject(writer, 503, self.state)
+            self.by_upstream[target] = self.by_upstream.get(target, 0) + 1
+            try:
+                return await self._proxy(req, conn, writer, target, started)
+            finally:
+                left = self.by_upstream[target] - 1
+                if left:
+                    self.by_upstream[target] = left
+                else:
+                    del self.by_upstream[target]
+        finally:
+            self.admission.release()
+            self._wake_idle()
+
+    def _reject(self, writer: ResponseWriter, status: int, reason: str) -> int:
+        self.stats.reject(reason)
+        messages = {
+            "closed": f"{self.name} is not ready (starting or restarting); retry shortly",
+            "stopped": f"{self.name} is stopped",
+            "draining": f"{self.name} is draining and takes no new requests",
+            "queue_full": f"{self.name} is at capacity; retry shortly",
+            "queue_timeout": f"{self.name} is at capacity and the request waited too long",
+        }
+        kind = "rate_limit_error" if status == 429 else "service_unavailable"
+        writer.simple(status, http1.error_body(messages.get(reason, reason), kind, reason),
+                      [(b"Retry-After", RETRY_AFTER.get(reason, b"5"))])
+        return status
+
+    def _request_head(self, req: Request, conn: ClientConnection, target: Upstream,
+                      length: int | None) -> bytes:
+        headers = http1.end_to_end(req.headers, _TO_UPSTREAM_DROP)
+        headers.insert(0, (b"Host", f"{target[0]}:{target[1]}".encode()))
+        prior = b", ".join(v for k, v in req.headers if k.lower() == b"x-forwarded-for")
+        if conn.peer:
+            peer = conn.peer.encode()
+            headers.append((b"X-Forwarded-For", prior + b", " + peer if prior else peer))
+        elif prior:
+            headers.append((b"X-Forwarded-For", prior))
+        if length is not None:
+            headers.append((b"Content-Length", b"%d" % length))
+        elif req.chunked:
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        elif req.content_length is not None:
+            headers.append((b"Content-Length", b"%d" % req.content_length))
+        return http1.encode_head(req.method + b" " + req.target + b" HTTP/1.1", headers)
+
+    async def _send_body(self, req: Request, up: UpstreamConnection) -> None:
+        """Stream a body that did not fit the buffer: as the client sends it."""
+        timeout = self.cfg.body_timeout_s
+        data = req.body.take()
+        while data:
+            await up.send(http1.chunk(data) if req.chunked else data)
+            data = await req.body.read(timeout)
+        if req.chunked:
+            await up.send(http1.LAST_CHUNK)
+
+    async def _proxy(self, req: Request, conn: ClientConnection,
+                     writer: ResponseWriter, target: Upstream, started: float) -> int:
+        held: bytes | None = None
+        if req.body.complete:  # the whole body is here: sent with its length, retryable
+            held = req.body.take()
+        length = len(held) if held is not None and (
+            req.chunked or req.content_length is not None) else None
+        head_request = req.method == b"HEAD"
+        up: UpstreamConnection | None = None
+        try:
+            for attempt in (0, 1):
+                up = await self.pool.acquire(*target)
+                head_fut = up.request(self._request_head(req, conn, target, length),
+                                      head_request=head_request)
+                try:
+                    if held:
+                        await up.send(held)
+                    elif held is None:
+                        await self._send_body(req, up)
+                    head = await head_fut
+                    break
+                except UpstreamError:
+                    # a kept-alive connection the server had just closed: once more, anew
+                    retry = up.reused and not up.got_bytes and held is not None and attempt == 0
+                    up.close()
+                    up = None
+                    if not retry:
+                        raise
+            assert up is not None
+            if head_request or head.framing == "none":
+                cl = http1.header(head.headers, b"content-length") if head_request else None
+                writer.start(head.status, head.reason,
+                             http1.end_to_end(head.headers, _TO_CLIENT_DROP),
+                             int(cl) if cl is not None and cl.isdigit() else None,
+                             body_allowed=False)
+            else:
+                writer.start(head.status, head.reason,
+                             http1.end_to_end(head.headers, _TO_CLIENT_DROP),
+                             head.length if head.framing == "length" else None)
+            self.stats.ttfb.observe(time.perf_counter() - started)
+            stream = up
+            conn.on_writable = lambda ok: stream.resume() if ok else stream.pause()
+            done = up.start_body(writer.write)
+            if conn.writing_paused:
+                up.pause()
+            await done
+            up = None  # complete: the connection went back to the pool (or closed)
+            writer.finish()
+            return head.status
+        except UpstreamError as exc:
+            if writer.started:
+                self._cut(conn, writer, exc)
+                return 502
+            return self._bad_gateway(writer, target, exc)
+        finally:
+            if up is not None:  # mid-request: the server must see the end of it
+                up.close()
+
+    def _bad_gateway(self, writer: ResponseWriter, target: Upstream, exc: Exception) -> int:
+        self.limiter.warning("upstream_error", "%s gate: upstream %s:%d failed: %s",
+                             self.name, target[0], target[1], exc)
+        self.stats.reject("upstream_error")
+        writer.simple(502, http1.error_body(
+            f"{self.name}: the model server did not answer properly ({exc})", "server_error",
+            "upstream_error"))
+        return 502
+
+    def _cut(self, conn: ClientConnection, writer: ResponseWriter, exc: Exception) -> None:
+        """The backend failed after the response started: tell the client as well as we can.
+        An event stream ends with an error event; any other body is cut off, so that it
+        cannot look complete."""
+        self.limiter.warning("upstream_cut", "%s gate: upstream ended mid-response: %s",
+                             self.name, exc)
+        self.stats.reject("upstream_cut")
+        if writer.event_stream and (writer.chunked or not writer.keep_alive):
+            event = http1.error_body(f"{self.name}: the model server stopped mid-stream",
+                                     "server_error", "upstream_cut")
+            sep = b"" if writer.sent_body.endswith(b"\n\n") or not writer.sent_body else b"\n\n"
+            writer.write(sep + b"data: " + event + b"\n\n")
+            writer.finish()
+            writer.keep_alive = False
+            return
+        conn.abort()

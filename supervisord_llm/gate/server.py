@@ -1,0 +1,635 @@
+"""The gate's side toward clients: an HTTP/1.1 server on llhttp with a bound on everything a
+client controls.
+
+- `Listener` accepts connections itself, so that it can stop accepting: at
+  `max_connections` open connections new ones wait in the kernel's backlog; when the process
+  is out of file descriptors it backs off (0.1 s doubling to 2 s) instead of spinning, and
+  says so in one line at a bounded rate.
+- `ClientConnection` parses requests (pipelined ones are queued and run in order), applies
+  `header_timeout_s` to each request head (and to an idle keep-alive connection),
+  `body_timeout_s` between reads of a body, `send_timeout_s` to a client that accepts nothing,
+  and keeps at most `BODY_BUFFER` of a body and `SEND_BUFFER` of a response buffered: above
+  that it stops reading from the client, or tells the upstream to stop (back-pressure).
+- Trailers of a chunked request are dropped; they never become headers of anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import httptools
+
+from .. import http1
+from ..config import GateSection
+from ..logs import LogLimiter
+
+log = logging.getLogger(__name__)
+
+BODY_BUFFER: Final = 64 * 1024  # request body bytes held before reading from the client stops
+SEND_BUFFER: Final = 64 * 1024  # response bytes held for a client before the upstream pauses
+_ACCEPT_BATCH: Final = 32
+_ACCEPT_RETRY_S: Final = (0.1, 2.0)
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class ClientGone(Exception):
+    """The client closed the connection (or was dropped) before the response was complete."""
+
+
+class BodyTimeout(Exception):
+    """The client stopped sending its request body for `body_timeout_s`."""
+
+
+class Handler(Protocol):
+    """What a connection hands each request to (the gate)."""
+
+    name: str
+    cfg: GateSection
+    limiter: LogLimiter
+
+    def handle(self, req: Request, conn: ClientConnection) -> Awaitable[bool]: ...
+
+    def count(self, code: int) -> None: ...
+
+
+class RequestBody:
+    """A request body as it arrives: at most BODY_BUFFER held, then the client waits."""
+
+    def __init__(self, conn: ClientConnection, expected: bool) -> None:
+        self._conn = conn
+        self._chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.received = 0
+        self.complete = not expected
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self.buffered += len(data)
+        self.received += len(data)
+        if self.buffered >= BODY_BUFFER:
+            self._conn.pause_reading("body")
+        self._wake()
+
+    def end(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.complete and self._error is None:
+            self._error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self, timeout_s: float) -> None:
+        self._conn.resume_reading("body")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._waiter
+        except TimeoutError:
+            raise BodyTimeout(f"no request body data for {timeout_s:g} s") from None
+        finally:
+            self._waiter = None
+
+    async def fill(self, limit: int, timeout_s: float) -> None:
+        """Wait until the body is complete or `limit` bytes are held."""
+        while not self.complete and self.buffered < limit:
+            if self._error is not None:
+                raise self._error
+            await self._wait(timeout_s)
+        if self._error is not None:
+            raise self._error
+
+    def take(self) -> bytes:
+        """Everything held now."""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self.buffered = 0
+        if not self.complete:
+            self._conn.resume_reading("body")
+        return data
+
+    async def read(self, timeout_s: float) -> bytes:
+        """The next bytes of the body; b"" at its end."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self.complete:
+                return b""
+            await self._wait(timeout_s)
+        data = self._chunks.popleft()
+        self.buffered -= len(data)
+        if self.buffered < BODY_BUFFER:
+            self._conn.resume_reading("body")
+        return data
+
+
+@dataclass(slots=True)
+class Request:
+    method: bytes
+    target: bytes
+    version: str
+    headers: http1.Headers
+    keep_alive: bool
+    body: RequestBody
+    chunked: bool
+    content_length: int | None
+    expect_continue: bool
+
+
+class ResponseWriter:
+    """Writes one response to the client: the head, then the body framed for this client
+    (Content-Length, chunked for HTTP/1.1, or close-delimited for HTTP/1.0)."""
+
+    def __init__(self, conn: ClientConnection, req: Request) -> None:
+        self.conn = conn
+        self.req = req
+        self.status = 0
+        self.started = False
+        self.finished = False
+        self.chunked = False
+        self.keep_alive = req.keep_alive
+        self.no_body = req.method == b"HEAD"
+        self.sent_body = b""  # the last bytes sent, to know where an SSE event ends
+        self.event_stream = False
+
+    def start(self, status: int, reason: bytes, headers: http1.Headers,
+              length: int | None, *, body_allowed: bool = True) -> None:
+        self.status = status
+        out = list(headers)
+        if not body_allowed:
+            self.no_body = True
+            if length is not None:
+                out.append((b"Content-Length", b"%d" % length))
+        elif length is not None:
+            out.append((b"Content-Length", b"%d" % length))
+        elif self.req.version == "1.1":
+            self.chunked = True
+            out.append((b"Transfer-Encoding", b"chunked"))
+        else:
+            self.keep_alive = False  # an HTTP/1.0 client reads the body up to the close
+        if not self.keep_alive:
+            out.append((b"Connection", b"close"))
+        ctype = http1.header(headers, b"content-type") or b""
+        self.event_stream = ctype.lower().startswith(b"text/event-stream")
+        self.started = True
+        self.conn.write(http1.encode_head(b"HTTP/1.1 %d %s" % (status, reason or b""), out))
+
+    def write(self, data: bytes) -> None:
+        if not data or self.no_body:
+            return
+        self.sent_body = data[-2:]
+        self.conn.write(http1.chunk(data) if self.chunked else data)
+
+    def finish(self) -> None:
+        if self.chunked and not self.finished:
+            self.conn.write(http1.LAST_CHUNK)
+        self.finished = True
+
+    def simple(self, status: int, body: bytes, headers: http1.Headers | None = None) -> None:
+        """A whole response of the gate's own (errors)."""
+        hdrs = [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store"),
+                *(headers or [])]
+        self.start(status, http1.REASONS.get(status, b""), hdrs, len(body))
+        if not self.no_body:
+            self.conn.write(body)
+        self.finished = True
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.handler = listener.handler
+        self.transport: asyncio.Transport | None = None
+        self.peer: str | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._limit = http1.HeadLimit()
+        self._in_head = False
+        self._url = b""
+        self._headers: http1.Headers = []
+        self._parsing: Request | None = None  # the request whose body is arriving
+        self._active: Request | None = None
+        self._pipeline: deque[Request] = deque()
+        self._paused: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_mark = 0
+        self._eof = False
+        self._closing = False
+        self.gone = False
+        self._task: asyncio.Task[None] | None = None
+        # set by the proxy while an upstream response streams to this client
+        self.on_writable: Callable[[bool], None] | None = None
+        self.writing_paused = False
+
+    # --- asyncio ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=SEND_BUFFER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.peer = str(peer[0])
+        self.listener.opened(self)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self._cancel_timers()
+        gone = ClientGone("client closed the connection")
+        if self._parsing is not None:
+            self._parsing.body.fail(gone)
+        for req in self._pipeline:
+            req.body.fail(gone)
+        self._pipeline.clear()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the handler sees CancelledError: slot freed, upstream closed
+        self.listener.closed(self)
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        # A client may shut down its sending side after the request and still read the
+        # response; with nothing in progress the connection is done.
+        return self._active is not None
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        was_in_head = self._in_head
+        try:
+            self._parser.feed_data(data)
+            if was_in_head and self._in_head:
+                self._limit.fed(len(data))
+        except httptools.HttpParserUpgrade:
+            self._refuse(501, "protocol upgrades are not supported by the gate")
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._refuse(431 if isinstance(cause, http1.ParseError) else 400,
+                         str(cause or exc))
+        except http1.ParseError as exc:
+            self._refuse(431, str(exc))
+        except httptools.HttpParserError as exc:
+            self._refuse(400, str(exc))
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self.on_writable is not None:
+            self.on_writable(False)
+        self._arm_send_timer()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        if self.on_writable is not None:
+            self.on_writable(True)
+
+    # --- llhttp callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+        self._limit.reset()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:  # trailers of a chunked body are dropped here
+            self._limit.header(name, value)
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        headers = self._headers
+        chunked = http1.is_chunked(headers)
+        cl = http1.header(headers, b"content-length")
+        length = int(cl) if cl is not None and not chunked else None
+        body = RequestBody(self, expected=chunked or bool(length))
+        expect = (http1.header(headers, b"expect") or b"").lower() == b"100-continue"
+        req = Request(p.get_method(), self._url, p.get_http_version(), headers,
+                      p.should_keep_alive(), body, chunked, length, expect)
+        self._parsing = req
+        if self._active is None:
+            self._cancel_header_timer()
+            self._start(req)
+        else:
+            self._pipeline.append(req)  # pipelined: runs after the current one
+            self.pause_reading("pipeline")
+
+    def on_body(self, data: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._parsing is not None:
+            self._parsing.body.end()
+            self._parsing = None
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def _start(self, req: Request) -> None:
+        self._active = req
+        task = asyncio.get_running_loop().create_task(self._run(req))
+        self._task = task
+        self.listener.tasks.add(task)
+        task.add_done_callback(self.listener.tasks.discard)
+
+    async def _run(self, req: Request) -> None:
+        keep = False
+        try:
+            keep = await self.handler.handle(req, self)
+        except Exception:
+            self.handler.limiter.exception(
+                "handler", "%s gate: internal error handling a request", self.handler.name)
+        finally:
+            self.on_writable = None
+        self._active = None
+        self._task = None
+        if self.gone:
+            return
+        if not keep or not req.keep_alive or not req.body.complete or self._eof \
+                or self._closing:
+            self.close()
+            return
+        if self._pipeline:
+            nxt = self._pipeline.popleft()
+            if not self._pipeline:
+                self.resume_reading("pipeline")
+            self._start(nxt)
+            return
+        self._arm_header_timer()  # idle keep-alive: the next head must come in time
+
+    def _refuse(self, status: int, why: str) -> None:
+        """A request we cannot parse: answer it (if nothing else is being answered) and
+        close the connection."""
+        self.handler.limiter.info("bad_request", "%s gate: bad request from %s: %s",
+                                  self.handler.name, self.peer or "?", why)
+        self.handler.count(status)
+        if self._parsing is not None:
+            self._parsing.body.fail(ClientGone(f"bad request: {why}"))
+        if self._active is None and self.transport is not None:
+            body = http1.error_body(f"bad request: {why}", "invalid_request_error",
+                                    "bad_request")
+            head = http1.encode_head(
+                b"HTTP/1.1 %d %s" % (status, http1.REASONS.get(status, b"")),
+                [(b"Content-Type", b"application/json"), (b"Content-Length",
+                                                          b"%d" % len(body)),
+                 (b"Connection", b"close")])
+            self.transport.write(head + body)
+        self._closing = True
+        if self._active is None:
+            self.close()
+
+    # --- output ---------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and not self.gone and not t.is_closing():
+            t.write(data)
+
+    def close(self) -> None:
+        """Close after what is buffered has been sent."""
+        self._closing = True
+        self._cancel_timers()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_when_idle(self) -> None:
+        """The listener is closing: finish the request in progress, then close."""
+        self._closing = True
+        if self._active is None:
+            self.close()
+
+    # --- flow control and timers ---------------------------------------------------------
+
+    def pause_reading(self, why: str) -> None:
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._paused.add(why)
+
+    def resume_reading(self, why: str) -> None:
+        if why not in self._paused:
+            return
+        self._paused.discard(why)
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._timer = asyncio.get_running_loop().call_later(
+            self.handler.cfg.header_timeout_s, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        if self._active is not None:
+            return
+        if self._in_head:  # a request had begun: tell the client why
+            self.handler.limiter.info("header_timeout", "%s gate: %s did not send a request "
+                                      "head within %g s; closing", self.handler.name,
+                                      self.peer or "?", self.handler.cfg.header_timeout_s)
+            self.handler.count(408)
+            body = http1.error_body("request head not received in time",
+                                    "invalid_request_error", "request_timeout")
+            self.write(http1.encode_head(b"HTTP/1.1 408 Request Timeout", [
+                (b"Content-Type", b"application/json"),
+                (b"Content-Length", b"%d" % len(body)), (b"Connection", b"close")]) + body)
+        self.close()
+
+    def _arm_send_timer(self) -> None:
+        if self._send_timer is not None or self.transport is None:
+            return
+        self._send_mark = self.transport.get_write_buffer_size()
+        self._send_timer = asyncio.get_running_loop().call_later(
+            self.handler.cfg.send_timeout_s, self._send_timeout)
+
+    def _send_timeout(self) -> None:
+        self._send_timer = None
+        t = self.transport
+        if t is None or t.is_closing() or not self.writing_paused:
+            return
+        size = t.get_write_buffer_size()
+        if size < self._send_mark:  # slow, but it reads: give it another period
+            self._arm_send_timer()
+            return
+        self.handler.limiter.info("send_timeout", "%s gate: %s accepted no response data "
+                                  "for %g s; dropping it", self.handler.name, self.peer or "?",
+                                  self.handler.cfg.send_timeout_s)
+        self.abort()
+
+    def _cancel_timers(self) -> None:
+        self._cancel_header_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+
+class Listener:
+    """Accepts client connections for one gate, at most `max_connections` at a time."""
+
+    def __init__(self, handler: Handler, host: str, port: int, backlog: int = 1024) -> None:
+        self.handler = handler
+        self.host = host
+        self.port = port
+        self.backlog = backlog
+        self.connections: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._socks: list[socket.socket] = []
+        self._accepting = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_s = _ACCEPT_RETRY_S[0]
+        self._pending = 0  # accepted, transport not made yet
+        self._closed = False
+        self._all_closed: asyncio.Event | None = None
+
+    def bind(self) -> None:
+        """Bind every address `host` resolves to (like asyncio.create_server); OSError out."""
+        infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        seen = set()
+        try:
+            for family, stype, proto, _name, addr in infos:
+                if (family, addr) in seen:
+                    continue
+                seen.add((family, addr))
+                sock = socket.socket(family, stype, proto)
+                self._socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(self.backlog)
+                sock.setblocking(False)
+        except OSError:
+            self._close_socks()
+            raise
+
+    def start(self) -> None:
+        self._accepting = False
+        self._resume_accepting()
+
+    def _resume_accepting(self) -> None:
+        if self._accepting or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        for sock in self._socks:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+        self._accepting = True
+
+    def _pause_accepting(self) -> None:
+        if not self._accepting:
+            return
+        loop = asyncio.get_running_loop()
+        for sock in self._socks:
+            loop.remove_reader(sock.fileno())
+        self._accepting = False
+
+    def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        max_conn = self.handler.cfg.max_connections
+        for _ in range(_ACCEPT_BATCH):
+            if len(self.connections) + self._pending >= max_conn:
+                self._pause_accepting()  # the rest wait in the backlog
+                return
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self.handler.limiter.warning(
+                        "accept", "%s gate: cannot accept connections: %s; retrying in %g s",
+                        self.handler.name, exc.strerror, self._retry_s)
+                    self._pause_accepting()
+                    self._retry = loop.call_later(self._retry_s, self._after_retry)
+                    self._retry_s = min(self._retry_s * 2, _ACCEPT_RETRY_S[1])
+                    return
+                continue  # ECONNABORTED and friends: that client is gone
+            self._retry_s = _ACCEPT_RETRY_S[0]
+            conn.setblocking(False)
+            self._pending += 1
+            task = loop.create_task(self._connect(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: ClientConnection(self), conn)
+        except OSError:
+            conn.close()
+        finally:
+            self._pending -= 1
+
+    def _after_retry(self) -> None:
+        self._retry = None
+        self._resume_accepting()
+
+    def opened(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+        if self._closed:
+            conn.close()
+
+    def closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+        if (not self._accepting and self._retry is None and not self._closed
+                and len(self.connections) < self.handler.cfg.max_connections):
+            self._resume_accepting()
+
+    def _close_socks(self) -> None:
+        for sock in self._socks:
+            sock.close()
+        self._socks = []
+
+    async def close(self, grace_s: float) -> None:
+        """Stop accepting; let requests in progress finish for up to `grace_s`."""
+        self._closed = True
+        self._pause_accepting()
+        if self._retry is not None:
+            self._retry.cancel()
+        self._close_socks()
+        self._all_closed = asyncio.Event()
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        if self.connections:
+            try:
+                async with asyncio.timeout(grace_s):
+                    await self._all_closed.wait()
+            except TimeoutError:
+                for conn in list(self.connections):
+                    conn.abort()
+        for task in list(self.tasks):
+            task.cancel()
