@@ -37,15 +37,22 @@ class ParseError(Exception):
 class HeadLimit:
     """Counts head bytes; raises ParseError past MAX_HEAD or MAX_HEADERS."""
 
-    __slots__ = ("count", "size")
+    __slots__ = ("count", "parsed", "size")
 
     def __init__(self) -> None:
-        self.size = 0
+        self.size = 0  # bytes fed while inside a head
+        self.parsed = 0  # bytes of the head's parsed parts (first line, header lines)
         self.count = 0
 
     def reset(self) -> None:
         self.size = 0
+        self.parsed = 0
         self.count = 0
+
+    def part(self, n: int) -> None:
+        self.parsed += n
+        if self.parsed > MAX_HEAD:
+            raise ParseError(f"head larger than {MAX_HEAD // 1024} KiB")
 
     def fed(self, n: int) -> None:
         """`n` bytes were fed that began and ended inside a head (a feed in which a head
@@ -58,6 +65,7 @@ class HeadLimit:
         self.count += 1
         if self.count > MAX_HEADERS:
             raise ParseError(f"more than {MAX_HEADERS} header lines")
+        self.part(len(name) + len(value) + 4)
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -178,6 +186,7 @@ class ResponseParser:
         self._headers = []
 
     def on_status(self, reason: bytes) -> None:
+        self._limit.part(len(reason))
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:

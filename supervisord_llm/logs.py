@@ -78,24 +78,31 @@ class LogLimiter:
         self._lock = threading.Lock()
         self._windows: dict[str, tuple[float, int, int]] = {}  # key: (start, logged, dropped)
 
-    def log(self, key: str, level: int, msg: str, *args: object, exc_info: bool = False
-            ) -> bool:
+    def allow(self, key: str) -> tuple[bool, str]:
+        """Whether a line for `key` may be logged now, and a note on what was left out."""
         now = self._clock()
+        note = ""
         with self._lock:
             start, logged, dropped = self._windows.get(key, (now, 0, 0))
             if now - start >= self.window_s:
                 if dropped:
-                    msg += f" ({dropped} similar message{'s' if dropped != 1 else ''} " \
-                           f"left out in the last {now - start:.0f} s)"
+                    note = (f" ({dropped} similar message{'s' if dropped != 1 else ''} left "
+                            f"out in the last {now - start:.0f} s)")
                 start, logged, dropped = now, 0, 0
             if logged >= self.burst:
                 self._windows[key] = (start, logged, dropped + 1)
-                return False
+                return False, ""
             self._windows[key] = (start, logged + 1, dropped)
             if len(self._windows) > 1024:  # keys are ours, but never let the dict grow
                 self._windows.pop(next(iter(self._windows)))
-        self.logger.log(level, msg, *args, exc_info=exc_info)
-        return True
+        return True, note
+
+    def log(self, key: str, level: int, msg: str, *args: object, exc_info: bool = False
+            ) -> bool:
+        ok, note = self.allow(key)
+        if ok:
+            self.logger.log(level, msg + note.replace("%", "%%"), *args, exc_info=exc_info)
+        return ok
 
     def info(self, key: str, msg: str, *args: object) -> bool:
         return self.log(key, logging.INFO, msg, *args)
@@ -105,3 +112,31 @@ class LogLimiter:
 
     def exception(self, key: str, msg: str, *args: object) -> bool:
         return self.log(key, logging.ERROR, msg, *args, exc_info=True)
+
+
+class StrangerFilter(logging.Filter):
+    """For a library logger that strangers can make talk (aiohttp's server logger on the
+    metrics listener logs a traceback per malformed request): one line per record instead of
+    a traceback, and at most `burst` lines a minute."""
+
+    def __init__(self, what: str, burst: int = 5, window_s: float = 60.0) -> None:
+        super().__init__()
+        self.what = what
+        self._limiter = LogLimiter(__name__, burst, window_s)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ok, note = self._limiter.allow(record.name)
+        if not ok:
+            return False
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            first = " ".join(str(exc).split())[:200]
+            text = f"{text}: {type(exc).__name__}: {first}"
+        record.msg = f"{self.what}: {text}{note}"
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        if record.levelno > logging.INFO:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 
 from aiohttp import web
 
 from .config import Listen
 from .errors import StartupError
+from .logs import StrangerFilter
 from .metrics import CONTENT_TYPE, make_registry, render
 from .supervisor import Supervisor
 
 LOOP_STALE_S = 5.0
+_http_log = logging.getLogger("supervisord_llm.metrics.http")
+_http_log.addFilter(StrangerFilter("metrics listener"))
 
 
 class MetricsServer:
@@ -48,7 +52,8 @@ class MetricsServer:
                             content_type="application/json")
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                                     logger=_http_log)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.listen.host, self.listen.port,
                            reuse_address=True)

@@ -45,14 +45,14 @@ async def test_statuses_and_keep_alive() -> None:
     server.close()
     await server.wait_closed()
     for w in list(p._idle.values()):
-        w[1].transport.abort()  # what the old process's exit does to our side, eventually
+        w.close()  # what the old process's exit does to our side, eventually
     server = await serve(port, b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
     r = await p.probe(url, 1)
     assert r.kind is ProbeKind.LOADING
     server.close()
     await server.wait_closed()
     for w in list(p._idle.values()):
-        w[1].transport.abort()
+        w.close()
     r = await p.probe(url, 1)
     assert r.kind is ProbeKind.REFUSED
     await p.close()
@@ -67,6 +67,11 @@ async def test_chunked_close_delimited_and_errors() -> None:
         (b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\nno", ProbeKind.ERROR),
         (b"SSH-2.0-OpenSSH\r\n", ProbeKind.ERROR),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n", ProbeKind.ERROR),
+        # framing llhttp refuses: never "ok", whatever the status says
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n", ProbeKind.ERROR),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok", ProbeKind.ERROR),
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", ProbeKind.ERROR),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 100_000 + b"\r\n\r\n", ProbeKind.ERROR),
     ]
     for answer, kind in cases:
         port = free_port()

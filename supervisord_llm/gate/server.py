@@ -312,6 +312,7 @@ class ClientConnection(asyncio.Protocol):
         self._limit.reset()
 
     def on_url(self, url: bytes) -> None:
+        self._limit.part(len(url))
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:

@@ -1,0 +1,517 @@
+"""The gate against hostile clients and broken backends, in process (GateHost on its own
+thread, raw asyncio servers as backends, raw sockets as clients): bounded buffers whatever the
+framing, strict parsing of what backends send, timeouts toward clients, the connection limit,
+trailers, pipelining, a bounded rate of log lines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import async_wait_until, free_port
+from supervisord_llm.config import GateSection, parse_listen
+from supervisord_llm.gate import Gate, GateHost
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Backend:
+    """A raw backend: `handler` gets each connection; records request heads."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.port = free_port()
+        self.heads: list[bytes] = []
+        self.sent = 0
+        self.closed_connections = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            await self.handler(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.closed_connections += 1
+            writer.close()
+
+    async def __aenter__(self) -> Backend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+        await self.server.wait_closed()
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+@dataclass
+class Env:
+    host: GateHost
+    gate: Gate
+    port: int
+
+
+@pytest.fixture
+async def gate_env() -> AsyncIterator[Callable[..., Awaitable[Env]]]:
+    host = GateHost()
+
+    async def make(backend_port: int, **settings: object) -> Env:
+        listen = parse_listen(f"127.0.0.1:{free_port()}")
+        cfg = replace(GateSection(listen), **settings)  # type: ignore[arg-type]
+        gate = await host.add(f"g{listen.port}", cfg)
+        host.call(gate.set_upstreams, ("127.0.0.1", backend_port), None)
+        await async_wait_until(lambda: gate.state == "open", 2, what="gate open")
+        return Env(host, gate, listen.port)
+
+    yield make
+    await host.close()
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+
+
+async def get(port: int, request: bytes = b"GET /x HTTP/1.1\r\nHost: g\r\n\r\n",
+              timeout: float = 5) -> tuple[int, bytes]:
+    """Send one request on a new connection; (status, whole reply until close or length)."""
+    reader, writer = await connect(port)
+    writer.write(request)
+    try:
+        async with asyncio.timeout(timeout):
+            head = await read_head(reader)
+            status = int(head.split(b" ", 2)[1])
+            rest = b""
+            low = head.lower()
+            if b"content-length:" in low:
+                n = int(low.split(b"content-length:")[1].split(b"\r\n")[0])
+                rest = await reader.readexactly(n)
+            return status, head + rest
+    finally:
+        writer.close()
+
+
+# --- back-pressure: a client that does not read costs a bounded amount ------------------------
+
+FLOODS = {
+    "close-delimited": b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n",
+    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+    "length": b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("framing", list(FLOODS))
+async def test_client_that_stops_reading_stops_the_backend(
+        gate_env: Callable[..., Awaitable[Env]], framing: str) -> None:
+    """The issue: a close-delimited stream to a client that read 1 KB took the daemon from
+    40 MB to 4.4 GB in 8 s. Now the backend is paused: what it manages to send stops growing
+    at a few socket buffers, and it learns the client left once the client goes."""
+    block = b"x" * 65536
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(FLOODS[framing])
+        while True:
+            writer.write(b"10000\r\n" + block + b"\r\n" if framing == "chunked" else block)
+            await writer.drain()
+            backend.sent += len(block)
+
+    async with Backend(flood) as backend:
+        env = await gate_env(backend.port)
+        reader, writer = await connect(env.port)
+        writer.write(b"GET /flood HTTP/1.1\r\nHost: g\r\n\r\n")
+        await reader.readexactly(1024)  # the client reads 1 KB, then nothing
+
+        async def settled() -> bool:
+            before = backend.sent
+            await asyncio.sleep(0.5)
+            return backend.sent == before
+
+        await async_wait_until(settled, 10, what="the backend paused")
+        assert backend.sent < 64 * 2**20, backend.sent  # a few socket buffers, not GBs
+        assert env.gate.inflight == 1
+        writer.close()  # the client goes away: slot freed, upstream connection closed
+        await async_wait_until(lambda: env.gate.inflight == 0, 5, what="slot freed")
+        await async_wait_until(lambda: backend.closed_connections == 1, 5,
+                               what="the backend saw the end")
+        assert env.gate.stats.requests.get("499") == 1
+
+
+async def test_client_that_accepts_nothing_is_dropped(
+        gate_env: Callable[..., Awaitable[Env]]) -> None:
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(FLOODS["chunked"])
+        while True:
+            writer.write(b"10000\r\n" + b"y" * 65536 + b"\r\n")
+            await writer.drain()
+
+    async with Backend(flood) as backend:
+        env = await gate_env(backend.port, send_timeout_s=0.5)
+        reader, writer = await connect(env.port)
+        writer.write(b"GET /flood HTTP/1.1\r\nHost: g\r\n\r\n")
+        await reader.readexactly(100)
+        t0 = time.monotonic()
+        await async_wait_until(lambda: env.gate.inflight == 0, 10, what="dropped")
+        assert time.monotonic() - t0 < 5
+        await async_wait_until(lambda: backend.closed_connections == 1, 5,
+                               what="upstream closed")
+        writer.close()
+
+
+# --- what a broken backend sends -------------------------------------------------------------
+
+BROKEN_HEADS = {
+    "negative length": b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello",
+    "two lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    "length and chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "bare LF in the head": b"HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 5\r\n\r\nhello",
+    "bare LF status line": b"HTTP/1.1 200 OK\nContent-Length: 5\n\nhello",
+    "not HTTP": b"SSH-2.0-OpenSSH_9.2\r\n",
+    "switching protocols": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+    "huge head": b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 200_000 + b"\r\n\r\n",
+    "closed at once": b"",
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_HEADS))
+async def test_broken_backend_head_is_a_clean_502(
+        gate_env: Callable[..., Awaitable[Env]], case: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(BROKEN_HEADS[case])
+            await writer.drain()
+            if case == "closed at once":
+                return
+            await asyncio.sleep(0.05)
+
+    caplog.set_level(logging.WARNING, logger="supervisord_llm.gate")
+    async with Backend(broken) as backend:
+        env = await gate_env(backend.port)
+        for _ in range(12):
+            status, reply = await get(env.port)
+            assert status == 502, reply
+            err = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+            assert err["code"] == "upstream_error" and err["type"] == "server_error"
+        await async_wait_until(lambda: env.gate.inflight == 0, 5, what="slot freed")
+        await async_wait_until(lambda: env.gate.stats.requests == {"502": 12}, 5,
+                               what="every request counted once")
+    lines = [r for r in caplog.records if "upstream" in r.getMessage()]
+    assert 1 <= len(lines) <= 5  # logged, at a bounded rate
+    assert not any(r.exc_info for r in lines)
+
+
+async def test_backend_breaking_framing_mid_body_is_cut(
+        gate_env: Callable[..., Awaitable[Env]]) -> None:
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: text/event-stream\r\n\r\n"
+                     b"c\r\ndata: one\n\n\r\nzz\r\nnot a chunk\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with Backend(broken) as backend:
+        env = await gate_env(backend.port)
+        reader, writer = await connect(env.port)
+        writer.write(b"GET /s HTTP/1.1\r\nHost: g\r\n\r\n")
+        async with asyncio.timeout(5):
+            reply = await reader.read()  # the gate ends the stream and closes
+        body = reply.split(b"\r\n\r\n", 1)[1]
+        assert b"data: one\n\n" in body and b'"code": "upstream_cut"' in body
+        assert body.endswith(b"0\r\n\r\n")
+        await async_wait_until(lambda: env.gate.inflight == 0, 5, what="slot freed")
+        assert env.gate.stats.rejected.get("upstream_cut") == 1
+        writer.close()
+
+
+# --- timeouts and limits toward clients ------------------------------------------------------
+
+
+async def ok_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     heads: list[bytes] | None = None) -> None:
+    while True:
+        head = await read_head(reader)
+        if heads is not None:
+            heads.append(head)
+        low = head.lower()
+        if b"content-length:" in low:
+            n = int(low.split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(n)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+
+async def test_slowloris_connections_are_closed(gate_env: Callable[..., Awaitable[Env]]) -> None:
+    async with Backend(ok_backend) as backend:
+        env = await gate_env(backend.port, header_timeout_s=0.4)
+        conns = [await connect(env.port) for _ in range(100)]
+        for i, (_r, w) in enumerate(conns):
+            if i % 2:
+                w.write(b"GET / HTTP/1.1\r\nX-Slow: ")  # a head that never ends
+        t0 = time.monotonic()
+        replies = await asyncio.gather(*(r.read() for r, _w in conns))
+        assert time.monotonic() - t0 < 3
+        # idle connections are closed silently; a begun head gets 408
+        assert all(x == b"" for x in replies[::2])
+        assert all(x.startswith(b"HTTP/1.1 408") for x in replies[1::2])
+        for _r, w in conns:
+            w.close()
+        assert (await get(env.port))[0] == 200
+
+
+async def test_trickling_bodies_take_no_admission_slots(
+        gate_env: Callable[..., Awaitable[Env]]) -> None:
+    """64 clients trickling request bodies used to take every slot, so real requests got 429.
+    A body is read before the request takes a slot; a stalled body ends in 408."""
+    async with Backend(ok_backend) as backend:
+        env = await gate_env(backend.port, max_concurrency=2, max_queue=0, body_timeout_s=1.0)
+        tricklers = []
+        for _ in range(64):
+            r, w = await connect(env.port)
+            w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
+                    b"Content-Length: 1000\r\n\r\n{")
+            tricklers.append((r, w))
+        await asyncio.sleep(0.3)
+        assert env.gate.inflight == 0
+        status, _ = await get(env.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
+                              b"Content-Length: 2\r\n\r\n{}")
+        assert status == 200  # not 429: the tricklers hold no slot
+        replies = await asyncio.gather(*(asyncio.wait_for(r.read(), 5) for r, _w in tricklers))
+        assert all(x.startswith(b"HTTP/1.1 408") for x in replies)  # body stalled > 1 s
+        for _r, w in tricklers:
+            w.close()
+        await async_wait_until(lambda: env.gate.stats.requests.get("408") == 64, 5,
+                               what="408s counted")
+
+
+async def test_max_connections_waits_in_the_backlog(
+        gate_env: Callable[..., Awaitable[Env]]) -> None:
+    async with Backend(ok_backend) as backend:
+        env = await gate_env(backend.port, max_connections=3)
+        idle = [await connect(env.port) for _ in range(3)]
+        await async_wait_until(lambda: True, 0.1)
+        reader, writer = await connect(env.port)  # the kernel accepts it into the backlog
+        writer.write(b"GET /x HTTP/1.1\r\nHost: g\r\n\r\n")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)
+        idle[0][1].close()  # one leaves: the waiting one is taken in
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        for _r, w in [*idle[1:], (reader, writer)]:
+            w.close()
+
+
+async def test_trailers_never_become_headers(gate_env: Callable[..., Awaitable[Env]]) -> None:
+    heads: list[bytes] = []
+
+    async def backend_(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await ok_backend(reader, writer, heads)
+
+    async with Backend(backend_) as backend:
+        env = await gate_env(backend.port)
+        reader, writer = await connect(env.port)
+        writer.write(b"POST /a HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"2\r\n{}\r\n0\r\nX-Leak: stolen\r\n\r\n"
+                     b"GET /b HTTP/1.1\r\nHost: g\r\n\r\n")  # pipelined on the same connection
+        replies = b""
+        async with asyncio.timeout(5):
+            while replies.count(b"\r\n\r\nok") < 2:
+                replies += await reader.read(4096)
+        writer.close()
+        assert len(heads) == 2
+        assert heads[0].startswith(b"POST /a ") and heads[1].startswith(b"GET /b ")
+        assert all(b"x-leak" not in h.lower() for h in heads)
+
+
+async def test_malformed_requests_get_400_and_few_log_lines(
+        gate_env: Callable[..., Awaitable[Env]], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="supervisord_llm.gate")
+    bad = [
+        b"\x00\x01\x02 garbage\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: x\n\n",
+        b"GET / HTTP/1.1\r\nX: " + b"a" * 100_000 + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 500 + b"\r\n",
+    ]
+    async with Backend(ok_backend) as backend:
+        env = await gate_env(backend.port)
+        for _ in range(5):
+            for raw in bad:
+                reader, writer = await connect(env.port)
+                writer.write(raw)
+                reply = await asyncio.wait_for(reader.read(), 5)
+                assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), (raw[:40], reply)
+                writer.close()
+        assert (await get(env.port))[0] == 200
+    lines = [r for r in caplog.records if "bad request" in r.getMessage()]
+    assert 1 <= len(lines) <= 5 and not any(r.exc_info for r in lines)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_head_expect_and_http10(gate_env: Callable[..., Awaitable[Env]]) -> None:
+    async def backend_(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_head(reader)
+            if head.startswith(b"HEAD"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+            else:
+                low = head.lower()
+                if b"content-length:" in low:
+                    n = int(low.split(b"content-length:")[1].split(b"\r\n")[0])
+                    await reader.readexactly(n)
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"3\r\nabc\r\n0\r\n\r\n")
+            await writer.drain()
+
+    async with Backend(backend_) as backend:
+        env = await gate_env(backend.port)
+        reader, writer = await connect(env.port)
+        writer.write(b"HEAD /h HTTP/1.1\r\nHost: g\r\n\r\n")
+        head = await asyncio.wait_for(read_head(reader), 5)
+        assert b"Content-Length: 1234" in head  # no body follows a HEAD answer
+        writer.write(b"POST /p HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 4\r\n\r\n")
+        assert await asyncio.wait_for(read_head(reader), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"body")
+        head = await asyncio.wait_for(read_head(reader), 5)
+        assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
+        assert await reader.readexactly(13) == b"3\r\nabc\r\n0\r\n\r\n"
+        writer.close()
+        reader, writer = await connect(env.port)
+        writer.write(b"GET /old HTTP/1.0\r\n\r\n")
+        reply = await asyncio.wait_for(reader.read(), 5)
+        assert reply.endswith(b"\r\n\r\nabc") and b"Connection: close" in reply
+        writer.close()
+
+
+# --- fuzz: whatever a backend sends, the client gets an answer and the slot comes back -------
+
+_STATUS = st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.0 200 OK",
+                           b"HTTP/1.1 100 Continue", b"HTTP/1.1 103 Early Hints",
+                           b"HTTP/1.1 304 Not Modified", b"HTTP/1.1 500 Oops",
+                           b"HTTP/1.1 999 Odd", b"HTTP/1.1 abc", b"HTTP/2 200", b"ICY 200 OK"])
+_HEADER = st.one_of(
+    st.sampled_from([b"Content-Length: 5", b"Content-Length: 0", b"Content-Length: -1",
+                     b"Content-Length: 99999999999999999999", b"Content-Length: 5, 5",
+                     b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip, chunked",
+                     b"Transfer-Encoding: chunked, gzip", b"Connection: close",
+                     b"Connection: keep-alive", b"Content-Type: text/event-stream",
+                     b"Trailer: X-T", b"X-Empty:", b": no-name", b"No-Colon",
+                     b"X-Obs-Fold: a\r\n b"]),
+    st.binary(max_size=40).map(lambda b: b"X-Fuzz: " + b),
+)
+_BODY = st.one_of(
+    st.sampled_from([b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"5\r\nhel", b"zz\r\nbad\r\n",
+                     b"0\r\nX-T: t\r\n\r\n", b"data: x\n\n", b"5;ext=1\r\nhello\r\n",
+                     b"ffffffffffffffffff\r\n"]),
+    st.binary(max_size=300),
+)
+_LINE_END = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r"])
+
+
+@st.composite
+def _responses(draw: st.DrawFn) -> list[bytes]:
+    """A response as the backend writes it, in fragments: mostly HTTP-shaped, often broken."""
+    out = []
+    for _ in range(draw(st.integers(1, 2))):  # sometimes an interim response first
+        end = draw(_LINE_END)
+        head = draw(_STATUS) + end
+        for h in draw(st.lists(_HEADER, max_size=5)):
+            head += h + draw(_LINE_END)
+        out.append(head + end)
+    out += draw(st.lists(_BODY, max_size=4))
+    if draw(st.booleans()):
+        out = [draw(st.binary(min_size=1, max_size=200))]  # plain garbage
+    return out
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(fragments=_responses(), method=st.sampled_from([b"GET", b"POST", b"HEAD"]),
+       keep_open=st.booleans())
+def test_fuzz_misbehaving_backend(fragments: list[bytes], method: bytes,
+                                  keep_open: bool) -> None:
+    asyncio.run(_fuzz_once(fragments, method, keep_open))
+
+
+async def _fuzz_once(fragments: list[bytes], method: bytes, keep_open: bool) -> None:
+    async def backend_(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        if b"Content-Length: 2" in head:
+            await reader.readexactly(2)
+        for part in fragments:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        if keep_open:
+            await asyncio.sleep(0.3)  # then the connection closes (the gate has no
+            # upstream deadline of its own yet: the backend ends every case)
+
+    host = GateHost()
+    try:
+        async with Backend(backend_) as backend:
+            listen = parse_listen(f"127.0.0.1:{free_port()}")
+            gate = await host.add("fuzz", GateSection(listen))
+            host.call(gate.set_upstreams, ("127.0.0.1", backend.port), None)
+            await async_wait_until(lambda: gate.state == "open", 2, what="open")
+            reader, writer = await connect(listen.port)
+            body = b"{}" if method == b"POST" else b""
+            length = b"Content-Length: 2\r\n" if body else b""
+            writer.write(method + b" /f HTTP/1.1\r\nHost: g\r\n" + length + b"\r\n" + body)
+            async with asyncio.timeout(10):
+                reply = b""
+                while True:
+                    try:
+                        data = await reader.read(65536)
+                    except ConnectionResetError:
+                        break
+                    if not data:
+                        break
+                    reply += data
+                    if _complete(reply, method):
+                        break
+            writer.close()
+            if reply:  # whatever came is a well-formed status line from the gate
+                assert reply.startswith(b"HTTP/1.1 "), reply[:80]
+                assert int(reply[9:12]) in range(200, 600)
+            await async_wait_until(lambda: gate.inflight == 0, 5, what="slot freed")
+            await async_wait_until(lambda: sum(gate.stats.requests.values()) == 1, 5,
+                                   what="counted once")
+    finally:
+        await host.close()
+
+
+def _complete(reply: bytes, method: bytes) -> bool:
+    """Enough of a reply to stop reading (the gate keeps a good connection open)."""
+    head, sep, body = reply.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    low = head.lower()
+    if method == b"HEAD" or b" 204 " in head or b" 304 " in head:
+        return True
+    if b"content-length:" in low:
+        n = int(low.split(b"content-length:")[1].split(b"\r\n")[0])
+        return len(body) >= n
+    if b"transfer-encoding: chunked" in low:
+        return body.endswith(b"0\r\n\r\n")
+    return False
