@@ -7,6 +7,10 @@ The service actor runs in this process with the real spawner (exec shim, process
 guardian) and a real child (/bin/sleep). Each kill is SIGKILL at t0; `launch` is when the
 actor calls the spawner for the replacement, `spawned` when the shim process exists
 (fork + exec of the shim done), `exec` when the real command has replaced the shim.
+
+Each process is killed only once it has run FAST_RUN_S (1 s): the restart policy puts a floor
+of 1 s under the delay of a service whose runs keep ending sooner (policy/backoff.py), and this
+measures the reaction to a crash, not that floor. 50 kills take about a minute.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from supervisord_llm.config import parse_config
 from supervisord_llm.health import HttpProber
 from supervisord_llm.plan import resolve_plan
+from supervisord_llm.policy.backoff import FAST_RUN_S
 from supervisord_llm.service import ServiceActor
 from supervisord_llm.spawn import LaunchSpec, ServiceProcess, Spawner
 from supervisord_llm.states import State
@@ -87,6 +92,9 @@ async def run(kills: int) -> None:
             pid = actor.proc.pid
             while not exec_done(pid):
                 await asyncio.sleep(0.001)
+            # a run shorter than FAST_RUN_S counts towards the restart-rate floor
+            await asyncio.sleep(max(0.0, actor.proc.launched_at + FAST_RUN_S + 0.05
+                                    - time.monotonic()))
             gen = actor.gen
             calls_before = len(spawner.calls)
             t0 = time.monotonic()
@@ -101,6 +109,7 @@ async def run(kills: int) -> None:
                 await asyncio.sleep(0.0002)
             execd.append(time.monotonic() - t0)
             assert actor.state is State.READY
+        assert actor.tracker.fast_runs == 0, "kills closer than FAST_RUN_S: the floor applied"
         actor.kill_now()
         await actor.wait_stopped(5)
         await actor.shutdown()

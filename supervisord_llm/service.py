@@ -7,6 +7,11 @@ tells the supervisor and wakes the waiters of every settled state, failure paths
 
 Every launch has a generation number; events of an earlier generation are dropped, so a late
 exit or probe of a replaced process can never act on its successor.
+
+A service is gone when its main process has exited, its process group is empty, and the
+processes that escaped the group carrying its launch marker are gone too (they are stopped with
+it); escaped processes not proven ours are reported (log, `escaped` in the status) and left
+alone.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from .errors import ControlError, SpawnError
 from .health import ProbeKind, ProbeResult
 from .plan import ServicePlan
 from .policy.backoff import RestartTracker
-from .spawn import LaunchSpec, ServiceProcess, Spawner
+from .spawn import Escapee, LaunchSpec, ServiceProcess, Spawner
 from .states import RUNNING, RestartReason, State, can_transition
 
 log = logging.getLogger(__name__)
@@ -55,8 +60,11 @@ class Exited:
 
 
 @dataclass
-class GroupGone:
+class Reaped:
+    """The group of an exited main process is empty; `found` escaped it (a scan of /proc)."""
+
     gen: int
+    found: list[Escapee]
 
 
 @dataclass
@@ -71,7 +79,7 @@ class Timer:
     kind: str  # startup | stop_deadline | backoff | stable
 
 
-Event = Command | Exited | GroupGone | Probed | Timer
+Event = Command | Exited | Reaped | Probed | Timer
 
 
 @dataclass
@@ -150,6 +158,9 @@ class ServiceActor:
         self._health_task: asyncio.Task[None] | None = None
         self._failures = 0
         self._exited = False  # main process of the current generation has exited
+        self._exit_code = 0
+        self._killing = False  # past the stop deadline (or a fast stop): SIGKILL what is found
+        self._escaped: dict[int, Escapee] = {}  # reported at the service's last end
         self._pending: RestartReason | None = None  # why the current stop happens
         self._task: asyncio.Task[None] | None = None
 
@@ -214,8 +225,10 @@ class ServiceActor:
         """Fast stop: SIGKILL the group at once (second SIGTERM to the daemon); the actor
         then settles in `stopped` through the ordinary stop path."""
         self.desired_up = False
+        self._killing = True
         if self.proc is not None:
             self.proc.signal_group(signal.SIGKILL)
+            self.proc.signal_escapees(signal.SIGKILL)
         self._events.put_nowait(Command("stop"))
 
     def status(self, now: float | None = None) -> dict[str, Any]:
@@ -249,6 +262,7 @@ class ServiceActor:
                 if self.state is State.BACKOFF and self.backoff_until is not None else None
             ),
             "failed_reason": self.failed_reason if self.state is State.FAILED else None,
+            "escaped": [pid for pid, e in sorted(self._escaped.items()) if e.alive()],
         }
 
     # --- the actor loop ---------------------------------------------------------------------
@@ -269,6 +283,9 @@ class ServiceActor:
             self._cancel_timer()
             for task in list(self._tasks):
                 task.cancel()
+            for esc in self._escaped.values():
+                if esc not in (self.proc.escapees.values() if self.proc else ()):
+                    esc.close()
 
     async def _handle(self, ev: Event) -> None:
         if isinstance(ev, Command):
@@ -276,12 +293,16 @@ class ServiceActor:
         elif isinstance(ev, Exited):
             if ev.gen == self.gen:
                 self._on_exit(ev.returncode)
-        elif isinstance(ev, GroupGone):
+        elif isinstance(ev, Reaped):
             if ev.gen == self.gen and self.proc is not None:
-                self._on_group_gone()
+                self._on_reaped(ev.found)
+            else:
+                for esc in ev.found:
+                    if not esc.ours:
+                        esc.close()
         elif isinstance(ev, Probed):
-            if ev.gen == self.gen and self.state in (State.STARTING, State.READY,
-                                                     State.DRAINING):
+            if ev.gen == self.gen and not self._exited and self.state in (
+                    State.STARTING, State.READY, State.DRAINING):
                 self._on_probe(ev.result)
         elif isinstance(ev, Timer) and ev.token == self._timer_token:
             self._timer = None
@@ -374,6 +395,8 @@ class ServiceActor:
         self.gen += 1
         gen = self.gen
         self._exited = False
+        self._killing = False
+        self._prune_escaped()
         self._failures = 0
         self._pending = None
         self.health = HealthStatus()
@@ -412,7 +435,7 @@ class ServiceActor:
             self._health_task = self._spawn_task(self._health_loop(gen, url), "health")
 
     async def _watch(self, gen: int, proc: ServiceProcess) -> None:
-        code = await proc.wait()
+        code = await proc.wait()  # the exit itself, even while escaped processes hold the pipe
         self.post(Exited(gen, code))
 
     async def _health_loop(self, gen: int, url: str) -> None:
@@ -477,38 +500,71 @@ class ServiceActor:
         else:
             proc.signal_group(signal.SIGTERM)
         proc.signal_group(signal.SIGCONT)  # a stopped process cannot act on the signal
-        if self._exited:
-            self._spawn_task(self._await_group(self.gen, proc), "reap")
 
     def _on_exit(self, code: int) -> None:
         self._exited = True
+        self._exit_code = code
         self._stop_health()
         desc = describe_exit(code)
         self.last_exit = desc
         proc = self.proc
         assert proc is not None
-        if proc.group_alive():
-            # The main process is gone but it left children: stop them before anything else.
-            if self.state is not State.STOPPING:
-                self._pending = self._exit_reason(code)
+        if self.state is not State.STOPPING:
+            self._pending = self._exit_reason(code)
+            if proc.group_alive():
+                # The main process is gone but it left children: stop them before anything else.
                 log.warning("%s: main process %s; stopping what it left behind", self.name, desc)
                 self._begin_stop(f"main process {desc}")
-            else:
-                self._spawn_task(self._await_group(self.gen, proc), "reap")
-            return
-        self._finish(code)
+        self._spawn_task(self._reap(self.gen, proc), "reap")
 
-    async def _await_group(self, gen: int, proc: ServiceProcess) -> None:
-        while proc.group_alive():  # noqa: ASYNC110 - no event tells when a group empties
+    async def _reap(self, gen: int, proc: ServiceProcess) -> None:
+        """Once the main process has exited: until its group is empty and the escaped processes
+        being stopped are gone, then look (off the loop) for processes that escaped it."""
+        while proc.group_alive() or proc.escapees_alive():  # noqa: ASYNC110 - no event for it
             await asyncio.sleep(_GROUP_POLL_S)
-        self.post(GroupGone(gen))
+        self.post(Reaped(gen, await proc.find_escaped()))
 
-    def _on_group_gone(self) -> None:
-        if not self._exited:
-            return  # the main process is still there (it cannot be: a group leader exits last)
+    def _on_reaped(self, found: list[Escapee]) -> None:
         proc = self.proc
         assert proc is not None
-        self._finish(proc.returncode if proc.returncode is not None else 0)
+        stopping: list[Escapee] = []
+        for esc in found:
+            known = self._escaped.get(esc.pid)
+            if esc.ours:
+                if not esc.signalled:
+                    stopping.append(esc)
+                if known is not None and known is not esc:
+                    known.close()
+                self._escaped[esc.pid] = esc
+                continue
+            if known is not None and known.alive():
+                esc.close()
+                continue
+            if known is not None:
+                known.close()
+            self._escaped[esc.pid] = esc
+            log.warning("%s: process %d (%s) escaped its process group and holds its output; "
+                        "not proven ours (no launch marker): left running, output closed",
+                        self.name, esc.pid, esc.cmd)
+        if stopping:
+            for esc in stopping:
+                log.warning("%s: process %d (%s) escaped its process group; stopping it",
+                            self.name, esc.pid, esc.cmd)
+            if self.state is not State.STOPPING:
+                self._begin_stop(f"main process {self.last_exit}; {len(stopping)} "
+                                 f"process(es) escaped its group")
+            sig = signal.SIGKILL if self._killing else signal.SIGTERM
+            proc.signal_escapees(sig, only_new=True)
+            proc.signal_escapees(signal.SIGCONT)
+            self._spawn_task(self._reap(self.gen, proc), "reap")
+            return
+        self._finish(self._exit_code)
+
+    def _prune_escaped(self) -> None:
+        for pid, esc in list(self._escaped.items()):
+            if not esc.alive():
+                esc.close()
+                del self._escaped[pid]
 
     def _exit_reason(self, code: int) -> RestartReason | None:
         """Why the service is going down when its process exits by itself."""
@@ -527,20 +583,23 @@ class ServiceActor:
         self.health = HealthStatus()
         was = self.state
         desc = describe_exit(code)
+        reason: RestartReason | None
         if was is State.STOPPING:
             if not self.desired_up:
                 self._transition(State.STOPPED, f"stopped ({desc})")
-            elif self._pending is RestartReason.MANUAL:
+                return
+            if self._pending is RestartReason.MANUAL:
                 self.restart_count += 1
                 self.counters.restart(RestartReason.MANUAL)
                 self._transition(State.STOPPED, "restarting")
                 self.post(Command("start"))
-            else:
-                self._after_exit(self._pending or RestartReason.EXIT)
-            return
-        # The process ended by itself while starting or ready.
-        reason = self._exit_reason(code)
-        log.warning("%s: process %s", self.name, desc)
+                return
+            # a stop for a cause, or what an exit by itself left behind (cause: its policy)
+            reason = self._pending
+        else:
+            # The process ended by itself while starting or ready.
+            reason = self._exit_reason(code)
+            log.warning("%s: process %s", self.name, desc)
         if reason is None:
             if self.cfg.restart.policy == "never" and code != 0:
                 self._fail(f"{desc}; restart policy is never")
@@ -553,6 +612,7 @@ class ServiceActor:
     def _after_exit(self, reason: RestartReason) -> None:
         """Decide between backoff and failed after an unplanned end."""
         now = self._clock()
+        ran_s = now - self.launched_at if self.launched_at is not None else None
         if self.cfg.restart.policy == "never":
             self._fail(f"{self.last_exit}; restart policy is never")
             return
@@ -561,7 +621,7 @@ class ServiceActor:
             self._fail(f"{r.max_restarts} restarts within {r.window_s:g} s; "
                        f"last: {self.last_exit}")
             return
-        delay = self.tracker.next_delay(now)
+        delay = self.tracker.next_delay(now, ran_s)
         self.restart_count += 1
         self.counters.restart(reason)
         self.backoff_until = now + delay
@@ -577,16 +637,16 @@ class ServiceActor:
     async def _on_timer(self, kind: str) -> None:
         if kind == "backoff" and self.state is State.BACKOFF:
             await self._launch("backoff elapsed")
-        elif kind == "startup" and self.state is State.STARTING:
+        elif kind == "startup" and self.state is State.STARTING and not self._exited:
             self._restart_for(RestartReason.HEALTH,
                               f"not ready within startup_timeout_s "
                               f"({self.cfg.health.startup_timeout_s:g} s)")
         elif kind == "stop_deadline" and self.state is State.STOPPING and self.proc is not None:
             log.warning("%s: still running %g s after the stop signal: SIGKILL",
                         self.name, self.cfg.stop.timeout_s)
+            self._killing = True
             self.proc.signal_group(signal.SIGKILL)
-            if self._exited:
-                return  # the reap task sees the group go
+            self.proc.signal_escapees(signal.SIGKILL)  # the reap task sees them go
         elif kind == "stable" and self.state is State.READY:
             self.tracker.mark_stable()
 

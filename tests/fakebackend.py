@@ -8,8 +8,13 @@ Knobs (command line, or at run time with `POST /_ctl?key=value`):
   --health-hang      /health never answers
   --ignore-term      ignore SIGTERM (only SIGKILL ends it)
   --grandchild       fork a grandchild that ignores SIGTERM and holds stdout/stderr
+  --escape           fork a child that leaves the process group (setsid) and holds
+                     stdout/stderr; it inherits the SIGTERM disposition (--ignore-term)
+  --escape-clean-env the escaped child re-executes itself with an empty environment (it no
+                     longer carries the supervisor's launch marker)
   --exit-after S     exit by itself S seconds after start, with --exit-code (default 1)
-  --pidfile PATH     write "PID GRANDCHILD_PID" here once listening
+  --pidfile PATH     write "PID GRANDCHILD_PID" here once listening (with --escape:
+                     "PID GRANDCHILD_PID ESCAPED_PID"; 0 for a child not asked for)
   --no-listen        never listen (a server stuck before binding its port)
 Serves `/v1/models` and `/v1/chat/completions` (plain and `stream: true`, with
 `fake_token_delay_s` between chunks and `fake_die_after` chunks to crash mid-stream), like
@@ -41,6 +46,19 @@ def _grandchild() -> int:
     return pid
 
 
+def _escapee(clean_env: bool) -> int:
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()  # out of the service's process group and session
+        if clean_env:
+            os.execve(sys.executable, [sys.executable, "-c",  # noqa: S606 - the knob
+                                       "import time\nwhile True: time.sleep(3600)"], {})
+        # keeps the inherited stdout/stderr (the supervisor's log pipe) open
+        while True:
+            time.sleep(3600)
+    return pid
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
@@ -50,6 +68,8 @@ def main() -> None:
     ap.add_argument("--health-hang", action="store_true")
     ap.add_argument("--ignore-term", action="store_true")
     ap.add_argument("--grandchild", action="store_true")
+    ap.add_argument("--escape", action="store_true")
+    ap.add_argument("--escape-clean-env", action="store_true")
     ap.add_argument("--exit-after", type=float, default=None)
     ap.add_argument("--exit-code", type=int, default=1)
     ap.add_argument("--pidfile", default=None)
@@ -61,6 +81,7 @@ def main() -> None:
     if a.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     gc_pid = _grandchild() if a.grandchild else 0
+    escaped_pid = _escapee(a.escape_clean_env) if a.escape else 0
 
     async def health(request: web.Request) -> web.StreamResponse:
         if knobs["health_hang"]:
@@ -156,7 +177,8 @@ def main() -> None:
         if a.pidfile:
             tmp = a.pidfile + ".tmp"
             with open(tmp, "w") as fh:
-                fh.write(f"{os.getpid()} {gc_pid}\n")
+                fh.write(f"{os.getpid()} {gc_pid}" + (f" {escaped_pid}" if a.escape else "")
+                         + "\n")
             os.replace(tmp, a.pidfile)
         print(f"fakebackend listening on {a.host}:{a.port}", flush=True)
         stop = asyncio.Event()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from helpers import toml_dumps
 from supervisord_llm.config import parse_config
 from supervisord_llm.plan import resolve_plan
-from supervisord_llm.policy.backoff import RestartTracker
+from supervisord_llm.policy.backoff import FAST_RUN_S, FAST_RUNS, FLOOR_S, RestartTracker
 from supervisord_llm.sensors.base import GpuInfo
 from supervisord_llm.states import SETTLED, TRANSITIONS, State, can_transition
 from supervisord_llm.topology import Topology, format_cpulist, parse_cpulist
@@ -51,6 +51,31 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
 def test_zero_initial_backoff_is_immediate() -> None:
     t = RestartTracker(0.0, 5.0, 100, 600)
     assert all(t.next_delay(float(i)) == 0.0 for i in range(10))
+
+
+def test_fast_failures_put_a_floor_under_the_delay() -> None:
+    t = RestartTracker(0.0, 0.0, 1000, 600)
+    # two fast runs: still immediate
+    assert [t.next_delay(float(i), ran_s=0.01) for i in range(2)] == [0.0, 0.0]
+    # the third run in a row that ended under a second: at least a second from now on
+    assert t.next_delay(2.0, ran_s=0.99) == FLOOR_S
+    assert t.next_delay(3.0, ran_s=0.0) == FLOOR_S
+    # a run that lasted a second clears it
+    assert t.next_delay(10.0, ran_s=FAST_RUN_S) == 0.0
+    assert t.next_delay(11.0, ran_s=0.1) == 0.0
+    assert t.next_delay(12.0, ran_s=0.1) == 0.0
+    assert t.next_delay(13.0, ran_s=0.1) == FLOOR_S
+    # an unknown duration changes nothing; reset clears the count
+    assert t.next_delay(14.0) == FLOOR_S
+    t.reset()
+    assert t.next_delay(15.0, ran_s=0.1) == 0.0
+
+
+def test_floor_does_not_shorten_a_longer_backoff() -> None:
+    t = RestartTracker(4.0, 8.0, 1000, 600, random.Random(3))
+    delays = [t.next_delay(float(i), ran_s=0.1) for i in range(FAST_RUNS + 2)]
+    assert all(d >= 0.75 * 4.0 for d in delays)
+    assert t.fast_runs == FAST_RUNS + 2
 
 
 def test_restart_budget_per_window() -> None:

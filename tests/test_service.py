@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from helpers import (
 from supervisord_llm.config import parse_config
 from supervisord_llm.health import HttpProber
 from supervisord_llm.plan import resolve_plan
+from supervisord_llm.policy.backoff import FLOOR_S
 from supervisord_llm.service import ServiceActor
 from supervisord_llm.spawn import Spawner
 from supervisord_llm.states import State
@@ -192,6 +194,101 @@ async def test_crash_leaving_grandchild_cleans_group_before_restart(
     assert not alive(grandchild)  # gone before the replacement was launched
 
 
+async def test_escaped_child_holding_the_pipe_does_not_wedge_the_service(
+        make: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A child that left the group (setsid) keeping stdout: the kill -9 of the main process is
+    seen at once, the child (it carries the launch marker) is stopped, the service restarts."""
+    port = free_port()
+    pidfile = tmp_path / "pids"
+    a = make(fake_service("svc", port, "--escape", "--pidfile", str(pidfile)))
+    await a.command("start")
+    await state(a, State.READY)
+    await async_wait_until(pidfile.exists, 5, what="pidfile")
+    main, _, escaped = map(int, pidfile.read_text().split())
+    pidfile.unlink()
+    try:
+        with caplog.at_level(logging.WARNING, "supervisord_llm.service"):
+            os.kill(main, signal.SIGKILL)
+            await async_wait_until(lambda: a.gen == 2 and a.state is State.READY, 10,
+                                   what="the restart")
+        assert not alive(escaped)
+        assert a.last_exit == "killed by SIGKILL" and a.counters.restarts == {"exit": 1}
+        assert f"process {escaped} (" in caplog.text and "escaped its process group" in caplog.text
+        assert a.status()["escaped"] == []  # stopped: nothing left to show
+        await async_wait_until(pidfile.exists, 5, what="second pidfile")
+        second = int(pidfile.read_text().split()[2])
+        before = a.gen
+        await a.command("restart")  # what `llmctl restart` waits for
+        assert await a.wait_settled(before, 10) is State.READY
+        assert not alive(second)
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(escaped, signal.SIGKILL)
+
+
+async def test_escaped_child_not_proven_ours_is_reported_and_left_alone(
+        make: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    pidfile = tmp_path / "pids"
+    a = make(fake_service("svc", port, "--escape", "--escape-clean-env", "--pidfile",
+                          str(pidfile)))
+    await a.command("start")
+    await state(a, State.READY)
+    await async_wait_until(pidfile.exists, 5, what="pidfile")
+    main, _, escaped = map(int, pidfile.read_text().split())
+    try:
+        await async_wait_until(lambda: "LLM_SUPERVISOR_INSTANCE" not in proc_environ(escaped),
+                               5, what="the escapee without the marker")
+        with caplog.at_level(logging.WARNING, "supervisord_llm.service"):
+            os.kill(main, signal.SIGKILL)
+            await async_wait_until(lambda: a.gen == 2 and a.state is State.READY, 10,
+                                   what="the restart")
+        assert alive(escaped)  # never signalled: nothing proves it is ours
+        assert a.status()["escaped"] == [escaped]
+        assert f"process {escaped} (" in caplog.text and "not proven ours" in caplog.text
+    finally:
+        os.kill(escaped, signal.SIGKILL)
+    await async_wait_until(lambda: a.status()["escaped"] == [], 5, what="escaped cleared")
+
+
+async def test_stop_takes_escaped_children_ignoring_sigterm_down_at_the_deadline(
+        make: Factory, tmp_path: Path) -> None:
+    port = free_port()
+    pidfile = tmp_path / "pids"
+    a = make(fake_service("svc", port, "--escape", "--ignore-term", "--pidfile", str(pidfile),
+                          stop={"timeout_s": 0.5}))
+    await a.command("start")
+    await state(a, State.READY)
+    await async_wait_until(pidfile.exists, 5, what="pidfile")
+    main, _, escaped = map(int, pidfile.read_text().split())
+    try:
+        t0 = time.monotonic()
+        await a.command("stop")
+        assert await a.wait_stopped(5) is State.STOPPED
+        assert 0.4 <= time.monotonic() - t0 <= 3.0
+        assert not alive(main) and not alive(escaped)
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(escaped, signal.SIGKILL)
+
+
+async def test_crash_loop_with_zero_backoff_is_held_to_one_launch_a_second(
+        make: Factory) -> None:
+    a = make({"name": "crashy", "command": ["/bin/false"],
+              "restart": {"backoff_initial_s": 0, "backoff_max_s": 0, "max_restarts": 1000,
+                          "window_s": 60}})
+    await a.command("start")
+    await async_wait_until(lambda: a.gen >= 3, 5, what="three fast launches")
+    gen0, launched0 = a.gen, a.launched_at
+    await async_wait_until(lambda: a.gen >= gen0 + 2, 5, what="two more launches")
+    gen1, launched1 = a.gen, a.launched_at
+    assert launched0 is not None and launched1 is not None
+    # without the floor: about 60 launches a second on two cores
+    rate = (gen1 - gen0) / (launched1 - launched0)
+    assert rate <= 1.0 / FLOOR_S, f"{gen1 - gen0} launches in {launched1 - launched0:.2f} s"
+    assert a.tracker.fast_runs >= 3
+
+
 async def test_restart_policies(make: Factory) -> None:
     clean = make(fake_service("clean", free_port(), "--exit-after", "0.3", "--exit-code", "0"))
     never = make(fake_service("never", free_port(), "--exit-after", "0.3",
@@ -338,21 +435,6 @@ async def test_guardian_kills_groups_when_its_pipe_closes(tmp_path: Path) -> Non
     sp._guardian_fd = None
     await async_wait_until(lambda: not alive(proc.pid), 3, what="guardian kill")
     await sp.close()
-
-
-async def test_leftovers_of_an_earlier_run_are_stopped(tmp_path: Path) -> None:
-    from supervisord_llm.spawn import LaunchSpec
-
-    first = Spawner(tmp_path, use_guardian=False)
-    proc = await first.launch(LaunchSpec("old", ("/bin/sleep", "60"),
-                                         {"PATH": "/bin:/usr/bin"}))
-    assert (tmp_path / "processes.json").exists()
-    second = Spawner(tmp_path, use_guardian=False)
-    found = await second.reap_leftovers(2.0)
-    assert found == [f"old (pgid {proc.pgid})"]
-    await proc.wait()
-    assert not alive(proc.pid)
-    assert await second.reap_leftovers(2.0) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
