@@ -192,9 +192,10 @@ def descendants(pid: int) -> list[int]:
 class Daemon:
     """llm-supervisor as a real process, on a config written under `tmp`."""
 
-    def __init__(self, tmp: Path, doc: dict[str, Any], env: Mapping[str, str] | None = None
-                 ) -> None:
+    def __init__(self, tmp: Path, doc: dict[str, Any], env: Mapping[str, str] | None = None,
+                 nofile: int | None = None) -> None:
         self.tmp = tmp
+        self.nofile = nofile  # RLIMIT_NOFILE of the daemon, to run it out of descriptors
         self.doc = doc
         self.config = tmp / "config.toml"
         self.write(doc)
@@ -210,10 +211,11 @@ class Daemon:
 
     def start(self, wait: bool = True) -> Daemon:
         self._logfh = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisord_llm", "--config", str(self.config)],
-            stdout=self._logfh, stderr=subprocess.STDOUT, env=self.env, cwd=str(self.tmp),
-        )
+        argv = [sys.executable, "-m", "supervisord_llm", "--config", str(self.config)]
+        if self.nofile is not None:
+            argv = ["prlimit", f"--nofile={self.nofile}", "--", *argv]
+        self.proc = subprocess.Popen(argv, stdout=self._logfh, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=str(self.tmp))
         if wait:
             wait_until(self._answers, 20, what=f"control socket (log: {self.logtext()[-2000:]})")
         return self
@@ -319,9 +321,9 @@ class NotifyListener:
 
 
 @contextlib.contextmanager
-def running(tmp: Path, doc: dict[str, Any], env: Mapping[str, str] | None = None
-            ) -> Iterator[Daemon]:
-    d = Daemon(tmp, doc, env)
+def running(tmp: Path, doc: dict[str, Any], env: Mapping[str, str] | None = None,
+            nofile: int | None = None) -> Iterator[Daemon]:
+    d = Daemon(tmp, doc, env, nofile)
     try:
         yield d.start()
     finally:

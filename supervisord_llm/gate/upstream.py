@@ -33,6 +33,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
         self.got_bytes = False  # any byte of the current response arrived
         self._parser: ResponseParser | None = None
         self._head_fut: asyncio.Future[ResponseHead] | None = None
@@ -209,6 +210,9 @@ class UpstreamPool:
         now = loop.time()
         while idle:
             conn = idle.pop()
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
             if not conn.closed and now - conn.idle_since < self.idle_s:
                 conn.reused = True
                 return conn
@@ -232,10 +236,15 @@ class UpstreamPool:
         if len(idle) >= self.max_idle:
             conn.close()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
+        conn.idle_timer = loop.call_later(self.idle_s, conn.close)  # not kept for ever
         idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+            conn.idle_timer = None
         self._all.discard(conn)
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
