@@ -109,7 +109,7 @@ async def run(kills: int) -> None:
                 await asyncio.sleep(0.0002)
             execd.append(time.monotonic() - t0)
             assert actor.state is State.READY
-        assert actor.tracker.fast_runs == 0, "kills closer than FAST_RUN_S: the floor applied"
+        assert actor.model.budget.fast_runs == 0, "kills closer than FAST_RUN_S: the floor applied"
         actor.kill_now()
         await actor.wait_stopped(5)
         await actor.shutdown()

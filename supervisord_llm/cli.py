@@ -9,11 +9,12 @@ import os
 import sys
 
 from . import __version__
-from .config import DEFAULT_CONFIG_PATH, LOG_FORMATS
-from .daemon import Overrides, apply_overrides, discover_gpus, fatal, run
+from .config import DEFAULT_CONFIG_PATH, LOG_FORMATS, Config, one_line
+from .daemon import Overrides, apply_overrides, discover, fatal, run
 from .errors import ConfigError, StartupError
 from .logs import setup_logging
 from .plan import render_plan, resolve_plan
+from .sensors.discovery import Discovery
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,24 +38,50 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_PROBLEMS_SHOWN = 100  # a config with thousands of errors does not flood the terminal
+
+
+def _config_problems(exc: ConfigError) -> list[str]:
+    """One line per problem (at most MAX_PROBLEMS_SHOWN, then how many more there are)."""
+    lines = [f"config error: {one_line(p)}" for p in exc.problems[:MAX_PROBLEMS_SHOWN]]
+    more = len(exc.problems) - MAX_PROBLEMS_SHOWN
+    if more > 0:
+        lines.append(f"config error: ... and {more} more error{'s' if more != 1 else ''}")
+    return lines
+
+
 def check(config_path: str, overrides: Overrides) -> int:
     from .config import load_config
 
     try:
         cfg = apply_overrides(load_config(config_path), overrides)
-        backend, gpus = asyncio.run(discover_gpus(cfg))
+        disc = asyncio.run(_discover_only(cfg))
+        gpus = list(disc.gpus)
         plans = resolve_plan(cfg, gpus)
     except ConfigError as exc:
-        for problem in exc.problems:
-            sys.stderr.write(f"llm-supervisor: config error: {problem}\n")
-        sys.stderr.write(f"llm-supervisor: {config_path}: {len(exc.problems)} "
+        for line in _config_problems(exc):
+            sys.stderr.write(f"llm-supervisor: {line}\n")
+        sys.stderr.write(f"llm-supervisor: {one_line(config_path)}: {len(exc.problems)} "
                          f"error{'s' if len(exc.problems) != 1 else ''}\n")
         return 1
-    except StartupError as exc:
-        sys.stderr.write(f"llm-supervisor: {exc}\n")
+    except StartupError as exc:  # GPU discovery failed: the check fails
+        sys.stderr.write(f"llm-supervisor: {one_line(str(exc))}\n")
+        for note in getattr(exc, "notes", ()):
+            sys.stderr.write(f"llm-supervisor:   {one_line(note)}\n")
+        return 1
+    except Exception as exc:  # a bug: one line, never a traceback
+        sys.stderr.write(f"llm-supervisor: internal error: {type(exc).__name__}: "
+                         f"{one_line(str(exc))}\n")
         return 2
-    sys.stdout.write(render_plan(cfg, gpus, plans, backend.name) + "\n")
+    sys.stdout.write(render_plan(cfg, gpus, plans, disc.backend_names) + "\n")
+    sys.stdout.write(f"gpu discovery: {disc.message}\n")
     return 0
+
+
+async def _discover_only(cfg: Config) -> Discovery:
+    disc = await discover(cfg)
+    await disc.aclose()
+    return disc
 
 
 def daemon_main(argv: list[str] | None = None) -> int:
@@ -68,22 +95,25 @@ def daemon_main(argv: list[str] | None = None) -> int:
     try:
         cfg = apply_overrides(load_config(args.config), overrides)
     except ConfigError as exc:
-        for problem in exc.problems:
-            fatal(f"config error: {problem}")
+        for line in _config_problems(exc):
+            fatal(line)
         return 1
+    except Exception as exc:  # a bug: one line, never a traceback
+        fatal(f"internal error reading the config: {type(exc).__name__}: {one_line(str(exc))}")
+        return 2
     setup_logging(cfg.supervisor.log_format, logging.DEBUG if args.verbose else logging.INFO)
     try:
         return run(args.config, overrides)
     except ConfigError as exc:
-        for problem in exc.problems:
-            fatal(f"config error: {problem}")
+        for line in _config_problems(exc):
+            fatal(line)
         return 1
     except StartupError as exc:
-        fatal(str(exc))
+        fatal(one_line(str(exc)))
         return 2
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled on the loop
         return 0
     except Exception as exc:  # a bug: one line on stderr, the traceback in the log
         logging.getLogger("llm-supervisor").critical("internal error", exc_info=True)
-        fatal(f"internal error: {type(exc).__name__}: {exc}")
+        fatal(f"internal error: {type(exc).__name__}: {one_line(str(exc))}")
         return 2

@@ -9,16 +9,18 @@ and reload. Checks that need the discovered GPUs (unknown GPU in `service[i].gpu
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import math
 import os
 import pwd
 import re
+import reprlib
 import signal
+import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 from .errors import ConfigError
@@ -42,6 +44,44 @@ _PCI_RE: Final = re.compile(r"^(?:([0-9A-Fa-f]{4,8}):)?([0-9A-Fa-f]{2}):([0-9A-F
 _THRESHOLD_RE: Final = re.compile(r"^(slowdown|shutdown)\s*(?:([+-])\s*(\d+(?:\.\d+)?))?$")
 _PLACEHOLDER_RE: Final = re.compile(r"\{([A-Za-z_]*)\}")
 PLACEHOLDERS: Final = ("port", "gpu_uuids")
+
+MAX_CONFIG_BYTES: Final = 1024 * 1024  # a config file larger than 1 MB is refused
+MAX_MESSAGE_CHARS: Final = 300  # one problem, as printed and logged
+_BARE_KEY_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 100
+_REPR.maxother = 100
+_REPR.maxlong = 40
+_REPR.maxlevel = 3
+
+
+def _r(value: object) -> str:
+    """A value as shown in a message: repr, but short (huge strings, deep nesting)."""
+    return _REPR.repr(value)
+
+
+def _escape(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _key_text(key: str) -> str:
+    """A key as TOML would write it: bare, or quoted with anything unprintable escaped."""
+    if _BARE_KEY_RE.match(key):
+        return key
+    if len(key) > 64:
+        key = key[:60] + "..."
+    return '"' + _escape(key).replace('"', '\\"') + '"'
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A message safe to print as one line: no line breaks or control characters, bounded."""
+    text = _escape(message)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def config_error(problems: list[str]) -> ConfigError:
+    return ConfigError([one_line(p) for p in problems])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +228,7 @@ class GateSection:
     body_timeout_s: float = 60.0  # longest pause between reads of a request body
     send_timeout_s: float = 120.0  # a client that accepts nothing for this long is dropped
     max_connections: int = 1024  # beyond it, new connections wait in the listen backlog
+    drain_timeout_s: float = 60.0  # llmctl drain's default wait; a swap's old instance; stop
 
 
 @dataclass(frozen=True)
@@ -259,6 +300,7 @@ class _Table:
         self.used: set[str] = set()
 
     def key_path(self, key: str) -> str:
+        key = _key_text(key)
         return f"{self.path}.{key}" if self.path else key
 
     def error(self, key: str, message: str) -> None:
@@ -295,7 +337,7 @@ class _Table:
             self.error(key, "must not contain NUL characters")
             return default
         if choices is not None and value not in choices:
-            self.error(key, f"must be one of {', '.join(choices)} (got {value!r})")
+            self.error(key, f"must be one of {', '.join(choices)} (got {_r(value)})")
             return default
         if not value and not allow_empty:
             self.error(key, "must not be empty")
@@ -322,19 +364,19 @@ class _Table:
             self.error(key, f"must be {kind}, not {_type_name(value)}")
             return default
         if integer and not isinstance(value, int):
-            self.error(key, f"must be an integer, not {value!r}")
+            self.error(key, f"must be an integer, not {_r(value)}")
             return default
         if isinstance(value, float) and not math.isfinite(value):
-            self.error(key, f"must be a finite number, not {value!r}")
+            self.error(key, f"must be a finite number, not {_r(value)}")
             return default
         if above is not None and not value > above:
-            self.error(key, f"must be > {above:g} (got {value!r})")
+            self.error(key, f"must be > {above:g} (got {_r(value)})")
             return default
         if minimum is not None and value < minimum:
-            self.error(key, f"must be >= {minimum:g} (got {value!r})")
+            self.error(key, f"must be >= {minimum:g} (got {_r(value)})")
             return default
         if maximum is not None and value > maximum:
-            self.error(key, f"must be <= {maximum:g} (got {value!r})")
+            self.error(key, f"must be <= {maximum:g} (got {_r(value)})")
             return default
         return value if integer else float(value)
 
@@ -364,7 +406,8 @@ class _Table:
                 )
                 good = False
             elif "\x00" in item:
-                self.problems.append(f"{self.key_path(key)}[{i}]: must not contain NUL")
+                self.problems.append(
+                    f"{self.key_path(key)}[{i}]: must not contain NUL characters")
                 good = False
         if good and not value and not allow_empty:
             self.error(key, "must not be empty")
@@ -397,15 +440,15 @@ def parse_listen(text: str) -> Listen:
     if text.startswith("["):
         host, sep, port_text = text[1:].partition("]:")
         if not sep:
-            raise ValueError(f"expected [ADDRESS]:PORT, got {text!r}")
+            raise ValueError(f"expected [ADDRESS]:PORT, got {_r(text)}")
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or ":" in host:
-            raise ValueError(f"expected HOST:PORT, got {text!r}")
+            raise ValueError(f"expected HOST:PORT, got {_r(text)}")
     if not host:
-        raise ValueError(f"missing host in {text!r}")
+        raise ValueError(f"missing host in {_r(text)}")
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"port must be 1-65535, got {port_text!r}")
+        raise ValueError(f"port must be 1-65535, got {_r(port_text)}")
     return Listen(host, int(port_text))
 
 
@@ -414,11 +457,11 @@ def parse_signal(value: str) -> int:
     if not name.startswith("SIG"):
         name = "SIG" + name
     if name.startswith("SIG_"):
-        raise ValueError(f"unknown signal {value!r}")
+        raise ValueError(f"unknown signal {_r(value)}")
     try:
         return int(signal.Signals[name])
     except KeyError:
-        raise ValueError(f"unknown signal {value!r} (use a name such as SIGTERM)") from None
+        raise ValueError(f"unknown signal {_r(value)} (use a name such as SIGTERM)") from None
 
 
 def normalize_pci_bus_id(text: str) -> str | None:
@@ -436,7 +479,7 @@ def _threshold(table: _Table, key: str, default: Threshold) -> Threshold:
         return default
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value) or not -50 <= value <= 150:
-            table.error(key, f"must be between -50 and 150 Celsius (got {value!r})")
+            table.error(key, f"must be between -50 and 150 Celsius (got {_r(value)})")
             return default
         return Threshold(None, float(value))
     if isinstance(value, str):
@@ -448,7 +491,7 @@ def _threshold(table: _Table, key: str, default: Threshold) -> Threshold:
                 return default
             return Threshold(m.group(1), -offset if m.group(2) == "-" else offset)
     table.error(
-        key, f'must be a temperature in Celsius or "slowdown-N" / "shutdown-N", not {value!r}'
+        key, f'must be a temperature in Celsius or "slowdown-N" / "shutdown-N", not {_r(value)}'
     )
     return default
 
@@ -479,7 +522,7 @@ def _supervisor(root: _Table) -> SupervisorSection:
     d = SupervisorSection()
     sock = t.string("control_socket", d.control_socket)
     if not os.path.isabs(sock):
-        t.error("control_socket", f"must be an absolute path (got {sock!r})")
+        t.error("control_socket", f"must be an absolute path (got {_r(sock)})")
         sock = d.control_socket
     elif len(os.fsencode(sock)) > 107:
         t.error("control_socket", "path is too long for a Unix socket (at most 107 bytes)")
@@ -491,10 +534,10 @@ def _supervisor(root: _Table) -> SupervisorSection:
         try:
             grp.getgrnam(group)
         except KeyError:
-            t.error("control_group", f"no such group {group!r} (create it or remove the key)")
+            t.error("control_group", f"no such group {_r(group)} (create it or remove the key)")
     state_dir = t.string("state_dir", d.state_dir)
     if not os.path.isabs(state_dir):
-        t.error("state_dir", f"must be an absolute path (got {state_dir!r})")
+        t.error("state_dir", f"must be an absolute path (got {_r(state_dir)})")
         state_dir = d.state_dir
     log_format = t.string("log_format", d.log_format, choices=LOG_FORMATS)
     t.finish()
@@ -519,12 +562,12 @@ def _metrics(root: _Table) -> MetricsSection:
 def _sim_gpu(t: _Table) -> SimGpu | None:
     uuid = t.string("uuid")
     if isinstance(uuid, str) and not _UUID_RE.match(uuid):
-        t.error("uuid", f'must look like "GPU-xxxxxxxx-..." (got {uuid!r})')
+        t.error("uuid", f'must look like "GPU-xxxxxxxx-..." (got {_r(uuid)})')
     d = SimGpu(uuid="")
     name = t.string("name", d.name)
     pci = t.string("pci_bus_id", "")
     if pci and normalize_pci_bus_id(pci) is None:
-        t.error("pci_bus_id", f'must look like "00000000:41:00.0" (got {pci!r})')
+        t.error("pci_bus_id", f'must look like "00000000:41:00.0" (got {_r(pci)})')
     numa = t.number("numa_node", d.numa_node, integer=True, minimum=-1, maximum=1023)
     vendor = t.string("vendor", d.vendor, choices=("nvidia", "amd"))
     mem = t.number("memory_total_bytes", d.memory_total_bytes, integer=True, above=0)
@@ -555,7 +598,7 @@ def _gpu(root: _Table) -> GpuSection:
     call_timeout = t.number("call_timeout_s", d.call_timeout_s, above=0, maximum=600)
     state_file = t.string("sim_state_file", None)
     if state_file is not None and not os.path.isabs(state_file):
-        t.error("sim_state_file", f"must be an absolute path (got {state_file!r})")
+        t.error("sim_state_file", f"must be an absolute path (got {_r(state_file)})")
     sims = []
     for st in t.array_of_tables("sim"):
         sim = _sim_gpu(st)
@@ -574,14 +617,14 @@ def _gpu(root: _Table) -> GpuSection:
                 tag = f"{key}:{norm}"
                 if tag in seen:
                     t.problems.append(
-                        f"gpu.sim[{i}].{key}: {value!r} is already used by gpu.sim[{seen[tag]}]"
+                        f"gpu.sim[{i}].{key}: {_r(value)} is already used by gpu.sim[{seen[tag]}]"
                     )
                 seen[tag] = i
     else:
         if t.has("sim"):
-            t.error("sim", f'[[gpu.sim]] is only used with backend = "sim" (not {backend!r})')
+            t.error("sim", f'[[gpu.sim]] is only used with backend = "sim" (not {_r(backend)})')
         if state_file is not None:
-            t.error("sim_state_file", f'is only used with backend = "sim" (not {backend!r})')
+            t.error("sim_state_file", f'is only used with backend = "sim" (not {_r(backend)})')
     return GpuSection(backend, poll, call_timeout, state_file, tuple(sims))
 
 
@@ -616,7 +659,7 @@ def _power(root: _Table) -> PowerSection:
     source = t.string("source", "nut" if t.has("ups") else d.source, choices=POWER_SOURCES)
     ups = t.string("ups", d.ups)
     if isinstance(ups, str) and not re.match(r"^[A-Za-z0-9_.-]+@[^\s@]+$", ups):
-        t.error("ups", f'must look like "NAME@HOST[:PORT]" (got {ups!r})')
+        t.error("ups", f'must look like "NAME@HOST[:PORT]" (got {_r(ups)})')
     poll = t.number("poll_interval_s", d.poll_interval_s, above=0, maximum=3600)
     grace = t.number("on_battery_grace_s", d.on_battery_grace_s, minimum=0, maximum=86400)
     low_rt = t.number("low_runtime_s", d.low_runtime_s, minimum=0, maximum=86400)
@@ -633,14 +676,14 @@ def _power(root: _Table) -> PowerSection:
 def _checkpoint(t: _Table) -> Checkpoint | None:
     name = t.string("name")
     if isinstance(name, str) and not _NAME_RE.match(name):
-        t.error("name", f"must be letters, digits, '_', '.', '-' (got {name!r})")
+        t.error("name", f"must be letters, digits, '_', '.', '-' (got {_r(name)})")
     kind = t.string("kind", choices=CHECKPOINT_KINDS)
     timeout = t.number("timeout_s", 30.0, above=0, maximum=86400)
     url = command = service = sig = done_file = None
     if kind == "http":
         url = t.string("url")
         if isinstance(url, str) and not url.startswith(("http://", "https://")):
-            t.error("url", f"must be an http:// or https:// URL (got {url!r})")
+            t.error("url", f"must be an http:// or https:// URL (got {_r(url)})")
     elif kind == "command":
         command = t.string_list("command", allow_empty=False)
     elif kind == "signal":
@@ -652,7 +695,7 @@ def _checkpoint(t: _Table) -> Checkpoint | None:
             t.error("signal", str(exc))
         done_file = t.string("done_file", None)
         if done_file is not None and not os.path.isabs(done_file):
-            t.error("done_file", f"must be an absolute path (got {done_file!r})")
+            t.error("done_file", f"must be an absolute path (got {_r(done_file)})")
     t.finish()
     if not isinstance(name, str) or not isinstance(kind, str):
         return None
@@ -666,7 +709,7 @@ def _health(t: _Table | None, port: int | None) -> HealthSection:
     url = t.string("url", default_url)
     if url is not None and isinstance(url, str):
         if not url.startswith(("http://", "https://")):
-            t.error("url", f"must be an http:// or https:// URL (got {url!r})")
+            t.error("url", f"must be an http:// or https:// URL (got {_r(url)})")
         else:
             _placeholders_ok(t, "url", (url,), port is not None)
     elif url is None and t.ok:
@@ -736,11 +779,12 @@ def _gate(t: _Table | None) -> GateSection | None:
     body_t = t.number("body_timeout_s", 60.0, above=0, maximum=86400)
     send_t = t.number("send_timeout_s", 120.0, above=0, maximum=86400)
     max_conn = t.number("max_connections", 1024, integer=True, minimum=1, maximum=1_000_000)
+    drain_t = t.number("drain_timeout_s", 60.0, minimum=0, maximum=86400)
     t.finish()
     if listen is None:
         return None
     return GateSection(listen, conc, queue, backup, swap_port, qt, header_t, body_t, send_t,
-                       max_conn)
+                       max_conn, drain_t)
 
 
 def _gpu_ref(value: object) -> int | str | None:
@@ -759,7 +803,7 @@ def _gpu_ref(value: object) -> int | str | None:
 def _service(t: _Table, warnings: list[str]) -> ServiceConfig | None:
     name = t.string("name")
     if isinstance(name, str) and not _NAME_RE.match(name):
-        t.error("name", f"must be 1-63 letters, digits, '_', '.', '-' (got {name!r})")
+        t.error("name", f"must be 1-63 letters, digits, '_', '.', '-' (got {_r(name)})")
     port = t.number("port", None, integer=True, minimum=1, maximum=65535)
     command = t.string_list("command", allow_empty=False)
     if isinstance(command, tuple):
@@ -776,10 +820,10 @@ def _service(t: _Table, warnings: list[str]) -> ServiceConfig | None:
                 if ref is None:
                     t.problems.append(
                         f"{t.key_path('gpus')}[{i}]: must be a GPU index (>= 0), a UUID "
-                        f'("GPU-...") or a PCI bus id ("0000:41:00.0"), not {item!r}'
+                        f'("GPU-...") or a PCI bus id ("0000:41:00.0"), not {_r(item)}'
                     )
                 elif ref in gpus:
-                    t.problems.append(f"{t.key_path('gpus')}[{i}]: GPU {item!r} is listed twice")
+                    t.problems.append(f"{t.key_path('gpus')}[{i}]: GPU {_r(item)} is listed twice")
                 else:
                     gpus.append(ref)
     numa: int | str = "auto"
@@ -790,16 +834,16 @@ def _service(t: _Table, warnings: list[str]) -> ServiceConfig | None:
         ):
             numa = raw_numa
         else:
-            t.error("numa", f'must be "auto", "none" or a node number, not {raw_numa!r}')
+            t.error("numa", f'must be "auto", "none" or a node number, not {_r(raw_numa)}')
     user = t.string("user", None)
     if isinstance(user, str):
         try:
             pwd.getpwnam(user)
         except KeyError:
-            t.error("user", f"no such user {user!r}")
+            t.error("user", f"no such user {_r(user)}")
         else:
             if os.geteuid() != 0 and pwd.getpwnam(user).pw_uid != os.geteuid():
-                warnings.append(f"{t.key_path('user')}: only root can run a service as {user!r}")
+                warnings.append(f"{t.key_path('user')}: only root can run a service as {_r(user)}")
     env: list[tuple[str, str]] = []
     raw_env = t.raw("env")
     if raw_env is not _MISSING:
@@ -807,12 +851,13 @@ def _service(t: _Table, warnings: list[str]) -> ServiceConfig | None:
             t.error("env", f"must be a table of strings, not {_type_name(raw_env)}")
         else:
             for key, value in raw_env.items():
+                where = f"{t.key_path('env')}.{_key_text(key)}"
                 if not _ENV_RE.match(key):
-                    t.problems.append(f"{t.key_path('env')}.{key}: not a valid variable name")
-                elif not isinstance(value, str) or "\x00" in value:
-                    t.problems.append(
-                        f"{t.key_path('env')}.{key}: must be a string, not {_type_name(value)}"
-                    )
+                    t.problems.append(f"{where}: not a valid variable name")
+                elif not isinstance(value, str):
+                    t.problems.append(f"{where}: must be a string, not {_type_name(value)}")
+                elif "\x00" in value:
+                    t.problems.append(f"{where}: must not contain NUL characters")
                 else:
                     env.append((key, value))
             _placeholders_ok(t, "env", tuple(v for _, v in env), port is not None)
@@ -827,7 +872,26 @@ def _service(t: _Table, warnings: list[str]) -> ServiceConfig | None:
                          restart, stop, gate)
 
 
-def _cross_checks(cfg: Config, problems: list[str]) -> None:
+def _error_paths(problems: list[str]) -> set[str]:
+    """Every key path that has a problem, with all its ancestors (`a.b[1].c` gives `a`,
+    `a.b`, `a.b[1]` and `a.b[1].c`)."""
+    paths: set[str] = set()
+    for problem in problems:
+        path = problem.split(": ", 1)[0]
+        paths.add(path)
+        for i, c in enumerate(path):
+            if c in ".[" and i:
+                paths.add(path[:i])
+    return paths
+
+
+def _cross_checks(cfg: Config, services: list[tuple[int, ServiceConfig]],
+                  checkpoints: list[tuple[int, Checkpoint]], declared: set[str],
+                  problems: list[str]) -> None:
+    """Checks across fields, over what could be built. `services` and `checkpoints` keep their
+    index in the file; `declared` holds every service name given, built or not. A check that
+    involves a field with a problem of its own is skipped (it would only repeat it)."""
+    bad = _error_paths(problems).__contains__
     names: dict[str, int] = {}
     ports: dict[tuple[str, int], str] = {}
 
@@ -838,48 +902,61 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
         else:
             ports[key] = owner
 
-    if cfg.metrics.listen is not None:
+    if cfg.metrics.listen is not None and not bad("metrics.listen"):
         claim(cfg.metrics.listen.port, "metrics.listen", "metrics.listen")
-    for i, svc in enumerate(cfg.services):
+    for i, svc in services:
         if svc.name in names:
             problems.append(
-                f"service[{i}].name: {svc.name!r} is already used by service[{names[svc.name]}]"
+                f"service[{i}].name: {_r(svc.name)} is already used by "
+                f"service[{names[svc.name]}]"
             )
         names.setdefault(svc.name, i)
         if svc.port is not None:
             claim(svc.port, f"service[{i}].port", f"service[{i}] ({svc.name})")
         if svc.gate is not None:
-            claim(svc.gate.listen.port, f"service[{i}].gate.listen",
-                  f"service[{i}].gate ({svc.name})")
+            if not bad(f"service[{i}].gate.listen"):
+                claim(svc.gate.listen.port, f"service[{i}].gate.listen",
+                      f"service[{i}].gate ({svc.name})")
             if svc.gate.swap_port is not None:
                 claim(svc.gate.swap_port, f"service[{i}].gate.swap_port",
                       f"service[{i}].gate.swap_port ({svc.name})")
-        if svc.health.timeout_s > svc.health.interval_s and svc.health.url:
+        if (svc.health.timeout_s > svc.health.interval_s and svc.health.url
+                and not bad(f"service[{i}].health")):
             problems.append(
                 f"service[{i}].health.timeout_s: must be <= interval_s "
                 f"({svc.health.interval_s:g})"
             )
-    for i, svc in enumerate(cfg.services):
+    for i, svc in services:
         if svc.gate is not None and svc.gate.backup is not None:
             if svc.gate.backup == svc.name:
                 problems.append(f"service[{i}].gate.backup: a service cannot back itself up")
-            elif svc.gate.backup not in names:
-                problems.append(f"service[{i}].gate.backup: no service named {svc.gate.backup!r}")
-        if cfg.gpu.backend == "none" and svc.gpus:
+            elif svc.gate.backup not in declared:
+                problems.append(
+                    f"service[{i}].gate.backup: no service named {_r(svc.gate.backup)}")
+        if cfg.gpu.backend == "none" and svc.gpus and not bad("gpu.backend"):
             problems.append(f'service[{i}].gpus: gpu.backend is "none", so no GPU can be named')
-    for i, cp in enumerate(cfg.checkpoints):
-        if cp.kind == "signal" and cp.service is not None and cp.service not in names:
-            problems.append(f"checkpoint[{i}].service: no service named {cp.service!r}")
+    for i, cp in checkpoints:
+        if cp.kind == "signal" and cp.service is not None and cp.service not in declared:
+            problems.append(f"checkpoint[{i}].service: no service named {_r(cp.service)}")
     seen_cp: dict[str, int] = {}
-    for i, cp in enumerate(cfg.checkpoints):
+    for i, cp in checkpoints:
         if cp.name in seen_cp:
-            problems.append(f"checkpoint[{i}].name: {cp.name!r} is already used by "
+            problems.append(f"checkpoint[{i}].name: {_r(cp.name)} is already used by "
                             f"checkpoint[{seen_cp[cp.name]}]")
         seen_cp.setdefault(cp.name, i)
 
 
+def _declared_names(doc: Mapping[str, Any]) -> set[str]:
+    raw = doc.get("service")
+    if not isinstance(raw, list):
+        return set()
+    return {item["name"] for item in raw
+            if isinstance(item, dict) and isinstance(item.get("name"), str)}
+
+
 def build_config(doc: Mapping[str, Any], path: str | None = None) -> Config:
-    """Validate a parsed TOML document; raises ConfigError with every problem."""
+    """Validate a parsed TOML document; raises ConfigError with every problem: those of each
+    field and those across fields (over what could be built), each on one line."""
     problems: list[str] = []
     warnings: list[str] = []
     root = _Table(dict(doc), "", problems)
@@ -888,47 +965,107 @@ def build_config(doc: Mapping[str, Any], path: str | None = None) -> Config:
     gpu = _gpu(root)
     thermal = _thermal(root)
     power = _power(root)
-    checkpoints = tuple(c for c in map(_checkpoint, root.array_of_tables("checkpoint")) if c)
-    services = tuple(
-        s for s in (_service(t, warnings) for t in root.array_of_tables("service")) if s
-    )
+    checkpoints = [(i, c) for i, c in enumerate(map(_checkpoint,
+                                                    root.array_of_tables("checkpoint"))) if c]
+    services = [(i, s) for i, s in enumerate(
+        _service(t, warnings) for t in root.array_of_tables("service")) if s]
     root.finish()
-    cfg = Config(supervisor, metrics, gpu, thermal, power, checkpoints, services, path,
-                 tuple(warnings))
-    if not problems:
-        _cross_checks(cfg, problems)
+    cfg = Config(supervisor, metrics, gpu, thermal, power, tuple(c for _, c in checkpoints),
+                 tuple(s for _, s in services), path, tuple(one_line(w) for w in warnings))
+    _cross_checks(cfg, services, checkpoints, _declared_names(doc), problems)
     if problems:
-        raise ConfigError(problems)
+        raise config_error(problems)
     return cfg
 
 
 def parse_config(text: str, path: str | None = None) -> Config:
+    """Parse and validate TOML text (a leading UTF-8 byte order mark is ignored)."""
     where = path or "<config>"
+    if text.startswith("\ufeff"):
+        text = text[1:]
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{where}: TOML syntax error: {exc}"]) from None
-    return build_config(doc, path)
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise config_error([f"{where}: TOML syntax error: {exc}"]) from None
+        return build_config(doc, path)
+    except RecursionError:
+        raise config_error([f"{where}: arrays or tables are nested too deeply (a few hundred "
+                            "levels at most)"]) from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR,
+                       "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _refuse(p: str, mode: int) -> ConfigError:
+    if stat.S_ISDIR(mode):
+        return config_error([f"{p}: is a directory, not a config file"])
+    return config_error([f"{p}: is {_file_kind(mode)}, not a regular file: a config must be "
+                         "a regular file"])
+
+
+def _too_large(p: str) -> ConfigError:
+    return config_error([f"{p}: larger than 1 MB ({MAX_CONFIG_BYTES} bytes), the limit for a "
+                         "config file"])
+
+
+def read_config_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a config file: a regular file of at most MAX_CONFIG_BYTES. Never blocks on
+    a FIFO or a device and never reads more than the limit; raises ConfigError."""
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(p, st.st_mode)
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise _too_large(p)
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise config_error([f"{p}: no such file"]) from None
+    except PermissionError:
+        raise config_error([f"{p}: permission denied"]) from None
+    except OSError as exc:
+        raise config_error([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        st = os.fstat(fd)  # what was opened, not what the path named a moment ago
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(p, st.st_mode)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise config_error([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
+        raise _too_large(p)
+    return b"".join(chunks)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError([f"{p}: no such file"]) from None
-    except IsADirectoryError:
-        raise ConfigError([f"{p}: is a directory, not a config file"]) from None
-    except PermissionError:
-        raise ConfigError([f"{p}: permission denied"]) from None
-    except OSError as exc:
-        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    """Read and validate a config file; raises ConfigError (and nothing else) on any problem.
+    Blocking file I/O: call it off the event loop once the daemon runs."""
+    p = os.fspath(path)
+    data = read_config_file(p)
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError([f"{p}: line {line}: not valid UTF-8"]) from None
-    return parse_config(text, str(p))
+        raise config_error([f"{p}: line {line}: not valid UTF-8"]) from None
+    return parse_config(text, p)
 
 
 def substitute(value: str, values: Mapping[str, str]) -> str:

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+import time
 from typing import Any, NoReturn
 
 from . import protocol as P
@@ -19,7 +20,8 @@ from . import protocol as P
 DEFAULT_SOCKET = "/run/llm-supervisor/control.sock"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_DENIED = 0, 1, 2, 3, 4
 CONNECT_TIMEOUT_S = 5.0
-POWER_EVENTS = ("on-battery", "on-line", "low-battery", "fsd")
+CONNECT_RETRY_S = 2.0  # how long a refused or EAGAIN connect is retried
+POWER_EVENTS = P.POWER_EVENTS
 
 
 class CtlError(Exception):
@@ -29,27 +31,57 @@ class CtlError(Exception):
         self.message = message
 
 
-def call(path: str, cmd: str, args: dict[str, Any], timeout_s: float | None) -> Any:
-    """One request, one reply. Raises CtlError with the exit code to use."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(CONNECT_TIMEOUT_S)
+def _connect(path: str) -> socket.socket:
+    """A connected socket. A refused connect (nothing listens yet) or EAGAIN (the daemon's
+    listen backlog is full: it is busy or out of file descriptors) is retried for
+    CONNECT_RETRY_S with short sleeps; then, or on any other error, CtlError."""
+    deadline = time.monotonic() + CONNECT_RETRY_S
+    pause = 0.02
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            sock.settimeout(CONNECT_TIMEOUT_S)
             sock.connect(path)
+            return sock
         except FileNotFoundError:
+            sock.close()
             raise CtlError(EXIT_UNREACHABLE, f"is llm-supervisor running? socket {path} not "
                            "found (systemctl status llm-supervisor)") from None
         except PermissionError:
+            sock.close()
             raise CtlError(EXIT_DENIED, f"permission denied opening {path}: run as root or "
                            "as a member of the supervisor's control_group") from None
-        except ConnectionRefusedError:
-            raise CtlError(EXIT_UNREACHABLE, f"is llm-supervisor running? nothing listens on "
-                           f"{path} (a stale socket)") from None
+        except (ConnectionRefusedError, BlockingIOError) as exc:
+            sock.close()
+            if time.monotonic() + pause > deadline:
+                if isinstance(exc, ConnectionRefusedError):
+                    raise CtlError(EXIT_UNREACHABLE, f"is llm-supervisor running? nothing "
+                                   f"listens on {path} (a stale socket)") from None
+                raise CtlError(EXIT_UNREACHABLE, f"llm-supervisor does not accept "
+                               f"connections on {path} (for {CONNECT_RETRY_S:g} s: too busy, "
+                               "or out of file descriptors? see its log)") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+        except TimeoutError:
+            sock.close()
+            raise CtlError(EXIT_UNREACHABLE, f"connecting to {path} timed out after "
+                           f"{CONNECT_TIMEOUT_S:g} s (is llm-supervisor hung?)") from None
         except OSError as exc:
+            sock.close()
             raise CtlError(EXIT_UNREACHABLE, f"cannot connect to {path}: "
                            f"{exc.strerror or exc}") from None
+
+
+def call(path: str, cmd: str, args: dict[str, Any], timeout_s: float | None) -> Any:
+    """One request, one reply. Raises CtlError with the exit code to use."""
+    sock = _connect(path)
+    try:
         sock.settimeout(timeout_s)
-        sock.sendall(P.request(cmd, args))
+        try:
+            sock.sendall(P.request(cmd, args))
+        except OSError:  # closed by the daemon (busy, stopping): read what it said, if any
+            timeout_s = 1.0
+            sock.settimeout(timeout_s)
         buf = b""
         while not buf.endswith(b"\n"):
             try:
@@ -76,8 +108,10 @@ def call(path: str, cmd: str, args: dict[str, Any], timeout_s: float | None) -> 
         return reply.get("data")
     err = reply.get("error") or {}
     code = err.get("code", "failed") if isinstance(err, dict) else "failed"
+    code = code if isinstance(code, str) else "failed"
     message = err.get("message", "") if isinstance(err, dict) else str(err)
-    exit_code = EXIT_DENIED if code == P.PERMISSION_DENIED else EXIT_FAILED
+    exit_code = {P.PERMISSION_DENIED: EXIT_DENIED, P.BUSY: EXIT_UNREACHABLE}.get(
+        code, EXIT_FAILED)
     raise CtlError(exit_code, f"{message} ({code})")
 
 

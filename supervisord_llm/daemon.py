@@ -3,13 +3,13 @@
 Start-up order (SPEC): validate config, discover GPUs, reap leftovers of an earlier run, bind
 the control socket and the metrics listener, launch services in config order, READY=1. Then
 STATUS= as things change and WATCHDOG=1 from a loop timer at half of WATCHDOG_USEC, only while
-the loop and every actor task are alive.
+the loop and every actor task are alive. Signal handlers only enqueue; the host actor does the
+work (a reload never holds up a stop).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol as P
-from .config import Config, load_config
+from .config import Config, load_config, one_line
 from .control import Commands, ControlServer, Peer
-from .errors import ConfigError, ControlError, SensorError, StartupError
+from .errors import ConfigError, ControlError, StartupError
 from .health import HttpProber
+from .host import Host
 from .plan import ServicePlan, resolve_plan
-from .sensors.base import GpuBackend, GpuInfo, NoGpuBackend
-from .sensors.hub import CallThread, GpuHub
-from .sensors.nvml import NvmlBackend
-from .sensors.sim import SimBackend
+from .sensors.base import GpuInfo
+from .sensors.discovery import Discovery, discover_gpus, vendor_backends
 from .spawn import Spawner
+from .status import status_line
 from .supervisor import Supervisor
 from .systemd import Notifier
 from .web import MetricsServer
@@ -39,6 +39,8 @@ log = logging.getLogger("llm-supervisor")
 
 DISCOVERY_TIMEOUT_S = 30.0
 TEST_HOOKS_ENV = "LLM_SUPERVISOR_TEST_HOOKS"
+RELOAD_READ_TIMEOUT_S = 30.0  # reading the config (a hung NFS mount) must not hold a reload
+RELOAD_PROBLEMS_SHOWN = 20  # in the log and in llmctl's answer (--check shows 100)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,49 +72,9 @@ def _pynvml() -> Any:
     return pynvml
 
 
-def make_backend(cfg: Config) -> GpuBackend:
-    backend = cfg.gpu.backend
-    if backend == "sim":
-        return SimBackend(cfg.gpu.sim, cfg.gpu.sim_state_file)
-    if backend == "none":
-        return NoGpuBackend()
-    if backend in ("nvml", "auto"):
-        nvml = _pynvml()
-        if nvml is not None:
-            return NvmlBackend(nvml)
-        if backend == "nvml":
-            raise StartupError("gpu.backend nvml: the nvidia-ml-py package is not installed")
-        return NoGpuBackend()
-    raise ConfigError([f'gpu.backend: "{backend}" is not available in this version of '
-                       'llm-supervisor (use "nvml", "sim", "none" or "auto")'])
-
-
-async def discover_gpus(cfg: Config) -> tuple[GpuBackend, list[GpuInfo]]:
-    """The backend and its GPUs; `auto` without a working NVML runs without GPUs."""
-    backend = make_backend(cfg)
-    try:
-        return backend, await discover(backend)
-    except StartupError as exc:
-        if cfg.gpu.backend != "auto":
-            raise
-        log.info("gpu.backend auto: no NVIDIA GPU (%s); running without GPU telemetry", exc)
-        backend.close()
-        return NoGpuBackend(), []
-
-
-async def discover(backend: GpuBackend) -> list[GpuInfo]:
-    thread = CallThread("gpu-discover")
-    try:
-        fut = asyncio.wrap_future(thread.submit(backend.discover))
-        try:
-            return await asyncio.wait_for(fut, DISCOVERY_TIMEOUT_S)
-        except TimeoutError:
-            raise StartupError(f"GPU discovery ({backend.name}) did not finish within "
-                               f"{DISCOVERY_TIMEOUT_S:g} s") from None
-        except SensorError as exc:
-            raise StartupError(f"GPU discovery ({backend.name}) failed: {exc}") from None
-    finally:
-        thread.close()
+async def discover(cfg: Config) -> Discovery:
+    """The GPUs and their backends (NVML; later AMD sysfs; sim; none)."""
+    return await discover_gpus(cfg.gpu, vendor_backends(_pynvml), timeout_s=DISCOVERY_TIMEOUT_S)
 
 
 def lock_state_dir(state_dir: str) -> int:
@@ -138,6 +100,7 @@ class Daemon:
         self.cfg: Config | None = None
         self.gpus: list[GpuInfo] = []
         self.sup: Supervisor | None = None
+        self.host: Host | None = None
         self.notifier = Notifier()
         self._signals: asyncio.Queue[str] = asyncio.Queue()
         self._status_pending = False
@@ -145,7 +108,6 @@ class Daemon:
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_warned = False
         self._tasks: list[asyncio.Task[Any]] = []
-        self._reload_lock = asyncio.Lock()
         self.clock = time.monotonic
 
     def load(self) -> Config:
@@ -153,15 +115,21 @@ class Daemon:
 
     async def run(self) -> int:
         """Returns the exit code: 0 clean stop, 1 config error, 2 other fatal start error."""
-        cfg = self.load()  # ConfigError -> 1 (cli)
+        cfg = await asyncio.to_thread(self.load)  # ConfigError -> 1 (cli)
         self.cfg = cfg
         for warning in cfg.warnings:
             log.warning("config: %s", warning)
-        backend, self.gpus = await discover_gpus(cfg)
-        plans = resolve_plan(cfg, self.gpus)
-        lock_fd = lock_state_dir(cfg.supervisor.state_dir)
+        disc = await discover(cfg)
+        log.info("%s", disc.message)
+        self.gpus = list(disc.gpus)
+        try:
+            plans = await asyncio.to_thread(resolve_plan, cfg, self.gpus)
+            lock_fd = lock_state_dir(cfg.supervisor.state_dir)
+        except BaseException:
+            await disc.aclose()
+            raise
         spawner = Spawner(cfg.supervisor.state_dir)
-        hub = GpuHub(backend, self.gpus, cfg.gpu.poll_interval_s, cfg.gpu.call_timeout_s)
+        hub = disc.hub(cfg.gpu.poll_interval_s, cfg.gpu.call_timeout_s)
         prober = HttpProber()
         control: ControlServer | None = None
         web: MetricsServer | None = None
@@ -173,13 +141,15 @@ class Daemon:
             await spawner.start()
             sup = Supervisor(cfg, plans, hub, spawner, prober)
             self.sup = sup
-            commands = Commands(sup, self.reload)
+            host = Host(sup, self._load_for_reload, self._reloading)
+            self.host = host
+            commands = Commands(sup, host, self.clock)
             control = ControlServer(cfg.supervisor.control_socket,
                                     cfg.supervisor.control_group,
                                     self._dispatch_with_hooks(commands))
             await control.start()
             if cfg.metrics.listen is not None:
-                web = MetricsServer(sup, cfg.metrics.listen, self.clock)
+                web = MetricsServer(sup, host, cfg.metrics.listen, self.clock, self.notifier)
                 await web.start()
             await sup.start_gates()
             await hub.poll_once()
@@ -190,17 +160,19 @@ class Daemon:
             self._tasks = [
                 loop.create_task(hub.run(), name="gpu-hub"),
                 loop.create_task(sup.monitor_loop(), name="loop-monitor"),
+                loop.create_task(host.run(), name="host"),
             ]
             sup.on_change(self._schedule_status)
+            host.on_change(self._schedule_status)
             hub.on_update(self._schedule_status)
             self._start_watchdog()
             await sup.start_all()
-            self._last_status = sup.status_line()
+            self._last_status = status_line(sup, host)
             self.notifier.ready(self._last_status)
             log.info("llm-supervisor ready: %d services, %d GPUs (%s), control %s, metrics %s",
-                     len(plans), len(self.gpus), backend.name, cfg.supervisor.control_socket,
-                     cfg.metrics.listen or "off")
-            await self._main_loop(sup)
+                     len(plans), len(self.gpus), hub.backend_names,
+                     cfg.supervisor.control_socket, cfg.metrics.listen or "off")
+            await self._main_loop(host)
             return 0
         finally:
             if self._watchdog is not None:
@@ -215,36 +187,41 @@ class Daemon:
                 await web.close()
             await prober.close()
             await spawner.close()
-            hub.close()
+            await hub.aclose()
             os.close(lock_fd)
             self.notifier.close()
 
-    async def _main_loop(self, sup: Supervisor) -> None:
-        stopping: asyncio.Task[None] | None = None
-        while True:
-            if stopping is not None:
+    async def _main_loop(self, host: Host) -> None:
+        """Signals, in order: a stop hands over to the host (again: SIGKILL everything); a
+        reload is queued on the host and never waited for here."""
+        stopped = asyncio.ensure_future(host.stopped.wait())
+        try:
+            while True:
                 sig_wait = asyncio.ensure_future(self._signals.get())
-                done, _ = await asyncio.wait({stopping, sig_wait},
+                done, _ = await asyncio.wait({stopped, sig_wait},
                                              return_when=asyncio.FIRST_COMPLETED)
-                if stopping in done:
+                if stopped in done:
                     sig_wait.cancel()
-                    stopping.result()
                     log.info("all services stopped; exiting")
                     return
                 what = sig_wait.result()
-            else:
-                what = await self._signals.get()
-            if what == "term":
-                if stopping is None:
-                    log.info("stopping: services in reverse order (again to stop at once)")
-                    self.notifier.stopping("stopping services")
-                    stopping = asyncio.get_running_loop().create_task(sup.stop_all())
-                else:
-                    log.warning("second stop signal: killing every service now")
-                    sup.kill_all()
-            elif what == "hup" and stopping is None:
-                with contextlib.suppress(ControlError):  # logged; the old config stays
-                    await self.reload()
+                if what == "term":
+                    if host.mode.value != "shutting_down":
+                        log.info("stopping: services in reverse order (again to stop at once)")
+                        self.notifier.stopping("stopping services")
+                    host.shutdown(fast=host.mode.value == "shutting_down")
+                elif what == "hup":
+                    asyncio.get_running_loop().create_task(self._sighup(host))
+        finally:
+            stopped.cancel()
+
+    async def _sighup(self, host: Host) -> None:
+        try:
+            await host.reload()
+        except ControlError as exc:
+            log.error("reload (SIGHUP) not done: %s", exc.message)
+        except Exception as exc:  # never let a reload take the daemon down
+            log.error("reload: failed: %s", one_line(f"{type(exc).__name__}: {exc}"))
 
     # --- status and watchdog ---------------------------------------------------------------
 
@@ -255,9 +232,9 @@ class Daemon:
 
     def _send_status(self) -> None:
         self._status_pending = False
-        if self.sup is None:
+        if self.sup is None or self.host is None:
             return
-        line = self.sup.status_line()
+        line = status_line(self.sup, self.host)
         if line != self._last_status:
             self._last_status = line
             self.notifier.status(line)
@@ -288,31 +265,46 @@ class Daemon:
 
     # --- reload ----------------------------------------------------------------------------
 
-    async def reload(self) -> dict[str, Any]:
-        assert self.sup is not None
-        async with self._reload_lock:
+    def _reloading(self, started: bool) -> None:
+        if started:
             self.notifier.reloading()
-            try:
-                try:
-                    cfg = self.load()
-                    plans: list[ServicePlan] = resolve_plan(cfg, self.gpus)
-                except ConfigError as exc:
-                    for problem in exc.problems:
-                        log.error("reload: %s", problem)
-                    log.error("reload: keeping the running configuration")
-                    raise ControlError(P.CONFIG_ERROR, "new configuration is invalid, "
-                                       "keeping the running one: " + "; ".join(exc.problems)
-                                       ) from None
-                res = await self.sup.reload(cfg, plans)
-                self.cfg = cfg
-                for w in res.warnings:
-                    log.warning("reload: %s", w)
-                log.info("reloaded: added %s, removed %s, restarted %s, unchanged %s",
-                         res.added or "-", res.removed or "-", res.restarted or "-",
-                         res.unchanged or "-")
-                return res.as_dict()
-            finally:
-                self.notifier.ready(self.sup.status_line())
+        elif self.sup is not None and self.host is not None:
+            self.notifier.ready(status_line(self.sup, self.host))
+
+    async def _load_for_reload(self) -> tuple[Config, list[ServicePlan]]:
+        """Read and validate the config off the loop. Any failure keeps the running config:
+        it is logged (briefly) and raised as ControlError."""
+        try:
+            cfg = await asyncio.wait_for(asyncio.to_thread(self.load), RELOAD_READ_TIMEOUT_S)
+            plans: list[ServicePlan] = await asyncio.to_thread(resolve_plan, cfg, self.gpus)
+        except ConfigError as exc:
+            for problem in exc.problems[:RELOAD_PROBLEMS_SHOWN]:
+                log.error("reload: %s", problem)
+            more = len(exc.problems) - RELOAD_PROBLEMS_SHOWN
+            shown = "; ".join(exc.problems[:RELOAD_PROBLEMS_SHOWN]) + (
+                f"; ... and {more} more (see the log)" if more > 0 else "")
+            if more > 0:
+                log.error("reload: ... and %d more problems", more)
+            log.error("reload: keeping the running configuration")
+            raise ControlError(P.CONFIG_ERROR, "new configuration is invalid, "
+                               "keeping the running one: " + shown) from None
+        except TimeoutError:
+            log.error("reload: reading %s took longer than %g s; keeping the running "
+                      "configuration", self.config_path, RELOAD_READ_TIMEOUT_S)
+            raise ControlError(P.FAILED, f"reading {self.config_path} took longer "
+                               f"than {RELOAD_READ_TIMEOUT_S:g} s; keeping the "
+                               "running configuration") from None
+        except Exception as exc:
+            why = one_line(f"{type(exc).__name__}: {exc}")
+            log.error("reload: cannot read the configuration (%s); keeping the running "
+                      "configuration", why)
+            log.debug("reload failure", exc_info=True)
+            raise ControlError(P.FAILED, f"reload failed ({why}); keeping the running "
+                               "configuration") from None
+        for warning in cfg.warnings:
+            log.warning("config: %s", warning)
+        self.cfg = cfg
+        return cfg, plans
 
     def _dispatch_with_hooks(self, commands: Commands) -> Any:
         hooks = os.environ.get(TEST_HOOKS_ENV) == "1"

@@ -197,6 +197,8 @@ class ResponseParser:
     def on_headers_complete(self) -> None:
         self._in_head = False
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599:  # llhttp takes any three digits
+            raise ParseError(f"invalid status code {status}")
         if 100 <= status < 200:
             if status == 101:
                 raise ParseError("upstream switched protocols (upgrades are not proxied)")

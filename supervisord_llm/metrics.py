@@ -17,9 +17,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from . import __version__
+from . import __version__, logs
+from .host import Host
+from .modes import Mode
 from .states import RestartReason, State
-from .supervisor import MODES, Supervisor, thermal_state
+from .status import thermal_state
+from .supervisor import Supervisor
+from .systemd import Notifier
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GPU_LABELS = ["gpu", "uuid", "pci_bus_id", "name"]
@@ -27,8 +31,10 @@ THERMAL_STATES = ("ok", "warm", "throttled", "critical", "lost", "unresponsive")
 
 
 class SupervisorCollector(Collector):
-    def __init__(self, sup: Supervisor) -> None:
+    def __init__(self, sup: Supervisor, host: Host, notifier: Notifier | None = None) -> None:
         self.sup = sup
+        self.host = host
+        self.notifier = notifier
 
     def collect(self) -> Iterator[Metric]:
         sup = self.sup
@@ -38,8 +44,8 @@ class SupervisorCollector(Collector):
         yield info
         mode = GaugeMetricFamily("llm_supervisor_mode", "Supervisor mode (1 = current)",
                                  labels=["mode"])
-        for m in MODES:
-            mode.add_metric([m], 1.0 if sup.mode == m else 0.0)
+        for m in Mode:
+            mode.add_metric([m.value], 1.0 if self.host.mode is m else 0.0)
         yield mode
         yield GaugeMetricFamily("llm_supervisor_loop_lag_seconds",
                                 "How late the event loop ran its last timer",
@@ -47,6 +53,13 @@ class SupervisorCollector(Collector):
         yield CounterMetricFamily("llm_supervisor_watchdog_pings",
                                   "WATCHDOG=1 messages sent to systemd",
                                   value=sup.loop.watchdog_pings)
+        pipe = logs.pipeline()
+        yield CounterMetricFamily("llm_supervisor_log_lines_dropped",
+                                  "Log lines dropped because the journal did not keep up",
+                                  value=pipe.dropped if pipe is not None else 0)
+        yield CounterMetricFamily("llm_supervisor_sd_notify_dropped",
+                                  "sd_notify messages that could not be delivered to systemd",
+                                  value=self.notifier.dropped if self.notifier else 0)
         errs = CounterMetricFamily("llm_supervisor_sensor_errors", "Failed sensor reads",
                                    labels=["sensor"])
         for sensor, n in sorted(sup.hub.errors_total.items()):
@@ -152,9 +165,10 @@ class SupervisorCollector(Collector):
                     xid)
 
 
-def make_registry(sup: Supervisor) -> CollectorRegistry:
+def make_registry(sup: Supervisor, host: Host, notifier: Notifier | None = None
+                  ) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SupervisorCollector(sup))
+    registry.register(SupervisorCollector(sup, host, notifier))
     return registry
 
 

@@ -9,6 +9,7 @@ Imported by both the daemon and llmctl; standard library only.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -20,6 +21,23 @@ COMMANDS: Final = frozenset({
     "checkpoint", "power-event",
 })
 MUTATING: Final = COMMANDS - {"status"}
+MAX_TIMEOUT_S: Final = 86400.0
+POWER_EVENTS: Final = ("on-battery", "on-line", "low-battery", "fsd")
+
+# The arguments each command takes; anything else is a bad_request, before anything is done.
+ARGS: Final[dict[str, frozenset[str]]] = {
+    "status": frozenset({"service"}),
+    "start": frozenset({"services", "all"}),
+    "stop": frozenset({"services", "all", "wait", "timeout_s"}),
+    "restart": frozenset({"services", "all", "wait", "timeout_s"}),
+    "reset": frozenset({"services", "all"}),
+    "drain": frozenset({"services", "all", "timeout_s"}),
+    "resume": frozenset({"services", "all"}),
+    "swap": frozenset({"service", "timeout_s"}),
+    "reload": frozenset(),
+    "checkpoint": frozenset(),
+    "power-event": frozenset({"event"}),
+}
 
 # error codes
 BAD_REQUEST: Final = "bad_request"
@@ -31,6 +49,7 @@ FAILED: Final = "failed"
 CONFIG_ERROR: Final = "config_error"
 UNSUPPORTED: Final = "unsupported"
 INTERNAL: Final = "internal"
+BUSY: Final = "busy"  # too many control connections at once; nothing was done
 
 
 @dataclass(frozen=True)
@@ -45,6 +64,85 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.message = message
         self.req_id = req_id
+
+
+@dataclass(frozen=True)
+class Args:
+    """A command's arguments, checked: types, ranges, and no key the command does not take."""
+
+    services: tuple[str, ...] = ()
+    all: bool = False
+    wait: bool = True
+    timeout_s: float | None = None  # None: the command's own default
+    service: str | None = None
+    event: str | None = None
+
+
+def _short(value: object) -> str:
+    """A JSON value as shown in an error message, bounded."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, TypeError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _name(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise ProtocolError(f"args.{key} must be a service name, not {_short(value)}")
+    return value
+
+
+def parse_args(cmd: str, args: dict[str, Any]) -> Args:
+    """Check every argument of `cmd` (a known command); raises ProtocolError naming the first
+    problem. Nothing has been done when this raises."""
+    allowed = ARGS.get(cmd, frozenset())
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        takes = ", ".join(sorted(allowed)) or "no arguments"
+        names = ", ".join(k if k.isidentifier() else _short(k) for k in unknown[:10])
+        raise ProtocolError(f"unknown args for {cmd}: {names} "
+                            f"({cmd} takes {takes})")
+    out: dict[str, Any] = {}
+    for key in ("all", "wait"):
+        if key in args:
+            value = args[key]
+            if not isinstance(value, bool):
+                raise ProtocolError(f"args.{key} must be true or false, not {_short(value)}")
+            out[key] = value
+    if "timeout_s" in args and args["timeout_s"] is not None:
+        value = args["timeout_s"]
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT_S):
+            raise ProtocolError(f"args.timeout_s must be a number of seconds in "
+                                f"(0, {MAX_TIMEOUT_S:g}], not {_short(value)}")
+        out["timeout_s"] = float(value)
+    if "service" in args:
+        value = args["service"]
+        if value is not None or cmd == "swap":
+            out["service"] = _name(value, "service")
+    elif cmd == "swap":
+        raise ProtocolError("args.service is required: the service to swap")
+    if "services" in args:
+        raw = args["services"]
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list):
+            raise ProtocolError(f"args.services must be a list of service names, not "
+                                f"{_short(raw)}")
+        out["services"] = tuple(dict.fromkeys(_name(v, "services[]") for v in raw))
+    if "services" in ARGS.get(cmd, ()):
+        if out.get("all") and out.get("services"):
+            raise ProtocolError("give service names or all, not both")
+        if not out.get("all") and not out.get("services"):
+            raise ProtocolError("name at least one service (or all: true)")
+    if cmd == "power-event":
+        value = args.get("event")
+        if value not in POWER_EVENTS:
+            raise ProtocolError(f"args.event must be one of {', '.join(POWER_EVENTS)}, not "
+                                f"{_short(value)}")
+        out["event"] = value
+    return Args(**out)
 
 
 def _valid_id(value: object) -> bool:

@@ -1,9 +1,10 @@
 """The service actor: one task owns a service's lifecycle.
 
-Everything that happens to a service (a command from llmctl, the process exiting, a health
-result, a timer) arrives as an event on its queue; only `_handle()` changes the state, and only
-through `_transition()`, which checks the table in `states.py`, logs `old -> new (reason)`,
-tells the supervisor and wakes the waiters of every settled state, failure paths included.
+Everything that happens to a service (a command, the process exiting, a health result, a
+timer) arrives as an event on its queue. The decisions are made by `lifecycle.decide`, a pure
+function; this actor only executes the actions it returns (launch, signal, probe, timers) and
+feeds back what they produced. Only the actor changes its fields: the supervisor and the host
+send events (`Reconfigure`, `Kill`, holds, restarts with a reason), never attribute writes.
 
 Every launch has a generation number; events of an earlier generation are dropped, so a late
 exit or probe of a replaced process can never act on its successor.
@@ -21,65 +22,57 @@ import contextlib
 import logging
 import os
 import random
-import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import ControlError, SpawnError
+from . import lifecycle as L
+from .errors import SpawnError
 from .health import ProbeKind, ProbeResult
 from .plan import ServicePlan
-from .policy.backoff import RestartTracker
 from .spawn import Escapee, LaunchSpec, ServiceProcess, Spawner
-from .states import RUNNING, RestartReason, State, can_transition
+from .states import RUNNING, RestartReason, State
 
 log = logging.getLogger(__name__)
 
 _GROUP_POLL_S = 0.02  # only while a stopped service's leftovers are being reaped
 _STARTUP_PROBE_MAX_S = 0.5
+describe_exit = L.describe_exit
 
 
 class Prober(Protocol):
     async def probe(self, url: str, timeout_s: float) -> ProbeResult: ...
 
 
-# --- events ----------------------------------------------------------------------------------
+# --- events of the actor (beyond the lifecycle's) --------------------------------------------
 
 
 @dataclass
-class Command:
-    kind: str  # start | stop | restart | reset | drain | resume
-    reply: asyncio.Future[int] | None = None  # resolves with the generation after handling
+class Reconfigure:
+    """A new plan that changes nothing the running process depends on (a gate-only change)."""
+
+    plan: ServicePlan
 
 
 @dataclass
-class Exited:
-    gen: int
-    returncode: int
-
-
-@dataclass
-class Reaped:
-    """The group of an exited main process is empty; `found` escaped it (a scan of /proc)."""
+class _Found:
+    """What a /proc scan found after the group emptied (posted by the reap task)."""
 
     gen: int
     found: list[Escapee]
 
 
 @dataclass
-class Probed:
-    gen: int
-    result: ProbeResult
+class _Timer:
+    token: int
+    kind: str
 
 
 @dataclass
-class Timer:
-    token: int
-    kind: str  # startup | stop_deadline | backoff | stable
-
-
-Event = Command | Exited | Reaped | Probed | Timer
+class _Command:
+    event: L.Event | Reconfigure
+    reply: asyncio.Future[int] | None
 
 
 @dataclass
@@ -87,15 +80,6 @@ class HealthStatus:
     ok: bool | None = None
     last_error: str | None = None
     checked_at: float | None = None
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit {code}"
 
 
 @dataclass
@@ -112,6 +96,31 @@ class Counters:
     def restart(self, reason: RestartReason) -> None:
         self.restarts[reason.value] = self.restarts.get(reason.value, 0) + 1
 
+    @property
+    def total(self) -> int:
+        return sum(self.restarts.values())
+
+
+COMMANDS: dict[str, Callable[[], L.Event]] = {
+    "start": L.Start,
+    "stop": lambda: L.Stop("operator"),
+    "restart": L.Restart,
+    "reset": L.Reset,
+    "drain": L.Drain,
+    "resume": L.Resume,
+}
+
+
+def rules_of(plan: ServicePlan) -> L.Rules:
+    c = plan.config
+    return L.Rules(
+        name=c.name, policy=c.restart.policy, health=plan.health_url() is not None,
+        failures=c.health.failures, startup_timeout_s=c.health.startup_timeout_s,
+        stop_signal=c.stop.signal, stop_timeout_s=c.stop.timeout_s,
+        backoff_initial_s=c.restart.backoff_initial_s, backoff_max_s=c.restart.backoff_max_s,
+        max_restarts=c.restart.max_restarts, window_s=c.restart.window_s,
+    )
+
 
 class ServiceActor:
     def __init__(
@@ -120,51 +129,77 @@ class ServiceActor:
         spawner: Spawner,
         prober: Prober,
         *,
+        port: int | None = None,
+        counters: Counters | None = None,
         base_env: Mapping[str, str] | None = None,
         on_change: Callable[[ServiceActor], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self.plan = plan
-        self.cfg = plan.config
         self.name = plan.config.name
+        self.port = plan.config.port if port is None else port
+        self.counters = counters or Counters()
+        self._rules = rules_of(plan)
         self._spawner = spawner
         self._prober = prober
         self._base_env = dict(os.environ if base_env is None else base_env)
         self._on_change = on_change or (lambda actor: None)
         self._clock = clock
-        r = self.cfg.restart
-        self.tracker = RestartTracker(r.backoff_initial_s, r.backoff_max_s, r.max_restarts,
-                                      r.window_s, rng or random.Random())
-        self.state = State.STOPPED
-        self.desired_up = False
+        self._rng = rng or random.Random()
+        self.model = L.Model()
         self.proc: ServiceProcess | None = None
-        self.gen = 0
-        self.port = self.cfg.port
         self.health = HealthStatus()
-        self.counters = Counters()
-        self.restart_count = 0
-        self.last_exit: str | None = None
-        self.launched_at: float | None = None
         self.start_duration_s: float | None = None
-        self.backoff_until: float | None = None
         self.throttled = False
-        self.failed_reason: str | None = None
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._events: asyncio.Queue[_Command | _Found | _Timer | L.Event] = asyncio.Queue()
         self._waiters: list[Waiter] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_token = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._health_task: asyncio.Task[None] | None = None
-        self._failures = 0
-        self._exited = False  # main process of the current generation has exited
-        self._exit_code = 0
-        self._killing = False  # past the stop deadline (or a fast stop): SIGKILL what is found
-        self._escaped: dict[int, Escapee] = {}  # reported at the service's last end
-        self._pending: RestartReason | None = None  # why the current stop happens
+        self._escaped: dict[int, Escapee] = {}  # not proven ours: reported, left alone
         self._task: asyncio.Task[None] | None = None
 
-    # --- public API (used by the supervisor; safe from any task) ------------------------------
+    # --- what others read --------------------------------------------------------------------
+
+    @property
+    def cfg(self) -> Any:
+        return self.plan.config
+
+    @property
+    def state(self) -> State:
+        return self.model.state
+
+    @property
+    def gen(self) -> int:
+        return self.model.gen
+
+    @property
+    def up(self) -> bool:
+        return self.model.up
+
+    @property
+    def holds(self) -> frozenset[str]:
+        return self.model.holds
+
+    @property
+    def failed_reason(self) -> str | None:
+        return self.model.failed_reason if self.state is State.FAILED else None
+
+    @property
+    def last_exit(self) -> str | None:
+        return self.model.last_exit
+
+    @property
+    def restart_count(self) -> int:
+        return self.counters.total
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    # --- public API (used by the supervisor and the host; safe from any task) -------------------
 
     def run(self) -> asyncio.Task[None]:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"svc-{self.name}")
@@ -176,18 +211,23 @@ class ServiceActor:
             # A bug: say so now. The watchdog stops being petted and systemd restarts us.
             log.critical("%s: service actor crashed", self.name, exc_info=task.exception())
 
-    @property
-    def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def command(self, kind: str) -> int:
-        """Queue a command; returns the generation current once the actor has handled it."""
+    async def send(self, event: L.Event | Reconfigure) -> int:
+        """Queue an event; returns the generation current once the actor has handled it."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._events.put_nowait(Command(kind, fut))
+        self._events.put_nowait(_Command(event, fut))
         return await fut
 
-    def post(self, event: Event) -> None:
+    async def command(self, kind: str) -> int:
+        """An operator's command by name (start, stop, restart, reset, drain, resume)."""
+        return await self.send(COMMANDS[kind]())
+
+    def post(self, event: L.Event) -> None:
         self._events.put_nowait(event)
+
+    def kill_now(self) -> None:
+        """Fast stop: SIGKILL at once (second SIGTERM to the daemon); the actor then settles in
+        `stopped` through the ordinary stop path."""
+        self._events.put_nowait(L.Kill())
 
     async def wait_for(self, predicate: Callable[[ServiceActor], bool],
                        timeout_s: float | None) -> State:
@@ -205,39 +245,25 @@ class ServiceActor:
 
     async def wait_settled(self, after_gen: int, timeout_s: float | None) -> State:
         """Until the service is ready with a launch newer than `after_gen`, failed, or
-        stopped while meant to be down."""
+        stopped while not meant to run."""
 
         def settled(a: ServiceActor) -> bool:
-            return (
-                (a.state is State.READY and a.gen > after_gen)
-                or a.state is State.FAILED
-                or (a.state is State.STOPPED and not a.desired_up)
-            )
+            return ((a.state is State.READY and a.gen > after_gen) or a.state is State.FAILED
+                    or (a.state is State.STOPPED and not a.up))
 
         return await self.wait_for(settled, timeout_s)
 
     async def wait_stopped(self, timeout_s: float | None) -> State:
         return await self.wait_for(
-            lambda a: a.state in (State.STOPPED, State.FAILED) and a.proc is None, timeout_s
-        )
-
-    def kill_now(self) -> None:
-        """Fast stop: SIGKILL the group at once (second SIGTERM to the daemon); the actor
-        then settles in `stopped` through the ordinary stop path."""
-        self.desired_up = False
-        self._killing = True
-        if self.proc is not None:
-            self.proc.signal_group(signal.SIGKILL)
-            self.proc.signal_escapees(signal.SIGKILL)
-        self._events.put_nowait(Command("stop"))
+            lambda a: a.state in (State.STOPPED, State.FAILED) and a.proc is None, timeout_s)
 
     def status(self, now: float | None = None) -> dict[str, Any]:
         now = self._clock() if now is None else now
-        h = self.health
+        h, m = self.health, self.model
         return {
             "name": self.name,
-            "state": self.state.value,
-            "pid": self.proc.pid if self.proc is not None and not self._exited else None,
+            "state": m.state.value,
+            "pid": self.proc.pid if self.proc is not None and not m.exited else None,
             "gpus": [g.uuid for g in self.plan.gpus],
             "numa_node": self.plan.numa_node,
             "cpus": list(self.plan.cpus) if self.plan.cpus else None,
@@ -248,87 +274,216 @@ class ServiceActor:
                 "checked_s_ago": None if h.checked_at is None else round(now - h.checked_at, 3),
             },
             "restarts": self.restart_count,
-            "last_exit": self.last_exit,
-            "uptime_s": (
-                round(now - self.launched_at, 3)
-                if self.launched_at is not None and self.state in RUNNING else None
-            ),
+            "last_exit": m.last_exit,
+            "uptime_s": (round(now - m.launched_at, 3)
+                         if m.launched_at is not None and m.state in RUNNING else None),
             "inflight": 0,
             "gate": "none",
             "throttled": self.throttled,
-            "desired": "up" if self.desired_up else "down",
-            "backoff_s": (
-                round(max(0.0, self.backoff_until - now), 3)
-                if self.state is State.BACKOFF and self.backoff_until is not None else None
-            ),
-            "failed_reason": self.failed_reason if self.state is State.FAILED else None,
-            "escaped": [pid for pid, e in sorted(self._escaped.items()) if e.alive()],
+            "holds": sorted(m.holds),
+            "desired": "up" if m.up else "down",
+            "backoff_s": (round(max(0.0, m.backoff_until - now), 3)
+                          if m.state is State.BACKOFF and m.backoff_until is not None else None),
+            "failed_reason": self.failed_reason,
+            "escaped": sorted(pid for pid, e in self._all_escaped() if e.alive()),
         }
 
-    # --- the actor loop ---------------------------------------------------------------------
+    def _all_escaped(self) -> list[tuple[int, Escapee]]:
+        ours = list(self.proc.escapees.items()) if self.proc is not None else []
+        return [*self._escaped.items(), *ours]
+
+    async def shutdown(self) -> None:
+        """Stop the actor task (after the service has been stopped)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # --- the actor loop -------------------------------------------------------------------------
 
     async def _loop(self) -> None:
         try:
             while True:
-                event = await self._events.get()
-                try:
-                    await self._handle(event)
-                except ControlError as exc:
-                    if isinstance(event, Command) and event.reply and not event.reply.done():
-                        event.reply.set_exception(exc)
-                    continue
-                if isinstance(event, Command) and event.reply and not event.reply.done():
-                    event.reply.set_result(self.gen)
+                item = await self._events.get()
+                if isinstance(item, _Command):
+                    if isinstance(item.event, Reconfigure):
+                        self._reconfigure(item.event.plan)
+                    else:
+                        await self._step(item.event)
+                    if item.reply is not None and not item.reply.done():
+                        item.reply.set_result(self.model.gen)
+                elif isinstance(item, _Timer):
+                    if item.token == self._timer_token:
+                        self._timer = None
+                        await self._step(L.TimerFired(item.kind))
+                elif isinstance(item, _Found):
+                    await self._found(item)
+                else:
+                    await self._step(item)
         finally:
             self._cancel_timer()
             for task in list(self._tasks):
                 task.cancel()
             for esc in self._escaped.values():
-                if esc not in (self.proc.escapees.values() if self.proc else ()):
-                    esc.close()
+                esc.close()
 
-    async def _handle(self, ev: Event) -> None:
-        if isinstance(ev, Command):
-            await self._on_command(ev.kind)
-        elif isinstance(ev, Exited):
-            if ev.gen == self.gen:
-                self._on_exit(ev.returncode)
-        elif isinstance(ev, Reaped):
-            if ev.gen == self.gen and self.proc is not None:
-                self._on_reaped(ev.found)
-            else:
-                for esc in ev.found:
-                    if not esc.ours:
-                        esc.close()
-        elif isinstance(ev, Probed):
-            if ev.gen == self.gen and not self._exited and self.state in (
-                    State.STARTING, State.READY, State.DRAINING):
-                self._on_probe(ev.result)
-        elif isinstance(ev, Timer) and ev.token == self._timer_token:
-            self._timer = None
-            await self._on_timer(ev.kind)
+    async def _step(self, event: L.Event) -> None:
+        if isinstance(event, L.Probed) and event.gen == self.model.gen:
+            self._record_probe(event)
+        decision = L.decide(self.model, event, self._rules, self._clock(), self._rng.random())
+        self.model = decision.model
+        follow: list[L.Event] = []
+        for action in decision.actions:
+            ev = await self._execute(action)
+            if ev is not None:
+                follow.append(ev)
+        for ev in follow:  # what an action produced at once (a launch's outcome)
+            await self._step(ev)
 
-    # --- transitions -------------------------------------------------------------------------
+    async def _execute(self, action: L.Action) -> L.Event | None:
+        if isinstance(action, L.Transition):
+            self._transitioned(action)
+        elif isinstance(action, L.Launch):
+            return await self._launch(action.gen)
+        elif isinstance(action, L.SignalGroup):
+            if self.proc is not None:
+                self.proc.signal_group(action.sig)
+        elif isinstance(action, L.SignalEscapees):
+            if self.proc is not None:
+                self.proc.signal_escapees(action.sig, only_new=action.only_new)
+        elif isinstance(action, L.StartHealth):
+            url = self.plan.health_url(self.port)
+            if url is not None:
+                self._stop_health()
+                self._health_task = self._spawn_task(self._health_loop(action.gen, url),
+                                                     "health")
+        elif isinstance(action, L.StopHealth):
+            self._stop_health()
+        elif isinstance(action, L.SetTimer):
+            self._set_timer(action.delay_s, action.kind)
+        elif isinstance(action, L.CancelTimer):
+            self._cancel_timer()
+        elif isinstance(action, L.Reap):
+            if self.proc is not None:
+                self._spawn_task(self._reap(action.gen, self.proc), "reap")
+        elif isinstance(action, L.Finish):
+            if self.proc is not None:
+                self.proc.release()
+            self.proc = None
+            self.health = HealthStatus()
+        elif isinstance(action, L.CountRestart):
+            self.counters.restart(action.reason)
+        elif isinstance(action, L.HealthFailed):
+            self.counters.health_failures += 1
+            log.warning("%s: health check failed (%d/%d): %s", self.name, action.count,
+                        action.of, action.detail)
+        elif isinstance(action, L.Note):
+            log.warning("%s: %s", self.name, action.text)
+        return None
 
-    def _transition(self, new: State, reason: str) -> None:
-        old = self.state
-        if not can_transition(old, new):
-            raise RuntimeError(f"{self.name}: illegal transition {old} -> {new} ({reason})")
-        self.state = new
-        level = logging.WARNING if new in (State.BACKOFF, State.FAILED) else logging.INFO
-        log.log(level, "%s: %s -> %s (%s)", self.name, old, new, reason)
+    def _transitioned(self, t: L.Transition) -> None:
+        if t.new is State.READY and t.old is State.STARTING and self.model.launched_at:
+            self.start_duration_s = self._clock() - self.model.launched_at
+        level = logging.WARNING if t.new in (State.BACKOFF, State.FAILED) else logging.INFO
+        log.log(level, "%s: %s -> %s (%s)", self.name, t.old, t.new, t.why)
         self._on_change(self)
         for waiter in list(self._waiters):
             if not waiter.future.done() and waiter.predicate(self):
-                waiter.future.set_result(new)
+                waiter.future.set_result(t.new)
+
+    def _reconfigure(self, plan: ServicePlan) -> None:
+        self.plan = plan
+        self._rules = rules_of(plan)
+        self._on_change(self)
+
+    # --- executing ---------------------------------------------------------------------------
+
+    async def _launch(self, gen: int) -> L.Event:
+        self._prune_escaped()
+        self.health = HealthStatus()
+        plan = self.plan
+        spec = LaunchSpec(
+            service=self.name,
+            argv=plan.argv(self.port),
+            env=plan.environment(self._base_env, self.port),
+            cpus=plan.cpus,
+            mem_node=plan.numa_node if plan.bind_memory else None,
+            user=plan.config.user,
+        )
+        try:
+            proc = await self._spawner.launch(spec)
+        except SpawnError as exc:
+            self.proc = None
+            return L.Launched(gen, str(exc))
+        self.proc = proc
+        log.info("%s: launched pid %d%s", self.name, proc.pid,
+                 f" on {','.join(f'GPU{g.index}' for g in plan.gpus)}" if plan.gpus else "")
+        self._spawn_task(self._watch(gen, proc), "watch")
+        return L.Launched(gen)
+
+    async def _watch(self, gen: int, proc: ServiceProcess) -> None:
+        code = await proc.wait()  # the exit itself, even while escaped processes hold the pipe
+        self.post(L.Exited(gen, code, proc.group_alive()))
+
+    async def _health_loop(self, gen: int, url: str) -> None:
+        h = self.plan.config.health
+        while True:
+            starting = self.model.state is State.STARTING
+            await asyncio.sleep(min(h.interval_s, _STARTUP_PROBE_MAX_S) if starting
+                                else h.interval_s)
+            r = await self._prober.probe(url, h.timeout_s)
+            self.post(L.Probed(gen, r.ok, r.not_yet, r.kind is ProbeKind.TIMEOUT, r.detail))
+
+    def _record_probe(self, ev: L.Probed) -> None:
+        self.health = HealthStatus(ok=ev.ok, last_error=None if ev.ok else ev.detail,
+                                   checked_at=self._clock())
+
+    def _stop_health(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            self._health_task = None
+
+    async def _reap(self, gen: int, proc: ServiceProcess) -> None:
+        """Once the main process has exited: until its group is empty and the escaped processes
+        being stopped are gone, then look (off the loop) for processes that escaped it."""
+        while proc.group_alive() or proc.escapees_alive():  # noqa: ASYNC110 - no event for it
+            await asyncio.sleep(_GROUP_POLL_S)
+        self._events.put_nowait(_Found(gen, await proc.find_escaped()))
+
+    async def _found(self, item: _Found) -> None:
+        """Report what escaped the group; the lifecycle decides about the ones proven ours."""
+        current = item.gen == self.model.gen and self.proc is not None
+        new_ours = 0
+        for esc in item.found:
+            if esc.ours:
+                if current and not esc.signalled:
+                    new_ours += 1
+                    log.warning("%s: process %d (%s) escaped its process group; stopping it",
+                                self.name, esc.pid, esc.cmd)
+                continue
+            known = self._escaped.get(esc.pid)
+            if not current or (known is not None and known.alive()):
+                esc.close()
+                continue
+            if known is not None:
+                known.close()
+            self._escaped[esc.pid] = esc
+            log.warning("%s: process %d (%s) escaped its process group and holds its output; "
+                        "not proven ours (no launch marker): left running, output closed",
+                        self.name, esc.pid, esc.cmd)
+        await self._step(L.Reaped(item.gen, new_ours))
+
+    def _prune_escaped(self) -> None:
+        for pid, esc in list(self._escaped.items()):
+            if not esc.alive():
+                esc.close()
+                del self._escaped[pid]
 
     def _set_timer(self, delay: float, kind: str) -> None:
         self._cancel_timer()
-        self._timer_token += 1
         token = self._timer_token
         self._timer = asyncio.get_running_loop().call_later(
-            max(0.0, delay), self._events.put_nowait, Timer(token, kind)
-        )
+            max(0.0, delay), self._events.put_nowait, _Timer(token, kind))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -342,317 +497,6 @@ class ServiceActor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    # --- commands ----------------------------------------------------------------------------
 
-    async def _on_command(self, kind: str) -> None:
-        s = self.state
-        if kind == "start":
-            self.desired_up = True
-            if s is State.FAILED:
-                self.tracker.reset()
-            if s in (State.STOPPED, State.FAILED):
-                await self._launch("start")
-            elif s is State.BACKOFF:
-                self._cancel_timer()
-                await self._launch("start during backoff")
-        elif kind == "stop":
-            self.desired_up = False
-            if s in (State.STARTING, State.READY, State.DRAINING):
-                self._begin_stop("stop requested")
-            elif s in (State.BACKOFF, State.FAILED):
-                self._cancel_timer()
-                self._transition(State.STOPPED, "stop requested")
-        elif kind == "restart":
-            self.desired_up = True
-            if s in (State.STARTING, State.READY, State.DRAINING):
-                self._pending = RestartReason.MANUAL
-                self._begin_stop("restart requested")
-            elif s is State.STOPPING:
-                self._pending = RestartReason.MANUAL
-            else:
-                if s is State.FAILED:
-                    self.tracker.reset()
-                self._cancel_timer()
-                await self._launch("restart requested")
-        elif kind == "reset":
-            self.tracker.reset()
-            self.failed_reason = None
-            if s is State.FAILED:
-                self.desired_up = True
-                await self._launch("reset")
-        elif kind == "drain":
-            if s is State.READY:
-                self._transition(State.DRAINING, "gate draining")
-        elif kind == "resume":
-            if s is State.DRAINING:
-                self._transition(State.READY, "gate reopened")
-        else:
-            raise ControlError("bad_request", f"unknown service command {kind!r}")
-
-    # --- launching ---------------------------------------------------------------------------
-
-    async def _launch(self, reason: str) -> None:
-        self.gen += 1
-        gen = self.gen
-        self._exited = False
-        self._killing = False
-        self._prune_escaped()
-        self._failures = 0
-        self._pending = None
-        self.health = HealthStatus()
-        self.backoff_until = None
-        self.failed_reason = None
-        self._transition(State.STARTING, reason)
-        plan = self.plan
-        spec = LaunchSpec(
-            service=self.name,
-            argv=plan.argv(self.port),
-            env=plan.environment(self._base_env, self.port),
-            cpus=plan.cpus,
-            mem_node=plan.numa_node if plan.bind_memory else None,
-            user=self.cfg.user,
-        )
-        self.launched_at = self._clock()
-        try:
-            self.proc = await self._spawner.launch(spec)
-        except SpawnError as exc:
-            self.proc = None
-            self.last_exit = f"launch failed: {exc}"
-            log.error("%s: %s", self.name, exc)
-            self._after_exit(RestartReason.EXIT)
-            return
-        if self.gen != gen:  # pragma: no cover - the actor is single-threaded
-            return
-        log.info("%s: launched pid %d%s", self.name, self.proc.pid,
-                 f" on {','.join(f'GPU{g.index}' for g in plan.gpus)}" if plan.gpus else "")
-        proc = self.proc
-        self._spawn_task(self._watch(gen, proc), "watch")
-        url = plan.health_url(self.port)
-        if url is None:
-            self._became_ready("launched (no health check)")
-        else:
-            self._set_timer(self.cfg.health.startup_timeout_s, "startup")
-            self._health_task = self._spawn_task(self._health_loop(gen, url), "health")
-
-    async def _watch(self, gen: int, proc: ServiceProcess) -> None:
-        code = await proc.wait()  # the exit itself, even while escaped processes hold the pipe
-        self.post(Exited(gen, code))
-
-    async def _health_loop(self, gen: int, url: str) -> None:
-        h = self.cfg.health
-        while True:
-            starting = self.state is State.STARTING
-            await asyncio.sleep(min(h.interval_s, _STARTUP_PROBE_MAX_S) if starting
-                                else h.interval_s)
-            result = await self._prober.probe(url, h.timeout_s)
-            self.post(Probed(gen, result))
-
-    def _stop_health(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            self._health_task = None
-
-    def _on_probe(self, result: ProbeResult) -> None:
-        self.health.checked_at = self._clock()
-        if result.ok:
-            self.health.ok = True
-            self.health.last_error = None
-            self._failures = 0
-            if self.state is State.STARTING:
-                self._became_ready(f"health {result.detail}")
-            return
-        self.health.ok = False
-        self.health.last_error = result.detail
-        if self.state is State.STARTING and result.not_yet:
-            return  # still loading
-        self._failures += 1
-        self.counters.health_failures += 1
-        h = self.cfg.health
-        log.warning("%s: health check failed (%d/%d): %s", self.name, self._failures,
-                    h.failures, result.detail)
-        if self._failures >= h.failures:
-            hung = " (hung?)" if result.kind is ProbeKind.TIMEOUT else ""
-            self._restart_for(RestartReason.HEALTH,
-                              f"{self._failures} health failures{hung}: {result.detail}")
-
-    def _became_ready(self, reason: str) -> None:
-        now = self._clock()
-        if self.launched_at is not None:
-            self.start_duration_s = now - self.launched_at
-        self._transition(State.READY, reason)
-        self._set_timer(self.tracker.stable_s, "stable")
-
-    # --- stopping ----------------------------------------------------------------------------
-
-    def _restart_for(self, reason: RestartReason, detail: str) -> None:
-        self._pending = reason
-        self._begin_stop(detail)
-
-    def _begin_stop(self, reason: str) -> None:
-        self._stop_health()
-        self._transition(State.STOPPING, reason)
-        self._set_timer(self.cfg.stop.timeout_s, "stop_deadline")
-        proc = self.proc
-        if proc is None:
-            return
-        if not self._exited:
-            proc.signal_group(self.cfg.stop.signal)
-        else:
-            proc.signal_group(signal.SIGTERM)
-        proc.signal_group(signal.SIGCONT)  # a stopped process cannot act on the signal
-
-    def _on_exit(self, code: int) -> None:
-        self._exited = True
-        self._exit_code = code
-        self._stop_health()
-        desc = describe_exit(code)
-        self.last_exit = desc
-        proc = self.proc
-        assert proc is not None
-        if self.state is not State.STOPPING:
-            self._pending = self._exit_reason(code)
-            if proc.group_alive():
-                # The main process is gone but it left children: stop them before anything else.
-                log.warning("%s: main process %s; stopping what it left behind", self.name, desc)
-                self._begin_stop(f"main process {desc}")
-        self._spawn_task(self._reap(self.gen, proc), "reap")
-
-    async def _reap(self, gen: int, proc: ServiceProcess) -> None:
-        """Once the main process has exited: until its group is empty and the escaped processes
-        being stopped are gone, then look (off the loop) for processes that escaped it."""
-        while proc.group_alive() or proc.escapees_alive():  # noqa: ASYNC110 - no event for it
-            await asyncio.sleep(_GROUP_POLL_S)
-        self.post(Reaped(gen, await proc.find_escaped()))
-
-    def _on_reaped(self, found: list[Escapee]) -> None:
-        proc = self.proc
-        assert proc is not None
-        stopping: list[Escapee] = []
-        for esc in found:
-            known = self._escaped.get(esc.pid)
-            if esc.ours:
-                if not esc.signalled:
-                    stopping.append(esc)
-                if known is not None and known is not esc:
-                    known.close()
-                self._escaped[esc.pid] = esc
-                continue
-            if known is not None and known.alive():
-                esc.close()
-                continue
-            if known is not None:
-                known.close()
-            self._escaped[esc.pid] = esc
-            log.warning("%s: process %d (%s) escaped its process group and holds its output; "
-                        "not proven ours (no launch marker): left running, output closed",
-                        self.name, esc.pid, esc.cmd)
-        if stopping:
-            for esc in stopping:
-                log.warning("%s: process %d (%s) escaped its process group; stopping it",
-                            self.name, esc.pid, esc.cmd)
-            if self.state is not State.STOPPING:
-                self._begin_stop(f"main process {self.last_exit}; {len(stopping)} "
-                                 f"process(es) escaped its group")
-            sig = signal.SIGKILL if self._killing else signal.SIGTERM
-            proc.signal_escapees(sig, only_new=True)
-            proc.signal_escapees(signal.SIGCONT)
-            self._spawn_task(self._reap(self.gen, proc), "reap")
-            return
-        self._finish(self._exit_code)
-
-    def _prune_escaped(self) -> None:
-        for pid, esc in list(self._escaped.items()):
-            if not esc.alive():
-                esc.close()
-                del self._escaped[pid]
-
-    def _exit_reason(self, code: int) -> RestartReason | None:
-        """Why the service is going down when its process exits by itself."""
-        policy = self.cfg.restart.policy
-        if policy == "always" or (policy == "on-failure" and code != 0):
-            return RestartReason.EXIT
-        return None
-
-    def _finish(self, code: int) -> None:
-        """The main process and its whole group are gone."""
-        proc = self.proc
-        if proc is not None:
-            proc.release()
-        self.proc = None
-        self._cancel_timer()
-        self.health = HealthStatus()
-        was = self.state
-        desc = describe_exit(code)
-        reason: RestartReason | None
-        if was is State.STOPPING:
-            if not self.desired_up:
-                self._transition(State.STOPPED, f"stopped ({desc})")
-                return
-            if self._pending is RestartReason.MANUAL:
-                self.restart_count += 1
-                self.counters.restart(RestartReason.MANUAL)
-                self._transition(State.STOPPED, "restarting")
-                self.post(Command("start"))
-                return
-            # a stop for a cause, or what an exit by itself left behind (cause: its policy)
-            reason = self._pending
-        else:
-            # The process ended by itself while starting or ready.
-            reason = self._exit_reason(code)
-            log.warning("%s: process %s", self.name, desc)
-        if reason is None:
-            if self.cfg.restart.policy == "never" and code != 0:
-                self._fail(f"{desc}; restart policy is never")
-            else:
-                self.desired_up = False
-                self._transition(State.STOPPED, f"{desc}; restart policy {self.cfg.restart.policy}")
-            return
-        self._after_exit(reason)
-
-    def _after_exit(self, reason: RestartReason) -> None:
-        """Decide between backoff and failed after an unplanned end."""
-        now = self._clock()
-        ran_s = now - self.launched_at if self.launched_at is not None else None
-        if self.cfg.restart.policy == "never":
-            self._fail(f"{self.last_exit}; restart policy is never")
-            return
-        if self.tracker.exhausted(now):
-            r = self.cfg.restart
-            self._fail(f"{r.max_restarts} restarts within {r.window_s:g} s; "
-                       f"last: {self.last_exit}")
-            return
-        delay = self.tracker.next_delay(now, ran_s)
-        self.restart_count += 1
-        self.counters.restart(reason)
-        self.backoff_until = now + delay
-        self._transition(State.BACKOFF,
-                         f"{reason.value}: {self.last_exit}; restart in {delay:.2f} s")
-        self._set_timer(delay, "backoff")
-
-    def _fail(self, why: str) -> None:
-        self.failed_reason = why
-        self.desired_up = False
-        self._transition(State.FAILED, f"{why}; `llmctl reset {self.name}` to start again")
-
-    async def _on_timer(self, kind: str) -> None:
-        if kind == "backoff" and self.state is State.BACKOFF:
-            await self._launch("backoff elapsed")
-        elif kind == "startup" and self.state is State.STARTING and not self._exited:
-            self._restart_for(RestartReason.HEALTH,
-                              f"not ready within startup_timeout_s "
-                              f"({self.cfg.health.startup_timeout_s:g} s)")
-        elif kind == "stop_deadline" and self.state is State.STOPPING and self.proc is not None:
-            log.warning("%s: still running %g s after the stop signal: SIGKILL",
-                        self.name, self.cfg.stop.timeout_s)
-            self._killing = True
-            self.proc.signal_group(signal.SIGKILL)
-            self.proc.signal_escapees(signal.SIGKILL)  # the reap task sees them go
-        elif kind == "stable" and self.state is State.READY:
-            self.tracker.mark_stable()
-
-    async def shutdown(self) -> None:
-        """Stop the actor task (after the service has been stopped)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+__all__ = ["COMMANDS", "Counters", "HealthStatus", "Prober", "Reconfigure", "ServiceActor",
+           "describe_exit"]

@@ -41,6 +41,7 @@ from typing import Any
 import psutil
 
 from .errors import SpawnError, StartupError
+from .logs import forward_output
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +434,8 @@ class Spawner:
                  instance_id: str | None = None) -> None:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.use_guardian = use_guardian
-        self.on_output = on_output or (lambda service, line: log.info("[%s] %s", service, line))
+        # `[service] line` INFO records, through the log pipeline (which never blocks)
+        self.on_output = on_output or forward_output(log)
         self.instance_id = instance_id or secrets.token_hex(8)
         self.boot_id = read_boot_id()
         self._live: dict[int, ServiceProcess] = {}
@@ -522,13 +524,25 @@ class Spawner:
         env = dict(spec.env)
         creds = "-"
         if spec.user is not None:
+            # NSS lookups (LDAP, sssd) can block for long: in a thread, with a deadline.
+            lookup_timeout_s = 30.0
             try:
-                uid, gid, user_env = _user_env(spec.user)
+                uid, gid, user_env = await asyncio.wait_for(
+                    asyncio.to_thread(_user_env, spec.user), lookup_timeout_s)
+                groups = ""
+                if uid != os.geteuid():
+                    groups = ",".join(str(g) for g in await asyncio.wait_for(
+                        asyncio.to_thread(os.getgrouplist, spec.user, gid), lookup_timeout_s))
             except KeyError:
                 raise SpawnError(f"no such user {spec.user!r}") from None
+            except TimeoutError:
+                raise SpawnError(f"looking up user {spec.user!r} took longer than "
+                                 f"{lookup_timeout_s:g} s") from None
+            except OSError as exc:
+                raise SpawnError(f"cannot look up the groups of user {spec.user!r}: "
+                                 f"{exc}") from None
             env.update(user_env)
             if uid != os.geteuid():
-                groups = ",".join(str(g) for g in os.getgrouplist(spec.user, gid))
                 creds = f"{uid}:{gid}:{groups}"
         exe = shutil.which(spec.argv[0], path=env.get("PATH", os.defpath))
         if exe is None:
@@ -574,20 +588,36 @@ class Spawner:
         return sp
 
     async def _forward(self, service: str, stream: asyncio.StreamReader) -> None:
+        """Read the service's output as it comes and hand it on line by line: read in chunks
+        (never waiting for a newline), split, forward each whole line, and yield to the loop
+        after each chunk. `on_output` never blocks (the log pipeline drops what the journal
+        cannot take), so the pipe never fills up and the service never waits on it. A line
+        longer than the limit is forwarded cut, with a marker; the rest of it is skipped."""
+        pending = b""
+        skipping = False  # in the rest of a line already forwarded cut
         while True:
             try:
-                line = await stream.readuntil(b"\n")
-            except asyncio.IncompleteReadError as exc:
-                if exc.partial:
-                    self.on_output(service, exc.partial.decode("utf-8", "replace").rstrip())
-                return
-            except asyncio.LimitOverrunError as exc:
-                chunk = await stream.readexactly(exc.consumed)
-                self.on_output(service, chunk.decode("utf-8", "replace") + " [line cut]")
-                continue
+                chunk = await stream.read(_LINE_LIMIT)
             except (OSError, ValueError):
+                chunk = b""
+            if not chunk:
+                if pending and not skipping:
+                    self.on_output(service, pending.decode("utf-8", "replace").rstrip())
                 return
-            self.on_output(service, line.decode("utf-8", "replace").rstrip())
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                if skipping:
+                    skipping = False
+                    continue
+                self.on_output(service, line.decode("utf-8", "replace").rstrip())
+            if len(pending) > _LINE_LIMIT:
+                if not skipping:
+                    head = pending[:_LINE_LIMIT].decode("utf-8", "replace")
+                    self.on_output(service, head + " [line cut]")
+                    skipping = True
+                pending = b""
+            await asyncio.sleep(0)  # a chatty service never holds the loop for long
 
     def forget(self, proc: ServiceProcess) -> None:
         if self._live.pop(proc.pgid, None) is not None:

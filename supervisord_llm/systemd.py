@@ -2,7 +2,10 @@
 
 A Unix datagram socket queues only a few messages (`net.unix.max_dgram_qlen`, often 10); a
 blocking `sendto` stalls the event loop when the manager is slow to read. This sender never
-blocks: a message that does not fit is counted in `dropped` and the next one tries again.
+blocks: the socket is non-blocking and every `sendto` also passes MSG_DONTWAIT, so a message
+that does not fit (EAGAIN), or cannot be sent at all (the manager is gone), is counted in
+`Notifier.dropped` (exported as `llm_supervisor_sd_notify_dropped_total`) and the next one
+tries again. Drops are logged at most a few times a minute.
 """
 
 from __future__ import annotations
@@ -12,16 +15,26 @@ import os
 import socket
 import time
 
+from .logs import LogLimiter
+
 log = logging.getLogger(__name__)
 
 
 class Notifier:
+    """sd_notify(3) over NOTIFY_SOCKET. Counters, read by the metrics (plain ints, changed
+    only on the loop): `sent`, messages the socket took; `dropped`, messages that were not
+    sent (the manager's queue was full or the socket failed), whatever they carried
+    (WATCHDOG=1 included: the next ping tries again); `last_error`, why the last one was
+    dropped."""
+
     def __init__(self, env: dict[str, str] | None = None) -> None:
         env = dict(os.environ) if env is None else env
         self.address: str | None = env.get("NOTIFY_SOCKET") or None
         self._sock: socket.socket | None = None
         self.sent = 0
         self.dropped = 0
+        self.last_error: str | None = None
+        self._limiter = LogLimiter(__name__, burst=3, window_s=60.0)
         self.watchdog_usec: int | None = None
         usec = env.get("WATCHDOG_USEC")
         pid = env.get("WATCHDOG_PID")
@@ -51,16 +64,22 @@ class Notifier:
             return False
         payload = "\n".join(fields).encode("utf-8", "replace")
         try:
-            self._sock.sendto(payload, self.address)
+            self._sock.sendto(payload, socket.MSG_DONTWAIT, self.address)
         except (BlockingIOError, InterruptedError):
-            self.dropped += 1
+            self._dropped(fields, "the service manager's queue is full")
             return False
         except OSError as exc:
-            self.dropped += 1
-            log.debug("sd_notify failed: %s", exc)
+            self._dropped(fields, exc.strerror or str(exc))
             return False
         self.sent += 1
         return True
+
+    def _dropped(self, fields: tuple[str, ...], why: str) -> None:
+        self.dropped += 1
+        self.last_error = why
+        what = fields[0].partition("=")[0] if fields else "?"
+        self._limiter.warning("drop", "sd_notify: %s not sent (%s); %d dropped so far",
+                              what, why, self.dropped)
 
     def ready(self, status: str | None = None) -> bool:
         return self.notify("READY=1", *([f"STATUS={status}"] if status else []))

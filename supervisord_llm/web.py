@@ -10,9 +10,11 @@ from aiohttp import web
 
 from .config import Listen
 from .errors import StartupError
+from .host import Host
 from .logs import StrangerFilter
 from .metrics import CONTENT_TYPE, make_registry, render
 from .supervisor import Supervisor
+from .systemd import Notifier
 
 LOOP_STALE_S = 5.0
 _http_log = logging.getLogger("supervisord_llm.metrics.http")
@@ -20,11 +22,13 @@ _http_log.addFilter(StrangerFilter("metrics listener"))
 
 
 class MetricsServer:
-    def __init__(self, sup: Supervisor, listen: Listen, clock: Callable[[], float]) -> None:
+    def __init__(self, sup: Supervisor, host: Host, listen: Listen,
+                 clock: Callable[[], float], notifier: Notifier | None = None) -> None:
         self.sup = sup
+        self.host = host
         self.listen = listen
         self._clock = clock
-        self.registry = make_registry(sup)
+        self.registry = make_registry(sup, host, notifier)
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -43,7 +47,7 @@ class MetricsServer:
         healthy = loop_age < LOOP_STALE_S and not failed
         body = {
             "ok": healthy,
-            "mode": sup.mode,
+            "mode": self.host.mode.value,
             "loop_lag_s": round(sup.loop.lag_s, 6),
             "services": {a.name: a.state.value for a in sup.actors.values()},
             "failed": failed,

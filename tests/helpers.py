@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from supervisord_llm import ctl
-from supervisord_llm.supervisor import pick_free_port
+from supervisord_llm.rollout import pick_free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = str(Path(__file__).resolve().parent / "fakebackend.py")
@@ -193,9 +193,10 @@ class Daemon:
     """llm-supervisor as a real process, on a config written under `tmp`."""
 
     def __init__(self, tmp: Path, doc: dict[str, Any], env: Mapping[str, str] | None = None,
-                 nofile: int | None = None) -> None:
+                 nofile: int | None = None, stdio: int | None = None) -> None:
         self.tmp = tmp
         self.nofile = nofile  # RLIMIT_NOFILE of the daemon, to run it out of descriptors
+        self.stdio = stdio  # an fd (a pipe) for the daemon's stdout and stderr, not the log file
         self.doc = doc
         self.config = tmp / "config.toml"
         self.write(doc)
@@ -214,7 +215,8 @@ class Daemon:
         argv = [sys.executable, "-m", "supervisord_llm", "--config", str(self.config)]
         if self.nofile is not None:
             argv = ["prlimit", f"--nofile={self.nofile}", "--", *argv]
-        self.proc = subprocess.Popen(argv, stdout=self._logfh, stderr=subprocess.STDOUT,
+        out = self._logfh if self.stdio is None else self.stdio
+        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                      env=self.env, cwd=str(self.tmp))
         if wait:
             wait_until(self._answers, 20, what=f"control socket (log: {self.logtext()[-2000:]})")

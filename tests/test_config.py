@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,8 @@ from hypothesis import strategies as st
 from helpers import ROOT, sim_gpus, toml_dumps
 from supervisord_llm.cli import daemon_main
 from supervisord_llm.config import (
+    MAX_CONFIG_BYTES,
+    MAX_MESSAGE_CHARS,
     Config,
     Threshold,
     load_config,
@@ -185,8 +189,11 @@ def run_check(path: Path) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+# a key path may hold quoted keys (`service[0]."a b": unknown key`)
+_PATH = r'(?:[^\s"]|"(?:[^"\\]|\\.)*")+'
 ERROR_LINE = re.compile(
-    r"^llm-supervisor: (config error: (\S+: .+|\S+: TOML syntax error: .+)|.+: \d+ errors?)$"
+    rf"^llm-supervisor: (config error: ({_PATH}: .+|\.\.\. and \d+ more errors?)"
+    r"|.+: \d+ errors?)$"
 )
 
 
@@ -278,3 +285,160 @@ def check_text(text: str) -> None:
             assert ERROR_LINE.match(line), line
     else:
         assert "ok" in out
+
+
+# --- hostile files: size, kind, nesting, BOM, NUL, odd keys -----------------------------------
+
+
+def one_line_problems(exc: ConfigError) -> list[str]:
+    assert exc.problems, "a ConfigError without a problem"
+    for p in exc.problems:
+        assert len(p.splitlines()) == 1 and p == p.strip(), repr(p)
+        assert len(p) <= MAX_MESSAGE_CHARS, len(p)
+    return exc.problems
+
+
+def test_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    text = toml_dumps({"service": [svc(port=8001)]})
+    assert parse_config("\ufeff" + text).services[0].port == 8001
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_config(path).services[0].port == 8001
+    path.write_bytes(b"\xef\xbb\xbf" + b'[service]]\n')  # line numbers are not shifted
+    with pytest.raises(ConfigError, match="line 1"):
+        load_config(path)
+
+
+def test_nul_characters_are_named() -> None:
+    found = problems({"service": [svc(env={"A": "x\x00y"}, command=["a\x00"])]})
+    assert "service[0].env.A: must not contain NUL characters" in found, found
+    assert "service[0].command[0]: must not contain NUL characters" in found, found
+    assert not any("not a string" in p for p in found), found
+
+
+def test_cross_checks_run_alongside_field_errors() -> None:
+    found = problems({"service": [
+        {"name": "broken"},  # no command: not built, but its index and name still count
+        svc(port=8001, health={"interval_s": 0}),
+        svc(name="b", port=8001, gate={"listen": "127.0.0.1:9001", "backup": "zz"}),
+        svc(name="b", restart={"policy": "x"}, gate={"listen": "127.0.0.1:9002",
+                                                      "backup": "broken"}),
+    ]})
+    assert "service[0].command: required key is missing" in found, found
+    assert any(p.startswith("service[1].health.interval_s: must be > 0") for p in found)
+    assert "service[2].port: port 8001 is already used by service[1] (a)" in found, found
+    assert "service[2].gate.backup: no service named 'zz'" in found, found
+    assert "service[3].name: 'b' is already used by service[2]" in found, found
+    assert any(p.startswith("service[3].restart.policy") for p in found)
+    assert not any(p.startswith("service[3].gate.backup") for p in found), found
+    # a field with a problem of its own is not checked again across fields
+    found = problems({"metrics": {"listen": "nope"}, "service": [svc(port=9468)]})
+    assert found == ["metrics.listen: expected HOST:PORT, got 'nope'"], found
+
+
+def test_size_limit(tmp_path: Path) -> None:
+    path = tmp_path / "big.toml"
+    body = toml_dumps({"service": [svc()]}).encode()
+    path.write_bytes(body + b"#" * (MAX_CONFIG_BYTES - len(body) - 1) + b"\n")
+    assert load_config(path).services[0].name == "a"  # exactly the limit: fine
+    path.write_bytes(body + b"#" * (MAX_CONFIG_BYTES - len(body)) + b"\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert one_line_problems(info.value) == [f"{path}: larger than 1 MB (1048576 bytes), "
+                                             "the limit for a config file"]
+
+
+def test_only_regular_files_are_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # nobody writes: a plain open() would block forever
+    with pytest.raises(ConfigError, match=r"is a FIFO \(named pipe\), not a regular file"):
+        load_config(fifo)
+    with pytest.raises(ConfigError, match="is a character device, not a regular file"):
+        load_config("/dev/zero")
+    link = tmp_path / "zero.toml"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match="is a character device"):
+        load_config(link)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "s.toml"))
+        with pytest.raises(ConfigError, match="is a socket, not a regular file"):
+            load_config(tmp_path / "s.toml")
+
+
+@pytest.mark.parametrize("text", [
+    "a = " + "[" * 600 + "]" * 600,
+    "a = " + "{b = " * 600 + "1" + "}" * 600,
+    "a = " + "[" * 100_000,
+])
+def test_deep_nesting_is_one_line(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "deep.toml")
+    assert len(one_line_problems(info.value)) == 1
+
+
+def test_huge_values_and_odd_keys_give_short_lines() -> None:
+    deep = "service.numa" + ".a" * 20_000 + " = 1\n"  # a deeply nested table, no recursion
+    for text in (
+        toml_dumps({"service": [svc(name="x y" * 200_000)]}),
+        toml_dumps({"service": [svc(gpus=[[[[[[[[[["x" * 100_000]]]]]]]]]])]}),
+        '"a\\nb\\u2028c\\u0085" = 1\n' + '"' + "k" * 5000 + '" = 2\n',
+        "[[service]]\nname = 'a'\ncommand = ['x']\n" + deep.replace("service.", ""),
+        "[[service]]\nname = 'a'\ncommand = ['x']\n"
+        + "gpus = " + "[" * 300 + "]" * 300 + "\n",
+    ):
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, "odd.toml")
+        one_line_problems(info.value)
+    found = problems('"a b" = 1\n"x\\ny" = 2\n')
+    assert found == ['"a b": unknown key', '"x\\ny": unknown key'], found
+
+
+def test_check_is_short_for_hostile_files(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "[" * 600 + "]" * 600 + "\n")
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    for path in (deep, fifo, Path("/dev/zero")):
+        code, out, err = run_check(path)
+        assert code == 1 and not out
+        lines = err.splitlines()
+        assert len(lines) == 2 and all(ERROR_LINE.match(line) for line in lines), err
+
+
+# --- fuzz: any bytes at all give a Config or a one-line ConfigError ---------------------------
+
+_fragments = st.one_of(
+    st.sampled_from([
+        "[[service]]\n", "name = 'a'\n", "command = ['x', '{port}']\n", "port = 8001\n",
+        "[service.health]\n", "interval_s = 0\n", "[gpu]\n", "backend = 'sim'\n",
+        "[[gpu.sim]]\n", "uuid = 'GPU-1'\n", "env = { A = \"x\\u0000y\" }\n", "a.b.c = 1\n",
+        "\ufeff", "\x00", "\r\n", "'''", '"""', "[", "]", "{", "}", "=", "#", "\\",
+    ]),
+    st.integers(min_value=1, max_value=1500).map(lambda n: "x = " + "[" * n + "]" * n + "\n"),
+    st.integers(min_value=1, max_value=1500).map(
+        lambda n: "x = " + "{a = " * n + "1" + "}" * n + "\n"),
+    st.integers(min_value=1, max_value=3000).map(lambda n: "x" + ".a" * n + " = 1\n"),
+    st.integers(min_value=0, max_value=300_000).map(lambda n: f"name = '{'n' * n}'\n"),
+    st.text(max_size=30),
+)
+_fuzz_bytes = st.one_of(
+    st.binary(max_size=400),
+    st.lists(_fragments, max_size=12).map(lambda xs: "".join(xs).encode("utf-8",
+                                                                        "surrogatepass")),
+    st.tuples(st.sampled_from([b"", b"\xef\xbb\xbf", b"\xef\xbb\xbf\xef\xbb\xbf", b"\xff\xfe"]),
+              st.lists(_fragments, max_size=8), st.binary(max_size=20)).map(
+        lambda t: t[0] + "".join(t[1]).encode("utf-8", "surrogatepass") + t[2]),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=_fuzz_bytes)
+def test_fuzz_config_reader(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / "c.toml"
+    path.write_bytes(data)
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        one_line_problems(exc)
+    else:
+        assert isinstance(cfg, Config)

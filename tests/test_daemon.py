@@ -3,6 +3,7 @@ orphans. Services are the fake backend; GPUs are simulated."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -235,13 +236,15 @@ def test_reload_restarts_only_changed_services(tmp_path: Path) -> None:
         assert r.returncode == 1 and "service[0].health.interval_s: must be > 0" in r.stderr
         assert d.service("alpha")["pid"] == pa and d.service("alpha")["state"] == "ready"
         d.signal(signal.SIGHUP)
-        wait_until(lambda: "keeping the running configuration" in d.logtext(), 5,
+        wait_until(lambda: "reload (SIGHUP) not done" in d.logtext(), 5,
                    what="SIGHUP reload refused")
         assert d.service("gamma")["state"] == "ready"
         # removing a service stops it
         del doc["service"][2]
         d.write(doc)
-        assert json.loads(d.llmctl("--json", "reload").stdout)["removed"] == ["gamma"]
+        r = d.llmctl("--json", "reload")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["removed"] == ["gamma"]
         assert [s["name"] for s in d.status()["services"]] == ["alpha", "beta"]
 
 
@@ -308,12 +311,13 @@ def test_leftovers_of_a_crashed_daemon_are_stopped_at_start(tmp_path: Path) -> N
                 os.kill(p, signal.SIGKILL)
         d.proc.kill()
         d.proc.wait()
+        d.pids_seen.clear()  # d.stop() must not clean up what the next daemon has to find
         time.sleep(0.3)
         assert alive(grandchild)  # what an orphan looks like: it would hold the GPU
     finally:
         d.stop()
     with running(tmp_path, doc) as d2:
-        assert "left by an earlier run" in d2.logtext()
+        wait_until(lambda: "left by an earlier run" in d2.logtext(), 5, what="the sweep")
         assert not alive(grandchild)
         d2.wait_state("alpha", "ready")
 
@@ -449,3 +453,110 @@ def test_oversized_and_garbage_messages_keep_the_daemon_serving(fuzz_daemon: Dae
         s.connect(fuzz_daemon.socket)
         s.sendall(b'{"v":1,"cmd":')
     assert fuzz_daemon.status()["services"][0]["name"] == "sleeper"
+
+
+# --- hostile config files at reload and at --check ----------------------------------------
+
+
+def test_pathological_config_keeps_the_daemon_and_its_services(tmp_path: Path) -> None:
+    """SIGHUP or `llmctl reload` with a 600-deep config, a FIFO, /dev/zero or a huge file:
+    the running config and the services stay; `--check` says why in a line or two."""
+    doc = base_config(tmp_path, [fake_service("alpha", free_port())])
+    with running(tmp_path, doc) as d:
+        d.wait_state("alpha", "ready")
+        pid = d.service("alpha")["pid"]
+        good = d.config.read_bytes()
+
+        def make_deep() -> None:
+            d.config.write_text("a = " + "[" * 600 + "]" * 600 + "\n")
+
+        def make_fifo() -> None:
+            d.config.unlink()
+            os.mkfifo(d.config)
+
+        def make_zero() -> None:
+            d.config.unlink()
+            d.config.symlink_to("/dev/zero")
+
+        def make_huge() -> None:
+            d.config.write_bytes(good + b"#" * (2 * 1024 * 1024) + b"\n")
+
+        cases = [(make_deep, "nested too deeply"), (make_fifo, "is a FIFO (named pipe)"),
+                 (make_zero, "is a character device"), (make_huge, "larger than 1 MB")]
+        for make, expected in cases:
+            make()
+            kept = d.logtext().count("keeping the running configuration")
+            d.signal(signal.SIGHUP)
+            wait_until(lambda k=kept: d.logtext().count(  # type: ignore[misc]
+                "keeping the running configuration") > k, 10, what=f"SIGHUP: {expected}")
+            r = d.llmctl("reload", timeout=20)
+            assert r.returncode == 1 and expected in r.stderr, r.stderr
+            assert len(r.stderr.splitlines()) == 1 and len(r.stderr) < 600, r.stderr
+            assert d.proc is not None and d.proc.poll() is None
+            svc = d.service("alpha")
+            assert svc["state"] == "ready" and svc["pid"] == pid, svc
+            r = subprocess.run([sys.executable, "-m", "supervisord_llm", "--config",
+                                str(d.config), "--check"], capture_output=True, text=True,
+                               check=False, timeout=20)
+            assert r.returncode == 1 and expected in r.stderr, r.stderr
+            assert not r.stdout and len(r.stderr.splitlines()) == 2, r.stderr
+            assert "Traceback" not in r.stderr and len(r.stderr) < 1000
+            d.config.unlink()
+            d.config.write_bytes(good)
+        log = d.logtext()
+        assert "Traceback" not in log and "RecursionError" not in log
+        r = d.llmctl("reload")
+        assert r.returncode == 0, r.stderr
+        assert d.service("alpha")["pid"] == pid
+
+
+def test_start_with_a_pathological_config(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "[" * 600 + "]" * 600 + "\n")
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    for path in (deep, fifo, Path("/dev/zero")):
+        r = subprocess.run([sys.executable, "-m", "supervisord_llm", "--config", str(path)],
+                           capture_output=True, text=True, check=False, timeout=20)
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert r.stderr.startswith("<3>llm-supervisor: config error:"), r.stderr
+
+
+async def test_any_reload_failure_is_a_control_error(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading fails in an unexpected way, or applying a valid config fails as a bug would:
+    either way a ControlError for llmctl, and the running configuration stays."""
+    from supervisord_llm import daemon as daemon_mod
+    from supervisord_llm import rollout
+    from supervisord_llm.errors import ControlError
+    from supervisord_llm.host import Host
+
+    path = tmp_path / "c.toml"
+    path.write_text(toml_dumps({"gpu": {"backend": "none"},
+                                "service": [{"name": "a", "command": ["/bin/true"]}]}))
+    dm = daemon_mod.Daemon(str(path), daemon_mod.Overrides())
+
+    def load_fails() -> Any:
+        raise ValueError("an unexpected kind of failure")
+
+    monkeypatch.setattr(dm, "load", load_fails)
+    with pytest.raises(ControlError) as info:
+        await dm._load_for_reload()
+    assert info.value.code == "failed"
+    assert "ValueError: an unexpected kind of failure" in info.value.message
+    assert "keeping the running configuration" in info.value.message
+    monkeypatch.undo()
+
+    async def apply_fails(*_args: Any) -> Any:
+        raise RuntimeError("boom while applying")
+
+    monkeypatch.setattr(rollout, "reload", apply_fails)
+    host = Host(None, dm._load_for_reload)  # type: ignore[arg-type]
+    runner = asyncio.get_running_loop().create_task(host.run())
+    try:
+        with pytest.raises(ControlError) as info:
+            await host.reload()
+    finally:
+        runner.cancel()
+    assert info.value.code == "failed" and "RuntimeError: boom while applying" in str(info.value)
+    assert not host.ops  # the operation is over; another reload may run

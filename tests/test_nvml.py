@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +18,8 @@ import pytest
 
 from helpers import toml_dumps
 from supervisord_llm.errors import GpuLostError, SensorError
+from supervisord_llm.sensors.base import BackendUnavailable
+from supervisord_llm.sensors.hub import GpuHub
 from supervisord_llm.sensors.nvml import NvmlBackend
 from supervisord_llm.topology import Topology
 
@@ -39,6 +42,7 @@ class ScriptedNVML:
         self.fail: dict[str, int] = {"nvmlDeviceGetNumaNodeId": 3}
         self.limit_set: list[int] = []
         self.shut = False
+        self.shut_on: str | None = None
 
     def _maybe(self, name: str) -> None:
         if name in self.fail:
@@ -49,6 +53,7 @@ class ScriptedNVML:
 
     def nvmlShutdown(self) -> None:
         self.shut = True
+        self.shut_on = threading.current_thread().name
 
     def nvmlDeviceGetCount(self) -> int:
         return 1
@@ -162,15 +167,34 @@ def test_error_mapping(tmp_path: Path) -> None:
     with pytest.raises(SensorError, match="cannot set the power limit of GPU0 to 100 W"):
         b.set_power_limit(g, 100)
     nv.fail["nvmlInit"] = 12
-    with pytest.raises(SensorError, match="Library Not Found"):
+    with pytest.raises(BackendUnavailable, match=r"NVML library not found \(libnvidia-ml.so.1"):
+        NvmlBackend(nv).discover()
+    nv.fail["nvmlInit"] = 999
+    with pytest.raises(SensorError, match="NVML: nvmlInit: Unknown Error"):
         NvmlBackend(nv).discover()
 
 
+async def test_hub_over_nvml_shuts_nvml_down_off_the_loop(tmp_path: Path) -> None:
+    nv = ScriptedNVML()
+    b = NvmlBackend(nv, sysfs(tmp_path, "0"))
+    gpus = b.discover()
+    hub = GpuHub(b, gpus, 0.02, 1.0)
+    await hub.poll_once()
+    assert hub.snapshots()[0].status == "ok" and hub.backend_names == "nvml"
+    await hub.set_power_limit(gpus[0], 450)
+    assert nv.limit_set == [450000]
+    await hub.aclose()
+    assert nv.shut and nv.shut_on not in (None, threading.main_thread().name)
+
+
 def test_real_library_here_auto_and_nvml(tmp_path: Path) -> None:
-    """This machine has no NVIDIA driver: `auto` runs without GPUs, `nvml` refuses (exit 2)."""
+    """This machine has no NVIDIA driver: `auto` runs without GPUs and says why; `nvml` fails
+    the check (exit 1) and says why."""
     base: dict[str, Any] = {"service": [{"name": "a", "command": ["/bin/sleep", "1"]}]}
     for backend, code, text in (("auto", 0, "GPUs (none): 0"),
-                                ("nvml", 2, "GPU discovery (nvml) failed: NVML:")):
+                                ("auto", 0, "nvml: NVML library not found (libnvidia-ml.so.1"),
+                                ("nvml", 1, "GPU discovery (nvml) failed: NVML library not "
+                                            "found (libnvidia-ml.so.1")):
         path = tmp_path / f"{backend}.toml"
         path.write_text(toml_dumps({"gpu": {"backend": backend}, **base}))
         r = subprocess.run([sys.executable, "-m", "supervisord_llm", "--config", str(path),

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from helpers import toml_dumps
 from supervisord_llm.config import parse_config
 from supervisord_llm.plan import resolve_plan
-from supervisord_llm.policy.backoff import FAST_RUN_S, FAST_RUNS, FLOOR_S, RestartTracker
+from supervisord_llm.policy.backoff import FAST_RUN_S, FAST_RUNS, FLOOR_S, Budget
 from supervisord_llm.sensors.base import GpuInfo
 from supervisord_llm.states import SETTLED, TRANSITIONS, State, can_transition
 from supervisord_llm.topology import Topology, format_cpulist, parse_cpulist
@@ -37,6 +37,37 @@ def test_transition_table_is_complete_and_matches_design() -> None:
                     todo.append(n)
         assert State.STOPPED in seen or s is State.STOPPED
     assert {State.STOPPED, State.READY, State.FAILED} == SETTLED
+
+
+class RestartTracker:
+    """The immutable Budget driven like a mutable tracker, to keep the tests short."""
+
+    def __init__(self, initial: float, max_s: float, max_restarts: int, window: float,
+                 rng: random.Random | None = None) -> None:
+        self.args = (initial, max_s, window)
+        self.max_restarts = max_restarts
+        self.rng = rng or random.Random()
+        self.b = Budget()
+
+    @property
+    def fast_runs(self) -> int:
+        return self.b.fast_runs
+
+    def next_delay(self, now: float, ran_s: float | None = None) -> float:
+        self.b, delay = self.b.next_delay(now, ran_s, self.rng.random(), *self.args)
+        return delay
+
+    def mark_stable(self) -> None:
+        self.b = self.b.mark_stable()
+
+    def reset(self) -> None:
+        self.b = self.b.reset()
+
+    def exhausted(self, now: float) -> bool:
+        return self.b.exhausted(now, self.max_restarts, self.args[2])
+
+    def restarts_in_window(self, now: float) -> int:
+        return len(self.b.in_window(now, self.args[2]))
 
 
 def test_backoff_grows_is_capped_and_jittered() -> None:

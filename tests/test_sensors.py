@@ -1,7 +1,11 @@
-"""The simulated GPU backend and the hub: timeouts, no pile-up, lost GPUs, bad readings."""
+"""The simulated GPU backend, the hub and the generic polled source: timeouts, no pile-up,
+lost GPUs, bad readings, one backend per GPU, calls on the GPU's thread, closing off the loop."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -13,8 +17,15 @@ import pytest
 from helpers import SIM_UUID, async_wait_until
 from supervisord_llm.config import SimGpu
 from supervisord_llm.errors import GpuLostError, SensorError
-from supervisord_llm.sensors.base import GpuInfo, GpuReading
+from supervisord_llm.sensors.base import (
+    GpuBackend,
+    GpuInfo,
+    GpuReading,
+    SensorBusyError,
+    SensorTimeoutError,
+)
 from supervisord_llm.sensors.hub import GpuHub
+from supervisord_llm.sensors.poll import Snapshot, SourcePoller
 from supervisord_llm.sensors.sim import SimBackend
 
 
@@ -119,7 +130,7 @@ async def test_hub_marks_hung_gpu_unresponsive_without_pile_up() -> None:
     assert hub.errors_total.get("gpu_timeout", 0) >= 1
     backend.release.set()
     await poll_until(hub, lambda: hub.snapshots()[0].status == "ok", 2)
-    hub.close()
+    await hub.aclose()
 
 
 async def test_hub_with_sim_lost_and_back(tmp_path: Path) -> None:
@@ -139,4 +150,323 @@ async def test_hub_with_sim_lost_and_back(tmp_path: Path) -> None:
     assert hub.snapshots()[0].status == "unresponsive"
     write_state(state, {gpus[0].uuid: {"temperature_c": 60}})
     await poll_until(hub, lambda: hub.snapshots()[0].status == "ok", 3)
-    hub.close()
+    await hub.aclose()
+
+
+# --- one backend per GPU -----------------------------------------------------------------------
+
+
+class FakeBackend:
+    """Scripted backend: `hang` (a set of uuids) blocks reads until `release`; records which
+    thread ran each operation; `close_hangs` blocks close() until `release`."""
+
+    def __init__(self, name: str, base_c: float) -> None:
+        self.name = name
+        self.base_c = base_c
+        self.hang: set[str] = set()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.ops: list[tuple[str, str, str]] = []  # (op, uuid, thread name)
+        self.lock = threading.Lock()
+        self.concurrent = 0
+        self.max_concurrent = 0
+        self.close_hangs = False
+        self.closed_on: str | None = None
+
+    def _op(self, op: str, gpu: GpuInfo) -> None:
+        with self.lock:
+            self.ops.append((op, gpu.uuid, threading.current_thread().name))
+
+    def reads(self, gpu: GpuInfo) -> int:
+        with self.lock:
+            return sum(1 for op, u, _ in self.ops if op == "read" and u == gpu.uuid)
+
+    def discover(self) -> list[GpuInfo]:
+        return []
+
+    def read(self, gpu: GpuInfo) -> GpuReading:
+        self._op("read", gpu)
+        with self.lock:
+            self.concurrent += 1
+            self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        try:
+            if gpu.uuid in self.hang:
+                self.entered.set()
+                self.release.wait(10)
+            return GpuReading(temperature_c=self.base_c + gpu.index, power_limit_w=250.0)
+        finally:
+            with self.lock:
+                self.concurrent -= 1
+
+    def set_power_limit(self, gpu: GpuInfo, watts: float) -> None:
+        self._op("set_power_limit", gpu)
+
+    def close(self) -> None:
+        self.closed_on = threading.current_thread().name
+        if self.close_hangs:
+            self.release.wait(10)
+
+
+def two_vendor_hub(timeout: float = 0.1) -> tuple[GpuHub, FakeBackend, FakeBackend,
+                                                  GpuInfo, GpuInfo]:
+    nv, amd = FakeBackend("fake-nv", 40.0), FakeBackend("fake-amd", 60.0)
+    g0 = dataclasses.replace(info(0), backend="fake-nv")
+    g1 = dataclasses.replace(info(1), vendor="amd", backend="fake-amd")
+    backends: dict[str, GpuBackend] = {g0.uuid: nv, g1.uuid: amd}
+    return GpuHub(backends, [g0, g1], 0.02, timeout), nv, amd, g0, g1
+
+
+async def test_two_backends_in_one_hub_route_and_isolate() -> None:
+    hub, nv, amd, g0, g1 = two_vendor_hub()
+    assert hub.backend_names == "fake-nv+fake-amd" == hub.backend.name
+    assert hub.backend_of(g1) is amd and hub.backends == (nv, amd)
+    await hub.poll_once()
+    s0, s1 = hub.snapshots()
+    assert s0.reading is not None and s0.reading.temperature_c == 40.0
+    assert s1.reading is not None and s1.reading.temperature_c == 61.0
+    assert [u for _, u, _ in nv.ops] == [g0.uuid] and [u for _, u, _ in amd.ops] == [g1.uuid]
+    # NVIDIA's GPU hangs: the AMD GPU is read at every poll, each poll within its deadline
+    nv.hang.add(g0.uuid)
+    for _ in range(5):
+        started = time.monotonic()
+        await hub.poll_once()
+        assert time.monotonic() - started < 0.1 + 0.5
+    s0, s1 = hub.snapshots()
+    assert s0.status == "unresponsive" and s1.status == "ok"
+    assert amd.reads(g1) == 6 and nv.reads(g0) == 2  # one hung read, never duplicated
+    nv.release.set()
+    await poll_until(hub, lambda: hub.snapshots()[0].status == "ok", 2)
+    await hub.aclose()
+
+
+async def test_hub_call_runs_on_the_gpu_thread_after_a_read_in_progress() -> None:
+    hub, nv, amd, g0, g1 = two_vendor_hub(timeout=5.0)
+    where = await hub.call(g0, lambda b, g: (threading.current_thread().name, b.name, g.index))
+    assert where == ("gpu0", "fake-nv", 0)
+    await hub.set_power_limit(g1, 200)
+    assert amd.ops == [("set_power_limit", g1.uuid, "gpu1")]
+    # a read in progress: the call waits for it, then runs on the same thread, never alongside
+    nv.hang.add(g0.uuid)
+    poll = asyncio.create_task(hub.poll_once())
+    await async_wait_until(nv.entered.is_set, 5, what="the read to start")
+    call = asyncio.create_task(hub.call(g0, lambda b, g: b.set_power_limit(g, 300)))
+    await asyncio.sleep(0)  # let the call reach its wait (a yield, not a timed sleep)
+    with pytest.raises(SensorBusyError, match="GPU0 busy: previous call still running"):
+        await hub.call(g0, lambda b, g: None)  # one call waiting is enough
+    nv.release.set()
+    await asyncio.wait_for(call, 5)
+    await asyncio.wait_for(poll, 5)
+    assert [(op, t) for op, u, t in nv.ops if u == g0.uuid][-2:] == \
+        [("read", "gpu0"), ("set_power_limit", "gpu0")]
+    assert nv.max_concurrent == 1
+    await hub.aclose()
+
+
+async def test_hub_call_timeout_marks_unresponsive_and_refuses_while_busy() -> None:
+    hub, nv, _, g0, _ = two_vendor_hub(timeout=0.1)
+    await hub.poll_once()
+    stuck = threading.Event()
+    updates: list[int] = []
+    hub.on_update(lambda: updates.append(1))
+    with pytest.raises(SensorTimeoutError, match="GPU0 unresponsive: call did not return within"):
+        await hub.call(g0, lambda b, g: stuck.wait(10))
+    assert hub.snapshots()[0].status == "unresponsive" and updates
+    assert hub.errors_total["gpu_timeout"] == 1
+    started = time.monotonic()
+    with pytest.raises(SensorBusyError, match="GPU0 busy: previous call still running"):
+        await hub.call(g0, lambda b, g: None)
+    assert time.monotonic() - started < 0.09  # at once, not after the 0.1 s deadline
+    reads = nv.reads(g0)
+    for _ in range(3):
+        await hub.poll_once()
+    assert nv.reads(g0) == reads  # nothing submitted behind the hung call
+    assert hub.snapshots()[1].status == "ok"
+    stuck.set()
+    await poll_until(hub, lambda: hub.snapshots()[0].status == "ok", 2)
+    assert await hub.call(g0, lambda b, g: "done") == "done"
+    # a read hung past its deadline: a call is refused at once too
+    nv.hang.add(g0.uuid)
+    await hub.poll_once()
+    assert hub.snapshots()[0].status == "unresponsive"
+    with pytest.raises(SensorBusyError, match="GPU0 busy"):
+        await hub.call(g0, lambda b, g: None)
+    nv.release.set()
+    await hub.aclose()
+
+
+async def test_hub_call_errors_lost_and_refused(tmp_path: Path) -> None:
+    state = tmp_path / "sim.json"
+    backend = SimBackend(sims(1), str(state))
+    [g] = backend.discover()
+    hub = GpuHub(backend, [g], 0.02, 1.0)
+    await hub.poll_once()
+    await hub.set_power_limit(g, 200)
+    await hub.poll_once()
+    assert hub.snapshots()[0].power_limit_w == 200
+    with pytest.raises(SensorError, match="outside"):
+        await hub.set_power_limit(g, 10)
+    assert hub.snapshots()[0].status == "ok"  # a refused setting is not a sensor failure
+    write_state(state, {g.uuid: {"lost": True}})
+    with pytest.raises(GpuLostError):
+        await hub.call(g, lambda b, gpu: b.read(gpu))
+    assert hub.snapshots()[0].status == "lost" and hub.errors_total["gpu_lost"] == 1
+    with pytest.raises(SensorError, match="not one of this hub's GPUs"):
+        await hub.call(info(7), lambda b, gpu: None)
+    await hub.aclose()
+
+
+async def test_hub_close_never_blocks_the_loop() -> None:
+    hub, nv, amd, g0, _ = two_vendor_hub(timeout=0.1)
+    nv.hang.add(g0.uuid)
+    nv.close_hangs = True
+    await hub.poll_once()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(ticker())
+    started = time.monotonic()
+    await hub.aclose()  # a hung read and a hung close: waits at most two deadlines
+    elapsed = time.monotonic() - started
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert elapsed < 2 * 0.1 + 0.5 and ticks >= 3
+    assert amd.closed_on is not None and amd.closed_on != "MainThread"
+    assert nv.closed_on is not None and nv.closed_on != "MainThread"
+    await hub.poll_once()  # closed: nothing happens
+    nv.release.set()
+    # the synchronous close returns at once too
+    hub2, nv2, *_ = two_vendor_hub(timeout=0.1)
+    nv2.close_hangs = True
+    started = time.monotonic()
+    hub2.close()
+    assert time.monotonic() - started < 0.09
+    await async_wait_until(lambda: nv2.closed_on is not None, 5, what="background close")
+    assert nv2.closed_on != "MainThread"
+    nv2.release.set()
+
+
+# --- the generic polled source (the UPS's slot) ------------------------------------------------
+
+
+class FakeUps:
+    """A UPS-like blocking source: a dict of variables, an error, or a hang."""
+
+    name = "ups"
+
+    def __init__(self) -> None:
+        self.charge = 100
+        self.fail: Exception | None = None
+        self.hang = threading.Event()
+        self.release = threading.Event()
+        self.reads = 0
+        self.closed = False
+
+    def read(self) -> dict[str, str]:
+        self.reads += 1
+        if self.hang.is_set():
+            self.release.wait(10)
+        if self.fail is not None:
+            raise self.fail
+        return {"ups.status": "OL", "battery.charge": str(self.charge)}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def test_source_poller_ok_error_hang_and_age() -> None:
+    ups, clock = FakeUps(), Clock()
+    poller: SourcePoller[dict[str, str]] = SourcePoller(ups, 0.02, 0.1, clock=clock)
+    changes: list[Snapshot[dict[str, str]]] = []
+    poller.on_change(changes.append)
+    assert poller.snapshot.status == "unknown" and poller.snapshot.age_s(clock()) is None
+    await poller.poll_once()
+    snap = poller.snapshot
+    assert (snap.name, snap.status, snap.error) == ("ups", "ok", None)
+    assert snap.value == {"ups.status": "OL", "battery.charge": "100"}
+    clock.t += 3
+    assert snap.age_s(clock()) == 3.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snap.status = "error"  # type: ignore[misc]
+    ups.fail = SensorError("upsd: connection refused")
+    await poller.poll_once()
+    snap = poller.snapshot
+    assert snap.status == "error" and snap.error == "SensorError: upsd: connection refused"
+    assert snap.value is not None and snap.read_at == 1000.0  # the last good value, its age
+    assert poller.errors_total == {"ups": 1}
+    ups.fail = None
+    ups.hang.set()
+    await poller.poll_once()
+    assert poller.snapshot.status == "unresponsive"
+    assert "did not return within 0.1 s" in (poller.snapshot.error or "")
+    reads = ups.reads
+    clock.t += 1
+    await poller.poll_once()
+    assert ups.reads == reads and poller.snapshot.error == "sensor call running for 1.0 s"
+    assert poller.errors_total == {"ups": 1, "ups_timeout": 1}
+    ups.hang.clear()
+    ups.release.set()
+    ups.charge = 80
+
+    async def recovered() -> bool:
+        await poller.poll_once()
+        return poller.snapshot.status == "ok"
+
+    await async_wait_until(recovered, 2, what="the source to answer again")
+    assert poller.snapshot.value == {"ups.status": "OL", "battery.charge": "80"}
+    assert [c.status for c in changes][:4] == ["ok", "error", "unresponsive", "unresponsive"]
+    await poller.aclose()
+    assert ups.closed
+
+
+class AsyncFakeUps:
+    name = "ups"
+
+    def __init__(self) -> None:
+        self.hang = False
+        self.cancelled = 0
+
+    async def read(self) -> float:
+        if self.hang:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return 87.5
+
+
+async def test_async_source_is_cancelled_at_its_deadline() -> None:
+    ups = AsyncFakeUps()
+    poller: SourcePoller[float] = SourcePoller(ups, 0.02, 0.1)
+    updates: list[int] = []
+    poller.on_update(lambda: updates.append(1))
+    task = asyncio.create_task(poller.run())
+    await async_wait_until(lambda: poller.snapshot.status == "ok", 5, what="first reading")
+    assert poller.snapshot.value == 87.5
+    ups.hang = True
+    await async_wait_until(lambda: poller.snapshot.status == "unresponsive", 5,
+                           what="unresponsive")
+    await async_wait_until(lambda: ups.cancelled >= 1, 5, what="the hung read cancelled")
+    ups.hang = False
+    await async_wait_until(lambda: poller.snapshot.status == "ok", 5, what="recovery")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    with pytest.raises(TypeError, match="blocking read"):
+        await poller.call(lambda: None)
+    await poller.aclose()
+    assert updates

@@ -279,14 +279,14 @@ async def test_crash_loop_with_zero_backoff_is_held_to_one_launch_a_second(
                           "window_s": 60}})
     await a.command("start")
     await async_wait_until(lambda: a.gen >= 3, 5, what="three fast launches")
-    gen0, launched0 = a.gen, a.launched_at
+    gen0, launched0 = a.gen, a.model.launched_at
     await async_wait_until(lambda: a.gen >= gen0 + 2, 5, what="two more launches")
-    gen1, launched1 = a.gen, a.launched_at
+    gen1, launched1 = a.gen, a.model.launched_at
     assert launched0 is not None and launched1 is not None
     # without the floor: about 60 launches a second on two cores
     rate = (gen1 - gen0) / (launched1 - launched0)
     assert rate <= 1.0 / FLOOR_S, f"{gen1 - gen0} launches in {launched1 - launched0:.2f} s"
-    assert a.tracker.fast_runs >= 3
+    assert a.model.budget.fast_runs >= 3
 
 
 async def test_restart_policies(make: Factory) -> None:
@@ -298,7 +298,7 @@ async def test_restart_policies(make: Factory) -> None:
     for a in (clean, never, always):
         await a.command("start")
     await state(clean, State.STOPPED)
-    assert clean.last_exit == "exit 0" and not clean.desired_up
+    assert clean.last_exit == "exit 0" and not clean.up
     await state(never, State.FAILED)
     await async_wait_until(lambda: always.restart_count >= 1, 10, what="always restarts")
 

@@ -95,6 +95,7 @@ class Gate:
         self.drains: set[str] = set()
         self.upstream: Upstream | None = None
         self.backup: Upstream | None = None
+        self.closed_why = "closed"  # closed | stopped | held | failed
         self.by_upstream: dict[Upstream, int] = {}
         self.stats = GateStats()
         self._idle: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
@@ -119,10 +120,13 @@ class Gate:
     def limit(self) -> int:
         return self.admission.limit
 
-    def set_upstreams(self, upstream: Upstream | None, backup: Upstream | None) -> None:
-        """The service is ready at `upstream` (None: not ready); its backup at `backup`."""
+    def set_upstreams(self, upstream: Upstream | None, backup: Upstream | None,
+                      closed_why: str = "closed") -> None:
+        """The service is ready at `upstream` (None: not ready, for `closed_why`); its backup
+        at `backup`."""
         self.upstream = upstream
         self.backup = backup
+        self.closed_why = closed_why
         self._refresh()
 
     def drain(self, reason: str = "operator") -> None:
@@ -239,9 +243,14 @@ class Gate:
 
     def _reject(self, writer: ResponseWriter, status: int, reason: str) -> int:
         self.stats.reject(reason)
-        messages = {
+        closed = {
             "closed": f"{self.name} is not ready (starting or restarting); retry shortly",
             "stopped": f"{self.name} is stopped",
+            "held": f"{self.name} is held down (`llmctl status {self.name}` says why)",
+            "failed": f"{self.name} has failed (`llmctl status {self.name}` says why)",
+        }
+        messages = {
+            "closed": closed.get(self.closed_why, closed["closed"]),
             "draining": f"{self.name} is draining and takes no new requests",
             "queue_full": f"{self.name} is at capacity; retry shortly",
             "queue_timeout": f"{self.name} is at capacity and the request waited too long",

@@ -1,13 +1,21 @@
 """GPU sensor protocol: what every backend (NVML, AMD sysfs, simulated, none) provides.
 
 Backend methods are synchronous and may block (NVML can hang in the kernel when a GPU falls
-off the bus); only the hub calls them, each GPU on its own one-thread executor with a deadline.
+off the bus); only the hub calls them, each GPU on its own one-thread executor with a deadline,
+and discovery, on a thread of its own per backend.
+
+A box may hold GPUs of several vendors: discovery asks each backend for its GPUs and builds
+one inventory, renumbering them (`GpuInfo.index` is the position in that inventory, not the
+backend's own numbering). A backend must therefore find its GPU again by `uuid` (or
+`pci_bus_id`), never by `index`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
+
+from ..errors import SensorError
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,7 @@ class GpuInfo:
     max_power_limit_w: float | None
     slowdown_c: float | None
     shutdown_c: float | None
+    backend: str = ""  # the name of the backend that serves it (set by discovery)
 
 
 @dataclass(frozen=True)
@@ -44,7 +53,8 @@ class GpuBackend(Protocol):
     name: str
 
     def discover(self) -> list[GpuInfo]:
-        """The GPUs present, in index order. Raises SensorError if the backend is unusable."""
+        """The GPUs present, in the backend's order. Raises SensorError if the backend is
+        unusable (BackendUnavailable when its library or driver is missing)."""
         ...
 
     def read(self, gpu: GpuInfo) -> GpuReading:
@@ -56,6 +66,18 @@ class GpuBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class BackendUnavailable(SensorError):
+    """The backend cannot run on this machine (its library, driver or sysfs is missing)."""
+
+
+class SensorBusyError(SensorError):
+    """A call was refused because the previous call on the same sensor is still running."""
+
+
+class SensorTimeoutError(SensorError):
+    """A call did not return within its deadline; the sensor is now `unresponsive`."""
 
 
 class NoGpuBackend:

@@ -1,65 +1,36 @@
-"""Polls the GPU backend without ever blocking the event loop, and publishes snapshots.
+"""Polls the GPUs without ever blocking the event loop, and publishes snapshots.
 
-Each GPU gets one daemon thread for its backend calls. A call gets `call_timeout_s`; a call
-still running past that marks the GPU `unresponsive`, and nothing new is submitted for that GPU
-until it returns (no pile-up of threads). Readers (status, metrics, policies) only ever see the
-latest immutable `GpuSnapshot`s, with the age and error of each reading.
+Each GPU has its own backend (a box with an NVIDIA and an AMD card has two) and its own
+`SourcePoller` (sensors/poll.py): one daemon thread for all of that GPU's backend calls,
+reads and `call()`s alike, serialized. A call gets `call_timeout_s`; a call still running past
+that marks the GPU `unresponsive`, and nothing new is submitted for that GPU until it returns
+(no pile-up of threads); the other GPUs, whatever their backend, are not held up. Readers
+(status, metrics, policies) only ever see the latest immutable `GpuSnapshot`s, with the age
+and error of each reading.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
-import logging
-import queue
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from ..errors import GpuLostError
+from ..errors import GpuLostError, SensorError
 from .base import GpuBackend, GpuInfo, GpuReading
+from .poll import CallThread, Snapshot, SourcePoller, close_in_background, close_off_loop
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
+__all__ = ["CallThread", "GpuHub", "GpuSnapshot"]
 
-
-class CallThread:
-    """One daemon thread that runs submitted calls in order. Daemon: a call hung in the kernel
-    must not keep the process from exiting (ThreadPoolExecutor joins its threads at exit)."""
-
-    def __init__(self, name: str) -> None:
-        self._q: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None]
-        self._q = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            fn, fut = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:
-                fut.set_exception(exc)
-
-    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._q.put((fn, fut))
-        return fut
-
-    def close(self) -> None:
-        self._q.put(None)
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
 class GpuSnapshot:
+    """One GPU's latest state; the shape of `poll.Snapshot` (value = reading) plus the GPU."""
+
     info: GpuInfo
     reading: GpuReading | None  # last good reading (kept while unresponsive, for display)
     read_at: float | None  # monotonic time of `reading`
@@ -67,103 +38,137 @@ class GpuSnapshot:
     error: str | None
     power_limit_w: float | None
 
+    @property
+    def value(self) -> GpuReading | None:
+        return self.reading
+
     def age_s(self, now: float) -> float | None:
         return None if self.read_at is None else now - self.read_at
 
 
+class _GpuSource:
+    """One GPU as a `SyncSource` for the poller."""
+
+    def __init__(self, backend: GpuBackend, gpu: GpuInfo) -> None:
+        self.name = f"gpu{gpu.index}"
+        self._backend = backend
+        self._gpu = gpu
+
+    def read(self) -> GpuReading:
+        return self._backend.read(self._gpu)
+
+
+class _Dispatch:
+    """What `GpuHub.backend` returns: `.name` is `backend_names`; the methods route to each
+    GPU's backend. Kept for callers written for one backend; they block, so call them only
+    through `GpuHub.call`."""
+
+    def __init__(self, name: str, backend_of: Mapping[str, GpuBackend]) -> None:
+        self.name = name
+        self._of = backend_of
+
+    def discover(self) -> list[GpuInfo]:
+        return []
+
+    def read(self, gpu: GpuInfo) -> GpuReading:
+        return self._of[gpu.uuid].read(gpu)
+
+    def set_power_limit(self, gpu: GpuInfo, watts: float) -> None:
+        self._of[gpu.uuid].set_power_limit(gpu, watts)
+
+    def close(self) -> None:
+        return None
+
+
 class GpuHub:
+    """`backends` is one backend for every GPU, or a mapping GPU uuid -> its backend (what
+    `Discovery.backend_of` holds). `backend_names` ("nvml+amd-sysfs", "sim", "none") names
+    the backends that serve a GPU."""
+
     def __init__(
         self,
-        backend: GpuBackend,
-        gpus: list[GpuInfo],
+        backends: GpuBackend | Mapping[str, GpuBackend],
+        gpus: Sequence[GpuInfo],
         poll_interval_s: float,
         call_timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.backend = backend
         self.gpus = list(gpus)
         self.poll_interval_s = poll_interval_s
         self.call_timeout_s = call_timeout_s
         self._clock = clock
-        self._threads = {g.uuid: CallThread(f"gpu{g.index}") for g in self.gpus}
-        self._pending: dict[str, tuple[float, concurrent.futures.Future[GpuReading]]] = {}
+        if isinstance(backends, Mapping):
+            missing = [g.uuid for g in self.gpus if g.uuid not in backends]
+            if missing:
+                raise ValueError(f"no backend for GPU(s) {', '.join(missing)}")
+            self._backend_of = {g.uuid: backends[g.uuid] for g in self.gpus}
+            used = list({id(b): b for b in self._backend_of.values()}.values())
+        else:
+            self._backend_of = {g.uuid: backends for g in self.gpus}
+            used = [backends]
+        self._backends: list[GpuBackend] = used
+        self.backend_names = "+".join(dict.fromkeys(b.name for b in used)) or "none"
+        self.errors_total: dict[str, int] = {}
+        self._by_uuid = {g.uuid: g for g in self.gpus}
         self._snapshots: dict[str, GpuSnapshot] = {
             g.uuid: GpuSnapshot(g, None, None, "unknown", None, g.default_power_limit_w)
             for g in self.gpus
         }
-        self.errors_total: dict[str, int] = {}
+        self._pollers: dict[str, SourcePoller[GpuReading]] = {}
+        for g in self.gpus:
+            poller: SourcePoller[GpuReading] = SourcePoller(
+                _GpuSource(self._backend_of[g.uuid], g), poll_interval_s, call_timeout_s,
+                clock=clock, sensor="gpu", label=f"GPU{g.index}", thread_name=f"gpu{g.index}",
+                lost_errors=(GpuLostError,), errors_total=self.errors_total)
+            poller.on_change(functools.partial(self._changed, g))
+            self._pollers[g.uuid] = poller
         self._listeners: list[Callable[[], None]] = []
+        self._closed = False
+
+    # --- what readers use ------------------------------------------------------------------
+
+    @property
+    def backend(self) -> GpuBackend:
+        """Deprecated: use `backend_names` (and `call()` to reach a GPU's backend)."""
+        return _Dispatch(self.backend_names, self._backend_of)
+
+    @property
+    def backends(self) -> tuple[GpuBackend, ...]:
+        return tuple(self._backends)
+
+    def backend_of(self, gpu: GpuInfo) -> GpuBackend:
+        return self._backend_of[gpu.uuid]
 
     def snapshots(self) -> tuple[GpuSnapshot, ...]:
         return tuple(self._snapshots[g.uuid] for g in self.gpus)
 
     def on_update(self, fn: Callable[[], None]) -> None:
+        """`fn()` after each poll and each call."""
         self._listeners.append(fn)
 
-    def _count_error(self, sensor: str) -> None:
-        self.errors_total[sensor] = self.errors_total.get(sensor, 0) + 1
+    def _changed(self, gpu: GpuInfo, snap: Snapshot[GpuReading]) -> None:
+        old = self._snapshots[gpu.uuid]
+        limit = old.power_limit_w
+        if snap.status == "ok" and snap.value is not None and snap.value.power_limit_w is not None:
+            limit = snap.value.power_limit_w
+        self._snapshots[gpu.uuid] = GpuSnapshot(gpu, snap.value, snap.read_at, snap.status,
+                                                snap.error, limit)
 
-    async def poll_once(self) -> None:
-        now = self._clock()
-        waits: dict[str, asyncio.Future[GpuReading]] = {}
-        for gpu in self.gpus:
-            pending = self._pending.get(gpu.uuid)
-            if pending is not None:
-                started, fut = pending
-                if not fut.done():
-                    if now - started > self.call_timeout_s:
-                        self._set(gpu, status="unresponsive",
-                                  error=f"sensor call running for {now - started:.1f} s")
-                    continue  # never pile up calls behind a hung one
-                self._pending.pop(gpu.uuid)
-                self._absorb(gpu, fut, now)
-                continue
-            fut = self._threads[gpu.uuid].submit(functools.partial(self.backend.read, gpu))
-            self._pending[gpu.uuid] = (now, fut)
-            waits[gpu.uuid] = asyncio.wrap_future(fut)
-        if waits:
-            await asyncio.wait(waits.values(), timeout=self.call_timeout_s)
-        now = self._clock()
-        for gpu in self.gpus:
-            pending = self._pending.get(gpu.uuid)
-            if pending is None:
-                continue
-            started, fut = pending
-            if fut.done():
-                self._pending.pop(gpu.uuid)
-                self._absorb(gpu, fut, now)
-            elif now - started >= self.call_timeout_s:
-                self._count_error("gpu_timeout")
-                self._set(gpu, status="unresponsive",
-                          error=f"sensor call did not return within {self.call_timeout_s:g} s")
+    def _notify(self) -> None:
         for fn in self._listeners:
             fn()
 
-    def _absorb(self, gpu: GpuInfo, fut: concurrent.futures.Future[GpuReading],
-                now: float) -> None:
-        exc = fut.exception()
-        if exc is None:
-            reading = fut.result()
-            self._snapshots[gpu.uuid] = GpuSnapshot(
-                gpu, reading, now, "ok", None,
-                reading.power_limit_w if reading.power_limit_w is not None
-                else self._snapshots[gpu.uuid].power_limit_w,
-            )
-            return
-        if isinstance(exc, GpuLostError):
-            self._count_error("gpu_lost")
-            self._set(gpu, status="lost", error=str(exc))
-        else:
-            self._count_error("gpu")
-            self._set(gpu, status="error", error=f"{type(exc).__name__}: {exc}")
+    # --- polling and calls -----------------------------------------------------------------
 
-    def _set(self, gpu: GpuInfo, status: str, error: str) -> None:
-        old = self._snapshots[gpu.uuid]
-        if old.status != status:
-            log.warning("GPU%d %s: %s", gpu.index, status, error)
-        self._snapshots[gpu.uuid] = GpuSnapshot(
-            gpu, old.reading, old.read_at, status, error, old.power_limit_w
-        )
+    async def poll_once(self) -> None:
+        """One read per GPU (none for a GPU whose previous job still runs), all at once; waits
+        at most `call_timeout_s`."""
+        if self._closed:
+            return
+        try:
+            await asyncio.gather(*(p.poll_once() for p in self._pollers.values()))
+        finally:
+            self._notify()
 
     async def run(self) -> None:
         while True:
@@ -171,10 +176,45 @@ class GpuHub:
             await self.poll_once()
             await asyncio.sleep(max(0.0, self.poll_interval_s - (self._clock() - started)))
 
-    def close(self) -> None:
-        for thread in self._threads.values():
-            thread.close()
+    async def call(self, gpu: GpuInfo, fn: Callable[[GpuBackend, GpuInfo], R]) -> R:
+        """Run `fn(backend, gpu)` on that GPU's thread, after a read in progress, with the
+        deadline `call_timeout_s`. Raises SensorBusyError at once ("GPU0 busy: previous call
+        still running") while an earlier call, or a read past its deadline, still runs;
+        SensorTimeoutError when `fn` overruns (the GPU becomes `unresponsive`); GpuLostError
+        (the GPU becomes `lost`) and other errors of `fn` as they come."""
+        poller = self._pollers.get(gpu.uuid)
+        if poller is None:
+            raise SensorError(f"GPU {gpu.uuid} is not one of this hub's GPUs")
+        info = self._by_uuid[gpu.uuid]
         try:
-            self.backend.close()
-        except Exception as exc:
-            log.warning("closing GPU backend %s: %s", self.backend.name, exc)
+            return await poller.call(functools.partial(fn, self._backend_of[gpu.uuid], info))
+        finally:
+            self._notify()
+
+    async def set_power_limit(self, gpu: GpuInfo, watts: float) -> None:
+        """`call()` with the backend's `set_power_limit`."""
+        await self.call(gpu, lambda backend, g: backend.set_power_limit(g, watts))
+
+    # --- closing ---------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop polling, let running calls finish within their deadlines, then close each
+        backend (nvmlShutdown) off the loop, waiting at most `call_timeout_s` for it: a close
+        stuck behind a hung GPU is left behind. Never blocks the loop."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.gather(*(p.aclose() for p in self._pollers.values()))
+        await asyncio.gather(*(close_off_loop(f"gpu-{b.name}", b.close, self.call_timeout_s)
+                               for b in self._backends))
+
+    def close(self) -> None:
+        """Synchronous stop that never blocks: the backends are closed on daemon threads that
+        nobody waits for (prefer `await aclose()`)."""
+        if self._closed:
+            return
+        self._closed = True
+        for p in self._pollers.values():
+            p.close()
+        for b in self._backends:
+            close_in_background(f"gpu-{b.name}", b.close)

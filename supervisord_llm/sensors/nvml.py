@@ -11,10 +11,14 @@ from typing import Any
 
 from ..errors import GpuLostError, SensorError
 from ..topology import Topology
-from .base import GpuInfo, GpuReading
+from .base import BackendUnavailable, GpuInfo, GpuReading
 
 NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_DRIVER_NOT_LOADED = 9
+NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_GPU_IS_LOST = 15
+NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
 NVML_TEMPERATURE_GPU = 0
 NVML_TEMPERATURE_THRESHOLD_SHUTDOWN = 0
 NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = 1
@@ -23,6 +27,17 @@ NVML_FI_DEV_MEMORY_TEMP = 82
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# Why nvmlInit fails on a machine without a usable NVIDIA driver: what an operator must fix.
+_INIT_UNAVAILABLE = {
+    NVML_ERROR_LIBRARY_NOT_FOUND: "NVML library not found (libnvidia-ml.so.1; is the NVIDIA "
+                                  "driver installed?)",
+    NVML_ERROR_DRIVER_NOT_LOADED: "NVIDIA driver not loaded (no nvidia kernel module)",
+    NVML_ERROR_LIB_RM_VERSION_MISMATCH: "NVML library and NVIDIA kernel driver versions differ "
+                                        "(driver updated without a reboot?)",
+    NVML_ERROR_NO_PERMISSION: "no permission to use NVML (/dev/nvidia*)",
+}
 
 
 class NvmlBackend:
@@ -51,7 +66,13 @@ class NvmlBackend:
         nv = self._nvml
         try:
             nv.nvmlInit()
-            self._initialised = True
+        except nv.NVMLError as exc:
+            code = self._code(exc)
+            if code in _INIT_UNAVAILABLE:
+                raise BackendUnavailable(_INIT_UNAVAILABLE[code]) from None
+            raise SensorError(f"NVML: nvmlInit: {exc}") from None
+        self._initialised = True
+        try:
             count = nv.nvmlDeviceGetCount()
         except nv.NVMLError as exc:
             raise SensorError(f"NVML: {exc}") from None

@@ -1,0 +1,164 @@
+"""What each control command does. Every argument is checked (`protocol.parse_args`) and
+every service name resolved before a command acts; everything that acts goes through the host
+actor, which refuses what conflicts with an operation in progress."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .. import lifecycle as L
+from .. import protocol as P
+from ..errors import ControlError
+from ..host import Host
+from ..states import RestartReason, State
+from ..status import status
+from ..supervisor import SETTLE_GRACE_S, Supervisor
+from .server import Peer
+
+log = logging.getLogger(__name__)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+class Commands:
+    def __init__(self, sup: Supervisor, host: Host, clock: Callable[[], float]) -> None:
+        self.sup = sup
+        self.host = host
+        self._clock = clock
+
+    async def dispatch(self, req: P.Request, peer: Peer) -> Any:
+        try:
+            args = P.parse_args(req.cmd, req.args)
+        except P.ProtocolError as exc:
+            raise ControlError(P.BAD_REQUEST, exc.message) from None
+        handler = getattr(self, "cmd_" + req.cmd.replace("-", "_"), None)
+        if handler is None:
+            raise ControlError(P.UNSUPPORTED, f"{req.cmd} is not available in this version "
+                               "of llm-supervisor")
+        log.debug("control: %s %s from pid %d uid %d", req.cmd, args, peer.pid, peer.uid)
+        result: Any = await handler(args)
+        return result
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _services(self, a: P.Args) -> list[str]:
+        """The services named (all of them for `all`); unknown_service before anything."""
+        if a.all:
+            return list(self.sup.actors)
+        for name in a.services:
+            self.sup.actor(name)
+        return list(a.services)
+
+    def _gated(self, a: P.Args) -> list[str]:
+        names = self._services(a)
+        if a.all:
+            return [n for n in names if self.sup.gate_of(n) is not None]
+        for name in names:  # refuse before acting on any of them
+            if self.sup.gate_of(name) is None:
+                raise ControlError(P.FAILED, f"{name} has no gate ([service.gate] in the "
+                                   "config)")
+        return names
+
+    async def _brief(self, names: list[str]) -> dict[str, Any]:
+        """The services' states, once their gates have followed them."""
+        await self.sup.gates_settled()
+        out = []
+        for n in names:
+            if n in self.sup.actors:
+                actor = self.sup.actors[n]
+                item: dict[str, Any] = {"name": n, "state": actor.state.value}
+                if actor.holds:
+                    item["holds"] = sorted(actor.holds)
+                gate = self.sup.gate_of(n)
+                if gate is not None:
+                    item["gate"] = gate.state
+                    item["inflight"] = gate.inflight
+                out.append(item)
+        return {"services": out}
+
+    # --- the commands ----------------------------------------------------------------------------
+
+    async def cmd_status(self, a: P.Args) -> Any:
+        return status(self.sup, self.host, self._clock(), a.service)
+
+    async def cmd_start(self, a: P.Args) -> Any:
+        names = self._services(a)
+        await self.host.command(names, L.Start())
+        return await self._brief(names)
+
+    async def cmd_stop(self, a: P.Args) -> Any:
+        names = self._services(a)
+        actors = [self.sup.actor(n) for n in names]
+        timeout = a.timeout_s or max((x.cfg.stop.timeout_s for x in actors),
+                                     default=0) + SETTLE_GRACE_S
+        await self.host.command(names, L.Stop("operator"))
+        if a.wait:
+            try:
+                async with asyncio.timeout(timeout):
+                    for actor in actors:
+                        await actor.wait_stopped(None)
+            except TimeoutError:
+                left = [x.name for x in actors if x.state is not State.STOPPED]
+                raise ControlError(P.TIMEOUT, f"not stopped after {timeout:g} s: "
+                                   f"{', '.join(left)}") from None
+        return await self._brief(names)
+
+    async def cmd_restart(self, a: P.Args) -> Any:
+        names = self._services(a)
+        actors = [self.sup.actor(n) for n in names]
+        timeout = a.timeout_s or max(
+            (x.cfg.stop.timeout_s + x.cfg.health.startup_timeout_s for x in actors),
+            default=0) + SETTLE_GRACE_S
+        gens = await self.host.restart(names, RestartReason.MANUAL)
+        if not a.wait:
+            return await self._brief(names)
+        try:
+            async with asyncio.timeout(timeout):
+                for actor in actors:
+                    await actor.wait_settled(gens[actor.name], None)
+        except TimeoutError:
+            left = [f"{x.name} ({x.state})" for x in actors if x.state is not State.READY]
+            raise ControlError(P.TIMEOUT, f"not ready after {timeout:g} s: {', '.join(left)}; "
+                               "see `llmctl status`") from None
+        bad = [x for x in actors if x.state is not State.READY]
+        if bad:
+            raise ControlError(P.FAILED, "; ".join(
+                f"{x.name} is {x.state}" + (f": {x.failed_reason}" if x.failed_reason else "")
+                + (f" (held: {', '.join(sorted(x.holds))})" if x.holds else "")
+                for x in bad))
+        return await self._brief(names)
+
+    async def cmd_reset(self, a: P.Args) -> Any:
+        names = self._services(a)
+        await self.host.command(names, L.Reset())
+        return await self._brief(names)
+
+    async def cmd_drain(self, a: P.Args) -> Any:
+        names = self._gated(a)
+        timeout = a.timeout_s or max(
+            (g.drain_timeout_s for n in names if (g := self.sup.actor(n).cfg.gate)),
+            default=60.0)
+        left = await self.host.drain(names, "operator", timeout)
+        if left:
+            raise ControlError(P.TIMEOUT, f"still in flight after {timeout:g} s: " + ", ".join(
+                f"{n} {_plural(c, 'request')}" for n, c in left.items())
+                + " (the gate stays closed to new requests; `llmctl resume` reopens it)")
+        return await self._brief(names)
+
+    async def cmd_resume(self, a: P.Args) -> Any:
+        names = self._gated(a)
+        await self.host.resume(names, "operator")
+        return await self._brief(names)
+
+    async def cmd_swap(self, a: P.Args) -> Any:
+        assert a.service is not None  # parse_args requires it
+        self.sup.actor(a.service)  # unknown_service
+        return await self.host.swap(a.service, a.timeout_s)
+
+    async def cmd_reload(self, a: P.Args) -> Any:
+        return await self.host.reload()

@@ -1,0 +1,233 @@
+"""Rolling out changes: the hot swap of one service, and the application of a reloaded
+configuration. Both run as host operations (`host.py`): cancellable at any await (a stop of
+the daemon pre-empts them), and whatever they started is stopped again when they are
+cancelled or fail. Every instance they create is in the registry (`sup.extra`, shown by
+`status`) from its launch to its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol as P
+from .config import Config, GateSection
+from .errors import ControlError
+from .plan import ServicePlan
+from .service import Reconfigure, ServiceActor
+from .states import State
+from .supervisor import SETTLE_GRACE_S, Supervisor
+
+log = logging.getLogger(__name__)
+
+
+def pick_free_port(exclude: set[int]) -> int:
+    """A free loopback port below the ephemeral range (where a probe's connect() to a port
+    nobody listens on yet could connect a socket to itself)."""
+    for _ in range(2000):
+        port = random.randint(20000, 32000)
+        if port in exclude:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise ControlError(P.FAILED, "no free port found for the replacement instance")
+
+
+def _without_gate(plan: ServicePlan) -> ServicePlan:
+    return dataclasses.replace(plan, config=dataclasses.replace(plan.config, gate=None))
+
+
+def _names(items: list[str]) -> str:
+    return ", ".join(items) or "-"
+
+
+# --- hot swap ------------------------------------------------------------------------------------
+
+
+async def swap(sup: Supervisor, name: str, plan: ServicePlan | None,
+               timeout_s: float | None) -> dict[str, Any]:
+    """Start a second instance on the other port, switch the gate to it once it is ready, let
+    the old one finish its requests (at most the gate's drain_timeout_s), then stop it."""
+    old = sup.actor(name)
+    gate = sup.gate_of(name)
+    gcfg = old.cfg.gate
+    if gate is None or sup.gates is None or gcfg is None:
+        raise ControlError(P.FAILED, f"{name} has no gate ([service.gate] in the config): "
+                           "use `llmctl restart`")
+    if old.state is not State.READY:
+        raise ControlError(P.FAILED, f"{name} is {old.state}, not ready: nothing to swap "
+                           "(use `llmctl restart`)")
+    plan = plan or old.plan
+    new_gcfg = plan.config.gate or gcfg
+    ports = (plan.config.port, new_gcfg.swap_port)
+    taken = sup.ports_in_use() - {p for p in ports if p is not None and p != old.port}
+    if old.port == ports[0] and ports[1] is not None:
+        new_port = ports[1]
+    elif old.port != ports[0] and ports[0] is not None:
+        new_port = ports[0]
+    else:
+        new_port = pick_free_port(exclude=taken | {old.port or 0})
+    log.info("%s: hot swap: second instance on port %d", name, new_port)
+    new = sup.make_actor(plan, port=new_port, counters=old.counters)
+    sup.extra[name] = ("replacement", new)
+    sup.changed()
+    new.run()
+    limit = timeout_s or (plan.config.health.startup_timeout_s + SETTLE_GRACE_S)
+    try:
+        await new.command("start")
+        try:
+            state = await new.wait_settled(0, limit)
+        except TimeoutError:
+            state = new.state
+        if state is not State.READY:
+            why = new.failed_reason or new.last_exit or f"not ready after {limit:g} s"
+            raise ControlError(P.FAILED, f"{name}: the replacement did not become ready "
+                               f"({state}: {why}); the old instance keeps serving")
+    except BaseException:
+        log.info("%s: hot swap abandoned; stopping the replacement", name)
+        try:
+            await sup.stop_actor(new, remove=True)
+        finally:
+            sup.extra.pop(name, None)
+            sup.changed()
+        raise
+    # the switch: the gate follows the registry's actor, atomically on the supervisor's loop
+    sup.extra[name] = ("retiring", old)
+    sup.actors[name] = new
+    sup.changed()
+    old_up = ("127.0.0.1", old.port or 0)
+    drain_s = new_gcfg.drain_timeout_s
+    try:
+        try:
+            await asyncio.wait_for(sup.gates.submit(
+                gate.wait_idle(lambda: gate.by_upstream.get(old_up, 0) == 0)), drain_s)
+        except TimeoutError:
+            log.warning("%s: hot swap: %d requests still on the old instance after %g s; "
+                        "stopping it", name, gate.by_upstream.get(old_up, 0), drain_s)
+        await sup.stop_actor(old, remove=True)
+    finally:
+        if sup.extra.get(name, (None, None))[1] is old:
+            del sup.extra[name]
+        sup.changed()
+    log.info("%s: hot swap done: port %s -> %d", name, old.port, new_port)
+    return {"service": name, "old_port": old.port, "port": new_port, "state": new.state.value}
+
+
+# --- reload ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReloadResult:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    swapped: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    not_ready: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"added": self.added, "removed": self.removed, "restarted": self.restarted,
+                "swapped": self.swapped, "unchanged": self.unchanged,
+                "not_ready": self.not_ready, "warnings": self.warnings}
+
+    def summary(self) -> str:
+        return (f"added {_names(self.added)}; removed {_names(self.removed)}; restarted "
+                f"{_names(self.restarted)}; swapped {_names(self.swapped)}; unchanged "
+                f"{_names(self.unchanged)}")
+
+
+async def reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> ReloadResult:
+    """Apply a validated config: restart only what changed, keep the rest running, then wait
+    until what was started or restarted is ready (or failed)."""
+    res = ReloadResult()
+    old_cfg = sup.cfg
+    for section in ("supervisor", "metrics", "gpu"):
+        if getattr(old_cfg, section) != getattr(cfg, section):
+            res.warnings.append(f"[{section}] changed: takes effect at the next restart "
+                                "of llm-supervisor")
+    new_plans = {p.name: p for p in plans}
+    old_gates = {name: a.cfg.gate for name, a in sup.actors.items()}
+    for name in [n for n in sup.actors if n not in new_plans]:
+        actor = sup.actors[name]
+        await sup.stop_actor(actor, remove=True)
+        del sup.actors[name]
+        sup.changed()
+        res.removed.append(name)
+    started: list[ServiceActor] = []
+    order: list[str] = []
+    for name, plan in new_plans.items():
+        order.append(name)
+        current = sup.actors.get(name)
+        if current is None:
+            actor = sup.make_actor(plan)
+            sup.actors[name] = actor
+            actor.run()
+            started.append(actor)
+            res.added.append(name)
+        elif current.plan == plan:
+            res.unchanged.append(name)
+        elif _without_gate(current.plan) == _without_gate(plan):
+            await current.send(Reconfigure(plan))  # only [service.gate] changed
+            res.unchanged.append(name)
+        elif (current.cfg.gate is not None and current.cfg.gate == plan.config.gate
+              and current.state is State.READY and sup.gate_of(name) is not None):
+            try:  # behind an unchanged gate: hot swap, no request lost
+                await swap(sup, name, plan, None)
+                res.swapped.append(name)
+            except ControlError as exc:
+                res.warnings.append(f"{name}: hot swap failed ({exc.message}); the old "
+                                    "instance keeps serving with the old configuration")
+        else:
+            wanted = current.up
+            await sup.stop_actor(current, remove=True)
+            actor = sup.make_actor(plan, counters=current.counters)
+            sup.actors[name] = actor
+            actor.run()
+            if wanted:
+                started.append(actor)
+            res.restarted.append(name)
+        sup.changed()
+    sup.actors = {n: sup.actors[n] for n in order}
+    sup.cfg = cfg
+    await _reconcile_gates(sup, old_gates)
+    for actor in started:
+        await actor.command("start")
+    sup.changed()
+    for actor in started:
+        limit = actor.cfg.health.startup_timeout_s + SETTLE_GRACE_S
+        try:
+            state = await actor.wait_settled(0, limit)
+        except TimeoutError:
+            state = actor.state
+        if state is not State.READY:
+            res.not_ready[actor.name] = (f"{state}: {actor.failed_reason or actor.last_exit}"
+                                         if state is State.FAILED else str(state))
+    await sup.gates_settled()
+    return res
+
+
+async def _reconcile_gates(sup: Supervisor, old: dict[str, GateSection | None]) -> None:
+    """After a reload: new gates bind, removed ones close, changed settings apply live; a
+    gate whose listen address changed is closed and bound again."""
+    for name, was in old.items():
+        now = sup.actors[name].cfg.gate if name in sup.actors else None
+        gate = sup.gate_of(name)
+        if gate is None or sup.gates is None or was == now:
+            continue
+        if now is not None and was is not None and now.listen == was.listen:
+            sup.gates.call(gate.reconfigure, now)
+        else:
+            log.info("%s: gate %s closed%s", name, was.listen if was else "-",
+                     f"; it moves to {now.listen}" if now else "")
+            await sup.remove_gate(name)
+    await sup.start_gates()

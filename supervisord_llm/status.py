@@ -1,0 +1,108 @@
+"""What `llmctl status` and systemd's STATUS= show: rendered from the registry, the host and
+the sensor snapshots; no I/O."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import __version__
+from .host import Host
+from .sensors.hub import GpuSnapshot
+from .service import ServiceActor
+from .states import State
+from .supervisor import Supervisor
+
+
+def thermal_state(snap: GpuSnapshot) -> str:
+    """ok | lost | unresponsive (warm/throttled/critical come with the thermal policy)."""
+    return {"lost": "lost", "unresponsive": "unresponsive",
+            "error": "unresponsive"}.get(snap.status, "ok")
+
+
+def gpu_status(snap: GpuSnapshot, now: float) -> dict[str, Any]:
+    g, r = snap.info, snap.reading
+    fresh = snap.status == "ok"
+    return {
+        "index": g.index,
+        "uuid": g.uuid,
+        "name": g.name,
+        "pci_bus_id": g.pci_bus_id,
+        "numa_node": g.numa_node,
+        "temperature_c": r.temperature_c if r and fresh else None,
+        "memory_temperature_c": r.memory_temperature_c if r and fresh else None,
+        "power_w": r.power_w if r and fresh else None,
+        "power_limit_w": snap.power_limit_w,
+        "default_power_limit_w": g.default_power_limit_w,
+        "utilization_pct": r.utilization_pct if r and fresh else None,
+        "memory_used_bytes": r.memory_used_bytes if r and fresh else None,
+        "memory_total_bytes": g.memory_total_bytes,
+        "thermal_state": thermal_state(snap),
+        "thresholds": {"slowdown_c": g.slowdown_c, "shutdown_c": g.shutdown_c},
+        "reading_age_s": None if snap.read_at is None else round(now - snap.read_at, 3),
+        "error": snap.error,
+    }
+
+
+def service_status(sup: Supervisor, actor: ServiceActor, now: float) -> dict[str, Any]:
+    data = actor.status(now)
+    gate = sup.gate_of(actor.name)
+    if gate is not None:
+        data["inflight"] = gate.inflight
+        data["gate"] = gate.state
+        data["gate_listen"] = str(actor.cfg.gate.listen) if actor.cfg.gate else None
+        data["queued"] = gate.queued
+        data["max_concurrency"] = gate.limit
+        data["drain_reasons"] = sorted(gate.drains)
+    extra = sup.extra.get(actor.name)
+    if extra is not None:
+        role, other = extra
+        data["swap"] = {"role": role, "state": other.state.value,
+                        "pid": other.status(now)["pid"], "port": other.port}
+    return data
+
+
+def status(sup: Supervisor, host: Host, now: float, service: str | None = None
+           ) -> dict[str, Any]:
+    actors = [sup.actor(service)] if service is not None else list(sup.actors.values())
+    return {
+        "supervisor": {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(now - sup.started_at, 3),
+            "config_path": sup.cfg.path,
+            "mode": host.mode.value,
+            "operations": [op.describe() for op in host.ops.values()],
+            "gpu_backend": sup.hub.backend.name,
+            "loop_lag_s": round(sup.loop.lag_s, 6),
+        },
+        "services": [service_status(sup, a, now) for a in actors],
+        "gpus": [gpu_status(s, now) for s in sup.hub.snapshots()],
+        "power": {
+            "source": "none",
+            "ups": None,
+            "status": None,
+            "charge_pct": None,
+            "runtime_s": None,
+            "state": "unknown",
+        },
+    }
+
+
+def status_line(sup: Supervisor, host: Host) -> str:
+    """The systemd STATUS= text: "3/4 services ready; GPU0 62C"."""
+    actors = list(sup.actors.values())
+    ready = sum(1 for a in actors if a.state is State.READY)
+    parts = [f"{ready}/{len(actors)} services ready"]
+    failed = [a.name for a in actors if a.state is State.FAILED]
+    if failed:
+        parts.append("failed: " + ",".join(failed))
+    for snap in sup.hub.snapshots():
+        r = snap.reading
+        if snap.status != "ok":
+            parts.append(f"GPU{snap.info.index} {snap.status}")
+        elif r is not None and r.temperature_c is not None:
+            parts.append(f"GPU{snap.info.index} {r.temperature_c:.0f}C")
+    if host.mode.value != "normal":
+        parts.append(host.mode.value)
+    return "; ".join(parts)
