@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
+from . import __version__
 from . import protocol as P
 
 DEFAULT_SOCKET = "/run/llm-supervisor/control.sock"
@@ -150,6 +151,8 @@ def render_status(data: dict[str, Any]) -> str:
     s = data.get("supervisor", {})
     out.append(f"llm-supervisor {s.get('version')}  pid {s.get('pid')}  up "
                f"{_dur(s.get('uptime_s'))}  mode {s.get('mode')}  config {s.get('config_path')}")
+    for op in s.get("operations") or []:
+        out.append(f"in progress: {op}")
     services = data.get("services", [])
     gpu_index = {g["uuid"]: g["index"] for g in data.get("gpus", [])}
     if services:
@@ -168,6 +171,8 @@ def render_status(data: dict[str, Any]) -> str:
             state = svc.get("state", "?")
             if state == "backoff" and svc.get("backoff_s") is not None:
                 state = f"backoff {svc['backoff_s']:.1f}s"
+            if svc.get("holds"):
+                state += f" (held: {','.join(svc['holds'])})"
             rows.append([
                 svc.get("name", "?"), state, str(svc.get("pid") or "-"),
                 str(svc.get("port") or "-"), gpus,
@@ -180,6 +185,18 @@ def render_status(data: dict[str, Any]) -> str:
             ])
         out.append("")
         out.append(_table(rows))
+        for svc in services:
+            swap = svc.get("swap")
+            if isinstance(swap, dict):
+                out.append(f"  {svc['name']}: hot swap in progress, {swap.get('role')} instance "
+                           f"pid {swap.get('pid') or '-'} port {swap.get('port')} "
+                           f"({swap.get('state')})")
+            if svc.get("drain_reasons"):
+                out.append(f"  {svc['name']}: gate closed to new requests for "
+                           f"{', '.join(svc['drain_reasons'])}")
+            if svc.get("escaped"):
+                out.append(f"  {svc['name']}: processes that escaped its process group and "
+                           f"are not proven ours: {', '.join(map(str, svc['escaped']))}")
         for svc in services:
             if svc.get("failed_reason"):
                 out.append(f"  {svc['name']} failed: {svc['failed_reason']} "
@@ -246,6 +263,7 @@ def _parser() -> argparse.ArgumentParser:
                    default=os.environ.get("LLMCTL_SOCKET", DEFAULT_SOCKET),
                    help=f"control socket (default {DEFAULT_SOCKET}, or $LLMCTL_SOCKET)")
     p.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
+    p.add_argument("--version", action="version", version=f"llmctl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     st = sub.add_parser("status", help="services, GPUs, power, mode")

@@ -322,4 +322,3 @@ class Host:
                             ", ".join(f"{n} {c}" for n, c in left.items()))
         for actor in reversed(list(sup.actors.values())):
             await sup.stop_actor(actor)
-        log.info("all services stopped")

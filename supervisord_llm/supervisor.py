@@ -44,7 +44,7 @@ def closed_why(actor: ServiceActor | None) -> str:
         return "stopped"
     if actor.state is State.FAILED:
         return "failed"
-    if actor.holds:
+    if actor.holds - {"operator"}:
         return "held"
     if actor.state is State.STOPPED or (actor.state is State.STOPPING and not actor.up):
         return "stopped"
