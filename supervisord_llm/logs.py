@@ -554,29 +554,3 @@ class LogLimiter:
         return self.log(key, logging.ERROR, msg, *args, exc_info=True)
 
 
-class StrangerFilter(logging.Filter):
-    """For a library logger that strangers can make talk (aiohttp's server logger on the
-    metrics listener logs a traceback per malformed request): one line per record instead of
-    a traceback, and at most `burst` lines a minute."""
-
-    def __init__(self, what: str, burst: int = 5, window_s: float = 60.0) -> None:
-        super().__init__()
-        self.what = what
-        self._limiter = LogLimiter(__name__, burst, window_s)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        ok, note = self._limiter.allow(record.name)
-        if not ok:
-            return False
-        text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            exc = record.exc_info[1]
-            first = " ".join(str(exc).split())[:200]
-            text = f"{text}: {type(exc).__name__}: {first}"
-        record.msg = f"{self.what}: {text}{note}"
-        record.args = ()
-        record.exc_info = None
-        record.exc_text = None
-        if record.levelno > logging.INFO:
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True

@@ -359,6 +359,18 @@ def test_metrics_and_healthz(tmp_path: Path) -> None:
         assert r.returncode == 0
         code, body = http_get(f"http://{listen}/healthz")
         assert code == 200 and json.loads(body)["ok"] is True
+        # strangers on the metrics listener: an answer, one log line at most per kind
+        assert http_get(f"http://{listen}/nope")[0] == 404
+        host, port = listen.rsplit(":", 1)
+        for _ in range(20):
+            for raw in (b"\x00garbage\r\n\r\n", b"GET / HTTP/1.1\nX: y\n\n",
+                        b"GET /metrics HTTP/1.1\r\nContent-Length: -5\r\n\r\n"):
+                with socket.create_connection((host, int(port)), timeout=5) as s:
+                    s.sendall(raw)
+                    assert s.recv(100).startswith(b"HTTP/1.1 400")
+        wait_until(lambda: "bad request" in d.logtext(), 5, what="the bad requests logged")
+        log = d.logtext()
+        assert log.count("bad request") <= 6 and "Traceback" not in log
 
 
 def test_start_errors_exit_codes(tmp_path: Path) -> None:

@@ -33,16 +33,20 @@ from helpers import (
 from supervisord_llm.config import GateSection, parse_listen
 from supervisord_llm.gate import GateHost
 
+TAG = f"LLM_SUPERVISOR_TEST_TAG={os.getpid()}-{time.monotonic_ns()}"
+
 
 def gated(name: str, *knobs: str, **gate: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {"listen": f"127.0.0.1:{free_port()}", "drain_timeout_s": 5}
     cfg.update(gate)
+    key, value = TAG.split("=")
     return fake_service(name, free_port(), *knobs, gate=cfg,
-                        health={"startup_timeout_s": 120})
+                        health={"startup_timeout_s": 120}, env={key: value})
 
 
 def processes_of(service: str) -> list[int]:
-    """Live processes whose environment carries the launch marker of `service`."""
+    """Live processes of this test run whose environment carries the launch marker of
+    `service` (other daemons on this machine may run services of the same name)."""
     out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -51,7 +55,8 @@ def processes_of(service: str) -> list[int]:
             env = Path(f"/proc/{name}/environ").read_bytes()
         except OSError:
             continue
-        if f"LLM_SUPERVISOR_SERVICE={service}\0".encode() in env and alive(int(name)):
+        if f"LLM_SUPERVISOR_SERVICE={service}\0".encode() in env and TAG.encode() in env \
+                and alive(int(name)):
             out.append(int(name))
     return out
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import grp
 import logging
 import math
@@ -42,7 +41,6 @@ IDLE_TIMEOUT_S = 60.0  # to send a complete request line
 REPLY_TIMEOUT_S = 10.0  # for a client to take its reply; then it is dropped
 LOG_INTERVAL_S = 5.0  # at most one line per this for a repeated trouble (EMFILE, drops)
 ACCEPT_RETRY_S = 0.5  # after a failed accept (EMFILE), try again after this
-_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Throttle:
@@ -112,7 +110,6 @@ class ControlServer:
         self._clients: set[asyncio.Task[Any]] = set()
         self._accept_errors = _Throttle(LOG_INTERVAL_S)
         self._drops = _Throttle(LOG_INTERVAL_S)
-        self._prev_handler: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def allowed_to_mutate(self, peer: Peer) -> bool:
@@ -158,11 +155,6 @@ class ControlServer:
                 log.error("cannot give %s to group %s: %s", self.path, self.group, exc)
         loop = self._loop = asyncio.get_running_loop()
         loop.add_reader(sock.fileno(), self._accept)
-        # asyncio's own listeners on this loop (metrics) report a failed accept to the loop's
-        # exception handler, with a traceback, many times a second: one line per
-        # LOG_INTERVAL_S instead.
-        self._prev_handler = loop.get_exception_handler()
-        loop.set_exception_handler(self._loop_exception)
 
     def _accept(self) -> None:
         sock, loop = self._sock, self._loop
@@ -210,21 +202,6 @@ class ControlServer:
         if self._sock is not None and self._loop is not None:
             self._loop.add_reader(self._sock.fileno(), self._accept)
 
-    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if (isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS
-                and "accept" in str(context.get("message", ""))):
-            suppressed = self._accept_errors.allow()
-            if suppressed is not None:
-                log.error("a listener cannot accept connections: %s (%d more failures since "
-                          "the last message; is LimitNOFILE / ulimit -n too low?)",
-                          exc.strerror or exc, suppressed)
-            return
-        if self._prev_handler is not None:
-            self._prev_handler(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
     async def close(self) -> None:
         sock, loop = self._sock, self._loop
         if sock is None or loop is None:
@@ -242,8 +219,6 @@ class ControlServer:
             await asyncio.wait(tasks, timeout=2.0)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
-        if loop.get_exception_handler() == self._loop_exception:
-            loop.set_exception_handler(self._prev_handler)
         self._loop = None
 
     async def _serve(self, conn: socket.socket) -> None:

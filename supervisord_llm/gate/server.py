@@ -28,7 +28,6 @@ from typing import Final, Protocol
 import httptools
 
 from .. import http1
-from ..config import GateSection
 from ..logs import LogLimiter
 
 log = logging.getLogger(__name__)
@@ -48,12 +47,27 @@ class BodyTimeout(Exception):
     """The client stopped sending its request body for `body_timeout_s`."""
 
 
+class Limits(Protocol):
+    """The bounds a listener applies (a gate's `[service.gate]` section has them)."""
+
+    @property
+    def header_timeout_s(self) -> float: ...
+    @property
+    def body_timeout_s(self) -> float: ...
+    @property
+    def send_timeout_s(self) -> float: ...
+    @property
+    def max_connections(self) -> int: ...
+
+
 class Handler(Protocol):
-    """What a connection hands each request to (the gate)."""
+    """What a connection hands each request to (a gate; the metrics endpoint)."""
 
     name: str
-    cfg: GateSection
     limiter: LogLimiter
+
+    @property
+    def cfg(self) -> Limits: ...
 
     def handle(self, req: Request, conn: ClientConnection) -> Awaitable[bool]: ...
 
@@ -199,9 +213,10 @@ class ResponseWriter:
             self.conn.write(http1.LAST_CHUNK)
         self.finished = True
 
-    def simple(self, status: int, body: bytes, headers: http1.Headers | None = None) -> None:
-        """A whole response of the gate's own (errors)."""
-        hdrs = [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store"),
+    def simple(self, status: int, body: bytes, headers: http1.Headers | None = None,
+               content_type: bytes = b"application/json") -> None:
+        """A whole response of the server's own (errors, metrics)."""
+        hdrs = [(b"Content-Type", content_type), (b"Cache-Control", b"no-store"),
                 *(headers or [])]
         self.start(status, http1.REASONS.get(status, b""), hdrs, len(body))
         if not self.no_body:
@@ -592,6 +607,7 @@ class Listener:
             conn.close()
         finally:
             self._pending -= 1
+            self._maybe_resume()
 
     def _after_retry(self) -> None:
         self._retry = None
@@ -606,8 +622,11 @@ class Listener:
         self.connections.discard(conn)
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
         if (not self._accepting and self._retry is None and not self._closed
-                and len(self.connections) < self.handler.cfg.max_connections):
+                and len(self.connections) + self._pending < self.handler.cfg.max_connections):
             self._resume_accepting()
 
     def _close_socks(self) -> None:
