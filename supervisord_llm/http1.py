@@ -31,7 +31,32 @@ Headers = list[tuple[bytes, bytes]]
 
 
 class ParseError(Exception):
-    """The peer sent something that is not valid HTTP/1.x (or is larger than we accept)."""
+    """The peer sent something that is not valid HTTP/1.x (or is larger than we accept);
+    `status` is what a server answers it with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def feed(parser: httptools.HttpRequestParser | httptools.HttpResponseParser, data: bytes,
+         limit: HeadLimit, in_head: Callable[[], bool]) -> None:
+    """Feed llhttp; count the bytes of a head that spans feeds; ParseError on anything wrong
+    (a callback's own ParseError passes through)."""
+    was_in_head = in_head()
+    try:
+        parser.feed_data(data)
+        if was_in_head and in_head():
+            limit.fed(len(data))
+    except httptools.HttpParserUpgrade:
+        raise ParseError("protocol upgrades are not supported", 501) from None
+    except httptools.HttpParserCallbackError as exc:
+        cause = exc.__context__
+        if isinstance(cause, ParseError):
+            raise cause from None
+        raise ParseError(f"invalid HTTP: {exc}") from None
+    except httptools.HttpParserError as exc:
+        raise ParseError(f"invalid HTTP: {exc}") from None
 
 
 class HeadLimit:
@@ -52,19 +77,19 @@ class HeadLimit:
     def part(self, n: int) -> None:
         self.parsed += n
         if self.parsed > MAX_HEAD:
-            raise ParseError(f"head larger than {MAX_HEAD // 1024} KiB")
+            raise ParseError(f"head larger than {MAX_HEAD // 1024} KiB", 431)
 
     def fed(self, n: int) -> None:
         """`n` bytes were fed that began and ended inside a head (a feed in which a head
         begins is not counted: what it holds beyond the head is bounded by one read)."""
         self.size += n
         if self.size > MAX_HEAD:
-            raise ParseError(f"head larger than {MAX_HEAD // 1024} KiB")
+            raise ParseError(f"head larger than {MAX_HEAD // 1024} KiB", 431)
 
     def header(self, name: bytes, value: bytes) -> None:
         self.count += 1
         if self.count > MAX_HEADERS:
-            raise ParseError(f"more than {MAX_HEADERS} header lines")
+            raise ParseError(f"more than {MAX_HEADERS} header lines", 431)
         self.part(len(name) + len(value) + 4)
 
 
@@ -163,20 +188,13 @@ class ResponseParser:
         self.done = False
 
     def feed(self, data: bytes) -> None:
-        was_in_head = self._in_head
         try:
-            self._parser.feed_data(data)
-            if was_in_head and self._in_head:
-                self._limit.fed(len(data))
-        except httptools.HttpParserUpgrade:
-            raise ParseError("upstream switched protocols (upgrades are not proxied)") from None
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, ParseError):
-                raise cause from None
-            raise ParseError(f"invalid response: {exc}") from None
-        except httptools.HttpParserError as exc:
-            raise ParseError(f"invalid response: {exc}") from None
+            feed(self._parser, data, self._limit, lambda: self._in_head)
+        except ParseError as exc:
+            if exc.status == 501:
+                raise ParseError("upstream switched protocols (upgrades are not proxied)"
+                                 ) from None
+            raise
 
     # llhttp callbacks
 

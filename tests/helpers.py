@@ -351,3 +351,62 @@ def make_tiny_model(path: Path, *args: str) -> Path:
     subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "make_tiny_gguf.py"),
                     str(path), *args], check=True, capture_output=True)
     return path
+
+
+# --- raw HTTP peers for the gate's tests ---------------------------------------------------
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request from a raw connection: (head, body), Content-Length or chunked."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    body = b""
+    low = head.lower()
+    if b"content-length:" in low:
+        n = int(low.split(b"content-length:")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(n)
+    elif b"transfer-encoding: chunked" in low:
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += data[:-2]
+    return head, body
+
+
+class RawBackend:
+    """A backend that answers exactly what a test writes: `handler` gets each connection.
+    Counts connections made and ended; `sent` is for the handler's own bookkeeping."""
+
+    def __init__(self, handler: RawHandler) -> None:
+        self.handler = handler
+        self.port = free_port()
+        self.connections = 0
+        self.closed_connections = 0
+        self.sent = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            await self.handler(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.closed_connections += 1
+            writer.close()
+
+    async def __aenter__(self) -> RawBackend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+        await self.server.wait_closed()

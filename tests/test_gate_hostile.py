@@ -16,45 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import async_wait_until, free_port
+from helpers import RawBackend, async_wait_until, free_port
 from supervisord_llm.config import GateSection, parse_listen
 from supervisord_llm.gate import Gate, GateHost
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-class Backend:
-    """A raw backend: `handler` gets each connection; records request heads."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.port = free_port()
-        self.heads: list[bytes] = []
-        self.sent = 0
-        self.closed_connections = 0
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        try:
-            await self.handler(reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self.closed_connections += 1
-            writer.close()
-
-    async def __aenter__(self) -> Backend:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in self.writers:
-            w.close()
-        await self.server.wait_closed()
 
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:
@@ -132,7 +96,7 @@ async def test_client_that_stops_reading_stops_the_backend(
             await writer.drain()
             backend.sent += len(block)
 
-    async with Backend(flood) as backend:
+    async with RawBackend(flood) as backend:
         env = await gate_env(backend.port)
         reader, writer = await connect(env.port)
         writer.write(b"GET /flood HTTP/1.1\r\nHost: g\r\n\r\n")
@@ -162,7 +126,7 @@ async def test_client_that_accepts_nothing_is_dropped(
             writer.write(b"10000\r\n" + b"y" * 65536 + b"\r\n")
             await writer.drain()
 
-    async with Backend(flood) as backend:
+    async with RawBackend(flood) as backend:
         env = await gate_env(backend.port, send_timeout_s=0.5)
         reader, writer = await connect(env.port)
         writer.write(b"GET /flood HTTP/1.1\r\nHost: g\r\n\r\n")
@@ -205,7 +169,7 @@ async def test_broken_backend_head_is_a_clean_502(
             await asyncio.sleep(0.05)
 
     caplog.set_level(logging.WARNING, logger="supervisord_llm.gate")
-    async with Backend(broken) as backend:
+    async with RawBackend(broken) as backend:
         env = await gate_env(backend.port)
         for _ in range(12):
             status, reply = await get(env.port)
@@ -230,7 +194,7 @@ async def test_backend_breaking_framing_mid_body_is_cut(
         await writer.drain()
         await asyncio.sleep(5)
 
-    async with Backend(broken) as backend:
+    async with RawBackend(broken) as backend:
         env = await gate_env(backend.port)
         reader, writer = await connect(env.port)
         writer.write(b"GET /s HTTP/1.1\r\nHost: g\r\n\r\n")
@@ -262,7 +226,7 @@ async def ok_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 async def test_slowloris_connections_are_closed(gate_env: Callable[..., Awaitable[Env]]) -> None:
-    async with Backend(ok_backend) as backend:
+    async with RawBackend(ok_backend) as backend:
         env = await gate_env(backend.port, header_timeout_s=0.4)
         conns = [await connect(env.port) for _ in range(100)]
         for i, (_r, w) in enumerate(conns):
@@ -283,7 +247,7 @@ async def test_trickling_bodies_take_no_admission_slots(
         gate_env: Callable[..., Awaitable[Env]]) -> None:
     """64 clients trickling request bodies used to take every slot, so real requests got 429.
     A body is read before the request takes a slot; a stalled body ends in 408."""
-    async with Backend(ok_backend) as backend:
+    async with RawBackend(ok_backend) as backend:
         env = await gate_env(backend.port, max_concurrency=2, max_queue=0, body_timeout_s=1.0)
         tricklers = []
         for _ in range(64):
@@ -306,7 +270,7 @@ async def test_trickling_bodies_take_no_admission_slots(
 
 async def test_max_connections_waits_in_the_backlog(
         gate_env: Callable[..., Awaitable[Env]]) -> None:
-    async with Backend(ok_backend) as backend:
+    async with RawBackend(ok_backend) as backend:
         env = await gate_env(backend.port, max_connections=3)
         idle = [await connect(env.port) for _ in range(3)]
         await async_wait_until(lambda: True, 0.1)
@@ -327,7 +291,7 @@ async def test_trailers_never_become_headers(gate_env: Callable[..., Awaitable[E
     async def backend_(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await ok_backend(reader, writer, heads)
 
-    async with Backend(backend_) as backend:
+    async with RawBackend(backend_) as backend:
         env = await gate_env(backend.port)
         reader, writer = await connect(env.port)
         writer.write(b"POST /a HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -354,7 +318,7 @@ async def test_malformed_requests_get_400_and_few_log_lines(
         b"GET / HTTP/1.1\r\nX: " + b"a" * 100_000 + b"\r\n\r\n",
         b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 500 + b"\r\n",
     ]
-    async with Backend(ok_backend) as backend:
+    async with RawBackend(ok_backend) as backend:
         env = await gate_env(backend.port)
         for _ in range(5):
             for raw in bad:
@@ -384,7 +348,7 @@ async def test_head_expect_and_http10(gate_env: Callable[..., Awaitable[Env]]) -
                              b"3\r\nabc\r\n0\r\n\r\n")
             await writer.drain()
 
-    async with Backend(backend_) as backend:
+    async with RawBackend(backend_) as backend:
         env = await gate_env(backend.port)
         reader, writer = await connect(env.port)
         writer.write(b"HEAD /h HTTP/1.1\r\nHost: g\r\n\r\n")
@@ -469,7 +433,7 @@ async def _fuzz_once(fragments: list[bytes], method: bytes, keep_open: bool) -> 
 
     host = GateHost()
     try:
-        async with Backend(backend_) as backend:
+        async with RawBackend(backend_) as backend:
             listen = parse_listen(f"127.0.0.1:{free_port()}")
             gate = await host.add("fuzz", GateSection(listen))
             host.call(gate.set_upstreams, ("127.0.0.1", backend.port), None)

@@ -13,58 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
-from helpers import async_wait_until, free_port
+from helpers import RawBackend, async_wait_until, free_port, read_request
 from supervisord_llm.config import GateSection, parse_listen
 from supervisord_llm.gate import Gate, GateHost
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    body = b""
-    low = head.lower()
-    if b"content-length:" in low:
-        n = int(low.split(b"content-length:")[1].split(b"\r\n")[0])
-        body = await reader.readexactly(n)
-    elif b"transfer-encoding: chunked" in low:
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-            data = await reader.readexactly(size + 2)
-            if size == 0:
-                break
-            body += data[:-2]
-    return head, body
-
-
-class Backend:
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.port = free_port()
-        self.writers: list[asyncio.StreamWriter] = []
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.writers.append(writer)
-        try:
-            await self.handler(reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def __aenter__(self) -> Backend:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in self.writers:
-            w.close()
-        await self.server.wait_closed()
 
 
 @pytest.fixture
@@ -97,7 +48,7 @@ async def test_chunk_frames_extensions_and_trailers(gate_host: tuple[GateHost, C
                 await writer.drain()
                 await asyncio.sleep(0.01)
 
-    async with Backend(handler) as backend, aiohttp.ClientSession() as client:
+    async with RawBackend(handler) as backend, aiohttp.ClientSession() as client:
         url = await make(backend.port)
         for _ in range(3):  # keep-alive on both sides
             async with client.get(f"http://{url}/x") as r:
@@ -118,7 +69,7 @@ async def test_close_delimited_body(gate_host: tuple[GateHost, Callable[[int],
             await asyncio.sleep(0.01)
         writer.close()
 
-    async with Backend(handler) as backend, aiohttp.ClientSession() as client:
+    async with RawBackend(handler) as backend, aiohttp.ClientSession() as client:
         url = await make(backend.port)
         async with client.get(f"http://{url}/x") as r:
             assert await r.read() == b"part0;part1;part2;part3;part4;"
@@ -137,7 +88,7 @@ async def test_large_body_to_a_slow_client(gate_host: tuple[GateHost, Callable[[
             writer.write(blob[i:i + 65536])
             await writer.drain()
 
-    async with Backend(handler) as backend:
+    async with RawBackend(handler) as backend:
         url = await make(backend.port)
         host, port = url.split(":")
         reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
@@ -170,7 +121,7 @@ async def test_chunked_upload_and_http10_client(gate_host: tuple[GateHost, Calla
             yield b"z" * 1000
             await asyncio.sleep(0)
 
-    async with Backend(handler) as backend, aiohttp.ClientSession() as client:
+    async with RawBackend(handler) as backend, aiohttp.ClientSession() as client:
         url = await make(backend.port)
         async with client.post(f"http://{url}/up", data=parts()) as r:  # chunked upload
             assert await r.read() == b"10000"
@@ -196,7 +147,7 @@ async def test_server_dropping_idle_connections(gate_host: tuple[GateHost, Calla
         await asyncio.sleep(0.05)
         writer.close()  # no "Connection: close": it just drops the idle connection
 
-    async with Backend(handler) as backend, aiohttp.ClientSession() as client:
+    async with RawBackend(handler) as backend, aiohttp.ClientSession() as client:
         url = await make(backend.port)
         for _ in range(5):
             async with client.post(f"http://{url}/x", data=b"body") as r:
@@ -214,7 +165,7 @@ async def test_interim_responses_are_skipped(gate_host: tuple[GateHost, Callable
         writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
                      b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal")
 
-    async with Backend(handler) as backend, aiohttp.ClientSession() as client:
+    async with RawBackend(handler) as backend, aiohttp.ClientSession() as client:
         url = await make(backend.port)
         async with client.post(f"http://{url}/x", data=b"q",
                                headers={"Expect": "100-continue"}) as r:

@@ -288,21 +288,10 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        was_in_head = self._in_head
         try:
-            self._parser.feed_data(data)
-            if was_in_head and self._in_head:
-                self._limit.fed(len(data))
-        except httptools.HttpParserUpgrade:
-            self._refuse(501, "protocol upgrades are not supported by the gate")
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            self._refuse(431 if isinstance(cause, http1.ParseError) else 400,
-                         str(cause or exc))
+            http1.feed(self._parser, data, self._limit, lambda: self._in_head)
         except http1.ParseError as exc:
-            self._refuse(431, str(exc))
-        except httptools.HttpParserError as exc:
-            self._refuse(400, str(exc))
+            self._refuse(exc.status, str(exc))
 
     def pause_writing(self) -> None:
         self.writing_paused = True
