@@ -53,6 +53,7 @@ def _config_problems(exc: ConfigError) -> list[str]:
 def check(config_path: str, overrides: Overrides) -> int:
     from .config import load_config
 
+    disc: Discovery | None = None
     try:
         cfg = apply_overrides(load_config(config_path), overrides)
         disc = asyncio.run(_discover_only(cfg))
@@ -61,6 +62,8 @@ def check(config_path: str, overrides: Overrides) -> int:
     except ConfigError as exc:
         for line in _config_problems(exc):
             sys.stderr.write(f"llm-supervisor: {line}\n")
+        if disc is not None:  # an unknown GPU: say what discovery found, and why
+            sys.stderr.write(f"llm-supervisor: gpu discovery: {one_line(disc.message)}\n")
         sys.stderr.write(f"llm-supervisor: {one_line(config_path)}: {len(exc.problems)} "
                          f"error{'s' if len(exc.problems) != 1 else ''}\n")
         return 1

@@ -238,8 +238,10 @@ def render_brief(data: Any) -> str:
             for s in data["services"])
     if isinstance(data, dict) and "restarted" in data:
         lines = []
-        for key in ("added", "removed", "restarted", "swapped", "unchanged"):
+        for key in ("added", "removed", "restarted", "swapped", "updated", "unchanged"):
             lines.append(f"{key}: {', '.join(data.get(key) or []) or '-'}")
+        for name, state in (data.get("not_ready") or {}).items():
+            lines.append(f"not ready: {name} ({state})")
         lines += [f"warning: {w}" for w in data.get("warnings") or []]
         return "\n".join(lines)
     if isinstance(data, dict) and "old_port" in data:

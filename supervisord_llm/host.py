@@ -245,12 +245,14 @@ class Host:
         return result
 
     async def reload(self) -> dict[str, Any]:
-        """Reloads are serialized: one asked for while another runs starts (and reads the
-        file) when that one is over. Anything else in progress refuses it."""
+        """Reloads wait for the operation in progress (a swap, another reload) and read the
+        file when they start."""
 
         async def fn(reply: asyncio.Future[Any]) -> None:
-            running = self.ops.get(ALL)
-            if running is not None and running.kind == "reload" and self._shutdown is None:
+            running = next(iter(self.ops.values()), None)
+            if running is not None and self._shutdown is None:
+                # after what runs (a swap, another reload), and reading the file then
+                log.info("reload: waiting for %s", running.describe())
                 running.task.add_done_callback(
                     lambda _t: self._queue.put_nowait(_Cmd(lambda: fn(reply), reply)))
                 return
@@ -267,7 +269,10 @@ class Host:
             cfg, plans = await self._load()  # raises ControlError, the running config stays
             try:
                 res = await rollout.reload(self.sup, cfg, plans)
-            except (ControlError, asyncio.CancelledError):
+            except ControlError as exc:
+                log.error("reload: %s", exc.message)
+                raise
+            except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

@@ -64,6 +64,7 @@ class Model:
     exit_code: int = 0
     killing: bool = False  # past the stop deadline, or a fast stop: SIGKILL what is found
     pending: RestartReason | None = None  # why the current stop happens
+    then_start: bool = False  # a start came during the stop: launch once it is over
     failures: int = 0  # consecutive failed health checks
     launched_at: float | None = None
     backoff_until: float | None = None
@@ -282,7 +283,8 @@ class _Step:
     def launch(self, why: str) -> None:
         gen = self.m.gen + 1
         self.set(gen=gen, running=True, exited=False, killing=False, failures=0, pending=None,
-                 backoff_until=None, failed_reason=None, launched_at=self.now)
+                 then_start=False, backoff_until=None, failed_reason=None,
+                 launched_at=self.now)
         self.go(State.STARTING, why)
         self.do(CancelTimer(), Launch(gen))
 
@@ -344,6 +346,10 @@ class _Step:
                 self.go(State.STOPPED, f"process {desc}; restarting ({pending.value})")
                 self.launch(f"restart ({pending.value})")
                 return
+            if self.m.then_start:
+                self.go(State.STOPPED, f"process {desc}")
+                self.launch("start requested during the stop")
+                return
             reason = pending  # a stop for a cause, or what an exit left behind (its policy)
         else:
             reason = self.exit_reason(code)  # it ended by itself while starting or ready
@@ -366,14 +372,16 @@ class _Step:
             self.set(budget=self.m.budget.reset())
         if s in (State.STOPPED, State.FAILED, State.BACKOFF):
             self.launch(why if s is not State.BACKOFF else f"{why} during backoff")
+        elif s is State.STOPPING:
+            self.set(then_start=True)  # once this stop is over
 
     def bring_down(self, why: str) -> None:
         s = self.m.state
         if s in LIVE:
-            self.set(pending=None)
+            self.set(pending=None, then_start=False)
             self.begin_stop(why)
         elif s is State.STOPPING:
-            self.set(pending=None)  # no restart after this stop
+            self.set(pending=None, then_start=False)  # nothing starts after this stop
         elif s in (State.BACKOFF, State.FAILED):
             self.do(CancelTimer())
             self.go(State.STOPPED, why)
@@ -398,7 +406,7 @@ def decide(model: Model, event: Event, rules: Rules, now: float, rand: float) ->
     elif isinstance(event, Release):
         if event.hold in m.holds:
             st.set(holds=m.holds - {event.hold})
-            if m.state is State.STOPPED:
+            if m.state in (State.STOPPED, State.STOPPING):
                 st.bring_up(f"{event.hold} hold released")
     elif isinstance(event, Restart):
         if event.reason is RestartReason.MANUAL:

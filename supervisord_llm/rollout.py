@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,27 +17,12 @@ from . import protocol as P
 from .config import Config, GateSection
 from .errors import ControlError
 from .plan import ServicePlan
+from .ports import pick_free_port, port_free
 from .service import Reconfigure, ServiceActor
 from .states import State
 from .supervisor import SETTLE_GRACE_S, Supervisor
 
 log = logging.getLogger(__name__)
-
-
-def pick_free_port(exclude: set[int]) -> int:
-    """A free loopback port below the ephemeral range (where a probe's connect() to a port
-    nobody listens on yet could connect a socket to itself)."""
-    for _ in range(2000):
-        port = random.randint(20000, 32000)
-        if port in exclude:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise ControlError(P.FAILED, "no free port found for the replacement instance")
 
 
 def _without_gate(plan: ServicePlan) -> ServicePlan:
@@ -76,6 +59,10 @@ async def swap(sup: Supervisor, name: str, plan: ServicePlan | None,
         new_port = ports[0]
     else:
         new_port = pick_free_port(exclude=taken | {old.port or 0})
+    if not port_free(new_port):
+        raise ControlError(P.FAILED, f"{name}: port {new_port} for the replacement is in use by "
+                           "another process; the old instance keeps serving (free the port, "
+                           "or change gate.swap_port)")
     log.info("%s: hot swap: second instance on port %d", name, new_port)
     new = sup.make_actor(plan, port=new_port, counters=old.counters)
     sup.extra[name] = ("replacement", new)
@@ -131,24 +118,52 @@ class ReloadResult:
     removed: list[str] = field(default_factory=list)
     restarted: list[str] = field(default_factory=list)
     swapped: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)  # changed, but held or stopped: not started
     unchanged: list[str] = field(default_factory=list)
     not_ready: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"added": self.added, "removed": self.removed, "restarted": self.restarted,
-                "swapped": self.swapped, "unchanged": self.unchanged,
+                "swapped": self.swapped, "updated": self.updated, "unchanged": self.unchanged,
                 "not_ready": self.not_ready, "warnings": self.warnings}
 
     def summary(self) -> str:
         return (f"added {_names(self.added)}; removed {_names(self.removed)}; restarted "
-                f"{_names(self.restarted)}; swapped {_names(self.swapped)}; unchanged "
-                f"{_names(self.unchanged)}")
+                f"{_names(self.restarted)}; swapped {_names(self.swapped)}; updated (not "
+                f"running) {_names(self.updated)}; unchanged {_names(self.unchanged)}")
+
+
+def check_reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> None:
+    """What a validated config can still get wrong against what runs now: refused before
+    anything changes (ControlError config_error)."""
+    if not plans and sup.actors:
+        raise ControlError(P.CONFIG_ERROR, "the new configuration has no [[service]]: a reload "
+                           "does not stop every service (an empty file caught mid-write?); "
+                           "use `llmctl stop --all`, or restart llm-supervisor with it")
+    # instances a hot swap moved off their configured port hold a port no config names
+    holders = {a.port: a.name for a in sup.all_actors()
+               if a.port is not None and a.port != a.cfg.port and a.state is not State.STOPPED}
+    problems = []
+    for i, plan in enumerate(plans):
+        c = plan.config
+        ports = [("port", c.port)]
+        if c.gate is not None:
+            ports += [("gate.listen", c.gate.listen.port), ("gate.swap_port", c.gate.swap_port)]
+        for key, port in ports:
+            owner = holders.get(port) if port is not None else None
+            if owner is not None and owner != c.name:
+                problems.append(f"service[{i}].{key}: port {port} is in use by {owner}'s "
+                                "running instance (moved there by a hot swap)")
+    if problems:
+        raise ControlError(P.CONFIG_ERROR, "new configuration conflicts with what runs, "
+                           "keeping the running one: " + "; ".join(problems))
 
 
 async def reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> ReloadResult:
     """Apply a validated config: restart only what changed, keep the rest running, then wait
     until what was started or restarted is ready (or failed)."""
+    check_reload(sup, cfg, plans)
     res = ReloadResult()
     old_cfg = sup.cfg
     for section in ("supervisor", "metrics", "gpu"):
@@ -188,14 +203,16 @@ async def reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> Relo
                 res.warnings.append(f"{name}: hot swap failed ({exc.message}); the old "
                                     "instance keeps serving with the old configuration")
         else:
-            wanted = current.up
+            up, wanted, holds = current.up, current.model.wanted, current.holds
             await sup.stop_actor(current, remove=True)
-            actor = sup.make_actor(plan, counters=current.counters)
+            actor = sup.make_actor(plan, counters=current.counters, wanted=wanted, holds=holds)
             sup.actors[name] = actor
             actor.run()
-            if wanted:
+            if up:
                 started.append(actor)
-            res.restarted.append(name)
+                res.restarted.append(name)
+            else:  # held or stopped: it keeps its holds, and starts with the new config
+                res.updated.append(name)
         sup.changed()
     sup.actors = {n: sup.actors[n] for n in order}
     sup.cfg = cfg
@@ -209,7 +226,7 @@ async def reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> Relo
             state = await actor.wait_settled(0, limit)
         except TimeoutError:
             state = actor.state
-        if state is not State.READY:
+        if state not in (State.READY, State.DRAINING):
             res.not_ready[actor.name] = (f"{state}: {actor.failed_reason or actor.last_exit}"
                                          if state is State.FAILED else str(state))
     await sup.gates_settled()

@@ -31,6 +31,7 @@ from . import lifecycle as L
 from .errors import SpawnError
 from .health import ProbeKind, ProbeResult
 from .plan import ServicePlan
+from .ports import port_free
 from .spawn import Escapee, LaunchSpec, ServiceProcess, Spawner
 from .states import RUNNING, RestartReason, State
 
@@ -131,6 +132,8 @@ class ServiceActor:
         *,
         port: int | None = None,
         counters: Counters | None = None,
+        wanted: bool = False,
+        holds: frozenset[str] = frozenset(),
         base_env: Mapping[str, str] | None = None,
         on_change: Callable[[ServiceActor], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -147,7 +150,7 @@ class ServiceActor:
         self._on_change = on_change or (lambda actor: None)
         self._clock = clock
         self._rng = rng or random.Random()
-        self.model = L.Model()
+        self.model = L.Model(wanted=wanted, holds=holds)
         self.proc: ServiceProcess | None = None
         self.health = HealthStatus()
         self.start_duration_s: float | None = None
@@ -244,12 +247,13 @@ class ServiceActor:
                 self._waiters.remove(waiter)
 
     async def wait_settled(self, after_gen: int, timeout_s: float | None) -> State:
-        """Until the service is ready with a launch newer than `after_gen`, failed, or
-        stopped while not meant to run."""
+        """Until the service is ready (or draining: ready behind a gate closed for some
+        reason) with a launch newer than `after_gen`, failed, or stopped while not meant to
+        run."""
 
         def settled(a: ServiceActor) -> bool:
-            return ((a.state is State.READY and a.gen > after_gen) or a.state is State.FAILED
-                    or (a.state is State.STOPPED and not a.up))
+            return ((a.state in (State.READY, State.DRAINING) and a.gen > after_gen)
+                    or a.state is State.FAILED or (a.state is State.STOPPED and not a.up))
 
         return await self.wait_for(settled, timeout_s)
 
@@ -401,6 +405,9 @@ class ServiceActor:
     async def _launch(self, gen: int) -> L.Event:
         self._prune_escaped()
         self.health = HealthStatus()
+        if self.port is not None and not port_free(self.port):
+            # a server that cannot bind would pass its health check against the stranger
+            return L.Launched(gen, f"port {self.port} is in use by another process")
         plan = self.plan
         spec = LaunchSpec(
             service=self.name,

@@ -83,10 +83,11 @@ class Supervisor:
             self.actors[plan.name] = self.make_actor(plan)
 
     def make_actor(self, plan: ServicePlan, port: int | None = None,
-                   counters: Counters | None = None) -> ServiceActor:
+                   counters: Counters | None = None, wanted: bool = False,
+                   holds: frozenset[str] = frozenset()) -> ServiceActor:
         return ServiceActor(plan, self.spawner, self.prober, port=port, counters=counters,
-                            base_env=self._base_env, on_change=lambda _a: self.changed(),
-                            clock=self._clock)
+                            wanted=wanted, holds=holds, base_env=self._base_env,
+                            on_change=lambda _a: self.changed(), clock=self._clock)
 
     def on_change(self, fn: Callable[[], None]) -> None:
         self._listeners.append(fn)

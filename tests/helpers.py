@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from supervisord_llm import ctl
-from supervisord_llm.rollout import pick_free_port
+from supervisord_llm.ports import pick_free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = str(Path(__file__).resolve().parent / "fakebackend.py")

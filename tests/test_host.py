@@ -205,3 +205,97 @@ def test_mode_in_status_status_line_and_metrics(tmp_path: Path) -> None:
     finally:
         d.stop()
         listener.close()
+
+
+def test_what_an_attack_on_the_host_found(tmp_path: Path) -> None:
+    """A swap onto a port a stranger holds is refused and the old instance keeps serving; a
+    start during a stop is not lost; a reload keeps the operator's hold (and says so); a
+    reload that would put a service on a port a swapped instance holds, or that has no
+    service at all, is refused; a SIGHUP during a swap is applied after it."""
+    stranger_port = free_port()
+    chat = gated("chat", swap_port=stranger_port)
+    emb = fake_service("emb", free_port(), "--ignore-term", stop={"timeout_s": 1})
+    doc = base_config(tmp_path, [chat, emb])
+    stranger = subprocess.Popen([sys.executable, FAKE, "--port", str(stranger_port)])
+    try:
+        with running(tmp_path, doc) as d:
+            d.wait_state("chat", "ready")
+            d.wait_state("emb", "ready")
+            wait_until(lambda: not _port_free(stranger_port), 10, what="the stranger listens")
+            old = d.service("chat")
+            r = d.llmctl("swap", "chat")
+            assert r.returncode == 1 and f"port {stranger_port}" in r.stderr \
+                and "in use by another process" in r.stderr, r.stderr
+            assert d.service("chat")["pid"] == old["pid"] and processes_of("chat") == [
+                old["pid"]]
+            # a start while the stop is still running (SIGTERM ignored: SIGKILL after 1 s)
+            assert d.llmctl("stop", "emb", "--no-wait").returncode == 0
+            wait_until(lambda: d.service("emb")["state"] == "stopping", 5, what="stopping")
+            assert d.llmctl("start", "emb").returncode == 0
+            d.wait_state("emb", "ready", 15)
+            # a reload keeps the operator's hold on a changed service
+            assert d.llmctl("stop", "emb").returncode == 0
+            doc["service"][1]["env"] = {"CHANGED": "1"}
+            d.write(doc)
+            r = d.llmctl("--json", "reload")
+            assert r.returncode == 0, r.stderr
+            res = json.loads(r.stdout)
+            assert res["updated"] == ["emb"] and res["restarted"] == []
+            s = d.service("emb")
+            assert s["state"] == "stopped" and s["holds"] == ["operator"]
+            # an empty file is not "stop everything"
+            d.config.write_text("")
+            r = d.llmctl("reload")
+            assert r.returncode == 1 and "no [[service]]" in r.stderr
+            assert d.service("chat")["state"] == "ready"
+            # a reload onto the port a hot swap moved chat to
+            doc["service"][0]["gate"].pop("swap_port")
+            d.write(doc)
+            stranger.terminate()
+            stranger.wait()
+            assert d.llmctl("reload").returncode == 0
+            assert d.llmctl("swap", "chat").returncode == 0
+            moved = d.service("chat")["port"]
+            assert moved != chat["port"]
+            doc["service"].append(fake_service("new", moved))
+            d.write(doc)
+            r = d.llmctl("reload")
+            assert r.returncode == 1 and f"port {moved} is in use by chat" in r.stderr, r.stderr
+            # a SIGHUP while a swap runs is applied once the swap is over
+            doc["service"].pop()
+            doc["service"][1]["env"] = {"CHANGED": "2"}
+            d.write(doc)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                swap = pool.submit(d.llmctl, "swap", "chat")
+                wait_until(lambda: d.service("chat").get("swap"), 10, what="swap running")
+                d.signal(signal.SIGHUP)
+                assert swap.result(60).returncode == 0
+            wait_until(lambda: "updated (not running) emb" in d.logtext(), 20,
+                       what="the SIGHUP's reload, after the swap")
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def _port_free(port: int) -> bool:
+    from supervisord_llm.ports import port_free
+
+    return port_free(port)
+
+
+async def test_stop_of_a_gated_service_lets_requests_finish(tmp_path: Path) -> None:
+    svc = gated("chat")
+    with running(tmp_path, base_config(tmp_path, [svc])) as d:
+        d.wait_state("chat", "ready")
+        url = f"http://{svc['gate']['listen']}/v1/chat/completions"
+        body = {"stream": True, "max_tokens": 10, "fake_token_delay_s": 0.1}
+        async with aiohttp.ClientSession() as client:
+            async with client.post(url, json=body) as r:
+                first = await r.content.readline()
+                stop = asyncio.get_running_loop().run_in_executor(None, d.llmctl, "stop",
+                                                                  "chat")
+                rest = await r.read()
+            assert first.startswith(b"data: ") and rest.rstrip().endswith(b"data: [DONE]")
+        assert (await stop).returncode == 0
+        s = d.service("chat")
+        assert s["state"] == "stopped" and s["gate"] == "closed" and s["drain_reasons"] == []

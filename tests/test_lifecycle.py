@@ -142,6 +142,12 @@ CASES: list[tuple[str, L.Model, L.Event, L.Rules, State, list[State], list[str]]
     ("one of two holds released: still down",
      model(State.STOPPED, holds=frozenset({"cooling", "powered_down"})),
      L.Release("cooling"), R, State.STOPPED, [], []),
+    ("start during an operator's stop: launched once it is over",
+     model(State.STOPPING, holds=frozenset({"operator"})), L.Start(), R, State.STOPPING, [], []),
+    ("the stop is over, a start came meanwhile: relaunch",
+     model(State.STOPPING, exited=True, exit_code=-9, then_start=True), L.Reaped(1), R,
+     State.STARTING, [State.STOPPED, State.STARTING], ["Finish", "CancelTimer", "CancelTimer",
+                                                        "Launch"]),
     ("drain and resume", model(State.READY), L.Drain(), R, State.DRAINING,
      [State.DRAINING], []),
     ("kill: SIGKILL and stop", model(State.READY), L.Kill(), R, State.STOPPING,
@@ -159,6 +165,19 @@ def test_decision_table(name: str, m: L.Model, event: L.Event, rules: L.Rules,  
     assert d.model.state is final, name
     assert states(d) == trans, name
     assert kinds(d) == acts, name
+
+
+def test_a_start_during_a_stop_is_not_lost() -> None:
+    m = model(State.READY)
+    for ev in (L.Stop("operator"), L.Start(), L.Exited(1, -9, False), L.Reaped(1)):
+        m = L.decide(m, ev, R, NOW, 0.5).model
+    assert m.state is State.STARTING and m.up and m.gen == 2
+    # and a stop after the start wins again
+    m = model(State.READY)
+    for ev in (L.Stop("operator"), L.Start(), L.Stop("operator"), L.Exited(1, 0, False),
+               L.Reaped(1)):
+        m = L.decide(m, ev, R, NOW, 0.5).model
+    assert m.state is State.STOPPED and m.holds == {"operator"}
 
 
 def test_details_of_the_decisions() -> None:

@@ -129,7 +129,8 @@ async def test_launch_carries_the_marker_and_the_record_proves_it(tmp_path: Path
         await sp.close()
 
 
-async def test_exit_is_seen_while_an_escaped_process_holds_the_pipe(tmp_path: Path) -> None:
+async def test_exit_is_seen_while_an_escaped_process_holds_the_pipe(
+        tmp_path: Path, strays: list[int]) -> None:
     lines = Lines()
     sp = Spawner(tmp_path, use_guardian=False, on_output=lines)
     proc = await sp.launch(LaunchSpec("svc", (sys.executable, "-c", ESCAPING), dict(os.environ)))
@@ -137,6 +138,7 @@ async def test_exit_is_seen_while_an_escaped_process_holds_the_pipe(tmp_path: Pa
         await async_wait_until(lambda: lines.pid("escaped") and lines.pid("main"), 5,
                                what="both pids")
         escaped = lines.pid("escaped")
+        strays.append(escaped)  # whatever happens below, it does not outlive the test
         os.kill(proc.pid, signal.SIGKILL)
         # the old code awaited asyncio's Process.wait(), which also waits for the pipe
         assert await asyncio.wait_for(proc.wait(), 2) == -signal.SIGKILL

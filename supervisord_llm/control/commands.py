@@ -96,7 +96,21 @@ class Commands:
         actors = [self.sup.actor(n) for n in names]
         timeout = a.timeout_s or max((x.cfg.stop.timeout_s for x in actors),
                                      default=0) + SETTLE_GRACE_S
-        await self.host.command(names, L.Stop("operator"))
+        gated = [n for n in names if self.sup.gate_of(n) is not None]
+        if a.wait and gated:
+            # no request cut off: the gates close to new ones and what is in flight finishes
+            # (at most drain_timeout_s), then the services stop
+            drain_s = max((g.drain_timeout_s for n in gated
+                           if (g := self.sup.actor(n).cfg.gate)), default=0.0)
+            inflight = await self.host.drain(gated, "stop", drain_s)
+            if inflight:
+                log.warning("stopping with requests still in flight after %g s: %s", drain_s,
+                            ", ".join(f"{n} {c}" for n, c in inflight.items()))
+        try:
+            await self.host.command(names, L.Stop("operator"))
+        finally:
+            if gated:
+                await self.host.resume(gated, "stop")  # closed now: the service is stopped
         if a.wait:
             try:
                 async with asyncio.timeout(timeout):
@@ -122,10 +136,11 @@ class Commands:
                 for actor in actors:
                     await actor.wait_settled(gens[actor.name], None)
         except TimeoutError:
-            left = [f"{x.name} ({x.state})" for x in actors if x.state is not State.READY]
+            left = [f"{x.name} ({x.state})" for x in actors
+                    if x.state not in (State.READY, State.DRAINING)]
             raise ControlError(P.TIMEOUT, f"not ready after {timeout:g} s: {', '.join(left)}; "
                                "see `llmctl status`") from None
-        bad = [x for x in actors if x.state is not State.READY]
+        bad = [x for x in actors if x.state not in (State.READY, State.DRAINING)]
         if bad:
             raise ControlError(P.FAILED, "; ".join(
                 f"{x.name} is {x.state}" + (f": {x.failed_reason}" if x.failed_reason else "")

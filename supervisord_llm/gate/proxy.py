@@ -34,7 +34,7 @@ TTFB_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
                        10.0, 30.0)
 RETRY_AFTER: Final = {"closed": b"5", "stopped": b"5", "draining": b"10", "queue_full": b"1",
                       "queue_timeout": b"1"}
-DRAIN_REASONS: Final = ("operator", "swap", "thermal", "power", "shutdown")
+DRAIN_REASONS: Final = ("operator", "swap", "thermal", "power", "shutdown", "stop")
 _TO_UPSTREAM_DROP: Final = frozenset({b"host", b"content-length", b"expect",
                                       b"x-forwarded-for"})
 _TO_CLIENT_DROP: Final = frozenset({b"content-length"})
