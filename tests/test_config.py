@@ -193,7 +193,7 @@ def run_check(path: Path) -> tuple[int, str, str]:
 _PATH = r'(?:[^\s"]|"(?:[^"\\]|\\.)*")+'
 ERROR_LINE = re.compile(
     rf"^llm-supervisor: (config error: ({_PATH}: .+|\.\.\. and \d+ more errors?)"
-    r"|.+: \d+ errors?)$"
+    r"|gpu discovery: .+|.+: \d+ errors?)$"
 )
 
 
