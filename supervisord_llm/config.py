@@ -1003,28 +1003,29 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _refuse(p: str, mode: int) -> ConfigError:
+def _refuse(p: str, mode: int, what: str) -> ConfigError:
     if stat.S_ISDIR(mode):
-        return config_error([f"{p}: is a directory, not a config file"])
-    return config_error([f"{p}: is {_file_kind(mode)}, not a regular file: a config must be "
+        return config_error([f"{p}: is a directory, not a {what} file"])
+    return config_error([f"{p}: is {_file_kind(mode)}, not a regular file: a {what} must be "
                          "a regular file"])
 
 
-def _too_large(p: str) -> ConfigError:
+def _too_large(p: str, what: str) -> ConfigError:
     return config_error([f"{p}: larger than 1 MB ({MAX_CONFIG_BYTES} bytes), the limit for a "
-                         "config file"])
+                         f"{what} file"])
 
 
-def read_config_file(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of a config file: a regular file of at most MAX_CONFIG_BYTES. Never blocks on
-    a FIFO or a device and never reads more than the limit; raises ConfigError."""
+def read_config_file(path: str | os.PathLike[str], what: str = "config") -> bytes:
+    """The bytes of a config file (or another file the daemon reads at start, `what`): a
+    regular file of at most MAX_CONFIG_BYTES. Never blocks on a FIFO or a device and never
+    reads more than the limit; raises ConfigError."""
     p = os.fspath(path)
     try:
         st = os.stat(p)
         if not stat.S_ISREG(st.st_mode):
-            raise _refuse(p, st.st_mode)
+            raise _refuse(p, st.st_mode, what)
         if st.st_size > MAX_CONFIG_BYTES:
-            raise _too_large(p)
+            raise _too_large(p, what)
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         raise config_error([f"{p}: no such file"]) from None
@@ -1035,7 +1036,7 @@ def read_config_file(path: str | os.PathLike[str]) -> bytes:
     try:
         st = os.fstat(fd)  # what was opened, not what the path named a moment ago
         if not stat.S_ISREG(st.st_mode):
-            raise _refuse(p, st.st_mode)
+            raise _refuse(p, st.st_mode, what)
         chunks: list[bytes] = []
         size = 0
         while size <= MAX_CONFIG_BYTES:
@@ -1049,7 +1050,7 @@ def read_config_file(path: str | os.PathLike[str]) -> bytes:
     finally:
         os.close(fd)
     if size > MAX_CONFIG_BYTES:
-        raise _too_large(p)
+        raise _too_large(p, what)
     return b"".join(chunks)
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -39,6 +40,8 @@ log = logging.getLogger("llm-supervisor")
 
 DISCOVERY_TIMEOUT_S = 30.0
 TEST_HOOKS_ENV = "LLM_SUPERVISOR_TEST_HOOKS"
+STATE_DIR_CHECK_S = 5.0
+NOFILE_CAP = 1 << 20
 RELOAD_READ_TIMEOUT_S = 30.0  # reading the config (a hung NFS mount) must not hold a reload
 RELOAD_PROBLEMS_SHOWN = 20  # in the log and in llmctl's answer (--check shows 100)
 
@@ -77,6 +80,38 @@ async def discover(cfg: Config) -> Discovery:
     return await discover_gpus(cfg.gpu, vendor_backends(_pynvml), timeout_s=DISCOVERY_TIMEOUT_S)
 
 
+async def _never(req: P.Request, peer: Peer) -> Any:  # pragma: no cover - never serves
+    raise ControlError(P.FAILED, "not serving")
+
+
+def raise_nofile(cfg: Config) -> None:
+    """Take the hard limit of file descriptors (a shell's soft limit is often 1024, which a
+    gate's default max_connections alone would use up); warn if the gates can still take
+    more connections than that."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else NOFILE_CAP
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            log.info("file descriptors: soft limit raised from %d to %d", soft, want)
+            soft = want
+        except (OSError, ValueError) as exc:
+            log.warning("file descriptors: cannot raise the soft limit %d: %s", soft, exc)
+    # a client connection and an upstream one per request, and some for everything else
+    need = sum(2 * s.gate.max_connections for s in cfg.services if s.gate) + 256
+    if soft != resource.RLIM_INFINITY and need > soft:
+        log.warning("file descriptors: the gates may take %d connections but the limit is %d; "
+                    "raise LimitNOFILE (the unit sets 65536) or lower max_connections",
+                    need, soft)
+
+
+def _lock_intact(state_dir: str, fd: int) -> bool:
+    try:
+        return os.stat(os.path.join(state_dir, "lock")).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        return False
+
+
 def lock_state_dir(state_dir: str) -> int:
     try:
         Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -108,6 +143,7 @@ class Daemon:
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_warned = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self._lock_fd = -1
         self.clock = time.monotonic
 
     def load(self) -> Config:
@@ -119,12 +155,13 @@ class Daemon:
         self.cfg = cfg
         for warning in cfg.warnings:
             log.warning("config: %s", warning)
+        raise_nofile(cfg)
         disc = await discover(cfg)
         log.info("%s", disc.message)
         self.gpus = list(disc.gpus)
         try:
             plans = await asyncio.to_thread(resolve_plan, cfg, self.gpus)
-            lock_fd = lock_state_dir(cfg.supervisor.state_dir)
+            self._lock_fd = lock_state_dir(cfg.supervisor.state_dir)
         except BaseException:
             await disc.aclose()
             raise
@@ -134,6 +171,8 @@ class Daemon:
         control: ControlServer | None = None
         web: MetricsServer | None = None
         try:
+            # another daemon on this socket: refuse before the sweep can touch its services
+            await ControlServer(cfg.supervisor.control_socket, None, _never).check_free()
             found = await spawner.reap_leftovers(
                 max((s.stop.timeout_s for s in cfg.services), default=10.0))
             if found:
@@ -161,6 +200,8 @@ class Daemon:
                 loop.create_task(hub.run(), name="gpu-hub"),
                 loop.create_task(sup.monitor_loop(), name="loop-monitor"),
                 loop.create_task(host.run(), name="host"),
+                loop.create_task(self._guard_state_dir(cfg.supervisor.state_dir, spawner),
+                                 name="state-dir-guard"),
             ]
             sup.on_change(self._schedule_status)
             host.on_change(self._schedule_status)
@@ -188,7 +229,7 @@ class Daemon:
             await prober.close()
             await spawner.close()
             await hub.aclose()
-            os.close(lock_fd)
+            os.close(self._lock_fd)
             self.notifier.close()
 
     async def _main_loop(self, host: Host) -> None:
@@ -238,6 +279,27 @@ class Daemon:
         if line != self._last_status:
             self._last_status = line
             self.notifier.status(line)
+
+    async def _guard_state_dir(self, state_dir: str, spawner: Spawner) -> None:
+        """A state directory removed while the daemon runs (an operator's `rm -rf`) takes the
+        lock file with it: another daemon could then take the directory and sweep our
+        services as leftovers. Every STATE_DIR_CHECK_S the lock is checked, off the loop, and
+        taken again (with the process record) if it is gone."""
+        while True:
+            await asyncio.sleep(STATE_DIR_CHECK_S)
+            if await asyncio.to_thread(_lock_intact, state_dir, self._lock_fd):
+                continue
+            try:
+                fd = await asyncio.to_thread(lock_state_dir, state_dir)
+            except StartupError as exc:
+                log.error("the state directory's lock was removed and cannot be taken again: "
+                          "%s", exc)
+                continue
+            old, self._lock_fd = self._lock_fd, fd
+            os.close(old)
+            spawner.record_again()
+            log.warning("state_dir %s (or its lock file) was removed while running: created "
+                        "again and locked", state_dir)
 
     def _start_watchdog(self) -> None:
         interval = self.notifier.watchdog_interval_s

@@ -20,6 +20,7 @@ from typing import Final
 import httptools
 
 MAX_HEAD: Final = 64 * 1024  # request or response head, all header lines together
+MAX_FRAMING: Final = 64 * 1024  # bytes of chunk-size lines, extensions, trailers in a row
 MAX_HEADERS: Final = 128
 
 HOP_BY_HOP: Final = frozenset({
@@ -186,10 +187,22 @@ class ResponseParser:
         self._interim = False
         self.head: ResponseHead | None = None
         self.done = False
+        self._progress = False
+        self._framing = 0
 
     def feed(self, data: bytes) -> None:
+        self._progress = False
         try:
             feed(self._parser, data, self._limit, lambda: self._in_head)
+            if not self._in_head and not self._progress:
+                # neither body bytes nor the end of a chunk: framing (chunk-size lines,
+                # extensions, trailers) that llhttp would go on parsing for ever
+                self._framing += len(data)
+                if self._framing > MAX_FRAMING:
+                    raise ParseError(f"more than {MAX_FRAMING // 1024} KiB of chunk framing "
+                                     "without data")
+            else:
+                self._framing = 0
         except ParseError as exc:
             if exc.status == 501:
                 raise ParseError("upstream switched protocols (upgrades are not proxied)"
@@ -225,6 +238,10 @@ class ResponseParser:
             return
         headers = self._headers
         length: int | None = None
+        for k, v in headers:
+            if k.lower() == b"transfer-encoding" and v.strip().lower() != b"chunked":
+                # gzip, chunked: the gate would pass gzip bytes as if they were the body
+                raise ParseError(f"unsupported Transfer-Encoding {v[:40]!r}")
         if status in (204, 304) or self._head_request:
             framing = "none"
         elif is_chunked(headers):
@@ -242,8 +259,12 @@ class ResponseParser:
             self._end()
 
     def on_body(self, data: bytes) -> None:
+        self._progress = True
         if not self.done:
             self._on_body(data)
+
+    def on_chunk_complete(self) -> None:
+        self._progress = True
 
     def on_message_complete(self) -> None:
         if self._interim:

@@ -125,8 +125,6 @@ def parse_args(cmd: str, args: dict[str, Any]) -> Args:
         raise ProtocolError("args.service is required: the service to swap")
     if "services" in args:
         raw = args["services"]
-        if isinstance(raw, str):
-            raw = [raw]
         if not isinstance(raw, list):
             raise ProtocolError(f"args.services must be a list of service names, not "
                                 f"{_short(raw)}")
@@ -153,10 +151,28 @@ def _valid_id(value: object) -> bool:
     return value is None or (isinstance(value, str) and len(value) <= 256)
 
 
+class _Duplicate(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects with a key given twice are refused (which `cmd` would win?)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
+
+
 def parse_request(line: bytes) -> Request:
     """Decode one request line; raises ProtocolError (-> `bad_request`) on anything wrong."""
     try:
-        doc = json.loads(line)
+        doc = json.loads(line, object_pairs_hook=_no_duplicates)
+    except _Duplicate as exc:
+        raise ProtocolError(f"key {_short(exc.key)} given twice in one object") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError("not valid JSON: send one JSON object per line") from None
     if not isinstance(doc, dict):

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import protocol as P
 from .config import Config, GateSection
-from .errors import ControlError
+from .errors import ControlError, StartupError
 from .plan import ServicePlan
 from .ports import pick_free_port, port_free
 from .service import Reconfigure, ServiceActor
@@ -155,6 +155,19 @@ def check_reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> None
             if owner is not None and owner != c.name:
                 problems.append(f"service[{i}].{key}: port {port} is in use by {owner}'s "
                                 "running instance (moved there by a hot swap)")
+    running_gates = {name: a.cfg.gate.listen for name, a in sup.actors.items() if a.cfg.gate}
+    for i, plan in enumerate(plans):
+        c = plan.config
+        gate = c.gate
+        if gate is not None and running_gates.get(c.name) != gate.listen \
+                and gate.listen not in running_gates.values() \
+                and not port_free(gate.listen.port, gate.listen.host):
+            problems.append(f"service[{i}].gate.listen: {gate.listen} is in use by another "
+                            "process")
+        current = sup.actors.get(c.name)
+        if c.port is not None and (current is None or current.port != c.port) \
+                and c.port not in holders and not port_free(c.port):
+            problems.append(f"service[{i}].port: {c.port} is in use by another process")
     if problems:
         raise ControlError(P.CONFIG_ERROR, "new configuration conflicts with what runs, "
                            "keeping the running one: " + "; ".join(problems))
@@ -216,7 +229,7 @@ async def reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> Relo
         sup.changed()
     sup.actors = {n: sup.actors[n] for n in order}
     sup.cfg = cfg
-    await _reconcile_gates(sup, old_gates)
+    await _reconcile_gates(sup, old_gates, res)
     for actor in started:
         await actor.command("start")
     sup.changed()
@@ -233,9 +246,10 @@ async def reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> Relo
     return res
 
 
-async def _reconcile_gates(sup: Supervisor, old: dict[str, GateSection | None]) -> None:
+async def _reconcile_gates(sup: Supervisor, old: dict[str, GateSection | None],
+                           res: ReloadResult) -> None:
     """After a reload: new gates bind, removed ones close, changed settings apply live; a
-    gate whose listen address changed is closed and bound again."""
+    gate whose listen address changed is bound at the new one before the old one closes."""
     for name, was in old.items():
         now = sup.actors[name].cfg.gate if name in sup.actors else None
         gate = sup.gate_of(name)
@@ -243,8 +257,13 @@ async def _reconcile_gates(sup: Supervisor, old: dict[str, GateSection | None]) 
             continue
         if now is not None and was is not None and now.listen == was.listen:
             sup.gates.call(gate.reconfigure, now)
+        elif now is not None and was is not None:
+            try:
+                await sup.gates.rebind(name, now)
+                log.info("%s: gate moved from %s to %s", name, was.listen, now.listen)
+            except StartupError as exc:
+                res.warnings.append(str(exc))
         else:
-            log.info("%s: gate %s closed%s", name, was.listen if was else "-",
-                     f"; it moves to {now.listen}" if now else "")
+            log.info("%s: gate %s closed", name, was.listen if was else "-")
             await sup.remove_gate(name)
-    await sup.start_gates()
+    res.warnings += await sup.start_gates()

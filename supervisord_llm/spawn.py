@@ -40,7 +40,8 @@ from typing import Any
 
 import psutil
 
-from .errors import SpawnError, StartupError
+from .config import read_config_file
+from .errors import ConfigError, SpawnError, StartupError
 from .logs import forward_output
 
 log = logging.getLogger(__name__)
@@ -635,6 +636,10 @@ class Spawner:
     def _state_file(self) -> Path | None:
         return None if self.state_dir is None else self.state_dir / "processes.json"
 
+    def record_again(self) -> None:
+        """Write the record now (its directory was removed and created again)."""
+        self._save_state()
+
     def _save_state(self) -> None:
         """Snapshot the record now (in order, on the loop); write it off the loop. One writer
         task at a time; a snapshot taken while it writes replaces any older one still
@@ -708,6 +713,11 @@ class Spawner:
         doc = await asyncio.to_thread(_read_record, path)
         if doc is None:
             return []
+        owner = await asyncio.to_thread(_live_supervisor, doc.get("daemon_pid"))
+        if owner is not None and doc.get("boot_id") == self.boot_id:
+            # its lock file went with a removed state directory: it is not a leftover
+            raise StartupError(f"{path.parent} belongs to a running llm-supervisor (pid "
+                               f"{owner}) whose lock file was removed; stop that one first")
         try:
             found = await self._reap_recorded(path, doc, timeout_s)
         finally:
@@ -761,18 +771,30 @@ class Spawner:
         return found
 
 
+def _live_supervisor(pid: object) -> int | None:
+    """`pid` if it is a live llm-supervisor other than this one (by its command line)."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1 or pid == os.getpid():
+        return None
+    st = _stat(pid)
+    if st is None or st.state in ("Z", "X"):
+        return None
+    cmd = _cmdline(pid)
+    return pid if "supervisord_llm" in cmd or "llm-supervisor" in cmd else None
+
+
 def _read_record(path: Path) -> dict[str, Any] | None:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
+    """The record, read like a config file (a regular file of at most 1 MB: a FIFO, a device
+    or a huge file left there is refused, never read); None if there is none."""
+    if not (path.exists() or path.is_symlink()):
         return None
     try:
+        text = read_config_file(path, what="process record").decode("utf-8", "replace")
         doc = json.loads(text)
-    except ValueError as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
+    except ConfigError as exc:
+        log.warning("ignoring %s", "; ".join(exc.problems))
+        return {}
+    except (ValueError, RecursionError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, str(exc)[:200])
         return {}
     return doc if isinstance(doc, dict) else {}
 

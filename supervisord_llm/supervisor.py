@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .config import Config
-from .errors import ControlError
+from .errors import ControlError, StartupError
 from .gate import Gate, GateHost
 from .lifecycle import Drain, Resume, Stop
 from .plan import ServicePlan
@@ -78,6 +78,7 @@ class Supervisor:
         # role "replacement" (starting), then "retiring" (the old one, finishing its requests)
         self.extra: dict[str, tuple[str, ServiceActor]] = {}
         self._pushed: dict[str, tuple[object, ...]] = {}
+        self._started = False  # the first start_gates() has run
         self._listeners: list[Callable[[], None]] = []
         for plan in plans:
             self.actors[plan.name] = self.make_actor(plan)
@@ -102,15 +103,24 @@ class Supervisor:
     def gate_of(self, name: str) -> Gate | None:
         return None if self.gates is None else self.gates.gates.get(name)
 
-    async def start_gates(self) -> None:
+    async def start_gates(self) -> list[str]:
         """Bind every configured gate that is not bound yet (closed until its service is
-        ready)."""
+        ready). At start a gate that cannot bind is fatal (StartupError); `errors` collects
+        them instead (a reload), one line each."""
+        errors: list[str] = []
         for actor in self.actors.values():
             if actor.cfg.gate is not None and self.gate_of(actor.name) is None:
                 if self.gates is None:
                     self.gates = GateHost()
-                await self.gates.add(actor.name, actor.cfg.gate)
+                try:
+                    await self.gates.add(actor.name, actor.cfg.gate)
+                except StartupError as exc:
+                    if not self._started:
+                        raise
+                    errors.append(str(exc))
+        self._started = True
         self.sync_gates()
+        return errors
 
     async def remove_gate(self, name: str) -> None:
         if self.gates is not None and self.gate_of(name) is not None:

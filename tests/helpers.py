@@ -193,7 +193,7 @@ class Daemon:
     """llm-supervisor as a real process, on a config written under `tmp`."""
 
     def __init__(self, tmp: Path, doc: dict[str, Any], env: Mapping[str, str] | None = None,
-                 nofile: int | None = None, stdio: int | None = None) -> None:
+                 nofile: int | str | None = None, stdio: int | None = None) -> None:
         self.tmp = tmp
         self.nofile = nofile  # RLIMIT_NOFILE of the daemon, to run it out of descriptors
         self.stdio = stdio  # an fd (a pipe) for the daemon's stdout and stderr, not the log file
@@ -324,7 +324,7 @@ class NotifyListener:
 
 @contextlib.contextmanager
 def running(tmp: Path, doc: dict[str, Any], env: Mapping[str, str] | None = None,
-            nofile: int | None = None) -> Iterator[Daemon]:
+            nofile: int | str | None = None) -> Iterator[Daemon]:
     d = Daemon(tmp, doc, env, nofile)
     try:
         yield d.start()

@@ -86,7 +86,7 @@ def test_parse_args_refuses(cmd: str, args: dict[str, Any], expected: str) -> No
 
 
 def test_parse_args_accepts() -> None:
-    assert P.parse_args("stop", {"services": "a", "wait": False, "timeout_s": 3}) == P.Args(
+    assert P.parse_args("stop", {"services": ["a"], "wait": False, "timeout_s": 3}) == P.Args(
         services=("a",), wait=False, timeout_s=3.0)
     assert P.parse_args("restart", {"all": True, "timeout_s": None}).all
     assert P.parse_args("status", {"service": None}) == P.Args()
@@ -413,3 +413,15 @@ def test_status_hook_still_needs_valid_args(tmp_path: Path) -> None:
         assert reply["error"]["code"] == "bad_request"
         assert "unknown args for status: debug_block_loop_s" in reply["error"]["message"]
         os.kill(d.proc.pid, 0)  # type: ignore[union-attr]
+
+
+def test_a_list_is_a_list_and_a_key_is_given_once() -> None:
+    """`services` must be a list (a string is not guessed at), and an object with a key given
+    twice (which `cmd` would win?) is refused."""
+    req = P.parse_request(b'{"v":1,"id":1,"cmd":"restart","args":{"services":"be"}}')
+    with pytest.raises(P.ProtocolError) as info:
+        P.parse_args(req.cmd, req.args)
+    assert "must be a list" in info.value.message
+    with pytest.raises(P.ProtocolError) as info:
+        P.parse_request(b'{"v":1,"id":1,"cmd":"status","cmd":"stop"}')
+    assert 'key "cmd" given twice' in info.value.message

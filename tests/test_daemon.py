@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -572,3 +573,34 @@ async def test_any_reload_failure_is_a_control_error(tmp_path: Path,
         runner.cancel()
     assert info.value.code == "failed" and "RuntimeError: boom while applying" in str(info.value)
     assert not host.ops  # the operation is over; another reload may run
+
+
+def test_a_removed_state_dir_is_locked_again_and_a_second_daemon_kills_nothing(
+        tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [fake_service("alpha", free_port())])
+    with running(tmp_path, doc) as d:
+        s = d.wait_state("alpha", "ready")
+        shutil.rmtree(tmp_path / "state")
+        wait_until(lambda: "created again and locked" in d.logtext(), 15,
+                   what="the lock taken again")
+        assert (tmp_path / "state" / "lock").exists()
+        # a second daemon with the same config: refused before it touches anything
+        r = subprocess.run([sys.executable, "-m", "supervisord_llm", "--config", str(d.config)],
+                           capture_output=True, text=True, timeout=30, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert alive(s["pid"]) and d.service("alpha")["pid"] == s["pid"]
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
+    """Started from a shell with a soft limit of 512 (hard 4096), the daemon takes 4096 and
+    warns that its gate could take more connections than that."""
+    doc = base_config(tmp_path, [fake_service("alpha", free_port(), gate={
+        "listen": f"127.0.0.1:{free_port()}", "max_connections": 4000})])
+    with running(tmp_path, doc, nofile="512:4096") as d:
+        limits = Path(f"/proc/{d.proc.pid if d.proc else 0}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        assert line.split()[3:5] == ["4096", "4096"], line
+        wait_until(lambda: "soft limit raised from 512 to 4096" in d.logtext(), 5,
+                   what="the raise logged")
+        wait_until(lambda: "the gates may take 8256 connections but the limit is 4096"
+                   in d.logtext(), 5, what="the warning about max_connections")

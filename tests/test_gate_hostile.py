@@ -479,3 +479,93 @@ def _complete(reply: bytes, method: bytes) -> bool:
     if b"transfer-encoding: chunked" in low:
         return body.endswith(b"0\r\n\r\n")
     return False
+
+
+# --- what an attack on the hardening found ------------------------------------------------------
+
+
+async def test_a_client_that_closes_with_fin_is_gone(gate_env: Callable[..., Awaitable[Env]]
+                                                     ) -> None:
+    """A client that closes normally (FIN) while the backend thinks, or while it waits in the
+    queue, or halfway through its body, is gone: its slot, its place in the queue and its
+    connection are freed at once, and what never got a slot never reaches the backend."""
+    heads: list[bytes] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await read_head(reader))
+        await asyncio.wait_for(reader.read(), 60)  # thinks, until the gate closes on it
+
+    async with RawBackend(silent) as backend:
+        env = await gate_env(backend.port, max_concurrency=1, max_queue=2)
+        first = await connect(env.port)
+        first[1].write(b"GET /slow HTTP/1.1\r\nHost: g\r\n\r\n")
+        await async_wait_until(lambda: env.gate.inflight == 1 and len(heads) == 1, 5,
+                               what="first admitted")
+        queued = [await connect(env.port) for _ in range(2)]
+        for i, (_r, w) in enumerate(queued):
+            w.write(b"GET /ghost%d HTTP/1.1\r\nHost: g\r\n\r\n" % i)
+        await async_wait_until(lambda: env.gate.queued == 2, 5, what="two queued")
+        for _r, w in queued:
+            w.write_eof()  # FIN, not RST
+        await async_wait_until(lambda: env.gate.queued == 0, 5, what="queue freed")
+        assert env.gate.inflight == 1
+        first[1].write_eof()
+        await async_wait_until(lambda: env.gate.inflight == 0, 5, what="slot freed")
+        await async_wait_until(lambda: backend.closed_connections == 1, 5,
+                               what="the upstream request closed")
+        assert [h.split(b" ")[1] for h in heads] == [b"/slow"]
+        # half a body, then FIN: the connection is freed, not held for body_timeout_s
+        listener = env.host._listeners[env.gate.name]
+        half = [await connect(env.port) for _ in range(20)]
+        for _r, w in half:
+            w.write(b"POST /x HTTP/1.1\r\nHost: g\r\nContent-Length: 10\r\n\r\n12")
+            w.write_eof()
+        await async_wait_until(lambda: not listener.connections, 5, what="connections freed")
+        for _r, w in [first, *queued, *half]:
+            w.close()
+        await async_wait_until(lambda: env.gate.stats.requests.get("499", 0) == 23, 5,
+                               what="each counted as 499")
+
+
+async def test_endless_chunk_framing_from_a_backend_is_a_502(
+        gate_env: Callable[..., Awaitable[Env]]) -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(10_000):  # a chunk-size line that never ends: 640 MB of zeros
+            writer.write(b"0" * 65536)
+            await writer.drain()
+
+    async with RawBackend(endless) as backend:
+        env = await gate_env(backend.port)
+        t0 = time.process_time()
+        reader, writer = await connect(env.port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: g\r\n\r\n")
+        async with asyncio.timeout(10):
+            reply = await reader.read()  # cut: the head was sent, then the connection closed
+        assert reply.startswith(b"HTTP/1.1 200") and not reply.endswith(b"0\r\n\r\n")
+        await async_wait_until(lambda: env.gate.inflight == 0, 5, what="slot freed")
+        assert time.process_time() - t0 < 5  # bounded work, not parsing for ever
+        writer.close()
+
+
+async def test_other_transfer_codings_and_a_closed_gate_with_expect(
+        gate_env: Callable[..., Awaitable[Env]]) -> None:
+    async def gzip_te(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                         b"3\r\nabc\r\n0\r\n\r\n")
+            await writer.drain()
+
+    async with RawBackend(gzip_te) as backend:
+        env = await gate_env(backend.port)
+        status, _reply = await get(env.port)
+        assert status == 502  # never gzip bytes passed on as if they were the body
+        await env.host.run(env.gate.drain, "operator")
+        reader, writer = await connect(env.port)
+        writer.write(b"POST /x HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 100000\r\n\r\n")
+        head = await asyncio.wait_for(read_head(reader), 2)  # at once, not after the body
+        assert head.startswith(b"HTTP/1.1 503") and b"Connection: close" in head
+        writer.close()

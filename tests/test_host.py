@@ -299,3 +299,43 @@ async def test_stop_of_a_gated_service_lets_requests_finish(tmp_path: Path) -> N
         assert (await stop).returncode == 0
         s = d.service("chat")
         assert s["state"] == "stopped" and s["gate"] == "closed" and s["drain_reasons"] == []
+
+
+def test_a_reload_that_cannot_move_a_gate_keeps_it(tmp_path: Path) -> None:
+    svc = gated("chat")
+    doc = base_config(tmp_path, [svc])
+    taken = free_port()
+    with running(tmp_path, doc) as d, socket_listening(taken):
+        d.wait_state("chat", "ready")
+        old = svc["gate"]["listen"]
+        doc["service"][0]["gate"]["listen"] = f"127.0.0.1:{taken}"
+        d.write(doc)
+        r = d.llmctl("reload")
+        assert r.returncode == 1 and f"127.0.0.1:{taken} is in use" in r.stderr, r.stderr
+        with urllib.request.urlopen(f"http://{old}/v1/models", timeout=5) as resp:
+            assert resp.status == 200  # still served where it was
+        assert d.service("chat")["gate"] == "open"
+        moved = f"127.0.0.1:{free_port()}"
+        doc["service"][0]["gate"]["listen"] = moved
+        d.write(doc)
+        assert d.llmctl("reload").returncode == 0
+        with urllib.request.urlopen(f"http://{moved}/v1/models", timeout=5) as resp:
+            assert resp.status == 200
+
+
+class socket_listening:
+    """A stranger listening on `port` while the block runs."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(1)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()

@@ -384,3 +384,35 @@ async def test_the_record_is_written_off_the_loop_by_one_writer(tmp_path: Path) 
             p.release()
         await sp.close()
     wait_until(lambda: record(tmp_path)["processes"] == [], 2, what="the final record")
+
+
+async def test_a_hostile_process_record_is_refused_not_read(tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture
+                                                            ) -> None:
+    """processes.json is read like a config: a FIFO, a device, a huge or deeply nested file
+    is refused at once (one line), never read into memory or waited on."""
+    path = tmp_path / "processes.json"
+
+    def huge() -> None:
+        path.touch()
+        os.truncate(path, 4 * 2**30)  # sparse: 4 GB that take no disk
+
+    def deep() -> None:
+        path.write_text("[" * 200_000)
+
+    def fifo() -> None:
+        os.mkfifo(path)
+
+    def device() -> None:
+        path.symlink_to("/dev/zero")
+
+    for make in (fifo, device, huge, deep):
+        name = make.__name__
+        make()
+        sp = Spawner(tmp_path, use_guardian=False)
+        caplog.clear()
+        assert await asyncio.wait_for(sp.reap_leftovers(1.0), 5) == [], name
+        assert any("processes.json" in r.getMessage() for r in caplog.records), name
+        assert all("\n" not in r.getMessage() for r in caplog.records)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -128,6 +128,13 @@ class ControlServer:
             return False
         return gid in peer.groups()
 
+    async def check_free(self) -> None:
+        """StartupError if another daemon answers on the socket (before anything is done)."""
+        path = Path(self.path)
+        if _prepare_socket_path(path) and await _socket_answers(self.path):
+            raise StartupError(f"control socket {path} is in use: is another "
+                               "llm-supervisor running?")
+
     async def start(self) -> None:
         path = Path(self.path)
         if _prepare_socket_path(path):

@@ -89,6 +89,26 @@ class GateHost:
         self._listeners[name] = listener
         return gate
 
+    async def rebind(self, name: str, cfg: GateSection) -> None:
+        """Move a gate to a new listen address: the new one is bound first (StartupError, and
+        nothing changes, if it cannot be), then the old one stops accepting and finishes what
+        it serves; the gate keeps its state, drain reasons, limit factor and counters."""
+        await self.submit(self._rebind(name, cfg))
+
+    async def _rebind(self, name: str, cfg: GateSection) -> None:
+        gate = self.gates[name]
+        listener = Listener(gate, cfg.listen.host, cfg.listen.port)
+        try:
+            listener.bind()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {name}'s gate {cfg.listen}: "
+                               f"{exc.strerror or exc}; it stays on {gate.cfg.listen}") from None
+        listener.start()
+        old = self._listeners[name]
+        self._listeners[name] = listener
+        gate.reconfigure(cfg)
+        await old.close(REMOVE_GRACE_S)
+
     async def remove(self, name: str) -> None:
         await self.submit(self._remove(name, REMOVE_GRACE_S))
 

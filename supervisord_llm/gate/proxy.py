@@ -208,7 +208,9 @@ class Gate:
 
     async def _serve(self, req: Request, conn: ClientConnection, writer: ResponseWriter,
                      started: float) -> int:
-        if req.expect_continue and self._target() is not None and not req.body.complete:
+        if self._target() is None:  # closed or draining, no backup: answer before the body
+            return self._reject(writer, 503, self.state)
+        if req.expect_continue and not req.body.complete:
             conn.write(_CONTINUE)
         await req.body.fill(BODY_BUFFER, self.cfg.body_timeout_s)
         for _ in range(3):

@@ -184,6 +184,8 @@ class ResponseWriter:
               length: int | None, *, body_allowed: bool = True) -> None:
         self.status = status
         out = list(headers)
+        if not self.req.body.complete:
+            self.keep_alive = False  # answered before the whole body came: it ends here
         if not body_allowed:
             self.no_body = True
             if length is not None:
@@ -280,10 +282,12 @@ class ClientConnection(asyncio.Protocol):
         self.listener.closed(self)
 
     def eof_received(self) -> bool:
+        # The client closed its side. Like nginx, take it as gone (a request in progress is
+        # cancelled, its slot freed, the upstream closed): a client that sends FIN instead of
+        # RST must not keep a slot until the model answers, nor a half-sent body until
+        # body_timeout_s.
         self._eof = True
-        # A client may shut down its sending side after the request and still read the
-        # response; with nothing in progress the connection is done.
-        return self._active is not None
+        return False
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
