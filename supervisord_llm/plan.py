@@ -5,14 +5,29 @@ from it. Problems that need the inventory (an unknown GPU) are ConfigErrors name
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
-from .config import Config, ServiceConfig, normalize_pci_bus_id, substitute
+from .config import Config, ServiceConfig, normalize_pci_bus_id
 from .errors import ConfigError
 from .sensors.base import GpuInfo
 from .topology import Topology, format_cpulist
+
+_PLACEHOLDER_RE: Final = re.compile(r"\{([A-Za-z_]*)\}")
+
+
+def substitute(value: str, values: Mapping[str, str]) -> str:
+    """Replace `{port}` and `{gpu_uuids}`; other braces are left as they are (the config's
+    rules refuse unknown placeholders)."""
+
+    def repl(m: re.Match[str]) -> str:
+        return values.get(m.group(1), m.group(0))
+
+    return _PLACEHOLDER_RE.sub(repl, value)
+
 
 # Variables of the daemon's own environment that must not leak into a service.
 _DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",

@@ -158,14 +158,14 @@ async def test_a_hung_backend_is_a_note_for_auto_and_an_error_when_named() -> No
     hung2 = FakeVendor("fake-hung", AMD, hang=threading.Event())
     with pytest.raises(DiscoveryError, match=r"GPU discovery \(fake-hung\) did not finish "
                                              r"within 0.1 s"):
-        await discover_gpus(GpuSection(backend="fake-hung"), {"fake-hung": factory(hung2)},
-                            timeout_s=0.1)
+        hung_cfg = GpuSection(backend="fake-hung")  # type: ignore[arg-type]
+        await discover_gpus(hung_cfg, {"fake-hung": factory(hung2)}, timeout_s=0.1)
     assert hung2.hang is not None
     hung2.hang.set()
 
 
 async def test_named_vendor_sorted_by_pci_and_unknown_backend() -> None:
-    disc = await discover_gpus(GpuSection(backend="fake-amd"),
+    disc = await discover_gpus(GpuSection(backend="fake-amd"),  # type: ignore[arg-type]
                                {"nvml": scripted_nvml(), "fake-amd": factory(
                                    FakeVendor("fake-amd", AMD))})
     assert [(g.index, g.pci_bus_id) for g in disc.gpus] == [(0, "0000:41:00.0"),

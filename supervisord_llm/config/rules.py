@@ -1,11 +1,7 @@
-"""TOML configuration -> frozen dataclasses, with every check in one place.
-
-`load_config(path)` and `parse_config(text)` validate the whole document and raise one
-`ConfigError` listing every problem, each naming its key by path
-(`service[2].health.interval_s: must be > 0`). The same function serves start-up, `--check`
-and reload. Checks that need the discovered GPUs (unknown GPU in `service[i].gpus`) are done by
-`plan.resolve_plan`, which reports them in the same form.
-"""
+"""The rules of each section and across sections: TOML -> `schema` dataclasses, every
+problem named by its key's path (`service[2].health.interval_s: must be > 0`). The same
+function serves start-up, `--check` and reload. Checks that need the discovered GPUs (an
+unknown GPU in `service[i].gpus`) are made by `plan.resolve_plan`, in the same form."""
 
 from __future__ import annotations
 
@@ -15,27 +11,46 @@ import math
 import os
 import pwd
 import re
-import reprlib
 import signal
-import stat
 import tomllib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final
+from collections.abc import Mapping
+from typing import Any, Final, cast
 
-from .errors import ConfigError
-
-DEFAULT_CONFIG_PATH: Final = "/etc/llm-supervisor/config.toml"
-DEFAULT_CONTROL_SOCKET: Final = "/run/llm-supervisor/control.sock"
-DEFAULT_STATE_DIR: Final = "/var/lib/llm-supervisor"
-DEFAULT_METRICS_LISTEN: Final = "127.0.0.1:9468"
-
-LOG_FORMATS: Final = ("journal", "text", "json")
-GPU_BACKENDS: Final = ("auto", "nvml", "amd-sysfs", "sim", "none")
-RESTART_POLICIES: Final = ("always", "on-failure", "never")
-ON_CRITICAL: Final = ("drain-restart", "stop", "none")
-POWER_SOURCES: Final = ("nut", "none")
-CHECKPOINT_KINDS: Final = ("http", "command", "signal")
+from .reader import (
+    MISSING,
+    Table,
+    config_error,
+    key_text,
+    one_line,
+    read_config_file,
+    short,
+    type_name,
+)
+from .schema import (
+    CHECKPOINT_KINDS,
+    DEFAULT_METRICS_LISTEN,
+    GPU_BACKENDS,
+    LOG_FORMATS,
+    ON_CRITICAL,
+    POWER_SOURCES,
+    RESTART_POLICIES,
+    Checkpoint,
+    CheckpointKind,
+    Config,
+    GateSection,
+    GpuSection,
+    HealthSection,
+    Listen,
+    MetricsSection,
+    PowerSection,
+    RestartSection,
+    ServiceConfig,
+    SimGpu,
+    StopSection,
+    SupervisorSection,
+    ThermalSection,
+    Threshold,
+)
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ENV_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -45,410 +60,21 @@ _THRESHOLD_RE: Final = re.compile(r"^(slowdown|shutdown)\s*(?:([+-])\s*(\d+(?:\.
 _PLACEHOLDER_RE: Final = re.compile(r"\{([A-Za-z_]*)\}")
 PLACEHOLDERS: Final = ("port", "gpu_uuids")
 
-MAX_CONFIG_BYTES: Final = 1024 * 1024  # a config file larger than 1 MB is refused
-MAX_MESSAGE_CHARS: Final = 300  # one problem, as printed and logged
-_BARE_KEY_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = 100
-_REPR.maxother = 100
-_REPR.maxlong = 40
-_REPR.maxlevel = 3
-
-
-def _r(value: object) -> str:
-    """A value as shown in a message: repr, but short (huge strings, deep nesting)."""
-    return _REPR.repr(value)
-
-
-def _escape(text: str) -> str:
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _key_text(key: str) -> str:
-    """A key as TOML would write it: bare, or quoted with anything unprintable escaped."""
-    if _BARE_KEY_RE.match(key):
-        return key
-    if len(key) > 64:
-        key = key[:60] + "..."
-    return '"' + _escape(key).replace('"', '\\"') + '"'
-
-
-def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """A message safe to print as one line: no line breaks or control characters, bounded."""
-    text = _escape(message)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def config_error(problems: list[str]) -> ConfigError:
-    return ConfigError([one_line(p) for p in problems])
-
-
-# ---------------------------------------------------------------------------------------------
-# The dataclasses
-
-
-@dataclass(frozen=True)
-class SupervisorSection:
-    control_socket: str = DEFAULT_CONTROL_SOCKET
-    control_group: str | None = None
-    state_dir: str = DEFAULT_STATE_DIR
-    log_format: str = "journal"
-
-
-@dataclass(frozen=True)
-class Listen:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class MetricsSection:
-    listen: Listen | None = Listen("127.0.0.1", 9468)
-
-
-@dataclass(frozen=True)
-class SimGpu:
-    uuid: str
-    name: str = "Simulated GPU"
-    pci_bus_id: str = ""
-    numa_node: int = -1
-    vendor: str = "nvidia"
-    memory_total_bytes: int = 24 * 1024**3
-    default_power_limit_w: float = 300.0
-    min_power_limit_w: float = 100.0
-    max_power_limit_w: float | None = None
-    slowdown_c: float = 89.0
-    shutdown_c: float = 95.0
-
-
-@dataclass(frozen=True)
-class GpuSection:
-    backend: str = "auto"
-    poll_interval_s: float = 1.0
-    call_timeout_s: float = 2.0
-    sim_state_file: str | None = None
-    sim: tuple[SimGpu, ...] = ()
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """A temperature: absolute (`base` None) or relative to the GPU's slowdown/shutdown."""
-
-    base: str | None
-    offset: float
-
-    def resolve(self, slowdown_c: float | None, shutdown_c: float | None) -> float | None:
-        if self.base is None:
-            return self.offset
-        ref = slowdown_c if self.base == "slowdown" else shutdown_c
-        return None if ref is None else ref + self.offset
-
-    def __str__(self) -> str:
-        if self.base is None:
-            return f"{self.offset:g}"
-        return f"{self.base}{self.offset:+g}" if self.offset else self.base
-
-
-@dataclass(frozen=True)
-class ThermalSection:
-    warn_c: Threshold = Threshold("slowdown", -6.0)
-    throttle_c: Threshold = Threshold("slowdown", -4.0)
-    critical_c: Threshold = Threshold("slowdown", -1.0)
-    resume_c: Threshold = Threshold("slowdown", -10.0)
-    power_step: float = 0.10
-    min_power_fraction: float = 0.5
-    step_interval_s: float = 5.0
-    on_critical: str = "drain-restart"
-
-
-@dataclass(frozen=True)
-class PowerSection:
-    source: str = "none"
-    ups: str = "ups@127.0.0.1:3493"
-    poll_interval_s: float = 2.0
-    on_battery_grace_s: float = 20.0
-    low_runtime_s: float = 300.0
-    low_charge_pct: float = 20.0
-    deadtime_s: float = 15.0
-    drain_timeout_s: float = 60.0
-    stop_timeout_s: float = 30.0
-    shutdown_command: tuple[str, ...] = ()
-    restart_on_power_return: bool = True
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    name: str
-    kind: str
-    url: str | None = None
-    command: tuple[str, ...] = ()
-    service: str | None = None
-    signal: int | None = None
-    done_file: str | None = None
-    timeout_s: float = 30.0
-
-
-@dataclass(frozen=True)
-class HealthSection:
-    url: str | None  # None: no HTTP check; "ready" once launched
-    interval_s: float = 5.0
-    timeout_s: float = 3.0
-    failures: int = 3
-    startup_timeout_s: float = 900.0
-
-
-@dataclass(frozen=True)
-class RestartSection:
-    policy: str = "on-failure"
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 300.0
-    max_restarts: int = 10
-    window_s: float = 600.0
-
-
-@dataclass(frozen=True)
-class StopSection:
-    signal: int = int(signal.SIGTERM)
-    timeout_s: float = 30.0
-
-
-@dataclass(frozen=True)
-class GateSection:
-    listen: Listen
-    max_concurrency: int = 64
-    max_queue: int = 256
-    backup: str | None = None
-    swap_port: int | None = None
-    queue_timeout_s: float = 30.0
-    header_timeout_s: float = 30.0  # a client's request head must arrive within this
-    body_timeout_s: float = 60.0  # longest pause between reads of a request body
-    send_timeout_s: float = 120.0  # a client that accepts nothing for this long is dropped
-    max_connections: int = 1024  # beyond it, new connections wait in the listen backlog
-    drain_timeout_s: float = 60.0  # llmctl drain's default wait; a swap's old instance; stop
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    name: str
-    command: tuple[str, ...]
-    port: int | None = None
-    gpus: tuple[int | str, ...] = ()
-    numa: int | str = "auto"  # "auto" | "none" | node number
-    user: str | None = None
-    env: tuple[tuple[str, str], ...] = ()
-    health: HealthSection = HealthSection(url=None)
-    restart: RestartSection = RestartSection()
-    stop: StopSection = StopSection()
-    gate: GateSection | None = None
-
-
-@dataclass(frozen=True)
-class Config:
-    supervisor: SupervisorSection = SupervisorSection()
-    metrics: MetricsSection = MetricsSection()
-    gpu: GpuSection = GpuSection()
-    thermal: ThermalSection = ThermalSection()
-    power: PowerSection = PowerSection()
-    checkpoints: tuple[Checkpoint, ...] = ()
-    services: tuple[ServiceConfig, ...] = ()
-    path: str | None = field(default=None, compare=False)
-    warnings: tuple[str, ...] = field(default=(), compare=False)
-
-    def service(self, name: str) -> ServiceConfig | None:
-        for svc in self.services:
-            if svc.name == name:
-                return svc
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading tables with path-qualified errors
-
-_MISSING: Final[Any] = object()
-
-
-def _type_name(value: object) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return f"a {type(value).__name__}"
-
-
-class _Table:
-    """One TOML table being read; collects problems instead of raising."""
-
-    def __init__(self, data: object, path: str, problems: list[str]) -> None:
-        self.path = path
-        self.problems = problems
-        self.ok = isinstance(data, dict)
-        if not self.ok:
-            problems.append(f"{path}: must be a table, not {_type_name(data)}")
-        self.data: dict[str, Any] = dict(data) if isinstance(data, dict) else {}
-        self.used: set[str] = set()
-
-    def key_path(self, key: str) -> str:
-        key = _key_text(key)
-        return f"{self.path}.{key}" if self.path else key
-
-    def error(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.key_path(key)}: {message}")
-
-    def has(self, key: str) -> bool:
-        return key in self.data
-
-    def raw(self, key: str) -> Any:
-        self.used.add(key)
-        return self.data.get(key, _MISSING)
-
-    def finish(self) -> None:
-        for key in self.data:
-            if key not in self.used:
-                self.problems.append(f"{self.key_path(key)}: unknown key")
-
-    def string(
-        self,
-        key: str,
-        default: Any = _MISSING,
-        choices: tuple[str, ...] | None = None,
-        allow_empty: bool = False,
-    ) -> Any:
-        value = self.raw(key)
-        if value is _MISSING:
-            if default is _MISSING:
-                self.error(key, "required key is missing")
-            return default
-        if not isinstance(value, str):
-            self.error(key, f"must be a string, not {_type_name(value)}")
-            return default
-        if "\x00" in value:
-            self.error(key, "must not contain NUL characters")
-            return default
-        if choices is not None and value not in choices:
-            self.error(key, f"must be one of {', '.join(choices)} (got {_r(value)})")
-            return default
-        if not value and not allow_empty:
-            self.error(key, "must not be empty")
-            return default
-        return value
-
-    def number(
-        self,
-        key: str,
-        default: Any = _MISSING,
-        *,
-        integer: bool = False,
-        minimum: float | None = None,
-        above: float | None = None,
-        maximum: float | None = None,
-    ) -> Any:
-        value = self.raw(key)
-        if value is _MISSING:
-            if default is _MISSING:
-                self.error(key, "required key is missing")
-            return default
-        kind = "an integer" if integer else "a number"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.error(key, f"must be {kind}, not {_type_name(value)}")
-            return default
-        if integer and not isinstance(value, int):
-            self.error(key, f"must be an integer, not {_r(value)}")
-            return default
-        if isinstance(value, float) and not math.isfinite(value):
-            self.error(key, f"must be a finite number, not {_r(value)}")
-            return default
-        if above is not None and not value > above:
-            self.error(key, f"must be > {above:g} (got {_r(value)})")
-            return default
-        if minimum is not None and value < minimum:
-            self.error(key, f"must be >= {minimum:g} (got {_r(value)})")
-            return default
-        if maximum is not None and value > maximum:
-            self.error(key, f"must be <= {maximum:g} (got {_r(value)})")
-            return default
-        return value if integer else float(value)
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.raw(key)
-        if value is _MISSING:
-            return default
-        if not isinstance(value, bool):
-            self.error(key, f"must be true or false, not {_type_name(value)}")
-            return default
-        return value
-
-    def string_list(self, key: str, default: Any = _MISSING, allow_empty: bool = True) -> Any:
-        value = self.raw(key)
-        if value is _MISSING:
-            if default is _MISSING:
-                self.error(key, "required key is missing")
-            return default
-        if not isinstance(value, list):
-            self.error(key, f"must be an array of strings, not {_type_name(value)}")
-            return default
-        good = True
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                self.problems.append(
-                    f"{self.key_path(key)}[{i}]: must be a string, not {_type_name(item)}"
-                )
-                good = False
-            elif "\x00" in item:
-                self.problems.append(
-                    f"{self.key_path(key)}[{i}]: must not contain NUL characters")
-                good = False
-        if good and not value and not allow_empty:
-            self.error(key, "must not be empty")
-            return default
-        return tuple(value) if good else default
-
-    def table(self, key: str) -> _Table | None:
-        value = self.raw(key)
-        if value is _MISSING:
-            return None
-        return _Table(value, self.key_path(key), self.problems)
-
-    def array_of_tables(self, key: str) -> Iterator[_Table]:
-        value = self.raw(key)
-        if value is _MISSING:
-            return
-        if not isinstance(value, list):
-            self.error(key, f"must be an array of tables ([[{key}]]), not {_type_name(value)}")
-            return
-        for i, item in enumerate(value):
-            yield _Table(item, f"{self.key_path(key)}[{i}]", self.problems)
-
-
-# ---------------------------------------------------------------------------------------------
-# Value parsers
-
 
 def parse_listen(text: str) -> Listen:
     """`host:port`, `[v6]:port`; raises ValueError with a readable message."""
     if text.startswith("["):
         host, sep, port_text = text[1:].partition("]:")
         if not sep:
-            raise ValueError(f"expected [ADDRESS]:PORT, got {_r(text)}")
+            raise ValueError(f"expected [ADDRESS]:PORT, got {short(text)}")
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or ":" in host:
-            raise ValueError(f"expected HOST:PORT, got {_r(text)}")
+            raise ValueError(f"expected HOST:PORT, got {short(text)}")
     if not host:
-        raise ValueError(f"missing host in {_r(text)}")
+        raise ValueError(f"missing host in {short(text)}")
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"port must be 1-65535, got {_r(port_text)}")
+        raise ValueError(f"port must be 1-65535, got {short(port_text)}")
     return Listen(host, int(port_text))
 
 
@@ -457,11 +83,11 @@ def parse_signal(value: str) -> int:
     if not name.startswith("SIG"):
         name = "SIG" + name
     if name.startswith("SIG_"):
-        raise ValueError(f"unknown signal {_r(value)}")
+        raise ValueError(f"unknown signal {short(value)}")
     try:
         return int(signal.Signals[name])
     except KeyError:
-        raise ValueError(f"unknown signal {_r(value)} (use a name such as SIGTERM)") from None
+        raise ValueError(f"unknown signal {short(value)} (use a name such as SIGTERM)") from None
 
 
 def normalize_pci_bus_id(text: str) -> str | None:
@@ -473,13 +99,13 @@ def normalize_pci_bus_id(text: str) -> str | None:
     return f"{domain:04x}:{m.group(2).lower()}:{m.group(3).lower()}.{m.group(4)}"
 
 
-def _threshold(table: _Table, key: str, default: Threshold) -> Threshold:
+def _threshold(table: Table, key: str, default: Threshold) -> Threshold:
     value = table.raw(key)
-    if value is _MISSING:
+    if value is MISSING:
         return default
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value) or not -50 <= value <= 150:
-            table.error(key, f"must be between -50 and 150 Celsius (got {_r(value)})")
+            table.error(key, f"must be between -50 and 150 Celsius (got {short(value)})")
             return default
         return Threshold(None, float(value))
     if isinstance(value, str):
@@ -491,12 +117,12 @@ def _threshold(table: _Table, key: str, default: Threshold) -> Threshold:
                 return default
             return Threshold(m.group(1), -offset if m.group(2) == "-" else offset)
     table.error(
-        key, f'must be a temperature in Celsius or "slowdown-N" / "shutdown-N", not {_r(value)}'
+        key, f'must be a temperature in Celsius or "slowdown-N" / "shutdown-N", not {short(value)}'
     )
     return default
 
 
-def _placeholders_ok(table: _Table, key: str, values: tuple[str, ...], has_port: bool) -> None:
+def _placeholders_ok(table: Table, key: str, values: tuple[str, ...], has_port: bool) -> None:
     for i, value in enumerate(values):
         for m in _PLACEHOLDER_RE.finditer(value):
             name = m.group(1)
@@ -515,14 +141,14 @@ def _placeholders_ok(table: _Table, key: str, values: tuple[str, ...], has_port:
 # Sections
 
 
-def _supervisor(root: _Table) -> SupervisorSection:
+def _supervisor(root: Table) -> SupervisorSection:
     t = root.table("supervisor")
     if t is None:
         return SupervisorSection()
     d = SupervisorSection()
     sock = t.string("control_socket", d.control_socket)
     if not os.path.isabs(sock):
-        t.error("control_socket", f"must be an absolute path (got {_r(sock)})")
+        t.error("control_socket", f"must be an absolute path (got {short(sock)})")
         sock = d.control_socket
     elif len(os.fsencode(sock)) > 107:
         t.error("control_socket", "path is too long for a Unix socket (at most 107 bytes)")
@@ -534,17 +160,17 @@ def _supervisor(root: _Table) -> SupervisorSection:
         try:
             grp.getgrnam(group)
         except KeyError:
-            t.error("control_group", f"no such group {_r(group)} (create it or remove the key)")
+            t.error("control_group", f"no such group {short(group)} (create it or remove the key)")
     state_dir = t.string("state_dir", d.state_dir)
     if not os.path.isabs(state_dir):
-        t.error("state_dir", f"must be an absolute path (got {_r(state_dir)})")
+        t.error("state_dir", f"must be an absolute path (got {short(state_dir)})")
         state_dir = d.state_dir
     log_format = t.string("log_format", d.log_format, choices=LOG_FORMATS)
     t.finish()
     return SupervisorSection(sock, group, state_dir, log_format)
 
 
-def _metrics(root: _Table) -> MetricsSection:
+def _metrics(root: Table) -> MetricsSection:
     t = root.table("metrics")
     if t is None:
         return MetricsSection()
@@ -559,15 +185,15 @@ def _metrics(root: _Table) -> MetricsSection:
         return MetricsSection()
 
 
-def _sim_gpu(t: _Table) -> SimGpu | None:
+def _sim_gpu(t: Table) -> SimGpu | None:
     uuid = t.string("uuid")
     if isinstance(uuid, str) and not _UUID_RE.match(uuid):
-        t.error("uuid", f'must look like "GPU-xxxxxxxx-..." (got {_r(uuid)})')
+        t.error("uuid", f'must look like "GPU-xxxxxxxx-..." (got {short(uuid)})')
     d = SimGpu(uuid="")
     name = t.string("name", d.name)
     pci = t.string("pci_bus_id", "")
     if pci and normalize_pci_bus_id(pci) is None:
-        t.error("pci_bus_id", f'must look like "00000000:41:00.0" (got {_r(pci)})')
+        t.error("pci_bus_id", f'must look like "00000000:41:00.0" (got {short(pci)})')
     numa = t.number("numa_node", d.numa_node, integer=True, minimum=-1, maximum=1023)
     vendor = t.string("vendor", d.vendor, choices=("nvidia", "amd"))
     mem = t.number("memory_total_bytes", d.memory_total_bytes, integer=True, above=0)
@@ -588,7 +214,7 @@ def _sim_gpu(t: _Table) -> SimGpu | None:
     return SimGpu(uuid, name, pci, numa, vendor, mem, dpl, mpl, xpl, slow, shut)
 
 
-def _gpu(root: _Table) -> GpuSection:
+def _gpu(root: Table) -> GpuSection:
     t = root.table("gpu")
     if t is None:
         return GpuSection()
@@ -598,7 +224,7 @@ def _gpu(root: _Table) -> GpuSection:
     call_timeout = t.number("call_timeout_s", d.call_timeout_s, above=0, maximum=600)
     state_file = t.string("sim_state_file", None)
     if state_file is not None and not os.path.isabs(state_file):
-        t.error("sim_state_file", f"must be an absolute path (got {_r(state_file)})")
+        t.error("sim_state_file", f"must be an absolute path (got {short(state_file)})")
     sims = []
     for st in t.array_of_tables("sim"):
         sim = _sim_gpu(st)
@@ -617,18 +243,19 @@ def _gpu(root: _Table) -> GpuSection:
                 tag = f"{key}:{norm}"
                 if tag in seen:
                     t.problems.append(
-                        f"gpu.sim[{i}].{key}: {_r(value)} is already used by gpu.sim[{seen[tag]}]"
+                        f"gpu.sim[{i}].{key}: {short(value)} is already used by "
+                        f"gpu.sim[{seen[tag]}]"
                     )
                 seen[tag] = i
     else:
         if t.has("sim"):
-            t.error("sim", f'[[gpu.sim]] is only used with backend = "sim" (not {_r(backend)})')
+            t.error("sim", f'[[gpu.sim]] is only used with backend = "sim" (not {short(backend)})')
         if state_file is not None:
-            t.error("sim_state_file", f'is only used with backend = "sim" (not {_r(backend)})')
+            t.error("sim_state_file", f'is only used with backend = "sim" (not {short(backend)})')
     return GpuSection(backend, poll, call_timeout, state_file, tuple(sims))
 
 
-def _thermal(root: _Table) -> ThermalSection:
+def _thermal(root: Table) -> ThermalSection:
     t = root.table("thermal")
     d = ThermalSection()
     if t is None:
@@ -651,7 +278,7 @@ def _thermal(root: _Table) -> ThermalSection:
     return ThermalSection(warn, throttle, critical, resume, step, min_frac, interval, on_critical)
 
 
-def _power(root: _Table) -> PowerSection:
+def _power(root: Table) -> PowerSection:
     t = root.table("power")
     d = PowerSection()
     if t is None:
@@ -659,7 +286,7 @@ def _power(root: _Table) -> PowerSection:
     source = t.string("source", "nut" if t.has("ups") else d.source, choices=POWER_SOURCES)
     ups = t.string("ups", d.ups)
     if isinstance(ups, str) and not re.match(r"^[A-Za-z0-9_.-]+@[^\s@]+$", ups):
-        t.error("ups", f'must look like "NAME@HOST[:PORT]" (got {_r(ups)})')
+        t.error("ups", f'must look like "NAME@HOST[:PORT]" (got {short(ups)})')
     poll = t.number("poll_interval_s", d.poll_interval_s, above=0, maximum=3600)
     grace = t.number("on_battery_grace_s", d.on_battery_grace_s, minimum=0, maximum=86400)
     low_rt = t.number("low_runtime_s", d.low_runtime_s, minimum=0, maximum=86400)
@@ -673,17 +300,17 @@ def _power(root: _Table) -> PowerSection:
     return PowerSection(source, ups, poll, grace, low_rt, low_ch, dead, drain, stop, cmd, ret)
 
 
-def _checkpoint(t: _Table) -> Checkpoint | None:
+def _checkpoint(t: Table) -> Checkpoint | None:
     name = t.string("name")
     if isinstance(name, str) and not _NAME_RE.match(name):
-        t.error("name", f"must be letters, digits, '_', '.', '-' (got {_r(name)})")
+        t.error("name", f"must be letters, digits, '_', '.', '-' (got {short(name)})")
     kind = t.string("kind", choices=CHECKPOINT_KINDS)
     timeout = t.number("timeout_s", 30.0, above=0, maximum=86400)
     url = command = service = sig = done_file = None
     if kind == "http":
         url = t.string("url")
         if isinstance(url, str) and not url.startswith(("http://", "https://")):
-            t.error("url", f"must be an http:// or https:// URL (got {_r(url)})")
+            t.error("url", f"must be an http:// or https:// URL (got {short(url)})")
     elif kind == "command":
         command = t.string_list("command", allow_empty=False)
     elif kind == "signal":
@@ -695,21 +322,22 @@ def _checkpoint(t: _Table) -> Checkpoint | None:
             t.error("signal", str(exc))
         done_file = t.string("done_file", None)
         if done_file is not None and not os.path.isabs(done_file):
-            t.error("done_file", f"must be an absolute path (got {_r(done_file)})")
+            t.error("done_file", f"must be an absolute path (got {short(done_file)})")
     t.finish()
     if not isinstance(name, str) or not isinstance(kind, str):
         return None
-    return Checkpoint(name, kind, url, command or (), service, sig, done_file, timeout)
+    return Checkpoint(name, cast(CheckpointKind, kind), url, command or (), service, sig,
+                      done_file, timeout)
 
 
-def _health(t: _Table | None, port: int | None) -> HealthSection:
+def _health(t: Table | None, port: int | None) -> HealthSection:
     default_url = "http://127.0.0.1:{port}/health" if port is not None else None
     if t is None:
         return HealthSection(url=default_url)
     url = t.string("url", default_url)
     if url is not None and isinstance(url, str):
         if not url.startswith(("http://", "https://")):
-            t.error("url", f"must be an http:// or https:// URL (got {_r(url)})")
+            t.error("url", f"must be an http:// or https:// URL (got {short(url)})")
         else:
             _placeholders_ok(t, "url", (url,), port is not None)
     elif url is None and t.ok:
@@ -726,7 +354,7 @@ def _health(t: _Table | None, port: int | None) -> HealthSection:
     return HealthSection(url, interval, timeout, failures, startup)
 
 
-def _restart(t: _Table | None) -> RestartSection:
+def _restart(t: Table | None) -> RestartSection:
     d = RestartSection()
     if t is None:
         return d
@@ -742,7 +370,7 @@ def _restart(t: _Table | None) -> RestartSection:
     return RestartSection(policy, initial, maximum, max_restarts, window)
 
 
-def _stop(t: _Table | None) -> StopSection:
+def _stop(t: Table | None) -> StopSection:
     d = StopSection()
     if t is None:
         return d
@@ -759,7 +387,7 @@ def _stop(t: _Table | None) -> StopSection:
     return StopSection(sig, timeout)
 
 
-def _gate(t: _Table | None) -> GateSection | None:
+def _gate(t: Table | None) -> GateSection | None:
     if t is None:
         return None
     listen = None
@@ -800,62 +428,64 @@ def _gpu_ref(value: object) -> int | str | None:
     return None
 
 
-def _service(t: _Table, warnings: list[str]) -> ServiceConfig | None:
+def _service(t: Table, warnings: list[str]) -> ServiceConfig | None:
     name = t.string("name")
     if isinstance(name, str) and not _NAME_RE.match(name):
-        t.error("name", f"must be 1-63 letters, digits, '_', '.', '-' (got {_r(name)})")
+        t.error("name", f"must be 1-63 letters, digits, '_', '.', '-' (got {short(name)})")
     port = t.number("port", None, integer=True, minimum=1, maximum=65535)
     command = t.string_list("command", allow_empty=False)
     if isinstance(command, tuple):
         _placeholders_ok(t, "command", command, port is not None)
     gpus: list[int | str] = []
     raw_gpus = t.raw("gpus")
-    if raw_gpus is not _MISSING:
+    if raw_gpus is not MISSING:
         if not isinstance(raw_gpus, list):
             t.error("gpus", f"must be an array of GPU indexes, UUIDs or PCI bus ids, "
-                            f"not {_type_name(raw_gpus)}")
+                            f"not {type_name(raw_gpus)}")
         else:
             for i, item in enumerate(raw_gpus):
                 ref = _gpu_ref(item)
                 if ref is None:
                     t.problems.append(
                         f"{t.key_path('gpus')}[{i}]: must be a GPU index (>= 0), a UUID "
-                        f'("GPU-...") or a PCI bus id ("0000:41:00.0"), not {_r(item)}'
+                        f'("GPU-...") or a PCI bus id ("0000:41:00.0"), not {short(item)}'
                     )
                 elif ref in gpus:
-                    t.problems.append(f"{t.key_path('gpus')}[{i}]: GPU {_r(item)} is listed twice")
+                    t.problems.append(
+                        f"{t.key_path('gpus')}[{i}]: GPU {short(item)} is listed twice")
                 else:
                     gpus.append(ref)
     numa: int | str = "auto"
     raw_numa = t.raw("numa")
-    if raw_numa is not _MISSING:
+    if raw_numa is not MISSING:
         if (isinstance(raw_numa, str) and raw_numa in ("auto", "none")) or (
             isinstance(raw_numa, int) and not isinstance(raw_numa, bool) and 0 <= raw_numa < 1024
         ):
             numa = raw_numa
         else:
-            t.error("numa", f'must be "auto", "none" or a node number, not {_r(raw_numa)}')
+            t.error("numa", f'must be "auto", "none" or a node number, not {short(raw_numa)}')
     user = t.string("user", None)
     if isinstance(user, str):
         try:
             pwd.getpwnam(user)
         except KeyError:
-            t.error("user", f"no such user {_r(user)}")
+            t.error("user", f"no such user {short(user)}")
         else:
             if os.geteuid() != 0 and pwd.getpwnam(user).pw_uid != os.geteuid():
-                warnings.append(f"{t.key_path('user')}: only root can run a service as {_r(user)}")
+                warnings.append(
+                    f"{t.key_path('user')}: only root can run a service as {short(user)}")
     env: list[tuple[str, str]] = []
     raw_env = t.raw("env")
-    if raw_env is not _MISSING:
+    if raw_env is not MISSING:
         if not isinstance(raw_env, dict):
-            t.error("env", f"must be a table of strings, not {_type_name(raw_env)}")
+            t.error("env", f"must be a table of strings, not {type_name(raw_env)}")
         else:
             for key, value in raw_env.items():
-                where = f"{t.key_path('env')}.{_key_text(key)}"
+                where = f"{t.key_path('env')}.{key_text(key)}"
                 if not _ENV_RE.match(key):
                     t.problems.append(f"{where}: not a valid variable name")
                 elif not isinstance(value, str):
-                    t.problems.append(f"{where}: must be a string, not {_type_name(value)}")
+                    t.problems.append(f"{where}: must be a string, not {type_name(value)}")
                 elif "\x00" in value:
                     t.problems.append(f"{where}: must not contain NUL characters")
                 else:
@@ -907,7 +537,7 @@ def _cross_checks(cfg: Config, services: list[tuple[int, ServiceConfig]],
     for i, svc in services:
         if svc.name in names:
             problems.append(
-                f"service[{i}].name: {_r(svc.name)} is already used by "
+                f"service[{i}].name: {short(svc.name)} is already used by "
                 f"service[{names[svc.name]}]"
             )
         names.setdefault(svc.name, i)
@@ -932,16 +562,16 @@ def _cross_checks(cfg: Config, services: list[tuple[int, ServiceConfig]],
                 problems.append(f"service[{i}].gate.backup: a service cannot back itself up")
             elif svc.gate.backup not in declared:
                 problems.append(
-                    f"service[{i}].gate.backup: no service named {_r(svc.gate.backup)}")
+                    f"service[{i}].gate.backup: no service named {short(svc.gate.backup)}")
         if cfg.gpu.backend == "none" and svc.gpus and not bad("gpu.backend"):
             problems.append(f'service[{i}].gpus: gpu.backend is "none", so no GPU can be named')
     for i, cp in checkpoints:
         if cp.kind == "signal" and cp.service is not None and cp.service not in declared:
-            problems.append(f"checkpoint[{i}].service: no service named {_r(cp.service)}")
+            problems.append(f"checkpoint[{i}].service: no service named {short(cp.service)}")
     seen_cp: dict[str, int] = {}
     for i, cp in checkpoints:
         if cp.name in seen_cp:
-            problems.append(f"checkpoint[{i}].name: {_r(cp.name)} is already used by "
+            problems.append(f"checkpoint[{i}].name: {short(cp.name)} is already used by "
                             f"checkpoint[{seen_cp[cp.name]}]")
         seen_cp.setdefault(cp.name, i)
 
@@ -959,7 +589,7 @@ def build_config(doc: Mapping[str, Any], path: str | None = None) -> Config:
     field and those across fields (over what could be built), each on one line."""
     problems: list[str] = []
     warnings: list[str] = []
-    root = _Table(dict(doc), "", problems)
+    root = Table(dict(doc), "", problems)
     supervisor = _supervisor(root)
     metrics = _metrics(root)
     gpu = _gpu(root)
@@ -994,66 +624,6 @@ def parse_config(text: str, path: str | None = None) -> Config:
                             "levels at most)"]) from None
 
 
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR,
-                       "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def _refuse(p: str, mode: int, what: str) -> ConfigError:
-    if stat.S_ISDIR(mode):
-        return config_error([f"{p}: is a directory, not a {what} file"])
-    return config_error([f"{p}: is {_file_kind(mode)}, not a regular file: a {what} must be "
-                         "a regular file"])
-
-
-def _too_large(p: str, what: str) -> ConfigError:
-    return config_error([f"{p}: larger than 1 MB ({MAX_CONFIG_BYTES} bytes), the limit for a "
-                         f"{what} file"])
-
-
-def read_config_file(path: str | os.PathLike[str], what: str = "config") -> bytes:
-    """The bytes of a config file (or another file the daemon reads at start, `what`): a
-    regular file of at most MAX_CONFIG_BYTES. Never blocks on a FIFO or a device and never
-    reads more than the limit; raises ConfigError."""
-    p = os.fspath(path)
-    try:
-        st = os.stat(p)
-        if not stat.S_ISREG(st.st_mode):
-            raise _refuse(p, st.st_mode, what)
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise _too_large(p, what)
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except FileNotFoundError:
-        raise config_error([f"{p}: no such file"]) from None
-    except PermissionError:
-        raise config_error([f"{p}: permission denied"]) from None
-    except OSError as exc:
-        raise config_error([f"{p}: cannot read: {exc.strerror or exc}"]) from None
-    try:
-        st = os.fstat(fd)  # what was opened, not what the path named a moment ago
-        if not stat.S_ISREG(st.st_mode):
-            raise _refuse(p, st.st_mode, what)
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_CONFIG_BYTES:
-            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise config_error([f"{p}: cannot read: {exc.strerror or exc}"]) from None
-    finally:
-        os.close(fd)
-    if size > MAX_CONFIG_BYTES:
-        raise _too_large(p, what)
-    return b"".join(chunks)
-
-
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file; raises ConfigError (and nothing else) on any problem.
     Blocking file I/O: call it off the event loop once the daemon runs."""
@@ -1067,12 +637,3 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         line = data[: exc.start].count(b"\n") + 1
         raise config_error([f"{p}: line {line}: not valid UTF-8"]) from None
     return parse_config(text, p)
-
-
-def substitute(value: str, values: Mapping[str, str]) -> str:
-    """Replace `{port}` and `{gpu_uuids}`; other braces are left as they are."""
-
-    def repl(m: re.Match[str]) -> str:
-        return values.get(m.group(1), m.group(0))
-
-    return _PLACEHOLDER_RE.sub(repl, value)

@@ -1,0 +1,276 @@
+"""Reading a configuration: the file (a regular file of at most 1 MB, never a FIFO or a
+device), and the generic validator of one TOML table (`Table`), which collects every problem
+with the key's path instead of stopping at the first. Knows nothing of the sections."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import reprlib
+import stat
+from collections.abc import Iterator
+from typing import Any, Final
+
+from ..errors import ConfigError
+
+MAX_CONFIG_BYTES: Final = 1024 * 1024  # a config file larger than 1 MB is refused
+MAX_MESSAGE_CHARS: Final = 300  # one problem, as printed and logged
+_BARE_KEY_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 100
+_REPR.maxother = 100
+_REPR.maxlong = 40
+_REPR.maxlevel = 3
+
+
+def short(value: object) -> str:
+    """A value as shown in a message: repr, but short (huge strings, deep nesting)."""
+    return _REPR.repr(value)
+
+
+def _escape(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def key_text(key: str) -> str:
+    """A key as TOML would write it: bare, or quoted with anything unprintable escaped."""
+    if _BARE_KEY_RE.match(key):
+        return key
+    if len(key) > 64:
+        key = key[:60] + "..."
+    return '"' + _escape(key).replace('"', '\\"') + '"'
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A message safe to print as one line: no line breaks or control characters, bounded."""
+    text = _escape(message)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def config_error(problems: list[str]) -> ConfigError:
+    return ConfigError([one_line(p) for p in problems])
+
+
+MISSING: Final[Any] = object()  # a key that is not there
+
+
+def type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+class Table:
+    """One TOML table being read; collects problems instead of raising."""
+
+    def __init__(self, data: object, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        self.ok = isinstance(data, dict)
+        if not self.ok:
+            problems.append(f"{path}: must be a table, not {type_name(data)}")
+        self.data: dict[str, Any] = dict(data) if isinstance(data, dict) else {}
+        self.used: set[str] = set()
+
+    def key_path(self, key: str) -> str:
+        key = key_text(key)
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.key_path(key)}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str) -> Any:
+        self.used.add(key)
+        return self.data.get(key, MISSING)
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.used:
+                self.problems.append(f"{self.key_path(key)}: unknown key")
+
+    def string(
+        self,
+        key: str,
+        default: Any = MISSING,
+        choices: tuple[str, ...] | None = None,
+        allow_empty: bool = False,
+    ) -> Any:
+        value = self.raw(key)
+        if value is MISSING:
+            if default is MISSING:
+                self.error(key, "required key is missing")
+            return default
+        if not isinstance(value, str):
+            self.error(key, f"must be a string, not {type_name(value)}")
+            return default
+        if "\x00" in value:
+            self.error(key, "must not contain NUL characters")
+            return default
+        if choices is not None and value not in choices:
+            self.error(key, f"must be one of {', '.join(choices)} (got {short(value)})")
+            return default
+        if not value and not allow_empty:
+            self.error(key, "must not be empty")
+            return default
+        return value
+
+    def number(
+        self,
+        key: str,
+        default: Any = MISSING,
+        *,
+        integer: bool = False,
+        minimum: float | None = None,
+        above: float | None = None,
+        maximum: float | None = None,
+    ) -> Any:
+        value = self.raw(key)
+        if value is MISSING:
+            if default is MISSING:
+                self.error(key, "required key is missing")
+            return default
+        kind = "an integer" if integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.error(key, f"must be {kind}, not {type_name(value)}")
+            return default
+        if integer and not isinstance(value, int):
+            self.error(key, f"must be an integer, not {short(value)}")
+            return default
+        if isinstance(value, float) and not math.isfinite(value):
+            self.error(key, f"must be a finite number, not {short(value)}")
+            return default
+        if above is not None and not value > above:
+            self.error(key, f"must be > {above:g} (got {short(value)})")
+            return default
+        if minimum is not None and value < minimum:
+            self.error(key, f"must be >= {minimum:g} (got {short(value)})")
+            return default
+        if maximum is not None and value > maximum:
+            self.error(key, f"must be <= {maximum:g} (got {short(value)})")
+            return default
+        return value if integer else float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is MISSING:
+            return default
+        if not isinstance(value, bool):
+            self.error(key, f"must be true or false, not {type_name(value)}")
+            return default
+        return value
+
+    def string_list(self, key: str, default: Any = MISSING, allow_empty: bool = True) -> Any:
+        value = self.raw(key)
+        if value is MISSING:
+            if default is MISSING:
+                self.error(key, "required key is missing")
+            return default
+        if not isinstance(value, list):
+            self.error(key, f"must be an array of strings, not {type_name(value)}")
+            return default
+        good = True
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.problems.append(
+                    f"{self.key_path(key)}[{i}]: must be a string, not {type_name(item)}"
+                )
+                good = False
+            elif "\x00" in item:
+                self.problems.append(
+                    f"{self.key_path(key)}[{i}]: must not contain NUL characters")
+                good = False
+        if good and not value and not allow_empty:
+            self.error(key, "must not be empty")
+            return default
+        return tuple(value) if good else default
+
+    def table(self, key: str) -> Table | None:
+        value = self.raw(key)
+        if value is MISSING:
+            return None
+        return Table(value, self.key_path(key), self.problems)
+
+    def array_of_tables(self, key: str) -> Iterator[Table]:
+        value = self.raw(key)
+        if value is MISSING:
+            return
+        if not isinstance(value, list):
+            self.error(key, f"must be an array of tables ([[{key}]]), not {type_name(value)}")
+            return
+        for i, item in enumerate(value):
+            yield Table(item, f"{self.key_path(key)}[{i}]", self.problems)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR,
+                       "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _refuse(p: str, mode: int, what: str) -> ConfigError:
+    if stat.S_ISDIR(mode):
+        return config_error([f"{p}: is a directory, not a {what} file"])
+    return config_error([f"{p}: is {_file_kind(mode)}, not a regular file: a {what} must be "
+                         "a regular file"])
+
+
+def _too_large(p: str, what: str) -> ConfigError:
+    return config_error([f"{p}: larger than 1 MB ({MAX_CONFIG_BYTES} bytes), the limit for a "
+                         f"{what} file"])
+
+
+def read_config_file(path: str | os.PathLike[str], what: str = "config") -> bytes:
+    """The bytes of a config file (or another file the daemon reads at start, `what`): a
+    regular file of at most MAX_CONFIG_BYTES. Never blocks on a FIFO or a device and never
+    reads more than the limit; raises ConfigError."""
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(p, st.st_mode, what)
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise _too_large(p, what)
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise config_error([f"{p}: no such file"]) from None
+    except PermissionError:
+        raise config_error([f"{p}: permission denied"]) from None
+    except OSError as exc:
+        raise config_error([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        st = os.fstat(fd)  # what was opened, not what the path named a moment ago
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(p, st.st_mode, what)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise config_error([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
+        raise _too_large(p, what)
+    return b"".join(chunks)

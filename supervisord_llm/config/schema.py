@@ -1,0 +1,205 @@
+"""The configuration's schema: frozen dataclasses, a `Literal` type for every choice.
+Standard library only; `rules.py` builds these from TOML and checks them."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from typing import Final, Literal, get_args
+
+DEFAULT_CONFIG_PATH: Final = "/etc/llm-supervisor/config.toml"
+DEFAULT_CONTROL_SOCKET: Final = "/run/llm-supervisor/control.sock"
+DEFAULT_STATE_DIR: Final = "/var/lib/llm-supervisor"
+DEFAULT_METRICS_LISTEN: Final = "127.0.0.1:9468"
+
+LogFormat = Literal["journal", "text", "json"]
+GpuBackendName = Literal["auto", "nvml", "amd-sysfs", "sim", "none"]
+Vendor = Literal["nvidia", "amd"]
+RestartPolicy = Literal["always", "on-failure", "never"]
+OnCritical = Literal["drain-restart", "stop", "none"]
+PowerSource = Literal["nut", "none"]
+CheckpointKind = Literal["http", "command", "signal"]
+
+LOG_FORMATS: Final[tuple[str, ...]] = get_args(LogFormat)
+GPU_BACKENDS: Final[tuple[str, ...]] = get_args(GpuBackendName)
+VENDORS: Final[tuple[str, ...]] = get_args(Vendor)
+RESTART_POLICIES: Final[tuple[str, ...]] = get_args(RestartPolicy)
+ON_CRITICAL: Final[tuple[str, ...]] = get_args(OnCritical)
+POWER_SOURCES: Final[tuple[str, ...]] = get_args(PowerSource)
+CHECKPOINT_KINDS: Final[tuple[str, ...]] = get_args(CheckpointKind)
+
+@dataclass(frozen=True)
+class SupervisorSection:
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+    control_group: str | None = None
+    state_dir: str = DEFAULT_STATE_DIR
+    log_format: LogFormat = "journal"
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    listen: Listen | None = Listen("127.0.0.1", 9468)
+
+
+@dataclass(frozen=True)
+class SimGpu:
+    uuid: str
+    name: str = "Simulated GPU"
+    pci_bus_id: str = ""
+    numa_node: int = -1
+    vendor: Vendor = "nvidia"
+    memory_total_bytes: int = 24 * 1024**3
+    default_power_limit_w: float = 300.0
+    min_power_limit_w: float = 100.0
+    max_power_limit_w: float | None = None
+    slowdown_c: float = 89.0
+    shutdown_c: float = 95.0
+
+
+@dataclass(frozen=True)
+class GpuSection:
+    backend: GpuBackendName = "auto"
+    poll_interval_s: float = 1.0
+    call_timeout_s: float = 2.0
+    sim_state_file: str | None = None
+    sim: tuple[SimGpu, ...] = ()
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A temperature: absolute (`base` None) or relative to the GPU's slowdown/shutdown."""
+
+    base: str | None
+    offset: float
+
+    def resolve(self, slowdown_c: float | None, shutdown_c: float | None) -> float | None:
+        if self.base is None:
+            return self.offset
+        ref = slowdown_c if self.base == "slowdown" else shutdown_c
+        return None if ref is None else ref + self.offset
+
+    def __str__(self) -> str:
+        if self.base is None:
+            return f"{self.offset:g}"
+        return f"{self.base}{self.offset:+g}" if self.offset else self.base
+
+
+@dataclass(frozen=True)
+class ThermalSection:
+    warn_c: Threshold = Threshold("slowdown", -6.0)
+    throttle_c: Threshold = Threshold("slowdown", -4.0)
+    critical_c: Threshold = Threshold("slowdown", -1.0)
+    resume_c: Threshold = Threshold("slowdown", -10.0)
+    power_step: float = 0.10
+    min_power_fraction: float = 0.5
+    step_interval_s: float = 5.0
+    on_critical: OnCritical = "drain-restart"
+
+
+@dataclass(frozen=True)
+class PowerSection:
+    source: PowerSource = "none"
+    ups: str = "ups@127.0.0.1:3493"
+    poll_interval_s: float = 2.0
+    on_battery_grace_s: float = 20.0
+    low_runtime_s: float = 300.0
+    low_charge_pct: float = 20.0
+    deadtime_s: float = 15.0
+    drain_timeout_s: float = 60.0
+    stop_timeout_s: float = 30.0
+    shutdown_command: tuple[str, ...] = ()
+    restart_on_power_return: bool = True
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    kind: CheckpointKind
+    url: str | None = None
+    command: tuple[str, ...] = ()
+    service: str | None = None
+    signal: int | None = None
+    done_file: str | None = None
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class HealthSection:
+    url: str | None  # None: no HTTP check; "ready" once launched
+    interval_s: float = 5.0
+    timeout_s: float = 3.0
+    failures: int = 3
+    startup_timeout_s: float = 900.0
+
+
+@dataclass(frozen=True)
+class RestartSection:
+    policy: RestartPolicy = "on-failure"
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 300.0
+    max_restarts: int = 10
+    window_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class StopSection:
+    signal: int = int(signal.SIGTERM)
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class GateSection:
+    listen: Listen
+    max_concurrency: int = 64
+    max_queue: int = 256
+    backup: str | None = None
+    swap_port: int | None = None
+    queue_timeout_s: float = 30.0
+    header_timeout_s: float = 30.0  # a client's request head must arrive within this
+    body_timeout_s: float = 60.0  # longest pause between reads of a request body
+    send_timeout_s: float = 120.0  # a client that accepts nothing for this long is dropped
+    max_connections: int = 1024  # beyond it, new connections wait in the listen backlog
+    drain_timeout_s: float = 60.0  # llmctl drain's default wait; a swap's old instance; stop
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    command: tuple[str, ...]
+    port: int | None = None
+    gpus: tuple[int | str, ...] = ()
+    numa: int | str = "auto"  # "auto" | "none" | node number
+    user: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    health: HealthSection = HealthSection(url=None)
+    restart: RestartSection = RestartSection()
+    stop: StopSection = StopSection()
+    gate: GateSection | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    supervisor: SupervisorSection = SupervisorSection()
+    metrics: MetricsSection = MetricsSection()
+    gpu: GpuSection = GpuSection()
+    thermal: ThermalSection = ThermalSection()
+    power: PowerSection = PowerSection()
+    checkpoints: tuple[Checkpoint, ...] = ()
+    services: tuple[ServiceConfig, ...] = ()
+    path: str | None = field(default=None, compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def service(self, name: str) -> ServiceConfig | None:
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        return None
