@@ -23,7 +23,7 @@ mkdir -p "$RUN"
 [ -f "$RUN/tiny.gguf" ] || .venv/bin/python tests/make_tiny_gguf.py "$RUN/tiny.gguf" >/dev/null
 
 free_port() {  # below the ephemeral range, none of "$@"
-  .venv/bin/python -c 'import sys; from supervisord_llm.supervisor import pick_free_port
+  .venv/bin/python -c 'import sys; from supervisord_llm.ports import pick_free_port
 print(pick_free_port(set(map(int, sys.argv[1:]))))' "$@"
 }
 P1=$(free_port); P2=$(free_port "$P1"); PM=$(free_port "$P1" "$P2"); PG=$(free_port "$P1" "$P2" "$PM")
