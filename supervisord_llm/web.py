@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 from . import http1
 from .config import Listen
-from .errors import StartupError
-from .gate.server import ClientConnection, Listener, Request, ResponseWriter
+from .gate.server import ClientConnection, Listener, Request, ResponseWriter, open_listener
 from .host import Host
 from .logs import LogLimiter
 from .metrics import CONTENT_TYPE, make_registry, render
@@ -79,14 +78,8 @@ class MetricsServer:
         }
 
     async def start(self) -> None:
-        listener = Listener(self, self.listen.host, self.listen.port, backlog=128)
-        try:
-            listener.bind()
-        except OSError as exc:
-            raise StartupError(f"cannot listen on metrics.listen {self.listen}: "
-                               f"{exc.strerror or exc}") from None
-        listener.start()
-        self._listener = listener
+        self._listener = open_listener(self, self.listen.host, self.listen.port,
+                                       f"metrics.listen {self.listen}", backlog=128)
 
     async def close(self) -> None:
         if self._listener is not None:

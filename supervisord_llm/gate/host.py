@@ -13,10 +13,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar
 
 from ..config import GateSection
-from ..errors import StartupError
 from ..logs import LogLimiter
 from .proxy import Gate
-from .server import Listener
+from .server import Listener, open_listener
 from .upstream import UpstreamPool
 
 T = TypeVar("T")
@@ -78,13 +77,8 @@ class GateHost:
         if self._pool is None:
             self._pool = UpstreamPool()
         gate = Gate(name, cfg, self._pool, self.limiter)
-        listener = Listener(gate, cfg.listen.host, cfg.listen.port)
-        try:
-            listener.bind()
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {name}'s gate {cfg.listen}: "
-                               f"{exc.strerror or exc}") from None
-        listener.start()
+        listener = open_listener(gate, cfg.listen.host, cfg.listen.port,
+                                 f"{name}'s gate {cfg.listen}")
         self.gates[name] = gate
         self._listeners[name] = listener
         return gate
@@ -97,13 +91,8 @@ class GateHost:
 
     async def _rebind(self, name: str, cfg: GateSection) -> None:
         gate = self.gates[name]
-        listener = Listener(gate, cfg.listen.host, cfg.listen.port)
-        try:
-            listener.bind()
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {name}'s gate {cfg.listen}: "
-                               f"{exc.strerror or exc}; it stays on {gate.cfg.listen}") from None
-        listener.start()
+        listener = open_listener(gate, cfg.listen.host, cfg.listen.port,
+                                 f"{name}'s gate {cfg.listen} (it stays on {gate.cfg.listen})")
         old = self._listeners[name]
         self._listeners[name] = listener
         gate.reconfigure(cfg)

@@ -28,6 +28,7 @@ from typing import Final, Protocol
 import httptools
 
 from .. import http1
+from ..errors import StartupError
 from ..logs import LogLimiter
 
 log = logging.getLogger(__name__)
@@ -646,3 +647,15 @@ class Listener:
                     conn.abort()
         for task in list(self.tasks):
             task.cancel()
+
+
+def open_listener(handler: Handler, host: str, port: int, what: str,
+                  backlog: int = 1024) -> Listener:
+    """A started listener for `handler`, or StartupError ("cannot listen on WHAT: ...")."""
+    listener = Listener(handler, host, port, backlog)
+    try:
+        listener.bind()
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {what}: {exc.strerror or exc}") from None
+    listener.start()
+    return listener
