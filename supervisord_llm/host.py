@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 Loader = Callable[[], Awaitable[tuple[Config, list[ServicePlan]]]]
 ALL = "*"  # the key of an operation that involves every service (reload, shutdown)
+ACTOR_REPLY_S = 60.0  # an actor takes an event within this (its launch may look up a user)
 
 
 @dataclass
@@ -150,18 +151,25 @@ class Host:
 
     async def command(self, names: list[str], event: L.Event) -> dict[str, int]:
         """Send an event to services (start, stop, restart, reset, holds); refused while a
-        swap or reload of one of them runs. Returns each one's generation before it."""
+        swap or reload of one of them runs. Returns each one's generation before it, once
+        they have handled it (the host's queue does not wait for them)."""
 
         async def fn(reply: asyncio.Future[Any]) -> None:
             self._refuse_if_busy(names, f"{type(event).__name__.lower()} "
                                  f"{', '.join(names)}")
             actors = [self.sup.actor(n) for n in names]
             before = {a.name: a.gen for a in actors}
-            for actor in actors:
-                await actor.send(event)
-            reply.set_result(before)
+            reply.set_result((before, [a.queue(event) for a in actors]))
 
-        result: dict[str, int] = await self._submit(fn)
+        before, handled = await self._submit(fn)
+        try:
+            async with asyncio.timeout(ACTOR_REPLY_S):
+                await asyncio.gather(*handled)
+        except TimeoutError:
+            raise ControlError(P.TIMEOUT, f"the service(s) {', '.join(names)} did not take the "
+                               f"command within {ACTOR_REPLY_S:g} s (a launch hanging in a "
+                               "user lookup?); see `llmctl status`") from None
+        result: dict[str, int] = before
         return result
 
     async def hold(self, names: list[str], reason: str) -> None:

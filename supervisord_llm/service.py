@@ -216,9 +216,14 @@ class ServiceActor:
 
     async def send(self, event: L.Event | Reconfigure) -> int:
         """Queue an event; returns the generation current once the actor has handled it."""
+        return await self.queue(event)
+
+    def queue(self, event: L.Event | Reconfigure) -> asyncio.Future[int]:
+        """Queue an event; the future resolves with the generation current once the actor
+        has handled it."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._events.put_nowait(_Command(event, fut))
-        return await fut
+        return fut
 
     async def command(self, kind: str) -> int:
         """An operator's command by name (start, stop, restart, reset, drain, resume)."""
