@@ -259,8 +259,8 @@ class Daemon:
     async def _sighup(self, host: Host) -> None:
         try:
             await host.reload()
-        except ControlError as exc:
-            log.error("reload (SIGHUP) not done: %s", exc.message)
+        except ControlError as exc:  # what went wrong is logged where it went wrong
+            log.info("reload (SIGHUP) not done: %s", exc.message)
         except Exception as exc:  # never let a reload take the daemon down
             log.error("reload: failed: %s", one_line(f"{type(exc).__name__}: {exc}"))
 

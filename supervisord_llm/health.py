@@ -45,6 +45,9 @@ class ProbeResult:
         return self.kind in (ProbeKind.LOADING, ProbeKind.REFUSED, ProbeKind.TIMEOUT)
 
 
+MAX_BODY = 64 * 1024
+
+
 class _Stale(Exception):
     """A kept-alive connection turned out closed before any answer: retry on a new one."""
 
@@ -70,9 +73,15 @@ class _ProbeConnection(asyncio.Protocol):
         assert self.transport is not None
         self._done = asyncio.get_running_loop().create_future()
         self._got = False
-        self._parser = http1.ResponseParser(lambda head: None, lambda data: None, self._end)
+        self._body = 0
+        self._parser = http1.ResponseParser(lambda head: None, self._count, self._end)
         self.transport.write(request)
         return self._done
+
+    def _count(self, data: bytes) -> None:
+        self._body += len(data)
+        if self._body > MAX_BODY:  # a health endpoint that floods costs one read, not a core
+            raise http1.ParseError(f"health response body larger than {MAX_BODY // 1024} KiB")
 
     def _end(self) -> None:
         parser = self._parser

@@ -12,7 +12,11 @@ from .errors import ControlError
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether nothing listens on `port` (bound the way a server binds it: SO_REUSEADDR, so
     that connections of an earlier instance in TIME_WAIT do not count)."""
-    with socket.socket() as s:
+    try:
+        s = socket.socket()
+    except OSError:  # out of descriptors: cannot tell; what binds next will find out
+        return True
+    with s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))

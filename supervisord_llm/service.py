@@ -427,6 +427,9 @@ class ServiceActor:
         except SpawnError as exc:
             self.proc = None
             return L.Launched(gen, str(exc))
+        except OSError as exc:  # out of descriptors, or memory: a failed launch, not a bug
+            self.proc = None
+            return L.Launched(gen, f"cannot launch: {exc.strerror or exc}")
         self.proc = proc
         log.info("%s: launched pid %d%s", self.name, proc.pid,
                  f" on {','.join(f'GPU{g.index}' for g in plan.gpus)}" if plan.gpus else "")

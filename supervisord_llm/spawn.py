@@ -792,7 +792,7 @@ def _read_record(path: Path) -> dict[str, Any] | None:
         doc = json.loads(text)
     except ConfigError as exc:
         log.warning("ignoring %s", "; ".join(exc.problems))
-        return {}
+        return None
     except (ValueError, RecursionError) as exc:
         log.warning("ignoring unreadable %s: %s", path, str(exc)[:200])
         return {}

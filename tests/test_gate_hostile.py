@@ -569,3 +569,46 @@ async def test_other_transfer_codings_and_a_closed_gate_with_expect(
         head = await asyncio.wait_for(read_head(reader), 2)  # at once, not after the body
         assert head.startswith(b"HTTP/1.1 503") and b"Connection: close" in head
         writer.close()
+
+
+async def test_a_pipelining_client_that_leaves_is_seen(
+        gate_env: Callable[..., Awaitable[Env]]) -> None:
+    """A second request pipelined behind one the model is thinking about, then FIN: the gate
+    still reads, so it sees the client go (slot freed). More than PIPELINE_MAX pipelined
+    requests, or a pipelined request with a large body, drop the connection."""
+    from supervisord_llm.gate.server import PIPELINE_MAX
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await asyncio.wait_for(reader.read(), 60)
+
+    async with RawBackend(silent) as backend:
+        env = await gate_env(backend.port)
+        listener = env.host._listeners[env.gate.name]
+        for extra in (b"GET /echo HTTP/1.1\r\nHost: g\r\n\r\n",
+                      b"GET /echo HTTP/1.1\r\nHost: g\r\n\r\n" * (PIPELINE_MAX + 1),
+                      b"POST /big HTTP/1.1\r\nHost: g\r\nContent-Length: 200000\r\n\r\n"
+                      + b"x" * 100_000):
+            _reader, writer = await connect(env.port)
+            writer.write(b"GET /think HTTP/1.1\r\nHost: g\r\n\r\n")
+            await async_wait_until(lambda: env.gate.inflight == 1, 5, what="one in flight")
+            writer.write(extra)
+            writer.write_eof()  # after the extra bytes, as TCP delivers them
+            await async_wait_until(lambda: env.gate.inflight == 0 and not listener.connections,
+                                   5, what="slot and connection freed")
+            writer.close()
+
+
+async def test_head_of_a_204_has_no_length(gate_env: Callable[..., Awaitable[Env]]) -> None:
+    async def no_content(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello")
+        await writer.drain()
+
+    async with RawBackend(no_content) as backend:
+        env = await gate_env(backend.port)
+        reader, writer = await connect(env.port)
+        writer.write(b"HEAD /x HTTP/1.1\r\nHost: g\r\n\r\n")
+        head = await asyncio.wait_for(read_head(reader), 5)
+        assert head.startswith(b"HTTP/1.1 204") and b"content-length" not in head.lower()
+        writer.close()

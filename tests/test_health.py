@@ -72,6 +72,9 @@ async def test_chunked_close_delimited_and_errors() -> None:
         (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok", ProbeKind.ERROR),
         (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", ProbeKind.ERROR),
         (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 100_000 + b"\r\n\r\n", ProbeKind.ERROR),
+        # a /health that floods: refused after 64 KiB, not read until the probe's deadline
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"f" * 1_000_000,
+         ProbeKind.ERROR),
     ]
     for answer, kind in cases:
         port = free_port()

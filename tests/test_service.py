@@ -489,3 +489,18 @@ async def test_a_killed_guardian_is_replaced(tmp_path: Path) -> None:
     sp._guardian_fd = None
     await async_wait_until(lambda: not alive(proc.pid), 3, what="guardian kill")
     await sp.close()
+
+
+def test_a_port_check_out_of_descriptors_cannot_tell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of file descriptors, the port check cannot open a socket: it says "free" and lets
+    the launch find out (a failed launch, then backoff), instead of raising in the actor."""
+    import errno
+    import socket
+
+    from supervisord_llm import ports
+
+    def no_socket(*_a: object, **_k: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(socket, "socket", no_socket)
+    assert ports.port_free(12345) is True

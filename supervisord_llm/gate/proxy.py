@@ -320,7 +320,8 @@ class Gate:
                         raise
             assert up is not None
             if head_request or head.framing == "none":
-                cl = http1.header(head.headers, b"content-length") if head_request else None
+                cl = http1.header(head.headers, b"content-length") \
+                    if head_request and head.status != 204 else None  # never on a 204
                 writer.start(head.status, head.reason,
                              http1.end_to_end(head.headers, _TO_CLIENT_DROP),
                              int(cl) if cl is not None and cl.isdigit() else None,

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BODY_BUFFER: Final = 64 * 1024  # request body bytes held before reading from the client stops
 SEND_BUFFER: Final = 64 * 1024  # response bytes held for a client before the upstream pauses
+PIPELINE_MAX: Final = 8  # requests queued behind the one being answered, on one connection
 _ACCEPT_BATCH: Final = 32
 _ACCEPT_RETRY_S: Final = (0.1, 2.0)
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -92,7 +93,7 @@ class RequestBody:
         self.buffered += len(data)
         self.received += len(data)
         if self.buffered >= BODY_BUFFER:
-            self._conn.pause_reading("body")
+            self._conn.body_full(self)
         self._wake()
 
     def end(self) -> None:
@@ -344,9 +345,12 @@ class ClientConnection(asyncio.Protocol):
         if self._active is None:
             self._cancel_header_timer()
             self._start(req)
+        elif len(self._pipeline) >= PIPELINE_MAX:
+            self._abuse(f"more than {PIPELINE_MAX} pipelined requests")
         else:
-            self._pipeline.append(req)  # pipelined: runs after the current one
-            self.pause_reading("pipeline")
+            # pipelined: runs after the current one. Reading goes on (bounded), so that a
+            # client that leaves is seen: a paused socket would not tell us.
+            self._pipeline.append(req)
 
     def on_body(self, data: bytes) -> None:
         if self._parsing is not None:
@@ -384,10 +388,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         if self._pipeline:
-            nxt = self._pipeline.popleft()
-            if not self._pipeline:
-                self.resume_reading("pipeline")
-            self._start(nxt)
+            self._start(self._pipeline.popleft())
             return
         self._arm_header_timer()  # idle keep-alive: the next head must come in time
 
@@ -438,6 +439,20 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     # --- flow control and timers ---------------------------------------------------------
+
+    def body_full(self, body: RequestBody) -> None:
+        """A request body holds BODY_BUFFER: reading waits for the proxy to take it. A
+        pipelined request's body cannot be taken yet: that client is dropped (waiting would
+        stop us from seeing it leave)."""
+        if self._active is not None and body is self._active.body:
+            self.pause_reading("body")
+        else:
+            self._abuse("a pipelined request with a large body")
+
+    def _abuse(self, why: str) -> None:
+        self.handler.limiter.info("pipeline", "%s gate: %s sent %s; dropping the connection",
+                                  self.handler.name, self.peer or "?", why)
+        self.abort()
 
     def pause_reading(self, why: str) -> None:
         if not self._paused and self.transport is not None and not self.transport.is_closing():
