@@ -89,11 +89,11 @@ def _pinning_env(gpus: tuple[GpuInfo, ...]) -> list[tuple[str, str]]:
     if gpus[0].vendor == "amd":
         # ROCR selects the physical devices; HIP then indexes within what ROCR exposes.
         return [
-            ("ROCR_VISIBLE_DEVICES", ",".join(g.uuid for g in gpus)),
+            ("ROCR_VISIBLE_DEVICES", ",".join(g.pin_token for g in gpus)),
             ("HIP_VISIBLE_DEVICES", ",".join(str(i) for i in range(len(gpus)))),
         ]
     return [
-        ("CUDA_VISIBLE_DEVICES", ",".join(g.uuid for g in gpus)),
+        ("CUDA_VISIBLE_DEVICES", ",".join(g.pin_token for g in gpus)),
         ("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
     ]
 

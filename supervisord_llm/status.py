@@ -73,7 +73,7 @@ def status(sup: Supervisor, host: Host, now: float, service: str | None = None
             "config_path": sup.cfg.path,
             "mode": host.mode.value,
             "operations": [op.describe() for op in host.ops.values()],
-            "gpu_backend": sup.hub.backend.name,
+            "gpu_backend": sup.hub.backend_names,
             "loop_lag_s": round(sup.loop.lag_s, 6),
         },
         "services": [service_status(sup, a, now) for a in actors],

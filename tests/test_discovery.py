@@ -14,7 +14,13 @@ from test_nvml import H200, ScriptedNVML
 from helpers import SIM_UUID, async_wait_until
 from supervisord_llm.config import GpuSection, SimGpu
 from supervisord_llm.errors import ConfigError, StartupError
-from supervisord_llm.sensors.base import BackendUnavailable, GpuBackend, GpuInfo, GpuReading
+from supervisord_llm.sensors.base import (
+    BackendUnavailable,
+    GpuBackend,
+    GpuHealth,
+    GpuInfo,
+    GpuReading,
+)
 from supervisord_llm.sensors.discovery import (
     BackendFactory,
     DiscoveryError,
@@ -55,6 +61,9 @@ class FakeVendor:
 
     def set_power_limit(self, gpu: GpuInfo, watts: float) -> None:
         return None
+
+    def read_health(self, gpu: GpuInfo) -> GpuHealth:
+        return GpuHealth()
 
     def close(self) -> None:
         self.closed = True

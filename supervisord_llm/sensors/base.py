@@ -35,6 +35,13 @@ class GpuInfo:
     slowdown_c: float | None
     shutdown_c: float | None
     backend: str = ""  # the name of the backend that serves it (set by discovery)
+    # what *_VISIBLE_DEVICES names it by, when not its UUID (an AMD card without a unique_id
+    # is pinned by its ROCm index, from the KFD topology)
+    pin: str = ""
+
+    @property
+    def pin_token(self) -> str:
+        return self.pin or self.uuid
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,50 @@ class GpuReading:
     power_limit_w: float | None = None
     utilization_pct: float | None = None
     memory_used_bytes: int | None = None
+    # the temperature the thermal policy acts on, if not `temperature_c`: the junction (hot
+    # spot) where the board reports one (AMD), else None (then `temperature_c`, the edge/core)
+    hotspot_c: float | None = None
+
+    @property
+    def policy_c(self) -> float | None:
+        return self.hotspot_c if self.hotspot_c is not None else self.temperature_c
+
+
+# clock-event reasons (why the clocks are below their maximum), as the hub reports them
+CLOCK_EVENTS = ("gpu_idle", "applications_clocks", "sw_power_cap", "hw_slowdown",
+                "sync_boost", "sw_thermal", "hw_thermal", "hw_power_brake", "display_clocks")
+# those that mean heat or power trouble (not the ordinary power cap or idling)
+CLOCK_TROUBLE = frozenset({"hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake"})
+
+
+@dataclass(frozen=True)
+class GpuHealth:
+    """Health beyond heat, read at a slower interval than the temperature; None where the
+    board or driver does not report it."""
+
+    clock_events: tuple[str, ...] | None = None  # names from CLOCK_EVENTS
+    pcie_gen: int | None = None
+    pcie_gen_max: int | None = None
+    pcie_width: int | None = None
+    pcie_width_max: int | None = None
+    ecc_uncorrected_volatile: int | None = None  # since the driver loaded
+    ecc_corrected_volatile: int | None = None
+    retired_pages: int | None = None  # pages retired (older boards) or rows remapped
+    retirement_pending: bool | None = None  # a retirement/remap waits for a reset
+    remap_failed: bool | None = None
+
+    @property
+    def link_degraded(self) -> bool:
+        return ((self.pcie_gen is not None and self.pcie_gen_max is not None
+                 and self.pcie_gen < self.pcie_gen_max)
+                or (self.pcie_width is not None and self.pcie_width_max is not None
+                    and self.pcie_width < self.pcie_width_max))
+
+    @property
+    def memory_trouble(self) -> bool:
+        """Uncorrected ECC errors, a pending retirement or a failed remap: flag the GPU."""
+        return bool(self.ecc_uncorrected_volatile) or bool(self.retirement_pending) \
+            or bool(self.remap_failed)
 
 
 class GpuBackend(Protocol):
@@ -63,6 +114,10 @@ class GpuBackend(Protocol):
 
     def set_power_limit(self, gpu: GpuInfo, watts: float) -> None:
         """Set the board power limit. Raises SensorError when refused."""
+        ...
+
+    def read_health(self, gpu: GpuInfo) -> GpuHealth:
+        """Health beyond heat (slower interval). GpuHealth() where nothing is reported."""
         ...
 
     def close(self) -> None: ...
@@ -93,6 +148,9 @@ class NoGpuBackend:
 
     def set_power_limit(self, gpu: GpuInfo, watts: float) -> None:  # pragma: no cover
         return None
+
+    def read_health(self, gpu: GpuInfo) -> GpuHealth:  # pragma: no cover
+        return GpuHealth()
 
     def close(self) -> None:
         return None

@@ -58,28 +58,6 @@ class _GpuSource:
         return self._backend.read(self._gpu)
 
 
-class _Dispatch:
-    """What `GpuHub.backend` returns: `.name` is `backend_names`; the methods route to each
-    GPU's backend. Kept for callers written for one backend; they block, so call them only
-    through `GpuHub.call`."""
-
-    def __init__(self, name: str, backend_of: Mapping[str, GpuBackend]) -> None:
-        self.name = name
-        self._of = backend_of
-
-    def discover(self) -> list[GpuInfo]:
-        return []
-
-    def read(self, gpu: GpuInfo) -> GpuReading:
-        return self._of[gpu.uuid].read(gpu)
-
-    def set_power_limit(self, gpu: GpuInfo, watts: float) -> None:
-        self._of[gpu.uuid].set_power_limit(gpu, watts)
-
-    def close(self) -> None:
-        return None
-
-
 class GpuHub:
     """`backends` is one backend for every GPU, or a mapping GPU uuid -> its backend (what
     `Discovery.backend_of` holds). `backend_names` ("nvml+amd-sysfs", "sim", "none") names
@@ -126,11 +104,6 @@ class GpuHub:
         self._closed = False
 
     # --- what readers use ------------------------------------------------------------------
-
-    @property
-    def backend(self) -> GpuBackend:
-        """Deprecated: use `backend_names` (and `call()` to reach a GPU's backend)."""
-        return _Dispatch(self.backend_names, self._backend_of)
 
     @property
     def backends(self) -> tuple[GpuBackend, ...]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import GpuLostError, SensorError
 from ..topology import Topology
-from .base import BackendUnavailable, GpuInfo, GpuReading
+from .base import BackendUnavailable, GpuHealth, GpuInfo, GpuReading
 
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_NO_PERMISSION = 4
@@ -163,6 +163,9 @@ class NvmlBackend:
         except nv.NVMLError as exc:
             raise SensorError(f"NVML: cannot set the power limit of GPU{gpu.index} to "
                               f"{watts:g} W: {exc}") from None
+
+    def read_health(self, gpu: GpuInfo) -> GpuHealth:
+        return GpuHealth()  # filled in by the health-beyond-heat work (same change)
 
     def close(self) -> None:
         if self._initialised:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import SimGpu
 from ..errors import GpuLostError, SensorError
-from .base import GpuInfo, GpuReading
+from .base import GpuHealth, GpuInfo, GpuReading
 
 IDLE_C = 35.0
 _HANG_RECHECK_S = 0.1
@@ -117,6 +117,30 @@ class SimBackend:
             raise SensorError(f"power limit {watts:g} W outside [{lo:g}, {hi:g}] W")
         with self._lock:
             self._limits[gpu.uuid] = watts
+
+    def read_health(self, gpu: GpuInfo) -> GpuHealth:
+        """From the state file: `clock_events` (a list of names), `pcie_gen`, `pcie_width`
+        (below the maxima `pcie_gen_max` 4, `pcie_width_max` 16: a degraded link),
+        `ecc_uncorrected`, `retirement_pending`; a healthy board otherwise."""
+        state = self._state(gpu.uuid)
+        if state.get("lost") is True:
+            raise GpuLostError(f"{gpu.uuid} is lost (sim state file)")
+        events = state.get("clock_events", [])
+        if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+            raise SensorError(f"sim state file: {gpu.uuid} clock_events must be a list of names")
+
+        def num(key: str, default: int) -> int:
+            value = state.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SensorError(f"sim state file: {gpu.uuid} {key} must be an integer")
+            return value
+
+        return GpuHealth(
+            clock_events=tuple(events), pcie_gen=num("pcie_gen", 4), pcie_gen_max=4,
+            pcie_width=num("pcie_width", 16), pcie_width_max=16,
+            ecc_uncorrected_volatile=num("ecc_uncorrected", 0), ecc_corrected_volatile=0,
+            retired_pages=0, retirement_pending=state.get("retirement_pending") is True,
+            remap_failed=False)
 
     def close(self) -> None:
         self._closed.set()
