@@ -1,0 +1,207 @@
+"""Thermal policy for one GPU, pure: `decide(state, reading, limits, now)` returns the next
+state and the actions. No asyncio, no sensors; the thermal controller feeds it the hub's
+snapshots and carries the actions out through the host actor.
+
+Levels, with hysteresis so that a reading jittering around a threshold cannot flap:
+
+- `ok` -> `warm` at `warn_c`, -> `throttled` at `throttle_c`, -> `critical` at `critical_c`
+  (from any level, on the first fresh reading at or above the threshold);
+- a raised level only ever goes up, until the temperature falls below `resume_c`: then `ok`.
+
+While the temperature is at or above `throttle_c` (throttled or critical), every
+`step_interval_s` the power target drops by one step (`power_step` of the default limit),
+never below the floor (`min_power_fraction` of the default, nor the board's minimum), and the
+admission factor of the GPU's gates follows (1 - steps x power_step, never below
+`min_power_fraction`). Between `resume_c` and `throttle_c` nothing moves. Below `resume_c`
+the steps are undone one by one, every `step_interval_s`, up to the limit the board had before
+the policy touched it. A board without power control still gets the admission steps.
+
+Critical: `Critical` once on entering, `Cooled` once below `resume_c`; if it stays critical
+for `pause_timeout_s` with nothing in flight on its gated services, `Escalate` once
+(something else heats it: the paused services are restarted after all).
+
+A reading that is not fresh (failed, unresponsive, stale) never causes an action: the state
+holds as it is (the limits stay lowered, a pause stays) until fresh readings return, and
+`TelemetryLost` is reported once for a GPU that was above `warn_c`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Final
+
+LEVELS: Final = ("ok", "warm", "throttled", "critical")
+_RANK: Final = {lvl: i for i, lvl in enumerate(LEVELS)}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One GPU's thresholds (resolved to Celsius) and power figures."""
+
+    warn_c: float
+    throttle_c: float
+    critical_c: float
+    resume_c: float
+    power_step: float  # fraction of the default limit per step
+    min_power_fraction: float
+    step_interval_s: float
+    pause_timeout_s: float
+    default_w: float | None  # None: no power control on this board
+    board_min_w: float | None = None
+
+    @property
+    def step_w(self) -> float:
+        return self.power_step * (self.default_w or 0.0)
+
+    @property
+    def floor_w(self) -> float:
+        floor = self.min_power_fraction * (self.default_w or 0.0)
+        return max(floor, self.board_min_w or 0.0)
+
+
+
+@dataclass(frozen=True)
+class Reading:
+    temperature_c: float | None
+    fresh: bool  # a good reading of this poll (not failed, unresponsive or stale)
+    limit_w: float | None  # the board's power limit now (as last read or set)
+    inflight: int = 0  # requests in flight on this GPU's gated services
+
+
+@dataclass(frozen=True)
+class State:
+    level: str = "ok"
+    steps: int = 0  # power/admission steps applied now
+    original_w: float | None = None  # the board's limit before the policy touched it
+    last_step: float | None = None  # when the last step (down or up) was taken
+    critical_since: float | None = None
+    escalated: bool = False
+    telemetry_lost: bool = False  # reported for this outage already
+
+    def target_w(self, limits: Limits) -> float | None:
+        """The power limit the policy wants now; None: what the board had (untouched)."""
+        if self.steps == 0 or self.original_w is None or limits.default_w is None:
+            return None
+        return max(limits.floor_w, self.original_w - self.steps * limits.step_w)
+
+    def factor(self, limits: Limits) -> float:
+        return max(limits.min_power_fraction, 1.0 - self.steps * limits.power_step)
+
+
+# --- actions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LevelChanged:
+    old: str
+    new: str
+    temperature_c: float
+
+
+@dataclass(frozen=True)
+class SetPowerLimit:
+    watts: float  # the target; `restore` when it is the original again
+    restore: bool = False
+
+
+@dataclass(frozen=True)
+class SetFactor:
+    factor: float
+
+
+@dataclass(frozen=True)
+class Critical:
+    temperature_c: float
+
+
+@dataclass(frozen=True)
+class Escalate:
+    critical_for_s: float
+
+
+@dataclass(frozen=True)
+class Cooled:
+    temperature_c: float
+
+
+@dataclass(frozen=True)
+class TelemetryLost:
+    level: str
+
+
+Action = LevelChanged | SetPowerLimit | SetFactor | Critical | Escalate | Cooled | TelemetryLost
+
+
+def _level_for(t: float, lim: Limits) -> str:
+    if t >= lim.critical_c:
+        return "critical"
+    if t >= lim.throttle_c:
+        return "throttled"
+    if t >= lim.warn_c:
+        return "warm"
+    return "ok"
+
+
+def decide(state: State, reading: Reading, lim: Limits, now: float
+           ) -> tuple[State, list[Action]]:
+    actions: list[Action] = []
+    t = reading.temperature_c
+    if not reading.fresh or t is None or not math.isfinite(t):
+        if not state.telemetry_lost and _RANK[state.level] >= _RANK["warm"]:
+            actions.append(TelemetryLost(state.level))
+            state = replace(state, telemetry_lost=True)
+        return state, actions
+    if state.telemetry_lost:
+        state = replace(state, telemetry_lost=False)
+    old = state.level
+    # the level: up at once; down only below resume_c (at most warn_c: the config checks it)
+    higher = max(old, _level_for(t, lim), key=lambda lv: _RANK[lv])
+    level = "ok" if t < lim.resume_c else higher
+    if level != old:
+        actions.append(LevelChanged(old, level, t))
+        state = replace(state, level=level)
+        if level == "critical":
+            actions.append(Critical(t))
+            state = replace(state, critical_since=now, escalated=False)
+        elif old == "critical":
+            actions.append(Cooled(t))
+            state = replace(state, critical_since=None, escalated=False)
+    if state.level == "critical" and state.critical_since is not None and not state.escalated \
+            and now - state.critical_since >= lim.pause_timeout_s and reading.inflight == 0:
+        actions.append(Escalate(now - state.critical_since))
+        state = replace(state, escalated=True)
+    # the steps
+    due = state.last_step is None or now - state.last_step >= lim.step_interval_s
+    if t >= lim.throttle_c and due:
+        before = state
+        if state.steps == 0:
+            state = replace(state, original_w=reading.limit_w or lim.default_w)
+        state = replace(state, steps=state.steps + 1, last_step=now)
+        if state.target_w(lim) == before.target_w(lim) and \
+                state.factor(lim) == before.factor(lim):
+            state = before  # the power and the admission both at their floors
+        else:
+            actions += _apply(before, state, lim)
+    elif t < lim.resume_c and state.steps > 0 and due:
+        before = state
+        state = replace(state, steps=state.steps - 1, last_step=now)
+        actions += _apply(before, state, lim)
+        if state.steps == 0:
+            state = replace(state, original_w=None, last_step=None)
+    return state, actions
+
+
+def _apply(before: State, after: State, lim: Limits) -> list[Action]:
+    out: list[Action] = []
+    if lim.default_w is not None and after.original_w is not None:
+        b, a = before.target_w(lim), after.target_w(lim)
+        if a != b:
+            if a is None:
+                out.append(SetPowerLimit(after.original_w, restore=True))
+            else:
+                out.append(SetPowerLimit(a))
+    fb, fa = before.factor(lim), after.factor(lim)
+    if fa != fb:
+        out.append(SetFactor(fa))
+    return out
