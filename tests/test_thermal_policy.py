@@ -54,7 +54,7 @@ def test_levels_go_up_at_once_and_down_only_below_resume() -> None:
 
 
 def test_throttle_steps_every_interval_down_to_the_floor_then_back() -> None:
-    temps: list[float | None] = [86.0] * 60 + [80.0] * 10 + [75.0] * 40
+    temps = [86.0] * 60 + [80.0] * 10 + [75.0] * 40
     state, acts = run(temps)
     limits = [(t, a.watts) for t, a in of(T.SetPowerLimit, acts)]
     down = [w for t, w in limits if t < 60]
