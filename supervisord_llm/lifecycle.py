@@ -18,6 +18,9 @@ from .policy.backoff import Budget
 from .states import RestartReason, State, can_transition
 
 HOLDS: Final = ("operator", "gpu_lost", "cooling", "powered_down")
+# a hold released that starts the service again counts as a restart for this reason
+HOLD_REASONS: Final = {"cooling": RestartReason.THERMAL, "gpu_lost": RestartReason.GPU_LOST,
+                       "powered_down": RestartReason.POWER}
 # restarts that someone asked for: the service comes back at once, without backoff
 COMMANDED: Final = frozenset({RestartReason.MANUAL, RestartReason.THERMAL,
                               RestartReason.GPU_LOST, RestartReason.POWER})
@@ -65,6 +68,7 @@ class Model:
     killing: bool = False  # past the stop deadline, or a fast stop: SIGKILL what is found
     pending: RestartReason | None = None  # why the current stop happens
     then_start: bool = False  # a start came during the stop: launch once it is over
+    fail_after: str | None = None  # this stop ends in `failed` with this reason (overheated)
     failures: int = 0  # consecutive failed health checks
     launched_at: float | None = None
     backoff_until: float | None = None
@@ -95,6 +99,14 @@ class Stop:
 @dataclass(frozen=True)
 class Release:
     hold: str
+
+
+@dataclass(frozen=True)
+class StopFailed:
+    """Stop it and leave it `failed` with `why` until `llmctl reset` (a GPU that overheated
+    with `on_critical = "stop"`)."""
+
+    why: str
 
 
 @dataclass(frozen=True)
@@ -158,8 +170,8 @@ class TimerFired:
     kind: str  # startup | stop_deadline | backoff | stable
 
 
-Event = (Start | Stop | Release | Restart | Reset | Drain | Resume | Kill | Launched | Exited
-         | Reaped | Probed | TimerFired)
+Event = (Start | Stop | Release | StopFailed | Restart | Reset | Drain | Resume | Kill
+         | Launched | Exited | Reaped | Probed | TimerFired)
 
 
 # --- actions --------------------------------------------------------------------------------
@@ -283,7 +295,7 @@ class _Step:
     def launch(self, why: str) -> None:
         gen = self.m.gen + 1
         self.set(gen=gen, running=True, exited=False, killing=False, failures=0, pending=None,
-                 then_start=False, backoff_until=None, failed_reason=None,
+                 then_start=False, fail_after=None, backoff_until=None, failed_reason=None,
                  launched_at=self.now)
         self.go(State.STARTING, why)
         self.do(CancelTimer(), Launch(gen))
@@ -336,6 +348,9 @@ class _Step:
         self.do(Finish(), CancelTimer())
         reason: RestartReason | None
         if self.m.state is State.STOPPING:
+            if self.m.fail_after is not None:
+                self.fail(self.m.fail_after)
+                return
             if not self.m.up:
                 self.go(State.STOPPED, f"process {desc}")
                 return
@@ -408,6 +423,16 @@ def decide(model: Model, event: Event, rules: Rules, now: float, rand: float) ->
             st.set(holds=m.holds - {event.hold})
             if m.state in (State.STOPPED, State.STOPPING):
                 st.bring_up(f"{event.hold} hold released")
+                reason = HOLD_REASONS.get(event.hold)
+                if reason is not None and st.m.state is State.STARTING:
+                    st.do(CountRestart(reason))
+    elif isinstance(event, StopFailed):
+        if m.state in LIVE or m.state is State.STOPPING:
+            st.set(fail_after=event.why)
+            st.bring_down(f"stopping: {event.why}")
+        elif m.state is State.BACKOFF:  # about to start again on that GPU: it does not
+            st.do(CancelTimer())
+            st.fail(event.why)
     elif isinstance(event, Restart):
         if event.reason is RestartReason.MANUAL:
             st.set(wanted=True, holds=m.holds - {"operator"})

@@ -268,6 +268,7 @@ def _thermal(root: Table) -> ThermalSection:
     min_frac = t.number("min_power_fraction", d.min_power_fraction, above=0, maximum=1)
     interval = t.number("step_interval_s", d.step_interval_s, above=0, maximum=3600)
     on_critical = t.string("on_critical", d.on_critical, choices=ON_CRITICAL)
+    pause_timeout = t.number("pause_timeout_s", d.pause_timeout_s, above=0, maximum=86400)
     t.finish()
     # Order check, where both sides share a base (all relative or all absolute).
     chain = (("resume_c", resume), ("warn_c", warn), ("throttle_c", throttle),
@@ -275,7 +276,8 @@ def _thermal(root: Table) -> ThermalSection:
     for (lo_key, lo), (hi_key, hi) in itertools.pairwise(chain):
         if lo.base == hi.base and lo.offset > hi.offset:
             t.error(hi_key, f"must not be below {lo_key} ({lo} > {hi})")
-    return ThermalSection(warn, throttle, critical, resume, step, min_frac, interval, on_critical)
+    return ThermalSection(warn, throttle, critical, resume, step, min_frac, interval, on_critical,
+                          pause_timeout)
 
 
 def _power(root: Table) -> PowerSection:

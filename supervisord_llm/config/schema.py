@@ -16,7 +16,7 @@ LogFormat = Literal["journal", "text", "json"]
 GpuBackendName = Literal["auto", "nvml", "amd-sysfs", "sim", "none"]
 Vendor = Literal["nvidia", "amd"]
 RestartPolicy = Literal["always", "on-failure", "never"]
-OnCritical = Literal["drain-restart", "stop", "none"]
+OnCritical = Literal["pause", "drain-restart", "stop", "none"]
 PowerSource = Literal["nut", "none"]
 CheckpointKind = Literal["http", "command", "signal"]
 
@@ -102,7 +102,14 @@ class ThermalSection:
     power_step: float = 0.10
     min_power_fraction: float = 0.5
     step_interval_s: float = 5.0
-    on_critical: OnCritical = "drain-restart"
+    # None: `pause` for a service behind a gate, `drain-restart` for one without
+    on_critical: OnCritical | None = None
+    pause_timeout_s: float = 300.0
+
+    def critical_action(self, gated: bool) -> OnCritical:
+        if self.on_critical is not None:
+            return self.on_critical
+        return "pause" if gated else "drain-restart"
 
 
 @dataclass(frozen=True)
