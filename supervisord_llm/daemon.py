@@ -25,6 +25,7 @@ from . import protocol as P
 from .config import Config, load_config, one_line
 from .control import Commands, ControlServer, Peer
 from .errors import ConfigError, ControlError, StartupError
+from .guard import GpuGuard, LimitStore
 from .health import HttpProber
 from .host import Host
 from .plan import ServicePlan, resolve_plan
@@ -192,6 +193,10 @@ class Daemon:
                 await web.start()
             await sup.start_gates()
             await hub.poll_once()
+            guard = GpuGuard(sup, host, hub, cfg.thermal, LimitStore(cfg.supervisor.state_dir),
+                             clock=self.clock)
+            sup.guard = guard
+            await guard.restore_leftovers()  # what an earlier run lowered and did not restore
             loop = asyncio.get_running_loop()
             for sig, what in ((signal.SIGTERM, "term"), (signal.SIGINT, "term"),
                               (signal.SIGHUP, "hup")):
@@ -206,6 +211,7 @@ class Daemon:
             sup.on_change(self._schedule_status)
             host.on_change(self._schedule_status)
             hub.on_update(self._schedule_status)
+            hub.on_update(guard.poke)
             self._start_watchdog()
             await sup.start_all()
             self._last_status = status_line(sup, host)
@@ -228,6 +234,8 @@ class Daemon:
                 await web.close()
             await prober.close()
             await spawner.close()
+            if self.sup is not None and self.sup.guard is not None:
+                await self.sup.guard.restore_all()
             await hub.aclose()
             os.close(self._lock_fd)
             self.notifier.close()

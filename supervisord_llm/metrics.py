@@ -18,6 +18,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__, logs
+from .guard import ACTIONS
 from .host import Host
 from .modes import Mode
 from .states import RestartReason, State
@@ -130,6 +131,11 @@ class SupervisorCollector(Collector):
         mtemp = g("memory_temperature_celsius", "GPU memory temperature")
         power = g("power_watts", "GPU board power draw")
         limit = g("power_limit_watts", "GPU board power limit in force")
+        default_limit = g("default_power_limit_watts", "GPU board default power limit")
+        target = g("power_limit_target_watts",
+                   "The power limit the thermal policy set (only while it holds one)")
+        factor = g("admission_factor", "Factor on the admission limits of this GPU's gates")
+        hotspot = g("hotspot_temperature_celsius", "GPU junction (hot spot) temperature")
         util = g("utilization_ratio", "GPU utilisation (0-1)")
         used = g("memory_used_bytes", "GPU memory in use")
         total = g("memory_total_bytes", "GPU memory")
@@ -146,7 +152,8 @@ class SupervisorCollector(Collector):
             fresh = snap.status == "ok" and r is not None
             if fresh and r is not None:
                 for fam, value in ((temp, r.temperature_c), (mtemp, r.memory_temperature_c),
-                                   (power, r.power_w), (used, r.memory_used_bytes)):
+                                   (power, r.power_w), (used, r.memory_used_bytes),
+                                   (hotspot, r.hotspot_c)):
                     if value is not None:
                         fam.add_metric(labels, float(value))
                 if r.utilization_pct is not None:
@@ -158,11 +165,22 @@ class SupervisorCollector(Collector):
             if info.slowdown_c is not None:
                 slow.add_metric(labels, info.slowdown_c)
             gup.add_metric(labels, 1.0 if snap.status == "ok" else 0.0)
-            current = thermal_state(snap)
+            current = thermal_state(self.sup, snap)
             for st in THERMAL_STATES:
                 thermal.add_metric([*labels, st], 1.0 if st == current else 0.0)
-        yield from (temp, mtemp, power, limit, util, used, total, gup, thermal, slow, actions,
-                    xid)
+            if info.default_power_limit_w is not None:
+                default_limit.add_metric(labels, info.default_power_limit_w)
+            guard = self.sup.guard
+            if guard is not None:
+                status = guard.gpu_status(snap)
+                if status["power_target_w"] is not None:
+                    target.add_metric(labels, status["power_target_w"])
+                factor.add_metric(labels, status["admission_factor"])
+                for action in ACTIONS:
+                    actions.add_metric([*labels, action],
+                                       guard.actions.get((info.uuid, action), 0))
+        yield from (temp, mtemp, power, limit, default_limit, target, factor, util, used, total,
+                    gup, thermal, slow, hotspot, actions, xid)
 
 
 def make_registry(sup: Supervisor, host: Host, notifier: Notifier | None = None

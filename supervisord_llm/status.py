@@ -14,16 +14,18 @@ from .states import State
 from .supervisor import Supervisor
 
 
-def thermal_state(snap: GpuSnapshot) -> str:
-    """ok | lost | unresponsive (warm/throttled/critical come with the thermal policy)."""
+def thermal_state(sup: Supervisor, snap: GpuSnapshot) -> str:
+    """ok | warm | throttled | critical | lost | unresponsive."""
+    if sup.guard is not None:
+        return sup.guard.thermal_state(snap)
     return {"lost": "lost", "unresponsive": "unresponsive",
             "error": "unresponsive"}.get(snap.status, "ok")
 
 
-def gpu_status(snap: GpuSnapshot, now: float) -> dict[str, Any]:
+def gpu_status(sup: Supervisor, snap: GpuSnapshot, now: float) -> dict[str, Any]:
     g, r = snap.info, snap.reading
     fresh = snap.status == "ok"
-    return {
+    data = {
         "index": g.index,
         "uuid": g.uuid,
         "name": g.name,
@@ -37,11 +39,21 @@ def gpu_status(snap: GpuSnapshot, now: float) -> dict[str, Any]:
         "utilization_pct": r.utilization_pct if r and fresh else None,
         "memory_used_bytes": r.memory_used_bytes if r and fresh else None,
         "memory_total_bytes": g.memory_total_bytes,
-        "thermal_state": thermal_state(snap),
+        "hotspot_c": r.hotspot_c if r and fresh else None,
+        "thermal_state": thermal_state(sup, snap),
         "thresholds": {"slowdown_c": g.slowdown_c, "shutdown_c": g.shutdown_c},
         "reading_age_s": None if snap.read_at is None else round(now - snap.read_at, 3),
         "error": snap.error,
+        "vendor": g.vendor,
+        "backend": g.backend,
     }
+    if sup.guard is not None:
+        extra = sup.guard.gpu_status(snap)
+        thresholds = extra.pop("thresholds")
+        if thresholds:
+            data["thresholds"] = {**data["thresholds"], **thresholds}  # type: ignore[dict-item]
+        data.update(extra)
+    return data
 
 
 def service_status(sup: Supervisor, actor: ServiceActor, now: float) -> dict[str, Any]:
@@ -77,7 +89,7 @@ def status(sup: Supervisor, host: Host, now: float, service: str | None = None
             "loop_lag_s": round(sup.loop.lag_s, 6),
         },
         "services": [service_status(sup, a, now) for a in actors],
-        "gpus": [gpu_status(s, now) for s in sup.hub.snapshots()],
+        "gpus": [gpu_status(sup, s, now) for s in sup.hub.snapshots()],
         "power": {
             "source": "none",
             "ups": None,
@@ -102,7 +114,14 @@ def status_line(sup: Supervisor, host: Host) -> str:
         if snap.status != "ok":
             parts.append(f"GPU{snap.info.index} {snap.status}")
         elif r is not None and r.temperature_c is not None:
-            parts.append(f"GPU{snap.info.index} {r.temperature_c:.0f}C")
+            text = f"GPU{snap.info.index} {(r.policy_c or r.temperature_c):.0f}C"
+            state = thermal_state(sup, snap)
+            if state in ("throttled", "critical"):
+                text += f" {state}"
+                target = sup.guard.targets.get(snap.info.uuid) if sup.guard else None
+                if target is not None:
+                    text += f" {target:.0f}W"
+            parts.append(text)
     if host.mode.value != "normal":
         parts.append(host.mode.value)
     return "; ".join(parts)

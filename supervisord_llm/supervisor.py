@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import Config
 from .errors import ControlError, StartupError
@@ -23,6 +24,9 @@ from .sensors.hub import GpuHub
 from .service import Counters, Prober, ServiceActor
 from .spawn import Spawner
 from .states import State
+
+if TYPE_CHECKING:
+    from .guard import GpuGuard
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,7 @@ class Supervisor:
         # instances beyond the registry's, while a hot swap runs: (role, actor) by service;
         # role "replacement" (starting), then "retiring" (the old one, finishing its requests)
         self.extra: dict[str, tuple[str, ServiceActor]] = {}
+        self.guard: GpuGuard | None = None  # GPU protection, once the daemon has built it
         self._pushed: dict[str, tuple[object, ...]] = {}
         self._started = False  # the first start_gates() has run
         self._listeners: list[Callable[[], None]] = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -33,7 +34,12 @@ class SimBackend:
     def __init__(self, gpus: tuple[SimGpu, ...], state_file: str | None = None) -> None:
         self._gpus = gpus
         self._state_file = Path(state_file) if state_file else None
+        # like a real board, the limit a simulated GPU was given outlives the daemon: kept in
+        # <state_file>.limits.json (UUID -> watts), read here, written when set
+        self._limits_file = (self._state_file.with_name(self._state_file.name + ".limits.json")
+                             if self._state_file is not None else None)
         self._limits: dict[str, float] = {g.uuid: g.default_power_limit_w for g in gpus}
+        self._limits.update(self._kept_limits())
         self._lock = threading.Lock()
         self._closed = threading.Event()
 
@@ -110,6 +116,19 @@ class SimBackend:
             ),
         )
 
+    def _kept_limits(self) -> dict[str, float]:
+        known = {g.uuid for g in self._gpus}
+        if self._limits_file is None:
+            return {}
+        try:
+            doc = json.loads(self._limits_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(doc, dict):
+            return {}
+        return {k: float(v) for k, v in doc.items() if k in known
+                and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0}
+
     def set_power_limit(self, gpu: GpuInfo, watts: float) -> None:
         lo = gpu.min_power_limit_w or 0.0
         hi = gpu.max_power_limit_w or math.inf
@@ -117,6 +136,14 @@ class SimBackend:
             raise SensorError(f"power limit {watts:g} W outside [{lo:g}, {hi:g}] W")
         with self._lock:
             self._limits[gpu.uuid] = watts
+            if self._limits_file is not None:
+                tmp = self._limits_file.with_name(self._limits_file.name + ".tmp")
+                try:
+                    tmp.write_text(json.dumps(self._limits, sort_keys=True))
+                    os.replace(tmp, self._limits_file)
+                except OSError as exc:
+                    raise SensorError(f"sim: cannot keep the limit in {self._limits_file}: "
+                                      f"{exc}") from None
 
     def read_health(self, gpu: GpuInfo) -> GpuHealth:
         """From the state file: `clock_events` (a list of names), `pcie_gen`, `pcie_width`
