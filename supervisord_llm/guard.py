@@ -29,7 +29,7 @@ from .host import Host
 from .logs import LogLimiter
 from .modes import Mode
 from .policy import thermal as T
-from .sensors.base import GpuInfo
+from .sensors.base import GpuInfo, SensorBusyError
 from .sensors.hub import GpuHub, GpuSnapshot
 from .supervisor import Supervisor
 
@@ -417,7 +417,7 @@ class GpuGuard:
                             "here; forgotten", uuid, watts)
                 continue
             try:
-                await self.hub.set_power_limit(gpu, watts)
+                await self._set_when_free(gpu, watts)
                 log.warning("GPU%d: power limit restored to %g W (left lowered by an earlier "
                             "run)", gpu.index, watts)
             except SensorError as exc:
@@ -427,18 +427,34 @@ class GpuGuard:
         if left:
             await self.store._write()
 
+    async def _set_when_free(self, gpu: GpuInfo, watts: float) -> None:
+        """A limit call that waits (within two call deadlines) for a call in progress on the
+        same GPU (a step the policy was taking) to end, instead of being refused as busy."""
+        deadline = self._clock() + 2 * self.hub.call_timeout_s
+        while True:
+            try:
+                await self.hub.set_power_limit(gpu, watts)
+                return
+            except SensorBusyError:
+                if self._clock() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
+
     async def restore_all(self) -> None:
         """At stop: every limit the policy changed goes back to what it was."""
         self._closed = True
-        for task in list(self._tasks):
+        running = [t for t in (self._running, *self._tasks) if t is not None and not t.done()]
+        for task in running:
             task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=2 * self.hub.call_timeout_s)
         by_uuid = {g.uuid: g for g in self.hub.gpus}
         for uuid, watts in list(self.store.originals.items()):
             gpu = by_uuid.get(uuid)
             if gpu is None:
                 continue
             try:
-                await self.hub.set_power_limit(gpu, watts)
+                await self._set_when_free(gpu, watts)
                 log.info("GPU%d: power limit restored to %g W", gpu.index, watts)
                 await self.store.forget(uuid)
             except SensorError as exc:

@@ -97,10 +97,13 @@ async def test_auto_without_nvml_here_names_nvml_and_why() -> None:
     await hub.aclose()
 
 
-async def test_auto_nvml_missing_package_and_explicit_nvml() -> None:
-    disc = await discover_gpus(GpuSection(backend="auto"), vendor_backends(lambda: None))
-    assert disc.message == ("gpu.backend auto: nvml: the nvidia-ml-py package (pynvml) is not "
-                            "installed; no GPU found: running without GPU telemetry")
+async def test_auto_nvml_missing_package_and_explicit_nvml(tmp_path: Path) -> None:
+    disc = await discover_gpus(GpuSection(backend="auto", sysfs_root=str(tmp_path)),
+                               vendor_backends(lambda: None))
+    assert disc.message.startswith("gpu.backend auto: nvml: the nvidia-ml-py package (pynvml) "
+                                   "is not installed; amd-sysfs: ")
+    assert f"{tmp_path}/class/drm does not exist" in disc.message
+    assert disc.message.endswith("no GPU found: running without GPU telemetry")
     nv = ScriptedNVML()
     nv.fail["nvmlInit"] = 12
     with pytest.raises(DiscoveryError) as info:
@@ -179,7 +182,7 @@ async def test_named_vendor_sorted_by_pci_and_unknown_backend() -> None:
                                    FakeVendor("fake-amd", AMD))})
     assert [(g.index, g.pci_bus_id) for g in disc.gpus] == [(0, "0000:41:00.0"),
                                                            (1, "0000:c1:00.0")]
-    with pytest.raises(ConfigError, match='"amd-sysfs" is not available in this version'):
+    with pytest.raises(ConfigError, match='"amd-sysfs" is not available'):
         await discover_gpus(GpuSection(backend="amd-sysfs"), {"nvml": scripted_nvml()})
 
 

@@ -225,6 +225,11 @@ def _gpu(root: Table) -> GpuSection:
     state_file = t.string("sim_state_file", None)
     if state_file is not None and not os.path.isabs(state_file):
         t.error("sim_state_file", f"must be an absolute path (got {short(state_file)})")
+    sysfs_root = t.string("sysfs_root", d.sysfs_root)
+    if not os.path.isabs(sysfs_root):
+        t.error("sysfs_root", "must be an absolute path: the sysfs tree the amd-sysfs backend "
+                f"reads (/sys; a test tree elsewhere) (got {short(sysfs_root)})")
+        sysfs_root = d.sysfs_root
     sims = []
     for st in t.array_of_tables("sim"):
         sim = _sim_gpu(st)
@@ -252,7 +257,11 @@ def _gpu(root: Table) -> GpuSection:
             t.error("sim", f'[[gpu.sim]] is only used with backend = "sim" (not {short(backend)})')
         if state_file is not None:
             t.error("sim_state_file", f'is only used with backend = "sim" (not {short(backend)})')
-    return GpuSection(backend, poll, call_timeout, state_file, tuple(sims))
+    if t.has("sysfs_root") and backend not in ("amd-sysfs", "auto"):
+        t.error("sysfs_root", 'is only used by the AMD sysfs backend (backend = "amd-sysfs" '
+                f'or "auto"), not with {short(backend)}')
+    return GpuSection(backend, poll, call_timeout, state_file, tuple(sims),
+                      sysfs_root=sysfs_root)
 
 
 def _thermal(root: Table) -> ThermalSection:

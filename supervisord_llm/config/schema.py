@@ -72,6 +72,9 @@ class GpuSection:
     call_timeout_s: float = 2.0
     sim_state_file: str | None = None
     sim: tuple[SimGpu, ...] = ()
+    # where the amd-sysfs backend looks for `class/drm`, `class/kfd` (tests, demos: a tree
+    # built in a temporary directory)
+    sysfs_root: str = "/sys"
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,17 @@
   order, then the others by PCI bus id, numbered 0, 1, ... in that order, each remembering its
   backend (`GpuInfo.backend`, `Discovery.backend_of`). A backend that is missing, fails or
   hangs is a note, not an error; with no GPU at all the daemon runs without GPU telemetry.
-- a vendor backend by name (`nvml`, later `amd-sysfs`) must work: a failure is a
-  `DiscoveryError` (finding no GPU is not: the plan then refuses services that name one).
+- a vendor backend by name (`nvml`, `amd-sysfs`) must work: a failure is a `DiscoveryError`
+  (finding no GPU is not: the plan then refuses services that name one; but `amd-sysfs`
+  without any amdgpu card under `<sysfs_root>/class/drm` is unavailable, as NVML without its
+  driver is).
 - `sim` builds the simulated GPUs of `[[gpu.sim]]` (NVIDIA- or AMD-like: one backend).
 - `none`: no GPUs.
 
 The vendor registry is built by the composition root, which alone imports vendor libraries
-(`pynvml`): `vendor_backends(load_nvml)`; the AMD sysfs backend plugs in there.
+(`pynvml`): `vendor_backends(load_nvml)`. It holds NVML and the AMD sysfs backend (no library;
+it reads `gpu.sysfs_root`), so `auto` serves NVIDIA cards through NVML and AMD cards through
+sysfs on the same host.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 from ..config import GpuSection
 from ..errors import ConfigError, SensorError, StartupError
+from .amd_sysfs import AmdSysfsBackend
 from .base import BackendUnavailable, GpuBackend, GpuInfo
 from .hub import GpuHub
 from .nvml import NvmlBackend
@@ -37,6 +42,7 @@ from .sim import SimBackend
 
 DISCOVERY_TIMEOUT_S = 30.0
 NVML = "nvml"
+AMD_SYSFS = "amd-sysfs"
 
 # A vendor backend's factory: builds it from the `[gpu]` section without blocking I/O (it runs
 # on the discovery thread anyway); raises BackendUnavailable when it cannot run here.
@@ -64,10 +70,14 @@ def nvml_factory(load_nvml: Callable[[], Any]) -> BackendFactory:
     return make
 
 
+def amd_sysfs_factory(cfg: GpuSection) -> GpuBackend:
+    """The AMD sysfs backend on `gpu.sysfs_root` (the constructor does no I/O)."""
+    return AmdSysfsBackend(cfg.sysfs_root)
+
+
 def vendor_backends(load_nvml: Callable[[], Any]) -> dict[str, BackendFactory]:
-    """The registry of vendor backends, in the order `auto` lists them (NVML first). The AMD
-    sysfs backend goes here: `"amd-sysfs": lambda cfg: AmdSysfsBackend(cfg.sysfs_root)`."""
-    return {NVML: nvml_factory(load_nvml)}
+    """The registry of vendor backends, in the order `auto` lists them (NVML first)."""
+    return {NVML: nvml_factory(load_nvml), AMD_SYSFS: amd_sysfs_factory}
 
 
 @dataclass(frozen=True, eq=False)
