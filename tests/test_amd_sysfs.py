@@ -398,3 +398,33 @@ def wait_for_gpu(d: Daemon, pred: Callable[[dict[str, Any]], bool]) -> dict[str,
     result: dict[str, Any] = wait_until(match, 10,
                                         what=f"GPU reading (log: {d.logtext()[-2000:]})")
     return result
+
+
+def test_daemon_protects_the_amd_card_heated_removed_and_back(tmp_path: Path) -> None:
+    """The tree changed while the daemon runs: the junction heats up (the card is throttled
+    through power1_cap), the card is pulled (its service is held), then put back."""
+    tree = write_tree(tmp_path / "sys", fixture())
+    cap = tree / HWMON / "power1_cap"
+    cap.write_text("304000000\n")  # the stock limit (the fixture's owner had set 120 W)
+    doc = base_config(tmp_path, [fake_service("svc", free_port(), gpus=[PCI])],
+                      gpu={"backend": "amd-sysfs", "sysfs_root": str(tree),
+                           "poll_interval_s": 0.1},
+                      thermal={"warn_c": 83, "throttle_c": 85, "critical_c": 100,
+                               "resume_c": 79, "step_interval_s": 0.3})
+    with running(tmp_path, doc) as d:
+        d.wait_state("svc", "ready")
+        (tree / HWMON / "temp2_input").write_text("86000\n")  # the junction (hot spot)
+        wait_until(lambda: cap.read_text().strip() == "152000000", 15,
+                   what="power1_cap stepped down to the floor (152 W)")
+        gpu = wait_for_gpu(d, lambda g: g["thermal_state"] == "throttled")
+        assert gpu["hotspot_c"] == 86.0 and gpu["temperature_c"] == 42.0
+        (tree / HWMON / "temp2_input").write_text("60000\n")
+        wait_until(lambda: cap.read_text().strip() == "304000000", 15, what="restored")
+        card = tree / "class/drm/card1"
+        card.rename(tree / "class/drm/gone")  # pulled from the bus
+        s = wait_until(lambda: (x := d.service("svc"))["holds"] == ["gpu_lost"] and x, 10,
+                       what=f"held for the lost GPU (log: {d.logtext()[-1500:]})")
+        wait_until(lambda: d.service("svc")["state"] == "stopped", 10, what="stopped")
+        (tree / "class/drm/gone").rename(card)  # and back
+        d.wait_state("svc", "ready", 15)
+        assert d.service("svc")["holds"] == [] and s["pid"] is not None

@@ -108,6 +108,15 @@ def test_stale_readings_never_act_and_the_state_holds() -> None:
     assert any(isinstance(a, T.SetPowerLimit) for t, a in acts if t == 42)  # fresh: moves
 
 
+def test_a_limit_already_below_the_floor_is_never_raised() -> None:
+    """An RX 9070 XT whose owner set 120 W (default 304 W, floor 152 W): throttling never
+    raises the limit; only the admission steps down."""
+    lim = replace(LIM, default_w=304, board_min_w=None)
+    _state, acts = run([86.0] * 30 + [70.0] * 30, lim, limit_w=120)
+    assert not of(T.SetPowerLimit, acts)
+    assert [a.factor for _t, a in of(T.SetFactor, acts)][:5] == [0.9, 0.8, 0.7, 0.6, 0.5]
+
+
 def test_initial_limit_set_by_the_operator_is_what_is_restored() -> None:
     _state, acts = run([86.0] * 6 + [70.0] * 20, limit_w=250)
     watts = [a.watts for _t, a in of(T.SetPowerLimit, acts)]

@@ -83,7 +83,10 @@ class State:
         """The power limit the policy wants now; None: what the board had (untouched)."""
         if self.steps == 0 or self.original_w is None or limits.default_w is None:
             return None
-        return max(limits.floor_w, self.original_w - self.steps * limits.step_w)
+        # never above what the board had (an operator's limit below the floor stays)
+        target = min(self.original_w, max(limits.floor_w, self.original_w - self.steps
+                                          * limits.step_w))
+        return None if target == self.original_w else target
 
     def factor(self, limits: Limits) -> float:
         return max(limits.min_power_fraction, 1.0 - self.steps * limits.power_step)
