@@ -42,6 +42,9 @@ listen = "127.0.0.1:$PM"
 backend = "sim"
 poll_interval_s = 1.0
 sim_state_file = "$RUN/sim-gpus.json"
+[thermal]                            # relative to the GPU's slowdown (89 C): throttle at 85 C
+step_interval_s = 1
+
 [[gpu.sim]]
 uuid = "GPU-5a1e0000-0000-4000-8000-000000000000"
 name = "Simulated RTX 6000 Ada"
@@ -143,13 +146,19 @@ say "llmctl drain chat: the gate closes to new requests (503) and waits for in-f
 curl -s -o /dev/null -w "a new request now gets HTTP %{http_code}\n" "http://127.0.0.1:$PG/v1/models"
 "${CTL[@]}" resume chat
 
-say "GPU0 heats up to 84C (written to the sim state file, re-read at every poll)"
-echo '{"GPU-5a1e0000-0000-4000-8000-000000000000": {"temperature_c": 84, "power_w": 291, "utilization_pct": 97, "memory_used_bytes": 61000000000}}' > "$RUN/sim-gpus.json"
-sleep 1.5
+say "GPU0 heats up to 86C (written to the sim state file, re-read at every poll): throttled"
+echo '{"GPU-5a1e0000-0000-4000-8000-000000000000": {"temperature_c": 86, "power_w": 291, "utilization_pct": 97, "memory_used_bytes": 61000000000}}' > "$RUN/sim-gpus.json"
+sleep 2.5
+"${CTL[@]}" status | sed -n '/^GPU/,/^$/p'
+"${CTL[@]}" --json status | .venv/bin/python -c 'import json,sys; g=json.load(sys.stdin)["gpus"][0]; print("GPU0: %(thermal_state)s, power limit %(power_limit_w)g W of %(default_power_limit_w)g W, %(throttle_steps)d steps, admission factor %(admission_factor)s" % g)'
+grep -E "GPU0 thermal|GPU0: power limit" "$RUN/daemon.log" | sed 's/^/  /'
+say "GPU0 cools to 60C: the steps are undone, one a second, up to 300 W"
+echo '{"GPU-5a1e0000-0000-4000-8000-000000000000": {"temperature_c": 60}}' > "$RUN/sim-gpus.json"
+sleep 4
 "${CTL[@]}" status | sed -n '/^GPU/,/^$/p'
 
 say "Prometheus metrics at http://127.0.0.1:$PM/metrics (a few of them)"
-curl -s "http://127.0.0.1:$PM/metrics" | grep -E '^llm_supervisor_(service_up|service_restarts_total\{reason="exit"|gpu_temperature_celsius|gate_requests_total)'
+curl -s "http://127.0.0.1:$PM/metrics" | grep -E '^llm_supervisor_(service_up|service_restarts_total\{reason="exit"|gpu_temperature_celsius|gate_requests_total|gpu_throttle_actions_total\{.*power)'
 
 if [ "$KEEP" = 1 ]; then
   say "llm-supervisor keeps running (pid $(cat "$RUN/daemon.pid"))"

@@ -218,6 +218,23 @@ def render_status(data: dict[str, Any]) -> str:
             ])
         out.append("")
         out.append(_table(rows))
+        for g in gpus_data:
+            h = g.get("health") or {}
+            notes = []
+            if h.get("memory_trouble"):
+                notes.append(f"memory errors (uncorrected ECC {h.get('ecc_uncorrected') or 0}"
+                             f"{', retirement pending' if h.get('retirement_pending') else ''}"
+                             f"{', remap failed' if h.get('remap_failed') else ''}): plan a "
+                             "reset of this GPU")
+            if h.get("link_degraded"):
+                notes.append(f"PCIe link gen{h.get('pcie_gen')} x{h.get('pcie_width')} below "
+                             f"gen{h.get('pcie_gen_max')} x{h.get('pcie_width_max')}")
+            if h.get("clock_trouble"):
+                notes.append("clocks slowed: " + ", ".join(h["clock_trouble"]))
+            if g.get("lost"):
+                notes.append(f"lost: {g['lost']}")
+            for note in notes:
+                out.append(f"  GPU{g.get('index')}: {note}")
     p = data.get("power") or {}
     if p:
         line = f"power: source {p.get('source')}, state {p.get('state')}"

@@ -31,6 +31,10 @@ from .host import Host
 from .plan import ServicePlan, resolve_plan
 from .sensors.base import GpuInfo
 from .sensors.discovery import Discovery, discover_gpus, vendor_backends
+from .sensors.events import EventSource, GpuEvents
+from .sensors.hub import GpuHub
+from .sensors.nvml import NvmlBackend, NvmlXidSource
+from .sensors.udev import UdevSource
 from .spawn import Spawner
 from .status import status_line
 from .supervisor import Supervisor
@@ -42,6 +46,7 @@ log = logging.getLogger("llm-supervisor")
 DISCOVERY_TIMEOUT_S = 30.0
 TEST_HOOKS_ENV = "LLM_SUPERVISOR_TEST_HOOKS"
 STATE_DIR_CHECK_S = 5.0
+REPROBE_S = 30.0  # a lost GPU is asked again this often whether it answers
 NOFILE_CAP = 1 << 20
 RELOAD_READ_TIMEOUT_S = 30.0  # reading the config (a hung NFS mount) must not hold a reload
 RELOAD_PROBLEMS_SHOWN = 20  # in the log and in llmctl's answer (--check shows 100)
@@ -83,6 +88,30 @@ async def discover(cfg: Config) -> Discovery:
 
 async def _never(req: P.Request, peer: Peer) -> Any:  # pragma: no cover - never serves
     raise ControlError(P.FAILED, "not serving")
+
+
+def _pyudev() -> Any:
+    try:
+        import pyudev
+    except ImportError:
+        return None
+    return pyudev
+
+
+def event_sources(hub: GpuHub, gpus: list[GpuInfo]) -> list[EventSource]:
+    """Where GPU losses are seen besides a failed read: NVML's critical Xid events, and the
+    kernel's PCI remove/add (udev) for real GPUs."""
+    sources: list[EventSource] = []
+    nvml = [g for g in gpus if g.backend == "nvml"]
+    for backend in hub.backends:
+        if isinstance(backend, NvmlBackend) and nvml:
+            sources.append(NvmlXidSource(backend, nvml))
+    real = {g.pci_bus_id: g.uuid for g in gpus if g.backend in ("nvml", "amd-sysfs")
+            and g.pci_bus_id}
+    pyudev = _pyudev() if real else None
+    if pyudev is not None:
+        sources.append(UdevSource(pyudev, real))
+    return sources
 
 
 def raise_nofile(cfg: Config) -> None:
@@ -167,7 +196,9 @@ class Daemon:
             await disc.aclose()
             raise
         spawner = Spawner(cfg.supervisor.state_dir)
-        hub = disc.hub(cfg.gpu.poll_interval_s, cfg.gpu.call_timeout_s)
+        hub = disc.hub(cfg.gpu.poll_interval_s, cfg.gpu.call_timeout_s,
+                       health_interval_s=cfg.gpu.health_interval_s)
+        events: GpuEvents | None = None
         prober = HttpProber()
         control: ControlServer | None = None
         web: MetricsServer | None = None
@@ -197,6 +228,10 @@ class Daemon:
                              clock=self.clock)
             sup.guard = guard
             await guard.restore_leftovers()  # what an earlier run lowered and did not restore
+            events = GpuEvents(self.gpus, guard.on_gpu_event, hub=hub,
+                               sources=event_sources(hub, self.gpus))
+            sup.gpu_events = events
+            events.start()
             loop = asyncio.get_running_loop()
             for sig, what in ((signal.SIGTERM, "term"), (signal.SIGINT, "term"),
                               (signal.SIGHUP, "hup")):
@@ -207,6 +242,7 @@ class Daemon:
                 loop.create_task(host.run(), name="host"),
                 loop.create_task(self._guard_state_dir(cfg.supervisor.state_dir, spawner),
                                  name="state-dir-guard"),
+                loop.create_task(guard.reprobe(events.probe_back, REPROBE_S), name="reprobe"),
             ]
             sup.on_change(self._schedule_status)
             host.on_change(self._schedule_status)
@@ -236,6 +272,8 @@ class Daemon:
             await spawner.close()
             if self.sup is not None and self.sup.guard is not None:
                 await self.sup.guard.restore_all()
+            if events is not None:
+                await events.aclose()  # before nvmlShutdown: no thread may wait in NVML
             await hub.aclose()
             os.close(self._lock_fd)
             self.notifier.close()

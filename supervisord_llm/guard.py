@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -30,6 +30,7 @@ from .logs import LogLimiter
 from .modes import Mode
 from .policy import thermal as T
 from .sensors.base import GpuInfo, SensorBusyError
+from .sensors.events import Back, Lost
 from .sensors.hub import GpuHub, GpuSnapshot
 from .supervisor import Supervisor
 
@@ -140,7 +141,6 @@ class GpuGuard:
     async def evaluate(self) -> None:
         now = self._clock()
         for snap in self.hub.snapshots():
-            await self._lost_or_back(snap)
             if snap.info.uuid in self.lost:
                 continue
             lim = self.limits(snap.info)
@@ -338,12 +338,29 @@ class GpuGuard:
 
     # --- lost GPUs ------------------------------------------------------------------------
 
-    async def _lost_or_back(self, snap: GpuSnapshot) -> None:
-        uuid = snap.info.uuid
-        if snap.status == "lost" and uuid not in self.lost:
-            await self.gpu_lost(snap.info, snap.error or "lost")
-        elif snap.status == "ok" and uuid in self.lost:
-            await self.gpu_back(snap.info, "it answers again")
+    def on_gpu_event(self, event: Lost | Back) -> None:
+        """From `GpuEvents` (NVML Xids, udev, the hub's reads, a re-probe), on the loop."""
+        gpu = next((g for g in self.hub.gpus if g.uuid == event.uuid), None)
+        if gpu is None or self._closed:
+            return
+        coro = self.gpu_lost(gpu, event.why) if isinstance(event, Lost) else \
+            self.gpu_back(gpu, event.why)
+        self._spawn(coro, f"gpu-event-{gpu.index}")
+
+    async def reprobe(self, probe: Callable[[GpuInfo], Awaitable[bool]],
+                      interval_s: float) -> None:
+        """Every `interval_s`, ask each lost GPU whether it answers again (a GPU that came back
+        without a udev `add`: a reset, a driver reload)."""
+        while not self._closed:
+            await asyncio.sleep(interval_s)
+            for gpu in self.hub.gpus:
+                if gpu.uuid in self.lost:
+                    try:
+                        back = await probe(gpu)
+                    except (SensorError, OSError):
+                        back = False
+                    if back:
+                        await self.gpu_back(gpu, "it answers a re-probe")
 
     async def gpu_lost(self, gpu: GpuInfo, why: str) -> None:
         if gpu.uuid in self.lost:

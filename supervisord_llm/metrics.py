@@ -21,6 +21,7 @@ from . import __version__, logs
 from .guard import ACTIONS
 from .host import Host
 from .modes import Mode
+from .sensors.base import CLOCK_EVENTS
 from .states import RestartReason, State
 from .status import thermal_state
 from .supervisor import Supervisor
@@ -146,8 +147,44 @@ class SupervisorCollector(Collector):
                                       "Throttle actions taken", labels=[*GPU_LABELS, "action"])
         xid = CounterMetricFamily("llm_supervisor_gpu_xid_errors", "Xid errors seen",
                                   labels=[*GPU_LABELS, "xid"])
+        link_gen = g("pcie_link_generation", "PCIe link generation", ["kind"])
+        link_width = g("pcie_link_width", "PCIe link width (lanes)", ["kind"])
+        ecc = CounterMetricFamily("llm_supervisor_gpu_ecc_errors",
+                                  "ECC errors since the driver loaded (volatile)",
+                                  labels=[*GPU_LABELS, "type"])
+        retired = g("retired_memory_pages", "Memory pages retired or rows remapped")
+        pending = g("memory_retirement_pending",
+                    "1 while a page retirement or row remap waits for a reset")
+        clocks = g("clock_event_active", "1 while this reason holds the clocks down",
+                   ["reason"])
+        health = {h.info.uuid: h.health for h in self.sup.hub.health_snapshots()}
+        events = self.sup.gpu_events
         for snap in self.sup.hub.snapshots():
             info, r = snap.info, snap.reading
+            labels0 = [str(info.index), info.uuid, info.pci_bus_id, info.name]
+            h = health.get(info.uuid)
+            if h is not None:
+                for fam, kind, num in ((link_gen, "current", h.pcie_gen),
+                                       (link_gen, "max", h.pcie_gen_max),
+                                       (link_width, "current", h.pcie_width),
+                                       (link_width, "max", h.pcie_width_max)):
+                    if num is not None:
+                        fam.add_metric([*labels0, kind], num)
+                for kind, num in (("uncorrected", h.ecc_uncorrected_volatile),
+                                  ("corrected", h.ecc_corrected_volatile)):
+                    if num is not None:
+                        ecc.add_metric([*labels0, kind], num)
+                if h.retired_pages is not None:
+                    retired.add_metric(labels0, h.retired_pages)
+                if h.retirement_pending is not None:
+                    pending.add_metric(labels0, 1.0 if h.retirement_pending else 0.0)
+                if h.clock_events is not None:
+                    for reason in CLOCK_EVENTS:
+                        clocks.add_metric([*labels0, reason],
+                                          1.0 if reason in h.clock_events else 0.0)
+            if events is not None:
+                for code, n in sorted(events.xid_errors_total.get(info.uuid, {}).items()):
+                    xid.add_metric([*labels0, str(code)], n)
             labels = [str(info.index), info.uuid, info.pci_bus_id, info.name]
             fresh = snap.status == "ok" and r is not None
             if fresh and r is not None:
@@ -180,7 +217,8 @@ class SupervisorCollector(Collector):
                     actions.add_metric([*labels, action],
                                        guard.actions.get((info.uuid, action), 0))
         yield from (temp, mtemp, power, limit, default_limit, target, factor, util, used, total,
-                    gup, thermal, slow, hotspot, actions, xid)
+                    gup, thermal, slow, hotspot, actions, xid, link_gen, link_width, ecc,
+                    retired, pending, clocks)
 
 
 def make_registry(sup: Supervisor, host: Host, notifier: Notifier | None = None

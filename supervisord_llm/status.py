@@ -8,6 +8,7 @@ from typing import Any
 
 from . import __version__
 from .host import Host
+from .sensors.base import CLOCK_TROUBLE
 from .sensors.hub import GpuSnapshot
 from .service import ServiceActor
 from .states import State
@@ -47,6 +48,10 @@ def gpu_status(sup: Supervisor, snap: GpuSnapshot, now: float) -> dict[str, Any]
         "vendor": g.vendor,
         "backend": g.backend,
     }
+    data["health"] = health_status(sup, g.uuid, now)
+    if sup.gpu_events is not None:
+        data["xid_errors"] = {str(k): v for k, v in
+                              sorted(sup.gpu_events.xid_errors_total.get(g.uuid, {}).items())}
     if sup.guard is not None:
         extra = sup.guard.gpu_status(snap)
         thresholds = extra.pop("thresholds")
@@ -54,6 +59,29 @@ def gpu_status(sup: Supervisor, snap: GpuSnapshot, now: float) -> dict[str, Any]
             data["thresholds"] = {**data["thresholds"], **thresholds}  # type: ignore[dict-item]
         data.update(extra)
     return data
+
+
+def health_status(sup: Supervisor, uuid: str, now: float) -> dict[str, Any] | None:
+    """Health beyond heat: clock-event reasons, the PCIe link, ECC and retired memory."""
+    snap = next((h for h in sup.hub.health_snapshots() if h.info.uuid == uuid), None)
+    if snap is None or snap.health is None:
+        return None
+    h = snap.health
+    return {
+        "clock_events": list(h.clock_events) if h.clock_events is not None else None,
+        "clock_trouble": sorted(set(h.clock_events or ()) & CLOCK_TROUBLE),
+        "pcie_gen": h.pcie_gen, "pcie_gen_max": h.pcie_gen_max,
+        "pcie_width": h.pcie_width, "pcie_width_max": h.pcie_width_max,
+        "link_degraded": h.link_degraded,
+        "ecc_uncorrected": h.ecc_uncorrected_volatile,
+        "ecc_corrected": h.ecc_corrected_volatile,
+        "retired_pages": h.retired_pages,
+        "retirement_pending": h.retirement_pending,
+        "remap_failed": h.remap_failed,
+        "memory_trouble": h.memory_trouble,
+        "age_s": None if snap.read_at is None else round(now - snap.read_at, 3),
+        "error": snap.error,
+    }
 
 
 def service_status(sup: Supervisor, actor: ServiceActor, now: float) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from .states import State
 
 if TYPE_CHECKING:
     from .guard import GpuGuard
+    from .sensors.events import GpuEvents
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class Supervisor:
         # role "replacement" (starting), then "retiring" (the old one, finishing its requests)
         self.extra: dict[str, tuple[str, ServiceActor]] = {}
         self.guard: GpuGuard | None = None  # GPU protection, once the daemon has built it
+        self.gpu_events: GpuEvents | None = None  # Xids, udev: for status and metrics
         self._pushed: dict[str, tuple[object, ...]] = {}
         self._started = False  # the first start_gates() has run
         self._listeners: list[Callable[[], None]] = []

@@ -229,3 +229,33 @@ def test_hung_sensor_takes_no_action(tmp_path: Path) -> None:
         assert limits_file(tmp_path)[GPU0] == before  # nothing moved on a stale reading
         heat(tmp_path, gpu0={"temperature_c": 70})
         wait_until(lambda: gpu(d)["power_limit_w"] == 300, 15, what="restored once it answers")
+
+
+def test_health_beyond_heat_is_visible(tmp_path: Path) -> None:
+    doc = config(tmp_path, [fake_service("a", free_port(), gpus=[0])])
+    doc["gpu"]["health_interval_s"] = 0.2
+    with running(tmp_path, doc) as d:
+        d.wait_state("a", "ready")
+        heat(tmp_path, gpu0={"clock_events": ["sw_power_cap", "hw_thermal"], "pcie_width": 8,
+                             "ecc_uncorrected": 2, "retirement_pending": True})
+        h = wait_until(lambda: (x := gpu(d)["health"]) and x["ecc_uncorrected"] == 2 and x,
+                       5, what="health read")
+        assert h["link_degraded"] and h["memory_trouble"] and h["retirement_pending"]
+        assert h["clock_trouble"] == ["hw_thermal"]  # the power cap is ordinary
+        table = d.llmctl("status").stdout
+        assert "GPU0: memory errors (uncorrected ECC 2, retirement pending)" in table
+        assert "GPU0: PCIe link gen4 x8 below gen4 x16" in table
+        assert "GPU0: clocks slowed: hw_thermal" in table
+        import urllib.request
+
+        url = f"http://{doc['metrics']['listen']}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+        width = [x for x in text.splitlines()
+                 if x.startswith('llm_supervisor_gpu_pcie_link_width{gpu="0"')]
+        assert any('kind="current"' in x and x.endswith(" 8.0") for x in width), width
+        for line in ('llm_supervisor_gpu_pcie_link_width{gpu="0"',
+                     'llm_supervisor_gpu_ecc_errors_total{gpu="0"',
+                     'llm_supervisor_gpu_memory_retirement_pending{gpu="0"',
+                     'reason="hw_thermal",uuid="' + GPU0 + '"} 1.0'):
+            assert line in text, line

@@ -222,6 +222,8 @@ def _gpu(root: Table) -> GpuSection:
     backend = t.string("backend", d.backend, choices=GPU_BACKENDS)
     poll = t.number("poll_interval_s", d.poll_interval_s, above=0, maximum=3600)
     call_timeout = t.number("call_timeout_s", d.call_timeout_s, above=0, maximum=600)
+    health_interval = t.number("health_interval_s", d.health_interval_s, above=0,
+                               maximum=86400)
     state_file = t.string("sim_state_file", None)
     if state_file is not None and not os.path.isabs(state_file):
         t.error("sim_state_file", f"must be an absolute path (got {short(state_file)})")
@@ -261,7 +263,7 @@ def _gpu(root: Table) -> GpuSection:
         t.error("sysfs_root", 'is only used by the AMD sysfs backend (backend = "amd-sysfs" '
                 f'or "auto"), not with {short(backend)}')
     return GpuSection(backend, poll, call_timeout, state_file, tuple(sims),
-                      sysfs_root=sysfs_root)
+                      sysfs_root=sysfs_root, health_interval_s=health_interval)
 
 
 def _thermal(root: Table) -> ThermalSection:

@@ -75,6 +75,7 @@ class GpuSection:
     # where the amd-sysfs backend looks for `class/drm`, `class/kfd` (tests, demos: a tree
     # built in a temporary directory)
     sysfs_root: str = "/sys"
+    health_interval_s: float = 10.0  # clock events, PCIe link, ECC: read less often
 
 
 @dataclass(frozen=True)

@@ -110,8 +110,10 @@ class Discovery:
         return f"gpu.backend {self.requested}: " + "; ".join(parts)
 
     def hub(self, poll_interval_s: float, call_timeout_s: float,
-            clock: Callable[[], float] = time.monotonic) -> GpuHub:
-        return GpuHub(self.backend_of, self.gpus, poll_interval_s, call_timeout_s, clock)
+            clock: Callable[[], float] = time.monotonic, *,
+            health_interval_s: float = 10.0) -> GpuHub:
+        return GpuHub(self.backend_of, self.gpus, poll_interval_s, call_timeout_s, clock,
+                      health_interval_s=health_interval_s)
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
         """Close the backends (nvmlShutdown) off the loop, when no hub took them (`--check`)."""

@@ -7,22 +7,32 @@ that marks the GPU `unresponsive`, and nothing new is submitted for that GPU unt
 (no pile-up of threads); the other GPUs, whatever their backend, are not held up. Readers
 (status, metrics, policies) only ever see the latest immutable `GpuSnapshot`s, with the age
 and error of each reading.
+
+Health beyond heat (`read_health`: clock-event reasons, PCIe link, ECC, retired pages) is read
+every `health_interval_s` (slower) in the same job as that tick's read, right after it, on the
+GPU's own thread: never beside a read of the same GPU, under the same deadline and no-pile-up
+rules, without a tick of its own (the reads keep their schedule, none is skipped for it, and a
+`call()` such as a power limit waits for it as for a read, instead of being refused as busy).
+The latest of each GPU is a `GpuHealthSnapshot` (`health_snapshots()`): a job past its deadline
+makes it `unresponsive`, a lost GPU `lost`, as the reading; an error of `read_health` alone is
+its own `error` and leaves the reading alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from ..errors import GpuLostError, SensorError
-from .base import GpuBackend, GpuInfo, GpuReading
+from .base import GpuBackend, GpuHealth, GpuInfo, GpuReading
 from .poll import CallThread, Snapshot, SourcePoller, close_in_background, close_off_loop
 
-__all__ = ["CallThread", "GpuHub", "GpuSnapshot"]
+__all__ = ["CallThread", "GpuHealthSnapshot", "GpuHub", "GpuSnapshot"]
 
 R = TypeVar("R")
 
@@ -46,16 +56,65 @@ class GpuSnapshot:
         return None if self.read_at is None else now - self.read_at
 
 
+@dataclass(frozen=True)
+class GpuHealthSnapshot:
+    """One GPU's latest health (the shape of `poll.Snapshot`, value = health). `health` is the
+    last good one (kept while reading it fails, for display); `read_at` its monotonic time."""
+
+    info: GpuInfo
+    health: GpuHealth | None
+    read_at: float | None
+    status: str  # unknown | ok | error | lost | unresponsive
+    error: str | None
+
+    @property
+    def value(self) -> GpuHealth | None:
+        return self.health
+
+    def age_s(self, now: float) -> float | None:
+        return None if self.read_at is None else now - self.read_at
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """What one job on a GPU's thread returns: the reading and, when it was due, the health
+    (or the error that reading it raised)."""
+
+    reading: GpuReading
+    health_tried: bool = False
+    health: GpuHealth | None = None
+    health_error: str | None = None
+
+
 class _GpuSource:
-    """One GPU as a `SyncSource` for the poller."""
+    """One GPU as a `SyncSource` for the poller. `want_health()` (on the loop) asks for a
+    health read with the next reading; the thread does it once the reading succeeded (a read
+    that fails leaves it asked for)."""
 
     def __init__(self, backend: GpuBackend, gpu: GpuInfo) -> None:
         self.name = f"gpu{gpu.index}"
         self._backend = backend
         self._gpu = gpu
+        self._lock = threading.Lock()
+        self._health_wanted = False
 
-    def read(self) -> GpuReading:
-        return self._backend.read(self._gpu)
+    def want_health(self) -> None:
+        with self._lock:
+            self._health_wanted = True
+
+    def read(self) -> _Sample:
+        reading = self._backend.read(self._gpu)
+        with self._lock:
+            wanted, self._health_wanted = self._health_wanted, False
+        if not wanted:
+            return _Sample(reading)
+        try:
+            health = self._backend.read_health(self._gpu)
+        except GpuLostError:
+            raise  # lost is lost: the reading too
+        except Exception as exc:
+            return _Sample(reading, True, None, f"{type(exc).__name__}: {exc}")
+        return _Sample(reading, True, health)
 
 
 class GpuHub:
@@ -70,10 +129,13 @@ class GpuHub:
         poll_interval_s: float,
         call_timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        health_interval_s: float = 10.0,
     ) -> None:
         self.gpus = list(gpus)
         self.poll_interval_s = poll_interval_s
         self.call_timeout_s = call_timeout_s
+        self.health_interval_s = health_interval_s
         self._clock = clock
         if isinstance(backends, Mapping):
             missing = [g.uuid for g in self.gpus if g.uuid not in backends]
@@ -92,13 +154,19 @@ class GpuHub:
             g.uuid: GpuSnapshot(g, None, None, "unknown", None, g.default_power_limit_w)
             for g in self.gpus
         }
-        self._pollers: dict[str, SourcePoller[GpuReading]] = {}
+        self._health: dict[str, GpuHealthSnapshot] = {
+            g.uuid: GpuHealthSnapshot(g, None, None, "unknown", None) for g in self.gpus
+        }
+        self._sources: dict[str, _GpuSource] = {}
+        self._pollers: dict[str, SourcePoller[_Sample]] = {}
         for g in self.gpus:
-            poller: SourcePoller[GpuReading] = SourcePoller(
-                _GpuSource(self._backend_of[g.uuid], g), poll_interval_s, call_timeout_s,
+            source = _GpuSource(self._backend_of[g.uuid], g)
+            poller: SourcePoller[_Sample] = SourcePoller(
+                source, poll_interval_s, call_timeout_s,
                 clock=clock, sensor="gpu", label=f"GPU{g.index}", thread_name=f"gpu{g.index}",
                 lost_errors=(GpuLostError,), errors_total=self.errors_total)
             poller.on_change(functools.partial(self._changed, g))
+            self._sources[g.uuid] = source
             self._pollers[g.uuid] = poller
         self._listeners: list[Callable[[], None]] = []
         self._closed = False
@@ -115,17 +183,37 @@ class GpuHub:
     def snapshots(self) -> tuple[GpuSnapshot, ...]:
         return tuple(self._snapshots[g.uuid] for g in self.gpus)
 
+    def health_snapshots(self) -> tuple[GpuHealthSnapshot, ...]:
+        return tuple(self._health[g.uuid] for g in self.gpus)
+
     def on_update(self, fn: Callable[[], None]) -> None:
         """`fn()` after each poll and each call."""
         self._listeners.append(fn)
 
-    def _changed(self, gpu: GpuInfo, snap: Snapshot[GpuReading]) -> None:
+    def _changed(self, gpu: GpuInfo, snap: Snapshot[_Sample]) -> None:
         old = self._snapshots[gpu.uuid]
+        sample = snap.value
+        reading = None if sample is None else sample.reading
         limit = old.power_limit_w
-        if snap.status == "ok" and snap.value is not None and snap.value.power_limit_w is not None:
-            limit = snap.value.power_limit_w
-        self._snapshots[gpu.uuid] = GpuSnapshot(gpu, snap.value, snap.read_at, snap.status,
+        if snap.status == "ok" and reading is not None and reading.power_limit_w is not None:
+            limit = reading.power_limit_w
+        self._snapshots[gpu.uuid] = GpuSnapshot(gpu, reading, snap.read_at, snap.status,
                                                 snap.error, limit)
+        health = self._health[gpu.uuid]
+        if snap.status == "ok" and sample is not None and sample.health_tried:
+            if sample.health_error is None:
+                health = GpuHealthSnapshot(gpu, sample.health, snap.read_at, "ok", None)
+            else:
+                self.errors_total["gpu_health"] = self.errors_total.get("gpu_health", 0) + 1
+                health = GpuHealthSnapshot(gpu, health.health, health.read_at, "error",
+                                           sample.health_error)
+        elif snap.status in ("lost", "unresponsive"):  # the GPU's thread cannot read it either
+            health = GpuHealthSnapshot(gpu, health.health, health.read_at, snap.status,
+                                       snap.error)
+        elif snap.status == "ok" and health.status in ("lost", "unresponsive"):
+            # answering again: stale until the next health read, not lost
+            health = GpuHealthSnapshot(gpu, health.health, health.read_at, "unknown", None)
+        self._health[gpu.uuid] = health
 
     def _notify(self) -> None:
         for fn in self._listeners:
@@ -144,10 +232,27 @@ class GpuHub:
             self._notify()
 
     async def run(self) -> None:
+        """A read per GPU every `poll_interval_s`; every `health_interval_s` (from the first
+        tick), that tick's jobs read the health too."""
+        health_due = self._clock()
         while True:
             started = self._clock()
+            if started >= health_due:
+                self.want_health()
+                while health_due <= started:
+                    health_due += self.health_interval_s
             await self.poll_once()
             await asyncio.sleep(max(0.0, self.poll_interval_s - (self._clock() - started)))
+
+    def want_health(self) -> None:
+        """Read each GPU's health with its next reading."""
+        for source in self._sources.values():
+            source.want_health()
+
+    async def poll_health_once(self) -> None:
+        """`want_health()`, then `poll_once()`: a read and a health read per GPU."""
+        self.want_health()
+        await self.poll_once()
 
     async def call(self, gpu: GpuInfo, fn: Callable[[GpuBackend, GpuInfo], R]) -> R:
         """Run `fn(backend, gpu)` on that GPU's thread, after a read in progress, with the
