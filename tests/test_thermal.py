@@ -259,3 +259,38 @@ def test_health_beyond_heat_is_visible(tmp_path: Path) -> None:
                      'llm_supervisor_gpu_memory_retirement_pending{gpu="0"',
                      'reason="hw_thermal",uuid="' + GPU0 + '"} 1.0'):
             assert line in text, line
+
+
+async def test_drain_restart_under_streaming_load_loses_no_admitted_request(
+        tmp_path: Path) -> None:
+    svc = fake_service("chat", free_port(), gpus=[0],
+                       gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 16,
+                             "drain_timeout_s": 30})
+    doc = config(tmp_path, [svc], on_critical="drain-restart")
+    with running(tmp_path, doc) as d:
+        d.wait_state("chat", "ready")
+        url = f"http://{svc['gate']['listen']}/v1/chat/completions"
+        pid = d.service("chat")["pid"]
+        body = {"stream": True, "max_tokens": 30, "fake_token_delay_s": 0.05}
+
+        async def stream(client: aiohttp.ClientSession) -> tuple[int, bytes]:
+            async with client.post(url, json=body) as r:
+                return r.status, await r.read()
+
+        async with aiohttp.ClientSession() as client:
+            streams = [asyncio.create_task(stream(client)) for _ in range(8)]
+            await async_wait_until(lambda: d.service("chat")["inflight"] == 8, 5,
+                                   what="8 in flight")
+            heat(tmp_path, gpu0={"temperature_c": 89})
+            results = await asyncio.gather(*streams)  # drained, then stopped: all complete
+            assert all(code == 200 and b.rstrip().endswith(b"[DONE]") for code, b in results)
+            await async_wait_until(lambda: d.service("chat")["holds"] == ["cooling"], 10,
+                                   what="held for cooling after the drain")
+            heat(tmp_path, gpu0={"temperature_c": 70})
+            await async_wait_until(lambda: d.service("chat")["state"] == "ready", 15,
+                                   what="started again")
+            await async_wait_until(lambda: d.service("chat")["gate"] == "open", 5,
+                                   what="gate open")
+            assert d.service("chat")["pid"] != pid
+            code, _b = await stream(client)
+            assert code == 200
