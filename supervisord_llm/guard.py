@@ -101,7 +101,7 @@ class GpuGuard:
         self.sup = sup
         self.host = host
         self.hub = hub
-        self.cfg = cfg
+        self._cfg = cfg
         self.store = store
         self._clock = clock
         self.states: dict[str, T.State] = {}
@@ -155,6 +155,12 @@ class GpuGuard:
         self._update_mode()
 
     # --- what the policy needs ----------------------------------------------------------------
+
+    @property
+    def cfg(self) -> ThermalSection:
+        """The running configuration's [thermal] (a reload changes it live)."""
+        cfg = getattr(self.sup.cfg, "thermal", None)
+        return cfg if isinstance(cfg, ThermalSection) else self._cfg
 
     def limits(self, gpu: GpuInfo) -> T.Limits | None:
         c = self.cfg
