@@ -48,6 +48,8 @@ TEST_HOOKS_ENV = "LLM_SUPERVISOR_TEST_HOOKS"
 STATE_DIR_CHECK_S = 5.0
 REPROBE_S = 30.0  # a lost GPU is asked again this often whether it answers
 NOFILE_CAP = 1 << 20
+# STATUS= at most this often (a flapping sensor must not flood systemd); the latest line wins
+STATUS_MIN_INTERVAL_S = 1.0
 RELOAD_READ_TIMEOUT_S = 30.0  # reading the config (a hung NFS mount) must not hold a reload
 RELOAD_PROBLEMS_SHOWN = 20  # in the log and in llmctl's answer (--check shows 100)
 
@@ -170,6 +172,7 @@ class Daemon:
         self._signals: asyncio.Queue[str] = asyncio.Queue()
         self._status_pending = False
         self._last_status = ""
+        self._status_sent_at = -STATUS_MIN_INTERVAL_S
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_warned = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -313,9 +316,15 @@ class Daemon:
     # --- status and watchdog ---------------------------------------------------------------
 
     def _schedule_status(self) -> None:
+        """STATUS= soon: at once, or (coalesced) STATUS_MIN_INTERVAL_S after the last one."""
         if not self._status_pending:
             self._status_pending = True
-            asyncio.get_running_loop().call_soon(self._send_status)
+            loop = asyncio.get_running_loop()
+            wait = self._status_sent_at + STATUS_MIN_INTERVAL_S - loop.time()
+            if wait > 0:
+                loop.call_later(wait, self._send_status)
+            else:
+                loop.call_soon(self._send_status)
 
     def _send_status(self) -> None:
         self._status_pending = False
@@ -324,6 +333,7 @@ class Daemon:
         line = status_line(self.sup, self.host)
         if line != self._last_status:
             self._last_status = line
+            self._status_sent_at = asyncio.get_running_loop().time()
             self.notifier.status(line)
 
     async def _guard_state_dir(self, state_dir: str, spawner: Spawner) -> None:

@@ -13,9 +13,9 @@ daemon stops, or at its next start if it was killed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -32,28 +32,42 @@ from .policy import thermal as T
 from .sensors.base import GpuInfo, SensorBusyError
 from .sensors.events import Back, Lost
 from .sensors.hub import GpuHub, GpuSnapshot
+from .states import State
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 LIMITS_FILE: Final = "power_limits.json"
+THERMAL: Final = "thermal"  # the gates' drain reason
+RESTORE_RETRY_S: Final = 30.0
 ACTIONS: Final = ("power_down", "power_up", "admission_down", "admission_up", "pause",
                   "drain_restart", "stop", "escalate", "resume")
 
 
 class LimitStore:
-    """The board limits before the supervisor changed them, by GPU UUID, in a file."""
+    """Per GPU UUID: the board's limit before the supervisor changed it (`before`), and the
+    last limits the supervisor asked for (`set`, to tell them from a limit an operator set
+    while the daemon was down). Kept in a file, written off the loop, atomically; an entry
+    stays until its limit is restored, also across a restart and while its GPU is away."""
 
     def __init__(self, state_dir: str | None) -> None:
         self.path = Path(state_dir) / LIMITS_FILE if state_dir else None
-        self.originals: dict[str, float] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
         self._lock = asyncio.Lock()
 
-    async def load(self) -> dict[str, float]:
+    @property
+    def originals(self) -> dict[str, float]:
+        return {uuid: float(e["before"]) for uuid, e in self.entries.items()}
+
+    def ours(self, uuid: str) -> list[float]:
+        return [float(w) for w in self.entries.get(uuid, {}).get("set", [])]
+
+    async def load(self) -> dict[str, dict[str, Any]]:
+        """What an earlier run left (also the older format, a bare `uuid: watts`)."""
         if self.path is None:
             return {}
         path = self.path
 
-        def read() -> dict[str, float]:
+        def read() -> dict[str, dict[str, Any]]:
             try:
                 if not path.is_file() or path.stat().st_size > 1024 * 1024:
                     return {}
@@ -63,24 +77,41 @@ class LimitStore:
                 return {}
             if not isinstance(doc, dict):
                 return {}
-            return {str(k): float(v) for k, v in doc.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0}
+            out: dict[str, dict[str, Any]] = {}
+            for uuid, v in list(doc.items())[:1024]:
+                before = v.get("before") if isinstance(v, dict) else v
+                if not _watts(before) or not isinstance(before, (int, float)):
+                    continue
+                raw = v.get("set", []) if isinstance(v, dict) else []
+                sets = [float(w) for w in raw if _watts(w)] if isinstance(raw, list) else []
+                out[str(uuid)[:200]] = {"before": float(before), "set": sets[-2:]}
+            return out
 
         return await asyncio.to_thread(read)
 
-    async def remember(self, uuid: str, watts: float) -> None:
-        if uuid not in self.originals:
-            self.originals[uuid] = watts
-            await self._write()
+    async def remember(self, uuid: str, before: float, target: float) -> bool:
+        """Before a limit is set: record it. False (nothing changed) when it cannot be
+        written: then the limit must not be set, as nothing could restore it after a crash."""
+        old = self.entries.get(uuid)
+        entry = {"before": old["before"] if old else before,
+                 "set": [*(old["set"] if old else []), target][-2:]}
+        self.entries[uuid] = entry
+        if await self._write():
+            return True
+        if old is None:
+            self.entries.pop(uuid, None)
+        else:
+            self.entries[uuid] = old
+        return False
 
     async def forget(self, uuid: str) -> None:
-        if self.originals.pop(uuid, None) is not None:
+        if self.entries.pop(uuid, None) is not None:
             await self._write()
 
-    async def _write(self) -> None:
+    async def _write(self) -> bool:
         if self.path is None:
-            return
-        path, text = self.path, json.dumps(self.originals, sort_keys=True)
+            return True
+        path, text = self.path, json.dumps(self.entries, sort_keys=True)
 
         def write() -> None:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -91,11 +122,26 @@ class LimitStore:
         async with self._lock:  # one writer at a time: the last state lands last
             try:
                 await asyncio.to_thread(write)
+                return True
             except OSError as exc:
                 log.error("cannot record the power limits in %s: %s", path, exc)
+                return False
+
+
+def _watts(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+        and 0 < v < 100_000
 
 
 class GpuGuard:
+    """Two halves. Per GPU, after each poll, the pure policy decides the level, the power
+    steps and the admission factor. Per service, `_reconcile` then brings the service in line
+    with all of its GPUs at once: held down (`gpu_lost`) while any of them is lost; paused,
+    drain-restarted or stopped (`on_critical`) while any of them is critical; resumed only
+    when none is. It reads what is (holds, gate drain reasons, states), not what it did, so a
+    reload that moves a service, a reset or a restart by the operator, or a service on two
+    GPUs that heat one after the other, all end where they should."""
+
     def __init__(self, sup: Supervisor, host: Host, hub: GpuHub, cfg: ThermalSection,
                  store: LimitStore, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.sup = sup
@@ -106,10 +152,14 @@ class GpuGuard:
         self._clock = clock
         self.states: dict[str, T.State] = {}
         self.targets: dict[str, float] = {}  # the power limit the policy set, while it holds
+        self.factors: dict[str, float] = {}  # uuid -> the admission factor last applied
         self.lost: dict[str, str] = {}  # uuid -> why
-        self.paused: dict[str, set[str]] = {}  # uuid -> services paused (pause)
+        self.temps: dict[str, float] = {}  # uuid -> the temperature that made it critical
         self.actions: dict[tuple[str, str], int] = {}  # (uuid, action) -> count
         self.limiter = LogLimiter(__name__)
+        self._busy: set[str] = set()  # services with a converging task in flight
+        self._bad_order: dict[str, tuple[float, ...]] = {}  # uuid -> thresholds logged
+        self._restore_at: dict[str, float] = {}  # uuid -> next try at a recorded limit
         self._tasks: set[asyncio.Task[Any]] = set()
         self._running: asyncio.Task[None] | None = None
         self._again = False
@@ -152,7 +202,14 @@ class GpuGuard:
             self.states[uuid] = state
             for action in actions:
                 await self._act(snap, lim, state, action)
+            if state.steps == 0 and uuid in self.store.entries \
+                    and now >= self._restore_at.get(uuid, 0.0):
+                # a limit recorded but not the policy's (a GPU back from lost, a restore
+                # that failed): put it back while the policy is at rest, and retry later
+                self._restore_at[uuid] = now + RESTORE_RETRY_S
+                await self._restore(snap.info, "the GPU is cool")
         self._update_mode()
+        self._reconcile()
 
     # --- what the policy needs ----------------------------------------------------------------
 
@@ -169,6 +226,19 @@ class GpuGuard:
         if any(v is None for v in values):
             return None  # relative thresholds, and the board reports no slowdown temperature
         warn, throttle, critical, resume = (float(v) for v in values if v is not None)
+        ordered = T.ordered(warn, throttle, critical, resume)
+        if ordered != (warn, throttle, critical, resume):
+            if self._bad_order.get(gpu.uuid) != (warn, throttle, critical, resume):
+                self._bad_order[gpu.uuid] = (warn, throttle, critical, resume)
+                log.error("GPU%d: [thermal] resolves to warn %g, throttle %g, critical %g, "
+                          "resume %g C on this GPU (slowdown %s, shutdown %s C): out of order "
+                          "(resume <= warn <= throttle <= critical); using warn %g, throttle "
+                          "%g, critical %g, resume %g C until the config is fixed", gpu.index,
+                          warn, throttle, critical, resume, gpu.slowdown_c, gpu.shutdown_c,
+                          *ordered)
+            warn, throttle, critical, resume = ordered
+        else:
+            self._bad_order.pop(gpu.uuid, None)
         return T.Limits(warn, throttle, critical, resume, c.power_step, c.min_power_fraction,
                         c.step_interval_s, c.pause_timeout_s, gpu.default_power_limit_w,
                         gpu.min_power_limit_w)
@@ -184,7 +254,9 @@ class GpuGuard:
             gate = self.sup.gate_of(name)
             if gate is not None:
                 inflight += gate.inflight
-        return T.Reading(temp, fresh, snap.power_limit_w, inflight)
+        # the limit to come back to: the recorded one, if an earlier change is not undone yet
+        limit = self.store.originals.get(snap.info.uuid, snap.power_limit_w)
+        return T.Reading(temp, fresh, limit, inflight)
 
     def services_on(self, uuid: str) -> list[str]:
         return [name for name, a in self.sup.actors.items()
@@ -193,7 +265,11 @@ class GpuGuard:
     def _count(self, uuid: str, action: str) -> None:
         self.actions[(uuid, action)] = self.actions.get((uuid, action), 0) + 1
 
-    # --- the actions ----------------------------------------------------------------------
+    def _critical(self, uuid: str) -> bool:
+        st = self.states.get(uuid)
+        return st is not None and st.level == "critical"
+
+    # --- the policy's actions, per GPU ----------------------------------------------------------
 
     async def _act(self, snap: GpuSnapshot, lim: T.Limits, state: T.State,
                    action: T.Action) -> None:
@@ -207,13 +283,20 @@ class GpuGuard:
         elif isinstance(action, T.SetPowerLimit):
             await self._set_limit(gpu, state, action)
         elif isinstance(action, T.SetFactor):
-            await self._set_factors(uuid, action.factor)
+            before = self.factors.get(uuid, 1.0)
+            self.factors[uuid] = action.factor
+            self._count(uuid, "admission_down" if action.factor < before else "admission_up")
         elif isinstance(action, T.Critical):
-            self._critical(gpu, action.temperature_c, lim)
+            self.temps[uuid] = action.temperature_c
+            log.error("%s critical at %.0f C (critical %g C): %s", label, action.temperature_c,
+                      lim.critical_c, ", ".join(
+                          f"{n}: {self.cfg.critical_action(self.sup.gate_of(n) is not None)}"
+                          for n in self.services_on(uuid)) or "no service on it")
         elif isinstance(action, T.Escalate):
             self._escalate(gpu, action.critical_for_s)
         elif isinstance(action, T.Cooled):
-            self._cooled(gpu, action.temperature_c)
+            self.temps.pop(uuid, None)
+            log.info("%s cooled to %.0f C", label, action.temperature_c)
         elif isinstance(action, T.TelemetryLost):
             log.warning("%s: telemetry lost while %s: the limits and pauses stay as they are "
                         "until readings come back", label, action.level)
@@ -221,8 +304,12 @@ class GpuGuard:
     async def _set_limit(self, gpu: GpuInfo, state: T.State,
                          action: T.SetPowerLimit) -> None:
         uuid = gpu.uuid
-        if not action.restore and state.original_w is not None:
-            await self.store.remember(uuid, state.original_w)
+        if not action.restore and state.original_w is not None \
+                and not await self.store.remember(uuid, state.original_w, action.watts):
+            self.limiter.error(f"record-{uuid}", "GPU%d: power limit left at its value: the "
+                               "limit to restore could not be recorded (see above); only the "
+                               "admission is lowered", gpu.index)
+            return
         try:
             await self.hub.set_power_limit(gpu, action.watts)
         except SensorError as exc:
@@ -254,68 +341,136 @@ class GpuGuard:
                 factors.append(st.factor(lim))
         return min(factors)
 
-    async def _set_factors(self, uuid: str, factor: float) -> None:
-        for name in self.services_on(uuid):
-            if self.sup.gate_of(name) is not None:
-                await self.host.set_limit_factor(name, self.factor_of(name))
-        self._count(uuid, "admission_down" if factor < 1.0 else "admission_up")
-
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _critical(self, gpu: GpuInfo, temp: float, lim: T.Limits) -> None:
-        for name in self.services_on(gpu.uuid):
-            gated = self.sup.gate_of(name) is not None
-            action = self.cfg.critical_action(gated)
-            log.error("GPU%d critical at %.0f C (critical %g C): %s %s", gpu.index, temp,
-                      lim.critical_c, action, name)
-            if action == "pause" and gated:
-                self.paused.setdefault(gpu.uuid, set()).add(name)
-                self._count(gpu.uuid, "pause")
-                self._spawn(self._drain(name, 0.0), f"pause-{name}")
-            elif action in ("drain-restart", "pause"):
-                self._count(gpu.uuid, "drain_restart")
-                self._spawn(self._drain_and_hold(name), f"drain-restart-{name}")
-            elif action == "stop":
-                self._count(gpu.uuid, "stop")
-                why = (f"GPU{gpu.index} reached {temp:.0f} C (critical {lim.critical_c:g} C); "
-                       f"`llmctl reset {name}` once it has cooled")
-                self._spawn(self._drain_and_fail(name, why), f"stop-{name}")
-
     def _escalate(self, gpu: GpuInfo, critical_for_s: float) -> None:
-        names = sorted(self.paused.pop(gpu.uuid, set()))
+        """Paused services on a GPU that stays critical with nothing in flight: something else
+        heats it; they are stopped (held `cooling`) after all."""
+        names = []
+        for name in self.services_on(gpu.uuid):
+            actor, gate = self.sup.actors[name], self.sup.gate_of(name)
+            if gate is not None and THERMAL in gate.drains and "cooling" not in actor.holds \
+                    and name not in self._busy:
+                names.append(name)
         if not names:
             return
         log.error("GPU%d critical for %.0f s with nothing in flight: something else heats it; "
                   "stopping %s until it cools", gpu.index, critical_for_s, ", ".join(names))
         self._count(gpu.uuid, "escalate")
         for name in names:
-            self._spawn(self._drain_and_hold(name), f"escalate-{name}")
+            self._start(name, self._drain_and_hold(name))
 
-    def _cooled(self, gpu: GpuInfo, temp: float) -> None:
-        self.paused.pop(gpu.uuid, None)
-        names = self.services_on(gpu.uuid)
-        log.info("GPU%d cooled to %.0f C: resuming %s", gpu.index, temp,
-                 ", ".join(names) or "nothing")
-        self._count(gpu.uuid, "resume")
-        self._spawn(self._resume(names), f"cooled-GPU{gpu.index}")
+    # --- per service: in line with all of its GPUs ---------------------------------------
+
+    def _trouble(self, name: str) -> tuple[list[GpuInfo], list[GpuInfo]]:
+        """The service's lost GPUs and its critical ones."""
+        actor = self.sup.actors.get(name)
+        gpus = actor.plan.gpus if actor is not None else ()
+        return ([g for g in gpus if g.uuid in self.lost],
+                [g for g in gpus if g.uuid not in self.lost and self._critical(g.uuid)])
+
+    def _critical_step(self, name: str) -> str | None:
+        """What `on_critical` still has to do to this service, if anything: pause |
+        drain-restart | stop | None."""
+        actor, gate = self.sup.actors[name], self.sup.gate_of(name)
+        action = self.cfg.critical_action(gate is not None)
+        if action == "none":
+            return None
+        if action == "stop":
+            return "stop" if actor.state in L.LIVE or actor.state is State.BACKOFF else None
+        if action == "pause" and gate is not None and actor.state in L.LIVE:
+            return "pause" if THERMAL not in gate.drains else None
+        # drain-restart, or a pause of a service that is not running (it must not start on
+        # a critical GPU): held down until it cools
+        return "drain-restart" if "cooling" not in actor.holds else None
+
+    def _needs(self, name: str) -> bool:
+        actor, gate = self.sup.actors[name], self.sup.gate_of(name)
+        lost, hot = self._trouble(name)
+        if bool(lost) != ("gpu_lost" in actor.holds):
+            return True
+        if hot:
+            if self._critical_step(name) is not None:
+                return True
+        elif "cooling" in actor.holds or (gate is not None and THERMAL in gate.drains):
+            return True
+        return gate is not None and gate.admission.factor != self.factor_of(name)
+
+    def _reconcile(self) -> None:
+        if self._closed:
+            return
+        for name in list(self.sup.actors):
+            if name not in self._busy and self._needs(name):
+                self._start(name, self._converge(name))
+
+    def _start(self, name: str, coro: Any) -> None:
+        self._busy.add(name)
+
+        async def run() -> None:
+            try:
+                await coro
+            except ControlError as exc:
+                self.limiter.warning(f"converge-{name}", "%s: GPU protection step not done: "
+                                     "%s", name, exc.message)
+            except Exception:
+                self.limiter.exception(f"converge-{name}", "%s: GPU protection step failed",
+                                       name)
+            finally:
+                self._busy.discard(name)
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"gpu-guard-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _converge(self, name: str) -> None:
+        if name not in self.sup.actors:
+            return
+        lost, hot = self._trouble(name)
+        holds = self.sup.actors[name].holds
+        if lost and "gpu_lost" not in holds:
+            self.limiter.error(f"held-{name}", "%s held down: %s lost", name,
+                               ", ".join(f"GPU{g.index}" for g in lost))
+            await self.host.hold([name], "gpu_lost")
+        elif not lost and "gpu_lost" in holds:
+            await self.host.release([name], "gpu_lost")
+        if hot:
+            await self._apply_critical(name, hot[0])
+        else:
+            await self._resume(name)
+        gate = self.sup.gate_of(name)
+        if gate is not None and name in self.sup.actors:
+            factor = self.factor_of(name)
+            if gate.admission.factor != factor:
+                await self.host.set_limit_factor(name, factor)
+
+    async def _apply_critical(self, name: str, gpu: GpuInfo) -> None:
+        step = self._critical_step(name)
+        if step is None:
+            return
+        temp = self.temps.get(gpu.uuid)
+        at = f"GPU{gpu.index} critical" + (f" ({temp:.0f} C)" if temp is not None else "")
+        if step == "pause":
+            log.warning("%s: paused (gate closed to new requests): %s", name, at)
+            self._count(gpu.uuid, "pause")
+            await self._drain(name, 0.0)
+        elif step == "drain-restart":
+            log.warning("%s: drained and held down until its GPUs cool: %s", name, at)
+            self._count(gpu.uuid, "drain_restart")
+            await self._drain_and_hold(name)
+        else:
+            self._count(gpu.uuid, "stop")
+            log.error("%s: stopped (failed): %s", name, at)
+            await self._drain_and_fail(name, f"{at}; `llmctl reset {name}` once it has "
+                                       "cooled")
 
     async def _drain(self, name: str, timeout_s: float) -> None:
         if self.sup.gate_of(name) is None:
             return
-        with contextlib.suppress(ControlError):
-            await self.host.drain([name], "thermal", timeout_s)
+        await self.host.drain([name], THERMAL, timeout_s)
 
     async def _drain_and_hold(self, name: str) -> None:
         actor = self.sup.actors.get(name)
         gate = actor.cfg.gate if actor is not None else None
         await self._drain(name, gate.drain_timeout_s if gate is not None else 0.0)
-        try:
-            await self.host.hold([name], "cooling")
-        except ControlError as exc:
-            log.warning("%s: not held for cooling: %s", name, exc.message)
+        await self.host.hold([name], "cooling")
 
     async def _drain_and_fail(self, name: str, why: str) -> None:
         actor = self.sup.actors.get(name)
@@ -323,24 +478,30 @@ class GpuGuard:
         await self._drain(name, gate.drain_timeout_s if gate is not None else 0.0)
         try:
             await self.host.command([name], L.StopFailed(why))
-        except ControlError as exc:
-            log.warning("%s: not stopped: %s", name, exc.message)
-        if gate is not None:
-            with contextlib.suppress(ControlError):
-                await self.host.resume([name], "thermal")  # closed: it is failed now
+        finally:
+            if gate is not None and self.sup.gate_of(name) is not None:
+                await self.host.resume([name], THERMAL)  # closed anyway: it is failed now
 
-    async def _resume(self, names: list[str]) -> None:
-        held = [n for n in names if n in self.sup.actors
-                and "cooling" in self.sup.actors[n].holds]
+    async def _resume(self, name: str) -> None:
+        """None of its GPUs is critical (nor lost) any more: release and reopen."""
+        actor, gate = self.sup.actors.get(name), self.sup.gate_of(name)
+        if actor is None:
+            return
+        held = "cooling" in actor.holds
+        paused = gate is not None and THERMAL in gate.drains
+        if held or paused:
+            log.info("%s: its GPUs cooled: %s", name,
+                     "starting again" if held else "gate reopened")
+            self._count_on(name, "resume")
         if held:
-            try:
-                await self.host.release(held, "cooling")
-            except ControlError as exc:
-                log.warning("cooling hold not released: %s", exc.message)
-        gated = [n for n in names if self.sup.gate_of(n) is not None]
-        if gated:
-            with contextlib.suppress(ControlError):
-                await self.host.resume(gated, "thermal")
+            await self.host.release([name], "cooling")
+        if paused:
+            await self.host.resume([name], THERMAL)
+
+    def _count_on(self, name: str, action: str) -> None:
+        actor = self.sup.actors.get(name)
+        if actor is not None and actor.plan.gpus:
+            self._count(actor.plan.gpus[0].uuid, action)
 
     # --- lost GPUs ------------------------------------------------------------------------
 
@@ -351,7 +512,9 @@ class GpuGuard:
             return
         coro = self.gpu_lost(gpu, event.why) if isinstance(event, Lost) else \
             self.gpu_back(gpu, event.why)
-        self._spawn(coro, f"gpu-event-{gpu.index}")
+        task = asyncio.get_running_loop().create_task(coro, name=f"gpu-event-{gpu.index}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def reprobe(self, probe: Callable[[GpuInfo], Awaitable[bool]],
                       interval_s: float) -> None:
@@ -372,28 +535,62 @@ class GpuGuard:
         if gpu.uuid in self.lost:
             return
         self.lost[gpu.uuid] = why
+        # the policy starts afresh when it is back; the recorded limit stays (restored then)
         self.states.pop(gpu.uuid, None)
         self.targets.pop(gpu.uuid, None)
+        self.factors.pop(gpu.uuid, None)
+        self.temps.pop(gpu.uuid, None)
         names = self.services_on(gpu.uuid)
-        log.error("GPU%d (%s) lost: %s; holding %s down until it is back", gpu.index,
-                  gpu.uuid, why, ", ".join(names) or "nothing")
-        if names:
-            try:
-                await self.host.hold(names, "gpu_lost")
-            except ControlError as exc:
-                log.warning("not held for the lost GPU: %s", exc.message)
+        self.limiter.error(f"lost-{gpu.uuid}", "GPU%d (%s) lost: %s; holding %s down until "
+                           "it is back", gpu.index, gpu.uuid, why, ", ".join(names) or "nothing")
+        self._update_mode()
+        self._reconcile()
 
     async def gpu_back(self, gpu: GpuInfo, why: str) -> None:
+        if gpu.uuid not in self.lost:
+            return
+        if gpu.uuid in self.store.entries:
+            await self._restore(gpu, "after it was lost")
         if self.lost.pop(gpu.uuid, None) is None:
             return
         names = self.services_on(gpu.uuid)
-        log.warning("GPU%d (%s) is back (%s): starting %s", gpu.index, gpu.uuid, why,
-                    ", ".join(names) or "nothing")
-        if names:
+        self.limiter.warning(f"back-{gpu.uuid}", "GPU%d (%s) is back (%s): %s", gpu.index,
+                             gpu.uuid, why,
+                             f"releasing {', '.join(names)}" if names else "no service on it")
+        self._reconcile()
+
+    async def _restore(self, gpu: GpuInfo, when: str) -> bool:
+        """Put the recorded limit back, unless the board shows a limit that the supervisor did
+        not set (an operator changed it since: theirs stays). True when nothing is left to
+        restore."""
+        entry = self.store.entries.get(gpu.uuid)
+        if entry is None:
+            return True
+        before, ours = float(entry["before"]), self.store.ours(gpu.uuid)
+        try:
+            now = (await self.hub.call(gpu, lambda b, g: b.read(g))).power_limit_w
+        except SensorError:
+            now = None  # not readable: restore all the same
+        if now is not None and abs(now - before) < 1.0:
+            log.info("GPU%d: power limit is %g W already (%s)", gpu.index, now, when)
+        elif now is not None and ours and all(abs(now - w) >= 1.0 for w in ours):
+            log.warning("GPU%d: power limit %g W %s is not one the supervisor set (%s W; the "
+                        "board had %g W): left as it is", gpu.index, now, when,
+                        "/".join(f"{w:g}" for w in ours), before)
+        else:
             try:
-                await self.host.release(names, "gpu_lost")
-            except ControlError as exc:
-                log.warning("gpu_lost hold not released: %s", exc.message)
+                await self._set_when_free(gpu, before)
+            except SensorError as exc:
+                log.error("GPU%d: cannot restore the power limit %g W (%s): %s; kept for the "
+                          "next try", gpu.index, before, when, exc)
+                return False
+            log.warning("GPU%d: power limit restored to %g W (%s)", gpu.index, before, when)
+        st = self.states.get(gpu.uuid)
+        if st is not None and st.steps > 0:
+            return False  # the policy stepped meanwhile: its record stays
+        self.targets.pop(gpu.uuid, None)
+        await self.store.forget(gpu.uuid)
+        return True
 
     # --- the mode, status, restoring -----------------------------------------------------
 
@@ -430,25 +627,17 @@ class GpuGuard:
         }
 
     async def restore_leftovers(self) -> None:
-        """At start: limits an earlier run lowered and could not restore (it was killed)."""
-        left = await self.store.load()
+        """At start: limits an earlier run lowered and could not restore (it was killed). One
+        whose GPU is not here now stays recorded for the run that finds it again."""
+        self.store.entries = await self.store.load()
         by_uuid = {g.uuid: g for g in self.hub.gpus}
-        for uuid, watts in left.items():
+        for uuid, entry in list(self.store.entries.items()):
             gpu = by_uuid.get(uuid)
             if gpu is None:
-                log.warning("power limit of %s (%g W) left by an earlier run: that GPU is not "
-                            "here; forgotten", uuid, watts)
+                log.warning("power limit of %s (%g W) left lowered by an earlier run: that GPU "
+                            "is not here; kept, to restore when it is", uuid, entry["before"])
                 continue
-            try:
-                await self._set_when_free(gpu, watts)
-                log.warning("GPU%d: power limit restored to %g W (left lowered by an earlier "
-                            "run)", gpu.index, watts)
-            except SensorError as exc:
-                log.error("GPU%d: cannot restore the power limit %g W left by an earlier run: "
-                          "%s", gpu.index, watts, exc)
-        self.store.originals = {}
-        if left:
-            await self.store._write()
+            await self._restore(gpu, "left lowered by an earlier run")
 
     async def _set_when_free(self, gpu: GpuInfo, watts: float) -> None:
         """A limit call that waits (within two call deadlines) for a call in progress on the
@@ -474,8 +663,8 @@ class GpuGuard:
         by_uuid = {g.uuid: g for g in self.hub.gpus}
         for uuid, watts in list(self.store.originals.items()):
             gpu = by_uuid.get(uuid)
-            if gpu is None:
-                continue
+            if gpu is None or uuid in self.lost:
+                continue  # kept in the file: restored at a start that finds it
             try:
                 await self._set_when_free(gpu, watts)
                 log.info("GPU%d: power limit restored to %g W", gpu.index, watts)

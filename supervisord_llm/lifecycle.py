@@ -390,6 +390,30 @@ class _Step:
         elif s is State.STOPPING:
             self.set(then_start=True)  # once this stop is over
 
+    def come_back(self, hold: str, reason: RestartReason) -> None:
+        """The last hold that kept it down (cooling, a lost GPU, power) is released: that is a
+        restart, and it spends the restart budget like a crash. The first comes back at once;
+        one that keeps coming back (a GPU that drops off the bus every few seconds) waits the
+        backoff, and after `max_restarts` within `window_s` it is failed."""
+        r, b = self.r, self.m.budget
+        if b.exhausted(self.now, r.max_restarts, r.window_s):
+            self.do(CancelTimer())
+            self.fail(f"{r.max_restarts} restarts within {r.window_s:g} s; last: {hold} hold "
+                      "released")
+            return
+        first = b.streak == 0
+        budget, delay = b.next_delay(self.now, None, self.rand, r.backoff_initial_s,
+                                     r.backoff_max_s, r.window_s)
+        self.set(budget=budget)
+        if first or delay <= 0:
+            self.launch(f"{hold} hold released")
+            self.do(CountRestart(reason))
+            return
+        self.set(backoff_until=self.now + delay)
+        self.do(CountRestart(reason))
+        self.go(State.BACKOFF, f"{hold} hold released; {reason.value} restart in {delay:.2f} s")
+        self.do(SetTimer("backoff", delay))
+
     def bring_down(self, why: str) -> None:
         s = self.m.state
         if s in LIVE:
@@ -421,9 +445,11 @@ def decide(model: Model, event: Event, rules: Rules, now: float, rand: float) ->
     elif isinstance(event, Release):
         if event.hold in m.holds:
             st.set(holds=m.holds - {event.hold})
-            if m.state in (State.STOPPED, State.STOPPING):
+            reason = HOLD_REASONS.get(event.hold)
+            if reason is not None and m.state is State.STOPPED and st.m.up:
+                st.come_back(event.hold, reason)
+            elif m.state in (State.STOPPED, State.STOPPING):
                 st.bring_up(f"{event.hold} hold released")
-                reason = HOLD_REASONS.get(event.hold)
                 if reason is not None and st.m.state is State.STARTING:
                     st.do(CountRestart(reason))
     elif isinstance(event, StopFailed):

@@ -550,6 +550,9 @@ class LogLimiter:
     def warning(self, key: str, msg: str, *args: object) -> bool:
         return self.log(key, logging.WARNING, msg, *args)
 
+    def error(self, key: str, msg: str, *args: object) -> bool:
+        return self.log(key, logging.ERROR, msg, *args)
+
     def exception(self, key: str, msg: str, *args: object) -> bool:
         return self.log(key, logging.ERROR, msg, *args, exc_info=True)
 

@@ -18,7 +18,8 @@ class State(enum.StrEnum):
 
 # from-state -> the states it may move to. `_transition()` refuses anything else.
 TRANSITIONS: Final[dict[State, frozenset[State]]] = {
-    State.STOPPED: frozenset({State.STARTING}),
+    # (backoff or failed: a hold released that spends the restart budget)
+    State.STOPPED: frozenset({State.STARTING, State.BACKOFF, State.FAILED}),
     # launched, loading (503 from /health = loading)
     State.STARTING: frozenset(
         {State.READY, State.BACKOFF, State.STOPPING, State.STOPPED, State.FAILED}

@@ -47,9 +47,11 @@ def of(kind: type[A], acts: list[tuple[float, T.Action]]) -> list[tuple[float, A
 
 
 def test_levels_go_up_at_once_and_down_only_below_resume() -> None:
-    state, acts = run([70, 83, 84, 82, 80, 79.5, 78.9, 70])
+    """Down only once below resume_c for a whole step interval (5 s): the last reading at or
+    above resume_c was at 5 s (79.5 C), so `ok` comes at 10 s."""
+    state, acts = run([70, 83, 84, 82, 80, 79.5, 78.9, 70, 70, 70, 70, 70])
     levels = [(t, a.new) for t, a in of(T.LevelChanged, acts)]
-    assert levels == [(1, "warm"), (6, "ok")]
+    assert levels == [(1, "warm"), (10, "ok")]
     assert state.level == "ok" and not of(T.SetPowerLimit, acts)
 
 
@@ -90,13 +92,13 @@ def test_a_board_without_power_control_gets_admission_steps() -> None:
 
 def test_critical_pause_escalate_and_cooled() -> None:
     lim = replace(LIM, pause_timeout_s=20)
-    temps = [89.0] * 40 + [70.0] * 5
+    temps = [89.0] * 40 + [70.0] * 6
     state, acts = run(temps, lim, inflight=1)
     assert [t for t, _a in of(T.Critical, acts)] == [0]
     assert not of(T.Escalate, acts)  # requests in flight: the pause is doing its job
     state, acts = run(temps, lim, inflight=0)
     assert [t for t, _a in of(T.Escalate, acts)] == [20]  # once, after pause_timeout_s
-    assert [t for t, _a in of(T.Cooled, acts)] == [40]
+    assert [t for t, _a in of(T.Cooled, acts)] == [44]  # cool for a whole step interval
     assert state.level == "ok" and state.critical_since is None
 
 
@@ -121,6 +123,45 @@ def test_initial_limit_set_by_the_operator_is_what_is_restored() -> None:
     _state, acts = run([86.0] * 6 + [70.0] * 20, limit_w=250)
     watts = [a.watts for _t, a in of(T.SetPowerLimit, acts)]
     assert watts[0] == 220 and watts[-1] == 250
+
+
+def test_readings_swinging_hot_and_cold_keep_the_level_up() -> None:
+    """20/100 C alternating (a broken sensor or cable): critical once, no Cooled while any
+    reading in the last step interval was hot; the power only goes down."""
+    _state, acts = run([20.0, 100.0] * 30, dt=0.1, lim=replace(LIM, step_interval_s=1))
+    assert len(of(T.Critical, acts)) == 1 and not of(T.Cooled, acts)
+    assert [a.new for _t, a in of(T.LevelChanged, acts)] == ["critical"]
+    _state, acts = run([78.0, 86.0] * 40, dt=0.5)
+    watts = [a.watts for _t, a in of(T.SetPowerLimit, acts)]
+    assert watts == sorted(watts, reverse=True) and watts[-1] == 150
+    assert all(a.factor <= 1.0 for _t, a in of(T.SetFactor, acts))
+    factors = [a.factor for _t, a in of(T.SetFactor, acts)]
+    assert factors == sorted(factors, reverse=True)
+
+
+def test_implausible_temperatures_are_no_reading() -> None:
+    for bad in (10000.0, 1e308, -273.0, 151.0):
+        state, acts = run([86.0] * 3 + [bad] * 5)
+        assert not of(T.Critical, acts)
+        assert [a for t, a in acts if t >= 3] == [T.TelemetryLost("throttled")]
+        assert state.level == "throttled"
+
+
+def test_targets_are_whole_watts_and_the_floor_rounds_up() -> None:
+    """An RX 9070 XT: default 304 W, steps of 30.4 W, floor 152 W."""
+    lim = replace(LIM, default_w=304, board_min_w=None, min_power_fraction=0.505)
+    _state, acts = run([86.0] * 40 + [70.0] * 60, lim, limit_w=304)
+    watts = [a.watts for _t, a in of(T.SetPowerLimit, acts)]
+    assert watts[:5] == [274, 243, 213, 182, 154]  # floor 153.52 W -> 154
+    assert all(w == int(w) for w in watts) and watts[-1] == 304
+
+
+def test_thresholds_out_of_order_are_put_in_order_protectively() -> None:
+    assert T.ordered(83, 85, 88, 79) == (83, 85, 88, 79)
+    # resume "shutdown-2" on a board with shutdown 95: 93 C, above critical 88
+    assert T.ordered(83, 85, 88, 93) == (83, 85, 88, 83)
+    assert T.ordered(90, 92, 88, 70) == (88, 88, 88, 70)
+    assert T.ordered(90, 92, 88, 95) == (88, 88, 88, 87)
 
 
 @settings(max_examples=200, deadline=None)

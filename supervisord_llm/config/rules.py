@@ -56,7 +56,8 @@ _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ENV_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UUID_RE: Final = re.compile(r"^(GPU|MIG)-[0-9A-Za-z-]+$")
 _PCI_RE: Final = re.compile(r"^(?:([0-9A-Fa-f]{4,8}):)?([0-9A-Fa-f]{2}):([0-9A-Fa-f]{2})\.([0-7])$")
-_THRESHOLD_RE: Final = re.compile(r"^(slowdown|shutdown)\s*(?:([+-])\s*(\d+(?:\.\d+)?))?$")
+# "slowdown", "slowdown-4", "shutdown-2.5": at or below the GPU's own threshold, no spaces
+_THRESHOLD_RE: Final = re.compile(r"^(slowdown|shutdown)(?:-(\d+(?:\.\d+)?))?$")
 _PLACEHOLDER_RE: Final = re.compile(r"\{([A-Za-z_]*)\}")
 PLACEHOLDERS: Final = ("port", "gpu_uuids")
 
@@ -109,13 +110,17 @@ def _threshold(table: Table, key: str, default: Threshold) -> Threshold:
             return default
         return Threshold(None, float(value))
     if isinstance(value, str):
-        m = _THRESHOLD_RE.match(value.strip())
+        m = _THRESHOLD_RE.match(value)
         if m:
-            offset = float(m.group(3) or 0)
+            offset = float(m.group(2) or 0)
             if offset > 60:
-                table.error(key, f"offset {m.group(3)} is too large (at most 60)")
+                table.error(key, f"offset {m.group(2)} is too large (at most 60)")
                 return default
-            return Threshold(m.group(1), -offset if m.group(2) == "-" else offset)
+            return Threshold(m.group(1), -offset)
+        if _THRESHOLD_RE.match(value.replace(" ", "").replace("+", "-")):
+            table.error(key, f'write a relative temperature as "slowdown-N" or "shutdown-N" '
+                        f'(no spaces; at or below the GPU\'s own threshold), not {short(value)}')
+            return default
     table.error(
         key, f'must be a temperature in Celsius or "slowdown-N" / "shutdown-N", not {short(value)}'
     )
@@ -281,12 +286,18 @@ def _thermal(root: Table) -> ThermalSection:
     on_critical = t.string("on_critical", d.on_critical, choices=ON_CRITICAL)
     pause_timeout = t.number("pause_timeout_s", d.pause_timeout_s, above=0, maximum=86400)
     t.finish()
-    # Order check, where both sides share a base (all relative or all absolute).
+    # The order resume <= warn <= throttle <= critical, wherever the config alone decides it:
+    # both sides on the same base, or the lower one on the shutdown base with a larger offset
+    # than a higher one on the slowdown base (a GPU's shutdown is never below its slowdown).
+    # Mixed bases it cannot decide are checked per GPU at run time (`thermal_limits`).
     chain = (("resume_c", resume), ("warn_c", warn), ("throttle_c", throttle),
              ("critical_c", critical))
-    for (lo_key, lo), (hi_key, hi) in itertools.pairwise(chain):
-        if lo.base == hi.base and lo.offset > hi.offset:
+    for (lo_key, lo), (hi_key, hi) in itertools.combinations(chain, 2):
+        same = lo.base == hi.base
+        proven = lo.base == "shutdown" and hi.base == "slowdown"
+        if (same or proven) and lo.offset > hi.offset:
             t.error(hi_key, f"must not be below {lo_key} ({lo} > {hi})")
+            break
     return ThermalSection(warn, throttle, critical, resume, step, min_frac, interval, on_critical,
                           pause_timeout)
 

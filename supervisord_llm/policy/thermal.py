@@ -6,21 +6,27 @@ Levels, with hysteresis so that a reading jittering around a threshold cannot fl
 
 - `ok` -> `warm` at `warn_c`, -> `throttled` at `throttle_c`, -> `critical` at `critical_c`
   (from any level, on the first fresh reading at or above the threshold);
-- a raised level only ever goes up, until the temperature falls below `resume_c`: then `ok`.
+- a raised level only ever goes up, until the temperature has stayed below `resume_c` for a
+  whole `step_interval_s` (no reading at or above `resume_c` in that time): then `ok`. A
+  reading that swings between hot and cold therefore keeps the level up instead of flapping
+  the gates and the power limit with every poll.
 
 While the temperature is at or above `throttle_c` (throttled or critical), every
 `step_interval_s` the power target drops by one step (`power_step` of the default limit),
 never below the floor (`min_power_fraction` of the default, nor the board's minimum), and the
 admission factor of the GPU's gates follows (1 - steps x power_step, never below
-`min_power_fraction`). Between `resume_c` and `throttle_c` nothing moves. Below `resume_c`
-the steps are undone one by one, every `step_interval_s`, up to the limit the board had before
-the policy touched it. A board without power control still gets the admission steps.
+`min_power_fraction`). Between `resume_c` and `throttle_c` nothing moves. Once cool (below
+`resume_c` for a whole `step_interval_s`) the steps are undone one by one, every
+`step_interval_s`, up to the limit the board had before the policy touched it. Targets are
+whole watts (no board takes a finer limit from us; the log, the board and STATUS= agree). A
+board without power control still gets the admission steps.
 
-Critical: `Critical` once on entering, `Cooled` once below `resume_c`; if it stays critical
+Critical: `Critical` once on entering, `Cooled` once cool again; if it stays critical
 for `pause_timeout_s` with nothing in flight on its gated services, `Escalate` once
 (something else heats it: the paused services are restarted after all).
 
-A reading that is not fresh (failed, unresponsive, stale) never causes an action: the state
+A reading that is not fresh (failed, unresponsive, stale, or a temperature outside
+PLAUSIBLE_C, which no working sensor reports) never causes an action: the state
 holds as it is (the limits stay lowered, a pause stays) until fresh readings return, and
 `TelemetryLost` is reported once for a GPU that was above `warn_c`.
 """
@@ -32,6 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 LEVELS: Final = ("ok", "warm", "throttled", "critical")
+PLAUSIBLE_C: Final = (-40.0, 150.0)
 _RANK: Final = {lvl: i for i, lvl in enumerate(LEVELS)}
 
 
@@ -56,16 +63,18 @@ class Limits:
 
     @property
     def floor_w(self) -> float:
+        """Whole watts, never below the fraction nor the board minimum."""
         floor = self.min_power_fraction * (self.default_w or 0.0)
-        return max(floor, self.board_min_w or 0.0)
-
+        return float(math.ceil(max(floor, self.board_min_w or 0.0) - 1e-9))
 
 
 @dataclass(frozen=True)
 class Reading:
     temperature_c: float | None
     fresh: bool  # a good reading of this poll (not failed, unresponsive or stale)
-    limit_w: float | None  # the board's power limit now (as last read or set)
+    # the board's own limit: what it has now, or what it had before the supervisor changed it
+    # (the policy takes it as the limit to come back to when it starts stepping)
+    limit_w: float | None
     inflight: int = 0  # requests in flight on this GPU's gated services
 
 
@@ -78,14 +87,15 @@ class State:
     critical_since: float | None = None
     escalated: bool = False
     telemetry_lost: bool = False  # reported for this outage already
+    last_hot: float | None = None  # the last fresh reading at or above resume_c
 
     def target_w(self, limits: Limits) -> float | None:
         """The power limit the policy wants now; None: what the board had (untouched)."""
         if self.steps == 0 or self.original_w is None or limits.default_w is None:
             return None
         # never above what the board had (an operator's limit below the floor stays)
-        target = min(self.original_w, max(limits.floor_w, self.original_w - self.steps
-                                          * limits.step_w))
+        stepped = float(round(self.original_w - self.steps * limits.step_w))
+        target = min(self.original_w, max(limits.floor_w, stepped))
         return None if target == self.original_w else target
 
     def factor(self, limits: Limits) -> float:
@@ -136,6 +146,20 @@ class TelemetryLost:
 Action = LevelChanged | SetPowerLimit | SetFactor | Critical | Escalate | Cooled | TelemetryLost
 
 
+def ordered(warn: float, throttle: float, critical: float, resume: float
+            ) -> tuple[float, float, float, float]:
+    """The thresholds in the order the policy needs (resume <= warn <= throttle <= critical),
+    the protective way where a config got them wrong on some GPU (relative thresholds on two
+    bases, which the config check cannot compare): critical stands, the others come down to
+    it; a resume at or above critical falls to one degree below it."""
+    throttle = min(throttle, critical)
+    warn = min(warn, throttle)
+    resume = min(resume, warn)
+    if resume >= critical:
+        resume = critical - 1.0
+    return warn, throttle, critical, resume
+
+
 def _level_for(t: float, lim: Limits) -> str:
     if t >= lim.critical_c:
         return "critical"
@@ -150,17 +174,23 @@ def decide(state: State, reading: Reading, lim: Limits, now: float
            ) -> tuple[State, list[Action]]:
     actions: list[Action] = []
     t = reading.temperature_c
-    if not reading.fresh or t is None or not math.isfinite(t):
+    if not reading.fresh or t is None or not math.isfinite(t) \
+            or not PLAUSIBLE_C[0] <= t <= PLAUSIBLE_C[1]:
         if not state.telemetry_lost and _RANK[state.level] >= _RANK["warm"]:
             actions.append(TelemetryLost(state.level))
             state = replace(state, telemetry_lost=True)
         return state, actions
     if state.telemetry_lost:
         state = replace(state, telemetry_lost=False)
+    if t >= lim.resume_c:
+        state = replace(state, last_hot=now)
+    # cool: below resume_c, and nothing at or above it for a whole step interval
+    cool = t < lim.resume_c and (state.last_hot is None
+                                 or now - state.last_hot >= lim.step_interval_s)
     old = state.level
-    # the level: up at once; down only below resume_c (at most warn_c: the config checks it)
+    # the level: up at once; down only when cool (resume_c is at most warn_c: see limits)
     higher = max(old, _level_for(t, lim), key=lambda lv: _RANK[lv])
-    level = "ok" if t < lim.resume_c else higher
+    level = "ok" if cool else higher
     if level != old:
         actions.append(LevelChanged(old, level, t))
         state = replace(state, level=level)
@@ -186,7 +216,7 @@ def decide(state: State, reading: Reading, lim: Limits, now: float
             state = before  # the power and the admission both at their floors
         else:
             actions += _apply(before, state, lim)
-    elif t < lim.resume_c and state.steps > 0 and due:
+    elif cool and state.steps > 0 and due:
         before = state
         state = replace(state, steps=state.steps - 1, last_step=now)
         actions += _apply(before, state, lim)
