@@ -59,6 +59,7 @@ class Board:
         self.lost: set[int] = set()
         self.health_error: dict[int, Exception] = {}
         self.trouble: set[int] = set()
+        self.temps: dict[int, float] = {}  # a temperature to report instead of 40 + index
 
     def discover(self) -> list[GpuInfo]:
         return []
@@ -78,7 +79,7 @@ class Board:
         try:
             if gpu.index in self.lost:
                 raise GpuLostError(f"GPU{gpu.index} is lost")
-            return GpuReading(temperature_c=40.0 + gpu.index)
+            return GpuReading(temperature_c=self.temps.get(gpu.index, 40.0 + gpu.index))
         finally:
             self._leave(gpu)
 
@@ -352,6 +353,36 @@ async def test_reads_lost_and_back_and_the_re_probe() -> None:
     assert not await events.probe_back(gpus[0])  # busy: refused at once
     assert time.monotonic() - started < 1.0
     board.hang_health[0].set()
+    await events.aclose()
+    await hub.aclose()
+
+
+async def test_an_implausible_reading_neither_ends_a_loss_nor_answers_a_re_probe() -> None:
+    board = Board()
+    gpus = [info(0), info(1)]
+    u0, u1 = gpus[0].uuid, gpus[1].uuid
+    hub = GpuHub(board, gpus, 0.02, 0.2, health_interval_s=10)
+    got: list[GpuEvent] = []
+    src = ThreadSource()
+    events = GpuEvents(gpus, got.append, hub=hub, sources=[src])
+    events.start()
+    await hub.poll_once()
+    board.lost.add(0)
+    await hub.poll_once()
+    assert got == [Lost(u0, "read: GPU0 is lost")]
+    board.lost.discard(0)
+    board.temps[0] = 1e308  # it reads again, nonsense: an error, not back
+    await hub.poll_once()
+    assert hub.snapshots()[0].status == "error" and got[1:] == []
+    src.report(("xid", u1, 79))
+    await async_wait_until(lambda: len(got) == 2, 5, what="Lost by Xid")
+    board.temps[1] = -1000.0
+    assert not await events.probe_back(gpus[1])
+    board.temps.clear()
+    assert await events.probe_back(gpus[1])
+    await hub.poll_once()
+    assert got[2:] == [Back(u1, "re-probe: the GPU answers again"),
+                       Back(u0, "a read answered again")]
     await events.aclose()
     await hub.aclose()
 

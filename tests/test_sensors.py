@@ -7,14 +7,24 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from helpers import SIM_UUID, async_wait_until
+from helpers import (
+    SIM_UUID,
+    async_wait_until,
+    base_config,
+    fake_service,
+    free_port,
+    running,
+    wait_until,
+)
 from supervisord_llm.config import SimGpu
 from supervisord_llm.errors import GpuLostError, SensorError
 from supervisord_llm.sensors.base import (
@@ -25,7 +35,7 @@ from supervisord_llm.sensors.base import (
     SensorBusyError,
     SensorTimeoutError,
 )
-from supervisord_llm.sensors.hub import GpuHub
+from supervisord_llm.sensors.hub import GpuHub, check_reading
 from supervisord_llm.sensors.poll import Snapshot, SourcePoller
 from supervisord_llm.sensors.sim import SimBackend
 
@@ -154,6 +164,62 @@ async def test_hub_with_sim_lost_and_back(tmp_path: Path) -> None:
     assert hub.snapshots()[0].status == "unresponsive"
     write_state(state, {gpus[0].uuid: {"temperature_c": 60}})
     await poll_until(hub, lambda: hub.snapshots()[0].status == "ok", 3)
+    await hub.aclose()
+
+
+@pytest.mark.parametrize(("field", "value", "shown"), [
+    ("temperature_c", 1e308, "temperature_c 1e+308 C"),
+    ("temperature_c", 10000.0, "temperature_c 1e+04 C"),
+    ("temperature_c", -41.0, "temperature_c -41 C"),
+    ("temperature_c", math.nan, "temperature_c nan C"),
+    ("memory_temperature_c", 151.0, "memory_temperature_c 151 C"),
+    ("hotspot_c", math.inf, "hotspot_c inf C"),
+    ("power_w", -1.0, "power_w -1 W"),
+    ("power_w", 5001.0, "power_w 5001 W"),
+    ("power_limit_w", 1e300, "power_limit_w 1e+300 W"),
+    ("utilization_pct", 1e9, "utilization_pct 1e+09 %"),
+    ("utilization_pct", -1, "utilization_pct -1 %"),
+    ("memory_used_bytes", -5, "memory_used_bytes -5 B"),
+    ("memory_used_bytes", -(10 ** 400), "memory_used_bytes huge B"),
+])
+def test_an_implausible_reading_is_a_sensor_error(field: str, value: float, shown: str) -> None:
+    with pytest.raises(SensorError) as exc:
+        fields: dict[str, Any] = {field: value}
+        check_reading(info(0), GpuReading(**fields))
+    assert str(exc.value).startswith(f"GPU0: implausible {shown} (")
+    assert len(str(exc.value)) < 80
+
+
+def test_plausible_readings_pass() -> None:
+    # the bounds themselves, and nothing reported, are readings
+    ok = GpuReading(temperature_c=-40.0, memory_temperature_c=150.0, hotspot_c=150,
+                    power_w=0.0, power_limit_w=5000.0, utilization_pct=100,
+                    memory_used_bytes=0)
+    assert check_reading(info(0), ok) is ok
+    assert check_reading(info(0), GpuReading()) == GpuReading()
+
+
+async def test_hub_takes_an_implausible_reading_as_a_failed_read(tmp_path: Path) -> None:
+    state = tmp_path / "sim.json"
+    backend = SimBackend(sims(1), str(state))
+    [g] = backend.discover()
+    hub = GpuHub(backend, [g], 0.01, 0.5)
+    write_state(state, {g.uuid: {"temperature_c": 70}})
+    await hub.poll_once()
+    assert hub.snapshots()[0].status == "ok"
+    for bad in ({"temperature_c": 1e308}, {"temperature_c": 10000},
+                {"memory_temperature_c": -300}, {"power_w": 1e9}, {"memory_used_bytes": -1}):
+        write_state(state, {g.uuid: bad})
+        await hub.poll_once()
+        snap = hub.snapshots()[0]
+        assert snap.status == "error", bad
+        assert snap.error is not None and "implausible" in snap.error and len(snap.error) < 100
+        assert snap.reading is not None and snap.reading.temperature_c == 70.0  # the last good
+    assert hub.errors_total["gpu"] == 5
+    write_state(state, {g.uuid: {"temperature_c": 71}})
+    await hub.poll_once()
+    assert hub.snapshots()[0].status == "ok" and hub.snapshots()[0].reading == \
+        backend.read(g)
     await hub.aclose()
 
 
@@ -477,3 +543,28 @@ async def test_async_source_is_cancelled_at_its_deadline() -> None:
         await poller.call(lambda: None)
     await poller.aclose()
     assert updates
+
+
+def test_daemon_takes_no_action_on_an_implausible_temperature(tmp_path: Path) -> None:
+    thermal = {"warn_c": 83, "throttle_c": 85, "critical_c": 88, "resume_c": 79,
+               "step_interval_s": 0.3, "on_critical": "stop"}
+    doc = base_config(tmp_path, [fake_service("a", free_port(), gpus=[0])], gpus=1,
+                      thermal=thermal)
+    doc["gpu"]["poll_interval_s"] = 0.1
+    state = tmp_path / "sim.json"
+    with running(tmp_path, doc) as d:
+        d.wait_state("a", "ready")
+        for temp in (1e308, 10000.0):
+            write_state(state, {SIM_UUID.format(0): {"temperature_c": temp}})
+            g = wait_until(lambda: (x := d.status()["gpus"][0])["thermal_state"] ==
+                           "unresponsive" and x, 5, what="the GPU unresponsive")
+            assert g["temperature_c"] is None and "implausible temperature_c" in g["error"]
+            time.sleep(0.5)  # several polls: nothing is done on it
+            assert d.service("a")["state"] == "ready"
+            assert d.status()["gpus"][0]["power_limit_w"] == 300
+            row = [x for x in d.llmctl("status").stdout.splitlines() if x.startswith("0 ")]
+            assert row and max(len(x) for x in row) < 120, row
+            write_state(state, {SIM_UUID.format(0): {"temperature_c": 40}})
+            wait_until(lambda: d.status()["gpus"][0]["thermal_state"] == "ok", 5, what="ok")
+        assert d.service("a")["state"] == "ready" and "critical" not in d.logtext()
+        assert max(len(x) for x in d.logtext().splitlines()) < 200

@@ -31,7 +31,7 @@ from typing import Protocol
 
 from ..errors import SensorError
 from .base import GpuBackend, GpuHealth, GpuInfo
-from .hub import GpuHub, GpuSnapshot
+from .hub import GpuHub, GpuSnapshot, check_reading
 from .poll import close_off_loop
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class GpuEvents:
             raise RuntimeError("probe_back needs GpuEvents(hub=...)")
 
         def probe(backend: GpuBackend, g: GpuInfo) -> GpuHealth:
-            backend.read(g)
+            check_reading(g, backend.read(g))  # an implausible reading is no answer
             return backend.read_health(g)
 
         label = f"GPU{gpu.index}"

@@ -16,12 +16,20 @@ rules, without a tick of its own (the reads keep their schedule, none is skipped
 The latest of each GPU is a `GpuHealthSnapshot` (`health_snapshots()`): a job past its deadline
 makes it `unresponsive`, a lost GPU `lost`, as the reading; an error of `read_health` alone is
 its own `error` and leaves the reading alone.
+
+A reading is checked before it is published (`check_reading`, one place for every backend): a
+temperature outside -40..150 C, a power or power limit below 0 or above 5000 W, a utilization
+outside 0..100 %, a negative memory use (or any of them not a number) is not a reading but a
+sensor fault. The read is then an error like any failed read (a SensorError with a short
+message): the snapshot's status is `error`, and the thermal policy, seeing no fresh reading,
+holds what it has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,9 +40,56 @@ from ..errors import GpuLostError, SensorError
 from .base import GpuBackend, GpuHealth, GpuInfo, GpuReading
 from .poll import CallThread, Snapshot, SourcePoller, close_in_background, close_off_loop
 
-__all__ = ["CallThread", "GpuHealthSnapshot", "GpuHub", "GpuSnapshot"]
+__all__ = ["CallThread", "GpuHealthSnapshot", "GpuHub", "GpuSnapshot", "check_reading"]
 
 R = TypeVar("R")
+
+# what a sensor can truly report; beyond it the value is a fault of the sensor or driver
+TEMPERATURE_RANGE_C = (-40.0, 150.0)
+MAX_POWER_W = 5000.0
+_TEMPERATURES = ("temperature_c", "memory_temperature_c", "hotspot_c")
+_POWERS = ("power_w", "power_limit_w")
+
+
+def _outside(value: object, lo: float, hi: float) -> bool:
+    """Not a number within [lo, hi] (NaN and a bool are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    return not lo <= value <= hi
+
+
+def check_reading(gpu: GpuInfo, reading: GpuReading) -> GpuReading:
+    """`reading`, if every value is plausible; else SensorError naming the first one that is
+    not (a short message: the value as %.4g, so that a huge one never makes a long line)."""
+    lo, hi = TEMPERATURE_RANGE_C
+    bad: tuple[str, object, str] | None = None
+    for name in _TEMPERATURES:
+        value = getattr(reading, name)
+        if value is not None and _outside(value, lo, hi):
+            bad = (name, value, f"C (outside {lo:g}..{hi:g} C)")
+            break
+    if bad is None:
+        for name in _POWERS:
+            value = getattr(reading, name)
+            if value is not None and _outside(value, 0.0, MAX_POWER_W):
+                bad = (name, value, f"W (outside 0..{MAX_POWER_W:g} W)")
+                break
+    util = reading.utilization_pct
+    if bad is None and util is not None and _outside(util, 0.0, 100.0):
+        bad = ("utilization_pct", util, "% (outside 0..100 %)")
+    used = reading.memory_used_bytes
+    if bad is None and used is not None and _outside(used, 0, math.inf):
+        bad = ("memory_used_bytes", used, "B (below 0)")
+    if bad is None:
+        return reading
+    name, value, why = bad
+    shown = type(value).__name__
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            shown = f"{value:.4g}"
+        except OverflowError:  # an int too large for a float
+            shown = "huge"
+    raise SensorError(f"GPU{gpu.index}: implausible {name} {shown} {why}")
 
 
 @dataclass(frozen=True)
@@ -103,7 +158,7 @@ class _GpuSource:
             self._health_wanted = True
 
     def read(self) -> _Sample:
-        reading = self._backend.read(self._gpu)
+        reading = check_reading(self._gpu, self._backend.read(self._gpu))
         with self._lock:
             wanted, self._health_wanted = self._health_wanted, False
         if not wanted:
