@@ -1,0 +1,226 @@
+"""GPU protection under the cases a hostile tester found: a service on two GPUs that heat or
+drop off one after the other, a lost GPU that comes back with its limit lowered, a reload that
+moves a paused service, a reset while still critical, a GPU that keeps dropping off, a limit
+file that cannot be written, a record for a GPU that is away, a limit the operator changed
+while the daemon was down, and a sensor that swings hot and cold. The daemon runs as a real
+process on simulated GPUs heated through the sim state file."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from test_thermal import GPU0, config, gpu, heat, limits_file
+
+from helpers import SIM_UUID, fake_service, free_port, running, wait_until
+
+GPU1 = SIM_UUID.format(1)
+
+
+def gated(name: str, gpus: list[int], **gate: Any) -> dict[str, Any]:
+    return fake_service(name, free_port(), gpus=gpus,
+                        gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 10,
+                              **gate})
+
+
+def stays(pred: Any, seconds: float, what: str) -> None:
+    """`pred` holds for the whole of `seconds`."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert pred(), what
+        time.sleep(0.05)
+
+
+def test_a_service_on_two_gpus_stays_paused_until_both_cool(tmp_path: Path) -> None:
+    with running(tmp_path, config(tmp_path, [gated("chat", [0, 1])])) as d:
+        d.wait_state("chat", "ready")
+        heat(tmp_path, gpu1={"temperature_c": 90})
+        wait_until(lambda: d.service("chat")["drain_reasons"] == ["thermal"], 5, what="paused")
+        heat(tmp_path, gpu0={"temperature_c": 90}, gpu1={"temperature_c": 90})
+        wait_until(lambda: gpu(d, 0)["thermal_state"] == "critical", 5, what="GPU0 critical")
+        heat(tmp_path, gpu0={"temperature_c": 70}, gpu1={"temperature_c": 90})
+        wait_until(lambda: gpu(d, 0)["thermal_state"] == "ok", 5, what="GPU0 cooled")
+        stays(lambda: d.service("chat")["drain_reasons"] == ["thermal"], 1.5,
+              "the gate stays closed while GPU1 is critical")
+        heat(tmp_path, gpu0={"temperature_c": 70}, gpu1={"temperature_c": 70})
+        wait_until(lambda: d.service("chat")["drain_reasons"] == [], 5, what="reopened")
+        assert d.service("chat")["state"] == "ready"
+
+
+def test_drain_restart_and_lost_wait_for_every_gpu_of_the_service(tmp_path: Path) -> None:
+    doc = config(tmp_path, [fake_service("a", free_port(), gpus=[0, 1])],
+                 on_critical="drain-restart")
+    with running(tmp_path, doc) as d:
+        d.wait_state("a", "ready")
+        heat(tmp_path, gpu1={"temperature_c": 90})
+        wait_until(lambda: d.service("a")["holds"] == ["cooling"], 5, what="held: cooling")
+        heat(tmp_path, gpu0={"temperature_c": 90}, gpu1={"temperature_c": 90})
+        wait_until(lambda: gpu(d, 0)["thermal_state"] == "critical", 5, what="GPU0 critical")
+        heat(tmp_path, gpu0={"temperature_c": 70}, gpu1={"temperature_c": 90})
+        wait_until(lambda: gpu(d, 0)["thermal_state"] == "ok", 5, what="GPU0 cooled")
+        stays(lambda: d.service("a")["state"] == "stopped", 1.5, "not started on a hot GPU1")
+        # the same with lost GPUs: GPU1 then GPU0 drop off; GPU0 comes back first
+        heat(tmp_path, gpu0={"temperature_c": 70}, gpu1={"lost": True})
+        wait_until(lambda: d.service("a")["holds"] == ["gpu_lost"], 5, what="held: gpu_lost")
+        heat(tmp_path, gpu0={"lost": True}, gpu1={"lost": True})
+        wait_until(lambda: gpu(d, 0)["thermal_state"] == "lost", 5, what="GPU0 lost")
+        heat(tmp_path, gpu0={"temperature_c": 60}, gpu1={"lost": True})
+        wait_until(lambda: gpu(d, 0)["thermal_state"] == "ok", 5, what="GPU0 back")
+        stays(lambda: d.service("a")["state"] == "stopped", 1.5, "not started on a lost GPU1")
+        heat(tmp_path, gpu0={"temperature_c": 60}, gpu1={"temperature_c": 60})
+        d.wait_state("a", "ready", 15)
+        assert d.service("a")["holds"] == []
+
+
+def test_a_lowered_limit_comes_back_after_the_gpu_was_lost(tmp_path: Path) -> None:
+    doc = config(tmp_path, [fake_service("a", free_port(), gpus=[0])])
+    with running(tmp_path, doc) as d:
+        d.wait_state("a", "ready")
+        heat(tmp_path, gpu0={"temperature_c": 86})
+        wait_until(lambda: limits_file(tmp_path).get(GPU0) == 240, 10, what="240 W")
+        heat(tmp_path, gpu0={"temperature_c": 86, "lost": True})
+        wait_until(lambda: gpu(d)["thermal_state"] == "lost", 5, what="lost")
+        heat(tmp_path, gpu0={"temperature_c": 70})
+        wait_until(lambda: limits_file(tmp_path).get(GPU0) == 300, 5, what="restored, cool")
+        wait_until(lambda: json.loads((tmp_path / "state" / "power_limits.json").read_text())
+                   == {}, 5, what="record cleared")
+        # lost again while throttled, and back hot: the steps start again from 300 W
+        heat(tmp_path, gpu0={"temperature_c": 86})
+        wait_until(lambda: limits_file(tmp_path).get(GPU0) == 240, 10, what="240 W again")
+        heat(tmp_path, gpu0={"lost": True})
+        wait_until(lambda: gpu(d)["thermal_state"] == "lost", 5, what="lost")
+        heat(tmp_path, gpu0={"temperature_c": 86})
+        wait_until(lambda: gpu(d)["thermal_state"] == "throttled", 5, what="back, throttled")
+        assert gpu(d)["power_limit_before_w"] == 300
+        d.signal(signal.SIGTERM)
+        assert d.wait(20) == 0
+    assert limits_file(tmp_path)[GPU0] == 300
+
+
+def test_a_reload_that_moves_a_paused_service_reopens_it(tmp_path: Path) -> None:
+    doc = config(tmp_path, [gated("chat", [0])])
+    with running(tmp_path, doc) as d:
+        d.wait_state("chat", "ready")
+        heat(tmp_path, gpu0={"temperature_c": 90})
+        wait_until(lambda: d.service("chat")["drain_reasons"] == ["thermal"], 5, what="paused")
+        wait_until(lambda: d.service("chat")["max_concurrency"] < 10, 5, what="factor down")
+        doc["service"][0]["gpus"] = [1]
+        d.write(doc)
+        assert d.llmctl("reload").returncode == 0
+        wait_until(lambda: d.service("chat")["drain_reasons"] == [], 10, what="reopened")
+        wait_until(lambda: d.service("chat")["max_concurrency"] == 10, 5, what="factor 1")
+        d.wait_state("chat", "ready")
+
+
+def test_reset_while_still_critical_stops_it_again(tmp_path: Path) -> None:
+    doc = config(tmp_path, [fake_service("chat", free_port(), gpus=[0])], on_critical="stop")
+    with running(tmp_path, doc) as d:
+        d.wait_state("chat", "ready")
+        heat(tmp_path, gpu0={"temperature_c": 90})
+        d.wait_state("chat", "failed", 10)
+        assert d.llmctl("reset", "chat").returncode == 0
+        wait_until(lambda: d.service("chat")["state"] == "failed"
+                   and d.service("chat")["pid"] is None, 10, what="failed again")
+        heat(tmp_path, gpu0={"temperature_c": 70})
+        wait_until(lambda: gpu(d)["thermal_state"] == "ok", 5, what="cooled")
+        assert d.service("chat")["state"] == "failed"  # stop means: the operator decides
+        assert d.llmctl("reset", "chat").returncode == 0
+        d.wait_state("chat", "ready")
+
+
+def test_a_gpu_that_keeps_dropping_off_spends_the_restart_budget(tmp_path: Path) -> None:
+    svc = fake_service("a", free_port(), gpus=[0])
+    svc["restart"] = {"max_restarts": 3, "window_s": 60, "backoff_initial_s": 0.2}
+    with running(tmp_path, config(tmp_path, [svc])) as d:
+        d.wait_state("a", "ready")
+        end = time.monotonic() + 20
+        while d.service("a")["state"] != "failed" and time.monotonic() < end:
+            heat(tmp_path, gpu0={"lost": True})
+            time.sleep(0.4)
+            heat(tmp_path, gpu0={"temperature_c": 50})
+            time.sleep(0.4)
+        s = d.service("a")
+        assert s["state"] == "failed", s
+        assert "restarts within 60 s" in (s.get("failed_reason") or d.logtext())
+        assert d.logtext().count("lost:") <= 12  # bounded
+
+
+def test_a_limit_that_cannot_be_recorded_is_not_lowered(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir(exist_ok=True)
+    (tmp_path / "state" / "power_limits.json").mkdir()
+    doc = config(tmp_path, [gated("chat", [0])])
+    with running(tmp_path, doc) as d:
+        d.wait_state("chat", "ready")
+        heat(tmp_path, gpu0={"temperature_c": 86})
+        wait_until(lambda: d.service("chat")["max_concurrency"] <= 8, 10, what="admission")
+        assert limits_file(tmp_path).get(GPU0, 300) == 300
+        assert gpu(d)["power_target_w"] is None
+        assert "limit to restore could not be recorded" in d.logtext()
+
+
+def test_records_for_absent_gpus_are_kept_and_operator_limits_left_alone(
+        tmp_path: Path) -> None:
+    absent = SIM_UUID.format(7)
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    (state / "power_limits.json").write_text(json.dumps({
+        absent: {"before": 350, "set": [300]},
+        GPU0: {"before": 300, "set": [240, 210]},  # the operator set 280 meanwhile
+        GPU1: 300,  # the older format
+    }))
+    (tmp_path / "sim.json.limits.json").write_text(json.dumps({GPU0: 280, GPU1: 270}))
+    doc = config(tmp_path, [fake_service("a", free_port(), gpus=[0])])
+    with running(tmp_path, doc) as d:
+        d.wait_state("a", "ready")
+        wait_until(lambda: limits_file(tmp_path).get(GPU1) == 300, 5, what="GPU1 restored")
+        assert limits_file(tmp_path)[GPU0] == 280
+        left = json.loads((state / "power_limits.json").read_text())
+        assert list(left) == [absent] and left[absent]["before"] == 350
+        text = d.logtext()
+        assert "not one the supervisor set" in text and "kept, to restore when it is" in text
+
+
+def test_a_swinging_sensor_does_not_flap_the_gate(tmp_path: Path) -> None:
+    doc = config(tmp_path, [gated("chat", [0])], step_interval_s=1.0)
+    with running(tmp_path, doc) as d:
+        d.wait_state("chat", "ready")
+        for i in range(30):
+            heat(tmp_path, gpu0={"temperature_c": 100 if i % 2 else 20})
+            time.sleep(0.1)
+        heat(tmp_path, gpu0={"temperature_c": 20})
+        wait_until(lambda: d.service("chat")["drain_reasons"] == [], 10, what="reopened")
+        text = d.logtext()
+        assert text.count("paused (gate closed") == 1, text
+        assert text.count("-> critical") == 1
+
+
+def test_swinging_between_hot_and_cool_only_steps_down(tmp_path: Path) -> None:
+    doc = config(tmp_path, [gated("chat", [0])])
+    with running(tmp_path, doc) as d:
+        d.wait_state("chat", "ready")
+        seen: list[float] = []
+        for i in range(40):
+            heat(tmp_path, gpu0={"temperature_c": 86 if i % 2 else 78})
+            time.sleep(0.1)
+            w = gpu(d)["power_limit_w"]
+            if w is not None and (not seen or seen[-1] != w):
+                seen.append(w)
+        assert seen == sorted(seen, reverse=True), seen
+        heat(tmp_path, gpu0={"temperature_c": 60})
+        wait_until(lambda: gpu(d)["power_limit_w"] == 300, 15, what="restored")
+        port = d.doc["metrics"]["listen"].rsplit(":", 1)[1]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                      timeout=5).read().decode()
+        counts = {a: 0.0 for a in ("admission_down", "admission_up", "power_down", "power_up")}
+        for line in text.splitlines():
+            for a in counts:
+                if line.startswith("llm_supervisor_gpu_throttle_actions_total") \
+                        and f'action="{a}"' in line and f'uuid="{GPU0}"' in line:
+                    counts[a] = float(line.rsplit(" ", 1)[1])
+        assert counts["admission_down"] == counts["admission_up"] > 0, counts
+        assert counts["power_down"] == counts["power_up"] > 0, counts
+
