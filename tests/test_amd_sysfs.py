@@ -30,6 +30,8 @@ from supervisord_llm.sensors import amd_sysfs
 from supervisord_llm.sensors.amd_sysfs import AmdSysfsBackend, pcie_gen
 from supervisord_llm.sensors.base import GpuInfo
 from supervisord_llm.sensors.discovery import DiscoveryError, discover_gpus, vendor_backends
+from supervisord_llm.sensors.events import GpuEvent, GpuEvents
+from supervisord_llm.sensors.hub import GpuHub
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "amdgpu-rdna4" / "tree.json"
 CARD = "class/drm/card1/device"
@@ -128,12 +130,152 @@ def test_a_reading(tree: Path) -> None:
     assert backend.read(g).power_w == 23.0
 
 
-def test_unreadable_value_is_a_sensor_error(tree: Path) -> None:
+# what a file that cannot be read looks like: (how to break it, the error it gives)
+BREAKS = ("directory", "garbage", "EIO", "EPERM", "EACCES")
+
+
+def break_file(path: Path, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if how == "directory":  # EISDIR on read
+        path.unlink()
+        path.mkdir()
+    elif how == "garbage":
+        path.write_text("garbage\n")
+    else:
+        real_read = amd_sysfs._read
+        code = {"EIO": errno.EIO, "EPERM": errno.EPERM, "EACCES": errno.EACCES}[how]
+
+        def failing(p: Path) -> str:
+            if p == path:
+                raise OSError(code, os.strerror(code))
+            return real_read(p)
+
+        monkeypatch.setattr(amd_sysfs, "_read", failing)
+
+
+@pytest.mark.parametrize("how", BREAKS)
+@pytest.mark.parametrize(("name", "field"), [
+    pytest.param(path, field, id=Path(path).name) for path, field in (
+        (f"{HWMON}/temp1_input", "temperature_c"),
+        (f"{HWMON}/temp3_input", "memory_temperature_c"),
+        (f"{HWMON}/power1_average", "power_w"), (f"{HWMON}/power1_cap", "power_limit_w"),
+        (f"{CARD}/gpu_busy_percent", "utilization_pct"),
+        (f"{CARD}/mem_info_vram_used", "memory_used_bytes"))])
+def test_another_file_failing_leaves_its_value_out_not_the_junction(
+        tree: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        name: str, field: str, *, how: str) -> None:
     backend, g = only_gpu(tree)
+    (tree / HWMON / "temp2_input").write_text("112000\n")  # above its crit (110)
+    break_file(tree / name, how, monkeypatch)
+    for _ in range(3):
+        r = backend.read(g)
+        assert getattr(r, field) is None
+        assert r.hotspot_c == r.policy_c == 112.0  # the policy still sees the heat
+        others = {"temperature_c": 42.0, "memory_temperature_c": 68.0, "power_w": 55.0,
+                  "power_limit_w": 120.0, "utilization_pct": 3.0,
+                  "memory_used_bytes": 1476395008}
+        del others[field]
+        assert {k: getattr(r, k) for k in others} == others
+    said = [x.getMessage() for x in caplog.records if "unreadable" in x.getMessage()]
+    assert len(said) == 1  # once, not at every poll
+    assert said[0].startswith(f"GPU0 ({PCI}): {Path(name).name} unreadable (")
+
+
+@pytest.mark.parametrize("how", BREAKS)
+def test_the_junction_unreadable_is_a_sensor_error_never_the_edge(
+        tree: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    backend, g = only_gpu(tree)
+    break_file(tree / HWMON / "temp2_input", how, monkeypatch)
+    expected = ("the driver refuses to read temp2_input" if how == "EPERM" else
+                "junction temperature unreadable: temp2_input: ")
+    for _ in range(2):
+        with pytest.raises(SensorError, match=expected) as info:
+            backend.read(g)
+        assert not isinstance(info.value, GpuLostError)
+
+
+def test_a_board_without_junction_needs_its_edge(tree: Path) -> None:
+    (tree / HWMON / "temp2_label").unlink()
+    (tree / HWMON / "temp2_input").unlink()
+    backend, g = only_gpu(tree)
+    assert backend.read(g).policy_c == 42.0
     (tree / HWMON / "temp1_input").write_text("garbage\n")
-    with pytest.raises(SensorError, match="temp1_input: not a number") as info:
+    with pytest.raises(SensorError, match="edge temperature unreadable: temp1_input: not a "
+                                          "number: 'garbage'") as info:
         backend.read(g)
     assert not isinstance(info.value, GpuLostError)
+
+
+def test_the_junction_sensor_vanishing_is_no_lost_gpu_nor_a_fall_back_to_the_edge(
+        tree: Path) -> None:
+    backend, g = only_gpu(tree)
+    junction = tree / HWMON / "temp2_input"
+    junction.write_text("107000\n")
+    assert backend.read(g).policy_c == 107.0
+    junction.unlink()
+    # the card is still there: not lost, and never read as its edge (42)
+    for expected in ("temp2_input: vanished", r"no junction sensor \(hwmon5\)",
+                     r"no junction sensor \(hwmon5\)"):
+        with pytest.raises(SensorError, match="junction temperature unreadable: " + expected
+                           ) as info:
+            backend.read(g)
+        assert not isinstance(info.value, GpuLostError)
+    write_tree(tree, {f"{HWMON}/temp2_label": "junction\n", f"{HWMON}/temp2_input": "90000\n"})
+    assert backend.read(g).policy_c == 90.0
+    # its hwmon directory renumbered while the card stays: found again, not lost
+    (tree / HWMON).rename(tree / CARD / "hwmon/hwmon6")
+    with pytest.raises(SensorError, match="junction temperature unreadable"):
+        backend.read(g)
+    assert backend.read(g).policy_c == 90.0
+    # the power limit file gone while the card stays: the setting fails, the card is not lost
+    (tree / CARD / "hwmon/hwmon6/power1_cap").unlink()
+    with pytest.raises(SensorError, match="power1_cap vanished") as info:
+        backend.set_power_limit(g, 200)
+    assert not isinstance(info.value, GpuLostError)
+    # the device itself gone: lost
+    shutil.rmtree(tree / "class/drm/card1")
+    with pytest.raises(GpuLostError, match="is gone"):
+        backend.read(g)
+
+
+def test_a_card_back_without_its_junction_sensor_stays_lost(tree: Path) -> None:
+    backend, g = only_gpu(tree)
+    files = fixture()
+    shutil.rmtree(tree / "class/drm/card1")
+    with pytest.raises(GpuLostError):
+        backend.read(g)
+    write_tree(tree, {k: v for k, v in files.items() if "temp2_" not in k})
+    with pytest.raises(GpuLostError, match="not present"):
+        backend.read(g)  # back on the bus, its driver not done: not read from the edge
+    write_tree(tree, files)
+    assert backend.read(g).policy_c == 45.0
+
+
+async def test_a_vanished_junction_file_is_an_error_in_the_hub_not_lost_and_back(
+        tree: Path) -> None:
+    backend, g = only_gpu(tree)
+    hub = GpuHub(backend, [g], 0.05, 2.0)
+    got: list[GpuEvent] = []
+    events = GpuEvents([g], got.append, hub=hub)
+    events.start()
+    try:
+        (tree / HWMON / "temp2_input").write_text("107000\n")
+        await hub.poll_once()
+        assert hub.snapshots()[0].status == "ok"
+        (tree / HWMON / "temp2_input").unlink()
+        for _ in range(3):
+            await hub.poll_once()
+            snap = hub.snapshots()[0]
+            assert snap.status == "error" and "junction temperature unreadable" in str(
+                snap.error)
+            assert snap.reading is not None and snap.reading.policy_c == 107.0  # kept
+        write_tree(tree, {f"{HWMON}/temp2_input": "90000\n"})
+        await hub.poll_once()
+        snap = hub.snapshots()[0]
+        assert snap.status == "ok" and snap.reading is not None and snap.reading.policy_c == 90
+        assert got == []  # neither Lost nor Back: the card never left
+    finally:
+        await events.aclose()
+        await hub.aclose()
 
 
 def test_asleep_card_reads_empty_and_a_refusal_while_awake_is_an_error(

@@ -30,10 +30,21 @@ that have SIMDs, matched by `domain` and `location_id` (bus << 8 | dev << 3 | fn
 DRM card number. That index is fixed at discovery.
 
 Every method is blocking file I/O (the hub runs it on the GPU's own thread): a read opens
-about seven small files whose paths were found at discovery. A read that fails with ENOENT or
-ENODEV means the card is gone (`GpuLostError`); the next read looks for it again by PCI slot
-(and unique_id), in any card<N>, with its hwmon directory found afresh. A dGPU asleep
-(runtime PM) answers EPERM: an empty reading, not an error (see `read`).
+about seven small files whose paths were found at discovery. The card is gone
+(`GpuLostError`) only when its device directory is (the card left the bus, or the driver let
+go of it): the next read looks for it again by PCI slot (and unique_id), in any card<N>, with
+its hwmon directory found afresh. A dGPU asleep (runtime PM) answers EPERM: an empty reading,
+not an error (see `read`).
+
+One file failing while the card is there does not blind the policy, nor mislead it:
+
+- the policy sensor (the junction, on a card that had one at discovery; else the edge) that
+  cannot be read (gone, EIO, not a number, a directory...) makes the read a SensorError
+  ("junction temperature unreadable: ..."), never a reading from the edge sensor, nor a lost
+  GPU: the policy holds what it has until the junction reads again. Its files are looked for
+  afresh meanwhile (the hwmon directory may have been renumbered);
+- any other file that fails (edge, memory temperature, power, cap, busy, VRAM) leaves its
+  value None, logged once per file at a bounded rate; the reading still carries the junction.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import GpuLostError, SensorError
+from ..logs import LogLimiter
 from ..topology import Topology, parse_cpulist
 from .base import BackendUnavailable, GpuHealth, GpuInfo, GpuReading
 
@@ -169,7 +181,10 @@ class AmdSysfsBackend:
         self._drm = self.root / "class" / "drm"
         self._cards: dict[str, _Card] = {}
         self._expect_hwmon: set[str] = set()  # cards that had a hwmon directory at discovery
+        self._expect_junction: set[str] = set()  # cards that had a junction sensor at discovery
         self._lock = threading.Lock()
+        # a file other than the policy sensor failing: once per card and file every 10 min
+        self._limiter = LogLimiter(__name__, burst=1, window_s=600.0)
 
     # --- finding the cards -------------------------------------------------------------
 
@@ -348,6 +363,7 @@ class AmdSysfsBackend:
         with self._lock:
             self._cards = cards
             self._expect_hwmon = {u for u, c in cards.items() if c.hwmon is not None}
+            self._expect_junction = {u for u, c in cards.items() if c.junction is not None}
         return gpus
 
     def _info(self, card: _Card, topo: Topology, pin: str) -> GpuInfo:
@@ -446,11 +462,12 @@ class AmdSysfsBackend:
                     return None  # another card in that slot
             with self._lock:
                 need_hwmon = gpu.uuid in self._expect_hwmon
+                need_junction = gpu.uuid in self._expect_junction
             try:
                 card = self._locate(device, gpu.uuid, want_pci)
             except OSError:
                 return None
-            if need_hwmon and card.hwmon is None:
+            if (need_hwmon and card.hwmon is None) or (need_junction and card.junction is None):
                 return None  # back, but its driver has not finished setting it up
             return card
         return None
@@ -464,36 +481,69 @@ class AmdSysfsBackend:
         self._forget(gpu, card)
         return GpuLostError(f"AMD GPU {gpu.uuid} ({card.pci}) is gone: {exc} vanished")
 
+    def _relocate(self, gpu: GpuInfo, card: _Card) -> _Card:
+        """The card is there but a file of it is not where it was: find its files afresh
+        (its hwmon directory may have been renumbered). Returns the card's paths now."""
+        try:
+            fresh = self._locate(card.device, card.uuid, card.pci)
+        except OSError:
+            return card
+        with self._lock:
+            if self._cards.get(gpu.uuid) is card:
+                self._cards[gpu.uuid] = fresh
+        return fresh
+
     # --- readings ----------------------------------------------------------------------
 
     def read(self, gpu: GpuInfo) -> GpuReading:
         """The values as the module's doc says; None where not reported. A dGPU that runtime
         PM has put to sleep (BACO: no display, no compute process) answers EPERM to its
         sensors (the driver does not wake it for a reading): its reading is then empty but
-        for the VRAM in use, not an error. EPERM while it is awake (a reset in progress) is
-        a SensorError."""
+        for the VRAM in use, not an error. EPERM on the policy sensor while it is awake (a
+        reset in progress) is a SensorError; the policy sensor failing in any other way too
+        ("junction temperature unreadable"); another file failing leaves its value None."""
         card = self._card(gpu)
-        refused: list[str] = []
+        label = f"GPU{gpu.index} ({card.pci})"
+        with self._lock:
+            need_junction = gpu.uuid in self._expect_junction
+        if need_junction and card.junction is None:  # its junction sensor was not listed
+            if not os.path.isdir(card.device):
+                raise self._lost(gpu, card, _Vanished(str(card.device)))
+            card = self._relocate(gpu, card)
+            if card.junction is None:
+                where = card.hwmon.name if card.hwmon is not None else "no hwmon directory"
+                raise SensorError(f"{label}: junction temperature unreadable: no junction "
+                                  f"sensor ({where})")
+        policy = card.junction if card.junction is not None else card.edge
+        policy_name = "junction" if card.junction is not None else "edge"
+        refused: list[Path] = []
+        failed: dict[Path, str] = {}
 
         def value(path: Path | None, scale: float) -> float | None:
             if path is None:
                 return None
             try:
                 return _int(path) / scale
+            except _Vanished:
+                if not os.path.isdir(card.device):
+                    raise  # the card itself is gone
+                failed[path] = "vanished"
+            except SensorError as exc:  # not a number
+                failed[path] = str(exc).removeprefix(f"{path}: ")
             except OSError as exc:
-                if exc.errno in _ABSENT:
-                    return None
                 if exc.errno == errno.EPERM:
-                    refused.append(path.name)
-                    return None
-                raise SensorError(f"GPU{gpu.index} ({card.pci}): {path.name}: "
-                                  f"{exc.strerror or exc}") from None
+                    refused.append(path)
+                elif exc.errno in _ABSENT and path != policy:
+                    pass  # not reported right now
+                else:
+                    failed[path] = exc.strerror or str(exc)
+            return None
 
         try:
             edge = value(card.edge, 1000.0)
             junction = value(card.junction, 1000.0)
             reading = GpuReading(
-                temperature_c=edge if edge is not None else junction,
+                temperature_c=edge if card.edge is not None else junction,
                 memory_temperature_c=value(card.mem, 1000.0),
                 power_w=value(card.power, 1e6),
                 power_limit_w=value(card.cap, 1e6),
@@ -502,11 +552,24 @@ class AmdSysfsBackend:
                 else int(used),
                 hotspot_c=junction,
             )
-            if refused and not self._asleep(card):
-                raise SensorError(f"GPU{gpu.index} ({card.pci}): the driver refuses to read "
-                                  f"{', '.join(refused)} (EPERM: a reset in progress?)")
+            asleep = bool(refused) and self._asleep(card)
         except _Vanished as exc:
             raise self._lost(gpu, card, exc) from None
+        if refused and not asleep:
+            if policy in refused:
+                raise SensorError(f"{label}: {policy_name} temperature unreadable: the driver "
+                                  f"refuses to read {', '.join(p.name for p in refused)} "
+                                  "(EPERM: a reset in progress?)")
+            for path in refused:
+                failed[path] = "refused (EPERM)"
+        if policy is not None and policy in failed:
+            if failed[policy] == "vanished":
+                self._relocate(gpu, card)
+            raise SensorError(f"{label}: {policy_name} temperature unreadable: {policy.name}: "
+                              f"{failed[policy]}")
+        for path, why in failed.items():
+            self._limiter.warning(f"{gpu.uuid}:{path.name}", "%s: %s unreadable (%s): not "
+                                  "reported until it reads again", label, path.name, why)
         return reading
 
     def _asleep(self, card: _Card) -> bool:
@@ -530,6 +593,8 @@ class AmdSysfsBackend:
                                   "power1_cap_max)")
             _write(card.cap, f"{whole * 1_000_000}\n")
         except _Vanished as exc:
+            if os.path.isdir(card.device):  # a file of it, not the card
+                raise SensorError(f"{what}: {exc} vanished") from None
             raise self._lost(gpu, card, exc) from None
         except OSError as exc:
             if exc.errno == errno.EINVAL:
