@@ -226,9 +226,10 @@ def render_status(data: dict[str, Any]) -> str:
                              f"{', retirement pending' if h.get('retirement_pending') else ''}"
                              f"{', remap failed' if h.get('remap_failed') else ''}): plan a "
                              "reset of this GPU")
-            if h.get("link_degraded"):
+            if h.get("link_degraded"):  # lanes missing (a lower gen alone is power saving)
                 notes.append(f"PCIe link gen{h.get('pcie_gen')} x{h.get('pcie_width')} below "
-                             f"gen{h.get('pcie_gen_max')} x{h.get('pcie_width_max')}")
+                             f"gen{h.get('pcie_gen_max')} x{h.get('pcie_width_max')}: "
+                             f"{h.get('pcie_width')} of {h.get('pcie_width_max')} lanes")
             if h.get("clock_trouble"):
                 notes.append("clocks slowed: " + ", ".join(h["clock_trouble"]))
             if g.get("lost"):

@@ -386,6 +386,7 @@ def test_health_on_the_flat_fixture(tree: Path) -> None:
     # in use: pp_dpm_pcie's fastest level (16 GT/s x16); the max: the card's own (32 GT/s),
     # as this tree has no PCI hierarchy above it; no ras/: no ECC counters
     assert (h.pcie_gen, h.pcie_gen_max, h.pcie_width, h.pcie_width_max) == (4, 5, 16, 16)
+    assert not h.link_degraded  # a lower gen is power saving; all 16 lanes are there
     assert h.clock_events is None
     assert (h.ecc_uncorrected_volatile, h.ecc_corrected_volatile, h.retired_pages,
             h.retirement_pending, h.remap_failed) == (None,) * 5

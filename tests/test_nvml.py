@@ -310,6 +310,11 @@ def test_health_trouble(tmp_path: Path) -> None:
     assert h.clock_events == ("sw_power_cap", "hw_thermal")
     assert (h.pcie_gen, h.pcie_gen_max, h.pcie_width, h.pcie_width_max) == (3, 5, 8, 16)
     assert h.link_degraded
+    nv.health.update(pcie_gen=1, pcie_width=16)  # idle: the link slowed, every lane there
+    h = b.read_health(g)
+    assert (h.pcie_gen, h.pcie_gen_max, h.pcie_width, h.pcie_width_max) == (1, 5, 16, 16)
+    assert not h.link_degraded
+    nv.health.update(pcie_gen=3, pcie_width=8)
     assert (h.ecc_uncorrected_volatile, h.ecc_corrected_volatile) == (2, 17)
     assert (h.retired_pages, h.retirement_pending, h.remap_failed) == (4, True, False)
     assert h.memory_trouble

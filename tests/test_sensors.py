@@ -25,6 +25,7 @@ from helpers import (
     running,
     wait_until,
 )
+from supervisord_llm import ctl
 from supervisord_llm.config import SimGpu
 from supervisord_llm.errors import GpuLostError, SensorError
 from supervisord_llm.sensors.base import (
@@ -221,6 +222,25 @@ async def test_hub_takes_an_implausible_reading_as_a_failed_read(tmp_path: Path)
     assert hub.snapshots()[0].status == "ok" and hub.snapshots()[0].reading == \
         backend.read(g)
     await hub.aclose()
+
+
+def test_a_degraded_link_is_a_narrow_one_not_a_slow_one() -> None:
+    assert not GpuHealth().link_degraded
+    assert not GpuHealth(pcie_gen=1, pcie_gen_max=5, pcie_width=16,
+                         pcie_width_max=16).link_degraded  # idle: PCIe power management
+    assert GpuHealth(pcie_gen=5, pcie_gen_max=5, pcie_width=8, pcie_width_max=16).link_degraded
+    assert not GpuHealth(pcie_gen=5, pcie_gen_max=5, pcie_width=8).link_degraded  # no max
+
+
+def test_llmctl_flags_a_narrow_link_only() -> None:
+    def table(**health: Any) -> str:
+        base = {"pcie_gen": 4, "pcie_gen_max": 5, "pcie_width": 16, "pcie_width_max": 16}
+        h = {**base, **health}
+        h["link_degraded"] = GpuHealth(**h).link_degraded
+        return ctl.render_status({"gpus": [{"index": 0, "uuid": "u", "name": "g", "health": h}]})
+
+    assert "PCIe" not in table()  # gen4 of gen5, all lanes: as it should be when idle
+    assert "GPU0: PCIe link gen4 x8 below gen5 x16: 8 of 16 lanes" in table(pcie_width=8)
 
 
 # --- one backend per GPU -----------------------------------------------------------------------

@@ -88,10 +88,11 @@ class GpuHealth:
 
     @property
     def link_degraded(self) -> bool:
-        return ((self.pcie_gen is not None and self.pcie_gen_max is not None
-                 and self.pcie_gen < self.pcie_gen_max)
-                or (self.pcie_width is not None and self.pcie_width_max is not None
-                    and self.pcie_width < self.pcie_width_max))
+        """Fewer PCIe lanes in use than the link has (a bad seat or riser, a dirty contact).
+        A lower generation alone is not: NVIDIA and AMD boards drop the link speed when they
+        idle (PCIe power management), so it says nothing about the link's health."""
+        return (self.pcie_width is not None and self.pcie_width_max is not None
+                and self.pcie_width < self.pcie_width_max)
 
     @property
     def memory_trouble(self) -> bool:

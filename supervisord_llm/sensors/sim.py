@@ -147,7 +147,8 @@ class SimBackend:
 
     def read_health(self, gpu: GpuInfo) -> GpuHealth:
         """From the state file: `clock_events` (a list of names), `pcie_gen`, `pcie_width`
-        (below the maxima `pcie_gen_max` 4, `pcie_width_max` 16: a degraded link),
+        (against the maxima `pcie_gen_max` 4, `pcie_width_max` 16; a width below 16 is a
+        degraded link),
         `ecc_uncorrected`, `retirement_pending`; a healthy board otherwise."""
         state = self._state(gpu.uuid)
         if state.get("lost") is True:
