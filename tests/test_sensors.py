@@ -79,6 +79,24 @@ def test_sim_readings_and_power_limit(tmp_path: Path) -> None:
         b.read(g0)
 
 
+def test_sim_health_and_bad_counters(tmp_path: Path) -> None:
+    state = tmp_path / "sim.json"
+    b = SimBackend(sims(1), str(state))
+    [g] = b.discover()
+    h = b.read_health(g)
+    assert (h.pcie_gen, h.pcie_width, h.ecc_uncorrected_volatile) == (4, 16, 0)
+    assert not h.memory_trouble and not h.link_degraded
+    write_state(state, {g.uuid: {"ecc_uncorrected": 3, "pcie_width": 8}})
+    h = b.read_health(g)
+    assert h.ecc_uncorrected_volatile == 3 and h.memory_trouble and h.link_degraded
+    for key, bad in (("ecc_uncorrected", -5), ("ecc_uncorrected", 1.5),
+                     ("ecc_uncorrected", "2"), ("ecc_uncorrected", True),
+                     ("pcie_width", -8), ("pcie_width", 0), ("pcie_gen", -1)):
+        write_state(state, {g.uuid: {key: bad}})
+        with pytest.raises(SensorError, match=f"{g.uuid} {key} must be an integer >= "):
+            b.read_health(g)
+
+
 class SlowBackend:
     name = "slow"
 

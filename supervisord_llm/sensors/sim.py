@@ -157,16 +157,17 @@ class SimBackend:
         if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
             raise SensorError(f"sim state file: {gpu.uuid} clock_events must be a list of names")
 
-        def num(key: str, default: int) -> int:
+        def num(key: str, default: int, lowest: int) -> int:
             value = state.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise SensorError(f"sim state file: {gpu.uuid} {key} must be an integer")
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise SensorError(f"sim state file: {gpu.uuid} {key} must be an integer >= "
+                                  f"{lowest}")
             return value
 
         return GpuHealth(
-            clock_events=tuple(events), pcie_gen=num("pcie_gen", 4), pcie_gen_max=4,
-            pcie_width=num("pcie_width", 16), pcie_width_max=16,
-            ecc_uncorrected_volatile=num("ecc_uncorrected", 0), ecc_corrected_volatile=0,
+            clock_events=tuple(events), pcie_gen=num("pcie_gen", 4, 1), pcie_gen_max=4,
+            pcie_width=num("pcie_width", 16, 1), pcie_width_max=16,
+            ecc_uncorrected_volatile=num("ecc_uncorrected", 0, 0), ecc_corrected_volatile=0,
             retired_pages=0, retirement_pending=state.get("retirement_pending") is True,
             remap_failed=False)
 
