@@ -209,9 +209,14 @@ def render_status(data: dict[str, Any]) -> str:
             used = g.get("memory_used_bytes")
             mem = "-" if total is None else (
                 f"{(used or 0) / 2**30:.1f}/{total / 2**30:.0f} GiB")
+            # the temperature the thermal policy acts on: the junction (hot spot) where the
+            # board reports one (AMD), else the GPU's own (as in STATUS= and the STATE column)
+            temp = g.get("hotspot_c")
+            if temp is None:
+                temp = g.get("temperature_c")
             rows.append([
                 str(g.get("index")), str(g.get("name"))[:28],
-                _num(g.get("temperature_c"), ".0f", "C"),
+                _num(temp, ".0f", "C"),
                 _num(g.get("memory_temperature_c"), ".0f", "C"),
                 _num(g.get("power_w"), ".0f", "W"), _num(g.get("power_limit_w"), ".0f", "W"),
                 _num(g.get("utilization_pct"), ".0f", "%"), mem, str(g.get("thermal_state")),

@@ -261,6 +261,20 @@ def test_llmctl_flags_a_narrow_link_only() -> None:
     assert "GPU0: PCIe link gen4 x8 below gen5 x16: 8 of 16 lanes" in table(pcie_width=8)
 
 
+def test_llmctl_temp_is_the_one_the_policy_acts_on() -> None:
+    def row(**gpu: Any) -> list[str]:
+        text = ctl.render_status({"gpus": [{"index": 0, "uuid": "u", "name": "g",
+                                            "thermal_state": "throttled", **gpu}]})
+        header, line = [x.split() for x in text.splitlines() if x.startswith(("GPU ", "0 "))]
+        return [line[header.index("TEMP")], line[header.index("MEMTEMP")]]
+
+    # AMD: the junction (107), not the edge (42)
+    assert row(temperature_c=42.0, hotspot_c=107.0, memory_temperature_c=68.0) == \
+        ["107C", "68C"]
+    assert row(temperature_c=83.0, hotspot_c=None) == ["83C", "-"]  # NVIDIA: the core
+    assert row(temperature_c=None, hotspot_c=None) == ["-", "-"]  # no fresh reading
+
+
 # --- one backend per GPU -----------------------------------------------------------------------
 
 
