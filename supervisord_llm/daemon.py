@@ -172,6 +172,7 @@ class Daemon:
         self._signals: asyncio.Queue[str] = asyncio.Queue()
         self._status_pending = False
         self._last_status = ""
+        self._status_mode = ""
         self._status_sent_at = -STATUS_MIN_INTERVAL_S
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_warned = False
@@ -254,6 +255,7 @@ class Daemon:
             self._start_watchdog()
             await sup.start_all()
             self._last_status = status_line(sup, host)
+            self._status_mode = host.mode.value
             self.notifier.ready(self._last_status)
             log.info("llm-supervisor ready: %d services, %d GPUs (%s), control %s, metrics %s",
                      len(plans), len(self.gpus), hub.backend_names,
@@ -279,6 +281,8 @@ class Daemon:
                 await events.aclose()  # before nvmlShutdown: no thread may wait in NVML
             await hub.aclose()
             os.close(self._lock_fd)
+            if self._status_pending:  # the last word (stopped, shutting_down) is not lost
+                self._send_status()
             self.notifier.close()
 
     async def _main_loop(self, host: Host) -> None:
@@ -316,12 +320,15 @@ class Daemon:
     # --- status and watchdog ---------------------------------------------------------------
 
     def _schedule_status(self) -> None:
-        """STATUS= soon: at once, or (coalesced) STATUS_MIN_INTERVAL_S after the last one."""
-        if not self._status_pending:
+        """STATUS= soon: at once, or (coalesced) STATUS_MIN_INTERVAL_S after the last one. A
+        change of mode (on battery, shutting down) goes at once: it is what an operator
+        watching `systemctl status` needs to see, and it is rare."""
+        mode_changed = self.host is not None and self.host.mode.value != self._status_mode
+        if mode_changed or not self._status_pending:
             self._status_pending = True
             loop = asyncio.get_running_loop()
             wait = self._status_sent_at + STATUS_MIN_INTERVAL_S - loop.time()
-            if wait > 0:
+            if wait > 0 and not mode_changed:
                 loop.call_later(wait, self._send_status)
             else:
                 loop.call_soon(self._send_status)
@@ -331,6 +338,7 @@ class Daemon:
         if self.sup is None or self.host is None:
             return
         line = status_line(self.sup, self.host)
+        self._status_mode = self.host.mode.value
         if line != self._last_status:
             self._last_status = line
             self._status_sent_at = asyncio.get_running_loop().time()
