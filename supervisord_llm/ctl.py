@@ -253,12 +253,22 @@ def render_status(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _brief_line(s: dict[str, Any]) -> str:
+    """`name: state`, the gate, and what holds the service down: a `start` of a service held
+    by the daemon (cooling, gpu_lost, powered_down) is taken, but the service starts only
+    when that is released, and the operator is told so."""
+    line = f"{s.get('name')}: {s.get('state')}"
+    if "gate" in s:
+        line += f" (gate {s['gate']}, {s.get('inflight', 0)} in flight)"
+    holds = [h for h in s.get("holds") or [] if h != "operator"]
+    if holds:
+        line += f" (held: {', '.join(map(str, holds))}; starts when released)"
+    return line
+
+
 def render_brief(data: Any) -> str:
     if isinstance(data, dict) and isinstance(data.get("services"), list):
-        return "\n".join(
-            f"{s.get('name')}: {s.get('state')}"
-            + (f" (gate {s['gate']}, {s.get('inflight', 0)} in flight)" if "gate" in s else "")
-            for s in data["services"])
+        return "\n".join(_brief_line(s) for s in data["services"] if isinstance(s, dict))
     if isinstance(data, dict) and "restarted" in data:
         lines = []
         for key in ("added", "removed", "restarted", "swapped", "updated", "unchanged"):

@@ -71,6 +71,9 @@ def test_drain_restart_and_lost_wait_for_every_gpu_of_the_service(tmp_path: Path
         heat(tmp_path, gpu0={"temperature_c": 60}, gpu1={"lost": True})
         wait_until(lambda: gpu(d, 0)["thermal_state"] == "ok", 5, what="GPU0 back")
         stays(lambda: d.service("a")["state"] == "stopped", 1.5, "not started on a lost GPU1")
+        r = d.llmctl("start", "a")  # taken, and the operator is told why nothing happens
+        assert r.returncode == 0 and ("a: stopped (held: gpu_lost; starts when released)"
+                                      in r.stdout), (r.stdout, r.stderr)
         heat(tmp_path, gpu0={"temperature_c": 60}, gpu1={"temperature_c": 60})
         d.wait_state("a", "ready", 15)
         assert d.service("a")["holds"] == []
