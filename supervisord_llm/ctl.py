@@ -250,7 +250,38 @@ def render_status(data: dict[str, Any]) -> str:
                      f"{_dur(p.get('runtime_s'))}")
         out.append("")
         out.append(line)
+        if p.get("phase") not in (None, "online"):
+            extra = f"  {p['phase']}"
+            if p.get("on_battery_for_s") is not None:
+                extra += f" for {_dur(p['on_battery_for_s'])}"
+            if p.get("power_ceiling") is not None:
+                extra += f", GPU power capped at {p['power_ceiling']:.0%} of default"
+            out.append(extra)
+        if p.get("error"):
+            out.append(f"  error: {p['error']}")
+        pd = p.get("power_down")
+        if isinstance(pd, dict) and pd.get("reason"):
+            out.append(f"  last power-down: {pd['reason']}")
+            for st in pd.get("steps") or []:
+                took = "running" if st.get("duration_s") is None else f"{st['duration_s']:.1f} s"
+                out.append(f"    {st.get('step')}: {took}  {st.get('detail') or ''}".rstrip())
+        for c in p.get("checkpoints") or []:
+            out.append(f"  checkpoint {c.get('name')}: {c.get('result')} "
+                       f"{_dur(c.get('age_s'))} ago" + (f": {c['error']}" if c.get("error")
+                                                         else ""))
     return "\n".join(out)
+
+
+def render_checkpoints(data: Any) -> str:
+    if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
+        return json.dumps(data, indent=2)
+    lines = []
+    for c in data["checkpoints"]:
+        if isinstance(c, dict):
+            lines.append(f"{c.get('name')} ({c.get('kind')}): {c.get('result')} in "
+                         f"{c.get('duration_s')} s" + (f": {c['error']}" if c.get("error")
+                                                       else ""))
+    return "\n".join(lines) or "no checkpoint ran"
 
 
 def _brief_line(s: dict[str, Any]) -> str:
@@ -326,10 +357,27 @@ def _parser() -> argparse.ArgumentParser:
     rst = sub.add_parser("reset", help="clear failed and start again")
     rst.add_argument("services", nargs="+", metavar="SERVICE")
     sub.add_parser("reload", help="re-read the config; restart only what changed")
-    sub.add_parser("checkpoint", help="run the checkpoint hooks now")
-    pe = sub.add_parser("power-event", help="a power event (for upsmon NOTIFYCMD)")
-    pe.add_argument("event", choices=POWER_EVENTS)
+    cp = sub.add_parser("checkpoint", help="run the checkpoint hooks now")
+    cp.add_argument("name", nargs="?", help="only this hook (default: all, in order)")
+    pe = sub.add_parser("power-event", help="a power event (for upsmon NOTIFYCMD)",
+                        description="Feed a power event to the daemon's power policy. "
+                        "upsmon's notify types are taken too: ONLINE, ONBATT, LOWBATT, FSD.")
+    pe.add_argument("event", type=_power_event, metavar="{" + ",".join(POWER_EVENTS) + "}")
     return p
+
+
+_UPSMON_EVENTS = {"online": "on-line", "onbatt": "on-battery", "lowbatt": "low-battery",
+                  "fsd": "fsd", "on-line": "on-line", "on-battery": "on-battery",
+                  "low-battery": "low-battery"}
+
+
+def _power_event(text: str) -> str:
+    event = _UPSMON_EVENTS.get(text.strip().lower())
+    if event is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text[:40]!r} (choose from {', '.join(POWER_EVENTS)}, or "
+            "upsmon's ONLINE, ONBATT, LOWBATT, FSD)")
+    return event
 
 
 def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any], float | None]:
@@ -362,6 +410,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any], float | Non
         return cmd, {"services": args.services}, 60.0
     if cmd == "power-event":
         return cmd, {"event": args.event}, 60.0
+    if cmd == "checkpoint":  # the daemon bounds it (each hook's timeout_s)
+        return cmd, ({"name": args.name} if args.name else {}), None
     return cmd, {}, None
 
 
@@ -379,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     elif cmd == "status":
         sys.stdout.write(render_status(data) + "\n")
+    elif cmd == "checkpoint":
+        sys.stdout.write(render_checkpoints(data) + "\n")
+        if isinstance(data, dict) and data.get("ok") is False:
+            return EXIT_FAILED  # the hooks ran; one of them did not succeed
     else:
         sys.stdout.write(render_brief(data) + "\n")
     return EXIT_OK

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol as P
+from .checkpoints import CheckpointRunner
 from .config import Config, load_config, one_line
 from .control import Commands, ControlServer, Peer
 from .errors import ConfigError, ControlError, StartupError
@@ -29,6 +30,7 @@ from .guard import GpuGuard, LimitStore
 from .health import HttpProber
 from .host import Host
 from .plan import ServicePlan, resolve_plan
+from .power import PowerController
 from .sensors.base import GpuInfo
 from .sensors.discovery import Discovery, discover_gpus, vendor_backends
 from .sensors.events import EventSource, GpuEvents
@@ -236,6 +238,10 @@ class Daemon:
                                sources=event_sources(hub, self.gpus))
             sup.gpu_events = events
             events.start()
+            power = PowerController(sup, host, cfg.power, CheckpointRunner(sup),
+                                    clock=self.clock)
+            sup.power = power
+            low_at_start = await power.first_reading()
             loop = asyncio.get_running_loop()
             for sig, what in ((signal.SIGTERM, "term"), (signal.SIGINT, "term"),
                               (signal.SIGHUP, "hup")):
@@ -247,13 +253,14 @@ class Daemon:
                 loop.create_task(self._guard_state_dir(cfg.supervisor.state_dir, spawner),
                                  name="state-dir-guard"),
                 loop.create_task(guard.reprobe(events.probe_back, REPROBE_S), name="reprobe"),
+                loop.create_task(power.run(), name="power"),
             ]
             sup.on_change(self._schedule_status)
             host.on_change(self._schedule_status)
             hub.on_update(self._schedule_status)
             hub.on_update(guard.poke)
             self._start_watchdog()
-            await sup.start_all()
+            await sup.start_all(hold="powered_down" if low_at_start else None)
             self._last_status = status_line(sup, host)
             self._status_mode = host.mode.value
             self.notifier.ready(self._last_status)
@@ -267,6 +274,8 @@ class Daemon:
                 self._watchdog.cancel()
             for task in self._tasks:
                 task.cancel()
+            if self.sup is not None and self.sup.power is not None:
+                await self.sup.power.close()
             if self.sup is not None:
                 await self.sup.close()
             if control is not None:

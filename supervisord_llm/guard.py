@@ -164,6 +164,18 @@ class GpuGuard:
         self._running: asyncio.Task[None] | None = None
         self._again = False
         self._closed = False
+        self.ceiling_fraction: float | None = None  # on battery: of each GPU's default limit
+
+    def set_ceiling(self, fraction: float | None, why: str) -> None:
+        """A power ceiling over every GPU (on battery, to stretch the runtime), on top of the
+        thermal steps; None lifts it. Applied at the next evaluation (now)."""
+        if fraction is not None and fraction >= 1.0:
+            fraction = None
+        if fraction != self.ceiling_fraction:
+            self.ceiling_fraction = fraction
+            log.info("GPU power ceiling %s (%s)", "lifted" if fraction is None else
+                     f"{fraction:.0%} of each GPU's default limit", why)
+            self.poke()
 
     # --- entry points ----------------------------------------------------------------------
 
@@ -202,7 +214,7 @@ class GpuGuard:
             self.states[uuid] = state
             for action in actions:
                 await self._act(snap, lim, state, action)
-            if state.steps == 0 and uuid in self.store.entries \
+            if state.applied_w is None and uuid in self.store.entries \
                     and now >= self._restore_at.get(uuid, 0.0):
                 # a limit recorded but not the policy's (a GPU back from lost, a restore
                 # that failed): put it back while the policy is at rest, and retry later
@@ -239,9 +251,12 @@ class GpuGuard:
             warn, throttle, critical, resume = ordered
         else:
             self._bad_order.pop(gpu.uuid, None)
+        default = gpu.default_power_limit_w
+        ceiling = (self.ceiling_fraction * default
+                   if self.ceiling_fraction is not None and default else None)
         return T.Limits(warn, throttle, critical, resume, c.power_step, c.min_power_fraction,
-                        c.step_interval_s, c.pause_timeout_s, gpu.default_power_limit_w,
-                        gpu.min_power_limit_w)
+                        c.step_interval_s, c.pause_timeout_s, default, gpu.min_power_limit_w,
+                        ceiling)
 
     def _reading(self, snap: GpuSnapshot, now: float) -> T.Reading:
         r = snap.reading
@@ -586,7 +601,7 @@ class GpuGuard:
                 return False
             log.warning("GPU%d: power limit restored to %g W (%s)", gpu.index, before, when)
         st = self.states.get(gpu.uuid)
-        if st is not None and st.steps > 0:
+        if st is not None and st.applied_w is not None:
             return False  # the policy stepped meanwhile: its record stays
         self.targets.pop(gpu.uuid, None)
         await self.store.forget(gpu.uuid)

@@ -65,6 +65,11 @@ def _settle(reply: asyncio.Future[Any], task: asyncio.Task[Any]) -> None:
         reply.set_result(task.result())
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class Host:
     def __init__(self, sup: Supervisor, load: Loader | None = None,
                  on_reload: Callable[[bool], None] | None = None) -> None:
@@ -144,19 +149,21 @@ class Host:
         if new is not self.mode:
             log.info("mode %s -> %s (%s)", self.mode, new, why)
             self.mode = new
-            for fn in self._listeners:
-                fn()
+            self.changed()
 
     # --- service commands ---------------------------------------------------------------------
 
-    async def command(self, names: list[str], event: L.Event) -> dict[str, int]:
+    async def command(self, names: list[str], event: L.Event, *,
+                      internal: bool = False) -> dict[str, int]:
         """Send an event to services (start, stop, restart, reset, holds); refused while a
-        swap or reload of one of them runs. Returns each one's generation before it, once
-        they have handled it (the host's queue does not wait for them)."""
+        swap or reload of one of them runs (unless `internal`: from the operation that runs,
+        such as the power-down). Returns each one's generation before it, once they have
+        handled it (the host's queue does not wait for them)."""
 
         async def fn(reply: asyncio.Future[Any]) -> None:
-            self._refuse_if_busy(names, f"{type(event).__name__.lower()} "
-                                 f"{', '.join(names)}")
+            if not internal:
+                self._refuse_if_busy(names, f"{type(event).__name__.lower()} "
+                                     f"{', '.join(names)}")
             actors = [self.sup.actor(n) for n in names]
             before = {a.name: a.gen for a in actors}
             reply.set_result((before, [a.queue(event) for a in actors]))
@@ -297,6 +304,38 @@ class Host:
             return res.as_dict()
         finally:
             self._on_reload(False)
+
+    async def power_down(self, body: Callable[[], Awaitable[None]]) -> asyncio.Task[Any]:
+        """Start the power-down sequence as the host's operation: a reload or swap in progress
+        is cancelled first (the power wins; each stops what it had started), and no other
+        operation starts while it runs. Returns its task (cancelled if the power returns in
+        time, or by a daemon stop)."""
+
+        async def fn(reply: asyncio.Future[Any]) -> None:
+            if self._shutdown is not None:
+                raise ControlError(P.FAILED, "llm-supervisor is shutting down")
+            running = [op.task for op in self.ops.values()]
+            for task in running:
+                log.warning("power-down: cancelling %s", task.get_name())
+                task.cancel()
+
+            async def run() -> None:
+                if running:
+                    await asyncio.wait(running, timeout=30.0)
+                await body()
+
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.add_done_callback(_retrieve)
+            self._start_op("power-down", ALL, run(), done)
+            reply.set_result(self.ops[ALL].task)
+
+        task: asyncio.Task[Any] = await self._submit(fn)
+        return task
+
+    def changed(self) -> None:
+        """Something shown in STATUS= changed (a power-down step)."""
+        for fn in self._listeners:
+            fn()
 
     # --- stopping ------------------------------------------------------------------------------
 

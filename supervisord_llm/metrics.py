@@ -30,6 +30,9 @@ from .systemd import Notifier
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GPU_LABELS = ["gpu", "uuid", "pci_bus_id", "name"]
 THERMAL_STATES = ("ok", "warm", "throttled", "critical", "lost", "unresponsive")
+P_FLAGS = ("OL", "OB", "LB", "FSD", "CHRG", "DISCHRG", "RB", "OVER", "BYPASS")
+POWER_EVENTS = ("on_battery", "power_back", "power_down", "powered_down", "restart",
+                "ups_unreachable", "ups_reachable")
 
 
 class SupervisorCollector(Collector):
@@ -70,6 +73,67 @@ class SupervisorCollector(Collector):
         yield from self._services()
         yield from self._gates()
         yield from self._gpus()
+        yield from self._power()
+
+    def _power(self) -> Iterator[Metric]:
+        power = self.sup.power
+        reachable = GaugeMetricFamily("llm_supervisor_ups_reachable",
+                                      "1 when upsd answers with data for the UPS")
+        on_battery = GaugeMetricFamily("llm_supervisor_ups_on_battery",
+                                       "1 while the UPS is on battery (OB)")
+        charge = GaugeMetricFamily("llm_supervisor_ups_battery_charge_ratio",
+                                   "battery.charge as a ratio (0-1)")
+        runtime = GaugeMetricFamily("llm_supervisor_ups_battery_runtime_seconds",
+                                    "battery.runtime as the UPS reports it")
+        flags = GaugeMetricFamily("llm_supervisor_ups_status",
+                                  "ups.status flags (1 = present)", labels=["flag"])
+        events = CounterMetricFamily("llm_supervisor_power_events",
+                                     "Power events: on_battery, power_back, power_down, "
+                                     "powered_down, restart, ups_unreachable, ups_reachable",
+                                     labels=["event"])
+        steps = GaugeMetricFamily("llm_supervisor_power_down_step_duration_seconds",
+                                  "Duration of each step of the last power-down sequence",
+                                  labels=["step"])
+        runs = CounterMetricFamily("llm_supervisor_checkpoint_runs",
+                                   "Checkpoint hook runs by result (ok, failed, timeout)",
+                                   labels=["name", "result"])
+        cp_duration = GaugeMetricFamily("llm_supervisor_checkpoint_duration_seconds",
+                                        "Duration of the last run of each checkpoint hook",
+                                        labels=["name"])
+        cp_age = GaugeMetricFamily("llm_supervisor_checkpoint_last_success_timestamp_seconds",
+                                   "Unix time of the last successful run of each hook",
+                                   labels=["name"])
+        if power is not None:
+            st = power.status(0.0)
+            if power.cfg.source == "nut":
+                reachable.add_metric([], 0.0 if st["state"] == "unreachable" else 1.0)
+                r = power.reading
+                ups_flags = r.flags if r is not None and st["state"] != "unreachable" \
+                    else frozenset()
+                on_battery.add_metric([], 1.0 if "OB" in ups_flags else 0.0)
+                for flag in sorted(P_FLAGS):
+                    flags.add_metric([flag], 1.0 if flag in ups_flags else 0.0)
+                if st["charge_pct"] is not None:
+                    charge.add_metric([], st["charge_pct"] / 100.0)
+                if st["runtime_s"] is not None:
+                    runtime.add_metric([], st["runtime_s"])
+            for event in POWER_EVENTS:
+                events.add_metric([event], power.events.get(event, 0))
+            for step in power.sequence:
+                if step.duration_s is not None:
+                    steps.add_metric([step.name], step.duration_s)
+            runner = power.checkpoints
+            for cp in runner.hooks:
+                for result in ("ok", "failed", "timeout"):
+                    runs.add_metric([cp.name, result], runner.runs.get((cp.name, result), 0))
+                last = runner.last.get(cp.name)
+                if last is not None:
+                    cp_duration.add_metric([cp.name], last.duration_s)
+                ok_at = runner.last_ok.get(cp.name)
+                if ok_at is not None:
+                    cp_age.add_metric([cp.name], ok_at)
+        yield from (reachable, on_battery, charge, runtime, flags, events, steps, runs,
+                    cp_duration, cp_age)
 
     def _gates(self) -> Iterator[Metric]:
         inflight = GaugeMetricFamily("llm_supervisor_gate_inflight_requests",

@@ -35,7 +35,7 @@ ARGS: Final[dict[str, frozenset[str]]] = {
     "resume": frozenset({"services", "all"}),
     "swap": frozenset({"service", "timeout_s"}),
     "reload": frozenset(),
-    "checkpoint": frozenset(),
+    "checkpoint": frozenset({"name"}),
     "power-event": frozenset({"event"}),
 }
 
@@ -76,6 +76,7 @@ class Args:
     timeout_s: float | None = None  # None: the command's own default
     service: str | None = None
     event: str | None = None
+    name: str | None = None  # checkpoint: the one hook to run
 
 
 def _short(value: object) -> str:
@@ -140,6 +141,11 @@ def parse_args(cmd: str, args: dict[str, Any]) -> Args:
             raise ProtocolError(f"args.event must be one of {', '.join(POWER_EVENTS)}, not "
                                 f"{_short(value)}")
         out["event"] = value
+    if cmd == "checkpoint" and args.get("name") is not None:
+        value = args["name"]
+        if not isinstance(value, str) or not value or len(value) > 256:
+            raise ProtocolError(f"args.name must be a checkpoint name, not {_short(value)}")
+        out["name"] = value
     return Args(**out)
 
 

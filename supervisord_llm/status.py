@@ -118,7 +118,7 @@ def status(sup: Supervisor, host: Host, now: float, service: str | None = None
         },
         "services": [service_status(sup, a, now) for a in actors],
         "gpus": [gpu_status(sup, s, now) for s in sup.hub.snapshots()],
-        "power": {
+        "power": sup.power.status(now) if sup.power is not None else {
             "source": "none",
             "ups": None,
             "status": None,
@@ -150,6 +150,22 @@ def status_line(sup: Supervisor, host: Host) -> str:
                 if target is not None:
                     text += f" {target:.0f}W"
             parts.append(text)
+    power = sup.power
+    if power is not None and power.cfg.source == "nut":
+        p = power.status(0.0)
+        if p["state"] == "unreachable":
+            parts.append("UPS unreachable")
+        else:
+            text = f"UPS {p['status'] or p['state']}"
+            if p["state"] != "online":
+                if p["charge_pct"] is not None:
+                    text += f" {p['charge_pct']:.0f}%"
+                if p["runtime_s"] is not None:
+                    text += f" {p['runtime_s']:.0f}s"
+            parts.append(text)
     if host.mode.value != "normal":
-        parts.append(host.mode.value)
+        mode = host.mode.value
+        if power is not None and power.sequence and host.mode.value == "powering_down":
+            mode += f" ({power.sequence[-1].name})"
+        parts.append(mode)
     return "; ".join(parts)

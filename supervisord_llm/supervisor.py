@@ -27,6 +27,7 @@ from .states import State
 
 if TYPE_CHECKING:
     from .guard import GpuGuard
+    from .power import PowerController
     from .sensors.events import GpuEvents
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class Supervisor:
         # role "replacement" (starting), then "retiring" (the old one, finishing its requests)
         self.extra: dict[str, tuple[str, ServiceActor]] = {}
         self.guard: GpuGuard | None = None  # GPU protection, once the daemon has built it
+        self.power: PowerController | None = None  # the UPS, once the daemon has built it
         self.gpu_events: GpuEvents | None = None  # Xids, udev: for status and metrics
         self._pushed: dict[str, tuple[object, ...]] = {}
         self._started = False  # the first start_gates() has run
@@ -168,11 +170,14 @@ class Supervisor:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    async def start_all(self) -> None:
-        """Launch every service in config order (not waiting for the models to load)."""
+    async def start_all(self, hold: str | None = None) -> None:
+        """Launch every service in config order (not waiting for the models to load); with
+        `hold`, they are wanted up but held down for it (the UPS on low battery at start)."""
         for actor in list(self.actors.values()):
             if not actor.alive:
                 actor.run()
+            if hold is not None:
+                await actor.send(Stop(hold))
             await actor.command("start")
 
     async def stop_actor(self, actor: ServiceActor, *, remove: bool = False) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from supervisord_llm.policy import power as P
@@ -9,15 +11,18 @@ from supervisord_llm.policy import power as P
 LIM = P.Limits(grace_s=20, low_runtime_s=300, low_charge_pct=20, deadtime_s=15)
 
 
-def run(steps: list[tuple[float, str] | tuple[float, str, float | None, float | None]],
+Step = tuple[float, str] | tuple[float, str, float | None, float | None]
+
+
+def run(steps: Sequence[Step],
         lim: P.Limits = LIM, state: P.State | None = None
         ) -> tuple[P.State, list[tuple[float, str]]]:
     st = state or P.State()
     out: list[tuple[float, str]] = []
     for step in steps:
         now, ups = step[0], step[1]
-        charge = step[2] if len(step) > 2 else 100.0  # type: ignore[misc]
-        runtime = step[3] if len(step) > 3 else 1200.0  # type: ignore[misc]
+        charge = step[2] if len(step) > 2 else 100.0
+        runtime = step[3] if len(step) > 3 else 1200.0
         st, actions = P.decide(st, P.Observation(ups, charge, runtime), lim, now)
         out += [(now, type(a).__name__) for a in actions]
     return st, out
@@ -47,7 +52,7 @@ def test_power_back_within_the_grace_does_nothing_more() -> None:
 
 
 def test_flapping_faster_than_the_grace_never_powers_down() -> None:
-    steps: list[tuple[float, str] | tuple[float, str, float | None, float | None]] = []
+    steps: list[Step] = []
     for i in range(50):  # 15 s on battery, 1 s on line, for 800 s
         steps += [(i * 16.0, "on_battery"), (i * 16.0 + 14.9, "on_battery"),
                   (i * 16.0 + 15, "online")]

@@ -235,3 +235,42 @@ def test_replay_of_real_heat_traces() -> None:
             assert state.steps == 0 and limit_w == 700, (name, state)
         if name.startswith("h100"):
             assert any(isinstance(a, T.Critical) for _t, a in acts)
+
+
+def test_a_ceiling_lowers_the_limit_at_once_and_the_steps_go_under_it() -> None:
+    """On battery: a ceiling (60 % of the default) applies at once, with or without a fresh
+    reading; thermal steps below it still apply; lifting it restores what the steps allow."""
+    from dataclasses import replace
+
+    capped = replace(LIM, ceiling_w=180.0)
+    state, acts = T.decide(T.State(), T.Reading(None, False, 300, 0), capped, 0.0)
+    assert acts == [T.SetPowerLimit(180.0)] and state.original_w == 300
+    state, acts = T.decide(state, T.Reading(60, True, 180, 0), capped, 1.0)
+    assert acts == []  # cool: nothing more
+    # hot: steps of 30 W from 300: 270, 240, 210 are above the ceiling: no change until 150
+    limit = 180.0
+    sets = []
+    for i in range(2, 40):
+        state, acts = T.decide(state, T.Reading(90, True, limit, 0), capped, float(i * 5))
+        sets += [a.watts for a in acts if isinstance(a, T.SetPowerLimit)]
+    assert sets == [150.0] and state.steps >= 5
+    # the ceiling lifted while still hot: the steps' own target (the floor) stays
+    state, acts = T.decide(state, T.Reading(90, True, 150, 0), LIM, 500.0)
+    assert [a for a in acts if isinstance(a, T.SetPowerLimit)] == []
+    # cooled all the way: back to 300, the limit the board had
+    out = []
+    for i in range(101, 200):
+        state, acts = T.decide(state, T.Reading(60, True, 150, 0), LIM, float(i * 5))
+        out += [a for a in acts if isinstance(a, T.SetPowerLimit)]
+    assert out[-1] == T.SetPowerLimit(300.0, restore=True) and state.original_w is None
+
+
+def test_a_ceiling_alone_is_restored_when_lifted_and_never_under_the_board_minimum() -> None:
+    from dataclasses import replace
+
+    state, acts = T.decide(T.State(), T.Reading(50, True, 300, 0),
+                           replace(LIM, ceiling_w=90.0), 0.0)
+    assert acts == [T.SetPowerLimit(150.0)]  # the board's minimum
+    state, acts = T.decide(state, T.Reading(50, True, 150, 0), LIM, 1.0)
+    assert acts == [T.SetPowerLimit(300.0, restore=True)]
+    assert state.original_w is None and state.applied_w is None

@@ -12,6 +12,7 @@ import os
 import pwd
 import re
 import signal
+import stat
 import tomllib
 from collections.abc import Mapping
 from typing import Any, Final, cast
@@ -320,8 +321,75 @@ def _power(root: Table) -> PowerSection:
     stop = t.number("stop_timeout_s", d.stop_timeout_s, above=0, maximum=86400)
     cmd = t.string_list("shutdown_command", ())
     ret = t.boolean("restart_on_power_return", d.restart_on_power_return)
+    frac = t.number("on_battery_power_fraction", d.on_battery_power_fraction, above=0,
+                    maximum=1)
+    user = t.string("username", None)
+    if isinstance(user, str) and not re.fullmatch(r"[\x21-\x7e]{1,64}", user):
+        t.error("username", f"must be 1-64 printable characters without spaces (got "
+                f"{short(user)})")
+        user = None
+    pw_file = t.string("password_file", None)
+    if t.has("password"):
+        t.raw("password")
+        t.error("password", "a password is never written in the config: put it in a file "
+                "readable by root only and name it in password_file, or pass it as the "
+                "systemd credential nut-password (LoadCredential=nut-password:/path)")
+    password = None
+    if user is not None:
+        password = _nut_password(t, pw_file)
+    elif pw_file is not None:
+        t.error("password_file", "needs username (the NUT user it is the password of)")
+    if isinstance(ups, str) and re.match(r"^[A-Za-z0-9_.-]+@[^\s@]+$", ups):
+        try:
+            _name, host, port = PowerSection(ups=ups).host_port
+            if not host or not 0 < port < 65536:
+                raise ValueError
+        except ValueError:
+            t.error("ups", f'must look like "NAME@HOST[:PORT]", the port 1-65535 (got '
+                    f"{short(ups)})")
     t.finish()
-    return PowerSection(source, ups, poll, grace, low_rt, low_ch, dead, drain, stop, cmd, ret)
+    return PowerSection(source, ups, poll, grace, low_rt, low_ch, dead, drain, stop, cmd, ret,
+                        frac, user, pw_file, password)
+
+
+NUT_CREDENTIAL = "nut-password"
+
+
+def _nut_password(t: Table, path: str | None) -> str | None:
+    """The NUT password: from password_file, else from the systemd credential nut-password
+    ($CREDENTIALS_DIRECTORY); the first line, at most 256 bytes. None (and an error) when
+    neither can be read."""
+    key = "password_file"
+    if path is None:
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not cred_dir:
+            t.error("username", "needs a password: set password_file, or pass the systemd "
+                    f"credential {NUT_CREDENTIAL} (LoadCredential={NUT_CREDENTIAL}:/path)")
+            return None
+        path, key = os.path.join(cred_dir, NUT_CREDENTIAL), "username"
+    elif not os.path.isabs(path):
+        t.error(key, f"must be an absolute path (got {short(path)})")
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{path} is not a regular file")
+            data = os.read(fd, 4097)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        t.error(key, f"cannot read the NUT password from {short(path)}: "
+                f"{exc.strerror or exc}")
+        return None
+    lines = data.decode("utf-8", "replace").splitlines()
+    password = lines[0].strip() if lines else ""
+    if not password or len(data) > 4096 or len(password) > 256 \
+            or not all(0x21 <= ord(c) < 0x7f for c in password):
+        t.error(key, f"{short(path)}: the password must be the first line, 1-256 printable "
+                "characters without spaces")
+        return None
+    return password
 
 
 def _checkpoint(t: Table) -> Checkpoint | None:

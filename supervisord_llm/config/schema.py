@@ -129,6 +129,20 @@ class PowerSection:
     stop_timeout_s: float = 30.0
     shutdown_command: tuple[str, ...] = ()
     restart_on_power_return: bool = True
+    on_battery_power_fraction: float = 0.6  # 1.0: the GPUs' limits are left alone
+    username: str | None = None  # NUT login (USERNAME/PASSWORD) when set
+    password_file: str | None = None
+    password: str | None = field(default=None, repr=False)  # read from the file, never TOML
+
+    @property
+    def host_port(self) -> tuple[str, str, int]:
+        """(ups name, host, port) of `ups` ("NAME@HOST[:PORT]"; IPv6 as [ADDR])."""
+        name, _, where = self.ups.partition("@")
+        if where.startswith("["):
+            addr, _, rest = where[1:].partition("]")
+            return name, addr, int(rest[1:]) if rest.startswith(":") else 3493
+        host, _, port = where.rpartition(":") if where.count(":") == 1 else (where, "", "")
+        return name, host or where, int(port) if port else 3493
 
 
 @dataclass(frozen=True)

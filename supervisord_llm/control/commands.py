@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -177,3 +178,20 @@ class Commands:
 
     async def cmd_reload(self, a: P.Args) -> Any:
         return await self.host.reload()
+
+    async def cmd_checkpoint(self, a: P.Args) -> Any:
+        power = self.sup.power
+        if power is None or not power.checkpoints.hooks:
+            raise ControlError(P.FAILED, "no checkpoint is configured ([[checkpoint]] in the "
+                               "config)")
+        results = await power.checkpoints.run([a.name] if a.name else None, "operator")
+        now = time.time()
+        return {"checkpoints": [r.as_dict(now) for r in results],
+                "ok": all(r.result == "ok" for r in results)}
+
+    async def cmd_power_event(self, a: P.Args) -> Any:
+        assert a.event is not None  # parse_args requires it
+        power = self.sup.power
+        if power is None:
+            raise ControlError(P.FAILED, "llm-supervisor is still starting; try again")
+        return await power.event(a.event)

@@ -172,9 +172,8 @@ def decide(state: State, obs: Observation, lim: Limits, now: float
                        f"(deadtime_s {lim.deadtime_s:g} s): taken as low battery")
                 state = replace(state, phase="powering_down", low_reason=why, committed=False)
                 actions.append(PowerDown(why, None))
-            elif state.on_battery_since is not None \
-                    and now - state.on_battery_since >= lim.grace_s:
-                why = f"on battery for {now - state.on_battery_since:.0f} s (grace " \
+            elif (ob := state.on_battery_since) is not None and now - ob >= lim.grace_s:
+                why = f"on battery for {now - ob:.0f} s (grace " \
                       f"{lim.grace_s:g} s; the UPS {obs.state} since)"
                 state = replace(state, phase="powering_down", low_reason=None, committed=False)
                 actions.append(PowerDown(why, None))
@@ -208,10 +207,9 @@ def decide(state: State, obs: Observation, lim: Limits, now: float
         elif low is not None:
             state = replace(state, phase="powering_down", low_reason=low, committed=False)
             actions.append(PowerDown(low, _num(obs.runtime_s)))
-        elif state.on_battery_since is not None \
-                and now - state.on_battery_since >= lim.grace_s:
+        elif (ob := state.on_battery_since) is not None and now - ob >= lim.grace_s:
             state = replace(state, phase="powering_down", low_reason=None, committed=False)
-            actions.append(PowerDown(f"on battery for {now - state.on_battery_since:.0f} s "
+            actions.append(PowerDown(f"on battery for {now - ob:.0f} s "
                                      f"(grace {lim.grace_s:g} s)", _num(obs.runtime_s)))
     elif phase == "powering_down":
         if on_line and not state.committed:

@@ -56,6 +56,8 @@ class Limits:
     pause_timeout_s: float
     default_w: float | None  # None: no power control on this board
     board_min_w: float | None = None
+    # a ceiling from elsewhere (on battery: a fraction of the default), whatever the heat
+    ceiling_w: float | None = None
 
     @property
     def step_w(self) -> float:
@@ -88,14 +90,21 @@ class State:
     escalated: bool = False
     telemetry_lost: bool = False  # reported for this outage already
     last_hot: float | None = None  # the last fresh reading at or above resume_c
+    applied_w: float | None = None  # the limit last asked of the board; None: its own
 
     def target_w(self, limits: Limits) -> float | None:
-        """The power limit the policy wants now; None: what the board had (untouched)."""
-        if self.steps == 0 or self.original_w is None or limits.default_w is None:
+        """The power limit the policy wants now; None: what the board had (untouched). The
+        thermal steps, and below them the ceiling (never under the board's minimum)."""
+        if self.original_w is None or limits.default_w is None:
             return None
         # never above what the board had (an operator's limit below the floor stays)
-        stepped = float(round(self.original_w - self.steps * limits.step_w))
-        target = min(self.original_w, max(limits.floor_w, stepped))
+        target = self.original_w
+        if self.steps:
+            stepped = float(round(self.original_w - self.steps * limits.step_w))
+            target = min(target, max(limits.floor_w, stepped))
+        if limits.ceiling_w is not None:
+            ceiling = float(math.ceil(max(limits.ceiling_w, limits.board_min_w or 0.0) - 1e-9))
+            target = min(target, ceiling)
         return None if target == self.original_w else target
 
     def factor(self, limits: Limits) -> float:
@@ -179,7 +188,7 @@ def decide(state: State, reading: Reading, lim: Limits, now: float
         if not state.telemetry_lost and _RANK[state.level] >= _RANK["warm"]:
             actions.append(TelemetryLost(state.level))
             state = replace(state, telemetry_lost=True)
-        return state, actions
+        return _power(state, reading, lim, actions)  # a ceiling applies without a reading
     if state.telemetry_lost:
         state = replace(state, telemetry_lost=False)
     if t >= lim.resume_c:
@@ -208,33 +217,47 @@ def decide(state: State, reading: Reading, lim: Limits, now: float
     due = state.last_step is None or now - state.last_step >= lim.step_interval_s
     if t >= lim.throttle_c and due:
         before = state
-        if state.steps == 0:
+        if state.original_w is None:
             state = replace(state, original_w=reading.limit_w or lim.default_w)
         state = replace(state, steps=state.steps + 1, last_step=now)
         if state.target_w(lim) == before.target_w(lim) and \
                 state.factor(lim) == before.factor(lim):
             state = before  # the power and the admission both at their floors
         else:
-            actions += _apply(before, state, lim)
+            state, actions = _power(state, reading, lim, actions)
+            actions += _factor(before, state, lim)
     elif cool and state.steps > 0 and due:
         before = state
         state = replace(state, steps=state.steps - 1, last_step=now)
-        actions += _apply(before, state, lim)
+        state, actions = _power(state, reading, lim, actions)
+        actions += _factor(before, state, lim)
         if state.steps == 0:
-            state = replace(state, original_w=None, last_step=None)
+            state = replace(state, last_step=None)
+    return _power(state, reading, lim, actions)
+
+
+def _power(state: State, reading: Reading, lim: Limits, actions: list[Action]
+           ) -> tuple[State, list[Action]]:
+    """Bring the board's limit to the target (the steps and the ceiling together): one
+    SetPowerLimit when it differs from what was last asked; the limit the board had is taken
+    as the one to come back to when something first lowers it."""
+    if lim.default_w is None:
+        return state, actions
+    if state.original_w is None and lim.ceiling_w is not None:
+        state = replace(state, original_w=reading.limit_w or lim.default_w)
+    target = state.target_w(lim)
+    if target != state.applied_w:
+        if target is None:
+            if state.original_w is not None:
+                actions.append(SetPowerLimit(state.original_w, restore=True))
+        else:
+            actions.append(SetPowerLimit(target))
+        state = replace(state, applied_w=target)
+    if state.steps == 0 and lim.ceiling_w is None and state.applied_w is None:
+        state = replace(state, original_w=None)
     return state, actions
 
 
-def _apply(before: State, after: State, lim: Limits) -> list[Action]:
-    out: list[Action] = []
-    if lim.default_w is not None and after.original_w is not None:
-        b, a = before.target_w(lim), after.target_w(lim)
-        if a != b:
-            if a is None:
-                out.append(SetPowerLimit(after.original_w, restore=True))
-            else:
-                out.append(SetPowerLimit(a))
+def _factor(before: State, after: State, lim: Limits) -> list[Action]:
     fb, fa = before.factor(lim), after.factor(lim)
-    if fa != fb:
-        out.append(SetFactor(fa))
-    return out
+    return [SetFactor(fa)] if fa != fb else []

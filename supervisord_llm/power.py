@@ -1,0 +1,443 @@
+"""The power controller: the UPS (NUT, and `llmctl power-event`) through the pure power policy,
+its actions carried out through the host actor.
+
+- On battery: the mode is `on_battery` and every GPU's power limit gets a ceiling of
+  `on_battery_power_fraction` of its default (through the GPU guard, the thermal path), so the
+  box draws less and the runtime stretches; lifted when the power returns.
+- The power-down sequence, an operation of the host (it cancels a reload or swap in progress;
+  a daemon stop cancels it), each step logged, timed, in `STATUS=`, the mode and metrics:
+  1. `drain`: every gate closed (drain reason `power`; new requests get 503 + Retry-After),
+     in-flight requests waited for up to `drain_timeout_s`, cut short so that the whole
+     sequence fits in the runtime the UPS reports (`policy.power.drain_budget`);
+  2. `checkpoint`: the `[[checkpoint]]` hooks in order, each with its timeout;
+  3. `stop`: the services, in reverse order, held `powered_down`; whatever still runs after
+     `stop_timeout_s` (one deadline for all) is SIGKILLed;
+  4. `shutdown_command`, if set (60 s at most; the daemon stays up);
+  then the mode `powered_down`. Power back before step 3 cancels the sequence: the `power`
+  drain reason is removed from the gates (an operator's drain stays), the ceiling lifted.
+- Power back after it (battery above the low marks, `restart_on_power_return`): the holds
+  are released, the services start again, and each gate opens when its service is ready.
+- At start, a UPS already on low battery (or FSD) keeps the services held `powered_down`
+  until the power returns: models are not loaded onto a battery about to run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import lifecycle as L
+from .checkpoints import CheckpointResult, CheckpointRunner, exit_text, run_argv
+from .config import PowerSection
+from .errors import ControlError
+from .logs import LogLimiter
+from .modes import Mode
+from .policy import power as P
+from .sensors.nut import NutSource, UpsReading
+from .sensors.poll import SourcePoller
+
+if TYPE_CHECKING:
+    from .host import Host
+    from .supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+HOLD = "powered_down"
+DRAIN_REASON = "power"
+SHUTDOWN_COMMAND_TIMEOUT_S = 60.0
+EVENTS = {"on-battery": "on_battery", "on-line": "online", "low-battery": "low_battery",
+          "fsd": "fsd"}
+
+
+@dataclass
+class Step:
+    name: str  # drain | checkpoint | stop | shutdown_command
+    started: float
+    duration_s: float | None = None
+    detail: str = ""
+
+
+class PowerController:
+    def __init__(self, sup: Supervisor, host: Host, cfg: PowerSection,
+                 checkpoints: CheckpointRunner, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.sup = sup
+        self.host = host
+        self.checkpoints = checkpoints
+        self._clock = clock
+        self.cfg = cfg
+        self.state = P.State()
+        self.poller: SourcePoller[UpsReading] | None = None
+        self.source: NutSource | None = None
+        if cfg.source == "nut":
+            name, addr, port = cfg.host_port
+            timeout = min(5.0, max(0.5, cfg.poll_interval_s))
+            self.source = NutSource(name, addr, port, timeout_s=timeout,
+                                    poll_interval_s=cfg.poll_interval_s,
+                                    username=cfg.username, password=cfg.password, clock=clock)
+            self.poller = SourcePoller(self.source, cfg.poll_interval_s, timeout + 1.0,
+                                       clock=clock, sensor="ups", label=f"UPS {cfg.ups}",
+                                       errors_total=sup.hub.errors_total)
+        self.reading: UpsReading | None = None  # the last the policy saw
+        self.reading_at: float | None = None
+        self.last_event: tuple[str, float] | None = None  # (llmctl power-event, when)
+        self.events: dict[str, int] = {}  # power_events_total{event}
+        self.sequence: list[Step] = []  # the last power-down's steps
+        self.sequence_reason: str | None = None
+        self.ceiling: float | None = None
+        self.limiter = LogLimiter(__name__)
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[Any] | None = None  # the power-down in progress
+        self._restart_pending = False
+
+    # --- what it is fed --------------------------------------------------------------------
+
+    @property
+    def limits(self) -> P.Limits:
+        c = self.cfg
+        return P.Limits(c.on_battery_grace_s, c.low_runtime_s, c.low_charge_pct,
+                        c.deadtime_s, c.restart_on_power_return)
+
+    async def first_reading(self) -> bool:
+        """At start, before the services: one poll. True when the UPS is already on low
+        battery or forced shutdown (the services then start held `powered_down`)."""
+        if self.poller is None:
+            return False
+        await self.poller.poll_once()
+        obs = self._observation()
+        if obs is None:
+            return False
+        self.reading, self.reading_at = self.poller.snapshot.value, self._clock()
+        if obs.state in ("low_battery", "fsd"):
+            why = P.low_mark(obs, self.limits) or obs.state
+            log.warning("power: the UPS reports %s at start: the services stay down until the "
+                        "power returns (%s)", obs.state, why)
+            self.state = P.finished(P.commit(P.State(phase="powering_down",
+                                                     believed="low_battery")))
+            self.host.set_mode(Mode.POWERED_DOWN, why)
+            self._count("powered_down")
+            return True
+        return False
+
+    def _observation(self) -> P.Observation | None:
+        assert self.poller is not None
+        snap = self.poller.snapshot
+        r = snap.value
+        if snap.status == "ok" and r is not None:
+            return P.Observation(r.state, r.charge_pct, r.runtime_s)
+        if snap.status == "unknown":
+            return None
+        return P.Observation("unreachable")  # unresponsive (past the deadline) or an error
+
+    async def run(self) -> None:
+        """Poll the UPS every poll_interval_s and decide."""
+        if self.poller is None:
+            return
+        while True:
+            started = self._clock()
+            await self.poller.poll_once()
+            obs = self._observation()
+            if obs is not None:
+                self.reading, self.reading_at = self.poller.snapshot.value, self._clock()
+                await self.observe(obs)
+            await asyncio.sleep(max(0.0, self.cfg.poll_interval_s - (self._clock() - started)))
+
+    async def event(self, name: str) -> dict[str, Any]:
+        """`llmctl power-event` (upsmon's NOTIFYCMD): the same policy, a second source."""
+        state = EVENTS[name]
+        self.last_event = (name, self._clock())
+        log.warning("power event from llmctl: %s", name)
+        r = self.reading
+        await self.observe(P.Observation(
+            state, r.charge_pct if r is not None else None,
+            r.runtime_s if r is not None else None, source="event"))
+        return self.status(self._clock())
+
+    async def observe(self, obs: P.Observation) -> None:
+        async with self._lock:
+            if self.host.mode is Mode.SHUTTING_DOWN:
+                return
+            self.state, actions = P.decide(self.state, obs, self.limits, self._clock())
+            for action in actions:
+                await self._act(action)
+
+    # --- the actions ------------------------------------------------------------------------
+
+    def _count(self, event: str) -> None:
+        self.events[event] = self.events.get(event, 0) + 1
+
+    def _mode(self, mode: Mode, why: str) -> None:
+        if self.host.mode is not Mode.SHUTTING_DOWN:
+            self.host.set_mode(mode, why)
+
+    async def _act(self, action: P.Action) -> None:
+        if isinstance(action, P.OnBattery):
+            self._count("on_battery")
+            log.warning("power: the UPS is on battery (charge %s, runtime %s); riding it out "
+                        "for on_battery_grace_s (%g s)",
+                        _pct(action.charge_pct), _secs(action.runtime_s),
+                        self.cfg.on_battery_grace_s)
+            self._mode(Mode.ON_BATTERY, "the UPS is on battery")
+            self._set_ceiling(self.cfg.on_battery_power_fraction, "on battery")
+        elif isinstance(action, P.PowerBack):
+            self._count("power_back")
+            await self._power_back()
+        elif isinstance(action, P.PowerDown):
+            self._count("power_down")
+            await self._start_sequence(action)
+        elif isinstance(action, P.Restart):
+            self._count("restart")
+            await self._restart()
+        elif isinstance(action, P.Waiting):
+            log.warning("power: the power is back; the services start again once the battery "
+                        "is above the low marks (%s)", action.reason)
+        elif isinstance(action, P.Alert):
+            self._count("ups_unreachable")
+            err = self.poller.snapshot.error if self.poller is not None else None
+            r = self.reading
+            log.error("power: %s%s", action.message,
+                      f" ({err or (r.error if r is not None else '')})".replace(" ()", ""))
+        elif isinstance(action, P.Reachable):
+            self._count("ups_reachable")
+            log.warning("power: the UPS answers again")
+
+    def _set_ceiling(self, fraction: float | None, why: str) -> None:
+        self.ceiling = fraction if fraction is not None and fraction < 1.0 else None
+        guard = self.sup.guard
+        if guard is not None:
+            guard.set_ceiling(self.ceiling, why)
+
+    async def _power_back(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            log.warning("power: the power is back before the services were stopped: "
+                        "power-down cancelled")
+            task.cancel()
+            await asyncio.wait({task})
+        else:
+            log.warning("power: the power is back")
+        self._set_ceiling(None, "the power is back")
+        await self._reopen()
+        self._mode(Mode.NORMAL, "the power is back")
+        if self.sup.guard is not None:
+            self.sup.guard.poke()  # throttled again if a GPU is still hot
+
+    async def _reopen(self) -> None:
+        gated = [n for n in self.sup.actors if self.sup.gate_of(n) is not None]
+        if gated:
+            await self.host.resume(gated, DRAIN_REASON)  # only ours: an operator's stays
+
+    async def _restart(self) -> None:
+        log.warning("power: the power is back and the battery above the low marks: starting "
+                    "the services again")
+        self._set_ceiling(None, "the power is back")
+        names = [n for n, a in self.sup.actors.items() if HOLD in a.holds]
+        if names:
+            await self.host.command(names, L.Release(HOLD), internal=True)
+        await self._reopen()
+        self._mode(Mode.NORMAL, "the power is back")
+        if self.sup.guard is not None:
+            self.sup.guard.poke()
+
+    # --- the power-down sequence --------------------------------------------------------------
+
+    async def _start_sequence(self, action: P.PowerDown) -> None:
+        if self._task is not None and not self._task.done():
+            return
+        runtime = action.runtime_s
+        if runtime is None and self.reading is not None:
+            runtime = self.reading.runtime_s
+        log.error("power: powering down: %s", action.reason)
+        self.sequence_reason = action.reason
+        self.sequence = []
+        self._mode(Mode.POWERING_DOWN, action.reason)
+        try:
+            self._task = await self.host.power_down(lambda: self._sequence(runtime))
+        except ControlError as exc:  # the daemon is stopping: that stops everything anyway
+            log.warning("power: power-down not started: %s", exc.message)
+
+    async def _sequence(self, runtime_s: float | None) -> None:
+        cfg = self.cfg
+        sup = self.sup
+        t0 = self._clock()
+        try:
+            # 1. drain
+            budget, margin = P.drain_budget(runtime_s, cfg.drain_timeout_s,
+                                            self.checkpoints.total_timeout_s(),
+                                            cfg.stop_timeout_s)
+            gated = [n for n in sup.actors if sup.gate_of(n) is not None]
+            step = self._step("drain", f"{len(gated)} gates, up to {budget:.1f} s"
+                              + (f" (runtime {runtime_s:.0f} s, margin {margin:.0f} s)"
+                                 if runtime_s is not None else ""))
+            if gated:
+                gates = self.host._gates(gated)
+                await self.host._close_gates(gates, DRAIN_REASON)
+                left = await self.host._wait_idle(gates, budget)
+                if left:
+                    step.detail += "; cut off: " + ", ".join(f"{n} {c}" for n, c in left.items())
+                    log.warning("power: drain: still in flight after %.1f s: %s", budget,
+                                ", ".join(f"{n} {c}" for n, c in left.items()))
+            self._end(step)
+            # 2. checkpoints
+            if self.checkpoints.hooks:
+                step = self._step("checkpoint", f"{len(self.checkpoints.hooks)} hooks")
+                results = await self.checkpoints.run(None, "power-down")
+                bad = [r.name for r in results if r.result != "ok"]
+                step.detail += f"; failed: {', '.join(bad)}" if bad else "; all done"
+                self._end(step)
+            # 3. stop (no cancel from here on: power back restarts them afterwards)
+            self.state = P.commit(self.state)
+            step = self._step("stop", f"{len(sup.actors)} services, up to "
+                              f"{cfg.stop_timeout_s:g} s")
+            await self._stop_services(step)
+            self._end(step)
+            # 4. shutdown_command
+            if cfg.shutdown_command:
+                step = self._step("shutdown_command", " ".join(cfg.shutdown_command)[:200])
+                step.detail = await _run_command(cfg.shutdown_command)
+                self._end(step)
+        except asyncio.CancelledError:
+            log.warning("power: power-down sequence cancelled after %.1f s",
+                        self._clock() - t0)
+            raise
+        self.state = P.finished(self.state)
+        self._mode(Mode.POWERED_DOWN, "services stopped for the power loss")
+        self._count("powered_down")
+        log.error("power: powered down in %.1f s (%s); waiting for the power to return",
+                  self._clock() - t0, ", ".join(f"{s.name} {s.duration_s:.1f} s"
+                                                for s in self.sequence))
+        # the power may be back already (a power-event source tells nothing more)
+        if self.reading is not None or self.last_event is not None:
+            asyncio.get_running_loop().create_task(self._recheck(), name="power-recheck")
+
+    async def _recheck(self) -> None:
+        r = self.reading
+        if self.last_event is not None and (self.reading_at is None
+                                            or self.last_event[1] >= self.reading_at):
+            state = EVENTS[self.last_event[0]]
+            await self.observe(P.Observation(state, r.charge_pct if r else None,
+                                             r.runtime_s if r else None, source="event"))
+        elif r is not None:
+            await self.observe(P.Observation(r.state, r.charge_pct, r.runtime_s))
+
+    async def _stop_services(self, step: Step) -> None:
+        sup = self.sup
+        actors = list(reversed(list(sup.actors.values())))
+        deadline = self._clock() + self.cfg.stop_timeout_s
+        for actor in actors:
+            await self.host.command([actor.name], L.Stop(HOLD), internal=True)
+            try:
+                await actor.wait_stopped(max(0.0, deadline - self._clock()))
+            except TimeoutError:
+                break
+        late = [a for a in actors if a.proc is not None]
+        if late:
+            names = ", ".join(a.name for a in late)
+            step.detail += f"; killed after {self.cfg.stop_timeout_s:g} s: {names}"
+            log.error("power: still running after stop_timeout_s (%g s): %s: SIGKILL",
+                      self.cfg.stop_timeout_s, names)
+            for a in late:
+                if HOLD not in a.holds:
+                    await self.host.command([a.name], L.Stop(HOLD), internal=True)
+                a.kill_now()
+            for a in late:
+                try:
+                    await a.wait_stopped(5.0)
+                except TimeoutError:
+                    log.error("power: %s still not gone 5 s after SIGKILL", a.name)
+
+    def _step(self, name: str, detail: str) -> Step:
+        step = Step(name, self._clock(), None, detail)
+        self.sequence.append(step)
+        log.warning("power: step %s: %s", name, detail)
+        self.host.changed()
+        return step
+
+    def _end(self, step: Step) -> None:
+        step.duration_s = self._clock() - step.started
+        log.warning("power: step %s done in %.2f s%s", step.name, step.duration_s,
+                    f" ({step.detail})" if step.detail else "")
+        self.host.changed()
+
+    # --- status ------------------------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, Any]:
+        r = self.reading
+        snap = self.poller.snapshot if self.poller is not None else None
+        if self.cfg.source == "none":
+            state = self.state.believed if self.last_event is not None else "unknown"
+        elif snap is None or snap.status == "unknown":
+            state = "unknown"
+        elif snap.status != "ok" or r is None:
+            state = "unreachable"
+        else:
+            state = r.state
+        wall = time.time()
+        return {
+            "source": self.cfg.source,
+            "ups": self.cfg.ups if self.cfg.source == "nut" else None,
+            "status": r.status if r is not None and state != "unreachable" else None,
+            "charge_pct": r.charge_pct if r is not None else None,
+            "runtime_s": r.runtime_s if r is not None else None,
+            "state": state,
+            "reachable": state != "unreachable" if self.cfg.source == "nut" else None,
+            "error": (snap.error if snap is not None and snap.status != "ok"
+                      else r.error if r is not None else None),
+            "phase": self.state.phase,
+            "on_battery_for_s": (round(now - self.state.on_battery_since, 1)
+                                 if self.state.on_battery_since is not None else None),
+            "power_ceiling": self.ceiling,
+            "last_event": self.last_event[0] if self.last_event else None,
+            "power_down": {
+                "reason": self.sequence_reason,
+                "steps": [{"step": s.name, "duration_s": None if s.duration_s is None
+                           else round(s.duration_s, 3), "detail": s.detail}
+                          for s in self.sequence],
+            } if self.sequence_reason else None,
+            "checkpoints": [res.as_dict(wall) for res in self._checkpoint_results()],
+        }
+
+    def _checkpoint_results(self) -> list[CheckpointResult]:
+        return [self.checkpoints.last[cp.name] for cp in self.checkpoints.hooks
+                if cp.name in self.checkpoints.last]
+
+    async def close(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+        if self.poller is not None:
+            await self.poller.aclose()
+        await self.checkpoints.close()
+
+
+def _pct(v: float | None) -> str:
+    return "unknown" if v is None else f"{v:.0f} %"
+
+
+def _secs(v: float | None) -> str:
+    return "unknown" if v is None else f"{v:.0f} s"
+
+
+async def _run_command(argv: tuple[str, ...]) -> str:
+    """Run the shutdown command (no shell, SHUTDOWN_COMMAND_TIMEOUT_S at most); its result in
+    words. Never raises."""
+    try:
+        async with asyncio.timeout(SHUTDOWN_COMMAND_TIMEOUT_S):
+            code, out = await run_argv(argv)
+    except OSError as exc:
+        log.error("power: shutdown_command %s: cannot run: %s", argv[0], exc.strerror or exc)
+        return f"cannot run: {exc.strerror or exc}"
+    except TimeoutError:
+        log.error("power: shutdown_command %s: still running after %g s: killed", argv[0],
+                  SHUTDOWN_COMMAND_TIMEOUT_S)
+        return "timed out"
+    text = " ".join(out.decode("utf-8", "replace").split())[-300:]
+    if code != 0:
+        log.error("power: shutdown_command %s: %s: %s", argv[0], exit_text(code), text)
+        return exit_text(code)
+    log.warning("power: shutdown_command %s: done%s", argv[0], f": {text}" if text else "")
+    return "exit 0"

@@ -1,0 +1,181 @@
+"""Power loss end to end: the daemon as a real process, a real upsd + dummy-ups (tests/nutserver),
+simulated GPUs and fake model servers behind gates. The UPS state changes through the dummy
+driver's file, as a real UPS's would through its driver."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nutserver import NutServer, require_nut
+
+from helpers import Daemon, alive, base_config, fake_service, free_port, running, wait_until
+
+pytestmark = pytest.mark.usefixtures("nut_available")
+
+
+@pytest.fixture
+def nut_available() -> None:
+    require_nut()
+
+
+@pytest.fixture
+def ups(tmp_path: Path) -> Iterator[NutServer]:
+    with NutServer(tmp_path / "nut") as server:
+        yield server
+
+
+def gated(name: str, *knobs: str, **extra: Any) -> dict[str, Any]:
+    return fake_service(name, free_port(), *knobs, gpus=[0],
+                        gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 10,
+                              "drain_timeout_s": 10}, **extra)
+
+
+def config(tmp: Path, ups: NutServer, services: list[dict[str, Any]],
+           checkpoints: list[dict[str, Any]] | None = None, **power: Any) -> dict[str, Any]:
+    doc = base_config(tmp, services, gpus=2, power={
+        "source": "nut", "ups": ups.ups, "poll_interval_s": 0.2, "on_battery_grace_s": 2,
+        "deadtime_s": 2, "low_runtime_s": 60, "low_charge_pct": 20, "drain_timeout_s": 10,
+        "stop_timeout_s": 5, **power})
+    if checkpoints:
+        doc["checkpoint"] = checkpoints
+    return doc
+
+
+def power(d: Daemon) -> dict[str, Any]:
+    data: dict[str, Any] = d.status()["power"]
+    return data
+
+
+def mode(d: Daemon) -> str:
+    return str(d.status()["supervisor"]["mode"])
+
+
+def stays(pred: Any, seconds: float, what: str) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert pred(), what
+        time.sleep(0.05)
+
+
+def test_on_battery_past_the_grace_runs_the_whole_sequence_and_comes_back(
+        tmp_path: Path, ups: NutServer) -> None:
+    marker = tmp_path / "checkpointed"
+    cp = [{"name": "touch", "kind": "command",
+           "command": [sys.executable, "-c", f"open({str(marker)!r}, 'w').write('ok')"]}]
+    with running(tmp_path, config(tmp_path, ups, [gated("chat")], cp)) as d:
+        d.wait_state("chat", "ready")
+        wait_until(lambda: power(d)["state"] == "online", 5, what="UPS online")
+        pid = d.service("chat")["pid"]
+        ups.set(status="OB DISCHRG", runtime=900)
+        wait_until(lambda: mode(d) == "on_battery", 5, what="on battery")
+        wait_until(lambda: mode(d) == "powered_down", 15, what="powered down")
+        assert marker.read_text() == "ok"
+        st = d.service("chat")
+        assert st["state"] == "stopped" and "powered_down" in st["holds"]
+        assert not alive(pid)
+        steps = [s["step"] for s in power(d)["power_down"]["steps"]]
+        assert steps == ["drain", "checkpoint", "stop"]
+        assert power(d)["checkpoints"][0]["result"] == "ok"
+        ups.set(status="OL CHRG")
+        d.wait_state("chat", "ready", 15)
+        assert mode(d) == "normal" and d.service("chat")["gate"] == "open"
+
+
+def test_power_back_within_the_grace_stops_nothing(tmp_path: Path, ups: NutServer) -> None:
+    with running(tmp_path, config(tmp_path, ups, [gated("chat")],
+                                  on_battery_grace_s=30)) as d:
+        d.wait_state("chat", "ready")
+        pid = d.service("chat")["pid"]
+        ups.set(status="OB")
+        wait_until(lambda: mode(d) == "on_battery", 5, what="on battery")
+        ups.set(status="OL")
+        wait_until(lambda: mode(d) == "normal", 5, what="normal again")
+        st = d.service("chat")
+        assert st["pid"] == pid and st["state"] == "ready" and st["gate"] == "open"
+
+
+def test_low_battery_powers_down_at_once(tmp_path: Path, ups: NutServer) -> None:
+    with running(tmp_path, config(tmp_path, ups, [gated("chat")],
+                                  on_battery_grace_s=600)) as d:
+        d.wait_state("chat", "ready")
+        ups.set(status="OB LB", charge=10, runtime=100)
+        wait_until(lambda: mode(d) == "powered_down", 10, what="powered down")
+
+
+def test_upsd_killed_on_battery_is_the_deadtime_rule(tmp_path: Path, ups: NutServer) -> None:
+    with running(tmp_path, config(tmp_path, ups, [gated("chat")],
+                                  on_battery_grace_s=600, deadtime_s=2)) as d:
+        d.wait_state("chat", "ready")
+        ups.set(status="OB")
+        wait_until(lambda: mode(d) == "on_battery", 5, what="on battery")
+        ups.kill_upsd()
+        wait_until(lambda: power(d)["state"] == "unreachable", 5, what="unreachable")
+        wait_until(lambda: mode(d) == "powered_down", 10, what="powered down by deadtime")
+
+
+def test_upsd_killed_or_driver_gone_on_line_never_powers_down(
+        tmp_path: Path, ups: NutServer) -> None:
+    with running(tmp_path, config(tmp_path, ups, [gated("chat")], deadtime_s=1)) as d:
+        d.wait_state("chat", "ready")
+        wait_until(lambda: power(d)["state"] == "online", 5, what="online")
+        ups.kill_driver()
+        wait_until(lambda: power(d)["state"] == "unknown", 5, what="unknown")
+        stays(lambda: mode(d) == "normal", 2.5, "no power-down: unknown on line")
+        ups.kill_upsd()
+        wait_until(lambda: power(d)["state"] == "unreachable", 5, what="unreachable")
+        stays(lambda: mode(d) == "normal", 2.5, "no power-down: unreachable on line")
+        assert d.service("chat")["state"] == "ready"
+        assert "it was on line: no power-down for this" in d.logtext()
+
+
+def test_power_event_from_llmctl_is_a_second_source(tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [gated("chat")], gpus=1, power={
+        "source": "none", "on_battery_grace_s": 600, "drain_timeout_s": 5, "stop_timeout_s": 5})
+    with running(tmp_path, doc) as d:
+        d.wait_state("chat", "ready")
+        r = d.llmctl("power-event", "ONBATT")
+        assert r.returncode == 0, r.stderr
+        assert mode(d) == "on_battery"
+        r = d.llmctl("power-event", "low-battery")
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: mode(d) == "powered_down", 10, what="powered down")
+        r = d.llmctl("power-event", "on-line")
+        assert r.returncode == 0, r.stderr
+        d.wait_state("chat", "ready", 15)
+        r = d.llmctl("power-event", "brownout")
+        assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_checkpoint_now_reports_each_result(tmp_path: Path) -> None:
+    ok = tmp_path / "ok"
+    cps = [{"name": "good", "kind": "command",
+            "command": [sys.executable, "-c", f"open({str(ok)!r}, 'w')"]},
+           {"name": "bad", "kind": "command", "command": ["/bin/false"]},
+           {"name": "slow", "kind": "command", "command": ["/bin/sleep", "30"],
+            "timeout_s": 0.5}]
+    doc = base_config(tmp_path, [gated("chat")], gpus=1, checkpoint=cps)
+    with running(tmp_path, doc) as d:
+        r = d.llmctl("checkpoint")
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert "good (command): ok" in r.stdout
+        assert "bad (command): failed" in r.stdout and "exit 1" in r.stdout
+        assert "slow (command): timeout" in r.stdout
+        r = d.llmctl("checkpoint", "good")
+        assert r.returncode == 0 and "bad" not in r.stdout
+        r = d.llmctl("checkpoint", "nope")
+        assert r.returncode == 1 and "no checkpoint named nope" in r.stderr
+        r = d.llmctl("--json", "status")
+        names = [c["name"] for c in json.loads(r.stdout)["power"]["checkpoints"]]
+        assert names == ["good", "bad", "slow"]
+        with urllib.request.urlopen(f"http://{doc['metrics']['listen']}/metrics",
+                                    timeout=5) as resp:
+            text = resp.read().decode()
+        assert 'llm_supervisor_checkpoint_runs_total{name="good",result="ok"} 2.0' in text
+        assert 'llm_supervisor_checkpoint_runs_total{name="slow",result="timeout"} 1.0' in text
