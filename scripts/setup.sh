@@ -13,7 +13,8 @@ PY=${PYTHON:-python3}
 apt_need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  for p in cmake ninja-build g++ make util-linux bsdutils systemd procps curl; do
+  for p in cmake ninja-build g++ make util-linux bsdutils systemd procps curl \
+           nut-server nut-client redis-server; do
     have_pkg "$p" || apt_need+=("$p")
   done
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_need+=(nginx-light)

@@ -118,6 +118,7 @@ class PowerController:
                         "power returns (%s)", obs.state, why)
             self.state = P.finished(P.commit(P.State(phase="powering_down",
                                                      believed="low_battery")))
+            self.host.set_mode(Mode.POWERING_DOWN, why)  # nothing runs yet: nothing to do
             self.host.set_mode(Mode.POWERED_DOWN, why)
             self._count("powered_down")
             return True

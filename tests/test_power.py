@@ -179,3 +179,124 @@ def test_checkpoint_now_reports_each_result(tmp_path: Path) -> None:
             text = resp.read().decode()
         assert 'llm_supervisor_checkpoint_runs_total{name="good",result="ok"} 2.0' in text
         assert 'llm_supervisor_checkpoint_runs_total{name="slow",result="timeout"} 1.0' in text
+
+
+async def _stream(url: str, tokens: int, delay: float) -> tuple[int, bytes]:
+    import aiohttp
+
+    body = {"stream": True, "max_tokens": tokens, "fake_token_delay_s": delay}
+    async with aiohttp.ClientSession() as client, client.post(url, json=body) as r:
+        return r.status, await r.read()
+
+
+async def test_power_back_mid_drain_cancels_and_reopens_only_the_power_drain(
+        tmp_path: Path, ups: NutServer) -> None:
+    import asyncio
+
+    from helpers import async_wait_until
+
+    svc = gated("chat")
+    url = f"http://{svc['gate']['listen']}/v1/chat/completions"
+    with running(tmp_path, config(tmp_path, ups, [svc, gated("other")],
+                                  drain_timeout_s=30)) as d:
+        d.wait_state("chat", "ready")
+        d.wait_state("other", "ready")
+        pid = d.service("chat")["pid"]
+        assert d.llmctl("drain", "other").returncode == 0  # the operator's drain stays
+        stream = asyncio.ensure_future(_stream(url, 60, 0.1))  # 6 s in flight
+        await async_wait_until(lambda: d.service("chat")["inflight"] == 1, 5, what="in flight")
+        ups.set(status="OB LB", charge=15, runtime=200)
+        await async_wait_until(lambda: mode(d) == "powering_down", 5, what="powering down")
+        await async_wait_until(lambda: d.service("chat")["gate"] == "draining", 5,
+                               what="gate closed")
+        ups.set(status="OL CHRG", charge=15, runtime=200)
+        await async_wait_until(lambda: mode(d) == "normal", 5, what="cancelled")
+        status, body = await stream
+        assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
+        st = d.service("chat")
+        assert st["pid"] == pid and st["gate"] == "open" and st["state"] == "ready"
+        other = d.service("other")
+        assert other["gate"] == "draining" and other["drain_reasons"] == ["operator"]
+        assert "power-down cancelled" in d.logtext()
+        assert [s["step"] for s in power(d)["power_down"]["steps"]] == ["drain"]
+
+
+def test_flapping_faster_than_the_grace_stops_nothing(tmp_path: Path, ups: NutServer) -> None:
+    with running(tmp_path, config(tmp_path, ups, [gated("chat")],
+                                  on_battery_grace_s=3)) as d:
+        d.wait_state("chat", "ready")
+        pid = d.service("chat")["pid"]
+        for _ in range(3):  # on battery ~1.5 s, on line ~1 s, three times: 4.5 s on battery
+            ups.set(status="OB DISCHRG")
+            wait_until(lambda: mode(d) == "on_battery", 5, what="on battery")
+            time.sleep(1.0)
+            ups.set(status="OL")
+            wait_until(lambda: mode(d) == "normal", 5, what="on line")
+        st = d.service("chat")
+        assert st["pid"] == pid and st["state"] == "ready"
+        assert "powering down" not in d.logtext()
+
+
+def test_on_battery_caps_the_gpus_and_power_back_restores(tmp_path: Path,
+                                                          ups: NutServer) -> None:
+    with running(tmp_path, config(tmp_path, ups, [gated("chat")], on_battery_grace_s=60,
+                                  on_battery_power_fraction=0.6)) as d:
+        d.wait_state("chat", "ready")
+        ups.set(status="OB DISCHRG")
+        wait_until(lambda: [g["power_limit_w"] for g in d.status()["gpus"]] == [180.0, 180.0],
+                   5, what="GPUs capped at 60 %")
+        assert power(d)["power_ceiling"] == 0.6
+        ups.set(status="OL")
+        wait_until(lambda: [g["power_limit_w"] for g in d.status()["gpus"]] == [300.0, 300.0],
+                   5, what="limits restored")
+        assert power(d)["power_ceiling"] is None
+
+
+def test_low_battery_at_start_keeps_the_services_down_until_power_returns(
+        tmp_path: Path, ups: NutServer) -> None:
+    ups.set(status="OB LB", charge=5, runtime=60)
+    ups.wait_status("OB LB")
+    with running(tmp_path, config(tmp_path, ups, [gated("chat")])) as d:
+        wait_until(lambda: mode(d) == "powered_down", 10, what="held at start")
+        wait_until(lambda: d.status()["power"]["state"] == "low_battery", 5, what="read")
+        st = d.service("chat")
+        assert st["state"] == "stopped" and st["holds"] == ["powered_down"]
+        ups.set(status="OL CHRG", charge=50, runtime=1200)
+        d.wait_state("chat", "ready", 15)
+        assert mode(d) == "normal"
+
+
+def test_signal_and_http_checkpoints(tmp_path: Path, ups: NutServer) -> None:
+    """A `signal` hook: the service writes its done file when it gets SIGUSR1; an `http` hook
+    against a server that answers 500 fails, is shown and does not stop the sequence."""
+    done = tmp_path / "index.snapshot"
+    script = tmp_path / "svc.py"
+    script.write_text(
+        "import signal, sys, time, http.server, threading\n"
+        f"def snap(*_):\n    open({str(done)!r}, 'w').write('snap')\n"
+        "signal.signal(signal.SIGUSR1, snap)\n"
+        "srv = http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])),"
+        " http.server.BaseHTTPRequestHandler)\n"
+        "srv.serve_forever()\n")
+    port = free_port()
+    svc = {"name": "rag-api", "command": [sys.executable, str(script), str(port)],
+           "stop": {"timeout_s": 2}}  # no port, no health URL: ready once launched
+    bad_port = free_port()
+    cps = [{"name": "faiss", "kind": "signal", "service": "rag-api", "signal": "SIGUSR1",
+            "done_file": str(done), "timeout_s": 5},
+           {"name": "web", "kind": "http", "url": f"http://127.0.0.1:{bad_port}/checkpoint",
+            "timeout_s": 2}]
+    with running(tmp_path, config(tmp_path, ups, [svc], cps)) as d:
+        d.wait_state("rag-api", "ready")
+        time.sleep(0.3)  # the service installs its handler as it starts
+        r = d.llmctl("checkpoint", "faiss")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert done.read_text() == "snap"
+        ups.set(status="OB LB")
+        wait_until(lambda: mode(d) == "powered_down", 15, what="powered down")
+        results = {c["name"]: c for c in power(d)["checkpoints"]}
+        assert results["faiss"]["result"] == "ok"
+        assert results["web"]["result"] == "failed"
+        assert "cannot connect" in results["web"]["error"]
+        r = d.llmctl("checkpoint", "faiss")  # the service is stopped now
+        assert r.returncode == 1 and "not running" in r.stdout

@@ -106,7 +106,11 @@ class SimBackend:
                 None if values["memory_temperature_c"] is None
                 else float(values["memory_temperature_c"])
             ),
-            power_w=None if values["power_w"] is None else float(values["power_w"]),
+            # like a real board, it never draws more than its limit: `power_w` in the state
+            # file is what the load would draw, the reading what the limit lets through
+            power_w=None if values["power_w"] is None else (
+                float(values["power_w"]) if limit is None
+                else min(float(values["power_w"]), limit)),
             power_limit_w=limit,
             utilization_pct=(
                 0.0 if values["utilization_pct"] is None else float(values["utilization_pct"])
