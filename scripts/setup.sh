@@ -2,7 +2,9 @@
 # Set up what llm-supervisor's demo and tests need on Debian 12 (run as root for apt):
 #   - Debian packages: a C++ toolchain and CMake/Ninja (to build llama-server), python3-venv,
 #     util-linux and systemd (the systemd tests run a private systemd as PID 1), nginx (in
-#     front of the gates in tests and benchmarks) and wrk (load generator);
+#     front of the gates in tests and benchmarks), wrk (load generator), nut-server and
+#     nut-client (a real upsd + dummy-ups for the power tests and the demo) and redis-server
+#     (a real checkpoint target);
 #   - a virtual environment in .venv with the project and its test dependencies;
 #   - llama.cpp's llama-server, built once and cached (scripts/build-llama-server.sh).
 # Prints nothing on stdout but the llama-server path; progress goes to stderr.
