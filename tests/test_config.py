@@ -24,6 +24,7 @@ from supervisord_llm.config import (
     MAX_CONFIG_BYTES,
     MAX_MESSAGE_CHARS,
     Config,
+    PowerSection,
     Threshold,
     load_config,
     normalize_pci_bus_id,
@@ -452,3 +453,51 @@ def test_fuzz_config_reader(tmp_path_factory: pytest.TempPathFactory, data: byte
         one_line_problems(exc)
     else:
         assert isinstance(cfg, Config)
+
+
+def test_power_keys_and_the_nut_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    base = {"service": [svc()]}
+    cfg = parse_config(toml_dumps({**base, "power": {"ups": "ups@[::1]:3494",
+                                                     "on_battery_power_fraction": 0.7}}),
+                       "cfg.toml")
+    assert cfg.power.source == "nut" and cfg.power.host_port == ("ups", "::1", 3494)
+    assert cfg.power.on_battery_power_fraction == 0.7
+    assert PowerSection(ups="u@nas.lan").host_port == ("u", "nas.lan", 3493)
+    # the password: never in the config; from a file, or the systemd credential
+    out = problems({**base, "power": {"username": "mon", "password": "secret"}})
+    assert any("power.password: a password is never written in the config" in p for p in out)
+    assert not any("secret" in p for p in out)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert any("power.username: needs a password" in p
+               for p in problems({**base, "power": {"username": "mon"}}))
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\nignored\n")
+    cfg = parse_config(toml_dumps({**base, "power": {"username": "mon",
+                                                     "password_file": str(pw)}}), "cfg.toml")
+    assert cfg.power.password == "s3cret" and "s3cret" not in repr(cfg)  # noqa: S105 - a test value
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "nut-password").write_text("fromcred")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    cfg = parse_config(toml_dumps({**base, "power": {"username": "mon"}}), "cfg.toml")
+    assert cfg.power.password == "fromcred"  # noqa: S105 - a test value
+    for bad, expect in [
+        ({"username": "mon", "password_file": str(tmp_path / "nope")},
+         "power.password_file: cannot read the NUT password"),
+        ({"username": "mon", "password_file": str(tmp_path)},
+         "power.password_file: cannot read the NUT password"),
+        ({"username": "mon", "password_file": "pw"}, "must be an absolute path"),
+        ({"password_file": str(pw)}, "power.password_file: needs username"),
+        ({"username": "two words"}, "power.username: must be 1-64 printable"),
+        ({"on_battery_power_fraction": 0}, "power.on_battery_power_fraction: must be > 0"),
+        ({"on_battery_power_fraction": 1.5}, "power.on_battery_power_fraction: must be <= 1"),
+        ({"ups": "ups@host:99999"}, "power.ups: must look like"),
+        ({"ups": "ups@host:x"}, "power.ups: must look like"),
+    ]:
+        out = problems({**base, "power": bad})
+        assert any(expect in p for p in out), (bad, out)
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    out = problems({**base, "power": {"username": "mon", "password_file": str(empty)}})
+    assert any("the password must be the first line" in p for p in out)
