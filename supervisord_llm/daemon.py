@@ -253,8 +253,9 @@ class Daemon:
                 loop.create_task(self._guard_state_dir(cfg.supervisor.state_dir, spawner),
                                  name="state-dir-guard"),
                 loop.create_task(guard.reprobe(events.probe_back, REPROBE_S), name="reprobe"),
-                loop.create_task(power.run(), name="power"),
             ]
+            if power.poller is not None:  # a task that ends stops the watchdog: only with NUT
+                self._tasks.append(loop.create_task(power.run(), name="power"))
             sup.on_change(self._schedule_status)
             host.on_change(self._schedule_status)
             hub.on_update(self._schedule_status)

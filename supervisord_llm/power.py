@@ -135,16 +135,18 @@ class PowerController:
         return P.Observation("unreachable")  # unresponsive (past the deadline) or an error
 
     async def run(self) -> None:
-        """Poll the UPS every poll_interval_s and decide."""
-        if self.poller is None:
-            return
+        """Poll the UPS every poll_interval_s and decide (only with `source = "nut"`)."""
+        assert self.poller is not None
         while True:
             started = self._clock()
             await self.poller.poll_once()
             obs = self._observation()
             if obs is not None:
                 self.reading, self.reading_at = self.poller.snapshot.value, self._clock()
-                await self.observe(obs)
+                try:
+                    await self.observe(obs)
+                except Exception:  # never let the UPS watch die: the next poll decides again
+                    self.limiter.exception("observe", "power: acting on the UPS failed")
             await asyncio.sleep(max(0.0, self.cfg.poll_interval_s - (self._clock() - started)))
 
     async def event(self, name: str) -> dict[str, Any]:

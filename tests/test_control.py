@@ -78,6 +78,8 @@ def small_config(tmp: Path, services: list[dict[str, Any]] | None = None) -> dic
     ("swap", {"service": "a", "services": ["a"]}, "unknown args for swap: services"),
     ("status", {"service": 3}, "args.service must be a service name"),
     ("power-event", {"event": "flood"}, "args.event must be one of"),
+    ("checkpoint", {"name": 7}, "args.name must be a checkpoint name"),
+    ("checkpoint", {"name": "x" * 300}, "args.name must be a checkpoint name"),
 ])
 def test_parse_args_refuses(cmd: str, args: dict[str, Any], expected: str) -> None:
     with pytest.raises(P.ProtocolError) as info:

@@ -113,7 +113,7 @@ def test_llmctl_table_json_and_exit_codes(tmp_path: Path) -> None:
         r = d.llmctl("drain", "alpha")
         assert r.returncode == 1 and "alpha has no gate" in r.stderr
         r = d.llmctl("checkpoint")
-        assert r.returncode == 1 and "not available" in r.stderr
+        assert r.returncode == 1 and "no checkpoint is configured" in r.stderr
     r = subprocess.run([sys.executable, "-m", "supervisord_llm.ctl", "--socket",
                         str(tmp_path / "gone.sock"), "status"], capture_output=True, text=True,
                        check=False)
