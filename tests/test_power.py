@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 from nutserver import NutServer, require_nut
 
-from helpers import Daemon, alive, base_config, fake_service, free_port, running, wait_until
+from helpers import (
+    Daemon,
+    NotifyListener,
+    alive,
+    base_config,
+    fake_service,
+    free_port,
+    running,
+    wait_until,
+)
 
 pytestmark = pytest.mark.usefixtures("nut_available")
 
@@ -48,6 +57,11 @@ def config(tmp: Path, ups: NutServer, services: list[dict[str, Any]],
     return doc
 
 
+def metrics(doc: dict[str, Any]) -> str:
+    with urllib.request.urlopen(f"http://{doc['metrics']['listen']}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
 def power(d: Daemon) -> dict[str, Any]:
     data: dict[str, Any] = d.status()["power"]
     return data
@@ -69,13 +83,28 @@ def test_on_battery_past_the_grace_runs_the_whole_sequence_and_comes_back(
     marker = tmp_path / "checkpointed"
     cp = [{"name": "touch", "kind": "command",
            "command": [sys.executable, "-c", f"open({str(marker)!r}, 'w').write('ok')"]}]
-    with running(tmp_path, config(tmp_path, ups, [gated("chat")], cp)) as d:
+    notify = NotifyListener(tmp_path / "notify.sock")
+    doc = config(tmp_path, ups, [gated("chat")], cp)
+    with running(tmp_path, doc, env={"NOTIFY_SOCKET": str(notify.path)}) as d:
         d.wait_state("chat", "ready")
         wait_until(lambda: power(d)["state"] == "online", 5, what="UPS online")
+        wait_until(lambda: any("UPS OL" in m for _t, m in notify.messages), 5,
+                   what="STATUS= with the UPS")
         pid = d.service("chat")["pid"]
         ups.set(status="OB DISCHRG", runtime=900)
         wait_until(lambda: mode(d) == "on_battery", 5, what="on battery")
+        text = metrics(doc)
+        assert "llm_supervisor_ups_on_battery 1.0" in text
+        assert "llm_supervisor_ups_reachable 1.0" in text
+        assert 'llm_supervisor_ups_status{flag="DISCHRG"} 1.0' in text
+        assert "llm_supervisor_ups_battery_runtime_seconds 900.0" in text
         wait_until(lambda: mode(d) == "powered_down", 15, what="powered down")
+        wait_until(lambda: any("UPS OB DISCHRG" in m and "powered_down" in m
+                               for _t, m in notify.messages), 5, what="STATUS= powered down")
+        text = metrics(doc)
+        assert 'llm_supervisor_power_events_total{event="power_down"} 1.0' in text
+        assert 'llm_supervisor_power_down_step_duration_seconds{step="checkpoint"}' in text
+        assert 'llm_supervisor_checkpoint_runs_total{name="touch",result="ok"} 1.0' in text
         assert marker.read_text() == "ok"
         st = d.service("chat")
         assert st["state"] == "stopped" and "powered_down" in st["holds"]
