@@ -2,7 +2,8 @@
 # A self-contained demo, no GPU needed: llm-supervisor with two simulated GPUs supervising two
 # real llama.cpp model servers (a generated tiny model). It shows `llmctl status`, a chat
 # completion through the request gate, a crash (kill -9) and the automatic restart, a hot
-# swap and a drain, a hot GPU, then stops cleanly. With --keep it leaves the supervisor
+# swap and a drain, a hot GPU, a power cut on a real NUT server (upsd + dummy-ups) and the
+# return of the power, then stops cleanly. With --keep it leaves the supervisor
 # running for you to explore.
 #
 #   scripts/demo.sh          # run the tour, then stop
@@ -19,6 +20,12 @@ if [ -f "$RUN/daemon.pid" ] && kill -0 "$(cat "$RUN/daemon.pid")" 2>/dev/null; t
   kill "$(cat "$RUN/daemon.pid")"
   for _ in $(seq 100); do kill -0 "$(cat "$RUN/daemon.pid")" 2>/dev/null || break; sleep 0.1; done
 fi
+for p in model upsd driver; do  # a UPS left by an earlier --keep run (only if it is one)
+  pidf=$RUN/nut/$p.pid
+  if [ -f "$pidf" ] && grep -qaE 'upsd|dummy-ups|ups_model' "/proc/$(cat "$pidf")/cmdline" 2>/dev/null; then
+    kill "$(cat "$pidf")" 2>/dev/null || true
+  fi
+done
 mkdir -p "$RUN"
 [ -f "$RUN/tiny.gguf" ] || .venv/bin/python tests/make_tiny_gguf.py "$RUN/tiny.gguf" >/dev/null
 
@@ -27,6 +34,19 @@ free_port() {  # below the ephemeral range, none of "$@"
 print(pick_free_port(set(map(int, sys.argv[1:]))))' "$@"
 }
 P1=$(free_port); P2=$(free_port "$P1"); PM=$(free_port "$P1" "$P2"); PG=$(free_port "$P1" "$P2" "$PM")
+PU=$(free_port "$P1" "$P2" "$PM" "$PG")
+
+# A real NUT server: upsd with the dummy-ups driver, whose file scripts/ups_model.py keeps
+# writing (battery.runtime follows what the simulated GPUs draw; OL/OB from $RUN/ups-control).
+NUT=$RUN/nut
+rm -rf "$NUT"; mkdir -p "$NUT/etc" "$NUT/state"; chmod 0700 "$NUT/state"
+printf '[dummy]\n  driver = dummy-ups\n  port = %s\n  mode = dummy-once\n  pollinterval = 1\n' \
+  "$NUT/etc/dummy.dev" > "$NUT/etc/ups.conf"
+echo "LISTEN 127.0.0.1 $PU" > "$NUT/etc/upsd.conf"
+: > "$NUT/etc/upsd.users"
+chmod 0600 "$NUT/etc/ups.conf" "$NUT/etc/upsd.conf" "$NUT/etc/upsd.users"
+printf 'ups.status: OL\nbattery.charge: 100\nbattery.runtime: 1200\n' > "$NUT/etc/dummy.dev"
+echo OL > "$RUN/ups-control"
 
 cat > "$RUN/config.toml" <<EOF
 # llm-supervisor demo: simulated GPUs, real llama.cpp servers on a tiny random model.
@@ -44,6 +64,20 @@ poll_interval_s = 1.0
 sim_state_file = "$RUN/sim-gpus.json"
 [thermal]                            # relative to the GPU's slowdown (89 C): throttle at 85 C
 step_interval_s = 1
+
+[power]                              # a real upsd on loopback, with the dummy-ups driver
+source = "nut"
+ups = "dummy@127.0.0.1:$PU"
+poll_interval_s = 0.5
+on_battery_grace_s = 6               # short for the demo (default 20)
+drain_timeout_s = 10
+stop_timeout_s = 10
+
+[[checkpoint]]                       # stands in for a vector store's snapshot
+name = "rag-store"
+kind = "command"
+command = ["sh", "-c", "date -u +%FT%TZ > $RUN/rag-store.snapshot && sync"]
+timeout_s = 5
 
 [[gpu.sim]]
 uuid = "GPU-5a1e0000-0000-4000-8000-000000000000"
@@ -98,6 +132,26 @@ LLM=.venv/bin/llm-supervisor
 CTL=(.venv/bin/llmctl --socket "$RUN/control.sock")
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
+[ -x /lib/nut/upsd ] || { echo "demo: /lib/nut/upsd missing (apt-get install nut-server)" >&2; exit 1; }
+NUT_CONFPATH=$NUT/etc NUT_STATEPATH=$NUT/state /lib/nut/dummy-ups -a dummy -F -u root \
+  >"$NUT/driver.log" 2>&1 &
+echo $! > "$NUT/driver.pid"
+for _ in $(seq 100); do [ -S "$NUT/state/dummy-ups-dummy" ] && break; sleep 0.1; done
+NUT_CONFPATH=$NUT/etc NUT_STATEPATH=$NUT/state /lib/nut/upsd -F -u root >"$NUT/upsd.log" 2>&1 &
+echo $! > "$NUT/upsd.pid"
+.venv/bin/python scripts/ups_model.py --device "$NUT/etc/dummy.dev" --control "$RUN/ups-control" \
+  --battery-wh 150 --base-w 150 --socket "$RUN/control.sock" >"$NUT/model.log" 2>&1 &
+echo $! > "$NUT/model.pid"
+stop_nut() {
+  local p
+  for p in model upsd driver; do
+    if [ -f "$NUT/$p.pid" ]; then kill "$(cat "$NUT/$p.pid")" 2>/dev/null || true; fi
+  done
+}
+for _ in $(seq 100); do
+  [ "$(upsc "dummy@127.0.0.1:$PU" ups.status 2>/dev/null)" = OL ] && break; sleep 0.1
+done
+
 say "llm-supervisor --check (the resolved plan)"
 "$LLM" --config "$RUN/config.toml" --check
 
@@ -109,6 +163,7 @@ cleanup() {
     kill "$(cat "$RUN/daemon.pid")"
     for _ in $(seq 300); do kill -0 "$(cat "$RUN/daemon.pid")" 2>/dev/null || break; sleep 0.1; done
   fi
+  if [ "$KEEP" = 0 ]; then stop_nut; fi
 }
 trap cleanup EXIT
 
@@ -157,14 +212,43 @@ echo '{"GPU-5a1e0000-0000-4000-8000-000000000000": {"temperature_c": 60}}' > "$R
 sleep 4
 "${CTL[@]}" status | sed -n '/^GPU/,/^$/p'
 
+say "a power cut: the UPS goes on battery (its runtime follows what the GPUs draw)"
+echo '{"GPU-5a1e0000-0000-4000-8000-000000000000": {"power_w": 280}, "GPU-5a1e0000-0000-4000-8000-000000000001": {"power_w": 280}}' > "$RUN/sim-gpus.json"
+runtime() { upsc "dummy@127.0.0.1:$PU" battery.runtime 2>/dev/null; }
+mode_is() {
+  for _ in $(seq "$2"); do
+    "${CTL[@]}" --json status | grep -q "\"mode\": \"$1\"" && return 0; sleep 0.1
+  done
+  echo "demo: mode $1 not reached; see $RUN/daemon.log" >&2; return 1
+}
+sleep 2.5
+echo "GPUs drawing 280 W each: the UPS would run $(runtime) s on its battery"
+echo "OB DISCHRG" > "$RUN/ups-control"
+mode_is on_battery 50
+sleep 2.5
+"${CTL[@]}" status | sed -n '/^GPU/,/^$/p'
+echo "on battery: every GPU capped at 60 % of its default (180 W): the UPS now reports $(runtime) s"
+echo "riding it out for on_battery_grace_s (6 s); then drain, checkpoint, stop"
+mode_is powered_down 300
+"${CTL[@]}" status | sed -n '/^power:/,$p'
+echo "the rag-store snapshot: $(cat "$RUN/rag-store.snapshot")"
+say "the power returns (OL): the services start again; the gates open when they are ready"
+echo "OL CHRG" > "$RUN/ups-control"
+ready
+"${CTL[@]}" status | sed -n '1,4p'
+curl -s -o /dev/null -w "a chat through the gate again: HTTP %{http_code}\n" \
+  "http://127.0.0.1:$PG/v1/chat/completions" -H 'Content-Type: application/json' \
+  -d '{"messages":[{"role":"user","content":"hello"}],"max_tokens":4}'
+
 say "Prometheus metrics at http://127.0.0.1:$PM/metrics (a few of them)"
-curl -s "http://127.0.0.1:$PM/metrics" | grep -E '^llm_supervisor_(service_up|service_restarts_total\{reason="exit"|gpu_temperature_celsius|gate_requests_total|gpu_throttle_actions_total\{.*power)'
+curl -s "http://127.0.0.1:$PM/metrics" | grep -E '^llm_supervisor_(service_up|service_restarts_total\{reason="exit"|gpu_temperature_celsius|gate_requests_total|gpu_throttle_actions_total\{.*power|ups_battery_runtime|power_events_total\{event="power_down"|checkpoint_runs_total\{.*ok)'
 
 if [ "$KEEP" = 1 ]; then
   say "llm-supervisor keeps running (pid $(cat "$RUN/daemon.pid"))"
   echo "  .venv/bin/llmctl --socket $RUN/control.sock status"
   echo "  .venv/bin/llmctl --socket $RUN/control.sock restart chat"
-  echo "  stop it: kill $(cat "$RUN/daemon.pid")"
+  echo "  a power cut: echo 'OB DISCHRG' > $RUN/ups-control (and OL to end it)"
+  echo "  stop it: kill $(cat "$RUN/daemon.pid") (the demo's UPS stops at the next run)"
 else
   say "stopping llm-supervisor (SIGTERM: services stop in reverse order)"
   cleanup

@@ -253,7 +253,7 @@ def render_status(data: dict[str, Any]) -> str:
         if p.get("phase") not in (None, "online"):
             extra = f"  {p['phase']}"
             if p.get("on_battery_for_s") is not None:
-                extra += f" for {_dur(p['on_battery_for_s'])}"
+                extra += f", on battery for {_dur(p['on_battery_for_s'])}"
             if p.get("power_ceiling") is not None:
                 extra += f", GPU power capped at {p['power_ceiling']:.0%} of default"
             out.append(extra)
