@@ -24,6 +24,7 @@ its actions carried out through the host actor.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -69,7 +70,7 @@ class PowerController:
         self.host = host
         self.checkpoints = checkpoints
         self._clock = clock
-        self.cfg = cfg
+        self.start_cfg = cfg  # the connection (source, ups, login, poll) is the start's
         self.state = P.State()
         self.poller: SourcePoller[UpsReading] | None = None
         self.source: NutSource | None = None
@@ -92,9 +93,28 @@ class PowerController:
         self.limiter = LogLimiter(__name__)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[Any] | None = None  # the power-down in progress
-        self._restart_pending = False
+        self._warned: PowerSection | None = None  # a reloaded [power] said to need a restart
 
     # --- what it is fed --------------------------------------------------------------------
+
+    @property
+    def cfg(self) -> PowerSection:
+        """The running [power]: a reload changes the grace, the marks, the timeouts and the
+        cap at once; where the UPS is (source, ups, login, poll interval) needs a restart."""
+        live = getattr(self.sup.cfg, "power", None)
+        if not isinstance(live, PowerSection):
+            return self.start_cfg
+        s = self.start_cfg
+        if (live.source, live.ups, live.username, live.password, live.poll_interval_s) != \
+                (s.source, s.ups, s.username, s.password, s.poll_interval_s):
+            if self._warned is not live:
+                self._warned = live
+                log.warning("power: a reload changed where or how often the UPS is read "
+                            "([power] source, ups, username, password, poll_interval_s): that "
+                            "takes a restart of llm-supervisor; the rest of [power] applies now")
+            return dataclasses.replace(live, source=s.source, ups=s.ups, username=s.username,
+                                       password=s.password, poll_interval_s=s.poll_interval_s)
+        return live
 
     @property
     def limits(self) -> P.Limits:
