@@ -17,6 +17,7 @@ from ..config import SimGpu
 from ..errors import GpuLostError, SensorError
 from .base import GpuHealth, GpuInfo, GpuReading
 
+SANE_MAX_W = 5000.0  # the hub's plausibility limit: above it a reading is a sensor fault
 IDLE_C = 35.0
 _HANG_RECHECK_S = 0.1
 _FIELDS = {
@@ -107,9 +108,10 @@ class SimBackend:
                 else float(values["memory_temperature_c"])
             ),
             # like a real board, it never draws more than its limit: `power_w` in the state
-            # file is what the load would draw, the reading what the limit lets through
+            # file is what the load would draw, the reading what the limit lets through (a
+            # value no board draws is a sensor fault, passed on for the hub to refuse)
             power_w=None if values["power_w"] is None else (
-                float(values["power_w"]) if limit is None
+                float(values["power_w"]) if limit is None or values["power_w"] > SANE_MAX_W
                 else min(float(values["power_w"]), limit)),
             power_limit_w=limit,
             utilization_pct=(
