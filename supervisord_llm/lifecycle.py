@@ -391,7 +391,7 @@ class _Step:
             self.set(then_start=True)  # once this stop is over
 
     def come_back(self, hold: str, reason: RestartReason) -> None:
-        """The last hold that kept it down (cooling, a lost GPU, power) is released: that is a
+        """The last hold that kept it down (cooling, a lost GPU) is released: that is a
         restart, and it spends the restart budget like a crash. The first comes back at once;
         one that keeps coming back (a GPU that drops off the bus every few seconds) waits the
         backoff, and after `max_restarts` within `window_s` it is failed."""
@@ -446,7 +446,12 @@ def decide(model: Model, event: Event, rules: Rules, now: float, rand: float) ->
         if event.hold in m.holds:
             st.set(holds=m.holds - {event.hold})
             reason = HOLD_REASONS.get(event.hold)
-            if reason is not None and m.state is State.STOPPED and st.m.up:
+            if event.hold == "powered_down" and m.state is State.STOPPED and st.m.up:
+                # the power is back: not a fault of the service, and the power policy paces
+                # it (a grace on battery before each power-down); no budget spent, no backoff
+                st.launch("powered_down hold released")
+                st.do(CountRestart(RestartReason.POWER))
+            elif reason is not None and m.state is State.STOPPED and st.m.up:
                 st.come_back(event.hold, reason)
             elif m.state in (State.STOPPED, State.STOPPING):
                 st.bring_up(f"{event.hold} hold released")

@@ -200,10 +200,13 @@ class PowerController:
     async def _act(self, action: P.Action) -> None:
         if isinstance(action, P.OnBattery):
             self._count("on_battery")
-            log.warning("power: the UPS is on battery (charge %s, runtime %s); riding it out "
-                        "for on_battery_grace_s (%g s)",
+            low = P.low_mark(P.Observation("on_battery", action.charge_pct, action.runtime_s),
+                             self.limits)
+            log.warning("power: the UPS is on battery (charge %s, runtime %s)%s",
                         _pct(action.charge_pct), _secs(action.runtime_s),
-                        self.cfg.on_battery_grace_s)
+                        "" if low is not None or self.state.phase != "on_battery" else
+                        f"; riding it out for on_battery_grace_s ({self.cfg.on_battery_grace_s:g}"
+                        " s)")
             self._mode(Mode.ON_BATTERY, "the UPS is on battery")
             self._set_ceiling(self.cfg.on_battery_power_fraction, "on battery")
         elif isinstance(action, P.PowerBack):

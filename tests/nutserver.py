@@ -389,7 +389,11 @@ class NutServer:
         tmp = self.datafile.with_name(self.datafile.name + ".tmp")
         tmp.write_text(text)
         # dummy-once re-reads when st_mtime changes in whole seconds: make sure it does
-        self._mtime = max(int(time.time()), self._mtime + 1)
+        try:  # another writer (scripts/ups_model.py) may have stamped it ahead of the clock
+            current = int(self.datafile.stat().st_mtime)
+        except OSError:
+            current = 0
+        self._mtime = max(int(time.time()), self._mtime + 1, current + 1)
         os.utime(tmp, (self._mtime, self._mtime))
         os.replace(tmp, self.datafile)
 
