@@ -191,7 +191,7 @@ def test_drain_restart_and_escalation(tmp_path: Path) -> None:
         d.wait_state("embed", "ready", 15)
         d.wait_state("chat", "ready", 15)
         assert d.service("chat")["pid"] != chat_pid
-        wait_until(lambda: d.service("chat")["gate"] == "open", 5, what="gate open again")
+        wait_until(lambda: d.service("chat")["gate"] == "open", 10, what="gate open again")
         metrics = d.status()
         assert metrics["services"][0]["restarts"] == 1
 
