@@ -131,7 +131,11 @@ class Resume:
 
 @dataclass(frozen=True)
 class Kill:
-    """Fast stop: SIGKILL now, then settle as a stop."""
+    """Fast stop: SIGKILL now, then settle as a stop. Without `keep_wanted` (the daemon's
+    fast stop) it is no longer wanted up; with it (the power-down's deadline, the service
+    held `powered_down`) it comes back when its holds are released."""
+
+    keep_wanted: bool = False
 
 
 @dataclass(frozen=True)
@@ -491,7 +495,9 @@ def decide(model: Model, event: Event, rules: Rules, now: float, rand: float) ->
         if m.state is State.DRAINING:
             st.go(State.READY, "gate reopened")
     elif isinstance(event, Kill):
-        st.set(wanted=False, killing=True)
+        st.set(killing=True)
+        if not event.keep_wanted:
+            st.set(wanted=False)
         if m.running:
             st.do(SignalGroup(signal.SIGKILL), SignalEscapees(signal.SIGKILL))
         st.bring_down("killed (fast stop)")

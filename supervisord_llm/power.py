@@ -320,6 +320,9 @@ class PowerController:
             step = self._step("stop", f"{len(sup.actors)} services, up to "
                               f"{cfg.stop_timeout_s:g} s")
             await self._stop_services(step)
+            # nothing left to drain: the gates now say that their service is held down
+            # (503 "held"), and each opens again when its service is ready after the return
+            await self._reopen()
             self._end(step)
             # 4. shutdown_command
             if cfg.shutdown_command:
@@ -369,7 +372,7 @@ class PowerController:
             for a in late:
                 if HOLD not in a.holds:
                     await self.host.command([a.name], L.Stop(HOLD), internal=True)
-                a.kill_now()
+                a.kill_now(keep_wanted=True)  # it comes back with the power
             for a in late:
                 try:
                     await a.wait_stopped(5.0)

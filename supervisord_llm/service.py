@@ -232,10 +232,11 @@ class ServiceActor:
     def post(self, event: L.Event) -> None:
         self._events.put_nowait(event)
 
-    def kill_now(self) -> None:
-        """Fast stop: SIGKILL at once (second SIGTERM to the daemon); the actor then settles in
-        `stopped` through the ordinary stop path."""
-        self._events.put_nowait(L.Kill())
+    def kill_now(self, keep_wanted: bool = False) -> None:
+        """Fast stop: SIGKILL at once (second SIGTERM to the daemon; with `keep_wanted`, the
+        power-down's deadline: it starts again once its holds are released); the actor then
+        settles in `stopped` through the ordinary stop path."""
+        self._events.put_nowait(L.Kill(keep_wanted))
 
     async def wait_for(self, predicate: Callable[[ServiceActor], bool],
                        timeout_s: float | None) -> State:

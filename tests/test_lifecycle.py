@@ -177,7 +177,16 @@ CASES: list[tuple[str, L.Model, L.Event, L.Rules, State, list[State], list[str]]
     ("kill: SIGKILL and stop", model(State.READY), L.Kill(), R, State.STOPPING,
      [State.STOPPING], ["SignalGroup", "SignalEscapees", "StopHealth", "SetTimer",
                         "SignalGroup", "SignalGroup"]),
+    ("the power-down's kill of a held service while it stops: SIGKILL, still wanted",
+     model(State.STOPPING, holds=frozenset({"powered_down"})), L.Kill(keep_wanted=True), R,
+     State.STOPPING, [], ["SignalGroup", "SignalEscapees"]),
 ]
+
+
+def test_the_power_downs_kill_keeps_the_service_wanted() -> None:
+    m = model(State.STOPPING, holds=frozenset({"powered_down"}))
+    assert L.decide(m, L.Kill(keep_wanted=True), R, NOW, 0.5).model.wanted
+    assert not L.decide(m, L.Kill(), R, NOW, 0.5).model.wanted
 
 
 @pytest.mark.parametrize(("name", "m", "event", "rules", "final", "trans", "acts"), CASES,

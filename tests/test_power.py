@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,12 @@ def test_on_battery_past_the_grace_runs_the_whole_sequence_and_comes_back(
         assert marker.read_text() == "ok"
         st = d.service("chat")
         assert st["state"] == "stopped" and "powered_down" in st["holds"]
+        assert st["gate"] == "closed" and st["drain_reasons"] == [], st
+        url = f"http://{doc['service'][0]['gate']['listen']}/v1/models"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, timeout=5)
+        assert err.value.code == 503 and err.value.headers["Retry-After"]
+        assert b"is held down" in err.value.read()
         assert not alive(pid)
         steps = [s["step"] for s in power(d)["power_down"]["steps"]]
         assert steps == ["drain", "checkpoint", "stop"]
@@ -329,3 +336,20 @@ def test_signal_and_http_checkpoints(tmp_path: Path, ups: NutServer) -> None:
         assert "cannot connect" in results["web"]["error"]
         r = d.llmctl("checkpoint", "faiss")  # the service is stopped now
         assert r.returncode == 1 and "not running" in r.stdout
+
+
+def test_a_service_killed_at_the_stop_deadline_comes_back_with_the_power(
+        tmp_path: Path, ups: NutServer) -> None:
+    """Its own stop timeout (8 s) is longer than the power-down's (1 s): SIGKILLed at the
+    power-down's deadline, and still started again when the power returns."""
+    slow = fake_service("slow", free_port(), "--ignore-term", stop={"timeout_s": 8})
+    with running(tmp_path, config(tmp_path, ups, [slow], stop_timeout_s=1)) as d:
+        d.wait_state("slow", "ready")
+        pid = d.service("slow")["pid"]
+        ups.set(status="OB LB")
+        wait_until(lambda: mode(d) == "powered_down", 10, what="powered down")
+        assert not alive(pid)
+        steps = power(d)["power_down"]["steps"]
+        assert "killed after 1 s: slow" in steps[-1]["detail"], steps
+        ups.set(status="OL")
+        d.wait_state("slow", "ready", 15)

@@ -173,7 +173,7 @@ def decide(state: State, obs: Observation, lim: Limits, now: float
                 state = replace(state, phase="powering_down", low_reason=why, committed=False)
                 actions.append(PowerDown(why, None))
             elif (ob := state.on_battery_since) is not None and now - ob >= lim.grace_s:
-                why = f"on battery for {now - ob:.0f} s (grace " \
+                why = f"on battery for {now - ob:.1f} s (grace " \
                       f"{lim.grace_s:g} s; the UPS {obs.state} since)"
                 state = replace(state, phase="powering_down", low_reason=None, committed=False)
                 actions.append(PowerDown(why, None))
@@ -209,7 +209,7 @@ def decide(state: State, obs: Observation, lim: Limits, now: float
             actions.append(PowerDown(low, _num(obs.runtime_s)))
         elif (ob := state.on_battery_since) is not None and now - ob >= lim.grace_s:
             state = replace(state, phase="powering_down", low_reason=None, committed=False)
-            actions.append(PowerDown(f"on battery for {now - ob:.0f} s "
+            actions.append(PowerDown(f"on battery for {now - ob:.1f} s "
                                      f"(grace {lim.grace_s:g} s)", _num(obs.runtime_s)))
     elif phase == "powering_down":
         if on_line and not state.committed:
