@@ -95,6 +95,12 @@ class PowerController:
         self._task: asyncio.Task[Any] | None = None  # the power-down in progress
         self._warned: PowerSection | None = None  # a reloaded [power] said to need a restart
 
+    @property
+    def holding(self) -> bool:
+        """The services are (being) held down for the power: a service added now is too."""
+        return self.state.phase == "powered_down" or (
+            self.state.phase == "powering_down" and self.state.committed)
+
     # --- what it is fed --------------------------------------------------------------------
 
     @property
@@ -172,13 +178,29 @@ class PowerController:
     async def event(self, name: str) -> dict[str, Any]:
         """`llmctl power-event` (upsmon's NOTIFYCMD): the same policy, a second source."""
         state = EVENTS[name]
-        self.last_event = (name, self._clock())
-        log.warning("power event from llmctl: %s", name)
         r = self.reading
+        if state == "online" and self._nut_says_battery():
+            # upsmon's ONLINE for another UPS, or an old one: upsd, read just now, says OB
+            self.limiter.warning("event-online", "power event from llmctl: on-line ignored: "
+                                 "upsd says %s (read %.1f s ago)",
+                                 r.status if r is not None else "?",
+                                 self._clock() - (self.reading_at or 0.0))
+            return self.status(self._clock())
+        self.last_event = (name, self._clock())
+        self.limiter.warning(f"event-{name}", "power event from llmctl: %s", name)
         await self.observe(P.Observation(
             state, r.charge_pct if r is not None else None,
             r.runtime_s if r is not None else None, source="event"))
         return self.status(self._clock())
+
+    def _nut_says_battery(self) -> bool:
+        """A fresh NUT reading (within two polls) that is on battery, low or FSD."""
+        r, at = self.reading, self.reading_at
+        if self.poller is None or r is None or at is None:
+            return False
+        fresh = self._clock() - at <= 2 * self.cfg.poll_interval_s + self.poller.call_timeout_s
+        return fresh and self.poller.snapshot.status == "ok" and \
+            r.state in ("on_battery", "low_battery", "fsd")
 
     async def observe(self, obs: P.Observation) -> None:
         async with self._lock:

@@ -95,6 +95,8 @@ class Supervisor:
     def make_actor(self, plan: ServicePlan, port: int | None = None,
                    counters: Counters | None = None, wanted: bool = False,
                    holds: frozenset[str] = frozenset()) -> ServiceActor:
+        if self.power is not None and self.power.holding:
+            holds = holds | {"powered_down"}  # a service a reload adds: not on the battery
         return ServiceActor(plan, self.spawner, self.prober, port=port, counters=counters,
                             wanted=wanted, holds=holds, base_env=self._base_env,
                             on_change=lambda _a: self.changed(), clock=self._clock)

@@ -353,3 +353,30 @@ def test_a_service_killed_at_the_stop_deadline_comes_back_with_the_power(
         assert "killed after 1 s: slow" in steps[-1]["detail"], steps
         ups.set(status="OL")
         d.wait_state("slow", "ready", 15)
+
+
+def test_a_stale_on_line_event_does_not_undo_what_upsd_says(tmp_path: Path,
+                                                              ups: NutServer) -> None:
+    """upssched's ONLINE of another UPS, once a second, while upsd says OB: the grace runs
+    out all the same; a reload while powered down adds its service held down."""
+    doc = config(tmp_path, ups, [gated("chat")], on_battery_grace_s=3)
+    with running(tmp_path, doc) as d:
+        d.wait_state("chat", "ready")
+        ups.set(status="OB DISCHRG")
+        wait_until(lambda: mode(d) == "on_battery", 5, what="on battery")
+        deadline = time.monotonic() + 10
+        while mode(d) != "powered_down":
+            assert time.monotonic() < deadline, "the grace never ran out"
+            r = d.llmctl("power-event", "on-line")
+            assert r.returncode == 0, r.stderr
+            time.sleep(0.5)
+        assert "on-line ignored: upsd says OB DISCHRG" in d.logtext()
+        doc["service"].append(gated("added"))
+        d.write(doc)
+        r = d.llmctl("reload")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        st = d.service("added")
+        assert st["state"] == "stopped" and st["holds"] == ["powered_down"], st
+        ups.set(status="OL")
+        d.wait_state("added", "ready", 15)
+        d.wait_state("chat", "ready", 15)

@@ -157,3 +157,21 @@ def test_drain_budget_fits_the_runtime(runtime: float | None,
                                        expect: tuple[float, float]) -> None:
     # checkpoints 60 s, stop 30 s
     assert P.drain_budget(runtime, 60.0, 60.0, 30.0) == pytest.approx(expect)
+
+
+def test_an_fsd_event_keeps_the_services_down_until_an_on_line_event() -> None:
+    st, acts = P.decide(P.State(), P.Observation("fsd", source="event"), LIM, 0)
+    assert [type(a).__name__ for a in acts] == ["PowerDown"] and st.forced
+    st = P.finished(P.commit(st))
+    st, acts = P.decide(st, P.Observation("online", 100, 1200), LIM, 1)  # upsd: OL
+    assert [type(a).__name__ for a in acts] == ["Waiting"] and st.phase == "powered_down"
+    st, acts = P.decide(st, P.Observation("online", 100, 1200), LIM, 2)
+    assert acts == []
+    st, acts = P.decide(st, P.Observation("online", 100, 1200, source="event"), LIM, 3)
+    assert [type(a).__name__ for a in acts] == ["Restart"] and not st.forced
+
+
+def test_an_fsd_reading_is_not_sticky() -> None:
+    st = P.finished(P.commit(P.decide(P.State(), P.Observation("fsd"), LIM, 0)[0]))
+    st, acts = P.decide(st, P.Observation("online", 100, 1200), LIM, 1)
+    assert [type(a).__name__ for a in acts] == ["Restart"]

@@ -24,7 +24,9 @@ Phases: `online` -> `on_battery` -> `powering_down` -> `powered_down` -> `online
   cancels the sequence. Once committed, the sequence runs to its end (`finished`); then, in
   `powered_down`, power back with the battery above the low marks gives `Restart` (with
   `restart_on_return`); below them the policy waits for the battery to charge (`Waiting`, once).
-- FSD is a power-down from any phase but `powered_down`, even with OL in the flags.
+- FSD is a power-down from any phase but `powered_down`, even with OL in the flags. An FSD
+  that came as an event (upsmon's primary is powering the machine off) also keeps the
+  services down when a reading says on line again, until an on-line event.
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ class State:
     committed: bool = False  # the services are being stopped: no cancel any more
     waiting: bool = False  # Waiting given for this return
     low_reason: str | None = None
+    # an FSD from `llmctl power-event` (upsmon's primary is powering the machine off): no
+    # restart on an on-line reading; only an on-line event (someone who knows) clears it
+    forced: bool = False
 
 
 # --- actions ------------------------------------------------------------------------------
@@ -186,6 +191,11 @@ def decide(state: State, obs: Observation, lim: Limits, now: float
                     "low_battery" if obs.state in ("low_battery", "fsd") else "on_battery")
     low = low_mark(obs, lim)
     on_line = obs.state == "online"
+    if obs.source == "event":
+        if obs.state == "fsd":
+            state = replace(state, forced=True)
+        elif on_line:
+            state = replace(state, forced=False)
     if phase == "online":
         if obs.state == "fsd":
             state = replace(state, phase="powering_down", low_reason=low, committed=False)
@@ -217,7 +227,13 @@ def decide(state: State, obs: Observation, lim: Limits, now: float
             actions.append(PowerBack())
     elif phase == "powered_down":
         if on_line and lim.restart_on_return:
-            if low is None:
+            if state.forced:
+                if not state.waiting:
+                    state = replace(state, waiting=True)
+                    actions.append(Waiting("a forced shutdown (FSD) came from upsmon: the "
+                                           "services stay down until `llmctl power-event "
+                                           "on-line`"))
+            elif low is None:
                 state = replace(state, phase="online", on_battery_since=None, committed=False,
                                 waiting=False, low_reason=None)
                 actions.append(Restart())
