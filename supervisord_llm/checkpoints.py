@@ -34,6 +34,8 @@ import aiohttp
 from . import protocol as P
 from .config import Checkpoint
 from .errors import ControlError
+from .spawn import MARK_INSTANCE, MARK_SERVICE, Spawner
+from .spawn import _ServiceProtocol as ExitProtocol
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
 MAX_OUTPUT = 4096
+OUTPUT_GRACE_S = 1.0  # after a hook exits, for the rest of its output
 DONE_FILE_POLL_S = 0.05
 MTIME_SLACK_NS = 50_000_000  # file systems stamp with a coarse clock that may lag time.time()
 
@@ -83,6 +86,8 @@ class CheckpointRunner:
         self.last_ok: dict[str, float] = {}  # name -> wall time of its last success
         self.runs: dict[tuple[str, str], int] = {}  # (name, result) -> count
         self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[Any] | None = None  # the run in progress
+        self._preempted: asyncio.Task[Any] | None = None  # cancelled by a power-down's run
 
     @property
     def hooks(self) -> tuple[Checkpoint, ...]:
@@ -102,15 +107,29 @@ class CheckpointRunner:
                 raise ControlError(P.FAILED, f"no checkpoint named {', '.join(unknown)} "
                                    f"(configured: {', '.join(sorted(known)) or 'none'})")
             hooks = tuple(cp for cp in hooks if cp.name in names)
-        if self._lock.locked() and why != "power-down":
-            raise ControlError(P.FAILED, f"checkpoints are already running (started by "
-                               f"{self.running}); wait for them to finish")
+        if self._lock.locked():
+            if why != "power-down":
+                raise ControlError(P.FAILED, f"checkpoints are already running (started by "
+                                   f"{self.running}); wait for them to finish")
+            # the power-down's run replaces an operator's: one run's worth of timeouts in
+            # the battery budget, not two
+            if self._task is not None and not self._task.done():
+                self._preempted = self._task
+                self._task.cancel()
         async with self._lock:
             self.running = why
+            self._task = asyncio.current_task()
             try:
                 return [await self.run_one(cp, why) for cp in hooks]
+            except asyncio.CancelledError:
+                if self._preempted is asyncio.current_task():
+                    self._preempted = None
+                    raise ControlError(P.FAILED, "cancelled: the power-down runs the "
+                                       "checkpoints now (see `llmctl status`)") from None
+                raise
             finally:
                 self.running = None
+                self._task = None
 
     async def run_one(self, cp: Checkpoint, why: str) -> CheckpointResult:
         started = self._clock()
@@ -130,7 +149,14 @@ class CheckpointRunner:
             result, error = "failed", str(exc)
         except Exception as exc:  # a bug or an odd error: the next hooks still run
             result, error = "failed", f"{type(exc).__name__}: {exc}"
-        duration = self._clock() - started
+        except asyncio.CancelledError:  # the power back, a stop, a power-down's own run
+            self._record(cp, why, "cancelled", self._clock() - started, "cancelled")
+            raise
+        self._record(cp, why, result, self._clock() - started, error)
+        return self.last[cp.name]
+
+    def _record(self, cp: Checkpoint, why: str, result: str, duration: float,
+                error: str | None) -> None:
         res = CheckpointResult(cp.name, cp.kind, result, duration, error, self._wall(), why)
         self.last[cp.name] = res
         if result == "ok":
@@ -140,7 +166,6 @@ class CheckpointRunner:
             log.info("checkpoint %s: done in %.2f s", cp.name, duration)
         else:
             log.error("checkpoint %s: %s after %.2f s: %s", cp.name, result, duration, error)
-        return res
 
     # --- the kinds ----------------------------------------------------------------------------
 
@@ -164,7 +189,7 @@ class CheckpointRunner:
 
     async def _command(self, cp: Checkpoint) -> None:
         try:
-            code, out = await run_argv(cp.command)
+            code, out = await run_argv(cp.command, self.sup.spawner, f"checkpoint:{cp.name}")
         except OSError as exc:
             raise _Failed(f"cannot run {cp.command[0]}: {exc.strerror or exc}") from None
         if code != 0:
@@ -194,24 +219,56 @@ class CheckpointRunner:
             self._session = None
 
 
-async def run_argv(argv: tuple[str, ...]) -> tuple[int, bytes]:
+async def run_argv(argv: tuple[str, ...], spawner: Spawner | None = None,
+                   label: str = "helper") -> tuple[int, bytes]:
     """Run argv (no shell) in a process group of its own, stdin from /dev/null; return its
     exit status and the last MAX_OUTPUT bytes of its output. Raises OSError when it cannot
-    start. Cancelled (a deadline around it), the whole group is SIGKILLed and reaped."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    start. Cancelled (a deadline around it), the whole group is SIGKILLed and reaped.
+
+    With a `spawner`, it carries the daemon's instance marker and its group is registered
+    with the orphan guardian: a daemon killed mid-checkpoint takes its hook with it (the next
+    daemon would otherwise run the same hook beside the old one). Once it has exited, what
+    it left in its group holding the output (`cmd &`) is given OUTPUT_GRACE_S, then killed:
+    its exit status is the answer."""
+    env = None
+    if spawner is not None:
+        env = {**os.environ, MARK_INSTANCE: spawner.instance_id, MARK_SERVICE: label}
+    loop = asyncio.get_running_loop()
+    # the exit is seen when it happens (the child watcher), not when the output pipe closes:
+    # something the hook left running may hold that open
+    transport, protocol = await loop.subprocess_exec(
+        lambda: ExitProtocol(1 << 16, loop), *argv, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True, env=env)
+    pid = transport.get_pid()
+    if spawner is not None:
+        spawner.track_group(pid)
     kept = bytearray()
-    try:
-        assert proc.stdout is not None
-        while chunk := await proc.stdout.read(65536):
-            kept += chunk
+
+    async def read() -> None:
+        stream = protocol.stdout
+        assert stream is not None
+        while chunk := await stream.read(65536):
+            kept.extend(chunk)
             del kept[:-MAX_OUTPUT]
-        code = await proc.wait()
+
+    reader = asyncio.ensure_future(read())
+    try:
+        code = await protocol.exited
+        _done, pending = await asyncio.wait({reader}, timeout=OUTPUT_GRACE_S)
+        if pending:  # something it started still holds the output
+            _kill_group(pid)
+            reader.cancel()
+            await asyncio.wait({reader})
     except BaseException:  # the deadline (or a cancel): the group goes, then it is reaped
-        _kill_group(proc.pid)
-        await asyncio.shield(_reap(proc))
+        _kill_group(pid)
+        reader.cancel()
+        await asyncio.shield(_reap(protocol, pid))
         raise
+    finally:
+        transport.close()
+        if spawner is not None:
+            spawner.untrack_group(pid)
     return code, bytes(kept)
 
 
@@ -239,9 +296,9 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-async def _reap(proc: asyncio.subprocess.Process) -> None:
+async def _reap(protocol: ExitProtocol, pid: int) -> None:
     try:
         async with asyncio.timeout(5):
-            await proc.wait()
+            await protocol.exited
     except TimeoutError:
-        log.error("checkpoint command %d: not reaped 5 s after SIGKILL", proc.pid)
+        log.error("checkpoint command %d: not reaped 5 s after SIGKILL", pid)

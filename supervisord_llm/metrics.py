@@ -124,7 +124,7 @@ class SupervisorCollector(Collector):
                     steps.add_metric([step.name], step.duration_s)
             runner = power.checkpoints
             for cp in runner.hooks:
-                for result in ("ok", "failed", "timeout"):
+                for result in ("ok", "failed", "timeout", "cancelled"):
                     runs.add_metric([cp.name, result], runner.runs.get((cp.name, result), 0))
                 last = runner.last.get(cp.name)
                 if last is not None:

@@ -17,8 +17,9 @@ its actions carried out through the host actor.
   drain reason is removed from the gates (an operator's drain stays), the ceiling lifted.
 - Power back after it (battery above the low marks, `restart_on_power_return`): the holds
   are released, the services start again, and each gate opens when its service is ready.
-- At start, a UPS already on low battery (or FSD) keeps the services held `powered_down`
-  until the power returns: models are not loaded onto a battery about to run out.
+- At start, a UPS already on battery (a daemon restarted during an outage, a box booted on
+  battery) keeps the services held `powered_down` until the power returns: models are not
+  loaded onto the battery the sequence needs.
 """
 
 from __future__ import annotations
@@ -129,8 +130,9 @@ class PowerController:
                         c.deadtime_s, c.restart_on_power_return)
 
     async def first_reading(self) -> bool:
-        """At start, before the services: one poll. True when the UPS is already on low
-        battery or forced shutdown (the services then start held `powered_down`)."""
+        """At start, before the services: one poll. True when the UPS is already on battery
+        (or low, or FSD): the services then start held `powered_down`, and come up when the
+        power returns."""
         if self.poller is None:
             return False
         await self.poller.poll_once()
@@ -138,12 +140,15 @@ class PowerController:
         if obs is None:
             return False
         self.reading, self.reading_at = self.poller.snapshot.value, self._clock()
-        if obs.state in ("low_battery", "fsd"):
-            why = P.low_mark(obs, self.limits) or obs.state
+        if obs.state in ("on_battery", "low_battery", "fsd"):
+            # a daemon (re)started during an outage: loading models now would spend the
+            # battery that the sequence needs; they start when the power returns
+            why = P.low_mark(obs, self.limits) or f"the UPS is {obs.state} at start"
             log.warning("power: the UPS reports %s at start: the services stay down until the "
                         "power returns (%s)", obs.state, why)
+            believed = "on_battery" if obs.state == "on_battery" else "low_battery"
             self.state = P.finished(P.commit(P.State(phase="powering_down",
-                                                     believed="low_battery")))
+                                                     believed=believed)))
             self.host.set_mode(Mode.POWERING_DOWN, why)  # nothing runs yet: nothing to do
             self.host.set_mode(Mode.POWERED_DOWN, why)
             self._count("powered_down")
@@ -354,6 +359,11 @@ class PowerController:
         except asyncio.CancelledError:
             log.warning("power: power-down sequence cancelled after %.1f s",
                         self._clock() - t0)
+            for step in self.sequence:
+                if step.duration_s is None:
+                    step.duration_s = self._clock() - step.started
+                    step.detail += "; cancelled"
+            self.host.changed()
             raise
         self.state = P.finished(self.state)
         self._mode(Mode.POWERED_DOWN, "services stopped for the power loss")
@@ -479,13 +489,13 @@ async def _run_command(argv: tuple[str, ...]) -> str:
     try:
         async with asyncio.timeout(SHUTDOWN_COMMAND_TIMEOUT_S):
             code, out = await run_argv(argv)
-    except OSError as exc:
-        log.error("power: shutdown_command %s: cannot run: %s", argv[0], exc.strerror or exc)
-        return f"cannot run: {exc.strerror or exc}"
-    except TimeoutError:
+    except TimeoutError:  # before OSError: it is one
         log.error("power: shutdown_command %s: still running after %g s: killed", argv[0],
                   SHUTDOWN_COMMAND_TIMEOUT_S)
         return "timed out"
+    except OSError as exc:
+        log.error("power: shutdown_command %s: cannot run: %s", argv[0], exc.strerror or exc)
+        return f"cannot run: {exc.strerror or exc}"
     text = " ".join(out.decode("utf-8", "replace").split())[-300:]
     if code != 0:
         log.error("power: shutdown_command %s: %s: %s", argv[0], exit_text(code), text)

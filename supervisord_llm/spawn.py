@@ -493,6 +493,14 @@ class Spawner:
             log.error("%s: services are not protected against a crash of the supervisor",
                       exc)
 
+    def track_group(self, pgid: int) -> None:
+        """A helper's process group (a checkpoint hook) for the orphan guardian to kill if
+        the daemon dies while it runs."""
+        self._tell_guardian(f"+{pgid}\n")
+
+    def untrack_group(self, pgid: int) -> None:
+        self._tell_guardian(f"-{pgid}\n")
+
     def _tell_guardian(self, line: str) -> None:
         if self._guardian_fd is None:
             return

@@ -494,6 +494,9 @@ def test_power_keys_and_the_nut_password(tmp_path: Path, monkeypatch: pytest.Mon
         ({"on_battery_power_fraction": 1.5}, "power.on_battery_power_fraction: must be <= 1"),
         ({"ups": "ups@host:99999"}, "power.ups: must look like"),
         ({"ups": "ups@host:x"}, "power.ups: must look like"),
+        ({"ups": "ups@[::1:3493"}, "power.ups: must look like"),
+        ({"poll_interval_s": 0.01}, "power.poll_interval_s: must be >= 0.1"),
+        ({"shutdown_command": [""]}, "power.shutdown_command: the program"),
     ]:
         out = problems({**base, "power": bad})
         assert any(expect in p for p in out), (bad, out)
@@ -501,3 +504,17 @@ def test_power_keys_and_the_nut_password(tmp_path: Path, monkeypatch: pytest.Mon
     empty.write_text("\n")
     out = problems({**base, "power": {"username": "mon", "password_file": str(empty)}})
     assert any("the password must be the first line" in p for p in out)
+
+
+@pytest.mark.parametrize(("cp", "expect"), [
+    ({"kind": "http", "url": "http:///x"}, "checkpoint[0].url: not a usable URL (no host)"),
+    ({"kind": "http", "url": "http://h:99999/x"}, "checkpoint[0].url: not a usable URL"),
+    ({"kind": "command", "command": [""]}, "checkpoint[0].command: the program"),
+    ({"kind": "signal", "service": "a", "signal": "SIGKILL"},
+     "checkpoint[0].signal: SIGKILL cannot be caught"),
+    ({"kind": "signal", "service": "a", "signal": "SIGSTOP"},
+     "checkpoint[0].signal: SIGSTOP cannot be caught"),
+])
+def test_checkpoint_hooks_that_cannot_work_are_refused(cp: dict[str, Any], expect: str) -> None:
+    out = problems({"service": [svc()], "checkpoint": [{"name": "x", **cp}]})
+    assert any(expect in p for p in out), out

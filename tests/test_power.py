@@ -288,13 +288,15 @@ def test_on_battery_caps_the_gpus_and_power_back_restores(tmp_path: Path,
         assert power(d)["power_ceiling"] is None
 
 
-def test_low_battery_at_start_keeps_the_services_down_until_power_returns(
-        tmp_path: Path, ups: NutServer) -> None:
-    ups.set(status="OB LB", charge=5, runtime=60)
-    ups.wait_status("OB LB")
+@pytest.mark.parametrize("status", ["OB LB", "OB DISCHRG"])
+def test_on_battery_at_start_keeps_the_services_down_until_power_returns(
+        tmp_path: Path, ups: NutServer, status: str) -> None:
+    ups.set(status=status, charge=5 if "LB" in status else 90, runtime=60)
+    ups.wait_status(status)
     with running(tmp_path, config(tmp_path, ups, [gated("chat")])) as d:
         wait_until(lambda: mode(d) == "powered_down", 10, what="held at start")
-        wait_until(lambda: d.status()["power"]["state"] == "low_battery", 5, what="read")
+        state = "low_battery" if "LB" in status else "on_battery"
+        wait_until(lambda: d.status()["power"]["state"] == state, 5, what="read")
         st = d.service("chat")
         assert st["state"] == "stopped" and st["holds"] == ["powered_down"]
         ups.set(status="OL CHRG", charge=50, runtime=1200)
@@ -380,3 +382,37 @@ def test_a_stale_on_line_event_does_not_undo_what_upsd_says(tmp_path: Path,
         ups.set(status="OL")
         d.wait_state("added", "ready", 15)
         d.wait_state("chat", "ready", 15)
+
+
+def test_hooks_die_with_a_killed_daemon_and_leftovers_do_not_hold_the_step(
+        tmp_path: Path) -> None:
+    """kill -9 of the daemon mid-checkpoint takes the hook with it (the orphan guardian); a
+    hook that exits 0 leaving a child that holds its output is done, not timed out."""
+    import signal as sig
+
+    pidfile = tmp_path / "hook.pid"
+    cps = [{"name": "bg", "kind": "command", "timeout_s": 20,
+            "command": ["sh", "-c", "sleep 60 & echo started"]},
+           {"name": "slow", "kind": "command", "timeout_s": 60,
+            "command": ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"]}]
+    doc = base_config(tmp_path, [gated("chat")], gpus=1, checkpoint=cps)
+    with running(tmp_path, doc) as d:
+        t0 = time.monotonic()
+        r = d.llmctl("checkpoint", "bg")
+        assert r.returncode == 0 and "bg (command): ok" in r.stdout, (r.stdout, r.stderr)
+        assert time.monotonic() - t0 < 10
+        import subprocess
+
+        proc = subprocess.Popen([sys.executable, "-m", "supervisord_llm.ctl", "--socket",
+                                 doc["supervisor"]["control_socket"], "checkpoint", "slow"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10,
+                       what="the hook runs")
+            hook = int(pidfile.read_text())
+            assert alive(hook)
+            assert d.proc is not None
+            d.proc.send_signal(sig.SIGKILL)
+            wait_until(lambda: not alive(hook), 10, what="the hook killed with the daemon")
+        finally:
+            proc.wait(10)

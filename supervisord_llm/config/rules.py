@@ -16,6 +16,7 @@ import stat
 import tomllib
 from collections.abc import Mapping
 from typing import Any, Final, cast
+from urllib.parse import urlsplit
 
 from .reader import (
     MISSING,
@@ -226,7 +227,7 @@ def _gpu(root: Table) -> GpuSection:
         return GpuSection()
     d = GpuSection()
     backend = t.string("backend", d.backend, choices=GPU_BACKENDS)
-    poll = t.number("poll_interval_s", d.poll_interval_s, above=0, maximum=3600)
+    poll = t.number("poll_interval_s", d.poll_interval_s, minimum=0.1, maximum=3600)
     call_timeout = t.number("call_timeout_s", d.call_timeout_s, above=0, maximum=600)
     health_interval = t.number("health_interval_s", d.health_interval_s, above=0,
                                maximum=86400)
@@ -312,7 +313,7 @@ def _power(root: Table) -> PowerSection:
     ups = t.string("ups", d.ups)
     if isinstance(ups, str) and not re.match(r"^[A-Za-z0-9_.-]+@[^\s@]+$", ups):
         t.error("ups", f'must look like "NAME@HOST[:PORT]" (got {short(ups)})')
-    poll = t.number("poll_interval_s", d.poll_interval_s, above=0, maximum=3600)
+    poll = t.number("poll_interval_s", d.poll_interval_s, minimum=0.1, maximum=3600)
     grace = t.number("on_battery_grace_s", d.on_battery_grace_s, minimum=0, maximum=86400)
     low_rt = t.number("low_runtime_s", d.low_runtime_s, minimum=0, maximum=86400)
     low_ch = t.number("low_charge_pct", d.low_charge_pct, minimum=0, maximum=100)
@@ -320,6 +321,9 @@ def _power(root: Table) -> PowerSection:
     drain = t.number("drain_timeout_s", d.drain_timeout_s, minimum=0, maximum=86400)
     stop = t.number("stop_timeout_s", d.stop_timeout_s, above=0, maximum=86400)
     cmd = t.string_list("shutdown_command", ())
+    if cmd and not cmd[0]:
+        t.error("shutdown_command", "the program (the first item) must not be empty")
+        cmd = ()
     ret = t.boolean("restart_on_power_return", d.restart_on_power_return)
     frac = t.number("on_battery_power_fraction", d.on_battery_power_fraction, above=0,
                     maximum=1)
@@ -342,7 +346,9 @@ def _power(root: Table) -> PowerSection:
     if isinstance(ups, str) and re.match(r"^[A-Za-z0-9_.-]+@[^\s@]+$", ups):
         try:
             _name, host, port = PowerSection(ups=ups).host_port
-            if not host or not 0 < port < 65536:
+            where = ups.partition("@")[2]
+            if not host or not 0 < port < 65536 or (where.startswith("[") and "]" not in where) \
+                    or any(c in host for c in "[]/"):
                 raise ValueError
         except ValueError:
             t.error("ups", f'must look like "NAME@HOST[:PORT]", the port 1-65535 (got '
@@ -403,13 +409,26 @@ def _checkpoint(t: Table) -> Checkpoint | None:
         url = t.string("url")
         if isinstance(url, str) and not url.startswith(("http://", "https://")):
             t.error("url", f"must be an http:// or https:// URL (got {short(url)})")
+        elif isinstance(url, str):
+            try:
+                parts = urlsplit(url)
+                if not parts.hostname:
+                    raise ValueError("no host")
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError as exc:
+                t.error("url", f"not a usable URL ({exc}): {short(url)}")
     elif kind == "command":
         command = t.string_list("command", allow_empty=False)
+        if command and not command[0]:
+            t.error("command", "the program (the first item) must not be empty")
     elif kind == "signal":
         service = t.string("service")
         sig_name = t.string("signal", "SIGUSR1")
         try:
             sig = parse_signal(sig_name)
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                t.error("signal", f"{sig_name} cannot be caught: it would kill or freeze the "
+                        "service instead of making it checkpoint (SIGUSR1 is the usual one)")
         except ValueError as exc:
             t.error("signal", str(exc))
         done_file = t.string("done_file", None)
