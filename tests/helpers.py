@@ -347,6 +347,21 @@ def llama_server_binary() -> str | None:
     return str(path) if os.access(path, os.X_OK) else None
 
 
+def require_llama_server() -> str:
+    """The llama-server binary, for a test module: skips the module without one, or fails
+    under LLM_SUPERVISOR_REQUIRE_E2E=1 (CI, where it is built)."""
+    binary = llama_server_binary()
+    if binary is None:
+        if os.environ.get("LLM_SUPERVISOR_REQUIRE_E2E") == "1":
+            raise RuntimeError("llama-server is required (LLM_SUPERVISOR_REQUIRE_E2E=1) but "
+                               "not built: run scripts/build-llama-server.sh")
+        import pytest
+
+        pytest.skip("llama-server not built: run scripts/build-llama-server.sh",
+                    allow_module_level=True)
+    return binary
+
+
 def make_tiny_model(path: Path, *args: str) -> Path:
     subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "make_tiny_gguf.py"),
                     str(path), *args], check=True, capture_output=True)

@@ -45,21 +45,15 @@ from helpers import (
     async_wait_until,
     base_config,
     free_port,
-    llama_server_binary,
     make_tiny_model,
+    require_llama_server,
     running,
     wait_until,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
-BIN = llama_server_binary()
-if BIN is None:
-    if os.environ.get("LLM_SUPERVISOR_REQUIRE_E2E") == "1":
-        raise RuntimeError("llama-server is required (LLM_SUPERVISOR_REQUIRE_E2E=1) but not "
-                           "built: run scripts/build-llama-server.sh")
-    pytest.skip("llama-server not built: run scripts/build-llama-server.sh",
-                allow_module_level=True)
+BIN = require_llama_server()
 require_nut()
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
