@@ -25,6 +25,7 @@ from supervisord_llm.config import (
     MAX_MESSAGE_CHARS,
     Config,
     PowerSection,
+    ProbeSection,
     Threshold,
     load_config,
     normalize_pci_bus_id,
@@ -518,3 +519,29 @@ def test_power_keys_and_the_nut_password(tmp_path: Path, monkeypatch: pytest.Mon
 def test_checkpoint_hooks_that_cannot_work_are_refused(cp: dict[str, Any], expect: str) -> None:
     out = problems({"service": [svc()], "checkpoint": [{"name": "x", **cp}]})
     assert any(expect in p for p in out), out
+
+
+def test_probe_metrics_url_and_stall_timeout() -> None:
+    cfg = parse_config(toml_dumps({"service": [svc(port=8080, probe={"kind": "completion"},
+                                                   gate={"listen": "127.0.0.1:9000"})]}),
+                       "cfg.toml")
+    s = cfg.services[0]
+    assert s.probe == ProbeSection() and s.metrics_url == "http://127.0.0.1:{port}/metrics"
+    assert s.gate is not None and s.gate.stall_timeout_s == 300.0
+    assert parse_config(toml_dumps({"service": [svc(metrics_url="")]}),
+                        "cfg.toml").services[0].metrics_url is None
+    assert parse_config(toml_dumps({"service": [svc()]}), "cfg.toml").services[0].probe is None
+    for bad, expect in [
+        (svc(probe={"kind": "completion"}), "service[0].probe: a generation probe needs"),
+        (svc(port=1, probe={}), "service[0].probe.kind: required key is missing"),
+        (svc(port=1, probe={"kind": "ping"}), "service[0].probe.kind: must be one of"),
+        (svc(port=1, probe={"kind": "completion", "failures": 0}), "probe.failures: must be"),
+        (svc(port=1, probe={"kind": "completion", "endpoint": "x"}), "probe.endpoint: must"),
+        (svc(port=1, probe={"kind": "completion", "model": "a\nb"}), "probe.model: must be"),
+        (svc(port=1, metrics_url="ftp://x"), "service[0].metrics_url: must be an http://"),
+        (svc(metrics_url="http://h:{port}/m"), "service[0].metrics_url"),
+        (svc(port=1, gate={"listen": "127.0.0.1:9", "stall_timeout_s": 0}),
+         "gate.stall_timeout_s: must be > 0"),
+    ]:
+        out = problems({"service": [bad]})
+        assert any(expect in p for p in out), (bad, out)

@@ -35,6 +35,8 @@ from .schema import (
     LOG_FORMATS,
     ON_CRITICAL,
     POWER_SOURCES,
+    PROBE_ENDPOINTS,
+    PROBE_KINDS,
     RESTART_POLICIES,
     Checkpoint,
     CheckpointKind,
@@ -45,6 +47,9 @@ from .schema import (
     Listen,
     MetricsSection,
     PowerSection,
+    ProbeEndpoint,
+    ProbeKind,
+    ProbeSection,
     RestartSection,
     ServiceConfig,
     SimGpu,
@@ -519,11 +524,47 @@ def _gate(t: Table | None) -> GateSection | None:
     send_t = t.number("send_timeout_s", 120.0, above=0, maximum=86400)
     max_conn = t.number("max_connections", 1024, integer=True, minimum=1, maximum=1_000_000)
     drain_t = t.number("drain_timeout_s", 60.0, minimum=0, maximum=86400)
+    stall_t = t.number("stall_timeout_s", 300.0, above=0, maximum=86400)
     t.finish()
     if listen is None:
         return None
     return GateSection(listen, conc, queue, backup, swap_port, qt, header_t, body_t, send_t,
-                       max_conn, drain_t)
+                       max_conn, drain_t, stall_t)
+
+
+def _probe(t: Table | None, port: int | None) -> ProbeSection | None:
+    if t is None:
+        return None
+    d = ProbeSection()
+    kind = t.string("kind", choices=PROBE_KINDS)
+    interval = t.number("interval_s", d.interval_s, above=0, maximum=86400)
+    timeout = t.number("timeout_s", d.timeout_s, above=0, maximum=3600)
+    failures = t.number("failures", d.failures, integer=True, minimum=1, maximum=1000)
+    model = t.string("model", None)
+    if isinstance(model, str) and (len(model) > 256 or not model.isprintable()):
+        t.error("model", f"must be 1-256 printable characters (got {short(model)})")
+    endpoint = t.string("endpoint", d.endpoint, choices=PROBE_ENDPOINTS)
+    if port is None and t.ok:
+        t.problems.append(f"{t.path}: a generation probe needs the service's `port` (it "
+                          "sends its request to http://127.0.0.1:{port})")
+    t.finish()
+    if not isinstance(kind, str):
+        return None
+    return ProbeSection(cast(ProbeKind, kind), interval, timeout, failures, model,
+                        cast(ProbeEndpoint, endpoint))
+
+
+def _metrics_url(t: Table, port: int | None) -> str | None:
+    default = "http://127.0.0.1:{port}/metrics" if port is not None else None
+    url = t.string("metrics_url", default, allow_empty=True)
+    if not isinstance(url, str) or not url:
+        return None  # "" turns it off
+    if not url.startswith(("http://", "https://")):
+        t.error("metrics_url", f"must be an http:// or https:// URL, or \"\" for none (got "
+                f"{short(url)})")
+        return None
+    _placeholders_ok(t, "metrics_url", (url,), port is not None)
+    return url
 
 
 def _gpu_ref(value: object) -> int | str | None:
@@ -606,11 +647,13 @@ def _service(t: Table, warnings: list[str]) -> ServiceConfig | None:
     restart = _restart(t.table("restart"))
     stop = _stop(t.table("stop"))
     gate = _gate(t.table("gate"))
+    probe = _probe(t.table("probe"), port)
+    metrics_url = _metrics_url(t, port)
     t.finish()
     if not isinstance(name, str) or not isinstance(command, tuple):
         return None
     return ServiceConfig(name, command, port, tuple(gpus), numa, user, tuple(env), health,
-                         restart, stop, gate)
+                         restart, stop, gate, probe, metrics_url)
 
 
 def _error_paths(problems: list[str]) -> set[str]:

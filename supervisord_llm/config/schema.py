@@ -19,6 +19,8 @@ RestartPolicy = Literal["always", "on-failure", "never"]
 OnCritical = Literal["pause", "drain-restart", "stop", "none"]
 PowerSource = Literal["nut", "none"]
 CheckpointKind = Literal["http", "command", "signal"]
+ProbeKind = Literal["completion"]
+ProbeEndpoint = Literal["completions", "chat"]
 
 LOG_FORMATS: Final[tuple[str, ...]] = get_args(LogFormat)
 GPU_BACKENDS: Final[tuple[str, ...]] = get_args(GpuBackendName)
@@ -27,6 +29,8 @@ RESTART_POLICIES: Final[tuple[str, ...]] = get_args(RestartPolicy)
 ON_CRITICAL: Final[tuple[str, ...]] = get_args(OnCritical)
 POWER_SOURCES: Final[tuple[str, ...]] = get_args(PowerSource)
 CHECKPOINT_KINDS: Final[tuple[str, ...]] = get_args(CheckpointKind)
+PROBE_KINDS: Final[tuple[str, ...]] = get_args(ProbeKind)
+PROBE_ENDPOINTS: Final[tuple[str, ...]] = get_args(ProbeEndpoint)
 
 @dataclass(frozen=True)
 class SupervisorSection:
@@ -167,6 +171,18 @@ class HealthSection:
 
 
 @dataclass(frozen=True)
+class ProbeSection:
+    """A generation probe: a real 1-token request, when the gate has seen no success."""
+
+    kind: ProbeKind = "completion"
+    interval_s: float = 30.0
+    timeout_s: float = 20.0
+    failures: int = 3
+    model: str | None = None  # None: the first of the engine's /v1/models
+    endpoint: ProbeEndpoint = "completions"  # POST /v1/completions or /v1/chat/completions
+
+
+@dataclass(frozen=True)
 class RestartSection:
     policy: RestartPolicy = "on-failure"
     backoff_initial_s: float = 1.0
@@ -194,6 +210,8 @@ class GateSection:
     send_timeout_s: float = 120.0  # a client that accepts nothing for this long is dropped
     max_connections: int = 1024  # beyond it, new connections wait in the listen backlog
     drain_timeout_s: float = 60.0  # llmctl drain's default wait; a swap's old instance; stop
+    # every in-flight request silent from the upstream this long, then a failed probe: hung
+    stall_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -209,6 +227,8 @@ class ServiceConfig:
     restart: RestartSection = RestartSection()
     stop: StopSection = StopSection()
     gate: GateSection | None = None
+    probe: ProbeSection | None = None
+    metrics_url: str | None = None  # the engine's metrics (None: no port, or "" given)
 
 
 @dataclass(frozen=True)
