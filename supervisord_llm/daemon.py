@@ -31,6 +31,7 @@ from .health import HttpProber
 from .host import Host
 from .plan import ServicePlan, resolve_plan
 from .power import PowerController
+from .probe import GenerationProber
 from .sensors.base import GpuInfo
 from .sensors.discovery import Discovery, discover_gpus, vendor_backends
 from .sensors.events import EventSource, GpuEvents
@@ -242,6 +243,8 @@ class Daemon:
                                     clock=self.clock)
             sup.power = power
             low_at_start = await power.first_reading()
+            gen_probes = GenerationProber(sup, host, clock=self.clock)
+            sup.probes = gen_probes
             loop = asyncio.get_running_loop()
             for sig, what in ((signal.SIGTERM, "term"), (signal.SIGINT, "term"),
                               (signal.SIGHUP, "hup")):
@@ -254,6 +257,7 @@ class Daemon:
                                  name="state-dir-guard"),
                 loop.create_task(guard.reprobe(events.probe_back, REPROBE_S), name="reprobe"),
             ]
+            self._tasks.append(loop.create_task(gen_probes.run(), name="generation-probes"))
             if power.poller is not None:  # a task that ends stops the watchdog: only with NUT
                 self._tasks.append(loop.create_task(power.run(), name="power"))
             sup.on_change(self._schedule_status)
@@ -277,6 +281,8 @@ class Daemon:
                 task.cancel()
             if self.sup is not None and self.sup.power is not None:
                 await self.sup.power.close()
+            if self.sup is not None and self.sup.probes is not None:
+                await self.sup.probes.close()
             if self.sup is not None:
                 await self.sup.close()
             if control is not None:

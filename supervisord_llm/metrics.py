@@ -185,7 +185,15 @@ class SupervisorCollector(Collector):
             fails.add_metric([a.name], a.counters.health_failures)
             if a.start_duration_s is not None:
                 dur.add_metric([a.name], a.start_duration_s)
-        yield from (state, up, restarts, fails, dur)
+        probes = CounterMetricFamily("llm_supervisor_service_probes",
+                                     "Generation probes sent, by result (ok, failed)",
+                                     labels=["service", "result"])
+        prober = self.sup.probes
+        for a in actors:
+            if prober is not None and a.cfg.probe is not None:
+                for result in ("ok", "failed"):
+                    probes.add_metric([a.name, result], prober.results.get((a.name, result), 0))
+        yield from (state, up, restarts, fails, dur, probes)
 
     def _gpus(self) -> Iterator[Metric]:
         def g(name: str, doc: str, extra: list[str] | None = None) -> GaugeMetricFamily:

@@ -50,6 +50,7 @@ class RestartReason(enum.StrEnum):
     GPU_LOST = "gpu_lost"
     POWER = "power"
     MANUAL = "manual"
+    HUNG = "hung"  # a generation probe failed past its limit
 
 
 def can_transition(old: State, new: State) -> bool:

@@ -99,6 +99,10 @@ def service_status(sup: Supervisor, actor: ServiceActor, now: float) -> dict[str
         role, other = extra
         data["swap"] = {"role": role, "state": other.state.value,
                         "pid": other.status(now)["pid"], "port": other.port}
+    if sup.probes is not None:
+        probe = sup.probes.status(actor.name, now)
+        if probe is not None:
+            data["probe"] = probe
     return data
 
 

@@ -28,6 +28,7 @@ from .states import State
 if TYPE_CHECKING:
     from .guard import GpuGuard
     from .power import PowerController
+    from .probe import GenerationProber
     from .sensors.events import GpuEvents
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Supervisor:
         self.extra: dict[str, tuple[str, ServiceActor]] = {}
         self.guard: GpuGuard | None = None  # GPU protection, once the daemon has built it
         self.power: PowerController | None = None  # the UPS, once the daemon has built it
+        self.probes: GenerationProber | None = None  # generation probes (daemon-built)
         self.gpu_events: GpuEvents | None = None  # Xids, udev: for status and metrics
         self._pushed: dict[str, tuple[object, ...]] = {}
         self._started = False  # the first start_gates() has run

@@ -77,7 +77,7 @@ def main() -> None:
     a = ap.parse_args()
     started = time.monotonic()
     knobs: dict[str, object] = {"health_status": a.health_status, "health_hang": a.health_hang,
-                                "load_s": a.load_s}
+                                "load_s": a.load_s, "gen_hang": False}
     if a.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     gc_pid = _grandchild() if a.grandchild else 0
@@ -93,7 +93,7 @@ def main() -> None:
 
     async def ctl(request: web.Request) -> web.Response:
         for key, value in request.query.items():
-            if key in ("health_hang",):
+            if key in ("health_hang", "gen_hang"):
                 knobs[key] = value in ("1", "true")
             elif key == "health_status":
                 knobs[key] = int(value)
@@ -103,7 +103,7 @@ def main() -> None:
                 asyncio.get_running_loop().call_later(0.01, os._exit, int(value))
         return web.json_response(knobs)
 
-    stats = {"streams_done": 0, "streams_aborted": 0, "streams_active": 0}
+    stats = {"streams_done": 0, "streams_aborted": 0, "streams_active": 0, "probes": 0}
 
     async def stats_view(request: web.Request) -> web.Response:
         return web.json_response(stats)
@@ -122,6 +122,10 @@ def main() -> None:
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if request.headers.get("User-Agent") == "llm-supervisor-probe":
+            stats["probes"] += 1
+        if knobs["gen_hang"]:  # the engine is wedged; /health still says 200
+            await asyncio.sleep(3600)
         n = int(body.get("max_tokens", 8))
         delay = float(body.get("fake_token_delay_s", 0.0))
         die_after = body.get("fake_die_after")
@@ -168,6 +172,7 @@ def main() -> None:
         app.router.add_post("/_ctl", ctl)
         app.router.add_get("/v1/models", models)
         app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_post("/v1/completions", chat)
         app.router.add_route("*", "/echo", echo)
         app.router.add_get("/_stats", stats_view)
         runner = web.AppRunner(app, access_log=None, handle_signals=False,

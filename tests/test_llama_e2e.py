@@ -52,7 +52,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     doc = base_config(tmp, [
         llama("tiny-a", model, gpus=[0],
               gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 4}),
-        llama("tiny-b", model, gpus=[1]),
+        llama("tiny-b", model, gpus=[1],
+              probe={"kind": "completion", "interval_s": 0.3, "timeout_s": 5, "failures": 2}),
         llama("broken", tmp / "missing.gguf"),
     ])
     with running(tmp, doc) as d:
@@ -105,6 +106,16 @@ def test_through_the_gate(daemon: Daemon) -> None:
     metrics = urllib.request.urlopen(
         f"http://{daemon.doc['metrics']['listen']}/metrics", timeout=5).read().decode()
     assert 'llm_supervisor_gate_requests_total{code="200",service="tiny-a"} 2.0' in metrics
+
+
+def test_the_generation_probe_passes_against_llama_server(daemon: Daemon) -> None:
+    """A real 1-token completion every 0.3 s while idle: it passes, nothing is restarted."""
+    daemon.wait_state("tiny-b", "ready")
+    wait_until(lambda: (daemon.service("tiny-b").get("probe") or {}).get("probes", 0) >= 3,
+               15, what="three probes")
+    probe = daemon.service("tiny-b")["probe"]
+    assert probe["failures"] == 0 and probe["hung"] == 0 and probe["last_error"] is None
+    assert probe["last_ok_s_ago"] is not None and probe["last_ok_s_ago"] < 5
 
 
 def test_kill_9_is_restarted_and_serving_again(daemon: Daemon) -> None:

@@ -98,6 +98,9 @@ class Gate:
         self.closed_why = "closed"  # closed | stopped | held | failed
         self.by_upstream: dict[Upstream, int] = {}
         self.stats = GateStats()
+        # the primary upstream's last sign of generating (a complete 2xx answer, or a byte of
+        # one), and when (monotonic): the generation probe's evidence
+        self.last_ok: tuple[Upstream, float] | None = None
         self._idle: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
 
     # --- state (called on the gate loop) ------------------------------------------------------
@@ -333,12 +336,20 @@ class Gate:
             self.stats.ttfb.observe(time.perf_counter() - started)
             stream = up
             conn.on_writable = lambda ok: stream.resume() if ok else stream.pause()
-            done = up.start_body(writer.write)
+            sink = writer.write
+            if 200 <= head.status < 300 and target == self.upstream:
+                def sink(data: bytes, _write: Callable[[bytes], None] = writer.write) -> None:
+                    self.last_ok = (target, time.monotonic())  # it generates: bytes flow
+                    _write(data)
+            done = up.start_body(sink)
             if conn.writing_paused:
                 up.pause()
             await done
             up = None  # complete: the connection went back to the pool (or closed)
             writer.finish()
+            if 200 <= head.status < 300 and target == self.upstream:
+                # read by the generation probe on the daemon's loop: one tuple, one store
+                self.last_ok = (target, time.monotonic())
             return head.status
         except UpstreamError as exc:
             if writer.started:

@@ -1,0 +1,250 @@
+"""Generation probes (`[service.probe] kind = "completion"`): `/health` says the HTTP server is
+up, not that the model generates. A probe is a real 1-token request straight to the service's
+port (around the gate: no admission slot, not a user request), sent only when the gate has
+seen nothing of a 2xx answer from the service (a complete one, or the bytes of a stream that
+is flowing) within `interval_s`; under load, and while a stream runs, it costs nothing.
+
+- The model is `probe.model`, else the first id of the engine's `GET /v1/models` (asked once
+  per launch; without an answer, the request goes without a model, which llama-server
+  takes).
+- `failures` failures in a row (an error status, a refused or reset connection, no answer
+  within `timeout_s`, an answer that is not a completion) make the service hung: restarted
+  with reason `hung`, as a hot swap when it has a gate and is ready (the requests in flight
+  are not cut before the replacement serves), else a plain restart.
+- Only a `ready` service is probed, one probe at a time per service, none while an
+  operation (a swap, a reload) involves it; the count starts afresh with each launch.
+- At most 64 KiB of an answer is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from . import lifecycle as L
+from .errors import ControlError
+from .logs import LogLimiter
+from .states import RestartReason, State
+
+if TYPE_CHECKING:
+    from .host import Host
+    from .service import ServiceActor
+    from .supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+MAX_ANSWER = 64 * 1024
+TICK_S = 0.5
+
+
+@dataclass
+class ProbeState:
+    gen: int = -1  # the launch these figures are of
+    model: str | None = None
+    model_asked: bool = False
+    last_at: float | None = None  # the last probe or gate success (monotonic)
+    last_ok_at: float | None = None
+    failures: int = 0  # in a row
+    last_error: str | None = None
+    probes: int = 0
+    skipped: int = 0  # ticks where the gate's traffic made a probe needless
+    running: bool = False
+
+
+class GenerationProber:
+    def __init__(self, sup: Supervisor, host: Host, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.sup = sup
+        self.host = host
+        self._clock = clock
+        self.states: dict[str, ProbeState] = {}
+        self.results: dict[tuple[str, str], int] = {}  # (service, ok|failed) -> count
+        self.hung: dict[str, int] = {}  # service -> times found hung
+        self.limiter = LogLimiter(__name__)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def state_of(self, name: str) -> ProbeState:
+        st = self.states.get(name)
+        if st is None:
+            st = self.states[name] = ProbeState()
+        return st
+
+    async def run(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:  # never let the probes die: the next tick tries again
+                self.limiter.exception("tick", "generation probe: tick failed")
+            await asyncio.sleep(TICK_S)
+
+    def tick(self) -> None:
+        now = self._clock()
+        for name in list(self.states):
+            if name not in self.sup.actors:
+                del self.states[name]
+        for name, actor in list(self.sup.actors.items()):
+            probe = actor.cfg.probe
+            if probe is None:
+                continue
+            st = self.state_of(name)
+            if st.gen != actor.gen:  # a new launch: its own count, its own model
+                self.states[name] = st = ProbeState(gen=actor.gen, last_at=now)
+            if st.running or actor.state is not State.READY or actor.port is None \
+                    or name in self.host.ops or "*" in self.host.ops:
+                continue
+            gate = self.sup.gate_of(name)
+            seen = gate.last_ok if gate is not None else None
+            if seen is not None and seen[0][1] == actor.port and \
+                    (st.last_at is None or seen[1] > st.last_at):
+                st.last_at = seen[1]  # the gate saw it answer: that is a success
+                st.last_ok_at = seen[1]
+                st.failures = 0
+            if st.last_at is not None and now - st.last_at < probe.interval_s:
+                continue
+            st.running = True
+            task = asyncio.get_running_loop().create_task(self._probe(name, actor, st),
+                                                          name=f"probe-{name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _probe(self, name: str, actor: ServiceActor, st: ProbeState) -> None:
+        probe = actor.cfg.probe
+        assert probe is not None and actor.port is not None
+        try:
+            base = f"http://127.0.0.1:{actor.port}"
+            if probe.model is None and not st.model_asked:
+                st.model_asked = True
+                st.model = await self._model(base, probe.timeout_s)
+            error = await self._complete(base, probe.model or st.model, probe.endpoint,
+                                         probe.timeout_s)
+        finally:
+            st.running = False
+            st.last_at = self._clock()
+            st.probes += 1
+        if actor.gen != st.gen or self.sup.actors.get(name) is not actor:
+            return  # relaunched or replaced meanwhile: this result is of the past
+        if error is None:
+            self.results[(name, "ok")] = self.results.get((name, "ok"), 0) + 1
+            if st.failures:
+                log.info("%s: generation probe ok again", name)
+            st.failures, st.last_error, st.last_ok_at = 0, None, st.last_at
+            return
+        self.results[(name, "failed")] = self.results.get((name, "failed"), 0) + 1
+        st.failures += 1
+        st.last_error = error
+        self.limiter.warning(f"fail-{name}", "%s: generation probe failed (%d of %d): %s",
+                             name, st.failures, probe.failures, error)
+        if st.failures >= probe.failures:
+            st.failures = 0
+            await self._hung(name, actor, error)
+
+    async def _hung(self, name: str, actor: ServiceActor, error: str) -> None:
+        self.hung[name] = self.hung.get(name, 0) + 1
+        gated = self.sup.gate_of(name) is not None and actor.state is State.READY
+        log.error("%s: hung: %s; %s", name, error,
+                  "hot swap to a new instance" if gated else "restarting it")
+        try:
+            if gated:
+                actor.counters.restart(RestartReason.HUNG)  # a swap counts nothing itself
+                await self.host.swap(name, None)
+            else:
+                await self.host.command([name], _restart_event())
+        except ControlError as exc:
+            log.error("%s: hung, and the %s was not done: %s", name,
+                      "hot swap" if gated else "restart", exc.message)
+
+    # --- the requests ----------------------------------------------------------------------
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True, limit=0),
+                cookie_jar=aiohttp.DummyCookieJar())
+        return self._session
+
+    async def _model(self, base: str, timeout_s: float) -> str | None:
+        try:
+            async with asyncio.timeout(timeout_s), \
+                    self._client().get(base + "/v1/models") as r:
+                body = await r.content.read(MAX_ANSWER)
+                if r.status != 200:
+                    return None
+            data = json.loads(body)
+            models = data.get("data") if isinstance(data, dict) else None
+            if isinstance(models, list) and models and isinstance(models[0], dict):
+                mid = models[0].get("id")
+                return mid if isinstance(mid, str) and 0 < len(mid) <= 256 else None
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            pass
+        return None
+
+    async def _complete(self, base: str, model: str | None, endpoint: str,
+                        timeout_s: float) -> str | None:
+        """None when the engine generated a token, else what went wrong."""
+        body: dict[str, Any] = {"max_tokens": 1, "temperature": 0, "stream": False}
+        if model:
+            body["model"] = model
+        if endpoint == "chat":
+            path = "/v1/chat/completions"
+            body["messages"] = [{"role": "user", "content": "Say OK."}]
+        else:
+            path = "/v1/completions"
+            body["prompt"] = "OK"
+        started = self._clock()
+        try:
+            async with asyncio.timeout(timeout_s), \
+                    self._client().post(base + path, json=body,
+                                        headers={"User-Agent": "llm-supervisor-probe"}) as r:
+                answer = await r.content.read(MAX_ANSWER)
+                status = r.status
+        except TimeoutError:
+            return f"no answer to POST {path} within {timeout_s:g} s"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return f"POST {path}: {type(exc).__name__}: {exc}".rstrip(": ")
+        if not 200 <= status < 300:
+            text = " ".join(answer[:200].decode("utf-8", "replace").split())
+            return f"POST {path} answered HTTP {status}: {text}"
+        try:
+            data = json.loads(answer)
+            ok = isinstance(data, dict) and isinstance(data.get("choices"), list) \
+                and len(data["choices"]) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            return f"POST {path}: the answer is not a completion ({len(answer)} bytes)"
+        log.debug("probe %s ok in %.3f s", base, self._clock() - started)
+        return None
+
+    def status(self, name: str, now: float) -> dict[str, Any] | None:
+        st = self.states.get(name)
+        actor = self.sup.actors.get(name)
+        if actor is None or actor.cfg.probe is None:
+            return None
+        if st is None:
+            st = ProbeState()
+        return {
+            "failures": st.failures,
+            "last_error": st.last_error,
+            "last_ok_s_ago": None if st.last_ok_at is None else round(now - st.last_ok_at, 1),
+            "probes": st.probes,
+            "hung": self.hung.get(name, 0),
+        }
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _restart_event() -> L.Event:
+    return L.Restart(RestartReason.HUNG)

@@ -1,0 +1,95 @@
+"""Generation probes end to end: a real daemon, fake model servers whose completions can hang
+while /health stays 200."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from helpers import async_wait_until, base_config, fake_service, free_port, running, wait_until
+
+
+def backend(port: int, path: str, **query: str) -> Any:
+    url = f"http://127.0.0.1:{port}{path}"
+    if query:
+        url += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+    req = urllib.request.Request(url, method="POST" if path == "/_ctl" else "GET")  # noqa: S310 - loopback
+    with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 - loopback
+        return json.loads(r.read())
+
+
+PROBE = {"kind": "completion", "interval_s": 0.5, "timeout_s": 0.5, "failures": 2}
+
+
+def test_a_wedged_engine_without_a_gate_is_restarted_as_hung(tmp_path: Path) -> None:
+    svc = fake_service("gen", free_port(), probe=PROBE)
+    doc = base_config(tmp_path, [svc], gpus=1)
+    with running(tmp_path, doc) as d:
+        st = d.wait_state("gen", "ready")
+        wait_until(lambda: d.service("gen")["probe"]["probes"] >= 2, 5, what="probes")
+        assert d.service("gen")["probe"]["failures"] == 0
+        backend(st["port"], "/_ctl", gen_hang="1")
+        pid = st["pid"]
+        wait_until(lambda: d.service("gen")["pid"] not in (None, pid), 10, what="restarted")
+        d.wait_state("gen", "ready", 10)
+        assert d.service("gen")["restarts"] >= 1
+        assert "gen: hung: no answer to POST /v1/completions within 0.5 s" in d.logtext()
+        with urllib.request.urlopen(f"http://{doc['metrics']['listen']}/metrics",
+                                    timeout=5) as r:
+            text = r.read().decode()
+        assert 'llm_supervisor_service_restarts_total{reason="hung",service="gen"} 1.0' in text
+        assert 'llm_supervisor_service_probes_total{result="failed",service="gen"} 2.0' in text
+
+
+async def test_a_wedged_engine_behind_a_gate_is_hot_swapped_without_losing_a_request(
+        tmp_path: Path) -> None:
+    svc = fake_service("chat", free_port(), probe=PROBE,
+                       gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 8})
+    url = f"http://{svc['gate']['listen']}/v1/chat/completions"
+    with running(tmp_path, base_config(tmp_path, [svc], gpus=1)) as d:
+        st = d.wait_state("chat", "ready")
+        async with aiohttp.ClientSession() as client:
+            async def stream() -> tuple[int, bytes]:
+                body = {"stream": True, "max_tokens": 40, "fake_token_delay_s": 0.05}
+                async with client.post(url, json=body) as r:
+                    return r.status, await r.read()
+
+            running_stream = asyncio.ensure_future(stream())
+            await async_wait_until(lambda: d.service("chat")["inflight"] == 1, 5,
+                                   what="a stream in flight")
+            # the streams in flight keep going; new completions hang: the probe finds it
+            backend(st["port"], "/_ctl", gen_hang="1")
+            status, body = await running_stream
+            assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
+            await async_wait_until(lambda: d.service("chat")["port"] != st["port"], 15,
+                                   what="swapped to a new instance")
+            await async_wait_until(lambda: d.service("chat")["state"] == "ready", 10,
+                                   what="the new one ready")
+            status, body = await stream()
+            assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
+        assert "chat: hung:" in d.logtext() and "hot swap" in d.logtext()
+
+
+async def test_no_probe_while_the_gate_sees_traffic(tmp_path: Path) -> None:
+    svc = fake_service("chat", free_port(), probe={**PROBE, "interval_s": 1.0},
+                       gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 8})
+    url = f"http://{svc['gate']['listen']}/v1/chat/completions"
+    with running(tmp_path, base_config(tmp_path, [svc], gpus=1)) as d:
+        st = d.wait_state("chat", "ready")
+        async with aiohttp.ClientSession() as client:
+            await async_wait_until(lambda: backend(st["port"], "/_stats")["probes"] >= 1, 5,
+                                   what="a first probe while idle")
+            before = backend(st["port"], "/_stats")["probes"]
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 4.0
+            while loop.time() < end:  # a request every 0.3 s for 4 s
+                async with client.post(url, json={"max_tokens": 2}) as r:
+                    assert r.status == 200
+                    await r.read()
+                await asyncio.sleep(0.3)
+            assert backend(st["port"], "/_stats")["probes"] == before
