@@ -11,6 +11,11 @@ is flowing) within `interval_s`; under load, and while a stream runs, it costs n
   within `timeout_s`, an answer that is not a completion) make the service hung: restarted
   with reason `hung`, as a hot swap when it has a gate and is ready (the requests in flight
   are not cut before the replacement serves), else a plain restart.
+- Stalls: behind a gate, when every request in flight has had nothing from the server (no
+  head, no byte) for `gate.stall_timeout_s` (a request paused because its client does not
+  read is not silent), one probe is sent at once (with or without `[service.probe]`), and if
+  it fails the service is hung at once. Long prompts take time before the first token: the
+  timeout is generous, and a passing probe clears it.
 - Only a `ready` service is probed, one probe at a time per service, none while an
   operation (a swap, a reload) involves it; the count starts afresh with each launch.
 - At most 64 KiB of an answer is read.
@@ -19,6 +24,7 @@ is flowing) within `interval_s`; under load, and while a stream runs, it costs n
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -29,11 +35,13 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from . import lifecycle as L
+from .config import ProbeSection
 from .errors import ControlError
 from .logs import LogLimiter
 from .states import RestartReason, State
 
 if TYPE_CHECKING:
+    from .gate.proxy import Gate
     from .host import Host
     from .service import ServiceActor
     from .supervisor import Supervisor
@@ -42,6 +50,11 @@ log = logging.getLogger(__name__)
 
 MAX_ANSWER = 64 * 1024
 TICK_S = 0.5
+STALL_PROBE = ProbeSection()  # for a gated service without [service.probe]
+
+
+async def _stalled_for(gate: Gate, port: int) -> float | None:
+    return gate.stalled_for(port)  # on the gate's loop: its requests are its own
 
 
 @dataclass
@@ -54,8 +67,8 @@ class ProbeState:
     failures: int = 0  # in a row
     last_error: str | None = None
     probes: int = 0
-    skipped: int = 0  # ticks where the gate's traffic made a probe needless
     running: bool = False
+    stall_probe_at: float | None = None  # the last probe a stall asked for
 
 
 class GenerationProber:
@@ -80,19 +93,20 @@ class GenerationProber:
     async def run(self) -> None:
         while True:
             try:
-                self.tick()
+                await self.tick()
             except Exception:  # never let the probes die: the next tick tries again
                 self.limiter.exception("tick", "generation probe: tick failed")
             await asyncio.sleep(TICK_S)
 
-    def tick(self) -> None:
+    async def tick(self) -> None:
         now = self._clock()
         for name in list(self.states):
             if name not in self.sup.actors:
                 del self.states[name]
         for name, actor in list(self.sup.actors.items()):
             probe = actor.cfg.probe
-            if probe is None:
+            gate = self.sup.gate_of(name)
+            if probe is None and gate is None:
                 continue
             st = self.state_of(name)
             if st.gen != actor.gen:  # a new launch: its own count, its own model
@@ -100,24 +114,49 @@ class GenerationProber:
             if st.running or actor.state is not State.READY or actor.port is None \
                     or name in self.host.ops or "*" in self.host.ops:
                 continue
-            gate = self.sup.gate_of(name)
             seen = gate.last_ok if gate is not None else None
             if seen is not None and seen[0][1] == actor.port and \
                     (st.last_at is None or seen[1] > st.last_at):
                 st.last_at = seen[1]  # the gate saw it answer: that is a success
                 st.last_ok_at = seen[1]
                 st.failures = 0
-            if st.last_at is not None and now - st.last_at < probe.interval_s:
+            stall = await self._stalled(name, actor, gate, st, now)
+            if not stall and (probe is None or (st.last_at is not None
+                                                and now - st.last_at < probe.interval_s)):
                 continue
+            if probe is None:  # a stall, without [service.probe]: a probe of the defaults,
+                # answered within the stall timeout when that is shorter
+                assert actor.cfg.gate is not None
+                probe = dataclasses.replace(STALL_PROBE, timeout_s=min(
+                    STALL_PROBE.timeout_s, max(1.0, actor.cfg.gate.stall_timeout_s)))
             st.running = True
-            task = asyncio.get_running_loop().create_task(self._probe(name, actor, st),
-                                                          name=f"probe-{name}")
+            task = asyncio.get_running_loop().create_task(
+                self._probe(name, actor, st, probe, stall), name=f"probe-{name}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _probe(self, name: str, actor: ServiceActor, st: ProbeState) -> None:
-        probe = actor.cfg.probe
-        assert probe is not None and actor.port is not None
+    async def _stalled(self, name: str, actor: ServiceActor, gate: Gate | None,
+                       st: ProbeState, now: float) -> bool:
+        """Every request in flight through the gate silent from the server for
+        `stall_timeout_s` (once per stall_timeout_s): time for a probe that decides."""
+        if gate is None or actor.cfg.gate is None or self.sup.gates is None \
+                or gate.inflight == 0 or actor.port is None:
+            return False
+        limit = actor.cfg.gate.stall_timeout_s
+        if st.stall_probe_at is not None and now - st.stall_probe_at < limit:
+            return False
+        silent = await self.sup.gates.submit(_stalled_for(gate, actor.port))
+        if silent is None or silent < limit:
+            return False
+        st.stall_probe_at = now
+        self.limiter.warning(f"stall-{name}", "%s: every request in flight has had nothing "
+                             "from the server for %.0f s (stall_timeout_s %g s): probing it",
+                             name, silent, limit)
+        return True
+
+    async def _probe(self, name: str, actor: ServiceActor, st: ProbeState,
+                     probe: ProbeSection, stall: bool) -> None:
+        assert actor.port is not None
         try:
             base = f"http://127.0.0.1:{actor.port}"
             if probe.model is None and not st.model_asked:
@@ -140,9 +179,12 @@ class GenerationProber:
         self.results[(name, "failed")] = self.results.get((name, "failed"), 0) + 1
         st.failures += 1
         st.last_error = error
-        self.limiter.warning(f"fail-{name}", "%s: generation probe failed (%d of %d): %s",
-                             name, st.failures, probe.failures, error)
-        if st.failures >= probe.failures:
+        self.limiter.warning(f"fail-{name}", "%s: generation probe failed (%d of %d%s): %s",
+                             name, st.failures, probe.failures,
+                             ", after a stall: that is enough" if stall else "", error)
+        if stall:
+            error = f"requests stalled, and then {error}"
+        if stall or st.failures >= probe.failures:
             st.failures = 0
             await self._hung(name, actor, error)
 

@@ -138,8 +138,9 @@ def main() -> None:
                 for i in range(n):
                     if die_after is not None and i == die_after:
                         os._exit(3)  # the model server crashes mid-stream
+                    text = f"t{i} " + "x" * int(body.get("fake_chunk_bytes", 0))
                     chunk = {"object": "chat.completion.chunk", "choices": [
-                        {"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
+                        {"index": 0, "delta": {"content": text}, "finish_reason": None}]}
                     await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     if delay:
                         await asyncio.sleep(delay)

@@ -93,3 +93,54 @@ async def test_no_probe_while_the_gate_sees_traffic(tmp_path: Path) -> None:
                     await r.read()
                 await asyncio.sleep(0.3)
             assert backend(st["port"], "/_stats")["probes"] == before
+
+
+async def test_stalled_requests_then_a_failed_probe_is_hung_and_swapped(tmp_path: Path) -> None:
+    """No [service.probe]: the gate's stall detection alone. Every request in flight silent
+    for stall_timeout_s, then one probe that fails: hung, hot-swapped; the gate serves again."""
+    svc = fake_service("chat", free_port(),
+                       gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 8,
+                             "stall_timeout_s": 1, "drain_timeout_s": 1})
+    url = f"http://{svc['gate']['listen']}/v1/chat/completions"
+    with running(tmp_path, base_config(tmp_path, [svc], gpus=1)) as d:
+        st = d.wait_state("chat", "ready")
+        backend(st["port"], "/_ctl", gen_hang="1")
+        async with aiohttp.ClientSession() as client:
+            async def ask() -> int:
+                try:
+                    async with client.post(url, json={"max_tokens": 2}) as r:
+                        await r.read()
+                        return r.status
+                except aiohttp.ClientError:
+                    return -1
+
+            stuck = asyncio.ensure_future(ask())  # waits on the wedged engine
+            await async_wait_until(lambda: d.service("chat")["port"] != st["port"], 20,
+                                   what="swapped after the stall")
+            await async_wait_until(lambda: d.service("chat")["state"] == "ready", 10,
+                                   what="the new one ready")
+            assert await ask() == 200
+            stuck.cancel()
+        text = d.logtext()
+        assert "every request in flight has had nothing from the server" in text
+        assert "chat: hung: requests stalled, and then no answer" in text
+
+
+async def test_a_client_that_does_not_read_is_not_a_stall(tmp_path: Path) -> None:
+    svc = fake_service("chat", free_port(),
+                       gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 8,
+                             "stall_timeout_s": 1})
+    host, port = svc["gate"]["listen"].split(":")
+    with running(tmp_path, base_config(tmp_path, [svc], gpus=1)) as d:
+        st = d.wait_state("chat", "ready")
+        body = json.dumps({"stream": True, "max_tokens": 400, "fake_chunk_bytes": 65536})
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     f"application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        await writer.drain()
+        await reader.read(1024)  # the head, then nothing read for 4 s: 26 MB wait upstream
+        await asyncio.sleep(4)
+        assert d.service("chat")["pid"] == st["pid"]
+        assert backend(st["port"], "/_stats")["probes"] == 0
+        assert "has had nothing from the server" not in d.logtext()
+        writer.close()

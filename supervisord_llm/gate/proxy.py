@@ -84,6 +84,15 @@ class GateStats:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
+@dataclass(eq=False)
+class _Flow:
+    """One request being proxied: when its upstream last sent something."""
+
+    last: float
+    target: Upstream
+    paused: bool = False
+
+
 class Gate:
     def __init__(self, name: str, cfg: GateSection, pool: UpstreamPool,
                  limiter: LogLimiter | None = None) -> None:
@@ -101,6 +110,7 @@ class Gate:
         # the primary upstream's last sign of generating (a complete 2xx answer, or a byte of
         # one), and when (monotonic): the generation probe's evidence
         self.last_ok: tuple[Upstream, float] | None = None
+        self._flows: set[_Flow] = set()  # requests being proxied, for the stall detection
         self._idle: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
 
     # --- state (called on the gate loop) ------------------------------------------------------
@@ -302,6 +312,8 @@ class Gate:
             req.chunked or req.content_length is not None) else None
         head_request = req.method == b"HEAD"
         up: UpstreamConnection | None = None
+        flow = _Flow(time.monotonic(), target)
+        self._flows.add(flow)
         try:
             for attempt in (0, 1):
                 up = await self.pool.acquire(*target)
@@ -335,14 +347,29 @@ class Gate:
                              head.length if head.framing == "length" else None)
             self.stats.ttfb.observe(time.perf_counter() - started)
             stream = up
-            conn.on_writable = lambda ok: stream.resume() if ok else stream.pause()
-            sink = writer.write
-            if 200 <= head.status < 300 and target == self.upstream:
-                def sink(data: bytes, _write: Callable[[bytes], None] = writer.write) -> None:
-                    self.last_ok = (target, time.monotonic())  # it generates: bytes flow
-                    _write(data)
+            flow.last = time.monotonic()  # the head came
+
+            def writable(ok: bool) -> None:
+                # a client that does not read pauses the server: that is no stall
+                flow.paused = not ok
+                flow.last = time.monotonic()
+                if ok:
+                    stream.resume()
+                else:
+                    stream.pause()
+
+            conn.on_writable = writable
+            generating = 200 <= head.status < 300 and target == self.upstream
+
+            def sink(data: bytes, _write: Callable[[bytes], None] = writer.write) -> None:
+                flow.last = now = time.monotonic()
+                if generating:
+                    self.last_ok = (target, now)  # it generates: bytes flow
+                _write(data)
+
             done = up.start_body(sink)
             if conn.writing_paused:
+                flow.paused = True
                 up.pause()
             await done
             up = None  # complete: the connection went back to the pool (or closed)
@@ -357,8 +384,19 @@ class Gate:
                 return 502
             return self._bad_gateway(writer, target, exc)
         finally:
+            self._flows.discard(flow)
             if up is not None:  # mid-request: the server must see the end of it
                 up.close()
+
+    def stalled_for(self, port: int) -> float | None:
+        """How long every request in flight to the upstream on `port` has had nothing from it
+        (no head, no byte), counting none that waits on its client (paused because the
+        client does not read); None when none is in flight. On the gate's loop."""
+        flows = [f for f in self._flows if f.target[1] == port]
+        if not flows:
+            return None
+        now = time.monotonic()
+        return min(0.0 if f.paused else now - f.last for f in flows)
 
     def _bad_gateway(self, writer: ResponseWriter, target: Upstream, exc: Exception) -> int:
         self.limiter.warning("upstream_error", "%s gate: upstream %s:%d failed: %s",
