@@ -150,6 +150,12 @@ class SupervisorCollector(Collector):
         ttfb = HistogramMetricFamily("llm_supervisor_gate_time_to_first_byte_seconds",
                                      "Time to the first byte of the response",
                                      labels=["service"])
+        ttft = HistogramMetricFamily("llm_supervisor_gate_time_to_first_token_seconds",
+                                     "Event streams: time to the first data: event",
+                                     labels=["service"])
+        rate = HistogramMetricFamily("llm_supervisor_gate_stream_events_per_second",
+                                     "Event streams: data: events per second, per response",
+                                     labels=["service"])
         host = self.sup.gates
         gates = list(host.gates.items()) if host is not None else []
         for name, gate in gates:
@@ -158,10 +164,11 @@ class SupervisorCollector(Collector):
                 requests.add_metric([name, code], n)
             for reason, n in sorted(gate.stats.rejected.items()):
                 rejected.add_metric([name, reason], n)
-            for fam, hist in ((duration, gate.stats.duration), (ttfb, gate.stats.ttfb)):
+            for fam, hist in ((duration, gate.stats.duration), (ttfb, gate.stats.ttfb),
+                              (ttft, gate.stats.ttft), (rate, gate.stats.event_rate)):
                 buckets, total, _count = hist.snapshot()
                 fam.add_metric([name], buckets, total)
-        yield from (inflight, requests, rejected, duration, ttfb)
+        yield from (inflight, requests, rejected, duration, ttfb, ttft, rate)
 
     def _services(self) -> Iterator[Metric]:
         actors = list(self.sup.actors.values())

@@ -144,3 +144,29 @@ async def test_a_client_that_does_not_read_is_not_a_stall(tmp_path: Path) -> Non
         assert backend(st["port"], "/_stats")["probes"] == 0
         assert "has had nothing from the server" not in d.logtext()
         writer.close()
+
+
+async def test_the_gate_measures_time_to_first_token_and_events_per_second(
+        tmp_path: Path) -> None:
+    svc = fake_service("chat", free_port(),
+                       gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 8})
+    doc = base_config(tmp_path, [svc], gpus=1)
+    url = f"http://{svc['gate']['listen']}/v1/chat/completions"
+    with running(tmp_path, doc) as d:
+        d.wait_state("chat", "ready")
+        async with aiohttp.ClientSession() as client:
+            for _ in range(3):  # 20 events 0.02 s apart: about 50 events/s
+                body = {"stream": True, "max_tokens": 20, "fake_token_delay_s": 0.02}
+                async with client.post(url, json=body) as r:
+                    assert r.status == 200
+                    await r.read()
+            async with client.get(f"http://{doc['metrics']['listen']}/metrics") as r:
+                text = await r.text()
+    lines = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+             if line.startswith("llm_supervisor_gate_") and not line.startswith("#")}
+    assert lines['llm_supervisor_gate_time_to_first_token_seconds_count{service="chat"}'] == 3
+    assert lines['llm_supervisor_gate_stream_events_per_second_count{service="chat"}'] == 3
+    rate = lines['llm_supervisor_gate_stream_events_per_second_sum{service="chat"}'] / 3
+    assert 20 < rate < 60, rate  # 21 events (with [DONE]) over 19-20 gaps of 0.02 s and more
+    assert lines['llm_supervisor_gate_stream_events_per_second_bucket{le="75.0",service="chat"}'] \
+        == 3

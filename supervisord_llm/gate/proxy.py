@@ -32,6 +32,8 @@ DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
                            60.0, 120.0, 300.0)
 TTFB_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                        10.0, 30.0)
+RATE_BUCKETS: Final = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0,
+                       1000.0)
 RETRY_AFTER: Final = {"closed": b"5", "stopped": b"5", "draining": b"10", "queue_full": b"1",
                       "queue_timeout": b"1"}
 DRAIN_REASONS: Final = ("operator", "swap", "thermal", "power", "shutdown", "stop")
@@ -75,6 +77,9 @@ class GateStats:
     rejected: dict[str, int] = field(default_factory=dict)  # by reason
     duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
     ttfb: Histogram = field(default_factory=lambda: Histogram(TTFB_BUCKETS))
+    # event streams (SSE): to the first `data:` event (the first token), and events per second
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFB_BUCKETS))
+    event_rate: Histogram = field(default_factory=lambda: Histogram(RATE_BUCKETS))
 
     def count(self, code: int) -> None:
         key = str(code)
@@ -91,6 +96,32 @@ class _Flow:
     last: float
     target: Upstream
     paused: bool = False
+    started: float = 0.0
+
+
+class _Events:
+    """Counts the `data:` events of an SSE body as it passes (a line that starts with
+    `data:`; one split across two reads is counted once, when its start is seen)."""
+
+    __slots__ = ("_at_line_start", "count", "first", "last")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: float | None = None
+        self.last = 0.0
+        self._at_line_start = True
+
+    def feed(self, data: bytes, now: float) -> None:
+        n = data.count(b"\ndata:")
+        if self._at_line_start and data.startswith(b"data:"):
+            n += 1
+        if data:
+            self._at_line_start = data.endswith(b"\n")
+        if n:
+            if self.first is None:
+                self.first = now
+            self.count += n
+            self.last = now
 
 
 class Gate:
@@ -313,6 +344,7 @@ class Gate:
         head_request = req.method == b"HEAD"
         up: UpstreamConnection | None = None
         flow = _Flow(time.monotonic(), target)
+        flow.started = flow.last
         self._flows.add(flow)
         try:
             for attempt in (0, 1):
@@ -361,10 +393,14 @@ class Gate:
             conn.on_writable = writable
             generating = 200 <= head.status < 300 and target == self.upstream
 
+            sse = _Events() if writer.event_stream and generating else None
+
             def sink(data: bytes, _write: Callable[[bytes], None] = writer.write) -> None:
                 flow.last = now = time.monotonic()
                 if generating:
                     self.last_ok = (target, now)  # it generates: bytes flow
+                    if sse is not None:
+                        sse.feed(data, now)
                 _write(data)
 
             done = up.start_body(sink)
@@ -374,6 +410,10 @@ class Gate:
             await done
             up = None  # complete: the connection went back to the pool (or closed)
             writer.finish()
+            if sse is not None and sse.first is not None:
+                self.stats.ttft.observe(sse.first - flow.started)
+                if sse.count >= 2 and sse.last > sse.first:
+                    self.stats.event_rate.observe((sse.count - 1) / (sse.last - sse.first))
             if 200 <= head.status < 300 and target == self.upstream:
                 # read by the generation probe on the daemon's loop: one tuple, one store
                 self.last_ok = (target, time.monotonic())
