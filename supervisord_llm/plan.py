@@ -63,6 +63,10 @@ class ServicePlan:
         url = self.config.health.url
         return None if url is None else substitute(url, self.values(port))
 
+    def metrics_url(self, port: int | None = None) -> str | None:
+        url = self.config.metrics_url
+        return None if url is None else substitute(url, self.values(port))
+
     def environment(self, base: Mapping[str, str], port: int | None = None) -> dict[str, str]:
         env = {k: v for k, v in base.items() if k not in _DROP_ENV}
         vals = self.values(port)

@@ -1,13 +1,21 @@
-"""The metrics listener: `/metrics` (Prometheus text) and `/healthz`, on the same HTTP/1.1
+"""The metrics listener: `/metrics` (Prometheus text), `/healthz`, `/sd` (Prometheus HTTP
+service discovery of the engines' metrics) and `/services/NAME/metrics` (an engine's metrics,
+labelled), on the same HTTP/1.1
 server as the gates (`gate/server.py`: llhttp, deadlines for heads and bodies, a connection
 limit, bad requests answered 400 and logged in one line at a bounded rate), on the
 supervisor's loop. A scrape renders the last snapshots; it does no I/O."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
 
 from . import http1
 from .config import Listen
@@ -19,6 +27,10 @@ from .supervisor import Supervisor
 from .systemd import Notifier
 
 LOOP_STALE_S = 5.0
+ENGINE_TIMEOUT_S = 5.0
+MAX_ENGINE_METRICS = 16 * 1024 * 1024
+JSON = b"application/json"
+_LABEL_NAME = re.compile(rb'[,{]\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"')
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,8 @@ class MetricsServer:
         self._clock = clock
         self.registry = make_registry(sup, host, notifier)
         self._listener: Listener | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._hostname = socket.gethostname()
 
     def count(self, code: int) -> None:
         return None
@@ -59,10 +73,80 @@ class MetricsServer:
         elif path == b"/healthz":
             healthy, body = self.healthz()
             writer.simple(200 if healthy else 503, json.dumps(body).encode())
+        elif path == b"/sd":
+            writer.simple(200, json.dumps(self.service_discovery()).encode())
+        elif path.startswith(b"/services/") and path.endswith(b"/metrics") \
+                and path.count(b"/") == 3:
+            name = path[len(b"/services/"):-len(b"/metrics")].decode("utf-8", "replace")
+            code, text, ctype = await self.engine_metrics(name)
+            writer.simple(code, text, content_type=ctype)
         else:
-            writer.simple(404, http1.error_body("not found: /metrics and /healthz are served "
-                                                "here", "invalid_request_error", "not_found"))
+            writer.simple(404, http1.error_body(
+                "not found: /metrics, /healthz, /sd and /services/NAME/metrics are served "
+                "here", "invalid_request_error", "not_found"))
         return writer.keep_alive
+
+    # --- the engines' metrics ----------------------------------------------------------------
+
+    def _labels(self, name: str) -> dict[str, str]:
+        actor = self.sup.actors[name]
+        gpus = actor.plan.gpus
+        return {"service": name, "gpu": ",".join(str(g.index) for g in gpus),
+                "uuid": ",".join(g.uuid for g in gpus),
+                "instance": f"{self._hostname}:{actor.port}" if actor.port else self._hostname}
+
+    def service_discovery(self) -> list[dict[str, object]]:
+        """Prometheus HTTP service discovery: one target per service with a metrics URL,
+        labelled so that the engines' series join the supervisor's and dcgm-exporter's."""
+        out: list[dict[str, object]] = []
+        for name, actor in self.sup.actors.items():
+            url = actor.plan.metrics_url(actor.port)
+            if url is None:
+                continue
+            parts = urlsplit(url)
+            if not parts.hostname:
+                continue
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+            labels = {**self._labels(name), "__metrics_path__": parts.path or "/metrics",
+                      "__scheme__": parts.scheme}
+            out.append({"targets": [f"{host}:{port}"], "labels": labels})
+        return out
+
+    async def engine_metrics(self, name: str) -> tuple[int, bytes, bytes]:
+        """The engine's own metrics, every sample labelled service, gpu, uuid, instance: for
+        a Prometheus elsewhere. A clean 502 when the engine does not answer within
+        ENGINE_TIMEOUT_S (the supervisor's own /metrics never waits on an engine)."""
+        actor = self.sup.actors.get(name)
+        url = actor.plan.metrics_url(actor.port) if actor is not None else None
+        if actor is None or url is None:
+            return 404, http1.error_body(f"no service named {name[:64]!r} with a metrics URL",
+                                         "invalid_request_error", "not_found"), JSON
+        try:
+            async with asyncio.timeout(ENGINE_TIMEOUT_S), self._client().get(url) as r:
+                body = await r.content.read(MAX_ENGINE_METRICS + 1)
+                status = r.status
+        except TimeoutError:
+            return self._bad(name, f"no answer from {url} within {ENGINE_TIMEOUT_S:g} s")
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return self._bad(name, f"{url}: {type(exc).__name__}: {exc}".rstrip(": "))
+        if status != 200:
+            return self._bad(name, f"{url} answered HTTP {status}")
+        if len(body) > MAX_ENGINE_METRICS:
+            return self._bad(name, f"{url}: more than {MAX_ENGINE_METRICS} bytes of metrics")
+        return 200, relabel(body, self._labels(name)), CONTENT_TYPE.encode()
+
+    def _bad(self, name: str, why: str) -> tuple[int, bytes, bytes]:
+        self.limiter.warning(f"engine-{name}", "metrics of %s: %s", name, why)
+        return 502, http1.error_body(f"{name}: the engine's metrics: {why}", "server_error",
+                                     "upstream_error"), JSON
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True, limit=16),
+                cookie_jar=aiohttp.DummyCookieJar())
+        return self._session
 
     def healthz(self) -> tuple[bool, dict[str, object]]:
         sup = self.sup
@@ -85,3 +169,37 @@ class MetricsServer:
         if self._listener is not None:
             await self._listener.close(1.0)
             self._listener = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def relabel(text: bytes, labels: dict[str, str]) -> bytes:
+    """Prometheus text with `labels` added to every sample (a label the engine sets itself
+    is left as it is). Comments and blank lines pass through."""
+    out: list[bytes] = []
+    for line in text.split(b"\n"):
+        if not line or line.startswith(b"#"):
+            out.append(line)
+            continue
+        brace, space = line.find(b"{"), line.find(b" ")
+        if brace != -1 and (space == -1 or brace < space):
+            inner = line[brace + 1:]
+            has = {m.decode() for m in _LABEL_NAME.findall(b"," + inner)}
+            extra = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items() if k not in has)
+            if not extra:
+                out.append(line)
+            elif inner.lstrip().startswith(b"}"):
+                out.append(line[:brace + 1] + extra.encode() + inner)
+            else:
+                out.append(line[:brace + 1] + extra.encode() + b"," + inner)
+        elif space != -1:
+            extra = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+            out.append(line[:space] + b"{" + extra.encode() + b"}" + line[space:])
+        else:
+            out.append(line)
+    return b"\n".join(out)

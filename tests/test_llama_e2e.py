@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,12 +32,13 @@ pytestmark = pytest.mark.e2e
 BIN = require_llama_server()
 
 
-def llama(name: str, model: Path, **sections: Any) -> dict[str, Any]:
+def llama(name: str, model: Path, extra: list[str] | None = None,
+          **sections: Any) -> dict[str, Any]:
     assert BIN is not None
     svc: dict[str, Any] = {
         "name": name,
         "command": [BIN, "-m", str(model), "--host", "127.0.0.1", "--port", "{port}",
-                    "-c", "512", "-t", "1", "--no-webui"],
+                    "-c", "512", "-t", "1", "--no-webui", *(extra or [])],
         "port": free_port(),
         "health": {"interval_s": 0.2, "timeout_s": 0.2, "failures": 2, "startup_timeout_s": 30},
         "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "max_restarts": 4,
@@ -52,7 +56,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     doc = base_config(tmp, [
         llama("tiny-a", model, gpus=[0],
               gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 4}),
-        llama("tiny-b", model, gpus=[1],
+        llama("tiny-b", model, gpus=[1], extra=["--metrics"],
               probe={"kind": "completion", "interval_s": 0.3, "timeout_s": 5, "failures": 2}),
         llama("broken", tmp / "missing.gguf"),
     ])
@@ -116,6 +120,44 @@ def test_the_generation_probe_passes_against_llama_server(daemon: Daemon) -> Non
     probe = daemon.service("tiny-b")["probe"]
     assert probe["failures"] == 0 and probe["hung"] == 0 and probe["last_error"] is None
     assert probe["last_ok_s_ago"] is not None and probe["last_ok_s_ago"] < 5
+
+
+def test_engine_metrics_service_discovery_and_labelled_proxy(daemon: Daemon) -> None:
+    """/sd lists the engines with labels that join; /services/NAME/metrics is llama-server's
+    own metrics (--metrics) with those labels added; an engine without metrics: a clean 502."""
+    listen = daemon.doc["metrics"]["listen"]
+    daemon.wait_state("tiny-b", "ready")
+    chat(daemon.service("tiny-b")["port"], max_tokens=4)  # some tokens to count
+    with urllib.request.urlopen(f"http://{listen}/sd", timeout=10) as r:
+        sd = json.loads(r.read())
+    by_service = {t["labels"]["service"]: t for t in sd}
+    b = by_service["tiny-b"]
+    port = daemon.service("tiny-b")["port"]
+    assert b["targets"] == [f"127.0.0.1:{port}"]
+    gpu1 = daemon.status()["gpus"][1]
+    assert b["labels"]["gpu"] == "1" and b["labels"]["uuid"] == gpu1["uuid"]
+    assert b["labels"]["__metrics_path__"] == "/metrics" and b["labels"]["instance"]
+    with urllib.request.urlopen(f"http://{listen}/services/tiny-b/metrics",
+                                timeout=10) as r:
+        text = r.read().decode()
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert samples and all(f'service="tiny-b",gpu="1",uuid="{gpu1["uuid"]}"' in line
+                           for line in samples), samples[:3]
+    assert any(line.startswith("llamacpp:") for line in samples)
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        r2 = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                            text=True, timeout=30, check=False)
+        assert r2.returncode in (0, 3), r2.stderr  # 3: lint warnings only (naming)
+        assert "error" not in r2.stderr.lower(), r2.stderr
+    with pytest.raises(urllib.error.HTTPError) as err:  # tiny-a runs without --metrics
+        urllib.request.urlopen(f"http://{listen}/services/tiny-a/metrics",
+                               timeout=10)
+    assert err.value.code == 502
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://{listen}/services/nope/metrics",
+                               timeout=10)
+    assert err.value.code == 404
 
 
 def test_kill_9_is_restarted_and_serving_again(daemon: Daemon) -> None:
