@@ -498,6 +498,12 @@ def test_power_keys_and_the_nut_password(tmp_path: Path, monkeypatch: pytest.Mon
         ({"ups": "ups@[::1:3493"}, "power.ups: must look like"),
         ({"poll_interval_s": 0.01}, "power.poll_interval_s: must be >= 0.1"),
         ({"shutdown_command": [""]}, "power.shutdown_command: the program"),
+        ({"shutdown_command": [" ", "x"]}, "power.shutdown_command: the program"),
+        ({"ups": "ups@[::1]x"}, "power.ups: must look like"),
+        ({"ups": "ups@:3493"}, "power.ups: must look like"),
+        ({"ups": "ups@127.0.0.1:3493:1"}, "power.ups: must look like"),
+        ({"ups": "ups@host:"}, "power.ups: must look like"),
+        ({"ups": "ups@h:0"}, "power.ups: must look like"),
     ]:
         out = problems({**base, "power": bad})
         assert any(expect in p for p in out), (bad, out)
@@ -511,6 +517,10 @@ def test_power_keys_and_the_nut_password(tmp_path: Path, monkeypatch: pytest.Mon
     ({"kind": "http", "url": "http:///x"}, "checkpoint[0].url: not a usable URL (no host)"),
     ({"kind": "http", "url": "http://h:99999/x"}, "checkpoint[0].url: not a usable URL"),
     ({"kind": "command", "command": [""]}, "checkpoint[0].command: the program"),
+    ({"kind": "command", "command": []}, "checkpoint[0].command: must not be empty"),
+    ({"kind": "command", "command": ["sh\x00"]}, "checkpoint[0].command[0]: must not contain"),
+    ({"kind": "http", "url": "http://h/a b"}, "checkpoint[0].url: not a usable URL (spaces"),
+    ({"kind": "http", "url": "http://h:0/"}, "checkpoint[0].url: not a usable URL (port 0)"),
     ({"kind": "signal", "service": "a", "signal": "SIGKILL"},
      "checkpoint[0].signal: SIGKILL cannot be caught"),
     ({"kind": "signal", "service": "a", "signal": "SIGSTOP"},
@@ -545,3 +555,9 @@ def test_probe_metrics_url_and_stall_timeout() -> None:
     ]:
         out = problems({"service": [bad]})
         assert any(expect in p for p in out), (bad, out)
+
+
+def test_an_empty_program_is_refused() -> None:
+    for command in ([""], [" "], ["", "x"]):
+        out = problems({"service": [svc(command=command)]})
+        assert any("service[0].command: the program" in p for p in out), (command, out)

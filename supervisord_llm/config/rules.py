@@ -38,6 +38,7 @@ from .schema import (
     PROBE_ENDPOINTS,
     PROBE_KINDS,
     RESTART_POLICIES,
+    UPS_RE,
     Checkpoint,
     CheckpointKind,
     Config,
@@ -316,8 +317,10 @@ def _power(root: Table) -> PowerSection:
         return d
     source = t.string("source", "nut" if t.has("ups") else d.source, choices=POWER_SOURCES)
     ups = t.string("ups", d.ups)
-    if isinstance(ups, str) and not re.match(r"^[A-Za-z0-9_.-]+@[^\s@]+$", ups):
-        t.error("ups", f'must look like "NAME@HOST[:PORT]" (got {short(ups)})')
+    if isinstance(ups, str) and (not UPS_RE.match(ups) or not 0 < PowerSection(
+            ups=ups).host_port[2] < 65536):
+        t.error("ups", f'must look like "NAME@HOST[:PORT]" (IPv6 as [ADDR]), the port 1-65535 '
+                f"(got {short(ups)})")
     poll = t.number("poll_interval_s", d.poll_interval_s, minimum=0.1, maximum=3600)
     grace = t.number("on_battery_grace_s", d.on_battery_grace_s, minimum=0, maximum=86400)
     low_rt = t.number("low_runtime_s", d.low_runtime_s, minimum=0, maximum=86400)
@@ -326,7 +329,7 @@ def _power(root: Table) -> PowerSection:
     drain = t.number("drain_timeout_s", d.drain_timeout_s, minimum=0, maximum=86400)
     stop = t.number("stop_timeout_s", d.stop_timeout_s, above=0, maximum=86400)
     cmd = t.string_list("shutdown_command", ())
-    if cmd and not cmd[0]:
+    if isinstance(cmd, tuple) and cmd and not cmd[0].strip():
         t.error("shutdown_command", "the program (the first item) must not be empty")
         cmd = ()
     ret = t.boolean("restart_on_power_return", d.restart_on_power_return)
@@ -348,16 +351,6 @@ def _power(root: Table) -> PowerSection:
         password = _nut_password(t, pw_file)
     elif pw_file is not None:
         t.error("password_file", "needs username (the NUT user it is the password of)")
-    if isinstance(ups, str) and re.match(r"^[A-Za-z0-9_.-]+@[^\s@]+$", ups):
-        try:
-            _name, host, port = PowerSection(ups=ups).host_port
-            where = ups.partition("@")[2]
-            if not host or not 0 < port < 65536 or (where.startswith("[") and "]" not in where) \
-                    or any(c in host for c in "[]/"):
-                raise ValueError
-        except ValueError:
-            t.error("ups", f'must look like "NAME@HOST[:PORT]", the port 1-65535 (got '
-                    f"{short(ups)})")
     t.finish()
     return PowerSection(source, ups, poll, grace, low_rt, low_ch, dead, drain, stop, cmd, ret,
                         frac, user, pw_file, password)
@@ -419,13 +412,17 @@ def _checkpoint(t: Table) -> Checkpoint | None:
                 parts = urlsplit(url)
                 if not parts.hostname:
                     raise ValueError("no host")
-                parts.port  # noqa: B018 - raises ValueError on a bad port
+                if parts.port == 0:
+                    raise ValueError("port 0")
+                if any(c.isspace() or not c.isprintable() for c in url):
+                    raise ValueError("spaces or control characters")
             except ValueError as exc:
                 t.error("url", f"not a usable URL ({exc}): {short(url)}")
     elif kind == "command":
         command = t.string_list("command", allow_empty=False)
-        if command and not command[0]:
+        if isinstance(command, tuple) and command and not command[0].strip():
             t.error("command", "the program (the first item) must not be empty")
+            command = None
     elif kind == "signal":
         service = t.string("service")
         sig_name = t.string("signal", "SIGUSR1")
@@ -586,6 +583,9 @@ def _service(t: Table, warnings: list[str]) -> ServiceConfig | None:
         t.error("name", f"must be 1-63 letters, digits, '_', '.', '-' (got {short(name)})")
     port = t.number("port", None, integer=True, minimum=1, maximum=65535)
     command = t.string_list("command", allow_empty=False)
+    if isinstance(command, tuple) and command and not command[0].strip():
+        t.error("command", "the program (the first item) must not be empty")
+        command = None
     if isinstance(command, tuple):
         _placeholders_ok(t, "command", command, port is not None)
     gpus: list[int | str] = []

@@ -3,6 +3,7 @@ Standard library only; `rules.py` builds these from TOML and checks them."""
 
 from __future__ import annotations
 
+import re
 import signal
 from dataclasses import dataclass, field
 from typing import Final, Literal, get_args
@@ -18,6 +19,8 @@ Vendor = Literal["nvidia", "amd"]
 RestartPolicy = Literal["always", "on-failure", "never"]
 OnCritical = Literal["pause", "drain-restart", "stop", "none"]
 PowerSource = Literal["nut", "none"]
+UPS_RE: Final = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)@(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|"
+                           r"(?P<host>[A-Za-z0-9_.-]+))(?::(?P<port>[0-9]{1,5}))?$")
 CheckpointKind = Literal["http", "command", "signal"]
 ProbeKind = Literal["completion"]
 ProbeEndpoint = Literal["completions", "chat"]
@@ -140,13 +143,13 @@ class PowerSection:
 
     @property
     def host_port(self) -> tuple[str, str, int]:
-        """(ups name, host, port) of `ups` ("NAME@HOST[:PORT]"; IPv6 as [ADDR])."""
-        name, _, where = self.ups.partition("@")
-        if where.startswith("["):
-            addr, _, rest = where[1:].partition("]")
-            return name, addr, int(rest[1:]) if rest.startswith(":") else 3493
-        host, _, port = where.rpartition(":") if where.count(":") == 1 else (where, "", "")
-        return name, host or where, int(port) if port else 3493
+        """(ups name, host, port) of `ups` ("NAME@HOST[:PORT]"; IPv6 as [ADDR]); the config's
+        rules refuse anything else (UPS_RE)."""
+        m = UPS_RE.match(self.ups)
+        if m is None:
+            return self.ups, "", 0
+        port = m.group("port")
+        return m.group("name"), m.group("v6") or m.group("host"), int(port) if port else 3493
 
 
 @dataclass(frozen=True)
