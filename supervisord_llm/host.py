@@ -58,7 +58,8 @@ def _settle(reply: asyncio.Future[Any], task: asyncio.Task[Any]) -> None:
     if reply.done():
         return
     if task.cancelled():
-        reply.set_exception(ControlError(P.FAILED, "cancelled: llm-supervisor is stopping"))
+        reply.set_exception(ControlError(P.FAILED, "cancelled: a power-down or a stop of "
+                                         "llm-supervisor came first"))
     elif (exc := task.exception()) is not None:
         reply.set_exception(exc)
     else:
@@ -133,7 +134,8 @@ class Host:
                 del self.ops[key]
             if t.cancelled() and not reply.done():
                 reply.set_exception(ControlError(
-                    P.FAILED, f"{op.describe()} was cancelled: llm-supervisor is stopping"))
+                    P.FAILED, f"{op.describe()} was cancelled: a power-down or a stop of "
+                    "llm-supervisor came first"))
             _settle(reply, t)
 
         task.add_done_callback(done)

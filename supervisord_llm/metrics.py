@@ -95,7 +95,8 @@ class SupervisorCollector(Collector):
                                   "Duration of each step of the last power-down sequence",
                                   labels=["step"])
         runs = CounterMetricFamily("llm_supervisor_checkpoint_runs",
-                                   "Checkpoint hook runs by result (ok, failed, timeout)",
+                                   "Checkpoint hook runs by result (ok, failed, timeout, "
+                                   "cancelled)",
                                    labels=["name", "result"])
         cp_duration = GaugeMetricFamily("llm_supervisor_checkpoint_duration_seconds",
                                         "Duration of the last run of each checkpoint hook",

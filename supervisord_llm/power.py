@@ -25,6 +25,7 @@ its actions carried out through the host actor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -41,6 +42,7 @@ from .modes import Mode
 from .policy import power as P
 from .sensors.nut import NutSource, UpsReading
 from .sensors.poll import SourcePoller
+from .states import State
 
 if TYPE_CHECKING:
     from .host import Host
@@ -98,9 +100,9 @@ class PowerController:
 
     @property
     def holding(self) -> bool:
-        """The services are (being) held down for the power: a service added now is too."""
-        return self.state.phase == "powered_down" or (
-            self.state.phase == "powering_down" and self.state.committed)
+        """On battery, or (being) powered down: a service added now (a reload) is held down
+        too, and starts when the power is back."""
+        return self.state.phase in ("on_battery", "powering_down", "powered_down")
 
     # --- what it is fed --------------------------------------------------------------------
 
@@ -151,6 +153,7 @@ class PowerController:
                                                      believed=believed)))
             self.host.set_mode(Mode.POWERING_DOWN, why)  # nothing runs yet: nothing to do
             self.host.set_mode(Mode.POWERED_DOWN, why)
+            self._set_ceiling(self.cfg.on_battery_power_fraction, "on battery at start")
             self._count("powered_down")
             return True
         return False
@@ -181,36 +184,53 @@ class PowerController:
             await asyncio.sleep(max(0.0, self.cfg.poll_interval_s - (self._clock() - started)))
 
     async def event(self, name: str) -> dict[str, Any]:
-        """`llmctl power-event` (upsmon's NOTIFYCMD): the same policy, a second source."""
+        """`llmctl power-event` (upsmon's NOTIFYCMD): the same policy, a second source. An
+        event that a fresh upsd reading contradicts (upssched's ONLINE or LOWBATT may be of
+        another UPS, or old) is not applied; `fsd` always is (upsmon is powering off)."""
         state = EVENTS[name]
-        r = self.reading
-        if state == "online" and self._nut_says_battery():
-            # upsmon's ONLINE for another UPS, or an old one: upsd, read just now, says OB
-            self.limiter.warning("event-online", "power event from llmctl: on-line ignored: "
-                                 "upsd says %s (read %.1f s ago)",
-                                 r.status if r is not None else "?",
-                                 self._clock() - (self.reading_at or 0.0))
-            return self.status(self._clock())
-        self.last_event = (name, self._clock())
+        r = self._fresh_reading()
+        now = self._clock()
+        why = None
+        if r is not None and state != "fsd":
+            if state == "online" and r.state != "online":
+                why = f"upsd says {r.status} (read {now - (self.reading_at or now):.1f} s ago)"
+                if self.state.forced:  # someone says the power is back: the FSD latch goes,
+                    self.state = P.release(self.state)  # and upsd's own OL restarts them
+                    why += "; the services start when upsd says OL"
+            elif state in ("on_battery", "low_battery") and r.state == "online":
+                why = f"upsd says {r.status} (read {now - (self.reading_at or now):.1f} s ago)"
+        reply = self.status(now)
+        if why is not None:
+            self.limiter.warning(f"event-ignored-{name}", "power event from llmctl: %s not "
+                                 "applied: %s", name, why)
+            reply["event"] = {"name": name, "applied": False, "why": why}
+            return reply
+        self.last_event = (name, now)
         self.limiter.warning(f"event-{name}", "power event from llmctl: %s", name)
+        last = self.reading
         await self.observe(P.Observation(
-            state, r.charge_pct if r is not None else None,
-            r.runtime_s if r is not None else None, source="event"))
-        return self.status(self._clock())
+            state, last.charge_pct if last is not None else None,
+            last.runtime_s if last is not None else None, source="event"))
+        reply = self.status(self._clock())
+        reply["event"] = {"name": name, "applied": True, "why": None}
+        return reply
 
-    def _nut_says_battery(self) -> bool:
-        """A fresh NUT reading (within two polls) that is on battery, low or FSD."""
+    def _fresh_reading(self) -> UpsReading | None:
+        """The last NUT reading if it is fresh (within two polls) and good."""
         r, at = self.reading, self.reading_at
-        if self.poller is None or r is None or at is None:
-            return False
+        if self.poller is None or r is None or at is None or r.state in ("unknown",
+                                                                           "unreachable"):
+            return None
         fresh = self._clock() - at <= 2 * self.cfg.poll_interval_s + self.poller.call_timeout_s
-        return fresh and self.poller.snapshot.status == "ok" and \
-            r.state in ("on_battery", "low_battery", "fsd")
+        return r if fresh and self.poller.snapshot.status == "ok" else None
 
     async def observe(self, obs: P.Observation) -> None:
         async with self._lock:
             if self.host.mode is Mode.SHUTTING_DOWN:
                 return
+            if obs.state == "online" and self.state.phase == "powered_down" \
+                    and self.ceiling is not None:
+                self._set_ceiling(None, "on line again")  # even while the services wait
             self.state, actions = P.decide(self.state, obs, self.limits, self._clock())
             for action in actions:
                 await self._act(action)
@@ -274,6 +294,9 @@ class PowerController:
         else:
             log.warning("power: the power is back")
         self._set_ceiling(None, "the power is back")
+        held = [n for n, a in self.sup.actors.items() if HOLD in a.holds]
+        if held:  # added by a reload while on battery
+            await self.host.command(held, L.Release(HOLD), internal=True)
         await self._reopen()
         self._mode(Mode.NORMAL, "the power is back")
         if self.sup.guard is not None:
@@ -386,15 +409,22 @@ class PowerController:
             await self.observe(P.Observation(r.state, r.charge_pct, r.runtime_s))
 
     async def _stop_services(self, step: Step) -> None:
+        """In reverse order, each held `powered_down` and sent its stop signal; each waited
+        for at most its share of what is left of `stop_timeout_s`, so that one server that
+        ignores SIGTERM does not keep the ones after it from a clean stop; at the deadline
+        what still runs is SIGKILLed (and comes back with the power). A `failed` service
+        stays failed (a power cut is no reset)."""
         sup = self.sup
-        actors = list(reversed(list(sup.actors.values())))
+        actors = [a for a in reversed(list(sup.actors.values())) if a.state is not State.FAILED]
         deadline = self._clock() + self.cfg.stop_timeout_s
-        for actor in actors:
+        for i, actor in enumerate(actors):
             await self.host.command([actor.name], L.Stop(HOLD), internal=True)
-            try:
+            share = max(0.0, deadline - self._clock()) / (len(actors) - i)
+            with contextlib.suppress(TimeoutError):
+                await actor.wait_stopped(share)
+        for actor in actors:
+            with contextlib.suppress(TimeoutError):
                 await actor.wait_stopped(max(0.0, deadline - self._clock()))
-            except TimeoutError:
-                break
         late = [a for a in actors if a.proc is not None]
         if late:
             names = ", ".join(a.name for a in late)
@@ -402,8 +432,6 @@ class PowerController:
             log.error("power: still running after stop_timeout_s (%g s): %s: SIGKILL",
                       self.cfg.stop_timeout_s, names)
             for a in late:
-                if HOLD not in a.holds:
-                    await self.host.command([a.name], L.Stop(HOLD), internal=True)
                 a.kill_now(keep_wanted=True)  # it comes back with the power
             for a in late:
                 try:

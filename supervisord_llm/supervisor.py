@@ -140,11 +140,15 @@ class Supervisor:
             await self.gates.remove(name)
         self._pushed.pop(name, None)
 
-    def _upstream(self, name: str | None) -> tuple[str, int] | None:
+    def _upstream(self, name: str | None, backup: bool = False) -> tuple[str, int] | None:
+        """Where a gate sends its requests: its service while it is ready, or draining
+        (requests in flight finish there); a backup only while it is ready (a backup whose
+        own gate is drained, for a power-down or by an operator, takes no new requests
+        through another gate either)."""
         actor = self.actors.get(name) if name else None
         if actor is None or actor.port is None:
             return None
-        if actor.state in (State.READY, State.DRAINING):
+        if actor.state is State.READY or (actor.state is State.DRAINING and not backup):
             return ("127.0.0.1", actor.port)
         return None
 
@@ -156,7 +160,7 @@ class Supervisor:
             actor = self.actors.get(name)
             if actor is None or actor.cfg.gate is None:
                 continue
-            wanted = (self._upstream(name), self._upstream(actor.cfg.gate.backup),
+            wanted = (self._upstream(name), self._upstream(actor.cfg.gate.backup, backup=True),
                       closed_why(actor))
             if self._pushed.get(name) != wanted:
                 self._pushed[name] = wanted

@@ -233,7 +233,7 @@ async def test_client_disconnect_cancels_upstream(tmp_path: Path,
 async def test_closed_while_not_ready_and_failover(tmp_path: Path,
                                                    client: aiohttp.ClientSession) -> None:
     primary = gated("primary", backup="spare")
-    spare = fake_service("spare", free_port())
+    spare = gated("spare")
     with running(tmp_path, base_config(tmp_path, [primary, spare])) as d:
         d.wait_state("primary", "ready")
         d.wait_state("spare", "ready")
@@ -247,6 +247,12 @@ async def test_closed_while_not_ready_and_failover(tmp_path: Path,
         assert await served_by() == str(primary["port"])
         assert d.llmctl("stop", "primary").returncode == 0
         assert await served_by() == str(spare["port"])  # failover
+        assert d.llmctl("drain", "spare").returncode == 0  # a drained backup takes nothing new
+        async with client.get(f"{url}/echo") as r:
+            assert r.status == 503, r.headers
+        assert d.llmctl("resume", "spare").returncode == 0
+        await async_wait_until(lambda: status(d, "spare")["state"] == "ready", 5, what="ready")
+        assert await served_by() == str(spare["port"])
         assert d.llmctl("stop", "spare").returncode == 0
         async with client.get(f"{url}/echo") as r:  # neither ready: closed
             assert r.status == 503 and r.headers["Retry-After"] == "5"

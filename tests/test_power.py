@@ -372,7 +372,7 @@ def test_a_stale_on_line_event_does_not_undo_what_upsd_says(tmp_path: Path,
             r = d.llmctl("power-event", "on-line")
             assert r.returncode == 0, r.stderr
             time.sleep(0.5)
-        assert "on-line ignored: upsd says OB DISCHRG" in d.logtext()
+        assert "on-line not applied: upsd says OB DISCHRG" in d.logtext()
         doc["service"].append(gated("added"))
         d.write(doc)
         r = d.llmctl("reload")
@@ -416,3 +416,58 @@ def test_hooks_die_with_a_killed_daemon_and_leftovers_do_not_hold_the_step(
             wait_until(lambda: not alive(hook), 10, what="the hook killed with the daemon")
         finally:
             proc.wait(10)
+
+
+def test_events_that_upsd_contradicts_and_the_fsd_latch(tmp_path: Path, ups: NutServer) -> None:
+    """A low-battery event while upsd says OL is not applied; an FSD event is, and an on-line
+    event that comes before upsd says OL still releases its latch: upsd's OL restarts."""
+    with running(tmp_path, config(tmp_path, ups, [gated("chat")])) as d:
+        d.wait_state("chat", "ready")
+        wait_until(lambda: power(d)["state"] == "online", 5, what="online")
+        r = d.llmctl("--json", "power-event", "low-battery")
+        assert r.returncode == 0 and json.loads(r.stdout)["event"]["applied"] is False
+        assert mode(d) == "normal" and d.service("chat")["state"] == "ready"
+        ups.set(status="OB DISCHRG")
+        wait_until(lambda: power(d)["state"] == "on_battery", 5, what="on battery")
+        assert d.llmctl("power-event", "fsd").returncode == 0
+        wait_until(lambda: mode(d) == "powered_down", 10, what="powered down by FSD")
+        r = d.llmctl("--json", "power-event", "on-line")  # before upsd says OL
+        reply = json.loads(r.stdout)["event"]
+        assert reply["applied"] is False and "start when upsd says OL" in reply["why"]
+        ups.set(status="OL")
+        d.wait_state("chat", "ready", 15)
+
+
+def test_a_failed_service_stays_failed_through_a_power_cycle(tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [gated("ok"), fake_service(
+        "bad", free_port(), "--exit-after", "0.2", restart={"max_restarts": 1,
+                                                            "backoff_initial_s": 0.05})],
+        gpus=1, power={"source": "none", "stop_timeout_s": 5})
+    with running(tmp_path, doc) as d:
+        d.wait_state("bad", "failed", 20)
+        d.wait_state("ok", "ready")
+        assert d.llmctl("power-event", "low-battery").returncode == 0
+        wait_until(lambda: mode(d) == "powered_down", 10, what="powered down")
+        assert d.service("bad")["state"] == "failed"
+        assert d.llmctl("power-event", "on-line").returncode == 0
+        d.wait_state("ok", "ready", 15)
+        st = d.service("bad")
+        assert st["state"] == "failed" and st["holds"] == [], st
+
+
+def test_one_server_ignoring_sigterm_does_not_cost_the_others_their_clean_stop(
+        tmp_path: Path) -> None:
+    """Stopped in reverse order, each waited for at most its share of stop_timeout_s: `last`
+    ignores SIGTERM, `first` still gets its SIGTERM and exits on its own."""
+    doc = base_config(tmp_path, [
+        fake_service("first", free_port()),
+        fake_service("last", free_port(), "--ignore-term", stop={"timeout_s": 30})],
+        gpus=1, power={"source": "none", "stop_timeout_s": 3})
+    with running(tmp_path, doc) as d:
+        d.wait_state("first", "ready")
+        d.wait_state("last", "ready")
+        assert d.llmctl("power-event", "low-battery").returncode == 0
+        wait_until(lambda: mode(d) == "powered_down", 15, what="powered down")
+        steps = power(d)["power_down"]["steps"]
+        assert "killed after 3 s: last" in steps[-1]["detail"], steps
+        assert "first: stopping -> stopped (process exit 0)" in d.logtext()

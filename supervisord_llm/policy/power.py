@@ -245,6 +245,12 @@ def decide(state: State, obs: Observation, lim: Limits, now: float
     return state, actions
 
 
+def release(state: State) -> State:
+    """An on-line event that could not be applied (upsd still says OB) still releases the
+    latch of an FSD event: upsd's own on-line reading then restarts the services."""
+    return replace(state, forced=False, waiting=False)
+
+
 def commit(state: State) -> State:
     """The services are being stopped: power back no longer cancels the sequence."""
     return replace(state, committed=True)
