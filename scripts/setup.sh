@@ -4,7 +4,7 @@
 #     util-linux and systemd (the systemd tests run a private systemd as PID 1), nginx (in
 #     front of the gates in tests and benchmarks), wrk (load generator), nut-server and
 #     nut-client (a real upsd + dummy-ups for the power tests and the demo) and redis-server
-#     (a real checkpoint target);
+#     (a real checkpoint target), prometheus (for promtool);
 #   - a virtual environment in .venv with the project and its test dependencies;
 #   - llama.cpp's llama-server, built once and cached (scripts/build-llama-server.sh).
 # Prints nothing on stdout but the llama-server path; progress goes to stderr.
@@ -21,6 +21,7 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   done
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_need+=(nginx-light)
   command -v wrk >/dev/null || apt_need+=(wrk)
+  command -v promtool >/dev/null || apt_need+=(prometheus)  # promtool checks engine metrics
   command -v "$PY" >/dev/null || apt_need+=(python3)
   "$PY" -c 'import ensurepip, venv' 2>/dev/null || apt_need+=(python3-venv)
   if [ ${#apt_need[@]} -gt 0 ]; then
