@@ -154,10 +154,12 @@ def test_engine_metrics_service_discovery_and_labelled_proxy(daemon: Daemon) -> 
         urllib.request.urlopen(f"http://{listen}/services/tiny-a/metrics",
                                timeout=10)
     assert err.value.code == 502
+    err.value.close()
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"http://{listen}/services/nope/metrics",
                                timeout=10)
     assert err.value.code == 404
+    err.value.close()
 
 
 def test_kill_9_is_restarted_and_serving_again(daemon: Daemon) -> None:

@@ -115,6 +115,7 @@ def test_on_battery_past_the_grace_runs_the_whole_sequence_and_comes_back(
             urllib.request.urlopen(url, timeout=5)
         assert err.value.code == 503 and err.value.headers["Retry-After"]
         assert b"is held down" in err.value.read()
+        err.value.close()
         assert not alive(pid)
         steps = [s["step"] for s in power(d)["power_down"]["steps"]]
         assert steps == ["drain", "checkpoint", "stop"]
