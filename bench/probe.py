@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import statistics
 import sys
 import tempfile
@@ -44,6 +45,15 @@ def _probes(port: int) -> int:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stats", timeout=5) as r:
         return int(json.loads(r.read())["probes"])
+
+
+def _logged_at(text: str, needle: str) -> float:
+    """The wall time of the first log line with `needle` (text logs: local time, ms)."""
+    for line in text.splitlines():
+        if needle in line:
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f")
+            return stamp.timestamp()
+    return float("nan")
 
 
 async def cost(window: float) -> tuple[float, float]:
@@ -82,13 +92,11 @@ async def hang_to_serving(trials: int) -> list[tuple[float, float]]:
             port = d.wait_state("chat", "ready")["port"]
             await asyncio.sleep(1.5)
             t0 = time.monotonic()
+            wall0 = time.time()
             _ctl(port, gen_hang="1")
-            hung_at = None
             async with aiohttp.ClientSession(
-                    timeout=aiohttp.ClientTimeout(total=0.5)) as client:
+                    timeout=aiohttp.ClientTimeout(total=0.1)) as client:
                 while True:
-                    if hung_at is None and "hung:" in d.logtext():
-                        hung_at = time.monotonic() - t0
                     try:
                         async with client.post(url, json={"max_tokens": 1}) as r:
                             await r.read()
@@ -99,7 +107,7 @@ async def hang_to_serving(trials: int) -> list[tuple[float, float]]:
                     if time.monotonic() - t0 > 60:
                         raise SystemExit("bench/probe.py: no replacement within 60 s")
                     await asyncio.sleep(0.05)
-            results.append((hung_at or float("nan"), time.monotonic() - t0))
+            results.append((_logged_at(d.logtext(), "hung:") - wall0, time.monotonic() - t0))
     return results
 
 
@@ -120,6 +128,7 @@ async def main() -> None:
     print(f"  hang declared     median {statistics.median(hung):6.2f} s   max {max(hung):6.2f} s")
     print(f"  replacement serves median {statistics.median(serving):6.2f} s   "
           f"max {max(serving):6.2f} s")
+    print("  each (declared, serving):", ", ".join(f"({h:.2f}, {s:.2f})" for h, s in res))
 
 
 if __name__ == "__main__":
