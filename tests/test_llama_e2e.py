@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -55,7 +56,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     model = make_tiny_model(tmp / "tiny.gguf")
     doc = base_config(tmp, [
         llama("tiny-a", model, gpus=[0],
-              gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 4}),
+              gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 4},
+              probe={"kind": "completion", "interval_s": 1.0, "timeout_s": 5, "failures": 2}),
         llama("tiny-b", model, gpus=[1], extra=["--metrics"],
               probe={"kind": "completion", "interval_s": 0.3, "timeout_s": 5, "failures": 2}),
         llama("broken", tmp / "missing.gguf"),
@@ -120,6 +122,22 @@ def test_the_generation_probe_passes_against_llama_server(daemon: Daemon) -> Non
     probe = daemon.service("tiny-b")["probe"]
     assert probe["failures"] == 0 and probe["hung"] == 0 and probe["last_error"] is None
     assert probe["last_ok_s_ago"] is not None and probe["last_ok_s_ago"] < 5
+
+
+def test_no_probe_while_the_gate_carries_traffic(daemon: Daemon) -> None:
+    """tiny-a probes every 1 s when idle; with a chat through its gate every 0.25 s, none."""
+    daemon.wait_state("tiny-a", "ready")
+    wait_until(lambda: (daemon.service("tiny-a").get("probe") or {}).get("probes", 0) >= 1,
+               10, what="a probe while idle")
+    gate = int(daemon.service("tiny-a")["gate_listen"].rsplit(":", 1)[1])
+    chat(gate, max_tokens=4)
+    before = daemon.service("tiny-a")["probe"]["probes"]
+    end = time.monotonic() + 4.0
+    while time.monotonic() < end:
+        chat(gate, stream=True, max_tokens=16)
+        time.sleep(0.25)
+    probe = daemon.service("tiny-a")["probe"]
+    assert probe["probes"] == before and probe["failures"] == 0, probe
 
 
 def test_engine_metrics_service_discovery_and_labelled_proxy(daemon: Daemon) -> None:
