@@ -34,6 +34,7 @@ import aiohttp
 from . import protocol as P
 from .config import Checkpoint
 from .errors import ControlError
+from .health import client_session
 from .spawn import MARK_INSTANCE, MARK_SERVICE, Spawner
 from .spawn import _ServiceProtocol as ExitProtocol
 
@@ -172,9 +173,7 @@ class CheckpointRunner:
     async def _http(self, cp: Checkpoint) -> None:
         assert cp.url is not None
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True, limit=0),
-                cookie_jar=aiohttp.DummyCookieJar())
+            self._session = client_session()
         try:
             async with self._session.post(cp.url, data=b"", allow_redirects=False) as resp:
                 body = await resp.content.read(MAX_BODY)

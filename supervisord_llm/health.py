@@ -121,6 +121,14 @@ class _ProbeConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+def client_session(limit: int = 0) -> aiohttp.ClientSession:
+    """An aiohttp client for the daemon's own requests (probes, hooks, engine metrics): no
+    kept connections (servers restart under us), no cookies, `limit` connections at once
+    (0: no limit)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=limit),
+                                 cookie_jar=aiohttp.DummyCookieJar())
+
+
 class HttpProber:
     """HTTP/1.1 GET probes. Plain `http://` URLs (loopback health endpoints, the common case)
     use a small client on an asyncio protocol that keeps one connection alive per endpoint: a
@@ -201,10 +209,7 @@ class HttpProber:
 
     async def _probe_aiohttp(self, url: str, timeout_s: float) -> ProbeResult:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True, limit=0),
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
+            self._session = client_session()
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._session.get(url, allow_redirects=False) as resp:

@@ -37,6 +37,7 @@ import aiohttp
 from . import lifecycle as L
 from .config import ProbeSection
 from .errors import ControlError
+from .health import client_session
 from .logs import LogLimiter
 from .states import RestartReason, State
 
@@ -207,9 +208,7 @@ class GenerationProber:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True, limit=0),
-                cookie_jar=aiohttp.DummyCookieJar())
+            self._session = client_session()
         return self._session
 
     async def _model(self, base: str, timeout_s: float) -> str | None:

@@ -20,6 +20,7 @@ import aiohttp
 from . import http1
 from .config import Listen
 from .gate.server import ClientConnection, Listener, Request, ResponseWriter, open_listener
+from .health import client_session
 from .host import Host
 from .logs import LogLimiter
 from .metrics import CONTENT_TYPE, make_registry, render
@@ -143,9 +144,7 @@ class MetricsServer:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True, limit=16),
-                cookie_jar=aiohttp.DummyCookieJar())
+            self._session = client_session(16)
         return self._session
 
     def healthz(self) -> tuple[bool, dict[str, object]]:
