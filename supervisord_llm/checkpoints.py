@@ -34,7 +34,7 @@ import aiohttp
 from . import protocol as P
 from .config import Checkpoint
 from .errors import ControlError
-from .health import client_session
+from .health import client_session, read_bounded
 from .spawn import MARK_INSTANCE, MARK_SERVICE, Spawner
 from .spawn import _ServiceProtocol as ExitProtocol
 
@@ -176,7 +176,7 @@ class CheckpointRunner:
             self._session = client_session()
         try:
             async with self._session.post(cp.url, data=b"", allow_redirects=False) as resp:
-                body = await resp.content.read(MAX_BODY)
+                body, _more = await read_bounded(resp, MAX_BODY)
                 status = resp.status
         except aiohttp.ClientConnectorError as exc:
             raise _Failed(f"cannot connect to {cp.url}: "

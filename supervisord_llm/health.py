@@ -129,6 +129,18 @@ def client_session(limit: int = 0) -> aiohttp.ClientSession:
                                  cookie_jar=aiohttp.DummyCookieJar())
 
 
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """The whole body, or its first `limit` bytes and True when there was more (what is
+    left is not read). One `content.read(n)` returns one read's worth, not the body."""
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = await resp.content.read(min(65536, limit + 1 - len(body)))
+        if not chunk:
+            return bytes(body), False
+        body += chunk
+    return bytes(body[:limit]), True
+
+
 class HttpProber:
     """HTTP/1.1 GET probes. Plain `http://` URLs (loopback health endpoints, the common case)
     use a small client on an asyncio protocol that keeps one connection alive per endpoint: a

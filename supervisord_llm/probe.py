@@ -18,7 +18,7 @@ is flowing) within `interval_s`; under load, and while a stream runs, it costs n
   timeout is generous, and a passing probe clears it.
 - Only a `ready` service is probed, one probe at a time per service, none while an
   operation (a swap, a reload) involves it; the count starts afresh with each launch.
-- At most 64 KiB of an answer is read.
+- At most 1 MiB of an answer is read; a 2xx answer longer than that is taken as generating.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import aiohttp
 from . import lifecycle as L
 from .config import ProbeSection
 from .errors import ControlError
-from .health import client_session
+from .health import client_session, read_bounded
 from .logs import LogLimiter
 from .states import RestartReason, State
 
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_ANSWER = 64 * 1024
+MAX_ANSWER = 1024 * 1024
 TICK_S = 0.5
 STALL_PROBE = ProbeSection()  # for a gated service without [service.probe]
 
@@ -122,8 +122,12 @@ class GenerationProber:
                 st.last_ok_at = seen[1]
                 st.failures = 0
             stall = await self._stalled(name, actor, gate, st, now)
-            if not stall and (probe is None or (st.last_at is not None
-                                                and now - st.last_at < probe.interval_s)):
+            # requests in flight through the gate: a model may think for long before its
+            # first byte (one slot, a long prompt); that is the stall check's to judge, with
+            # its generous timeout, not the interval's
+            busy = gate is not None and gate.inflight > 0
+            if not stall and (probe is None or busy or (st.last_at is not None
+                                                        and now - st.last_at < probe.interval_s)):
                 continue
             if probe is None:  # a stall, without [service.probe]: a probe of the defaults,
                 # answered within the stall timeout when that is shorter
@@ -158,6 +162,7 @@ class GenerationProber:
     async def _probe(self, name: str, actor: ServiceActor, st: ProbeState,
                      probe: ProbeSection, stall: bool) -> None:
         assert actor.port is not None
+        sent = self._clock()
         try:
             base = f"http://127.0.0.1:{actor.port}"
             if probe.model is None and not st.model_asked:
@@ -171,6 +176,11 @@ class GenerationProber:
             st.probes += 1
         if actor.gen != st.gen or self.sup.actors.get(name) is not actor:
             return  # relaunched or replaced meanwhile: this result is of the past
+        gate = self.sup.gate_of(name)
+        seen = gate.last_ok if gate is not None else None
+        if error is not None and seen is not None and seen[0][1] == actor.port \
+                and seen[1] >= sent:
+            error = None  # the gate saw it generate while the probe waited: it is not hung
         if error is None:
             self.results[(name, "ok")] = self.results.get((name, "ok"), 0) + 1
             if st.failures:
@@ -190,8 +200,15 @@ class GenerationProber:
             await self._hung(name, actor, error)
 
     async def _hung(self, name: str, actor: ServiceActor, error: str) -> None:
+        if actor.state is not State.READY or name in self.host.ops or "*" in self.host.ops:
+            # drained, stopping, held, or an operation on it began while the probe waited:
+            # its requests are being let finish, or it is going down anyway; judge it again
+            # once it is ready
+            log.warning("%s: generation probe failed (%s), but it is %s now: not restarted",
+                        name, error, actor.state.value)
+            return
         self.hung[name] = self.hung.get(name, 0) + 1
-        gated = self.sup.gate_of(name) is not None and actor.state is State.READY
+        gated = self.sup.gate_of(name) is not None
         log.error("%s: hung: %s; %s", name, error,
                   "hot swap to a new instance" if gated else "restarting it")
         try:
@@ -215,8 +232,8 @@ class GenerationProber:
         try:
             async with asyncio.timeout(timeout_s), \
                     self._client().get(base + "/v1/models") as r:
-                body = await r.content.read(MAX_ANSWER)
-                if r.status != 200:
+                body, more = await read_bounded(r, MAX_ANSWER)
+                if r.status != 200 or more:
                     return None
             data = json.loads(body)
             models = data.get("data") if isinstance(data, dict) else None
@@ -244,7 +261,7 @@ class GenerationProber:
             async with asyncio.timeout(timeout_s), \
                     self._client().post(base + path, json=body,
                                         headers={"User-Agent": "llm-supervisor-probe"}) as r:
-                answer = await r.content.read(MAX_ANSWER)
+                answer, more = await read_bounded(r, MAX_ANSWER)
                 status = r.status
         except TimeoutError:
             return f"no answer to POST {path} within {timeout_s:g} s"
@@ -253,6 +270,8 @@ class GenerationProber:
         if not 200 <= status < 300:
             text = " ".join(answer[:200].decode("utf-8", "replace").split())
             return f"POST {path} answered HTTP {status}: {text}"
+        if more:  # more than MAX_ANSWER of a 2xx answer: it generates, whatever it says
+            return None
         try:
             data = json.loads(answer)
             ok = isinstance(data, dict) and isinstance(data.get("choices"), list) \

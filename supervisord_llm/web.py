@@ -13,14 +13,14 @@ import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 
 from . import http1
 from .config import Listen
 from .gate.server import ClientConnection, Listener, Request, ResponseWriter, open_listener
-from .health import client_session
+from .health import client_session, read_bounded
 from .host import Host
 from .logs import LogLimiter
 from .metrics import CONTENT_TYPE, make_registry, render
@@ -30,8 +30,10 @@ from .systemd import Notifier
 LOOP_STALE_S = 5.0
 ENGINE_TIMEOUT_S = 5.0
 MAX_ENGINE_METRICS = 16 * 1024 * 1024
+MAX_FETCHES_PER_ENGINE = 4
 JSON = b"application/json"
-_LABEL_NAME = re.compile(rb'[,{]\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"')
+_NAME = re.compile(rb"[A-Za-z_:][A-Za-z0-9_:]*")
+_PAIR = re.compile(rb'\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"(?:[^"\\]|\\.)*"\s*,?')
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class MetricsServer:
         self._listener: Listener | None = None
         self._session: aiohttp.ClientSession | None = None
         self._hostname = socket.gethostname()
+        self._fetching: dict[str, int] = {}  # service -> engine scrapes in progress
 
     def count(self, code: int) -> None:
         return None
@@ -104,13 +107,18 @@ class MetricsServer:
             url = actor.plan.metrics_url(actor.port)
             if url is None:
                 continue
-            parts = urlsplit(url)
+            try:
+                parts = urlsplit(url)
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+            except ValueError:
+                continue  # the config's rules refuse such a URL; never one for all
             if not parts.hostname:
                 continue
-            port = parts.port or (443 if parts.scheme == "https" else 80)
             host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
             labels = {**self._labels(name), "__metrics_path__": parts.path or "/metrics",
                       "__scheme__": parts.scheme}
+            for key, value in parse_qsl(parts.query):
+                labels[f"__param_{key}"] = value
             out.append({"targets": [f"{host}:{port}"], "labels": labels})
         return out
 
@@ -123,17 +131,29 @@ class MetricsServer:
         if actor is None or url is None:
             return 404, http1.error_body(f"no service named {name[:64]!r} with a metrics URL",
                                          "invalid_request_error", "not_found"), JSON
+        busy = self._fetching.get(name, 0)
+        if busy >= MAX_FETCHES_PER_ENGINE:  # scrapes pile up on a slow engine: the
+            return 503, http1.error_body(  # listener's connections stay free for /metrics
+                f"{name}: {busy} scrapes of its metrics are already waiting on the engine",
+                "server_error", "busy"), JSON
+        self._fetching[name] = busy + 1
         try:
             async with asyncio.timeout(ENGINE_TIMEOUT_S), self._client().get(url) as r:
-                body = await r.content.read(MAX_ENGINE_METRICS + 1)
+                body, more = await read_bounded(r, MAX_ENGINE_METRICS)
                 status = r.status
         except TimeoutError:
             return self._bad(name, f"no answer from {url} within {ENGINE_TIMEOUT_S:g} s")
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return self._bad(name, f"{url}: {type(exc).__name__}: {exc}".rstrip(": "))
+        finally:
+            left = self._fetching.get(name, 1) - 1
+            if left:
+                self._fetching[name] = left
+            else:
+                self._fetching.pop(name, None)
         if status != 200:
             return self._bad(name, f"{url} answered HTTP {status}")
-        if len(body) > MAX_ENGINE_METRICS:
+        if more:
             return self._bad(name, f"{url}: more than {MAX_ENGINE_METRICS} bytes of metrics")
         return 200, relabel(body, self._labels(name)), CONTENT_TYPE.encode()
 
@@ -178,27 +198,41 @@ def _escape(value: str) -> str:
 
 
 def relabel(text: bytes, labels: dict[str, str]) -> bytes:
-    """Prometheus text with `labels` added to every sample (a label the engine sets itself
-    is left as it is). Comments and blank lines pass through."""
+    """Prometheus text with `labels` added to every sample (a label the engine sets itself is
+    left as it is). Comments and blank lines pass through; OpenMetrics' `# EOF` and
+    exemplars (` # {...}` after a value), which the text format does not take, are dropped."""
     out: list[bytes] = []
     for line in text.split(b"\n"):
-        if not line or line.startswith(b"#"):
+        if line.startswith(b"#"):
+            if line.strip() != b"# EOF":
+                out.append(line)
+            continue
+        if not line.strip():
             out.append(line)
             continue
-        brace, space = line.find(b"{"), line.find(b" ")
-        if brace != -1 and (space == -1 or brace < space):
-            inner = line[brace + 1:]
-            has = {m.decode() for m in _LABEL_NAME.findall(b"," + inner)}
-            extra = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items() if k not in has)
-            if not extra:
+        m = _NAME.match(line)
+        if m is None:
+            out.append(line)  # not a sample line: left for the scraper to judge
+            continue
+        name, rest = line[:m.end()], line[m.end():]
+        have: set[str] = set()
+        body = b""
+        if rest.startswith(b"{"):
+            pos = 1
+            for pair in _PAIR.finditer(rest, 1):
+                if pair.start() != pos:
+                    break
+                have.add(pair.group(1).decode())
+                pos = pair.end()
+            close = rest.find(b"}", pos)
+            if close == -1:
                 out.append(line)
-            elif inner.lstrip().startswith(b"}"):
-                out.append(line[:brace + 1] + extra.encode() + inner)
-            else:
-                out.append(line[:brace + 1] + extra.encode() + b"," + inner)
-        elif space != -1:
-            extra = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-            out.append(line[:space] + b"{" + extra.encode() + b"}" + line[space:])
-        else:
-            out.append(line)
+                continue
+            body, rest = rest[1:close].rstrip().rstrip(b","), rest[close + 1:]
+        extra = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items() if k not in have)
+        inner = b",".join(x for x in (extra.encode(), body) if x)
+        exemplar = rest.find(b" # {")
+        if exemplar != -1:
+            rest = rest[:exemplar]
+        out.append(name + b"{" + inner + b"}" + rest)
     return b"\n".join(out)

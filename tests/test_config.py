@@ -551,7 +551,7 @@ def test_probe_metrics_url_and_stall_timeout() -> None:
         (svc(port=1, metrics_url="ftp://x"), "service[0].metrics_url: must be an http://"),
         (svc(metrics_url="http://h:{port}/m"), "service[0].metrics_url"),
         (svc(port=1, gate={"listen": "127.0.0.1:9", "stall_timeout_s": 0}),
-         "gate.stall_timeout_s: must be > 0"),
+         "gate.stall_timeout_s: must be >= 1"),
     ]:
         out = problems({"service": [bad]})
         assert any(expect in p for p in out), (bad, out)

@@ -170,3 +170,27 @@ async def test_the_gate_measures_time_to_first_token_and_events_per_second(
     assert 20 < rate < 60, rate  # 21 events (with [DONE]) over 19-20 gaps of 0.02 s and more
     assert lines['llm_supervisor_gate_stream_events_per_second_bucket{le="75.0",service="chat"}'] \
         == 3
+
+
+async def test_no_interval_probe_while_a_request_thinks_silently(tmp_path: Path) -> None:
+    """A request in flight that has had nothing from the server yet (a long prompt on one
+    slot): the interval probe waits; that is the stall check's to judge."""
+    svc = fake_service("chat", free_port(), probe={**PROBE, "interval_s": 0.5},
+                       gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 8})
+    url = f"http://{svc['gate']['listen']}/v1/chat/completions"
+    with running(tmp_path, base_config(tmp_path, [svc], gpus=1)) as d:
+        st = d.wait_state("chat", "ready")
+        await async_wait_until(lambda: backend(st["port"], "/_stats")["probes"] >= 1, 5,
+                               what="a probe while idle")
+        async with aiohttp.ClientSession() as client:
+            # not streamed: 30 tokens x 0.1 s, nothing from the server for 3 s
+            body = {"max_tokens": 30, "fake_token_delay_s": 0.1}
+            task = asyncio.ensure_future(client.post(url, json=body))
+            await async_wait_until(lambda: d.service("chat")["inflight"] == 1, 5,
+                                   what="in flight")
+            before = backend(st["port"], "/_stats")["probes"]
+            async with await task as r:
+                assert r.status == 200
+                await r.read()
+            assert backend(st["port"], "/_stats")["probes"] == before
+        assert d.service("chat")["pid"] == st["pid"]

@@ -521,7 +521,7 @@ def _gate(t: Table | None) -> GateSection | None:
     send_t = t.number("send_timeout_s", 120.0, above=0, maximum=86400)
     max_conn = t.number("max_connections", 1024, integer=True, minimum=1, maximum=1_000_000)
     drain_t = t.number("drain_timeout_s", 60.0, minimum=0, maximum=86400)
-    stall_t = t.number("stall_timeout_s", 300.0, above=0, maximum=86400)
+    stall_t = t.number("stall_timeout_s", 300.0, minimum=1, maximum=86400)
     t.finish()
     if listen is None:
         return None
@@ -561,6 +561,13 @@ def _metrics_url(t: Table, port: int | None) -> str | None:
                 f"{short(url)})")
         return None
     _placeholders_ok(t, "metrics_url", (url,), port is not None)
+    try:  # with the placeholders filled in as they will be
+        parts = urlsplit(url.replace("{port}", "1").replace("{gpu_uuids}", "x"))
+        if not parts.hostname or parts.port == 0:
+            raise ValueError("no host" if not parts.hostname else "port 0")
+    except ValueError as exc:
+        t.error("metrics_url", f"not a usable URL ({exc}): {short(url)}")
+        return None
     return url
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
                            60.0, 120.0, 300.0)
 TTFB_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                        10.0, 30.0)
+_EOL: Final = re.compile(rb"\r\n|\r|\n")
 RATE_BUCKETS: Final = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0,
                        1000.0)
 RETRY_AFTER: Final = {"closed": b"5", "stopped": b"5", "draining": b"10", "queue_full": b"1",
@@ -100,28 +102,49 @@ class _Flow:
 
 
 class _Events:
-    """Counts the `data:` events of an SSE body as it passes (a line that starts with
-    `data:`; one split across two reads is counted once, when its start is seen)."""
+    """Counts the events of an SSE body as it passes, by the SSE rules: lines end with CRLF,
+    LF or CR (also when split across reads); an event is dispatched by a blank line after at
+    least one `data` line. Only the first bytes of a line are kept while it is incomplete,
+    so a huge event costs no memory here. `first` is when the first data line was seen (the
+    first token), `last` when the last event was dispatched."""
 
-    __slots__ = ("_at_line_start", "count", "first", "last")
+    __slots__ = ("_cr", "_data", "_head", "_partial", "count", "first", "last")
 
     def __init__(self) -> None:
         self.count = 0
         self.first: float | None = None
         self.last = 0.0
-        self._at_line_start = True
+        self._head = b""  # the start of the line being read (at most 5 bytes)
+        self._partial = False  # a line has begun and not ended
+        self._data = False  # a data line since the last dispatch
+        self._cr = False  # the last read ended with CR (an LF next is the same line end)
 
     def feed(self, data: bytes, now: float) -> None:
-        n = data.count(b"\ndata:")
-        if self._at_line_start and data.startswith(b"data:"):
-            n += 1
-        if data:
-            self._at_line_start = data.endswith(b"\n")
-        if n:
+        if self._cr and data.startswith(b"\n"):
+            data = data[1:]
+        if not data:
+            return
+        self._cr = data.endswith(b"\r")
+        parts = _EOL.split(data)
+        tail = parts.pop()
+        for i, part in enumerate(parts):
+            self._line(self._head + part[:5] if i == 0 and self._partial else part, now)
+        if parts:
+            self._head, self._partial = tail[:5], bool(tail)
+        else:  # no line end in this read: the line goes on
+            self._head = (self._head + tail)[:5] if self._partial else tail[:5]
+            self._partial = True
+
+    def _line(self, line: bytes, now: float) -> None:
+        if not line:
+            if self._data:
+                self._data = False
+                self.count += 1
+                self.last = now
+        elif line.startswith(b"data:") or line == b"data":
+            self._data = True
             if self.first is None:
                 self.first = now
-            self.count += n
-            self.last = now
 
 
 class Gate:
