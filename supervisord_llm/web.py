@@ -164,7 +164,7 @@ class MetricsServer:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = client_session(16)
+            self._session = client_session()  # no pool limit: 4 per engine at most
         return self._session
 
     def healthz(self) -> tuple[bool, dict[str, object]]:
@@ -203,9 +203,11 @@ def relabel(text: bytes, labels: dict[str, str]) -> bytes:
     exemplars (` # {...}` after a value), which the text format does not take, are dropped."""
     out: list[bytes] = []
     for line in text.split(b"\n"):
+        line = line.rstrip(b"\r").lstrip(b" \t")  # noqa: PLW2901 - normalized in place
         if line.startswith(b"#"):
-            if line.strip() != b"# EOF":
-                out.append(line)
+            if line.strip() == b"# EOF":
+                break  # OpenMetrics: nothing comes after it
+            out.append(line)
             continue
         if not line.strip():
             out.append(line)
@@ -235,4 +237,5 @@ def relabel(text: bytes, labels: dict[str, str]) -> bytes:
         if exemplar != -1:
             rest = rest[:exemplar]
         out.append(name + b"{" + inner + b"}" + rest)
-    return b"\n".join(out)
+    result = b"\n".join(out)
+    return result + b"\n" if result and not result.endswith(b"\n") else result

@@ -51,8 +51,10 @@ LABELS = {"service": "chat", "gpu": "0"}
     (b"# HELP a x", b"# HELP a x"),
 ])
 def test_relabel(line: bytes, expect: bytes) -> None:
-    assert relabel(line, LABELS) == expect
+    assert relabel(line, LABELS) == expect + b"\n"
 
 
-def test_relabel_drops_openmetrics_eof() -> None:
-    assert relabel(b"a 1\n# EOF\n", LABELS) == b'a{service="chat",gpu="0"} 1\n'
+def test_relabel_drops_openmetrics_eof_and_what_follows_and_crlf() -> None:
+    assert relabel(b"a 1\n# EOF\nb 2\n", LABELS) == b'a{service="chat",gpu="0"} 1\n'
+    assert relabel(b"# TYPE a gauge\r\n  a 1\r\n", LABELS) == \
+        b'# TYPE a gauge\na{service="chat",gpu="0"} 1\n'

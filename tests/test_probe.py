@@ -4,6 +4,7 @@ while /health stays 200."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.request
 from pathlib import Path
@@ -194,3 +195,41 @@ async def test_no_interval_probe_while_a_request_thinks_silently(tmp_path: Path)
                 await r.read()
             assert backend(st["port"], "/_stats")["probes"] == before
         assert d.service("chat")["pid"] == st["pid"]
+
+
+async def test_gets_and_retries_through_the_gate_do_not_hide_a_wedged_engine(
+        tmp_path: Path) -> None:
+    """GET /v1/models through the gate is no generation, and clients that give up and retry
+    are no progress: the stall check still finds the wedged engine, and it is swapped."""
+    svc = fake_service("chat", free_port(), probe=PROBE,
+                       gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 8,
+                             "stall_timeout_s": 1, "drain_timeout_s": 1})
+    base = f"http://{svc['gate']['listen']}"
+    with running(tmp_path, base_config(tmp_path, [svc], gpus=1)) as d:
+        st = d.wait_state("chat", "ready")
+        backend(st["port"], "/_ctl", gen_hang="1")
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession() as client:
+            async def poll() -> None:
+                while not stop.is_set():
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        async with client.get(base + "/v1/models") as r:
+                            await r.read()
+                    await asyncio.sleep(0.3)
+
+            async def retry() -> None:
+                while not stop.is_set():
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        async with asyncio.timeout(0.6), client.post(
+                                base + "/v1/chat/completions", json={"max_tokens": 2}) as r:
+                            await r.read()
+
+            tasks = [asyncio.ensure_future(f()) for f in (poll, retry, retry)]
+            try:
+                await async_wait_until(lambda: d.service("chat")["port"] != st["port"], 20,
+                                       what="swapped despite the GETs and the retries")
+            finally:
+                stop.set()
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)

@@ -99,6 +99,7 @@ class _Flow:
     target: Upstream
     paused: bool = False
     started: float = 0.0
+    post: bool = False  # generation requests are POSTs; the stall check counts only them
 
 
 class _Events:
@@ -165,6 +166,11 @@ class Gate:
         # one), and when (monotonic): the generation probe's evidence
         self.last_ok: tuple[Upstream, float] | None = None
         self._flows: set[_Flow] = set()  # requests being proxied, for the stall detection
+        # per upstream port (monotonic): its last head or byte, and the first request sent
+        # to it since then: silence is measured from the later of the two, so clients that
+        # give up and retry are no progress
+        self._heard: dict[int, float] = {}
+        self._asked: dict[int, float] = {}
         self._idle: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
 
     # --- state (called on the gate loop) ------------------------------------------------------
@@ -366,8 +372,11 @@ class Gate:
             req.chunked or req.content_length is not None) else None
         head_request = req.method == b"HEAD"
         up: UpstreamConnection | None = None
-        flow = _Flow(time.monotonic(), target)
+        flow = _Flow(time.monotonic(), target, post=req.method == b"POST")
         flow.started = flow.last
+        port = target[1]
+        if flow.post and self._asked.get(port, 0.0) <= self._heard.get(port, 0.0):
+            self._asked[port] = flow.started  # the first request since it last answered
         self._flows.add(flow)
         try:
             for attempt in (0, 1):
@@ -403,6 +412,8 @@ class Gate:
             self.stats.ttfb.observe(time.perf_counter() - started)
             stream = up
             flow.last = time.monotonic()  # the head came
+            if flow.post:  # a GET answered says nothing of the engine's slots
+                self._heard[target[1]] = flow.last
 
             def writable(ok: bool) -> None:
                 # a client that does not read pauses the server: that is no stall
@@ -414,12 +425,17 @@ class Gate:
                     stream.pause()
 
             conn.on_writable = writable
-            generating = 200 <= head.status < 300 and target == self.upstream
+            # generation is a POST answered 2xx (a GET of /health or /v1/models through the
+            # gate says nothing of the engine's slots)
+            generating = 200 <= head.status < 300 and target == self.upstream \
+                and req.method == b"POST"
 
             sse = _Events() if writer.event_stream and generating else None
 
             def sink(data: bytes, _write: Callable[[bytes], None] = writer.write) -> None:
                 flow.last = now = time.monotonic()
+                if flow.post:
+                    self._heard[target[1]] = now
                 if generating:
                     self.last_ok = (target, now)  # it generates: bytes flow
                     if sse is not None:
@@ -437,7 +453,7 @@ class Gate:
                 self.stats.ttft.observe(sse.first - flow.started)
                 if sse.count >= 2 and sse.last > sse.first:
                     self.stats.event_rate.observe((sse.count - 1) / (sse.last - sse.first))
-            if 200 <= head.status < 300 and target == self.upstream:
+            if generating:
                 # read by the generation probe on the daemon's loop: one tuple, one store
                 self.last_ok = (target, time.monotonic())
             return head.status
@@ -448,18 +464,30 @@ class Gate:
             return self._bad_gateway(writer, target, exc)
         finally:
             self._flows.discard(flow)
+            if len(self._asked) > 8:  # instances come and go (swaps): keep the live ones
+                live = {t[1] for t in (self.upstream, self.backup) if t is not None}
+                live |= {f.target[1] for f in self._flows}
+                for gone in [p for p in self._asked if p not in live]:
+                    self._asked.pop(gone, None)
+                    self._heard.pop(gone, None)
             if up is not None:  # mid-request: the server must see the end of it
                 up.close()
 
     def stalled_for(self, port: int) -> float | None:
-        """How long every request in flight to the upstream on `port` has had nothing from it
-        (no head, no byte), counting none that waits on its client (paused because the
-        client does not read); None when none is in flight. On the gate's loop."""
-        flows = [f for f in self._flows if f.target[1] == port]
+        """With requests in flight to the upstream on `port`: how long it has sent nothing
+        (no head, no byte) on any request, counted from the first request since it last did
+        (new requests from clients that gave up are no progress); 0 while one waits on its
+        client (paused: the client does not read); None when none is in flight. On the
+        gate's loop."""
+        flows = [f for f in self._flows if f.target[1] == port and f.post]
         if not flows:
             return None
-        now = time.monotonic()
-        return min(0.0 if f.paused else now - f.last for f in flows)
+        if any(f.paused for f in flows):
+            return 0.0
+        # since the server last sent anything on any request, or since it had requests at
+        # all: clients that give up and retry make new requests, not progress
+        since = max(self._asked.get(port, 0.0), self._heard.get(port, 0.0))
+        return time.monotonic() - since
 
     def _bad_gateway(self, writer: ResponseWriter, target: Upstream, exc: Exception) -> int:
         self.limiter.warning("upstream_error", "%s gate: upstream %s:%d failed: %s",
