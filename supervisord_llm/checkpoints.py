@@ -35,8 +35,7 @@ from . import protocol as P
 from .config import Checkpoint
 from .errors import ControlError
 from .health import client_session, read_bounded
-from .spawn import MARK_INSTANCE, MARK_SERVICE, Spawner
-from .spawn import _ServiceProtocol as ExitProtocol
+from .spawn import MARK_INSTANCE, MARK_SERVICE, ExitProtocol, Spawner
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor

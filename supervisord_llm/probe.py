@@ -216,7 +216,7 @@ class GenerationProber:
                 actor.counters.restart(RestartReason.HUNG)  # a swap counts nothing itself
                 await self.host.swap(name, None)
             else:
-                await self.host.command([name], _restart_event())
+                await self.host.command([name], L.Restart(RestartReason.HUNG))
         except ControlError as exc:
             log.error("%s: hung, and the %s was not done: %s", name,
                       "hot swap" if gated else "restart", exc.message)
@@ -305,6 +305,3 @@ class GenerationProber:
             await self._session.close()
             self._session = None
 
-
-def _restart_event() -> L.Event:
-    return L.Restart(RestartReason.HUNG)

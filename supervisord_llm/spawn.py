@@ -273,7 +273,7 @@ def _scan_leftovers(instance: str, groups: dict[int, str]) -> _LeftoverScan:
 # --- a launched service ------------------------------------------------------------------------
 
 
-class _ServiceProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+class ExitProtocol(asyncio.subprocess.SubprocessStreamProtocol):
     """The stream protocol, plus a future resolved as soon as the main process exits: the
     child watcher's callback, not the end of the output pipes (which escaped processes may
     hold open forever)."""
@@ -306,7 +306,7 @@ class ServiceProcess:
     process group, and the processes found to have escaped the group."""
 
     def __init__(self, spec: LaunchSpec, *, transport: asyncio.SubprocessTransport,
-                 protocol: _ServiceProtocol, create_time: float, start_ticks: int,
+                 protocol: ExitProtocol, create_time: float, start_ticks: int,
                  launch_id: str, spawner: Spawner) -> None:
         self.spec = spec
         self._transport = transport
@@ -569,7 +569,7 @@ class Spawner:
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await loop.subprocess_exec(
-                lambda: _ServiceProtocol(_LINE_LIMIT, loop),
+                lambda: ExitProtocol(_LINE_LIMIT, loop),
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,

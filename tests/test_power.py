@@ -314,6 +314,7 @@ def test_signal_and_http_checkpoints(tmp_path: Path, ups: NutServer) -> None:
         "import signal, sys, time, http.server, threading\n"
         f"def snap(*_):\n    open({str(done)!r}, 'w').write('snap')\n"
         "signal.signal(signal.SIGUSR1, snap)\n"
+        f"open({str(tmp_path / 'armed')!r}, 'w')\n"
         "srv = http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])),"
         " http.server.BaseHTTPRequestHandler)\n"
         "srv.serve_forever()\n")
@@ -327,7 +328,7 @@ def test_signal_and_http_checkpoints(tmp_path: Path, ups: NutServer) -> None:
             "timeout_s": 2}]
     with running(tmp_path, config(tmp_path, ups, [svc], cps)) as d:
         d.wait_state("rag-api", "ready")
-        time.sleep(0.3)  # the service installs its handler as it starts
+        wait_until((tmp_path / "armed").exists, 5, what="the handler installed")
         r = d.llmctl("checkpoint", "faiss")
         assert r.returncode == 0, (r.stdout, r.stderr)
         assert done.read_text() == "snap"
