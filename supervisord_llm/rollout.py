@@ -149,7 +149,8 @@ def check_reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> None
         c = plan.config
         ports = [("port", c.port)]
         if c.gate is not None:
-            ports += [("gate.listen", c.gate.listen.port), ("gate.swap_port", c.gate.swap_port)]
+            ports += [("gate.listen", c.gate.listen.port if c.gate.listen else None),
+                      ("gate.swap_port", c.gate.swap_port)]
         for key, port in ports:
             owner = holders.get(port) if port is not None else None
             if owner is not None and owner != c.name:
@@ -159,7 +160,8 @@ def check_reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> None
     for i, plan in enumerate(plans):
         c = plan.config
         gate = c.gate
-        if gate is not None and running_gates.get(c.name) != gate.listen \
+        if gate is not None and gate.listen is not None \
+                and running_gates.get(c.name) != gate.listen \
                 and gate.listen not in running_gates.values() \
                 and not port_free(gate.listen.port, gate.listen.host):
             problems.append(f"service[{i}].gate.listen: {gate.listen} is in use by another "
@@ -260,7 +262,8 @@ async def _reconcile_gates(sup: Supervisor, old: dict[str, GateSection | None],
         elif now is not None and was is not None:
             try:
                 await sup.gates.rebind(name, now)
-                log.info("%s: gate moved from %s to %s", name, was.listen, now.listen)
+                log.info("%s: gate moved from %s to %s", name, was.listen or "the router only",
+                         now.listen or "the router only")
             except StartupError as exc:
                 res.warnings.append(str(exc))
         else:

@@ -247,7 +247,8 @@ class Supervisor:
                     ports.add(p)
             gate = actor.cfg.gate
             if gate is not None:
-                ports.add(gate.listen.port)
+                if gate.listen is not None:
+                    ports.add(gate.listen.port)
                 if gate.swap_port is not None:
                     ports.add(gate.swap_port)
         return ports

@@ -38,6 +38,7 @@ from .schema import (
     PROBE_ENDPOINTS,
     PROBE_KINDS,
     RESTART_POLICIES,
+    START_MODES,
     UPS_RE,
     Checkpoint,
     CheckpointKind,
@@ -52,8 +53,10 @@ from .schema import (
     ProbeKind,
     ProbeSection,
     RestartSection,
+    RouterSection,
     ServiceConfig,
     SimGpu,
+    StartMode,
     StopSection,
     SupervisorSection,
     ThermalSection,
@@ -500,11 +503,14 @@ def _stop(t: Table | None) -> StopSection:
     return StopSection(sig, timeout)
 
 
-def _gate(t: Table | None) -> GateSection | None:
+def _gate(t: Table | None, has_router: bool) -> GateSection | None:
     if t is None:
         return None
     listen = None
-    text = t.string("listen")
+    text = t.string("listen", None)
+    if text is None and not has_router:
+        t.error("listen", "required key is missing (a gate without `listen` is reachable "
+                "only through the router: add a [router] section)")
     if isinstance(text, str):
         try:
             listen = parse_listen(text)
@@ -523,7 +529,7 @@ def _gate(t: Table | None) -> GateSection | None:
     drain_t = t.number("drain_timeout_s", 60.0, minimum=0, maximum=86400)
     stall_t = t.number("stall_timeout_s", 300.0, minimum=1, maximum=86400)
     t.finish()
-    if listen is None:
+    if listen is None and (text is not None or not has_router):
         return None
     return GateSection(listen, conc, queue, backup, swap_port, qt, header_t, body_t, send_t,
                        max_conn, drain_t, stall_t)
@@ -584,7 +590,58 @@ def _gpu_ref(value: object) -> int | str | None:
     return None
 
 
-def _service(t: Table, warnings: list[str]) -> ServiceConfig | None:
+def _models(t: Table, name: object, port: int | None,
+            has_gate: bool) -> tuple[str, ...] | None:
+    """The model names a service serves behind the router (default: its name)."""
+    raw = t.raw("models")
+    if raw is MISSING:
+        return (name,) if isinstance(name, str) and port is not None else ()
+    models = t.string_list("models", allow_empty=False)
+    if not isinstance(models, tuple):
+        return None
+    seen: set[str] = set()
+    for i, model in enumerate(models):
+        if not 1 <= len(model) <= 256 or not model.isprintable() or model != model.strip():
+            t.problems.append(f"{t.key_path('models')}[{i}]: must be 1-256 printable "
+                              f"characters without leading or trailing blanks (got "
+                              f"{short(model)})")
+            return None
+        if model in seen:
+            t.problems.append(f"{t.key_path('models')}[{i}]: {short(model)} is listed twice")
+            return None
+        seen.add(model)
+    if port is None and not has_gate:
+        t.error("models", "the router sends requests to the service's `port`: give it one")
+        return None
+    return models
+
+
+def _demand(t: Table, has_router: bool, has_gate: bool, gpus: list[int | str],
+            port: int | None) -> tuple[str, float | None, float | None, bool]:
+    """`start`, `idle_stop_s`, `vram_gb`, `exclusive`."""
+    start = t.string("start", "always", choices=START_MODES)
+    idle = t.number("idle_stop_s", None, above=0, maximum=30 * 86400)
+    vram = t.number("vram_gb", None, above=0, maximum=1_000_000)
+    exclusive = t.boolean("exclusive", False)
+    if start == "on-demand":
+        if port is None:
+            t.error("start", "an on-demand service needs a `port` (its requests come "
+                    "through a gate or the router)")
+        elif not has_gate and not has_router:
+            t.error("start", "an on-demand service is started by its first request: give "
+                    "it a [service.gate] or add a [router] section")
+    elif idle is not None:
+        t.error("idle_stop_s", 'only an on-demand service (start = "on-demand") is stopped '
+                "when idle")
+    if vram is not None and not gpus:
+        t.error("vram_gb", "is what the service needs on each of its GPUs: name them in "
+                "`gpus`")
+    if exclusive and not gpus:
+        t.error("exclusive", "reserves the service's GPUs: name them in `gpus`")
+    return (start if isinstance(start, str) else "always"), idle, vram, exclusive
+
+
+def _service(t: Table, warnings: list[str], has_router: bool = False) -> ServiceConfig | None:
     name = t.string("name")
     if isinstance(name, str) and not _NAME_RE.match(name):
         t.error("name", f"must be 1-63 letters, digits, '_', '.', '-' (got {short(name)})")
@@ -653,14 +710,47 @@ def _service(t: Table, warnings: list[str]) -> ServiceConfig | None:
     health = _health(t.table("health"), port)
     restart = _restart(t.table("restart"))
     stop = _stop(t.table("stop"))
-    gate = _gate(t.table("gate"))
+    gate = _gate(t.table("gate"), has_router)
     probe = _probe(t.table("probe"), port)
     metrics_url = _metrics_url(t, port)
+    models = _models(t, name, port, gate is not None) if has_router or t.has("models") else ()
+    if t.has("models") and not has_router:
+        t.error("models", "names the service's models for the router: add a [router] "
+                "section")
+    start, idle, vram, exclusive = _demand(t, has_router, gate is not None, gpus, port)
     t.finish()
-    if not isinstance(name, str) or not isinstance(command, tuple):
+    if not isinstance(name, str) or not isinstance(command, tuple) or models is None:
         return None
+    if has_router and gate is None and models:
+        gate = GateSection(None)  # behind the router only: a gate without a listener
     return ServiceConfig(name, command, port, tuple(gpus), numa, user, tuple(env), health,
-                         restart, stop, gate, probe, metrics_url)
+                         restart, stop, gate, probe, metrics_url, models,
+                         cast(StartMode, start), idle, vram, exclusive)
+
+
+def _router(root: Table) -> RouterSection | None:
+    t = root.table("router")
+    if t is None:
+        return None
+    listen = None
+    text = t.string("listen")
+    if isinstance(text, str):
+        try:
+            listen = parse_listen(text)
+        except ValueError as exc:
+            t.error("listen", str(exc))
+    d = RouterSection(Listen("127.0.0.1", 9000))
+    header_t = t.number("header_timeout_s", d.header_timeout_s, above=0, maximum=3600)
+    body_t = t.number("body_timeout_s", d.body_timeout_s, above=0, maximum=86400)
+    send_t = t.number("send_timeout_s", d.send_timeout_s, above=0, maximum=86400)
+    max_conn = t.number("max_connections", d.max_connections, integer=True, minimum=1,
+                        maximum=1_000_000)
+    max_body = t.number("max_body_bytes", d.max_body_bytes, integer=True, minimum=1024,
+                        maximum=256 * 1024 * 1024)
+    t.finish()
+    if listen is None:
+        return None
+    return RouterSection(listen, header_t, body_t, send_t, max_conn, max_body)
 
 
 def _error_paths(problems: list[str]) -> set[str]:
@@ -695,6 +785,18 @@ def _cross_checks(cfg: Config, services: list[tuple[int, ServiceConfig]],
 
     if cfg.metrics.listen is not None and not bad("metrics.listen"):
         claim(cfg.metrics.listen.port, "metrics.listen", "metrics.listen")
+    if cfg.router is not None and not bad("router.listen"):
+        claim(cfg.router.listen.port, "router.listen", "router.listen")
+    served: dict[str, tuple[int, str]] = {}
+    for i, svc in services:
+        for j, model in enumerate(svc.models):
+            if model in served:
+                k, owner = served[model]
+                problems.append(f"service[{i}].models[{j}]: model {short(model)} is already "
+                                f"served by service[{k}] ({owner}); model names must be "
+                                "unique across services")
+            else:
+                served[model] = (i, svc.name)
     for i, svc in services:
         if svc.name in names:
             problems.append(
@@ -705,7 +807,7 @@ def _cross_checks(cfg: Config, services: list[tuple[int, ServiceConfig]],
         if svc.port is not None:
             claim(svc.port, f"service[{i}].port", f"service[{i}] ({svc.name})")
         if svc.gate is not None:
-            if not bad(f"service[{i}].gate.listen"):
+            if svc.gate.listen is not None and not bad(f"service[{i}].gate.listen"):
                 claim(svc.gate.listen.port, f"service[{i}].gate.listen",
                       f"service[{i}].gate ({svc.name})")
             if svc.gate.swap_port is not None:
@@ -758,11 +860,14 @@ def build_config(doc: Mapping[str, Any], path: str | None = None) -> Config:
     power = _power(root)
     checkpoints = [(i, c) for i, c in enumerate(map(_checkpoint,
                                                     root.array_of_tables("checkpoint"))) if c]
+    router = _router(root)
+    has_router = root.has("router")
     services = [(i, s) for i, s in enumerate(
-        _service(t, warnings) for t in root.array_of_tables("service")) if s]
+        _service(t, warnings, has_router) for t in root.array_of_tables("service")) if s]
     root.finish()
     cfg = Config(supervisor, metrics, gpu, thermal, power, tuple(c for _, c in checkpoints),
-                 tuple(s for _, s in services), path, tuple(one_line(w) for w in warnings))
+                 tuple(s for _, s in services), router, path,
+                 tuple(one_line(w) for w in warnings))
     _cross_checks(cfg, services, checkpoints, _declared_names(doc), problems)
     if problems:
         raise config_error(problems)

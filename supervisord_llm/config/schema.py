@@ -24,6 +24,7 @@ UPS_RE: Final = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)@(?:\[(?P<v6>[0-9A-Fa-f:.
 CheckpointKind = Literal["http", "command", "signal"]
 ProbeKind = Literal["completion"]
 ProbeEndpoint = Literal["completions", "chat"]
+StartMode = Literal["always", "on-demand"]
 
 LOG_FORMATS: Final[tuple[str, ...]] = get_args(LogFormat)
 GPU_BACKENDS: Final[tuple[str, ...]] = get_args(GpuBackendName)
@@ -34,6 +35,8 @@ POWER_SOURCES: Final[tuple[str, ...]] = get_args(PowerSource)
 CHECKPOINT_KINDS: Final[tuple[str, ...]] = get_args(CheckpointKind)
 PROBE_KINDS: Final[tuple[str, ...]] = get_args(ProbeKind)
 PROBE_ENDPOINTS: Final[tuple[str, ...]] = get_args(ProbeEndpoint)
+START_MODES: Final[tuple[str, ...]] = get_args(StartMode)
+GIB: Final = 1024**3  # vram_gb counts GiB, as GPU makers and nvidia-smi do ("96 GB" cards)
 
 @dataclass(frozen=True)
 class SupervisorSection:
@@ -202,7 +205,7 @@ class StopSection:
 
 @dataclass(frozen=True)
 class GateSection:
-    listen: Listen
+    listen: Listen | None  # None: reachable only through the router
     max_concurrency: int = 64
     max_queue: int = 256
     backup: str | None = None
@@ -232,6 +235,29 @@ class ServiceConfig:
     gate: GateSection | None = None
     probe: ProbeSection | None = None
     metrics_url: str | None = None  # the engine's metrics (None: no port, or "" given)
+    # the model names the router sends here (empty: not behind the router)
+    models: tuple[str, ...] = ()
+    start: StartMode = "always"
+    idle_stop_s: float | None = None  # on-demand: stopped after this long with nothing asked
+    vram_gb: float | None = None  # what it needs on each of its GPUs (GiB)
+    exclusive: bool = False  # its GPUs are for it alone
+
+    @property
+    def on_demand(self) -> bool:
+        return self.start == "on-demand"
+
+
+@dataclass(frozen=True)
+class RouterSection:
+    """One OpenAI endpoint in front of every service's gate, by the request's `model`."""
+
+    listen: Listen
+    header_timeout_s: float = 30.0
+    body_timeout_s: float = 60.0
+    send_timeout_s: float = 120.0
+    max_connections: int = 1024
+    # how much of a request body is read to find its `model` (the rest streams through)
+    max_body_bytes: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -243,6 +269,7 @@ class Config:
     power: PowerSection = PowerSection()
     checkpoints: tuple[Checkpoint, ...] = ()
     services: tuple[ServiceConfig, ...] = ()
+    router: RouterSection | None = None
     path: str | None = field(default=None, compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar
 
-from ..config import GateSection
+from ..config import GateSection, RouterSection
 from ..logs import LogLimiter
 from .proxy import Gate
+from .router import Router
 from .server import Listener, open_listener
 from .upstream import UpstreamPool
 
@@ -32,6 +34,8 @@ class GateHost:
         self._pool: UpstreamPool | None = None
         self._ready = threading.Event()
         self.limiter = LogLimiter("supervisord_llm.gate")
+        self.router: Router | None = None
+        self._router_listener: Listener | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -77,10 +81,10 @@ class GateHost:
         if self._pool is None:
             self._pool = UpstreamPool()
         gate = Gate(name, cfg, self._pool, self.limiter)
-        listener = open_listener(gate, cfg.listen.host, cfg.listen.port,
-                                 f"{name}'s gate {cfg.listen}")
+        if cfg.listen is not None:  # else reachable through the router only
+            self._listeners[name] = open_listener(gate, cfg.listen.host, cfg.listen.port,
+                                                  f"{name}'s gate {cfg.listen}")
         self.gates[name] = gate
-        self._listeners[name] = listener
         return gate
 
     async def rebind(self, name: str, cfg: GateSection) -> None:
@@ -91,21 +95,60 @@ class GateHost:
 
     async def _rebind(self, name: str, cfg: GateSection) -> None:
         gate = self.gates[name]
-        listener = open_listener(gate, cfg.listen.host, cfg.listen.port,
-                                 f"{name}'s gate {cfg.listen} (it stays on {gate.cfg.listen})")
-        old = self._listeners[name]
-        self._listeners[name] = listener
+        old = self._listeners.pop(name, None)
+        if cfg.listen is not None:
+            was = gate.cfg.listen or "the router only"
+            try:
+                self._listeners[name] = open_listener(
+                    gate, cfg.listen.host, cfg.listen.port,
+                    f"{name}'s gate {cfg.listen} (it stays on {was})")
+            except BaseException:
+                if old is not None:
+                    self._listeners[name] = old
+                raise
         gate.reconfigure(cfg)
-        await old.close(REMOVE_GRACE_S)
+        if old is not None:
+            await old.close(REMOVE_GRACE_S)
+
+    async def set_router(self, cfg: RouterSection | None) -> None:
+        """Start, move, reconfigure or close the router (StartupError if its new address
+        cannot be bound: the old one stays)."""
+        self.start()
+        await self.submit(self._set_router(cfg))
+
+    async def _set_router(self, cfg: RouterSection | None) -> None:
+        old = self._router_listener
+        if cfg is None:
+            self.router = None
+            self._router_listener = None
+            if old is not None:
+                await old.close(REMOVE_GRACE_S)
+            return
+        if self.router is None:
+            self.router = Router(cfg, self.gates, self.limiter)
+        elif old is not None and self.router.cfg.listen == cfg.listen:
+            self.router.reconfigure(cfg)
+            return
+        was = self.router.cfg.listen
+        self._router_listener = open_listener(
+            self.router, cfg.listen.host, cfg.listen.port,
+            f"router.listen {cfg.listen}" + (f" (it stays on {was})" if old else ""))
+        self.router.reconfigure(cfg)
+        if old is not None:
+            await old.close(REMOVE_GRACE_S)
 
     async def remove(self, name: str) -> None:
         await self.submit(self._remove(name, REMOVE_GRACE_S))
 
     async def _remove(self, name: str, grace_s: float) -> None:
         listener = self._listeners.pop(name, None)
-        self.gates.pop(name, None)
+        gate = self.gates.pop(name, None)
         if listener is not None:
             await listener.close(grace_s)
+        elif gate is not None:  # behind the router only: its requests finish
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await gate.wait_idle(gate.is_idle)
 
     async def close(self) -> None:
         if self._loop is None:
@@ -118,7 +161,11 @@ class GateHost:
         self._thread = None
 
     async def _close(self) -> None:
-        await asyncio.gather(*(self._remove(n, CLOSE_GRACE_S) for n in list(self._listeners)))
+        listener = self._router_listener
+        if listener is not None:
+            self._router_listener = None
+            await listener.close(CLOSE_GRACE_S)
+        await asyncio.gather(*(self._remove(n, CLOSE_GRACE_S) for n in list(self.gates)))
         if self._pool is not None:
             self._pool.close()
             self._pool = None

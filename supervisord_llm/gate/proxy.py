@@ -37,7 +37,10 @@ _EOL: Final = re.compile(rb"\r\n|\r|\n")
 RATE_BUCKETS: Final = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0,
                        1000.0)
 RETRY_AFTER: Final = {"closed": b"5", "stopped": b"5", "draining": b"10", "queue_full": b"1",
-                      "queue_timeout": b"1"}
+                      "queue_timeout": b"1", "no_room": b"10", "cold_timeout": b"10"}
+# why a gate of an on-demand service is closed when a request makes it start (or waits):
+# idle (not loaded), loading (starting, or in backoff after a failed start)
+COLD: Final = frozenset({"idle", "loading"})
 DRAIN_REASONS: Final = ("operator", "swap", "thermal", "power", "shutdown", "stop")
 _TO_UPSTREAM_DROP: Final = frozenset({b"host", b"content-length", b"expect",
                                       b"x-forwarded-for"})
@@ -89,6 +92,18 @@ class GateStats:
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+@dataclass
+class ModelStats:
+    """One model's requests through the router (by status code) and time to first token."""
+
+    requests: dict[str, int] = field(default_factory=dict)
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFB_BUCKETS))
+
+    def count(self, code: int) -> None:
+        key = str(code)
+        self.requests[key] = self.requests.get(key, 0) + 1
 
 
 @dataclass(eq=False)
@@ -172,6 +187,18 @@ class Gate:
         self._heard: dict[int, float] = {}
         self._asked: dict[int, float] = {}
         self._idle: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        # models on demand (set by the supervisor): the service is started by a request
+        self.on_demand = False
+        self.startup_timeout_s = 900.0
+        self.demand: Callable[[str, str | None], None] | None = None  # hops to the daemon
+        self.unloading = False  # retired (idle): being stopped; requests wait and re-demand
+        self.cold_message: str | None = None  # why room cannot be made now (the swapper)
+        self.active = 0  # requests inside the gate, from arrival to answer (any state)
+        self.last_active = time.monotonic()  # a request arrived or ended (the idle timer)
+        self._cold: list[asyncio.Future[None]] = []  # requests waiting for a cold start
+        self._loading_since = 0.0
+        self._demanded = False  # the daemon was asked to start it since it last changed
+        self.models: dict[str, ModelStats] = {}
 
     # --- state (called on the gate loop) ------------------------------------------------------
 
@@ -197,10 +224,94 @@ class Gate:
                       closed_why: str = "closed") -> None:
         """The service is ready at `upstream` (None: not ready, for `closed_why`); its backup
         at `backup`."""
+        if closed_why != self.closed_why or upstream != self.upstream:
+            self._demanded = False
+            if closed_why == "loading" and self.closed_why != "loading":
+                self._loading_since = time.monotonic()
         self.upstream = upstream
         self.backup = backup
         self.closed_why = closed_why
+        if upstream is not None:
+            self.cold_message = None
         self._refresh()
+
+    # --- models on demand --------------------------------------------------------------------
+
+    def set_demand(self, on_demand: bool, startup_timeout_s: float,
+                   demand: Callable[[str, str | None], None] | None) -> None:
+        self.on_demand = on_demand
+        self.startup_timeout_s = startup_timeout_s
+        self.demand = demand
+        self._wake_cold()
+
+    def retire(self) -> bool:
+        """Take the gate out of service to stop an idle on-demand service: only if no
+        request is inside it (nothing is cut); requests that come meanwhile wait, and ask
+        for the service again. True if retired."""
+        if self.active or self._cold or self.unloading or self.admission.inflight:
+            return False
+        self.unloading = True
+        self._demanded = False
+        return True
+
+    def set_unloading(self, unloading: bool) -> None:
+        if unloading != self.unloading:
+            self.unloading = unloading
+            self._demanded = False
+            self._wake_cold()
+
+    def set_cold_message(self, message: str | None) -> None:
+        """Why the service cannot be started now (what holds the memory); None: it can."""
+        self.cold_message = message
+        self._wake_cold()
+
+    @property
+    def cold_waiting(self) -> int:
+        return len(self._cold)
+
+    def _is_cold(self) -> bool:
+        return self.on_demand and not self.drains and (
+            self.unloading or (self.upstream is None and self.closed_why in COLD))
+
+    def _ask(self, model: str | None) -> None:
+        if self.demand is not None and not self._demanded and (
+                self.unloading or self.closed_why == "idle"):
+            self._demanded = True
+            self.demand(self.name, model)
+
+    def _wake_cold(self) -> None:
+        for fut in self._cold:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _wait_cold(self, model: str | None) -> str | None:
+        """A request for an on-demand service that is not loaded: ask for it and wait until
+        its gate opens. The wait for room is bounded by queue_timeout_s, a load by the
+        service's startup_timeout_s (after room was made). None once open; else why not."""
+        if len(self._cold) >= self.cfg.max_queue:
+            return "queue_full"
+        room_deadline = time.monotonic() + self.cfg.queue_timeout_s
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._is_cold():
+                return None if self._target() is not None else self.state
+            self._ask(model)
+            deadline = room_deadline
+            if self.closed_why == "loading" and not self.unloading:
+                deadline = max(deadline, self._loading_since + self.startup_timeout_s)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                loading = self.closed_why == "loading" and not self.unloading
+                return "cold_timeout" if loading else "no_room"
+            fut: asyncio.Future[None] = loop.create_future()
+            self._cold.append(fut)
+            try:
+                async with asyncio.timeout(left):
+                    await fut
+            except TimeoutError:
+                pass
+            finally:
+                self._cold.remove(fut)
 
     def drain(self, reason: str = "operator") -> None:
         self.drains.add(reason)
@@ -226,9 +337,10 @@ class Gate:
             # queued requests were never admitted: they re-decide (backup, or 503) now
             self.admission.reject_waiting(self.state)
         self._wake_idle()
+        self._wake_cold()
 
     def is_idle(self) -> bool:
-        return self.inflight == 0
+        return self.inflight == 0 and not self._cold
 
     async def wait_idle(self, predicate: Callable[[], bool]) -> None:
         if predicate():
@@ -253,17 +365,26 @@ class Gate:
     # --- a request -----------------------------------------------------------------------------
 
     def _target(self) -> Upstream | None:
-        if self.state == "open" and self.upstream is not None:
+        if self.state == "open" and self.upstream is not None and not self.unloading:
             return self.upstream
         return self.backup
 
-    async def handle(self, req: Request, conn: ClientConnection) -> bool:
-        """Answer one request; True if the connection may serve another."""
+    async def handle(self, req: Request, conn: ClientConnection,
+                     model: str | None = None) -> bool:
+        """Answer one request (`model`: the one the router found in it); True if the
+        connection may serve another."""
         started = time.perf_counter()
         writer = ResponseWriter(conn, req)
         code = 499
+        self.active += 1
+        self.last_active = time.monotonic()
+        stats = None
+        if model is not None:
+            stats = self.models.get(model)
+            if stats is None:
+                stats = self.models[model] = ModelStats()
         try:
-            code = await self._serve(req, conn, writer, started)
+            code = await self._serve(req, conn, writer, started, stats, model)
         except (ClientGone, asyncio.CancelledError):
             code = 499  # the client went away
         except BodyTimeout as exc:
@@ -275,12 +396,23 @@ class Gate:
                                                     "request_timeout"))
             return False
         finally:
+            self.active -= 1
+            self.last_active = time.monotonic()
             self.stats.count(code)
+            if stats is not None:
+                stats.count(code)
             self.stats.duration.observe(time.perf_counter() - started)
         return writer.finished and writer.keep_alive
 
     async def _serve(self, req: Request, conn: ClientConnection, writer: ResponseWriter,
-                     started: float) -> int:
+                     started: float, stats: ModelStats | None, model: str | None) -> int:
+        if self._is_cold():
+            if self.backup is not None:
+                self._ask(model)  # the backup serves meanwhile; the model loads
+            else:
+                why = await self._wait_cold(model)
+                if why is not None:
+                    return self._reject(writer, 429 if why == "queue_full" else 503, why)
         if self._target() is None:  # closed or draining, no backup: answer before the body
             return self._reject(writer, 503, self.state)
         if req.expect_continue and not req.body.complete:
@@ -305,7 +437,7 @@ class Gate:
                 return self._reject(writer, 503, self.state)
             self.by_upstream[target] = self.by_upstream.get(target, 0) + 1
             try:
-                return await self._proxy(req, conn, writer, target, started)
+                return await self._proxy(req, conn, writer, target, started, stats)
             finally:
                 left = self.by_upstream[target] - 1
                 if left:
@@ -326,6 +458,9 @@ class Gate:
         }
         messages = {
             "closed": closed.get(self.closed_why, closed["closed"]),
+            "no_room": self.cold_message or f"{self.name} could not be loaded in time: its "
+                       "GPUs have no room (`llmctl status` shows what holds them)",
+            "cold_timeout": f"{self.name} is still loading; retry shortly",
             "draining": f"{self.name} is draining and takes no new requests",
             "queue_full": f"{self.name} is at capacity; retry shortly",
             "queue_timeout": f"{self.name} is at capacity and the request waited too long",
@@ -363,8 +498,8 @@ class Gate:
         if req.chunked:
             await up.send(http1.LAST_CHUNK)
 
-    async def _proxy(self, req: Request, conn: ClientConnection,
-                     writer: ResponseWriter, target: Upstream, started: float) -> int:
+    async def _proxy(self, req: Request, conn: ClientConnection, writer: ResponseWriter,
+                     target: Upstream, started: float, stats: ModelStats | None) -> int:
         held: bytes | None = None
         if req.body.complete:  # the whole body is here: sent with its length, retryable
             held = req.body.take()
@@ -372,6 +507,7 @@ class Gate:
             req.chunked or req.content_length is not None) else None
         head_request = req.method == b"HEAD"
         up: UpstreamConnection | None = None
+        perf_at_start = time.perf_counter()
         flow = _Flow(time.monotonic(), target, post=req.method == b"POST")
         flow.started = flow.last
         port = target[1]
@@ -451,6 +587,9 @@ class Gate:
             writer.finish()
             if sse is not None and sse.first is not None:
                 self.stats.ttft.observe(sse.first - flow.started)
+                if stats is not None:  # from the request's arrival: a cold start's load counts
+                    stats.ttft.observe(sse.first - flow.started
+                                       + max(0.0, perf_at_start - started))
                 if sse.count >= 2 and sse.last > sse.first:
                     self.stats.event_rate.observe((sse.count - 1) / (sse.last - sse.first))
             if generating:

@@ -129,6 +129,13 @@ class RequestBody:
         if self._error is not None:
             raise self._error
 
+    def unread(self, data: bytes) -> None:
+        """Put bytes taken from the front of the body back (the router read them to find
+        the `model`): the proxy reads them first."""
+        if data:
+            self._chunks.appendleft(data)
+            self.buffered += len(data)
+
     def take(self) -> bytes:
         """Everything held now."""
         data = b"".join(self._chunks)
