@@ -25,6 +25,7 @@ from . import protocol as P
 from .checkpoints import CheckpointRunner
 from .config import Config, load_config, one_line
 from .control import Commands, ControlServer, Peer
+from .demand import Swapper
 from .errors import ConfigError, ControlError, StartupError
 from .guard import GpuGuard, LimitStore
 from .health import HttpProber
@@ -245,6 +246,9 @@ class Daemon:
             low_at_start = await power.first_reading()
             gen_probes = GenerationProber(sup, host, clock=self.clock)
             sup.probes = gen_probes
+            swapper = Swapper(sup, host, clock=self.clock)
+            sup.swapper = swapper
+            sup.changed()  # the gates learn whom to ask for a model on demand
             loop = asyncio.get_running_loop()
             for sig, what in ((signal.SIGTERM, "term"), (signal.SIGINT, "term"),
                               (signal.SIGHUP, "hup")):
@@ -258,6 +262,7 @@ class Daemon:
                 loop.create_task(guard.reprobe(events.probe_back, REPROBE_S), name="reprobe"),
             ]
             self._tasks.append(loop.create_task(gen_probes.run(), name="generation-probes"))
+            self._tasks.append(loop.create_task(swapper.run(), name="models-on-demand"))
             if power.poller is not None:  # a task that ends stops the watchdog: only with NUT
                 self._tasks.append(loop.create_task(power.run(), name="power"))
             sup.on_change(self._schedule_status)
@@ -283,6 +288,8 @@ class Daemon:
                 await self.sup.power.close()
             if self.sup is not None and self.sup.probes is not None:
                 await self.sup.probes.close()
+            if self.sup is not None and self.sup.swapper is not None:
+                await self.sup.swapper.close()
             if self.sup is not None:
                 await self.sup.close()
             if control is not None:

@@ -16,17 +16,22 @@ from typing import Any
 from . import protocol as P
 from .config import Config, GateSection
 from .errors import ControlError, StartupError
+from .lifecycle import Release
 from .plan import ServicePlan
 from .ports import pick_free_port, port_free
 from .service import Reconfigure, ServiceActor
 from .states import State
-from .supervisor import SETTLE_GRACE_S, Supervisor
+from .supervisor import SETTLE_GRACE_S, Supervisor, initial_holds
 
 log = logging.getLogger(__name__)
 
 
 def _without_gate(plan: ServicePlan) -> ServicePlan:
-    return dataclasses.replace(plan, config=dataclasses.replace(plan.config, gate=None))
+    """The plan without what applies live: the gate, and how the service is loaded on
+    demand (models, start, idle_stop_s, vram_gb, exclusive)."""
+    return dataclasses.replace(plan, config=dataclasses.replace(
+        plan.config, gate=None, models=(), start="always", idle_stop_s=None, vram_gb=None,
+        exclusive=False))
 
 
 def _names(items: list[str]) -> str:
@@ -199,7 +204,7 @@ async def reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> Relo
         order.append(name)
         current = sup.actors.get(name)
         if current is None:
-            actor = sup.make_actor(plan)
+            actor = sup.make_actor(plan, holds=initial_holds(plan))
             sup.actors[name] = actor
             actor.run()
             started.append(actor)
@@ -207,7 +212,10 @@ async def reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> Relo
         elif current.plan == plan:
             res.unchanged.append(name)
         elif _without_gate(current.plan) == _without_gate(plan):
-            await current.send(Reconfigure(plan))  # only [service.gate] changed
+            # only what applies live changed ([service.gate], the on-demand keys)
+            await current.send(Reconfigure(plan))
+            if not plan.config.on_demand and "idle" in current.holds:
+                await current.send(Release("idle"))  # now `always`: it starts
             res.unchanged.append(name)
         elif (current.cfg.gate is not None and current.cfg.gate == plan.config.gate
               and current.state is State.READY and sup.gate_of(name) is not None):
@@ -219,6 +227,9 @@ async def reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> Relo
                                     "instance keeps serving with the old configuration")
         else:
             up, wanted, holds = current.up, current.model.wanted, current.holds
+            if not plan.config.on_demand:
+                holds = holds - {"idle"}
+                up = up or (wanted and not holds)
             await sup.stop_actor(current, remove=True)
             actor = sup.make_actor(plan, counters=current.counters, wanted=wanted, holds=holds)
             sup.actors[name] = actor

@@ -26,6 +26,7 @@ from .spawn import Spawner
 from .states import State
 
 if TYPE_CHECKING:
+    from .demand import Swapper
     from .guard import GpuGuard
     from .power import PowerController
     from .probe import GenerationProber
@@ -46,16 +47,28 @@ class LoopStats:
 
 
 def closed_why(actor: ServiceActor | None) -> str:
-    """Why a service's gate is closed (for the 503's message)."""
+    """Why a service's gate is closed (for the 503's message); for an on-demand service,
+    `idle` (not loaded: a request starts it) and `loading` (a request waits)."""
     if actor is None:
         return "stopped"
     if actor.state is State.FAILED:
         return "failed"
-    if actor.holds - {"operator"}:
+    if actor.cfg.on_demand:
+        if actor.holds == {"idle"}:
+            return "idle"
+        if not actor.holds and actor.model.wanted and actor.state in (State.STARTING,
+                                                                      State.BACKOFF):
+            return "loading"
+    if actor.holds - {"operator", "idle"}:
         return "held"
     if actor.state is State.STOPPED or (actor.state is State.STOPPING and not actor.up):
         return "stopped"
     return "closed"
+
+
+def initial_holds(plan: ServicePlan) -> frozenset[str]:
+    """An on-demand service starts held `idle`: its first request loads it."""
+    return frozenset({"idle"}) if plan.config.on_demand else frozenset()
 
 
 class Supervisor:
@@ -88,11 +101,14 @@ class Supervisor:
         self.power: PowerController | None = None  # the UPS, once the daemon has built it
         self.probes: GenerationProber | None = None  # generation probes (daemon-built)
         self.gpu_events: GpuEvents | None = None  # Xids, udev: for status and metrics
+        self.swapper: Swapper | None = None  # models on demand (daemon-built)
         self._pushed: dict[str, tuple[object, ...]] = {}
+        self._demand_pushed: dict[str, tuple[bool, float, bool]] = {}
+        self._router_pushed: tuple[tuple[str, str, str], ...] | None = None
         self._started = False  # the first start_gates() has run
         self._listeners: list[Callable[[], None]] = []
         for plan in plans:
-            self.actors[plan.name] = self.make_actor(plan)
+            self.actors[plan.name] = self.make_actor(plan, holds=initial_holds(plan))
 
     def make_actor(self, plan: ServicePlan, port: int | None = None,
                    counters: Counters | None = None, wanted: bool = False,
@@ -121,6 +137,16 @@ class Supervisor:
         ready). At start a gate that cannot bind is fatal (StartupError); `errors` collects
         them instead (a reload), one line each."""
         errors: list[str] = []
+        if self.cfg.router is not None or (self.gates is not None and self.gates.router):
+            if self.gates is None:
+                self.gates = GateHost()
+            try:
+                await self.gates.set_router(self.cfg.router)
+                self._router_pushed = None
+            except StartupError as exc:
+                if not self._started:
+                    raise
+                errors.append(str(exc))
         for actor in self.actors.values():
             if actor.cfg.gate is not None and self.gate_of(actor.name) is None:
                 if self.gates is None:
@@ -139,6 +165,7 @@ class Supervisor:
         if self.gates is not None and self.gate_of(name) is not None:
             await self.gates.remove(name)
         self._pushed.pop(name, None)
+        self._demand_pushed.pop(name, None)
 
     def _upstream(self, name: str | None, backup: bool = False) -> tuple[str, int] | None:
         """Where a gate sends its requests: its service while it is ready, or draining
@@ -153,13 +180,20 @@ class Supervisor:
         return None
 
     def sync_gates(self) -> None:
-        """Point each gate at its service while it is ready (and at its backup's)."""
+        """Point each gate at its service while it is ready (and at its backup's); tell the
+        router which models are where."""
         if self.gates is None:
             return
         for name, gate in self.gates.gates.items():
             actor = self.actors.get(name)
             if actor is None or actor.cfg.gate is None:
                 continue
+            demand = (actor.cfg.on_demand, actor.cfg.health.startup_timeout_s,
+                      self.swapper is not None)
+            if self._demand_pushed.get(name) != demand:
+                self._demand_pushed[name] = demand
+                cb = self.swapper.demand_threadsafe if self.swapper is not None else None
+                self.gates.call(gate.set_demand, demand[0], demand[1], cb)
             wanted = (self._upstream(name), self._upstream(actor.cfg.gate.backup, backup=True),
                       closed_why(actor))
             if self._pushed.get(name) != wanted:
@@ -170,6 +204,33 @@ class Supervisor:
                 actor.post(Drain())
             elif actor.state is State.DRAINING and not gate.drains:
                 actor.post(Resume())
+        self._sync_router()
+
+    def model_entries(self) -> list[dict[str, object]]:
+        """Every model behind the router: its service and the state of that service."""
+        out: list[dict[str, object]] = []
+        for actor in self.actors.values():
+            loaded = actor.state in (State.READY, State.DRAINING)
+            state = "loaded" if loaded else (
+                "loading" if actor.state is State.STARTING else
+                "unloaded" if "idle" in actor.holds else str(actor.state))
+            for model in actor.cfg.models:
+                out.append({"id": model, "object": "model", "created": 0,
+                            "owned_by": "llm-supervisor", "service": actor.name,
+                            "state": state, "start": actor.cfg.start})
+        return out
+
+    def _sync_router(self) -> None:
+        router = self.gates.router if self.gates is not None else None
+        if router is None:
+            return
+        entries = self.model_entries()
+        routes = {str(e["id"]): str(e["service"]) for e in entries}
+        key = tuple((str(e["id"]), str(e["service"]), str(e["state"])) for e in entries)
+        if self._router_pushed != key:
+            self._router_pushed = key
+            assert self.gates is not None
+            self.gates.call(router.set_catalog, routes, entries)
 
     async def gates_settled(self) -> None:
         """Until every change pushed to the gates so far has been applied on the gate loop."""

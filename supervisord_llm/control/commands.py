@@ -90,11 +90,17 @@ class Commands:
     async def cmd_start(self, a: P.Args) -> Any:
         names = self._services(a)
         await self.host.command(names, L.Start())
+        swapper = self.sup.swapper
+        if swapper is not None:
+            # on demand: loaded now (room made like for a request) and kept loaded
+            await swapper.start(swapper.on_demand_names(names))
         return await self._brief(names)
 
     async def cmd_stop(self, a: P.Args) -> Any:
         names = self._services(a)
         actors = [self.sup.actor(n) for n in names]
+        if self.sup.swapper is not None:
+            self.sup.swapper.unpin(names)
         timeout = a.timeout_s or max((x.cfg.stop.timeout_s for x in actors),
                                      default=0) + SETTLE_GRACE_S
         gated = [n for n in names if self.sup.gate_of(n) is not None]
@@ -151,7 +157,18 @@ class Commands:
 
     async def cmd_reset(self, a: P.Args) -> Any:
         names = self._services(a)
+        swapper = self.sup.swapper
+        demand = swapper.on_demand_names(names) if swapper is not None else []
+        if swapper is not None and demand:
+            # on demand again: unpinned, and a stopped or failed one waits for a request
+            swapper.unpin(demand)
+            down = [n for n in demand if self.sup.actor(n).state in (State.STOPPED,
+                                                                      State.FAILED)]
+            if down:
+                await self.host.command(down, L.Stop("idle"))
         await self.host.command(names, L.Reset())
+        if demand:
+            await self.host.command(demand, L.Start())
         return await self._brief(names)
 
     async def cmd_drain(self, a: P.Args) -> Any:

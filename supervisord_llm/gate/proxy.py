@@ -384,7 +384,7 @@ class Gate:
             if stats is None:
                 stats = self.models[model] = ModelStats()
         try:
-            code = await self._serve(req, conn, writer, started, stats, model)
+            code = await self._serve(req, conn, writer, started, stats=stats, model=model)
         except (ClientGone, asyncio.CancelledError):
             code = 499  # the client went away
         except BodyTimeout as exc:
@@ -405,7 +405,8 @@ class Gate:
         return writer.finished and writer.keep_alive
 
     async def _serve(self, req: Request, conn: ClientConnection, writer: ResponseWriter,
-                     started: float, stats: ModelStats | None, model: str | None) -> int:
+                     started: float, *, stats: ModelStats | None = None,
+                     model: str | None = None) -> int:
         if self._is_cold():
             if self.backup is not None:
                 self._ask(model)  # the backup serves meanwhile; the model loads
@@ -437,7 +438,7 @@ class Gate:
                 return self._reject(writer, 503, self.state)
             self.by_upstream[target] = self.by_upstream.get(target, 0) + 1
             try:
-                return await self._proxy(req, conn, writer, target, started, stats)
+                return await self._proxy(req, conn, writer, target, started, stats=stats)
             finally:
                 left = self.by_upstream[target] - 1
                 if left:
@@ -499,7 +500,8 @@ class Gate:
             await up.send(http1.LAST_CHUNK)
 
     async def _proxy(self, req: Request, conn: ClientConnection, writer: ResponseWriter,
-                     target: Upstream, started: float, stats: ModelStats | None) -> int:
+                     target: Upstream, started: float, *,
+                     stats: ModelStats | None = None) -> int:
         held: bytes | None = None
         if req.body.complete:  # the whole body is here: sent with its length, retryable
             held = req.body.take()

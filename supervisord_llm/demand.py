@@ -1,0 +1,598 @@
+"""Models on demand: the swapper.
+
+An on-demand service (`start = "on-demand"`) is held down for `idle` until a request for one
+of its models reaches its gate (through the router or the gate itself); the gate asks for it
+(`demand`) and keeps the request waiting. The swapper then starts it when its GPUs have room,
+or first stops the least recently used idle on-demand services on those GPUs (never an
+`always` service, never one with a request inside its gate, never one `llmctl start` pinned):
+the victim's gate is retired on the gate loop only if nothing is inside it, so nothing is cut,
+and requests that come meanwhile wait and ask for it again. While the only services that could
+make room are busy, the demand waits (at most the gate's `queue_timeout_s` after its last
+request) and is served as soon as one is idle. `idle_stop_s` stops a loaded service after that
+long without a request inside its gate.
+
+Memory: a service needs on each of its GPUs the larger of its `vram_gb` and what was learned
+once it was ready: NVML's per-process figure where the backend gives one, else the change of
+the GPU's used memory across its start (kept only when nothing else on that GPU started or
+stopped meanwhile). A GPU's memory in use is the larger of what our services need and what
+the GPU reports used (a stranger's process counts too). `exclusive = true` reserves the
+service's GPUs for it alone.
+
+Runs on the daemon's loop; acts on services through the host's commands (holds `idle`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+from . import lifecycle as L
+from .config import GIB
+from .errors import ControlError
+from .gate.proxy import Histogram
+from .states import State
+
+if TYPE_CHECKING:
+    from .host import Host
+    from .service import ServiceActor
+    from .supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+TICK_S: Final = 0.25
+HOLDING: Final = frozenset({State.STARTING, State.READY, State.DRAINING, State.STOPPING})
+COLD_BUCKETS: Final = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+@dataclass
+class Pending:
+    """A demand not served yet."""
+
+    since: float
+    last: float  # the last request that asked (its deadline runs from here)
+    model: str | None
+    pin: bool = False
+    waiters: list[asyncio.Future[str | None]] = field(default_factory=list)
+
+
+@dataclass
+class ServiceStats:
+    cold_starts: dict[str, int] = field(default_factory=dict)  # by model that asked
+    swaps: int = 0  # stopped to make room for another
+    idle_stops: int = 0
+    cold_start: Histogram = field(default_factory=lambda: Histogram(COLD_BUCKETS))
+
+
+@dataclass
+class RoomPlan:
+    ok: bool  # room now, or once `victims` are stopped
+    victims: list[str]
+    wait: bool  # no room now, but busy services could make it once idle
+    message: str
+
+
+class Swapper:
+    def __init__(self, sup: Supervisor, host: Host,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.sup = sup
+        self.host = host
+        self._clock = clock
+        self.pinned: set[str] = set()
+        self.pending: dict[str, Pending] = {}
+        self.learned: dict[str, dict[str, int]] = {}  # service -> GPU uuid -> bytes
+        self.stats: dict[str, ServiceStats] = {}
+        self._wake = asyncio.Event()
+        self._loading: dict[str, tuple[int, float]] = {}  # service -> (gen, cold start began)
+        self._epoch: dict[str, int] = {}  # GPU uuid -> starts/stops seen on it
+        self._before: dict[str, tuple[int, dict[str, int], dict[str, int]]] = {}
+        self._seen: dict[str, tuple[State, int]] = {}
+        self._acting: set[str] = set()  # services with a stop or start of ours in flight
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        with contextlib.suppress(RuntimeError):  # built outside a loop (tests)
+            self._loop = asyncio.get_running_loop()
+        sup.on_change(self.poke)
+
+    # --- inputs --------------------------------------------------------------------------------
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def demand_threadsafe(self, name: str, model: str | None) -> None:
+        """From the gate loop: a request found `name` not loaded."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.demand, name, model)
+
+    def demand(self, name: str, model: str | None, pin: bool = False) -> Pending | None:
+        actor = self.sup.actors.get(name)
+        if actor is None or not actor.cfg.on_demand:
+            return None
+        now = self._clock()
+        p = self.pending.get(name)
+        if p is None:
+            p = self.pending[name] = Pending(now, now, model, pin)
+            log.info("%s: requested%s; loading it", name, f" (model {model})" if model else "")
+        else:
+            p.last = now
+            p.pin = p.pin or pin
+        self.poke()
+        return p
+
+    def stats_of(self, name: str) -> ServiceStats:
+        st = self.stats.get(name)
+        if st is None:
+            st = self.stats[name] = ServiceStats()
+        return st
+
+    # --- the operator --------------------------------------------------------------------
+
+    async def start(self, names: list[str]) -> None:
+        """`llmctl start` of on-demand services: pinned (no idle stop, never a victim) and
+        loaded now, making room like a request would; ControlError if room cannot be made
+        within the gate's queue_timeout_s."""
+        waits = []
+        for name in names:
+            actor = self.sup.actor(name)
+            self.pinned.add(name)
+            if "idle" in actor.holds:
+                p = self.demand(name, None, pin=True)
+                if p is not None:
+                    fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+                    p.waiters.append(fut)
+                    waits.append((name, fut))
+        problems = []
+        for _name, fut in waits:
+            why = await fut
+            if why is not None:
+                problems.append(why)
+        if problems:
+            raise ControlError("failed", "; ".join(problems))
+
+    def unpin(self, names: list[str]) -> None:
+        for name in names:
+            self.pinned.discard(name)
+            p = self.pending.pop(name, None)
+            if p is not None:
+                self._settle(p, f"{name}: stopped by the operator")
+
+    def on_demand_names(self, names: list[str]) -> list[str]:
+        return [n for n in names if n in self.sup.actors and self.sup.actors[n].cfg.on_demand]
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout(TICK_S):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("models on demand: internal error (carrying on)")
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for p in self.pending.values():
+            self._settle(p, "llm-supervisor is stopping")
+        self.pending.clear()
+
+    async def step(self) -> None:
+        now = self._clock()
+        self._track(now)
+        if self.host.mode.value in ("shutting_down", "powering_down", "powered_down"):
+            for name, p in list(self.pending.items()):
+                del self.pending[name]
+                self._settle(p, f"{name} cannot be loaded now: llm-supervisor is "
+                             f"{self.host.mode.value.replace('_', ' ')}")
+            return
+        await self._unretire()
+        for name in list(self.pending):
+            await self._serve(name, now)
+        await self._idle_stops(now)
+
+    # --- bookkeeping ------------------------------------------------------------------------
+
+    def _track(self, now: float) -> None:
+        """Starts and stops seen since the last step: cold-start times, the memory baseline
+        before a launch, the GPUs' epochs, and the learning once ready."""
+        for name, actor in self.sup.actors.items():
+            cur = (actor.state, actor.gen)
+            was = self._seen.get(name)
+            if was == cur:
+                continue
+            self._seen[name] = cur
+            if was is None or was[1] != actor.gen or (was[0] in HOLDING) != (cur[0] in HOLDING):
+                for g in actor.plan.gpus:
+                    self._epoch[g.uuid] = self._epoch.get(g.uuid, 0) + 1
+            if actor.state is State.STARTING and (was is None or was[1] != actor.gen):
+                self._before[name] = (actor.gen, self._used(actor), self._epochs(actor))
+            if actor.state is State.READY and (was is None or was[0] is not State.READY):
+                loading = self._loading.pop(name, None)
+                if loading is not None:
+                    self.stats_of(name).cold_start.observe(now - loading[1])
+                    log.info("%s: loaded in %.1f s", name, now - loading[1])
+                self._learn_later(actor)
+            if actor.state in (State.STOPPED, State.FAILED):
+                self._loading.pop(name, None)
+            if actor.cfg.on_demand and actor.state is State.STOPPED and not actor.holds \
+                    and not actor.model.wanted and name not in self._acting:
+                # ended by itself (an exit 0 under on-failure): back to "on demand"
+                self._spawn(self._to_idle(name))
+            if actor.state is State.FAILED:
+                p = self.pending.pop(name, None)
+                if p is not None:
+                    self._settle(p, f"{name} failed: {actor.failed_reason}")
+
+    def _epochs(self, actor: ServiceActor) -> dict[str, int]:
+        return {g.uuid: self._epoch.get(g.uuid, 0) for g in actor.plan.gpus}
+
+    def _used(self, actor: ServiceActor) -> dict[str, int]:
+        """The memory its GPUs report used now (fresh readings only)."""
+        out = {}
+        wanted = {g.uuid for g in actor.plan.gpus}
+        for snap in self.sup.hub.snapshots():
+            r = snap.reading
+            if snap.info.uuid in wanted and snap.status == "ok" and r is not None \
+                    and r.memory_used_bytes is not None:
+                out[snap.info.uuid] = r.memory_used_bytes
+        return out
+
+    def _learn_later(self, actor: ServiceActor) -> None:
+        if actor.plan.gpus:
+            self._spawn(self._learn(actor.name, actor.gen))
+
+    async def _learn(self, name: str, gen: int) -> None:
+        """What the service really uses on each GPU, once a poll after its ready has come."""
+        actor = self.sup.actors.get(name)
+        if actor is None:
+            return
+        ready_at = time.monotonic()
+        poll = self.sup.cfg.gpu.poll_interval_s
+        per_process = await self._process_memory(actor)
+        learned: dict[str, int] = {}
+        if per_process:
+            learned = per_process
+        else:
+            for _ in range(int(3 * poll / 0.1) + 1):
+                snaps = self.sup.hub.snapshots()
+                if all(s.read_at is not None and s.read_at > ready_at for s in snaps
+                       if s.info in actor.plan.gpus):
+                    break
+                await asyncio.sleep(0.1)
+            before = self._before.get(name)
+            if before is None or before[0] != gen or actor.gen != gen:
+                return
+            now_used = self._used(actor)
+            epochs = self._epochs(actor)
+            for uuid, used in now_used.items():
+                base = before[1].get(uuid)
+                # a start or stop of another service on this GPU meanwhile spoils the delta
+                if base is not None and before[2].get(uuid) == epochs.get(uuid, 0) - 1 \
+                        and used > base:
+                    learned[uuid] = used - base
+        if learned and actor.gen == gen:
+            self.learned[name] = learned
+            log.info("%s: uses %s", name, ", ".join(
+                f"{gib(b)} on GPU {u[:12]}" for u, b in learned.items()))
+
+    async def _process_memory(self, actor: ServiceActor) -> dict[str, int]:
+        """NVML's per-process memory of the service's processes, per GPU (empty if the
+        backend cannot tell)."""
+        proc = actor.proc
+        if proc is None:
+            return {}
+        try:
+            pids = await asyncio.to_thread(_tree, proc.pid)
+        except Exception:
+            return {}
+        out: dict[str, int] = {}
+        for g in actor.plan.gpus:
+            try:
+                table = await self.sup.hub.call(g, _process_table)
+            except Exception:
+                return {}
+            if table is None:
+                return {}
+            total = sum(b for pid, b in table.items() if pid in pids)
+            if total:
+                out[g.uuid] = total
+        return out
+
+    def need(self, actor: ServiceActor) -> dict[str, int]:
+        """What the service needs on each of its GPUs (bytes; 0 when unknown)."""
+        declared = int((actor.cfg.vram_gb or 0) * GIB)
+        learned = self.learned.get(actor.name, {})
+        return {g.uuid: max(declared, learned.get(g.uuid, 0)) for g in actor.plan.gpus}
+
+    # --- serving a demand -------------------------------------------------------------------
+
+    def _settle(self, p: Pending, why: str | None) -> None:
+        for fut in p.waiters:
+            if not fut.done():
+                fut.set_result(why)
+        p.waiters.clear()
+
+    async def _serve(self, name: str, now: float) -> None:
+        p = self.pending[name]
+        actor = self.sup.actors.get(name)
+        if actor is None or not actor.cfg.on_demand:
+            del self.pending[name]
+            self._settle(p, f"{name} is not an on-demand service any more")
+            return
+        other = actor.holds - {"idle"}
+        if actor.state is State.FAILED or other:
+            del self.pending[name]
+            why = actor.failed_reason if actor.state is State.FAILED else \
+                "held: " + ", ".join(sorted(other))
+            self._settle(p, f"{name} cannot be loaded ({why})")
+            return
+        if "idle" not in actor.holds:  # loading or loaded already
+            del self.pending[name]
+            self._settle(p, None)
+            return
+        if actor.state is not State.STOPPED or name in self._acting or self._busy_op(name):
+            return  # being unloaded (or an operation on it runs): once that is over
+        gate = self.sup.gate_of(name)
+        timeout = actor.cfg.gate.queue_timeout_s if actor.cfg.gate else 30.0
+        plan = self.room(actor)
+        if plan.ok and not plan.victims:
+            del self.pending[name]
+            await self._push_message(gate, None)
+            await self._load(actor, p)
+            return
+        if plan.ok:
+            log.info("%s: making room: stopping %s", name, ", ".join(plan.victims))
+            for victim in plan.victims:
+                self._spawn(self._evict(victim, name))
+            return
+        await self._push_message(gate, plan.message)
+        if now - p.last >= timeout:
+            del self.pending[name]
+            log.warning("%s: not loaded: %s", name, plan.message)
+            self._settle(p, plan.message)
+
+    async def _push_message(self, gate: Any, message: str | None) -> None:
+        if gate is not None and self.sup.gates is not None and gate.cold_message != message:
+            await self.sup.gates.run(gate.set_cold_message, message)
+
+    async def _load(self, actor: ServiceActor, p: Pending) -> None:
+        name = actor.name
+        self._acting.add(name)
+        try:
+            self._loading[name] = (actor.gen + 1, p.since)
+            st = self.stats_of(name)
+            key = p.model or (actor.cfg.models[0] if actor.cfg.models else name)
+            st.cold_starts[key] = st.cold_starts.get(key, 0) + 1
+            if p.pin:
+                self.pinned.add(name)
+            await self.host.command([name], L.Release("idle"), internal=True)
+            self._settle(p, None)
+        except ControlError as exc:
+            self._loading.pop(name, None)
+            self._settle(p, f"{name}: {exc.message}")
+        finally:
+            self._acting.discard(name)
+
+    def _busy_op(self, name: str) -> bool:
+        return name in self.host.ops or "*" in self.host.ops or name in self.sup.extra
+
+    # --- room ---------------------------------------------------------------------------------
+
+    def _holding(self) -> list[ServiceActor]:
+        return [a for a in self.sup.all_actors() if a.state in HOLDING or a.proc is not None]
+
+    def _idle(self, actor: ServiceActor) -> bool:
+        gate = self.sup.gate_of(actor.name)
+        busy = gate is not None and (gate.active or gate.admission.inflight or gate.cold_waiting)
+        return actor.state is State.READY and not busy and actor.name not in self._acting
+
+    def room(self, want: ServiceActor) -> RoomPlan:
+        """Whether `want` fits on its GPUs, and which idle on-demand services to stop first."""
+        gpus = {g.uuid: g for g in want.plan.gpus}
+        if not gpus:
+            return RoomPlan(True, [], False, "")
+        need = self.need(want)
+        holding = [a for a in self._holding() if a is not want
+                   and any(g.uuid in gpus for g in a.plan.gpus)]
+        forced = [a for a in holding if want.cfg.exclusive or a.cfg.exclusive]
+        used = self._used(want)
+        committed: dict[str, int] = {u: 0 for u in gpus}
+        needs = {a.name + f"#{id(a)}": self.need(a) for a in holding}
+        for a in holding:
+            for u, b in needs[a.name + f"#{id(a)}"].items():
+                if u in committed:
+                    committed[u] += b
+
+        def short(freed: dict[str, int]) -> dict[str, int]:
+            out = {}
+            for u, g in gpus.items():
+                total = g.memory_total_bytes
+                if total is None:
+                    continue
+                in_use = max(committed[u] - freed.get(u, 0), used.get(u, 0) - freed.get(u, 0))
+                lack = need.get(u, 0) - (total - in_use)
+                if lack > 0:
+                    out[u] = lack
+            return out
+
+        def evictable(a: ServiceActor) -> bool:
+            return a.cfg.on_demand and a.name not in self.pinned and a in self.sup.actors.values()
+
+        blockers = [a for a in forced if not evictable(a)]
+        if blockers:
+            return RoomPlan(False, [], False, self._message(want, gpus, need, holding, used,
+                                                            verb="reserved by"))
+        freed: dict[str, int] = {}
+        victims: list[ServiceActor] = []
+        for a in forced:
+            victims.append(a)
+            for u, b in needs[a.name + f"#{id(a)}"].items():
+                freed[u] = freed.get(u, 0) + b
+        candidates = sorted((a for a in holding if a not in victims and evictable(a)),
+                            key=self._last_used)
+        for a in candidates:
+            lack = short(freed)
+            if not lack:
+                break
+            if not self._idle(a) or not any(u in lack for u in needs[a.name + f"#{id(a)}"]):
+                continue
+            victims.append(a)
+            for u, b in needs[a.name + f"#{id(a)}"].items():
+                freed[u] = freed.get(u, 0) + b
+        lack = short(freed)
+        busy_victims = [a for a in victims if not self._idle(a) and a.state is not State.STOPPING]
+        if not lack and not busy_victims:
+            return RoomPlan(True, [a.name for a in victims if a.state is not State.STOPPING],
+                            False, "")
+        # could the busy ones make room once idle?
+        all_freed = dict(freed)
+        for a in candidates:
+            if a not in victims:
+                for u, b in needs[a.name + f"#{id(a)}"].items():
+                    all_freed[u] = all_freed.get(u, 0) + b
+        wait = not short(all_freed)
+        return RoomPlan(False, [], wait, self._message(want, gpus, need, holding, used,
+                                                        verb="held by"))
+
+    def _last_used(self, actor: ServiceActor) -> float:
+        gate = self.sup.gate_of(actor.name)
+        return gate.last_active if gate is not None else 0.0
+
+    def _message(self, want: ServiceActor, gpus: dict[str, Any], need: dict[str, int],
+                 holding: list[ServiceActor], used: dict[str, int], *, verb: str) -> str:
+        parts = []
+        for u, g in gpus.items():
+            total = g.memory_total_bytes
+            mine = [a for a in holding if any(x.uuid == u for x in a.plan.gpus)]
+            who = []
+            for a in mine:
+                gate = self.sup.gate_of(a.name)
+                what = "always" if not a.cfg.on_demand else (
+                    "pinned by llmctl start" if a.name in self.pinned else
+                    f"{gate.active} request(s) in flight" if gate is not None and gate.active
+                    else str(a.state))
+                if a.cfg.exclusive:
+                    what += ", exclusive"
+                who.append(f"{a.name} ({what}, {gib(self.need(a).get(u, 0))})")
+            space = f"{gib(max(0, (total or 0) - used.get(u, 0)))} free of {gib(total)}" \
+                if total else "size unknown"
+            parts.append(f"GPU{g.index} ({space}) {verb} " + (", ".join(who) or "no service"))
+        needs = max(need.values(), default=0)
+        what = "the whole GPU (exclusive)" if want.cfg.exclusive else f"{gib(needs)}"
+        return f"no room for {want.name} (needs {what}): " + "; ".join(parts)
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    async def _retire(self, name: str) -> bool:
+        gate = self.sup.gate_of(name)
+        if gate is None or self.sup.gates is None:
+            return True
+
+        async def attempt() -> bool:
+            return bool(gate.retire())
+
+        return await self.sup.gates.submit(attempt())
+
+    async def _evict(self, name: str, for_whom: str) -> None:
+        await self._stop_idle(name, f"to make room for {for_whom}", swap=True)
+
+    async def _stop_idle(self, name: str, why: str, swap: bool) -> None:
+        if name in self._acting:
+            return
+        self._acting.add(name)
+        try:
+            actor = self.sup.actors.get(name)
+            if actor is None or actor.state is not State.READY:
+                return
+            if not await self._retire(name):
+                return  # a request came in meanwhile: not idle after all
+            log.info("%s: stopping %s", name, why)
+            st = self.stats_of(name)
+            if swap:
+                st.swaps += 1
+            else:
+                st.idle_stops += 1
+            try:
+                await self.host.command([name], L.Stop("idle"), internal=True)
+            except ControlError as exc:
+                log.warning("%s: could not be stopped %s: %s", name, why, exc.message)
+                await self._set_unloading(name, False)
+        finally:
+            self._acting.discard(name)
+            self.poke()
+
+    async def _set_unloading(self, name: str, value: bool) -> None:
+        gate = self.sup.gate_of(name)
+        if gate is not None and self.sup.gates is not None:
+            await self.sup.gates.run(gate.set_unloading, value)
+
+    async def _unretire(self) -> None:
+        """A retired gate opens again once its service has stopped (it is `idle` then: a
+        request starts it again) or did not stop after all."""
+        for name, actor in self.sup.actors.items():
+            gate = self.sup.gate_of(name)
+            if gate is not None and gate.unloading and name not in self._acting and (
+                    actor.state in (State.STOPPED, State.FAILED, State.BACKOFF)
+                    or "idle" not in actor.holds):
+                await self._set_unloading(name, False)
+
+    async def _idle_stops(self, now: float) -> None:
+        for name, actor in self.sup.actors.items():
+            limit = actor.cfg.idle_stop_s
+            if limit is None or name in self.pinned or actor.state is not State.READY \
+                    or "idle" in actor.holds or self._busy_op(name) or not self._idle(actor):
+                continue
+            gate = self.sup.gate_of(name)
+            if gate is not None and time.monotonic() - gate.last_active >= limit:
+                self._spawn(self._stop_idle(name, f"after {limit:g} s without a request",
+                                            swap=False))
+
+    async def _to_idle(self, name: str) -> None:
+        self._acting.add(name)
+        try:
+            await self.host.command([name], L.Stop("idle"), internal=True)
+            await self.host.command([name], L.Start(), internal=True)
+        except ControlError:
+            pass
+        finally:
+            self._acting.discard(name)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _tree(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return {pid, *(c.pid for c in proc.children(recursive=True))}
+    except psutil.Error:
+        return {pid}
+
+
+def _process_table(backend: Any, gpu: Any) -> dict[int, int] | None:
+    fn = getattr(backend, "process_memory", None)
+    if fn is None:
+        return None
+    result: dict[int, int] | None = fn(gpu)
+    return result
