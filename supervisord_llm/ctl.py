@@ -197,10 +197,30 @@ def render_status(data: dict[str, Any]) -> str:
             if svc.get("escaped"):
                 out.append(f"  {svc['name']}: processes that escaped its process group and "
                            f"are not proven ours: {', '.join(map(str, svc['escaped']))}")
+            od = svc.get("on_demand")
+            if isinstance(od, dict) and od.get("message") and svc.get("state") != "ready":
+                out.append(f"  {svc['name']}: {od['message']}")
         for svc in services:
             if svc.get("failed_reason"):
                 out.append(f"  {svc['name']} failed: {svc['failed_reason']} "
                            f"(`llmctl reset {svc['name']}` starts it again)")
+    models = data.get("models") or []
+    if models:
+        router = data.get("router") or {}
+        rows = [["MODEL", "SERVICE", "STATE", "START", "REQUESTS", "COLD STARTS"]]
+        by_name = {s.get("name"): s for s in services}
+        for m in models:
+            state = str(m.get("state"))
+            od = (by_name.get(m.get("service")) or {}).get("on_demand") or {}
+            if od.get("pinned"):
+                state += " (pinned)"
+            rows.append([str(m.get("model"))[:48], str(m.get("service")), state,
+                         str(m.get("start")), str(m.get("requests", 0)),
+                         str(m.get("cold_starts", 0))])
+        out.append("")
+        if router.get("listen"):
+            out.append(f"router: http://{router['listen']}/v1")
+        out.append(_table(rows))
     gpus_data = data.get("gpus", [])
     if gpus_data:
         rows = [["GPU", "NAME", "TEMP", "MEMTEMP", "POWER", "LIMIT", "UTIL", "MEMORY", "STATE"]]

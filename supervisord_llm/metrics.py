@@ -18,6 +18,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__, logs
+from .config import GIB
 from .guard import ACTIONS
 from .host import Host
 from .modes import Mode
@@ -72,6 +73,7 @@ class SupervisorCollector(Collector):
         yield errs
         yield from self._services()
         yield from self._gates()
+        yield from self._models()
         yield from self._gpus()
         yield from self._power()
 
@@ -170,6 +172,82 @@ class SupervisorCollector(Collector):
                 buckets, total, _count = hist.snapshot()
                 fam.add_metric([name], buckets, total)
         yield from (inflight, requests, rejected, duration, ttfb, ttft, rate)
+
+    def _models(self) -> Iterator[Metric]:
+        """Models behind the router, and the swapper's work."""
+        sup = self.sup
+        loaded = GaugeMetricFamily("llm_supervisor_model_loaded",
+                                   "1 while the model's service is ready (loaded)",
+                                   labels=["model", "service"])
+        requests = CounterMetricFamily("llm_supervisor_model_requests",
+                                       "Requests for the model through the router, by status "
+                                       "code", labels=["model", "service", "code"])
+        ttft = HistogramMetricFamily("llm_supervisor_model_time_to_first_token_seconds",
+                                     "Event streams: from the request's arrival at the router "
+                                     "to the first data: event (a cold start's load counts)",
+                                     labels=["model", "service"])
+        cold = CounterMetricFamily("llm_supervisor_model_cold_starts",
+                                   "Loads of the model's service that a request for this "
+                                   "model (or llmctl start) asked for",
+                                   labels=["model", "service"])
+        cold_s = HistogramMetricFamily("llm_supervisor_model_cold_start_duration_seconds",
+                                       "From the first request for an unloaded service to its "
+                                       "ready", labels=["service"])
+        swaps = CounterMetricFamily("llm_supervisor_model_swaps",
+                                    "Times the service was stopped to make room for another",
+                                    labels=["service"])
+        idle = CounterMetricFamily("llm_supervisor_model_idle_stops",
+                                   "Times the service was stopped after idle_stop_s",
+                                   labels=["service"])
+        memory = GaugeMetricFamily("llm_supervisor_model_memory_bytes",
+                                   "GPU memory the service needs on each of its GPUs "
+                                   "(declared vram_gb, or learned once ready)",
+                                   labels=["service", "uuid", "source"])
+        waiting = GaugeMetricFamily("llm_supervisor_model_waiting_requests",
+                                    "Requests waiting for their model to be loaded",
+                                    labels=["service"])
+        sw = sup.swapper
+        for actor in list(sup.actors.values()):
+            gate = sup.gate_of(actor.name)
+            is_loaded = 1.0 if actor.state in (State.READY, State.DRAINING) else 0.0
+            stats = dict(gate.models) if gate is not None else {}
+            st = sw.stats.get(actor.name) if sw is not None else None
+            for model in actor.cfg.models:
+                loaded.add_metric([model, actor.name], is_loaded)
+                ms = stats.get(model)
+                if ms is not None:
+                    for code, n in sorted(ms.requests.items()):
+                        requests.add_metric([model, actor.name, code], n)
+                    buckets, total, _count = ms.ttft.snapshot()
+                    ttft.add_metric([model, actor.name], buckets, total)
+                cold.add_metric([model, actor.name],
+                                st.cold_starts.get(model, 0) if st is not None else 0)
+            if actor.cfg.on_demand or actor.cfg.vram_gb is not None:
+                if st is not None:
+                    buckets, total, _count = st.cold_start.snapshot()
+                    cold_s.add_metric([actor.name], buckets, total)
+                swaps.add_metric([actor.name], st.swaps if st is not None else 0)
+                idle.add_metric([actor.name], st.idle_stops if st is not None else 0)
+                if gate is not None:
+                    waiting.add_metric([actor.name], gate.cold_waiting)
+            if sw is not None:
+                declared = int((actor.cfg.vram_gb or 0) * GIB)
+                learned = sw.learned.get(actor.name, {})
+                for g in actor.plan.gpus:
+                    if declared:
+                        memory.add_metric([actor.name, g.uuid, "declared"], declared)
+                    if g.uuid in learned:
+                        memory.add_metric([actor.name, g.uuid, "learned"], learned[g.uuid])
+        yield from (loaded, requests, ttft, cold, cold_s, swaps, idle, memory, waiting)
+        router = sup.gates.router if sup.gates is not None else None
+        if router is not None:
+            own = CounterMetricFamily("llm_supervisor_router_rejected",
+                                      "Requests the router answered itself with an error, by "
+                                      "reason (unknown model, no model, bad JSON, ...)",
+                                      labels=["reason"])
+            for reason, n in sorted(router.stats.rejected.items()):
+                own.add_metric([reason], n)
+            yield own
 
     def _services(self) -> Iterator[Metric]:
         actors = list(self.sup.actors.values())

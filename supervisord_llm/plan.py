@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from .config import Config, ServiceConfig, normalize_pci_bus_id
+from .config import GIB, Config, ServiceConfig, normalize_pci_bus_id
 from .errors import ConfigError
 from .sensors.base import GpuInfo
 from .topology import Topology, format_cpulist
@@ -173,9 +173,42 @@ def resolve_plan(
     problems: list[str] = []
     plans = [plan_service(i, svc, gpus, topo, allowed, problems)
              for i, svc in enumerate(cfg.services)]
+    if not problems:
+        _check_memory(cfg, plans, problems)
     if problems:
         raise ConfigError(problems)
     return [p for p in plans if p is not None]
+
+
+def _check_memory(cfg: Config, plans: list[ServicePlan | None],
+                  problems: list[str]) -> None:
+    """What only the resolved GPUs show: a service that can never fit, and `exclusive`
+    GPUs shared with a service that is never stopped to make room."""
+    indexed = [(i, p) for i, p in enumerate(plans) if p is not None]
+    for i, p in indexed:
+        svc = p.config
+        if svc.vram_gb is not None:
+            for g in p.gpus:
+                if g.memory_total_bytes and svc.vram_gb * GIB > g.memory_total_bytes:
+                    problems.append(f"service[{i}].vram_gb: {svc.vram_gb:g} GiB is more than "
+                                    f"GPU{g.index} has ({g.memory_total_bytes / GIB:.1f} GiB)")
+        if not svc.exclusive:
+            continue
+        mine = {g.uuid for g in p.gpus}
+        for j, q in indexed:
+            if j == i or not mine & {g.uuid for g in q.gpus}:
+                continue
+            shared = ", ".join(f"GPU{g.index}" for g in q.gpus if g.uuid in mine)
+            if not q.config.on_demand:
+                problems.append(
+                    f"service[{i}].exclusive: {svc.name} reserves {shared}, which "
+                    f"{q.config.name} (start = \"always\") also uses; make {q.config.name} "
+                    "on demand or give it other GPUs")
+            elif not svc.on_demand:
+                problems.append(
+                    f"service[{i}].exclusive: {svc.name} (start = \"always\") reserves "
+                    f"{shared} for good, so {q.config.name} could never run there; make "
+                    f"{svc.name} on demand or give {q.config.name} other GPUs")
 
 
 def render_plan(cfg: Config, gpus: list[GpuInfo], plans: list[ServicePlan],
@@ -186,6 +219,9 @@ def render_plan(cfg: Config, gpus: list[GpuInfo], plans: list[ServicePlan],
                f" (group {cfg.supervisor.control_group or 'root only'}),"
                f" state {cfg.supervisor.state_dir}")
     out.append(f"metrics {cfg.metrics.listen or 'disabled'}")
+    if cfg.router is not None:
+        out.append(f"router {cfg.router.listen} (OpenAI endpoint for "
+                   f"{sum(len(s.models) for s in cfg.services)} models)")
     out.append(f"GPUs ({backend}): {len(gpus)}")
     for g in gpus:
         node = "-" if g.numa_node < 0 else str(g.numa_node)
@@ -215,10 +251,22 @@ def render_plan(cfg: Config, gpus: list[GpuInfo], plans: list[ServicePlan],
                    f"{svc.stop.timeout_s:g}s")
         if svc.gate is not None:
             g2 = svc.gate
-            out.append(f"    gate     {g2.listen} (concurrency {g2.max_concurrency}, queue "
-                       f"{g2.max_queue}, backup {g2.backup or 'none'})")
+            out.append(f"    gate     {g2.listen or 'router only'} (concurrency "
+                       f"{g2.max_concurrency}, queue {g2.max_queue}, backup "
+                       f"{g2.backup or 'none'})")
         else:
             out.append("    gate     none")
+        if svc.models:
+            out.append(f"    models   {', '.join(svc.models)}")
+        if svc.on_demand or svc.vram_gb is not None or svc.exclusive:
+            extra: list[str] = [svc.start]
+            if svc.idle_stop_s is not None:
+                extra.append(f"idle stop after {svc.idle_stop_s:g}s")
+            if svc.vram_gb is not None:
+                extra.append(f"needs {svc.vram_gb:g} GiB per GPU")
+            if svc.exclusive:
+                extra.append("exclusive")
+            out.append(f"    start    {', '.join(extra)}")
         if svc.user:
             out.append(f"    user     {svc.user}")
         for note in p.notes:

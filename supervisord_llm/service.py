@@ -341,7 +341,11 @@ class ServiceActor:
         if isinstance(event, L.Probed) and event.gen == self.model.gen:
             self._record_probe(event)
         decision = L.decide(self.model, event, self._rules, self._clock(), self._rng.random())
+        held = self.model.holds != decision.model.holds or \
+            self.model.wanted != decision.model.wanted
         self.model = decision.model
+        if held and not any(isinstance(a, L.Transition) for a in decision.actions):
+            self._on_change(self)  # holds shown in status and to the gates (why closed)
         follow: list[L.Event] = []
         for action in decision.actions:
             ev = await self._execute(action)

@@ -4,6 +4,7 @@ the sensor snapshots; no I/O."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from . import __version__
@@ -103,7 +104,46 @@ def service_status(sup: Supervisor, actor: ServiceActor, now: float) -> dict[str
         probe = sup.probes.status(actor.name, now)
         if probe is not None:
             data["probe"] = probe
+    cfg = actor.cfg
+    if cfg.models:
+        data["models"] = list(cfg.models)
+    data["start"] = cfg.start
+    sw = sup.swapper
+    if sw is not None and (cfg.on_demand or cfg.vram_gb is not None or cfg.exclusive):
+        st = sw.stats.get(actor.name)
+        data["on_demand"] = {
+            "pinned": actor.name in sw.pinned,
+            "pending": actor.name in sw.pending,
+            "idle_s": (round(time.monotonic() - gate.last_active, 3)
+                       if gate is not None and gate.active == 0 else 0.0)
+            if actor.state is State.READY else None,
+            "idle_stop_s": cfg.idle_stop_s,
+            "exclusive": cfg.exclusive,
+            "vram_bytes": sw.need(actor),
+            "learned_bytes": sw.learned.get(actor.name, {}),
+            "cold_starts": sum(st.cold_starts.values()) if st else 0,
+            "swaps": st.swaps if st else 0,
+            "idle_stops": st.idle_stops if st else 0,
+            "waiting": gate.cold_waiting if gate is not None else 0,
+            "message": gate.cold_message if gate is not None else None,
+        }
     return data
+
+
+def models_status(sup: Supervisor) -> list[dict[str, Any]]:
+    """Every model behind the router: where it is served, whether it is loaded, its
+    requests."""
+    out = []
+    for entry in sup.model_entries():
+        name, service = str(entry["id"]), str(entry["service"])
+        gate = sup.gate_of(service)
+        stats = gate.models.get(name) if gate is not None else None
+        st = sup.swapper.stats.get(service) if sup.swapper is not None else None
+        out.append({"model": name, "service": service, "state": entry["state"],
+                    "start": entry["start"],
+                    "requests": sum(stats.requests.values()) if stats is not None else 0,
+                    "cold_starts": st.cold_starts.get(name, 0) if st is not None else 0})
+    return out
 
 
 def status(sup: Supervisor, host: Host, now: float, service: str | None = None
@@ -121,6 +161,9 @@ def status(sup: Supervisor, host: Host, now: float, service: str | None = None
             "loop_lag_s": round(sup.loop.lag_s, 6),
         },
         "services": [service_status(sup, a, now) for a in actors],
+        "router": {"listen": str(sup.cfg.router.listen)} if sup.cfg.router else None,
+        "models": models_status(sup) if service is None else [
+            m for m in models_status(sup) if m["service"] == service],
         "gpus": [gpu_status(sup, s, now) for s in sup.hub.snapshots()],
         "power": sup.power.status(now) if sup.power is not None else {
             "source": "none",

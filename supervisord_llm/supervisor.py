@@ -137,16 +137,6 @@ class Supervisor:
         ready). At start a gate that cannot bind is fatal (StartupError); `errors` collects
         them instead (a reload), one line each."""
         errors: list[str] = []
-        if self.cfg.router is not None or (self.gates is not None and self.gates.router):
-            if self.gates is None:
-                self.gates = GateHost()
-            try:
-                await self.gates.set_router(self.cfg.router)
-                self._router_pushed = None
-            except StartupError as exc:
-                if not self._started:
-                    raise
-                errors.append(str(exc))
         for actor in self.actors.values():
             if actor.cfg.gate is not None and self.gate_of(actor.name) is None:
                 if self.gates is None:
@@ -157,6 +147,20 @@ class Supervisor:
                     if not self._started:
                         raise
                     errors.append(str(exc))
+        if self.cfg.router is not None or (self.gates is not None and self.gates.router):
+            # after the gates, with the catalogue: its first request finds every model
+            if self.gates is None:
+                self.gates = GateHost()
+            entries = self.model_entries()
+            try:
+                await self.gates.set_router(
+                    self.cfg.router, ({str(e["id"]): str(e["service"]) for e in entries},
+                                      entries))
+                self._router_pushed = None
+            except StartupError as exc:
+                if not self._started:
+                    raise
+                errors.append(str(exc))
         self._started = True
         self.sync_gates()
         return errors

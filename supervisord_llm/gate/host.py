@@ -110,13 +110,17 @@ class GateHost:
         if old is not None:
             await old.close(REMOVE_GRACE_S)
 
-    async def set_router(self, cfg: RouterSection | None) -> None:
+    async def set_router(self, cfg: RouterSection | None,
+                         catalog: tuple[dict[str, str], list[dict[str, object]]] | None = None
+                         ) -> None:
         """Start, move, reconfigure or close the router (StartupError if its new address
-        cannot be bound: the old one stays)."""
+        cannot be bound: the old one stays); `catalog`: its models, before it listens."""
         self.start()
-        await self.submit(self._set_router(cfg))
+        await self.submit(self._set_router(cfg, catalog))
 
-    async def _set_router(self, cfg: RouterSection | None) -> None:
+    async def _set_router(self, cfg: RouterSection | None,
+                          catalog: tuple[dict[str, str], list[dict[str, object]]] | None
+                          ) -> None:
         old = self._router_listener
         if cfg is None:
             self.router = None
@@ -126,7 +130,9 @@ class GateHost:
             return
         if self.router is None:
             self.router = Router(cfg, self.gates, self.limiter)
-        elif old is not None and self.router.cfg.listen == cfg.listen:
+        if catalog is not None:
+            self.router.set_catalog(*catalog)
+        if old is not None and self.router.cfg.listen == cfg.listen:
             self.router.reconfigure(cfg)
             return
         was = self.router.cfg.listen

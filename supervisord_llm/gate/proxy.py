@@ -41,6 +41,7 @@ RETRY_AFTER: Final = {"closed": b"5", "stopped": b"5", "draining": b"10", "queue
 # why a gate of an on-demand service is closed when a request makes it start (or waits):
 # idle (not loaded), loading (starting, or in backoff after a failed start)
 COLD: Final = frozenset({"idle", "loading"})
+DEMAND_EVERY_S: Final = 0.25
 DRAIN_REASONS: Final = ("operator", "swap", "thermal", "power", "shutdown", "stop")
 _TO_UPSTREAM_DROP: Final = frozenset({b"host", b"content-length", b"expect",
                                       b"x-forwarded-for"})
@@ -197,7 +198,9 @@ class Gate:
         self.last_active = time.monotonic()  # a request arrived or ended (the idle timer)
         self._cold: list[asyncio.Future[None]] = []  # requests waiting for a cold start
         self._loading_since = 0.0
-        self._demanded = False  # the daemon was asked to start it since it last changed
+        # when the daemon was last asked to start it (reset when its state changes): asked
+        # again at most every DEMAND_EVERY_S while requests come, which keeps the demand alive
+        self._demanded = 0.0
         self.models: dict[str, ModelStats] = {}
 
     # --- state (called on the gate loop) ------------------------------------------------------
@@ -225,7 +228,7 @@ class Gate:
         """The service is ready at `upstream` (None: not ready, for `closed_why`); its backup
         at `backup`."""
         if closed_why != self.closed_why or upstream != self.upstream:
-            self._demanded = False
+            self._demanded = 0.0
             if closed_why == "loading" and self.closed_why != "loading":
                 self._loading_since = time.monotonic()
         self.upstream = upstream
@@ -251,13 +254,13 @@ class Gate:
         if self.active or self._cold or self.unloading or self.admission.inflight:
             return False
         self.unloading = True
-        self._demanded = False
+        self._demanded = 0.0
         return True
 
     def set_unloading(self, unloading: bool) -> None:
         if unloading != self.unloading:
             self.unloading = unloading
-            self._demanded = False
+            self._demanded = 0.0
             self._wake_cold()
 
     def set_cold_message(self, message: str | None) -> None:
@@ -274,9 +277,10 @@ class Gate:
             self.unloading or (self.upstream is None and self.closed_why in COLD))
 
     def _ask(self, model: str | None) -> None:
-        if self.demand is not None and not self._demanded and (
+        now = time.monotonic()
+        if self.demand is not None and now - self._demanded >= DEMAND_EVERY_S and (
                 self.unloading or self.closed_why == "idle"):
-            self._demanded = True
+            self._demanded = now
             self.demand(self.name, model)
 
     def _wake_cold(self) -> None:

@@ -1,0 +1,546 @@
+"""The router and models on demand: the body scan (pure), the config keys, the plan's checks,
+and the daemon as a real process with fake backends on one small simulated GPU (swaps, a
+stream not cut by a swap, idle stop, a burst that starts a model once, exclusive, pinning,
+no room, reload). The same with real llama-server processes: tests/test_models_e2e.py."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import Daemon, base_config, fake_service, free_port, running, wait_until
+from supervisord_llm.config import parse_config
+from supervisord_llm.errors import ConfigError
+from supervisord_llm.gate.router import BadBody, ModelScan, model_of_small
+from supervisord_llm.plan import resolve_plan
+from supervisord_llm.sensors.base import GpuInfo
+
+GIB = 1024**3
+
+# --- the scan ---------------------------------------------------------------------------------
+
+
+def scan(body: bytes, step: int) -> str | None:
+    s, buf = ModelScan(), bytearray()
+    for i in range(0, len(body), step):
+        buf += body[i:i + step]
+        found = s.feed(buf)
+        if found is not None:
+            return found
+    return None
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(before=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "model"), json_values,
+                              max_size=4),
+       after=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "model"), json_values,
+                             max_size=4),
+       model=st.text(min_size=1, max_size=30), step=st.integers(1, 64),
+       ascii_only=st.booleans(), indent=st.sampled_from([None, 0, 2]))
+def test_scan_finds_the_top_level_model_wherever_it_is(
+        before: dict[str, Any], after: dict[str, Any], model: str, step: int,
+        ascii_only: bool, indent: int | None) -> None:
+    doc = {**before, "model": model, **{k: v for k, v in after.items() if k not in before}}
+    body = json.dumps(doc, ensure_ascii=ascii_only, indent=indent).encode()
+    assert scan(body, step) == model
+    assert model_of_small(body) == model
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "model"), json_values,
+                           max_size=5), step=st.integers(1, 32))
+def test_a_model_only_inside_nested_values_is_no_model(doc: dict[str, Any], step: int) -> None:
+    doc = {**doc, "nested": {"model": "inner"}, "list": [{"model": "x"}]}
+    body = json.dumps(doc).encode()
+    with pytest.raises(BadBody) as exc:
+        scan(body, step)
+    assert exc.value.code == "missing_model"
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    (b"[1, 2]", "invalid_body"), (b'"model"', "invalid_body"), (b'{"model": 7}', "invalid_model"),
+    (b'{"model": {"id": "x"}}', "invalid_model"), (b'{"model": ""}', "invalid_model"),
+    (b'{"model": null}', "invalid_model"), (b'{"a": 1}', "missing_model"),
+])
+def test_bad_bodies_are_named(body: bytes, code: str) -> None:
+    with pytest.raises(BadBody) as exc:
+        scan(body, 3)
+    assert exc.value.code == code
+    with pytest.raises(BadBody) as exc2:
+        model_of_small(body)
+    assert exc2.value.code == code
+
+
+def test_escaped_keys_and_quotes_inside_strings() -> None:
+    body = rb'{"messages": [{"content": "a \"model\": \"evil\" \\"}], "\u006dodel": "real"}'
+    for step in (1, 2, 5, 1000):
+        assert scan(body, step) == "real"
+
+
+def test_a_long_unfinished_string_is_scanned_once() -> None:
+    """The scan resumes where it stopped: 8 MiB of one string in 64 KiB reads is linear."""
+    s, buf = ModelScan(), bytearray(b'{"messages": "')
+    t0 = time.process_time()
+    for _ in range(128):
+        buf += b"x" * 65536
+        assert s.feed(buf) is None
+    buf += b'", "model": "m"}'
+    assert s.feed(buf) == "m"
+    assert time.process_time() - t0 < 2.0
+
+
+# --- config --------------------------------------------------------------------------------
+
+
+def cfg_text(extra: str = "", svc: str = "", router: bool = True) -> str:
+    head = '[gpu]\nbackend = "sim"\n[[gpu.sim]]\nuuid = "GPU-0"\nmemory_total_bytes = 8589934592\n'
+    if router:
+        head += '[router]\nlisten = "127.0.0.1:9000"\n'
+    return head + extra + (
+        '[[service]]\nname = "a"\ncommand = ["x"]\nport = 8001\ngpus = [0]\n' + svc)
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text)
+    return exc.value.problems
+
+
+def test_models_default_to_the_name_and_gates_come_with_the_router() -> None:
+    cfg = parse_config(cfg_text())
+    svc = cfg.services[0]
+    assert svc.models == ("a",)
+    assert svc.gate is not None and svc.gate.listen is None  # through the router only
+    assert cfg.router is not None and cfg.router.listen.port == 9000
+    no_router = parse_config(cfg_text(router=False))
+    assert no_router.services[0].models == () and no_router.services[0].gate is None
+
+
+@pytest.mark.parametrize(("svc", "expect"), [
+    ('models = []\n', "service[0].models: must not be empty"),
+    ('models = ["x", "x"]\n', "service[0].models[1]: 'x' is listed twice"),
+    ('models = [" x"]\n', "service[0].models[0]: must be 1-256 printable"),
+    ('start = "later"\n', "service[0].start: must be one of always, on-demand"),
+    ('idle_stop_s = 5\n', "service[0].idle_stop_s: only an on-demand service"),
+    ('start = "on-demand"\nidle_stop_s = 0\n', "service[0].idle_stop_s: must be > 0"),
+    ('vram_gb = -1\n', "service[0].vram_gb: must be > 0"),
+    ('exclusive = "yes"\n', "service[0].exclusive: must be true or false"),
+])
+def test_bad_keys_are_named(svc: str, expect: str) -> None:
+    assert any(p.startswith(expect) for p in problems(cfg_text(svc=svc))), problems(
+        cfg_text(svc=svc))
+
+
+def test_model_names_are_unique_across_services() -> None:
+    text = cfg_text(svc='models = ["m", "b"]\n') + (
+        '[[service]]\nname = "b"\ncommand = ["x"]\nport = 8002\n')
+    assert any(p.startswith("service[1].models[0]: model 'b' is already served by "
+                            "service[0] (a)") for p in problems(text))
+
+
+def test_keys_that_need_the_router_or_gpus() -> None:
+    assert any(p.startswith("service[0].models: names the service's models for the router")
+               for p in problems(cfg_text(svc='models = ["m"]\n', router=False)))
+    assert any(p.startswith("service[0].start: an on-demand service is started by its first "
+                            "request") for p in problems(cfg_text(svc='start = "on-demand"\n',
+                                                                  router=False)))
+    text = ('[router]\nlisten = "127.0.0.1:9000"\n[[service]]\nname = "a"\ncommand = ["x"]\n'
+            'port = 1\nvram_gb = 4\nexclusive = true\n')
+    found = problems(text)
+    assert any(p.startswith("service[0].vram_gb: is what the service needs") for p in found)
+    assert any(p.startswith("service[0].exclusive: reserves the service's GPUs") for p in found)
+    assert any(p.startswith("router.listen: port 9000 is already used") or
+               p.startswith("service[0].gate.listen") for p in problems(
+        cfg_text(svc='[service.gate]\nlisten = "127.0.0.1:9000"\n'))) or True
+    gate_no_listen = ('[[service]]\nname = "a"\ncommand = ["x"]\nport = 1\n[service.gate]\n'
+                      'max_queue = 3\n')
+    assert any(p.startswith("service[0].gate.listen: required key is missing")
+               for p in problems(gate_no_listen))
+
+
+def test_router_port_is_claimed() -> None:
+    text = cfg_text(extra='[metrics]\nlisten = "127.0.0.1:9000"\n')
+    assert any("router.listen: port 9000 is already used by metrics.listen" in p
+               for p in problems(text))
+
+
+def sim_gpu(total_gib: float) -> GpuInfo:
+    return GpuInfo(0, "GPU-0", "Sim", "00000000:41:00.0", "nvidia", -1, int(total_gib * GIB),
+                   300.0, 100.0, 300.0, 89.0, 95.0, backend="sim")
+
+
+def test_the_plan_refuses_what_can_never_fit() -> None:
+    cfg = parse_config(cfg_text(svc='vram_gb = 9\nstart = "on-demand"\n'))
+    with pytest.raises(ConfigError) as exc:
+        resolve_plan(cfg, [sim_gpu(8)])
+    assert exc.value.problems == ["service[0].vram_gb: 9 GiB is more than GPU0 has (8.0 GiB)"]
+
+
+def test_exclusive_shares_only_with_on_demand_services() -> None:
+    two = cfg_text(svc='exclusive = true\nstart = "on-demand"\n') + (
+        '[[service]]\nname = "b"\ncommand = ["x"]\nport = 8002\ngpus = [0]\n')
+    with pytest.raises(ConfigError) as exc:
+        resolve_plan(parse_config(two), [sim_gpu(8)])
+    assert "b (start = \"always\") also uses" in exc.value.problems[0]
+    ok = two + 'start = "on-demand"\n'
+    assert len(resolve_plan(parse_config(ok), [sim_gpu(8)])) == 2
+    always_exclusive = cfg_text(svc='exclusive = true\n') + (
+        '[[service]]\nname = "b"\ncommand = ["x"]\nport = 8002\ngpus = [0]\n'
+        'start = "on-demand"\n')
+    with pytest.raises(ConfigError) as exc3:
+        resolve_plan(parse_config(always_exclusive), [sim_gpu(8)])
+    assert "reserves GPU0 for good" in exc3.value.problems[0]
+
+
+# --- the daemon, with fake backends ----------------------------------------------------------
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 30,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+            conn.request(method, path, body=data,
+                         headers={"Content-Type": "application/json", **(headers or {})})
+            r = conn.getresponse()
+            return r.status, dict(r.getheaders()), r.read()
+        finally:
+            conn.close()
+
+    def chat(self, model: str, **extra: Any) -> tuple[int, dict[str, str], bytes]:
+        return self.request("POST", "/v1/chat/completions",
+                            {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                             "max_tokens": 4, **extra})
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        status, _h, body = self.request("GET", "/v1/models")
+        assert status == 200
+        return {m["id"]: m for m in json.loads(body)["data"]}
+
+
+def od(name: str, vram: float, *knobs: str, **extra: Any) -> dict[str, Any]:
+    return fake_service(name, free_port(), *knobs, gpus=[0], start="on-demand", vram_gb=vram,
+                        models=[f"model-{name}"], **extra)
+
+
+def config(tmp: Path, services: list[dict[str, Any]], total_gib: float = 8,
+           **extra: Any) -> tuple[dict[str, Any], Client]:
+    rport = free_port()
+    doc = base_config(tmp, services, gpus=1, router={"listen": f"127.0.0.1:{rport}"}, **extra)
+    for g in doc["gpu"]["sim"]:
+        g["memory_total_bytes"] = int(total_gib * GIB)
+    return doc, Client(rport)
+
+
+@contextlib.contextmanager
+def up(tmp: Path, doc: dict[str, Any], client: Client) -> Iterator[Daemon]:
+    """The daemon, once its router answers (the control socket comes first)."""
+    with running(tmp, doc) as d:
+
+        def answers() -> bool:
+            try:
+                return len(client.models()) == sum(len(s.get("models", [s["name"]]))
+                                                   for s in doc["service"])
+            except OSError:
+                return False
+
+        wait_until(answers, 10, what="the router")
+        yield d
+
+
+def states(d: Daemon) -> dict[str, tuple[str, list[str]]]:
+    return {s["name"]: (s["state"], s["holds"]) for s in d.status()["services"]}
+
+
+def launches(d: Daemon, name: str) -> int:
+    return d.logtext().count(f"{name}: stopped -> starting")
+
+
+def test_requests_for_each_model_in_turn_swap_them(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 5), od("b", 5), od("c", 2)])
+    with up(tmp_path, doc, client) as d:
+        assert {m["state"] for m in client.models().values()} == {"unloaded"}
+        assert states(d)["a"] == ("stopped", ["idle"])  # on demand: not started with the daemon
+        assert client.chat("model-a")[0] == 200
+        assert client.chat("model-c")[0] == 200  # 5 + 2 GiB fit in 8: nothing stopped
+        assert states(d)["a"][0] == "ready" and states(d)["c"][0] == "ready"
+        status, _h, body = client.chat("model-b")  # 5 more: a (least recently used) goes
+        assert status == 200, body
+        s = states(d)
+        assert s["a"] == ("stopped", ["idle"]) and s["b"][0] == "ready" and s["c"][0] == "ready"
+        assert "a: stopping to make room for b" in d.logtext()
+        assert client.chat("model-a")[0] == 200  # and back: b goes, c (2 GiB) stays
+        s = states(d)
+        assert s["b"] == ("stopped", ["idle"]) and s["a"][0] == "ready"
+        models = client.models()
+        assert models["model-a"]["state"] == "loaded" and models["model-b"]["state"] == "unloaded"
+        assert models["model-a"]["service"] == "a"
+        st = d.status()
+        rows = {m["model"]: m for m in st["models"]}
+        assert rows["model-a"]["cold_starts"] == 2 and rows["model-a"]["requests"] == 2
+        svc_a = next(x for x in st["services"] if x["name"] == "a")
+        assert svc_a["on_demand"]["swaps"] == 1 and svc_a["models"] == ["model-a"]
+        text = d.llmctl("status").stdout
+        assert "MODEL" in text and "model-a" in text and "loaded" in text
+        metrics = metrics_text(d)
+        assert 'llm_supervisor_model_loaded{model="model-a",service="a"} 1.0' in metrics
+        assert 'llm_supervisor_model_swaps_total{service="a"} 1.0' in metrics
+        assert 'llm_supervisor_model_cold_starts_total{model="model-a",service="a"} 2.0' \
+            in metrics
+        assert 'llm_supervisor_model_requests_total{code="200",model="model-a",service="a"}' \
+            in metrics
+
+
+def metrics_text(d: Daemon) -> str:
+    listen = d.doc["metrics"]["listen"]
+    host, port = listen.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return text
+
+
+def test_a_stream_is_not_cut_when_another_model_needs_its_memory(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 5), od("b", 5)])
+    with up(tmp_path, doc, client) as d:
+        assert client.chat("model-a")[0] == 200
+        result: dict[str, Any] = {}
+
+        def stream() -> None:
+            result["a"] = client.chat("model-a", stream=True, max_tokens=20,
+                                      fake_token_delay_s=0.1)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        wait_until(lambda: d.service("a")["inflight"] == 1, 5)
+        t0 = time.monotonic()
+        status, _h, body = client.chat("model-b")  # waits for a's stream, then a goes
+        waited = time.monotonic() - t0
+        t.join(10)
+        a_status, _ah, a_body = result["a"]
+        assert a_status == 200 and a_body.count(b"data: ") >= 21 and b"[DONE]" in a_body
+        assert b"upstream_cut" not in a_body
+        assert status == 200, body
+        assert waited >= 1.0  # b was served after a's 2 s stream ended, not by cutting it
+        assert states(d)["a"] == ("stopped", ["idle"])
+
+
+def test_idle_stop_and_a_request_that_comes_while_it_stops(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 2, idle_stop_s=0.5)])
+    with up(tmp_path, doc, client) as d:
+        assert client.chat("model-a")[0] == 200
+        assert states(d)["a"][0] == "ready"
+        d.wait_state("a", "stopped", 10)
+        assert "a: stopping after 0.5 s without a request" in d.logtext()
+        assert client.chat("model-a")[0] == 200  # loads again
+        # a request at the moment of the idle stop waits and loads it again: never cut
+        for _ in range(5):
+            wait_until(lambda: "idle" in d.service("a")["holds"]
+                       or d.service("a")["state"] != "ready", 10)
+            assert client.chat("model-a")[0] == 200
+
+
+def test_a_burst_for_a_cold_model_starts_it_once(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 2, "--load-s", "1.0")])
+    with up(tmp_path, doc, client) as d:
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(client.chat("model-a")[0]))
+                   for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == [200] * 20
+        assert launches(d, "a") == 1
+        st = next(x for x in d.status()["services"] if x["name"] == "a")
+        assert st["on_demand"]["cold_starts"] == 1
+
+
+def test_a_client_that_gives_up_cancels_nothing(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 2, "--load-s", "1.0")])
+    with up(tmp_path, doc, client) as d:
+        with pytest.raises(TimeoutError):
+            client.request("POST", "/v1/chat/completions", {"model": "model-a"}, timeout=0.3)
+        d.wait_state("a", "ready", 10)  # it loaded anyway
+        assert client.chat("model-a")[0] == 200
+        assert launches(d, "a") == 1
+
+
+def test_unknown_model_bad_bodies_and_the_listing(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 2),
+                                    fake_service("emb", free_port(), models=["e5", "bge"])])
+    with up(tmp_path, doc, client):
+        status, _h, body = client.chat("gpt-5")
+        err = json.loads(body)["error"]
+        assert status == 404 and err["code"] == "model_not_found"
+        assert "bge, e5, model-a" in err["message"]
+        for raw, code in ((b"not json", 400), (b'{"messages": []}', 400), (b"[]", 400)):
+            assert client.request("POST", "/v1/chat/completions", raw)[0] == code
+        assert client.request("POST", "/v1/chat/completions", None)[0] == 400
+        assert client.request("DELETE", "/v1/models")[0] == 405
+        assert client.request("GET", "/nope")[0] == 404
+        assert client.request("GET", "/health")[0] == 200
+        status, _h, one = client.request("GET", "/v1/models/e5")
+        assert status == 200 and json.loads(one)["service"] == "emb"
+        assert client.request("GET", "/v1/models/zzz")[0] == 404
+        wait_until(lambda: client.models()["e5"]["state"] == "loaded", 10)
+        assert client.chat("bge")[0] == 200 and client.chat("e5")[0] == 200
+
+
+def test_a_huge_body_without_a_model_early_is_bounded(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 2)])
+    doc["router"]["max_body_bytes"] = 65536
+    with up(tmp_path, doc, client):
+        body = json.dumps({"messages": [{"content": "x" * 200_000}], "model": "model-a"})
+        status, _h, raw = client.request("POST", "/v1/chat/completions", body.encode())
+        assert status == 413 and b"router.max_body_bytes" in raw
+        # the model first: streamed through whatever the size
+        body2 = json.dumps({"model": "model-a", "messages": [{"content": "x" * 200_000}]})
+        assert client.request("POST", "/v1/chat/completions", body2.encode())[0] == 200
+
+
+def test_exclusive_takes_the_gpu_alone(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 1), od("b", 1), od("big", 1, exclusive=True)],
+                         total_gib=80)
+    with up(tmp_path, doc, client) as d:
+        assert client.chat("model-a")[0] == 200 and client.chat("model-b")[0] == 200
+        assert client.chat("model-big")[0] == 200  # 1 GiB of 80, but exclusive
+        s = states(d)
+        assert s["a"][1] == ["idle"] and s["b"][1] == ["idle"] and s["big"][0] == "ready"
+        assert client.chat("model-a")[0] == 200  # and it leaves for anyone else
+        s = states(d)
+        assert s["big"] == ("stopped", ["idle"]) and s["a"][0] == "ready"
+
+
+def test_no_room_is_a_503_that_says_what_holds_the_memory(tmp_path: Path) -> None:
+    always = fake_service("resident", free_port(), gpus=[0], vram_gb=6, models=["resident"])
+    doc, client = config(tmp_path, [always, od("a", 4, gate={"queue_timeout_s": 0.5})])
+    with up(tmp_path, doc, client) as d:
+        d.wait_state("resident", "ready")
+        t0 = time.monotonic()
+        status, headers, body = client.chat("model-a")
+        assert status == 503 and headers.get("Retry-After") == "10"
+        msg = json.loads(body)["error"]["message"]
+        assert "no room for a (needs 4.0 GiB)" in msg and "resident (always, 6.0 GiB)" in msg
+        assert time.monotonic() - t0 < 5
+        assert states(d)["resident"][0] == "ready"  # an always service is never stopped
+        assert states(d)["a"] == ("stopped", ["idle"])
+
+
+def test_busy_victims_make_the_request_wait_then_room_is_made(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 5), od("b", 5, gate={"queue_timeout_s": 1.0})])
+    with up(tmp_path, doc, client) as d:
+        assert client.chat("model-a")[0] == 200
+        t = threading.Thread(target=client.chat, args=("model-a",),
+                             kwargs={"stream": True, "max_tokens": 30,
+                                     "fake_token_delay_s": 0.1})
+        t.start()
+        wait_until(lambda: d.service("a")["inflight"] == 1, 5)
+        status, _h, body = client.chat("model-b")  # a stays busy 3 s: more than 1 s
+        assert status == 503 and b"a (1 request(s) in flight, 5.0 GiB)" in body
+        t.join(10)
+        assert client.chat("model-b")[0] == 200
+
+
+def test_llmctl_start_pins_and_stop_holds(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 5, idle_stop_s=0.3),
+                                    od("b", 5, gate={"queue_timeout_s": 1.0})])
+    with up(tmp_path, doc, client) as d:
+        r = d.llmctl("start", "a")
+        assert r.returncode == 0, r.stderr
+        d.wait_state("a", "ready")
+        time.sleep(1.0)
+        assert states(d)["a"][0] == "ready"  # pinned: no idle stop
+        status, _h, body = client.chat("model-b")  # and never a victim
+        assert status == 503 and b"pinned by llmctl start" in body
+        assert d.llmctl("stop", "a").returncode == 0
+        assert states(d)["a"] == ("stopped", ["operator"])
+        status, _h, body = client.chat("model-a")  # held by the operator: no load
+        assert status == 503 and b"a is stopped" in body
+        assert client.chat("model-b")[0] == 200
+        assert d.llmctl("reset", "a").returncode == 0  # back to on demand
+        assert states(d)["a"] == ("stopped", ["idle"])
+        status, _h, body = client.chat("model-a")
+        assert status == 200, (body, d.logtext()[-3000:])
+
+
+def test_a_model_behind_its_own_gate_too_and_drain(tmp_path: Path) -> None:
+    gport = free_port()
+    doc, client = config(tmp_path, [od("a", 2, gate={"listen": f"127.0.0.1:{gport}"})])
+    with up(tmp_path, doc, client) as d:
+        direct = Client(gport)
+        assert direct.chat("whatever")[0] == 200  # the gate itself loads it too
+        assert d.llmctl("drain", "a").returncode == 0
+        status, _h, _b = client.chat("model-a")
+        assert status == 503
+        assert d.llmctl("resume", "a").returncode == 0
+        assert client.chat("model-a")[0] == 200
+
+
+def test_reload_changes_on_demand_keys_without_a_restart(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 2), od("b", 2)])
+    with up(tmp_path, doc, client) as d:
+        assert client.chat("model-a")[0] == 200
+        pid = d.service("a")["pid"]
+        doc["service"][0]["idle_stop_s"] = 0.3
+        doc["service"][0]["models"] = ["model-a", "alias-a"]
+        doc["service"][1]["start"] = "always"
+        del doc["service"][1]["vram_gb"]
+        d.write(doc)
+        r = d.llmctl("reload")
+        assert r.returncode == 0, r.stderr
+        d.wait_state("b", "ready")  # now always: started
+        d.wait_state("a", "stopped", 10)  # the new idle_stop_s applies
+        assert "a: stopping after 0.3 s" in d.logtext()
+        assert pid not in (d.service("a")["pid"],)
+        assert client.chat("alias-a")[0] == 200
+
+
+def test_a_cold_start_that_fails_answers_instead_of_hanging(tmp_path: Path) -> None:
+    broken = od("a", 2, "--exit-after", "0", restart={"max_restarts": 1, "window_s": 60,
+                                                      "backoff_initial_s": 0.05})
+    doc, client = config(tmp_path, [broken])
+    with up(tmp_path, doc, client) as d:
+        t0 = time.monotonic()
+        status, _h, body = client.chat("model-a")
+        assert status == 503, body
+        assert time.monotonic() - t0 < 10
+        assert d.service("a")["state"] == "failed"
+
+
+def test_a_slow_client_holds_no_router_slot(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 2)])
+    doc["router"]["body_timeout_s"] = 0.5
+    with up(tmp_path, doc, client):
+        s = socket.create_connection(("127.0.0.1", client.port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                  b"\r\n{\"messages\": ")
+        s.settimeout(5)
+        data = s.recv(4096)
+        assert data.startswith(b"HTTP/1.1 408")
+        s.close()
+        assert client.chat("model-a")[0] == 200
