@@ -55,10 +55,11 @@ json_values = st.recursive(
        after=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "model"), json_values,
                              max_size=4),
        model=st.text(min_size=1, max_size=30), step=st.integers(1, 64),
-       ascii_only=st.booleans(), indent=st.sampled_from([None, 0, 2]))
+       fmt=st.tuples(st.booleans(), st.sampled_from([None, 0, 2])))
 def test_scan_finds_the_top_level_model_wherever_it_is(
         before: dict[str, Any], after: dict[str, Any], model: str, step: int,
-        ascii_only: bool, indent: int | None) -> None:
+        fmt: tuple[bool, int | None]) -> None:
+    ascii_only, indent = fmt
     doc = {**before, "model": model, **{k: v for k, v in after.items() if k not in before}}
     body = json.dumps(doc, ensure_ascii=ascii_only, indent=indent).encode()
     assert scan(body, step) == model
