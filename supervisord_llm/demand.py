@@ -94,6 +94,7 @@ class Swapper:
         self._loading: dict[str, tuple[int, float]] = {}  # service -> (gen, cold start began)
         self._epoch: dict[str, int] = {}  # GPU uuid -> starts/stops seen on it
         self._before: dict[str, tuple[int, dict[str, int], dict[str, int]]] = {}
+        self._own: dict[str, dict[str, int]] = {}  # the service's own changes since then
         self._seen: dict[str, tuple[State, int]] = {}
         self._acting: set[str] = set()  # services with a stop or start of ours in flight
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -218,11 +219,16 @@ class Swapper:
             if was == cur:
                 continue
             self._seen[name] = cur
+            if actor.state is State.STARTING and (was is None or was[1] != actor.gen) \
+                    and self._before.get(name, (-1,))[0] != actor.gen:
+                self._baseline(actor, actor.gen)  # a start not of ours: best effort
             if was is None or was[1] != actor.gen or (was[0] in HOLDING) != (cur[0] in HOLDING):
                 for g in actor.plan.gpus:
                     self._epoch[g.uuid] = self._epoch.get(g.uuid, 0) + 1
-            if actor.state is State.STARTING and (was is None or was[1] != actor.gen):
-                self._before[name] = (actor.gen, self._used(actor), self._epochs(actor))
+                own = self._own.get(name)
+                if own is not None:
+                    for g in actor.plan.gpus:
+                        own[g.uuid] = own.get(g.uuid, 0) + 1
             if actor.state is State.READY and (was is None or was[0] is not State.READY):
                 loading = self._loading.pop(name, None)
                 if loading is not None:
@@ -239,6 +245,12 @@ class Swapper:
                 p = self.pending.pop(name, None)
                 if p is not None:
                     self._settle(p, f"{name} failed: {actor.failed_reason}")
+
+    def _baseline(self, actor: ServiceActor, gen: int) -> None:
+        """The GPUs' used memory before launch `gen` of the service (what it adds is
+        learned once it is ready)."""
+        self._before[actor.name] = (gen, self._used(actor), self._epochs(actor))
+        self._own[actor.name] = {}
 
     def _epochs(self, actor: ServiceActor) -> dict[str, int]:
         return {g.uuid: self._epoch.get(g.uuid, 0) for g in actor.plan.gpus}
@@ -281,11 +293,12 @@ class Swapper:
                 return
             now_used = self._used(actor)
             epochs = self._epochs(actor)
+            own = self._own.get(name, {})
             for uuid, used in now_used.items():
                 base = before[1].get(uuid)
                 # a start or stop of another service on this GPU meanwhile spoils the delta
-                if base is not None and before[2].get(uuid) == epochs.get(uuid, 0) - 1 \
-                        and used > base:
+                others = epochs.get(uuid, 0) - before[2].get(uuid, 0) - own.get(uuid, 0)
+                if base is not None and others == 0 and used > base:
                     learned[uuid] = used - base
         if learned and actor.gen == gen:
             self.learned[name] = learned
@@ -382,6 +395,7 @@ class Swapper:
             st.cold_starts[key] = st.cold_starts.get(key, 0) + 1
             if p.pin:
                 self.pinned.add(name)
+            self._baseline(actor, actor.gen + 1)
             await self.host.command([name], L.Release("idle"), internal=True)
             self._settle(p, None)
         except ControlError as exc:

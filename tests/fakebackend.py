@@ -16,6 +16,10 @@ Knobs (command line, or at run time with `POST /_ctl?key=value`):
   --pidfile PATH     write "PID GRANDCHILD_PID" here once listening (with --escape:
                      "PID GRANDCHILD_PID ESCAPED_PID"; 0 for a child not asked for)
   --no-listen        never listen (a server stuck before binding its port)
+  --sim-memory PATH UUID BYTES
+                     like a model on a GPU: adds BYTES to `memory_used_bytes` of that GPU in
+                     the sim state file once loaded (before /health answers 200) and takes
+                     them away when it exits
 Serves `/v1/models` and `/v1/chat/completions` (plain and `stream: true`, with
 `fake_token_delay_s` between chunks and `fake_die_after` chunks to crash mid-stream), like
 llama.cpp; `/echo` answers the request's method, path, headers and body size; `/_stats` counts
@@ -59,6 +63,25 @@ def _escapee(clean_env: bool) -> int:
     return pid
 
 
+def _sim_memory(path: str, uuid: str, delta: int) -> None:
+    """Add `delta` to a sim GPU's used memory in the state file (under a lock: several
+    backends share it); written atomically, as the daemon re-reads it at every poll."""
+    import fcntl
+
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(path) as fh:
+                state = json.load(fh)
+        except (OSError, ValueError):
+            state = {}
+        gpu = state.setdefault(uuid, {})
+        gpu["memory_used_bytes"] = max(0, int(gpu.get("memory_used_bytes", 0)) + delta)
+        with open(path + f".{os.getpid()}", "w") as fh:
+            json.dump(state, fh)
+        os.replace(path + f".{os.getpid()}", path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
@@ -74,6 +97,7 @@ def main() -> None:
     ap.add_argument("--exit-code", type=int, default=1)
     ap.add_argument("--pidfile", default=None)
     ap.add_argument("--no-listen", action="store_true")
+    ap.add_argument("--sim-memory", nargs=3, default=None)
     a = ap.parse_args()
     started = time.monotonic()
     knobs: dict[str, object] = {"health_status": a.health_status, "health_hang": a.health_hang,
@@ -179,6 +203,9 @@ def main() -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                handler_cancellation=True)
         await runner.setup()
+        if a.sim_memory:
+            path, uuid, size = a.sim_memory
+            _sim_memory(path, uuid, int(size))
         await web.TCPSite(runner, a.host, a.port).start()
         if a.pidfile:
             tmp = a.pidfile + ".tmp"
@@ -190,7 +217,12 @@ def main() -> None:
         stop = asyncio.Event()
         if not a.ignore_term:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
+        try:
+            await stop.wait()
+        finally:
+            if a.sim_memory:
+                path, uuid, size = a.sim_memory
+                _sim_memory(path, uuid, -int(size))
         await runner.cleanup()
 
     asyncio.run(run())

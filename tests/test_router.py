@@ -19,7 +19,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import Daemon, base_config, fake_service, free_port, running, wait_until
+from helpers import (
+    SIM_UUID,
+    Daemon,
+    base_config,
+    fake_service,
+    free_port,
+    running,
+    wait_until,
+)
 from supervisord_llm.config import parse_config
 from supervisord_llm.errors import ConfigError
 from supervisord_llm.gate.router import BadBody, ModelScan, model_of_small
@@ -545,3 +553,25 @@ def test_a_slow_client_holds_no_router_slot(tmp_path: Path) -> None:
         assert data.startswith(b"HTTP/1.1 408")
         s.close()
         assert client.chat("model-a")[0] == 200
+
+
+def test_the_real_figure_is_learned_and_used(tmp_path: Path) -> None:
+    """a declares 1 GiB and really takes 5 (its GPU's used memory grows by 5 GiB while it
+    starts): b (4 GiB) then does not fit beside it, so a is stopped first."""
+    state = str(tmp_path / "sim.json")
+    uuid = SIM_UUID.format(0)
+    doc, client = config(tmp_path, [
+        od("a", 1, "--sim-memory", state, uuid, str(5 * GIB)),
+        od("b", 4, "--sim-memory", state, uuid, str(4 * GIB))])
+    with up(tmp_path, doc, client) as d:
+        assert client.chat("model-a")[0] == 200
+        wait_until(lambda: d.service("a")["on_demand"]["learned_bytes"], 10,
+                   what="a's memory learned")
+        svc = d.service("a")
+        assert svc["on_demand"]["learned_bytes"] == {uuid: 5 * GIB}
+        assert svc["on_demand"]["vram_bytes"] == {uuid: 5 * GIB}  # the larger of the two
+        assert client.chat("model-b")[0] == 200
+        assert states(d)["a"] == ("stopped", ["idle"])
+        assert "a: stopping to make room for b" in d.logtext()
+        assert f'llm_supervisor_model_memory_bytes{{service="a",source="learned",uuid="{uuid}"}}' \
+            in metrics_text(d)
