@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from helpers import Daemon, base_config, free_port, make_tiny_model, running, wait_until
 from test_llama_e2e import llama
 from test_router import GIB, Client, metrics_text, states
+
+from helpers import Daemon, base_config, free_port, make_tiny_model, running, wait_until
 
 pytestmark = pytest.mark.e2e
 
