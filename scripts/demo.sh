@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A self-contained demo, no GPU needed: llm-supervisor with two simulated GPUs supervising two
-# real llama.cpp model servers (a generated tiny model). It shows `llmctl status`, a chat
-# completion through the request gate, a crash (kill -9) and the automatic restart, a hot
+# A self-contained demo, no GPU needed: llm-supervisor with two simulated GPUs supervising
+# real llama.cpp model servers (generated tiny models). It shows `llmctl status`, a chat
+# completion through the request gate, two models on demand behind one OpenAI endpoint (the
+# router) swapping on a GPU too small for both, a crash (kill -9) and the automatic restart, a hot
 # swap and a drain, a hot GPU, a power cut on a real NUT server (upsd + dummy-ups) and the
 # return of the power, then stops cleanly. With --keep it leaves the supervisor
 # running for you to explore.
@@ -28,6 +29,8 @@ for p in model upsd driver; do  # a UPS left by an earlier --keep run (only if i
 done
 mkdir -p "$RUN"
 [ -f "$RUN/tiny.gguf" ] || .venv/bin/python tests/make_tiny_gguf.py "$RUN/tiny.gguf" >/dev/null
+[ -f "$RUN/writer.gguf" ] || .venv/bin/python tests/make_tiny_gguf.py "$RUN/writer.gguf" \
+  --embd 96 --layers 3 >/dev/null
 
 free_port() {  # below the ephemeral range, none of "$@"
   .venv/bin/python -c 'import sys; from supervisord_llm.ports import pick_free_port
@@ -35,6 +38,8 @@ print(pick_free_port(set(map(int, sys.argv[1:]))))' "$@"
 }
 P1=$(free_port); P2=$(free_port "$P1"); PM=$(free_port "$P1" "$P2"); PG=$(free_port "$P1" "$P2" "$PM")
 PU=$(free_port "$P1" "$P2" "$PM" "$PG")
+PR=$(free_port "$P1" "$P2" "$PM" "$PG" "$PU"); P3=$(free_port "$P1" "$P2" "$PM" "$PG" "$PU" "$PR")
+P4=$(free_port "$P1" "$P2" "$PM" "$PG" "$PU" "$PR" "$P3")
 
 # A real NUT server: upsd with the dummy-ups driver, whose file scripts/ups_model.py keeps
 # writing (battery.runtime follows what the simulated GPUs draw; OL/OB from $RUN/ups-control).
@@ -57,6 +62,9 @@ log_format = "text"
 
 [metrics]
 listen = "127.0.0.1:$PM"
+
+[router]                             # one OpenAI endpoint for every model, by "model"
+listen = "127.0.0.1:$PR"
 
 [gpu]
 backend = "sim"
@@ -122,9 +130,38 @@ command = ["$LLAMA_SERVER", "-m", "$RUN/tiny.gguf", "--host", "127.0.0.1", "--po
            "-c", "512", "-t", "1", "--no-webui", "--embeddings"]
 port = $P2
 gpus = ["GPU-5a1e0000-0000-4000-8000-000000000001"]
+vram_gb = 8
 [service.health]
 interval_s = 1
 timeout_s = 1
+
+# two models on demand on the 48 GiB card beside embed: 30 GiB each, so only one at a time
+[[service]]
+name = "coder"
+models = ["coder-30b"]
+start = "on-demand"
+vram_gb = 30
+idle_stop_s = 600
+command = ["$LLAMA_SERVER", "-m", "$RUN/tiny.gguf", "--host", "127.0.0.1", "--port", "{port}",
+           "-c", "512", "-t", "1", "--no-webui"]
+port = $P3
+gpus = [1]
+[service.health]
+interval_s = 0.5
+timeout_s = 0.5
+
+[[service]]
+name = "writer"
+models = ["writer-70b", "writer"]
+start = "on-demand"
+vram_gb = 30
+command = ["$LLAMA_SERVER", "-m", "$RUN/writer.gguf", "--host", "127.0.0.1", "--port", "{port}",
+           "-c", "512", "-t", "1", "--no-webui"]
+port = $P4
+gpus = [1]
+[service.health]
+interval_s = 0.5
+timeout_s = 0.5
 EOF
 rm -f "$RUN/sim-gpus.json"
 
@@ -167,12 +204,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-ready() {
+ready() {  # every service that is not waiting for its first request (on demand) is ready
   for _ in $(seq 300); do
     n=$("${CTL[@]}" --json status 2>/dev/null | .venv/bin/python -c \
-      'import json,sys; print(sum(s["state"]=="ready" for s in json.load(sys.stdin)["services"]))' \
-      2>/dev/null || echo 0)
-    [ "$n" = 2 ] && return 0
+      'import json,sys; print(all(s["state"]=="ready" or "idle" in s["holds"] for s in json.load(sys.stdin)["services"]))' \
+      2>/dev/null || echo False)
+    [ "$n" = True ] && return 0
     sleep 0.1
   done
   echo "demo: services did not become ready; see $RUN/daemon.log" >&2; tail -20 "$RUN/daemon.log" >&2
@@ -186,6 +223,22 @@ say "a chat completion through the gate (127.0.0.1:$PG) to llama-server (random 
 curl -s "http://127.0.0.1:$PG/v1/chat/completions" -H 'Content-Type: application/json' \
   -d '{"messages":[{"role":"user","content":"hello"}],"max_tokens":12}' \
   | .venv/bin/python -c 'import json,sys; r=json.load(sys.stdin); c=r["choices"][0]; print("finish_reason:", c["finish_reason"], "| tokens:", r["usage"]["completion_tokens"], "| text:", repr(c["message"]["content"][:60]))'
+
+say "one endpoint for every model: the router (127.0.0.1:$PR) routes by \"model\""
+curl -s "http://127.0.0.1:$PR/v1/models" | .venv/bin/python -c 'import json,sys
+for m in json.load(sys.stdin)["data"]: print("  %-11s service %-7s %s (%s)" % (m["id"], m["service"], m["state"], m["start"]))'
+ask() {
+  curl -s -o /dev/null -w "  $1: HTTP %{http_code} in %{time_total} s\n" "http://127.0.0.1:$PR/v1/chat/completions" \
+    -H 'Content-Type: application/json' -d "{\"model\":\"$1\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":4}"
+}
+echo "a request for coder-30b loads it (a cold start), then it answers at once:"
+ask coder-30b; ask coder-30b
+echo "writer-70b needs 30 GiB too: coder (idle) is stopped to make room, then writer loads:"
+ask writer-70b
+grep -E "coder: stopping to make room|writer: loaded in" "$RUN/daemon.log" | sed 's/^/  /'
+curl -s -o /dev/null -w "  an unknown model: HTTP %{http_code}\n" "http://127.0.0.1:$PR/v1/chat/completions" \
+  -H 'Content-Type: application/json' -d '{"model":"gpt-9","messages":[]}'
+"${CTL[@]}" status | sed -n '/^router:/,/^$/p'
 
 PID=$("${CTL[@]}" --json status chat | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["services"][0]["pid"])')
 say "kill -9 $PID (the chat server crashes); llm-supervisor restarts it"
@@ -241,12 +294,13 @@ curl -s -o /dev/null -w "a chat through the gate again: HTTP %{http_code}\n" \
   -d '{"messages":[{"role":"user","content":"hello"}],"max_tokens":4}'
 
 say "Prometheus metrics at http://127.0.0.1:$PM/metrics (a few of them)"
-curl -s "http://127.0.0.1:$PM/metrics" | grep -E '^llm_supervisor_(service_up|service_restarts_total\{reason="exit"|gpu_temperature_celsius|gate_requests_total|gpu_throttle_actions_total\{.*power|ups_battery_runtime|power_events_total\{event="power_down"|checkpoint_runs_total\{.*ok)'
+curl -s "http://127.0.0.1:$PM/metrics" | grep -E '^llm_supervisor_(service_up|service_restarts_total\{reason="exit"|gpu_temperature_celsius|gate_requests_total|gpu_throttle_actions_total\{.*power|ups_battery_runtime|power_events_total\{event="power_down"|checkpoint_runs_total\{.*ok|model_loaded|model_swaps_total|model_cold_starts_total)'
 
 if [ "$KEEP" = 1 ]; then
   say "llm-supervisor keeps running (pid $(cat "$RUN/daemon.pid"))"
   echo "  .venv/bin/llmctl --socket $RUN/control.sock status"
   echo "  .venv/bin/llmctl --socket $RUN/control.sock restart chat"
+  echo "  curl http://127.0.0.1:$PR/v1/models   (the router: one endpoint for every model)"
   echo "  a power cut: echo 'OB DISCHRG' > $RUN/ups-control (and OL to end it)"
   echo "  stop it: kill $(cat "$RUN/daemon.pid") (the demo's UPS stops at the next run)"
 else
