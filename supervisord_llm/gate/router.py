@@ -173,6 +173,8 @@ def model_of_small(body: bytes) -> str:
     value = doc["model"]
     if not isinstance(value, str) or not value:
         raise BadBody(400, "invalid_model", "`model` must be a non-empty string")
+    if len(value) > MODEL_MAX:
+        raise BadBody(400, "invalid_model", f"`model` is longer than {MODEL_MAX} characters")
     return value
 
 
@@ -219,20 +221,25 @@ class Router:
     # --- a request ------------------------------------------------------------------------
 
     async def handle(self, req: Request, conn: ClientConnection) -> bool:
-        writer = ResponseWriter(conn, req)
-        path = req.target.split(b"?", 1)[0]
-        if req.method in (b"GET", b"HEAD"):
-            return self._get(writer, path)
         if req.method != b"POST":
+            writer = ResponseWriter(conn, req)
+            if req.method in (b"GET", b"HEAD"):
+                return self._get(writer, req.target.split(b"?", 1)[0])
             return self._own(writer, 405, "method_not_allowed", "the router takes POST "
                              "requests with a JSON `model`, and GET /v1/models",
                              [(b"Allow", b"GET, HEAD, POST")])
+        body = req.body
         try:
-            model, held = await self._find_model(req)
+            if body.complete and 0 < body.buffered <= SMALL_BODY:
+                # the common case: a small body, all here (json, in C)
+                held = body.take()
+                model = model_of_small(held)
+            else:
+                model, held = await self._find_model(req)
         except BadBody as exc:
-            return self._own(writer, exc.status, exc.code, exc.message)
+            return self._own(ResponseWriter(conn, req), exc.status, exc.code, exc.message)
         except BodyTimeout as exc:
-            self._own(writer, 408, "request_timeout", str(exc))
+            self._own(ResponseWriter(conn, req), 408, "request_timeout", str(exc))
             return False
         except ClientGone:
             self.count(499)
@@ -240,6 +247,7 @@ class Router:
         service = self.routes.get(model)
         gate = self.gates.get(service) if service is not None else None
         if gate is None:
+            writer = ResponseWriter(conn, req)
             if service is None:
                 known = ", ".join(sorted(self.routes)) or "none"
                 shown = model if len(model) <= 80 else model[:80] + "..."
