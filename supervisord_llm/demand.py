@@ -302,8 +302,9 @@ class Swapper:
                     learned[uuid] = used - base
         if learned and actor.gen == gen:
             self.learned[name] = learned
-            log.info("%s: uses %s", name, ", ".join(
-                f"{gib(b)} on GPU {u[:12]}" for u, b in learned.items()))
+            how = "per process" if per_process else "growth of the GPU's used memory"
+            log.info("%s: uses %s (%s)", name, ", ".join(
+                f"{gib(b)} on GPU {u}" for u, b in learned.items()), how)
 
     async def _process_memory(self, actor: ServiceActor) -> dict[str, int]:
         """NVML's per-process memory of the service's processes, per GPU (empty if the

@@ -19,7 +19,8 @@ Knobs (command line, or at run time with `POST /_ctl?key=value`):
   --sim-memory PATH UUID BYTES
                      like a model on a GPU: adds BYTES to `memory_used_bytes` of that GPU in
                      the sim state file once loaded (before /health answers 200) and takes
-                     them away when it exits
+                     them away when it exits; also under `processes` by its pid (what NVML
+                     would say per process) unless --sim-memory-no-pid
 Serves `/v1/models` and `/v1/chat/completions` (plain and `stream: true`, with
 `fake_token_delay_s` between chunks and `fake_die_after` chunks to crash mid-stream), like
 llama.cpp; `/echo` answers the request's method, path, headers and body size; `/_stats` counts
@@ -63,7 +64,7 @@ def _escapee(clean_env: bool) -> int:
     return pid
 
 
-def _sim_memory(path: str, uuid: str, delta: int) -> None:
+def _sim_memory(path: str, uuid: str, delta: int, per_process: bool) -> None:
     """Add `delta` to a sim GPU's used memory in the state file (under a lock: several
     backends share it); written atomically, as the daemon re-reads it at every poll."""
     import fcntl
@@ -77,6 +78,12 @@ def _sim_memory(path: str, uuid: str, delta: int) -> None:
             state = {}
         gpu = state.setdefault(uuid, {})
         gpu["memory_used_bytes"] = max(0, int(gpu.get("memory_used_bytes", 0)) + delta)
+        if per_process:
+            procs = gpu.setdefault("processes", {})
+            if delta > 0:
+                procs[str(os.getpid())] = delta
+            else:
+                procs.pop(str(os.getpid()), None)
         with open(path + f".{os.getpid()}", "w") as fh:
             json.dump(state, fh)
         os.replace(path + f".{os.getpid()}", path)
@@ -98,6 +105,7 @@ def main() -> None:
     ap.add_argument("--pidfile", default=None)
     ap.add_argument("--no-listen", action="store_true")
     ap.add_argument("--sim-memory", nargs=3, default=None)
+    ap.add_argument("--sim-memory-no-pid", action="store_true")
     a = ap.parse_args()
     started = time.monotonic()
     knobs: dict[str, object] = {"health_status": a.health_status, "health_hang": a.health_hang,
@@ -205,7 +213,7 @@ def main() -> None:
         await runner.setup()
         if a.sim_memory:
             path, uuid, size = a.sim_memory
-            _sim_memory(path, uuid, int(size))
+            _sim_memory(path, uuid, int(size), not a.sim_memory_no_pid)
         await web.TCPSite(runner, a.host, a.port).start()
         if a.pidfile:
             tmp = a.pidfile + ".tmp"
@@ -222,7 +230,7 @@ def main() -> None:
         finally:
             if a.sim_memory:
                 path, uuid, size = a.sim_memory
-                _sim_memory(path, uuid, -int(size))
+                _sim_memory(path, uuid, -int(size), not a.sim_memory_no_pid)
         await runner.cleanup()
 
     asyncio.run(run())

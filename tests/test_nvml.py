@@ -193,6 +193,14 @@ class ScriptedNVML:
         self._maybe("nvmlEventSetCreate")
         return "eventset"
 
+    def nvmlDeviceGetComputeRunningProcesses(self, h: str) -> list[Any]:
+        self._maybe("nvmlDeviceGetComputeRunningProcesses")
+        # as nvidia-ml-py gives them: usedGpuMemory None (or 2**64-1) when not available
+        return [SimpleNamespace(pid=4242, usedGpuMemory=37 * 2**30),
+                SimpleNamespace(pid=4243, usedGpuMemory=None),
+                SimpleNamespace(pid=4244, usedGpuMemory=2**64 - 1),
+                SimpleNamespace(pid=4242, usedGpuMemory=2**20)]
+
     def nvmlDeviceRegisterEvents(self, h: str, types: int, event_set: str) -> None:
         self._maybe("nvmlDeviceRegisterEvents")
         self.registered.append((h, types))
@@ -461,3 +469,14 @@ def test_real_library_here_auto_and_nvml(tmp_path: Path) -> None:
             pytest.skip("this machine has a working NVML")
         assert r.returncode == code, r.stderr
         assert text in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+def test_process_memory(tmp_path: Path) -> None:
+    nv = ScriptedNVML()
+    backend = NvmlBackend(nv, Topology(str(tmp_path)))
+    gpu = backend.discover()[0]
+    assert backend.process_memory(gpu) == {4242: 37 * 2**30 + 2**20}
+    nv.fail["nvmlDeviceGetComputeRunningProcesses"] = 3  # not supported: cannot tell
+    assert backend.process_memory(gpu) is None
+    nv.fail["nvmlDeviceGetComputeRunningProcesses"] = 999
+    assert backend.process_memory(gpu) is None

@@ -555,14 +555,17 @@ def test_a_slow_client_holds_no_router_slot(tmp_path: Path) -> None:
         assert client.chat("model-a")[0] == 200
 
 
-def test_the_real_figure_is_learned_and_used(tmp_path: Path) -> None:
-    """a declares 1 GiB and really takes 5 (its GPU's used memory grows by 5 GiB while it
-    starts): b (4 GiB) then does not fit beside it, so a is stopped first."""
+@pytest.mark.parametrize("per_process", [True, False], ids=["per-process", "used-delta"])
+def test_the_real_figure_is_learned_and_used(tmp_path: Path, per_process: bool) -> None:
+    """a declares 1 GiB and really takes 5 (per process, as NVML tells; or as the growth of
+    its GPU's used memory across its start): b (4 GiB) then does not fit beside it, so a is
+    stopped first."""
     state = str(tmp_path / "sim.json")
     uuid = SIM_UUID.format(0)
+    knob = [] if per_process else ["--sim-memory-no-pid"]
     doc, client = config(tmp_path, [
-        od("a", 1, "--sim-memory", state, uuid, str(5 * GIB)),
-        od("b", 4, "--sim-memory", state, uuid, str(4 * GIB))])
+        od("a", 1, "--sim-memory", state, uuid, str(5 * GIB), *knob),
+        od("b", 4, "--sim-memory", state, uuid, str(4 * GIB), *knob)])
     with up(tmp_path, doc, client) as d:
         assert client.chat("model-a")[0] == 200
         wait_until(lambda: d.service("a")["on_demand"]["learned_bytes"], 10,
@@ -570,6 +573,8 @@ def test_the_real_figure_is_learned_and_used(tmp_path: Path) -> None:
         svc = d.service("a")
         assert svc["on_demand"]["learned_bytes"] == {uuid: 5 * GIB}
         assert svc["on_demand"]["vram_bytes"] == {uuid: 5 * GIB}  # the larger of the two
+        how = "per process" if per_process else "growth of the GPU's used memory"
+        assert f"a: uses 5.0 GiB on GPU {uuid} ({how})" in d.logtext()
         assert client.chat("model-b")[0] == 200
         assert states(d)["a"] == ("stopped", ["idle"])
         assert "a: stopping to make room for b" in d.logtext()

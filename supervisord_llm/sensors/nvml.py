@@ -200,6 +200,29 @@ class NvmlBackend:
             raise SensorError(f"NVML: cannot set the power limit of GPU{gpu.index} to "
                               f"{watts:g} W: {exc}") from None
 
+    def process_memory(self, gpu: GpuInfo) -> dict[int, int] | None:
+        """GPU memory per process (pid -> bytes) of the compute processes on this GPU; None
+        when the driver cannot tell (a process whose figure is not available, as in some
+        containers, is left out)."""
+        h = self._handles.get(gpu.uuid)
+        if h is None:
+            return None
+        try:
+            procs = self._first(("nvmlDeviceGetComputeRunningProcesses_v3",
+                                 "nvmlDeviceGetComputeRunningProcesses_v2",
+                                 "nvmlDeviceGetComputeRunningProcesses"), h)
+        except self._nvml.NVMLError:
+            return None
+        if procs is None:
+            return None
+        out: dict[int, int] = {}
+        for proc in procs:
+            pid, used = getattr(proc, "pid", None), getattr(proc, "usedGpuMemory", None)
+            # NVML_VALUE_NOT_AVAILABLE is (unsigned long long)-1
+            if isinstance(pid, int) and isinstance(used, int) and 0 <= used < 2**63:
+                out[pid] = out.get(pid, 0) + used
+        return out
+
     def handle_of(self, gpu: GpuInfo) -> Any:
         """The NVML handle of a discovered GPU (None if NVML does not know it)."""
         return self._handles.get(gpu.uuid)

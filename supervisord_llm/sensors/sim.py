@@ -1,6 +1,8 @@
 """Simulated GPUs (`backend = "sim"`): the inventory comes from `[[gpu.sim]]`, the live
 readings from an optional JSON state file re-read at every poll, so that a test or an operator
 can heat a GPU (`temperature_c`), pull it from the bus (`lost`) or hang its calls (`hang`).
+Beyond the documented keys, `processes` ({"PID": bytes}) stands for NVML's per-process
+memory (tests/fakebackend.py --sim-memory writes it).
 """
 
 from __future__ import annotations
@@ -121,6 +123,20 @@ class SimBackend:
                 0 if values["memory_used_bytes"] is None else int(values["memory_used_bytes"])
             ),
         )
+
+    def process_memory(self, gpu: GpuInfo) -> dict[int, int] | None:
+        """Per-process memory, like NVML's, from the state file's `processes` ({"PID":
+        bytes}); None when it has none (then the swapper learns from the used memory)."""
+        state = self._state(gpu.uuid)
+        raw = state.get("processes")
+        if not isinstance(raw, dict):
+            return None
+        out: dict[int, int] = {}
+        for pid, used in raw.items():
+            if isinstance(pid, str) and pid.isdigit() and isinstance(used, int) \
+                    and not isinstance(used, bool) and used >= 0:
+                out[int(pid)] = used
+        return out
 
     def _kept_limits(self) -> dict[str, float]:
         known = {g.uuid for g in self._gpus}
