@@ -580,3 +580,57 @@ def test_the_real_figure_is_learned_and_used(tmp_path: Path, per_process: bool) 
         assert "a: stopping to make room for b" in d.logtext()
         assert f'llm_supervisor_model_memory_bytes{{service="a",source="learned",uuid="{uuid}"}}' \
             in metrics_text(d)
+
+
+def test_hot_swap_behind_the_router_loses_no_request(tmp_path: Path) -> None:
+    svc = fake_service("chat", free_port(), models=["chat-model"])
+    doc, client = config(tmp_path, [svc])
+    with up(tmp_path, doc, client) as d:
+        d.wait_state("chat", "ready")
+        codes: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                codes.append(client.chat("chat-model", stream=True, max_tokens=5,
+                                         fake_token_delay_s=0.02)[0])
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(codes) > 10, 10)
+        r = d.llmctl("swap", "chat")
+        assert r.returncode == 0, r.stderr
+        n = len(codes)
+        wait_until(lambda: len(codes) > n + 10, 10)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        assert set(codes) == {200}, codes
+
+
+def test_power_down_drains_the_router_and_on_demand_models(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 2), od("b", 2),
+                                    fake_service("resident", free_port(), gpus=[0])],
+                         power={"source": "none", "on_battery_grace_s": 600,
+                                "drain_timeout_s": 5, "stop_timeout_s": 5})
+    with up(tmp_path, doc, client) as d:
+        assert client.chat("model-a")[0] == 200  # a is loaded, b is not
+        result: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: result.update(r=client.chat(
+            "model-a", stream=True, max_tokens=10, fake_token_delay_s=0.1)))
+        t.start()
+        wait_until(lambda: d.service("a")["inflight"] == 1, 5)
+        assert d.llmctl("power-event", "low-battery").returncode == 0
+        t.join(10)
+        assert result["r"][0] == 200 and b"[DONE]" in result["r"][2]  # drained, not cut
+        wait_until(lambda: d.status()["supervisor"]["mode"] == "powered_down", 15)
+        status, _h, body = client.chat("model-b")  # nothing loads on the battery
+        assert status == 503, body
+        assert client.chat("resident")[0] == 503
+        assert states(d)["b"] == ("stopped", ["idle", "powered_down"])
+        assert d.llmctl("power-event", "on-line").returncode == 0
+        d.wait_state("a", "ready", 15)  # it was loaded: it comes back; b stays unloaded
+        d.wait_state("resident", "ready", 15)
+        assert states(d)["b"] == ("stopped", ["idle"])
+        assert client.chat("model-b")[0] == 200
