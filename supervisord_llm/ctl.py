@@ -207,16 +207,19 @@ def render_status(data: dict[str, Any]) -> str:
     models = data.get("models") or []
     if models:
         router = data.get("router") or {}
-        rows = [["MODEL", "SERVICE", "STATE", "START", "REQUESTS", "COLD STARTS"]]
+        rows = [["MODEL", "SERVICE", "STATE", "START", "REQUESTS", "TTFT", "COLD STARTS",
+                 "SWAPS"]]
         by_name = {s.get("name"): s for s in services}
         for m in models:
             state = str(m.get("state"))
             od = (by_name.get(m.get("service")) or {}).get("on_demand") or {}
             if od.get("pinned"):
                 state += " (pinned)"
+            ttft = m.get("ttft_mean_s")
             rows.append([str(m.get("model"))[:48], str(m.get("service")), state,
                          str(m.get("start")), str(m.get("requests", 0)),
-                         str(m.get("cold_starts", 0))])
+                         "-" if not isinstance(ttft, (int, float)) else f"{ttft * 1000:.0f}ms",
+                         str(m.get("cold_starts", 0)), str(m.get("swaps", 0))])
         out.append("")
         if router.get("listen"):
             out.append(f"router: http://{router['listen']}/v1")

@@ -454,6 +454,9 @@ class Swapper:
         if blockers:
             return RoomPlan(False, [], False, self._message(want, gpus, need, holding, used,
                                                             verb="reserved by"))
+        if any(a.state is State.STOPPING for a in forced):  # until it has exited
+            return RoomPlan(False, [], True, self._message(want, gpus, need, holding, used,
+                                                           verb="still held by"))
         freed: dict[str, int] = {}
         victims: list[ServiceActor] = []
         for a in forced:

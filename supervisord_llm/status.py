@@ -139,10 +139,16 @@ def models_status(sup: Supervisor) -> list[dict[str, Any]]:
         gate = sup.gate_of(service)
         stats = gate.models.get(name) if gate is not None else None
         st = sup.swapper.stats.get(service) if sup.swapper is not None else None
+        ttft = None
+        if stats is not None:
+            _buckets, total, count = stats.ttft.snapshot()
+            ttft = round(total / count, 4) if count else None
         out.append({"model": name, "service": service, "state": entry["state"],
                     "start": entry["start"],
                     "requests": sum(stats.requests.values()) if stats is not None else 0,
-                    "cold_starts": st.cold_starts.get(name, 0) if st is not None else 0})
+                    "ttft_mean_s": ttft,
+                    "cold_starts": st.cold_starts.get(name, 0) if st is not None else 0,
+                    "swaps": st.swaps if st is not None else 0})
     return out
 
 
