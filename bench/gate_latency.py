@@ -135,8 +135,9 @@ async def client_phase(port: int, phase: str, n: int) -> dict[str, Any]:
     raise ValueError(phase)
 
 
-def run_client(port: int, phase: str, n: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--client", str(port), phase, str(n)]
+def run_client(port: int, phase: str, n: int, script: str = __file__) -> dict[str, Any]:
+    """Run one client phase of `script` (`--client PORT PHASE N`) pinned to core 1."""
+    cmd = [sys.executable, script, "--client", str(port), phase, str(n)]
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", "1", *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)

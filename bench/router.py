@@ -38,6 +38,7 @@ from helpers import Daemon, free_port, llama_server_binary, make_tiny_model, wai
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import gate_latency  # noqa: E402
 from gate_latency import cpu_of, pct  # noqa: E402
 
 BODY = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hello there"}],
@@ -72,14 +73,7 @@ async def client_phase(port: int, phase: str, n: int) -> dict[str, Any]:
 
 
 def run_client(port: int, phase: str, n: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--client", str(port), phase, str(n)]
-    if shutil.which("taskset"):
-        cmd = ["taskset", "-c", "1", *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
-    if out.returncode != 0:
-        raise RuntimeError(f"client {phase} on port {port} failed: {out.stderr[-600:]}")
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
+    return gate_latency.run_client(port, phase, n, __file__)
 
 
 def wrk_post(tmp: Path, port: int, seconds: int = 5) -> float:
@@ -97,24 +91,28 @@ def wrk_post(tmp: Path, port: int, seconds: int = 5) -> float:
     raise RuntimeError(out)
 
 
+def config(tmp: Path, router_port: int, service: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "supervisor": {"control_socket": str(tmp / "ctl.sock"),
+                       "state_dir": str(tmp / "state"), "log_format": "text"},
+        "metrics": {"listen": ""},
+        "gpu": {"backend": "none"},
+        "router": {"listen": f"127.0.0.1:{router_port}"},
+        "service": [service],
+    }
+
+
 def overhead(rounds: int) -> dict[str, list[dict[str, float]]]:
     with tempfile.TemporaryDirectory(prefix="llmsup-routerbench-") as d:
         tmp = Path(d)
         gate_port, router_port = free_port(), free_port()
-        doc = {
-            "supervisor": {"control_socket": str(tmp / "ctl.sock"),
-                           "state_dir": str(tmp / "state"), "log_format": "text"},
-            "metrics": {"listen": ""},
-            "gpu": {"backend": "none"},
-            "router": {"listen": f"127.0.0.1:{router_port}"},
-            "service": [{
-                "name": "bench", "port": free_port(),
-                "command": [sys.executable, str(HERE / "sse_backend.py"), "--port", "{port}"],
-                "health": {"interval_s": 2, "timeout_s": 1},
-                "gate": {"listen": f"127.0.0.1:{gate_port}", "max_concurrency": 1024,
-                         "max_queue": 1024},
-            }],
-        }
+        doc = config(tmp, router_port, {
+            "name": "bench", "port": free_port(),
+            "command": [sys.executable, str(HERE / "sse_backend.py"), "--port", "{port}"],
+            "health": {"interval_s": 2, "timeout_s": 1},
+            "gate": {"listen": f"127.0.0.1:{gate_port}", "max_concurrency": 1024,
+                     "max_queue": 1024},
+        })
         daemon = Daemon(tmp, doc).start()
         results: dict[str, list[dict[str, float]]] = {}
         try:
@@ -152,19 +150,12 @@ def cold_start(runs: int) -> list[dict[str, float]]:
         tmp = Path(d)
         model = make_tiny_model(tmp / "tiny.gguf")
         router_port = free_port()
-        doc = {
-            "supervisor": {"control_socket": str(tmp / "ctl.sock"),
-                           "state_dir": str(tmp / "state"), "log_format": "text"},
-            "metrics": {"listen": ""},
-            "gpu": {"backend": "none"},
-            "router": {"listen": f"127.0.0.1:{router_port}"},
-            "service": [{
-                "name": "cold", "port": free_port(), "start": "on-demand",
-                "command": [binary, "-m", str(model), "--host", "127.0.0.1", "--port",
-                            "{port}", "-c", "512", "-t", "1", "--no-webui"],
-                "health": {"interval_s": 0.1, "timeout_s": 0.1, "startup_timeout_s": 60},
-            }],
-        }
+        doc = config(tmp, router_port, {
+            "name": "cold", "port": free_port(), "start": "on-demand",
+            "command": [binary, "-m", str(model), "--host", "127.0.0.1", "--port",
+                        "{port}", "-c", "512", "-t", "1", "--no-webui"],
+            "health": {"interval_s": 0.1, "timeout_s": 0.1, "startup_timeout_s": 60},
+        })
         daemon = Daemon(tmp, doc).start()
         out = []
         body = json.dumps({"model": "cold", "max_tokens": 1, "stream": True,
