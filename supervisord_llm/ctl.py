@@ -314,9 +314,12 @@ def _brief_line(s: dict[str, Any]) -> str:
     line = f"{s.get('name')}: {s.get('state')}"
     if "gate" in s:
         line += f" (gate {s['gate']}, {s.get('inflight', 0)} in flight)"
-    holds = [h for h in s.get("holds") or [] if h != "operator"]
-    if holds:
-        line += f" (held: {', '.join(map(str, holds))}; starts when released)"
+    every = [str(h) for h in s.get("holds") or []]
+    holds = [h for h in every if h != "operator" and not (h == "idle" and "operator" in every)]
+    if holds == ["idle"]:
+        line += " (on demand: loads on its first request)"
+    elif holds:
+        line += f" (held: {', '.join(holds)}; starts when released)"
     return line
 
 

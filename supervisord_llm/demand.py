@@ -61,6 +61,7 @@ class Pending:
     last: float  # the last request that asked (its deadline runs from here)
     model: str | None
     pin: bool = False
+    force: bool = False  # not an on-demand service (one a reload made `always`)
     waiters: list[asyncio.Future[str | None]] = field(default_factory=list)
 
 
@@ -96,7 +97,10 @@ class Swapper:
         self._before: dict[str, tuple[int, dict[str, int], dict[str, int]]] = {}
         self._own: dict[str, dict[str, int]] = {}  # the service's own changes since then
         self._seen: dict[str, tuple[State, int]] = {}
-        self._acting: set[str] = set()  # services with a stop or start of ours in flight
+        # actors (by id) with a stop or start of ours in flight: by identity, so that a
+        # command stuck on an actor a reload removed never blocks the new one of that name
+        self._acting: set[int] = set()
+        self._changed_at: dict[str, float] = {}  # GPU uuid -> when a service on it changed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         with contextlib.suppress(RuntimeError):  # built outside a loop (tests)
@@ -114,14 +118,17 @@ class Swapper:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self.demand, name, model)
 
-    def demand(self, name: str, model: str | None, pin: bool = False) -> Pending | None:
+    def demand(self, name: str, model: str | None, pin: bool = False,
+               force: bool = False) -> Pending | None:
+        """Load `name` (held `idle`) once there is room; `force`: even if it is not an
+        on-demand service (a reload made it `always`)."""
         actor = self.sup.actors.get(name)
-        if actor is None or not actor.cfg.on_demand:
+        if actor is None or not (actor.cfg.on_demand or force):
             return None
         now = self._clock()
         p = self.pending.get(name)
         if p is None:
-            p = self.pending[name] = Pending(now, now, model, pin)
+            p = self.pending[name] = Pending(now, now, model, pin, force)
             log.info("%s: requested%s; loading it", name, f" (model {model})" if model else "")
         else:
             p.last = now
@@ -144,8 +151,9 @@ class Swapper:
         waits = []
         for name in names:
             actor = self.sup.actor(name)
-            self.pinned.add(name)
-            if "idle" in actor.holds:
+            if "idle" not in actor.holds:
+                self.pinned.add(name)  # loaded (or loading) already
+            else:  # pinned once loaded: a start that fails pins nothing
                 p = self.demand(name, None, pin=True)
                 if p is not None:
                     fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
@@ -225,6 +233,8 @@ class Swapper:
             if was is None or was[1] != actor.gen or (was[0] in HOLDING) != (cur[0] in HOLDING):
                 for g in actor.plan.gpus:
                     self._epoch[g.uuid] = self._epoch.get(g.uuid, 0) + 1
+                    if was is not None or cur[0] in HOLDING:  # not a first sight of a stop
+                        self._changed_at[g.uuid] = time.monotonic()
                 own = self._own.get(name)
                 if own is not None:
                     for g in actor.plan.gpus:
@@ -238,9 +248,18 @@ class Swapper:
             if actor.state in (State.STOPPED, State.FAILED):
                 self._loading.pop(name, None)
             if actor.cfg.on_demand and actor.state is State.STOPPED and not actor.holds \
-                    and not actor.model.wanted and name not in self._acting:
+                    and not actor.model.wanted and id(actor) not in self._acting \
+                    and not self._busy_op(name):
                 # ended by itself (an exit 0 under on-failure): back to "on demand"
-                self._spawn(self._to_idle(name))
+                self._spawn(self._to_idle(actor))
+            if actor.cfg.on_demand and actor.state is State.BACKOFF and name not in self.pinned \
+                    and name not in self.pending and id(actor) not in self._acting \
+                    and not self._waiting(name):
+                # a load that failed, and nobody waits for it: give its GPUs back rather than
+                # retry for nobody (the next request tries again)
+                log.warning("%s: its load failed and no request waits for it; unloading",
+                            name)
+                self._spawn(self._to_idle(actor))
             if actor.state is State.FAILED:
                 p = self.pending.pop(name, None)
                 if p is not None:
@@ -256,15 +275,22 @@ class Swapper:
         return {g.uuid: self._epoch.get(g.uuid, 0) for g in actor.plan.gpus}
 
     def _used(self, actor: ServiceActor) -> dict[str, int]:
-        """The memory its GPUs report used now (fresh readings only)."""
+        """The memory its GPUs report used, from readings taken since the last start or stop
+        of a service on each (an older one may still count a service that has gone)."""
         out = {}
         wanted = {g.uuid for g in actor.plan.gpus}
         for snap in self.sup.hub.snapshots():
             r = snap.reading
-            if snap.info.uuid in wanted and snap.status == "ok" and r is not None \
-                    and r.memory_used_bytes is not None:
-                out[snap.info.uuid] = r.memory_used_bytes
+            uuid = snap.info.uuid
+            if uuid in wanted and snap.status == "ok" and r is not None \
+                    and r.memory_used_bytes is not None and snap.read_at is not None \
+                    and snap.read_at > self._changed_at.get(uuid, float("-inf")):
+                out[uuid] = r.memory_used_bytes
         return out
+
+    def _waiting(self, name: str) -> bool:
+        gate = self.sup.gate_of(name)
+        return gate is not None and gate.cold_waiting > 0
 
     def _learn_later(self, actor: ServiceActor) -> None:
         if actor.plan.gpus:
@@ -346,7 +372,7 @@ class Swapper:
     async def _serve(self, name: str, now: float) -> None:
         p = self.pending[name]
         actor = self.sup.actors.get(name)
-        if actor is None or not actor.cfg.on_demand:
+        if actor is None or not (actor.cfg.on_demand or p.force):
             del self.pending[name]
             self._settle(p, f"{name} is not an on-demand service any more")
             return
@@ -361,7 +387,7 @@ class Swapper:
             del self.pending[name]
             self._settle(p, None)
             return
-        if actor.state is not State.STOPPED or name in self._acting or self._busy_op(name):
+        if actor.state is not State.STOPPED or id(actor) in self._acting or self._busy_op(name):
             return  # being unloaded (or an operation on it runs): once that is over
         gate = self.sup.gate_of(name)
         timeout = actor.cfg.gate.queue_timeout_s if actor.cfg.gate else 30.0
@@ -388,7 +414,7 @@ class Swapper:
 
     async def _load(self, actor: ServiceActor, p: Pending) -> None:
         name = actor.name
-        self._acting.add(name)
+        self._acting.add(id(actor))
         try:
             self._loading[name] = (actor.gen + 1, p.since)
             st = self.stats_of(name)
@@ -403,7 +429,7 @@ class Swapper:
             self._loading.pop(name, None)
             self._settle(p, f"{name}: {exc.message}")
         finally:
-            self._acting.discard(name)
+            self._acting.discard(id(actor))
 
     def _busy_op(self, name: str) -> bool:
         return name in self.host.ops or "*" in self.host.ops or name in self.sup.extra
@@ -411,27 +437,37 @@ class Swapper:
     # --- room ---------------------------------------------------------------------------------
 
     def _holding(self) -> list[ServiceActor]:
-        return [a for a in self.sup.all_actors() if a.state in HOLDING or a.proc is not None]
+        """Services that hold, or will hold, their memory: running, stopping, or wanted up
+        (one in backoff comes back and needs its place)."""
+        return [a for a in self.sup.all_actors()
+                if a.state in HOLDING or a.proc is not None or a.up
+                or (not a.cfg.on_demand and a.model.wanted and "operator" not in a.holds)]
 
     def _idle(self, actor: ServiceActor) -> bool:
         gate = self.sup.gate_of(actor.name)
         busy = gate is not None and (gate.active or gate.admission.inflight or gate.cold_waiting)
-        return actor.state is State.READY and not busy and actor.name not in self._acting
+        return actor.state is State.READY and not busy and id(actor) not in self._acting
 
     def room(self, want: ServiceActor) -> RoomPlan:
-        """Whether `want` fits on its GPUs, and which idle on-demand services to stop first."""
+        """Whether `want` fits on its GPUs, and which idle on-demand services to stop first.
+
+        Services on its GPUs that are going down (stopping, not to come back) will free
+        their memory: they count as freed, and the load waits until they have exited rather
+        than stopping more. A service that is wanted up (an `always` one in backoff, say)
+        keeps its place."""
         gpus = {g.uuid: g for g in want.plan.gpus}
         if not gpus:
             return RoomPlan(True, [], False, "")
         need = self.need(want)
         holding = [a for a in self._holding() if a is not want
                    and any(g.uuid in gpus for g in a.plan.gpus)]
+        going = [a for a in holding if a.state is State.STOPPING and not a.up]
         forced = [a for a in holding if want.cfg.exclusive or a.cfg.exclusive]
         used = self._used(want)
+        needs = {id(a): self.need(a) for a in holding}
         committed: dict[str, int] = {u: 0 for u in gpus}
-        needs = {a.name + f"#{id(a)}": self.need(a) for a in holding}
         for a in holding:
-            for u, b in needs[a.name + f"#{id(a)}"].items():
+            for u, b in needs[id(a)].items():
                 if u in committed:
                     committed[u] += b
 
@@ -447,54 +483,53 @@ class Swapper:
                     out[u] = lack
             return out
 
+        def free(victims: list[ServiceActor]) -> dict[str, int]:
+            freed: dict[str, int] = {}
+            for a in victims:
+                for u, b in needs[id(a)].items():
+                    freed[u] = freed.get(u, 0) + b
+            return freed
+
         def evictable(a: ServiceActor) -> bool:
             return a.cfg.on_demand and a.name not in self.pinned and a in self.sup.actors.values()
 
-        blockers = [a for a in forced if not evictable(a)]
+        def message(verb: str) -> str:
+            return self._message(want, gpus, need, holding, committed=committed, used=used,
+                                 verb=verb)
+
+        blockers = [a for a in forced if a not in going and not evictable(a)]
         if blockers:
-            return RoomPlan(False, [], False, self._message(want, gpus, need, holding, used,
-                                                            verb="reserved by"))
-        if any(a.state is State.STOPPING for a in forced):  # until it has exited
-            return RoomPlan(False, [], True, self._message(want, gpus, need, holding, used,
-                                                           verb="still held by"))
-        freed: dict[str, int] = {}
-        victims: list[ServiceActor] = []
-        for a in forced:
-            victims.append(a)
-            for u, b in needs[a.name + f"#{id(a)}"].items():
-                freed[u] = freed.get(u, 0) + b
+            return RoomPlan(False, [], False, message("reserved by"))
+        victims = list(going)
+        victims += [a for a in forced if a not in victims]
         candidates = sorted((a for a in holding if a not in victims and evictable(a)),
                             key=self._last_used)
         for a in candidates:
-            lack = short(freed)
+            lack = short(free(victims))
             if not lack:
                 break
-            if not self._idle(a) or not any(u in lack for u in needs[a.name + f"#{id(a)}"]):
-                continue
-            victims.append(a)
-            for u, b in needs[a.name + f"#{id(a)}"].items():
-                freed[u] = freed.get(u, 0) + b
-        lack = short(freed)
-        busy_victims = [a for a in victims if not self._idle(a) and a.state is not State.STOPPING]
-        if not lack and not busy_victims:
-            return RoomPlan(True, [a.name for a in victims if a.state is not State.STOPPING],
-                            False, "")
+            if self._idle(a) and any(u in lack for u in needs[id(a)]):
+                victims.append(a)
+        lack = short(free(victims))
+        busy = [a for a in victims if a not in going and not self._idle(a)]
+        if not lack and not busy:
+            new = [a.name for a in victims if a not in going]
+            if new:
+                return RoomPlan(True, new, False, "")
+            if going:  # room once they have exited
+                return RoomPlan(False, [], True, message("still held by"))
+            return RoomPlan(True, [], False, "")
         # could the busy ones make room once idle?
-        all_freed = dict(freed)
-        for a in candidates:
-            if a not in victims:
-                for u, b in needs[a.name + f"#{id(a)}"].items():
-                    all_freed[u] = all_freed.get(u, 0) + b
-        wait = not short(all_freed)
-        return RoomPlan(False, [], wait, self._message(want, gpus, need, holding, used,
-                                                        verb="held by"))
+        wait = not short(free(victims + [a for a in candidates if a not in victims]))
+        return RoomPlan(False, [], wait, message("held by"))
 
     def _last_used(self, actor: ServiceActor) -> float:
         gate = self.sup.gate_of(actor.name)
         return gate.last_active if gate is not None else 0.0
 
     def _message(self, want: ServiceActor, gpus: dict[str, Any], need: dict[str, int],
-                 holding: list[ServiceActor], used: dict[str, int], *, verb: str) -> str:
+                 holding: list[ServiceActor], *, committed: dict[str, int],
+                 used: dict[str, int], verb: str) -> str:
         parts = []
         for u, g in gpus.items():
             total = g.memory_total_bytes
@@ -505,11 +540,12 @@ class Swapper:
                 what = "always" if not a.cfg.on_demand else (
                     "pinned by llmctl start" if a.name in self.pinned else
                     f"{gate.active} request(s) in flight" if gate is not None and gate.active
-                    else str(a.state))
+                    else "stopping" if a.state is State.STOPPING else str(a.state))
                 if a.cfg.exclusive:
                     what += ", exclusive"
                 who.append(f"{a.name} ({what}, {gib(self.need(a).get(u, 0))})")
-            space = f"{gib(max(0, (total or 0) - used.get(u, 0)))} free of {gib(total)}" \
+            in_use = max(committed.get(u, 0), used.get(u, 0))
+            space = f"{gib(max(0, (total or 0) - in_use))} free of {gib(total)}" \
                 if total else "size unknown"
             parts.append(f"GPU{g.index} ({space}) {verb} " + (", ".join(who) or "no service"))
         needs = max(need.values(), default=0)
@@ -532,12 +568,12 @@ class Swapper:
         await self._stop_idle(name, f"to make room for {for_whom}", swap=True)
 
     async def _stop_idle(self, name: str, why: str, swap: bool) -> None:
-        if name in self._acting:
+        actor = self.sup.actors.get(name)
+        if actor is None or id(actor) in self._acting:
             return
-        self._acting.add(name)
+        self._acting.add(id(actor))
         try:
-            actor = self.sup.actors.get(name)
-            if actor is None or actor.state is not State.READY:
+            if actor.state is not State.READY:
                 return
             if not await self._retire(name):
                 return  # a request came in meanwhile: not idle after all
@@ -553,7 +589,7 @@ class Swapper:
                 log.warning("%s: could not be stopped %s: %s", name, why, exc.message)
                 await self._set_unloading(name, False)
         finally:
-            self._acting.discard(name)
+            self._acting.discard(id(actor))
             self.poke()
 
     async def _set_unloading(self, name: str, value: bool) -> None:
@@ -566,7 +602,7 @@ class Swapper:
         request starts it again) or did not stop after all."""
         for name, actor in self.sup.actors.items():
             gate = self.sup.gate_of(name)
-            if gate is not None and gate.unloading and name not in self._acting and (
+            if gate is not None and gate.unloading and id(actor) not in self._acting and (
                     actor.state in (State.STOPPED, State.FAILED, State.BACKOFF)
                     or "idle" not in actor.holds):
                 await self._set_unloading(name, False)
@@ -582,15 +618,17 @@ class Swapper:
                 self._spawn(self._stop_idle(name, f"after {limit:g} s without a request",
                                             swap=False))
 
-    async def _to_idle(self, name: str) -> None:
-        self._acting.add(name)
+    async def _to_idle(self, actor: ServiceActor) -> None:
+        """Back to "on demand": held `idle` and wanted up (it loads on the next request)."""
+        self._acting.add(id(actor))
         try:
-            await self.host.command([name], L.Stop("idle"), internal=True)
-            await self.host.command([name], L.Start(), internal=True)
+            if self.sup.actors.get(actor.name) is actor:
+                await self.host.command([actor.name], L.Stop("idle"), internal=True)
+                await self.host.command([actor.name], L.Start(), internal=True)
         except ControlError:
             pass
         finally:
-            self._acting.discard(name)
+            self._acting.discard(id(actor))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -185,6 +185,18 @@ def _check_memory(cfg: Config, plans: list[ServicePlan | None],
     """What only the resolved GPUs show: a service that can never fit, and `exclusive`
     GPUs shared with a service that is never stopped to make room."""
     indexed = [(i, p) for i, p in enumerate(plans) if p is not None]
+    always: dict[str, tuple[GpuInfo, list[tuple[int, ServicePlan]]]] = {}
+    for i, p in indexed:
+        if not p.config.on_demand and p.config.vram_gb is not None:
+            for g in p.gpus:
+                always.setdefault(g.uuid, (g, []))[1].append((i, p))
+    for g, group in always.values():
+        total = sum(q.config.vram_gb or 0 for _i, q in group)
+        if g.memory_total_bytes and len(group) > 1 and total * GIB > g.memory_total_bytes:
+            names = ", ".join(q.config.name for _i, q in group)
+            problems.append(f"service[{group[-1][0]}].vram_gb: the services that always run "
+                            f"on GPU{g.index} ({names}) need {total:g} GiB, more than it has "
+                            f"({g.memory_total_bytes / GIB:.1f} GiB)")
     for i, p in indexed:
         svc = p.config
         if svc.vram_gb is not None:

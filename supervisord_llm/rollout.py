@@ -123,7 +123,9 @@ class ReloadResult:
     removed: list[str] = field(default_factory=list)
     restarted: list[str] = field(default_factory=list)
     swapped: list[str] = field(default_factory=list)
-    updated: list[str] = field(default_factory=list)  # changed, but held or stopped: not started
+    # changed without a restart: held or stopped (not started), or only what applies live
+    # changed (models, start, idle_stop_s, vram_gb, exclusive)
+    updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     not_ready: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -135,8 +137,8 @@ class ReloadResult:
 
     def summary(self) -> str:
         return (f"added {_names(self.added)}; removed {_names(self.removed)}; restarted "
-                f"{_names(self.restarted)}; swapped {_names(self.swapped)}; updated (not "
-                f"running) {_names(self.updated)}; unchanged {_names(self.unchanged)}")
+                f"{_names(self.restarted)}; swapped {_names(self.swapped)}; updated (no "
+                f"restart) {_names(self.updated)}; unchanged {_names(self.unchanged)}")
 
 
 def check_reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> None:
@@ -213,10 +215,20 @@ async def reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> Relo
             res.unchanged.append(name)
         elif _without_gate(current.plan) == _without_gate(plan):
             # only what applies live changed ([service.gate], the on-demand keys)
+            demand_keys = dataclasses.replace(current.plan.config, gate=None) != \
+                dataclasses.replace(plan.config, gate=None)
             await current.send(Reconfigure(plan))
             if not plan.config.on_demand and "idle" in current.holds:
-                await current.send(Release("idle"))  # now `always`: it starts
-            res.unchanged.append(name)
+                # now `always`: it starts, once there is room (idle on-demand services on
+                # its GPUs are stopped first)
+                if sup.swapper is not None:
+                    sup.swapper.demand(name, None, force=True)
+                else:
+                    await current.send(Release("idle"))
+            if demand_keys:
+                res.updated.append(name)  # models, start, idle_stop_s, vram_gb, exclusive
+            else:
+                res.unchanged.append(name)
         elif (current.cfg.gate is not None and current.cfg.gate == plan.config.gate
               and current.state is State.READY and sup.gate_of(name) is not None):
             try:  # behind an unchanged gate: hot swap, no request lost
@@ -278,6 +290,7 @@ async def _reconcile_gates(sup: Supervisor, old: dict[str, GateSection | None],
             except StartupError as exc:
                 res.warnings.append(str(exc))
         else:
-            log.info("%s: gate %s closed", name, was.listen if was else "-")
+            log.info("%s: gate %s closed", name,
+                     (was.listen or "(router only)") if was else "-")
             await sup.remove_gate(name)
     res.warnings += await sup.start_gates()

@@ -270,7 +270,7 @@ def test_what_an_attack_on_the_host_found(tmp_path: Path) -> None:
                 wait_until(lambda: d.service("chat").get("swap"), 10, what="swap running")
                 d.signal(signal.SIGHUP)
                 assert swap.result(60).returncode == 0
-            wait_until(lambda: "updated (not running) emb" in d.logtext(), 20,
+            wait_until(lambda: "updated (no restart) emb" in d.logtext(), 20,
                        what="the SIGHUP's reload, after the swap")
     finally:
         stranger.kill()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -634,3 +636,139 @@ def test_power_down_drains_the_router_and_on_demand_models(tmp_path: Path) -> No
         d.wait_state("resident", "ready", 15)
         assert states(d)["b"] == ("stopped", ["idle"])
         assert client.chat("model-b")[0] == 200
+
+
+# --- what the attack found ---------------------------------------------------------------------
+
+
+def sim_od(name: str, vram: int, state: str, *knobs: str, **extra: Any) -> dict[str, Any]:
+    """On demand, and like a real model: its GPU's used memory grows by `vram` GiB."""
+    return od(name, vram, "--sim-memory", state, SIM_UUID.format(0), str(vram * GIB), *knobs,
+              **extra)
+
+
+def test_only_as_many_are_stopped_as_it_takes(tmp_path: Path) -> None:
+    state = str(tmp_path / "sim.json")
+    doc, client = config(tmp_path, [sim_od("a", 8, state), sim_od("b", 8, state),
+                                    sim_od("c", 8, state)], total_gib=20)
+    with up(tmp_path, doc, client) as d:
+        for m in ("model-a", "model-b", "model-c"):
+            assert client.chat(m)[0] == 200
+        s = states(d)
+        assert s["a"] == ("stopped", ["idle"]) and s["b"][0] == "ready" and s["c"][0] == "ready"
+        assert "b: stopping" not in d.logtext()
+
+
+def test_a_reading_taken_before_a_stop_does_not_count_the_stopped(tmp_path: Path) -> None:
+    state = str(tmp_path / "sim.json")
+    doc, client = config(tmp_path, [sim_od("a", 8, state, idle_stop_s=0.5),
+                                    sim_od("b", 8, state)], total_gib=20)
+    doc["gpu"]["poll_interval_s"] = 2.0  # readings lag behind
+    with up(tmp_path, doc, client) as d:
+        for _ in range(3):
+            assert client.chat("model-b")[0] == 200
+            assert client.chat("model-a")[0] == 200
+            d.wait_state("a", "stopped", 10)  # idle stop; the GPU's reading still counts it
+        assert client.chat("model-a")[0] == 200
+        assert "stopping to make room" not in d.logtext()  # 8 + 8 of 20: nothing to stop
+
+
+def test_an_always_service_in_backoff_keeps_its_place(tmp_path: Path) -> None:
+    state = str(tmp_path / "sim.json")
+    alw = fake_service("alw", free_port(), "--sim-memory", state, SIM_UUID.format(0),
+                       str(8 * GIB), gpus=[0], vram_gb=8,
+                       restart={"backoff_initial_s": 3, "backoff_max_s": 3})
+    doc, client = config(tmp_path, [alw, sim_od("a", 12, state), sim_od("b", 8, state)],
+                         total_gib=20)
+    with up(tmp_path, doc, client) as d:
+        d.wait_state("alw", "ready")
+        assert client.chat("model-a")[0] == 200
+        os.kill(d.service("alw")["pid"], signal.SIGKILL)
+        d.wait_state("alw", "backoff")
+        assert client.chat("model-b")[0] == 200  # a goes: alw's 8 GiB stay reserved
+        assert states(d)["a"] == ("stopped", ["idle"])
+        d.wait_state("alw", "ready", 15)
+
+
+def test_reload_to_always_makes_room_first(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 12), od("b", 12)], total_gib=20)
+    with up(tmp_path, doc, client) as d:
+        assert client.chat("model-a")[0] == 200
+        doc["service"][1]["start"] = "always"
+        d.write(doc)
+        r = d.llmctl("reload")
+        assert r.returncode == 0, r.stderr
+        d.wait_state("b", "ready")
+        assert states(d)["a"] == ("stopped", ["idle"])
+        assert "updated" in r.stdout and "b" in r.stdout
+
+
+def test_a_start_that_fails_pins_nothing(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 12, idle_stop_s=1.0),
+                                    od("b", 12, idle_stop_s=1.0, gate={"queue_timeout_s": 1})],
+                         total_gib=20)
+    with up(tmp_path, doc, client) as d:
+        assert d.llmctl("start", "a").returncode == 0
+        r = d.llmctl("start", "b")
+        assert r.returncode == 1 and "pinned by llmctl start" in r.stderr
+        assert d.llmctl("reset", "a").returncode == 0  # a on demand again: idle, stops
+        d.wait_state("a", "stopped", 10)
+        assert client.chat("model-b")[0] == 200
+        assert not d.service("b")["on_demand"]["pinned"]
+        d.wait_state("b", "stopped", 10)  # b stops when idle: nothing pinned it
+
+
+def test_a_service_removed_while_it_loads_and_added_again_loads(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 2, "--load-s", "3"), od("b", 2)])
+    with up(tmp_path, doc, client) as d:
+        t = threading.Thread(target=client.chat, args=("model-a",))
+        t.start()
+        d.wait_state("a", "starting")
+        removed = {**doc, "service": [doc["service"][1]]}
+        d.write(removed)
+        assert d.llmctl("reload").returncode == 0
+        d.write(doc)
+        assert d.llmctl("reload").returncode == 0
+        wait_until(lambda: "model-a" in client.models(), 10)
+        t0 = time.monotonic()
+        assert client.chat("model-a")[0] == 200
+        assert time.monotonic() - t0 < 15
+        t.join(30)
+
+
+def test_the_router_sends_100_continue(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 2)])
+    with up(tmp_path, doc, client):
+        body = json.dumps({"model": "model-a", "messages": []}).encode()
+        s = socket.create_connection(("127.0.0.1", client.port))
+        s.settimeout(5)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert s.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(4096)
+        assert data.startswith(b"HTTP/1.1 200"), data
+        assert b"100 Continue" not in data  # one, not two
+        s.close()
+
+
+def test_a_failed_load_nobody_waits_for_gives_the_gpu_back(tmp_path: Path) -> None:
+    broken = od("a", 2, "--exit-after", "0.3",
+                restart={"backoff_initial_s": 1, "backoff_max_s": 1, "max_restarts": 50,
+                         "window_s": 60})
+    doc, client = config(tmp_path, [broken])
+    with up(tmp_path, doc, client) as d:
+        with pytest.raises(TimeoutError):
+            client.request("POST", "/v1/chat/completions", {"model": "model-a"}, timeout=0.1)
+        wait_until(lambda: states(d)["a"] == ("stopped", ["idle"]), 15,
+                   what="a back to idle")
+        assert "its load failed and no request waits for it" in d.logtext()
+
+
+@pytest.mark.parametrize("pad", [0, 10_000])
+def test_model_twice_is_routed_by_the_first_whatever_the_size(pad: int) -> None:
+    body = json.dumps({"x": "y" * pad}).encode()[:-1] + b', "model": "first", "model": "second"}'
+    assert model_of_small(body) == "first"
+    assert scan(body, 4096) == "first"

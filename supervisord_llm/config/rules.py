@@ -600,16 +600,19 @@ def _models(t: Table, name: object, port: int | None,
     if not isinstance(models, tuple):
         return None
     seen: set[str] = set()
+    good = True
     for i, model in enumerate(models):
         if not 1 <= len(model) <= 256 or not model.isprintable() or model != model.strip():
             t.problems.append(f"{t.key_path('models')}[{i}]: must be 1-256 printable "
                               f"characters without leading or trailing blanks (got "
                               f"{short(model)})")
-            return None
-        if model in seen:
+            good = False
+        elif model in seen:
             t.problems.append(f"{t.key_path('models')}[{i}]: {short(model)} is listed twice")
-            return None
+            good = False
         seen.add(model)
+    if not good:
+        return None
     if port is None and not has_gate:
         t.error("models", "the router sends requests to the service's `port`: give it one")
         return None

@@ -27,12 +27,14 @@ from .server import BODY_BUFFER, BodyTimeout, ClientConnection, ClientGone, Requ
 
 # the bytes held by all requests whose model is being looked for, together: beyond it a
 # request gets 503 (a flood of huge bodies costs a bounded amount of memory)
-HELD_MAX: Final = 256 * 1024 * 1024
+HELD_MAX: Final = 256 * 1024 * 1024  # counted twice over: a copy is made along the way
 SMALL_BODY: Final = 4096  # a whole body this small is parsed by json (C) instead of scanned
 MODEL_MAX: Final = 256
 _WS: Final = re.compile(rb"[ \t\r\n]*")
 _SCALAR: Final = re.compile(rb"[^ \t\r\n{}\[\]:,\"]+")
 _MODELS_PATHS: Final = (b"/v1/models", b"/models")
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+KEY_MAX: Final = 64  # a top-level key longer than this (quotes included) is not `model`
 
 
 class BadBody(Exception):
@@ -97,14 +99,19 @@ class ModelScan:
                     self._resume = n
                     break
                 self._resume = 0
-                token = bytes(buf[pos:end])
-                pos = end
-                if self._depth == 1 and self._expect_key:
-                    self._key = token
+                start, pos = pos, end
+                if self._depth != 1:
+                    continue  # a string inside a value: skipped, never copied
+                if self._expect_key:
+                    # only a short key can be `model` (escaped, at most 32 bytes)
+                    self._key = bytes(buf[start:end]) if end - start <= KEY_MAX else b"-"
                     self._expect_key = False
-                elif self._depth == 1 and self._key is not None:
+                elif self._key is not None:
                     if self._is_model(self._key):
-                        return self._model(token)
+                        if end - start > 4 * MODEL_MAX + 2:
+                            raise BadBody(400, "invalid_model", f"`model` is longer than "
+                                          f"{MODEL_MAX} characters")
+                        return self._model(bytes(buf[start:end]))
                     self._key = None
                 continue
             if c in (0x7B, 0x5B):  # { [
@@ -159,10 +166,23 @@ class ModelScan:
         return value
 
 
+def _first_model(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json's object hook that keeps the first `model` of an object (as the scan does)."""
+    doc: dict[str, object] = {}
+    for key, value in pairs:
+        if key != "model" or key not in doc:
+            doc[key] = value
+    return doc
+
+
 def model_of_small(body: bytes) -> str:
-    """The `model` of a whole, small body (json, in C)."""
+    """The `model` of a whole, small body (json, in C): with `model` twice, the first, as
+    the scan of a larger body finds it."""
     try:
-        doc = json.loads(body)
+        if body.count(b"model") > 1:  # rare: only then the slower, pair-by-pair parse
+            doc = json.loads(body, object_pairs_hook=_first_model)
+        else:
+            doc = json.loads(body)
     except (ValueError, RecursionError):
         raise BadBody(400, "invalid_body", "the request body is not valid JSON") from None
     if not isinstance(doc, dict):
@@ -229,6 +249,9 @@ class Router:
                              "requests with a JSON `model`, and GET /v1/models",
                              [(b"Allow", b"GET, HEAD, POST")])
         body = req.body
+        if req.expect_continue and not body.complete:
+            conn.write(_CONTINUE)  # the client waits for it before it sends the body
+            req.expect_continue = False  # sent: the gate must not send another
         try:
             if body.complete and 0 < body.buffered <= SMALL_BODY:
                 # the common case: a small body, all here (json, in C)
@@ -275,11 +298,14 @@ class Router:
             while True:
                 await body.fill(BODY_BUFFER, timeout)
                 data = body.take()
-                if self.held + len(data) > HELD_MAX:
+                # what this request holds: the bytes read, and as much again for a moment
+                # (the buffer grows by copying, and is copied once more to be put back)
+                if self.held + 2 * len(data) > HELD_MAX:
                     raise BadBody(503, "router_busy", "the router holds too many large "
                                   "request bodies now; retry shortly")
-                self.held += len(data)
+                self.held += 2 * len(data)
                 buf += data
+                del data
                 if body.complete and not buf:
                     raise BadBody(400, "missing_model", "the request body is empty")
                 if first and body.complete and len(buf) <= SMALL_BODY:
@@ -299,7 +325,7 @@ class Router:
                                   f"no `model` in the first {limit} bytes of the body; put "
                                   "`model` first, or raise router.max_body_bytes")
         finally:
-            self.held -= len(buf)
+            self.held -= 2 * len(buf)
 
     def _get(self, writer: ResponseWriter, path: bytes) -> bool:
         if path in _MODELS_PATHS:
