@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Install (or upgrade, or uninstall) llm-supervisor on a GPU box, from this source tree.
+#
+#   scripts/install.sh                  # install or upgrade; idempotent
+#   scripts/install.sh --dry-run        # say what it would do, do nothing
+#   scripts/install.sh --uninstall      # remove it; config and state stay
+#   scripts/install.sh --uninstall --purge   # ... and the config, the state and the users
+#
+# What it does, as root:
+#   - a virtual environment under --prefix (/opt/llm-supervisor) with this package, and
+#     llm-supervisor and llmctl linked into --bindir (/usr/local/bin);
+#   - the system user `llm` (for services' `user = "llm"`) and the group `llm-admin` (for
+#     `control_group`: members may run mutating llmctl commands);
+#   - /etc/llm-supervisor/config.toml from config.toml.example if there is none (never
+#     overwritten), owned root:llm-admin, mode 0640;
+#   - the docs under /usr/share/doc/llm-supervisor (the unit's Documentation=);
+#   - the unit, its ExecStart pointing at the venv, enabled (`systemd-analyze verify`
+#     checked); an upgrade over a running supervisor leaves it running the old code until
+#     `systemctl restart llm-supervisor` (or --restart), since a restart restarts the models;
+#   - `llm-supervisor --check` of the config at the end.
+# Options: --prefix DIR, --bindir DIR, --etc DIR, --unit-dir DIR, --doc-dir DIR, --start
+# (start it now), --restart (restart a running one after an upgrade), --no-deps (pip without
+# network: only what is already installed), --dry-run, --uninstall, --purge.
+# SYSTEMCTL (default: systemctl) is the command that talks to systemd.
+set -euo pipefail
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+PREFIX=/opt/llm-supervisor
+BINDIR=/usr/local/bin
+ETC=/etc/llm-supervisor
+UNITDIR=/etc/systemd/system
+DOCDIR=/usr/share/doc/llm-supervisor
+USER_NAME=llm
+GROUP_NAME=llm-admin
+DRY=0; UNINSTALL=0; PURGE=0; START=0; RESTART=0; NODEPS=0
+SYSTEMCTL=${SYSTEMCTL:-systemctl}
+UNIT=llm-supervisor.service
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
+die() { echo "install.sh: $*" >&2; exit 1; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prefix) PREFIX=${2:?--prefix needs a directory}; shift ;;
+    --bindir) BINDIR=${2:?--bindir needs a directory}; shift ;;
+    --etc) ETC=${2:?--etc needs a directory}; shift ;;
+    --unit-dir) UNITDIR=${2:?--unit-dir needs a directory}; shift ;;
+    --doc-dir) DOCDIR=${2:?--doc-dir needs a directory}; shift ;;
+    --dry-run) DRY=1 ;;
+    --uninstall) UNINSTALL=1 ;;
+    --purge) PURGE=1 ;;
+    --start) START=1 ;;
+    --restart) RESTART=1 ;;
+    --no-deps) NODEPS=1 ;;
+    -h|--help) usage 0 ;;
+    *) echo "install.sh: unknown option $1" >&2; usage 2 >&2 ;;
+  esac
+  shift
+done
+[ "$PURGE" = 1 ] && [ "$UNINSTALL" = 0 ] && die "--purge goes with --uninstall"
+for d in "$PREFIX" "$BINDIR" "$ETC" "$UNITDIR" "$DOCDIR"; do
+  case "$d" in /*) ;; *) die "$d: give an absolute path" ;; esac
+done
+[ "$DRY" = 1 ] || [ "$(id -u)" = 0 ] || die "run it as root (or see what it would do with --dry-run)"
+
+run() {  # a step: shown, and done unless --dry-run
+  echo "+ $*"
+  [ "$DRY" = 1 ] || "$@"
+}
+sctl() { echo "+ $SYSTEMCTL $*"; [ "$DRY" = 1 ] || $SYSTEMCTL "$@"; }
+have_systemd() { [ "$DRY" = 0 ] && $SYSTEMCTL --version >/dev/null 2>&1 && \
+  [ -n "$($SYSTEMCTL is-system-running 2>/dev/null || true)" ] && \
+  [ "$($SYSTEMCTL is-system-running 2>/dev/null || true)" != offline ]; }
+active() { have_systemd && $SYSTEMCTL is-active --quiet "$UNIT"; }
+
+if [ "$UNINSTALL" = 1 ]; then
+  if have_systemd; then
+    if active; then sctl stop "$UNIT"; fi
+    if $SYSTEMCTL is-enabled --quiet "$UNIT" 2>/dev/null; then sctl disable "$UNIT"; fi
+  fi
+  [ -e "$UNITDIR/$UNIT" ] && run rm -f "$UNITDIR/$UNIT"
+  [ -d "$UNITDIR/$UNIT.d" ] && echo "keeping $UNITDIR/$UNIT.d (your drop-ins)"
+  have_systemd && sctl daemon-reload
+  for b in llm-supervisor llmctl; do
+    if [ -L "$BINDIR/$b" ] && [ "$(readlink "$BINDIR/$b")" = "$PREFIX/bin/$b" ]; then
+      run rm -f "$BINDIR/$b"
+    fi
+  done
+  [ -d "$PREFIX" ] && run rm -rf "$PREFIX"
+  [ -d "$DOCDIR" ] && run rm -rf "$DOCDIR"
+  if [ "$PURGE" = 1 ]; then
+    [ -d "$ETC" ] && run rm -rf "$ETC"
+    [ -d /var/lib/llm-supervisor ] && run rm -rf /var/lib/llm-supervisor
+    getent passwd "$USER_NAME" >/dev/null && run userdel "$USER_NAME"
+    getent group "$GROUP_NAME" >/dev/null && run groupdel "$GROUP_NAME"
+  else
+    echo "kept: $ETC (config) and /var/lib/llm-supervisor (state); --purge removes them"
+  fi
+  echo "llm-supervisor uninstalled"
+  exit 0
+fi
+
+# --- install or upgrade ---------------------------------------------------------------------
+
+PY=$(command -v python3 || true)
+[ -n "$PY" ] || die "python3 not found (apt-get install python3 python3-venv)"
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+  die "python3 is $("$PY" -V 2>&1 | cut -d' ' -f2); llm-supervisor needs 3.11 or newer"
+if ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
+  if command -v apt-get >/dev/null; then
+    run apt-get install -y -q python3-venv
+  else
+    die "python3's venv module is missing (the python3-venv package)"
+  fi
+fi
+
+if [ -x "$PREFIX/bin/python" ]; then
+  echo "upgrading the virtual environment $PREFIX"
+else
+  run "$PY" -m venv "$PREFIX"
+fi
+PIP=(pip install --quiet --disable-pip-version-check)
+[ "$NODEPS" = 1 ] && PIP+=(--no-build-isolation --no-deps)
+# from a copy: pip builds in the source tree otherwise, and it may be read-only
+BUILD=$(mktemp -d); trap 'rm -rf "$BUILD"' EXIT
+if [ "$DRY" = 0 ]; then
+  (cd "$SRC" && tar --exclude=./.venv --exclude=./.git --exclude=./build --exclude=./demo-run \
+    -cf - .) | tar -C "$BUILD" -xf -
+fi
+run "$PREFIX/bin/python" -m "${PIP[@]}" --upgrade "$BUILD"
+run mkdir -p "$BINDIR"
+for b in llm-supervisor llmctl; do
+  run ln -sfn "$PREFIX/bin/$b" "$BINDIR/$b"
+done
+
+getent group "$GROUP_NAME" >/dev/null || run groupadd --system "$GROUP_NAME"
+getent passwd "$USER_NAME" >/dev/null || \
+  run useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+    --user-group "$USER_NAME"
+
+run install -d -m 0755 "$ETC"
+if [ -e "$ETC/config.toml" ]; then
+  echo "keeping $ETC/config.toml (never overwritten)"
+else
+  run install -m 0640 -o root -g "$GROUP_NAME" "$SRC/config.toml.example" "$ETC/config.toml"
+fi
+run install -d -m 0755 "$DOCDIR"
+run install -m 0644 "$SRC/README.md" "$SRC/config.toml.example" "$DOCDIR/"
+run cp -r "$SRC/docs/." "$DOCDIR/"
+
+run install -d -m 0755 "$UNITDIR"
+echo "+ write $UNITDIR/$UNIT (ExecStart=$PREFIX/bin/llm-supervisor --config $ETC/config.toml)"
+if [ "$DRY" = 0 ]; then
+  sed -e "s|^ExecStart=.*|ExecStart=$PREFIX/bin/llm-supervisor --config $ETC/config.toml|" \
+      -e "s|^Documentation=.*|Documentation=file://$DOCDIR/README.md file://$DOCDIR/operations.md|" \
+      "$SRC/units/$UNIT" > "$UNITDIR/.$UNIT.new"
+  chmod 0644 "$UNITDIR/.$UNIT.new"
+  mv -f "$UNITDIR/.$UNIT.new" "$UNITDIR/$UNIT"
+fi
+if command -v systemd-analyze >/dev/null && [ "$DRY" = 0 ]; then
+  # only this unit's own problems count (the box's other units are not ours to judge)
+  if ! out=$(systemd-analyze verify "$UNITDIR/$UNIT" 2>&1); then
+    echo "$out" >&2; die "systemd-analyze verify $UNITDIR/$UNIT failed"
+  fi
+  [ -z "$out" ] || echo "$out"
+fi
+if have_systemd || [ "$DRY" = 1 ]; then
+  sctl daemon-reload
+  sctl enable "$UNIT"
+  if active; then
+    if [ "$RESTART" = 1 ]; then
+      sctl restart "$UNIT"
+    else
+      echo "llm-supervisor is running the previous version; \`systemctl restart llm-supervisor\`"
+      echo "switches to this one (its services restart; a hot swap is not possible across it)"
+    fi
+  elif [ "$START" = 1 ]; then
+    sctl start "$UNIT"
+  fi
+else
+  echo "systemd is not running here: the unit is installed, enable it where systemd runs"
+fi
+
+echo "+ $PREFIX/bin/llm-supervisor --config $ETC/config.toml --check"
+if [ "$DRY" = 0 ]; then
+  if "$PREFIX/bin/llm-supervisor" --config "$ETC/config.toml" --check >/dev/null 2>"$BUILD/check"
+  then
+    echo "configuration $ETC/config.toml: ok"
+  else
+    sed 's/^/  /' "$BUILD/check" >&2
+    echo "install.sh: installed, but $ETC/config.toml does not pass --check yet: edit it," \
+      "then \`llm-supervisor --check\` and \`systemctl start llm-supervisor\`" >&2
+  fi
+fi
+echo "llm-supervisor $("$PREFIX/bin/python" -c 'import supervisord_llm as s; print(s.__version__)' \
+  2>/dev/null || echo '(dry run)') installed in $PREFIX"

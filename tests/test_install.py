@@ -1,0 +1,160 @@
+"""scripts/install.sh under a real systemd (tests/sdlab.sh): install, start, llmctl status as
+root and as a member of the control group (and refused to a stranger), stop, an upgrade over
+a running supervisor, uninstall (config and state kept), and the --dry-run and --uninstall
+--purge paths. The script installs into directories of the test (--prefix, --bindir, --etc,
+--unit-dir, --doc-dir); the system user and group it creates are real (`llm`, `llm-admin`)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_systemd import SDLAB, Lab, _why_not, kill_marked
+
+from helpers import fake_service, free_port, toml_dumps, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTALL = ROOT / "scripts" / "install.sh"
+MEMBER = "llmsup-test-member"
+
+if (reason := _why_not()) is not None:
+    pytest.skip(reason, allow_module_level=True)
+if shutil.which("systemd-analyze") is None:
+    pytest.skip("systemd-analyze is not installed", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    base = ROOT / "build" / f"sdlab-install-{uuid.uuid4().hex[:8]}"
+    base.mkdir(parents=True)
+    lab = Lab(base)
+    lab.units.mkdir(parents=True)
+    lab.sh("start")
+    try:
+        yield lab
+    finally:
+        lab.sh("stop", check=False)
+        kill_marked(str(base))
+        shutil.rmtree(base, ignore_errors=True)
+        subprocess.run(["userdel", MEMBER], capture_output=True, check=False)
+
+
+def paths(lab: Lab) -> dict[str, Path]:
+    b = lab.base
+    return {"prefix": b / "opt", "bindir": b / "bin", "etc": b / "etc", "unit_dir": lab.units,
+            "doc_dir": b / "doc"}
+
+
+def install(lab: Lab, *extra: str) -> subprocess.CompletedProcess[str]:
+    p = paths(lab)
+    env = {**lab.env, "SYSTEMCTL": f"{SDLAB} ctl"}
+    return subprocess.run(
+        [str(INSTALL), "--prefix", str(p["prefix"]), "--bindir", str(p["bindir"]), "--etc",
+         str(p["etc"]), "--unit-dir", str(p["unit_dir"]), "--doc-dir", str(p["doc_dir"]),
+         *extra], env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def in_lab(lab: Lab, *argv: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    """A command in the lab's namespaces (its /run holds the control socket)."""
+    pid = subprocess.run(["pgrep", "-P", (lab.dir / "unshare.pid").read_text().strip()],
+                         capture_output=True, text=True, check=True).stdout.split()[0]
+    cmd = ["nsenter", "-t", pid, "-m", "-p", "--"]
+    if user is not None:
+        cmd += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
+    return subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def config(lab: Lab) -> dict[str, Any]:
+    return {
+        "supervisor": {"control_group": "llm-admin", "state_dir": str(lab.base / "state"),
+                       "log_format": "journal"},
+        "metrics": {"listen": ""},
+        "gpu": {"backend": "none"},
+        "service": [fake_service("svc0", free_port())],
+    }
+
+
+def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
+    p = paths(lab)
+    dry = install(lab, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "+ ln -sfn" in dry.stdout and not p["prefix"].exists()  # nothing done
+    # an operator's config is never overwritten: write it first
+    p["etc"].mkdir(parents=True)
+    (p["etc"] / "config.toml").write_text(toml_dumps(config(lab)))
+    r = install(lab, "--start")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "configuration" in r.stdout and ": ok" in r.stdout
+    assert "keeping" in r.stdout and "never overwritten" in r.stdout
+    for b in ("llm-supervisor", "llmctl"):
+        assert os.readlink(p["bindir"] / b) == str(p["prefix"] / "bin" / b)
+    unit = (p["unit_dir"] / "llm-supervisor.service").read_text()
+    assert f"ExecStart={p['prefix']}/bin/llm-supervisor --config {p['etc']}/config.toml" in unit
+    assert f"file://{p['doc_dir']}/README.md" in unit and (p["doc_dir"] / "README.md").exists()
+    assert (p["doc_dir"] / "operations.md").exists()
+    check = subprocess.run(["systemd-analyze", "verify", str(p["unit_dir"] /
+                                                             "llm-supervisor.service")],
+                           capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
+    assert pwd.getpwnam("llm").pw_shell == "/usr/sbin/nologin"
+    wait_until(lambda: lab.show().get("ActiveState") == "active", 60,
+               what=f"active ({lab.show()}, {lab.console()[-1500:]})")
+    assert lab.ctl("is-enabled", "llm-supervisor.service").strip() == "enabled"
+    ctl = str(p["bindir"] / "llmctl")
+    wait_until(lambda: "svc0" in in_lab(lab, ctl, "status").stdout, 30)
+    # a member of the control group reads and acts; a stranger cannot even connect
+    subprocess.run(["useradd", "--no-create-home", "-G", "llm-admin", MEMBER],
+                   capture_output=True, check=False)
+    member = in_lab(lab, ctl, "status", user=MEMBER)
+    assert member.returncode == 0 and "svc0" in member.stdout, member.stderr
+    restart = in_lab(lab, ctl, "restart", "svc0", user=MEMBER)
+    assert restart.returncode == 0, restart.stderr
+    stranger = in_lab(lab, ctl, "status", user="nobody")
+    assert stranger.returncode in (3, 4), (stranger.stdout, stranger.stderr)
+    assert "permission" in stranger.stderr.lower()
+    # an upgrade over the running one: it keeps running (the old code) until a restart
+    pid = lab.show()["MainPID"]
+    again = install(lab)
+    assert again.returncode == 0, again.stderr
+    assert "running the previous version" in again.stdout
+    assert lab.show()["MainPID"] == pid
+    again = install(lab, "--restart")
+    assert again.returncode == 0, again.stderr
+    wait_until(lambda: lab.show().get("ActiveState") == "active"
+               and lab.show()["MainPID"] != pid, 60)
+    wait_until(lambda: "svc0" in in_lab(lab, ctl, "status").stdout, 30)
+    lab.ctl("stop", "llm-supervisor.service")
+    assert lab.show()["ActiveState"] == "inactive"
+    # uninstall: gone, but the config and the state stay
+    gone = install(lab, "--uninstall")
+    assert gone.returncode == 0, gone.stderr
+    assert not p["prefix"].exists() and not (p["bindir"] / "llmctl").exists()
+    assert not (p["unit_dir"] / "llm-supervisor.service").exists()
+    assert (p["etc"] / "config.toml").exists() and (lab.base / "state").exists()
+    assert "kept:" in gone.stdout
+    again = install(lab, "--uninstall")  # idempotent
+    assert again.returncode == 0, again.stderr
+
+
+def test_bad_options_and_no_root_are_refused() -> None:
+    r = subprocess.run([str(INSTALL), "--frobnicate"], capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 2 and "unknown option --frobnicate" in r.stderr
+    r = subprocess.run([str(INSTALL), "--purge"], capture_output=True, text=True, check=False)
+    assert r.returncode == 1 and "--purge goes with --uninstall" in r.stderr
+    r = subprocess.run([str(INSTALL), "--prefix", "relative/dir", "--dry-run"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 1 and "give an absolute path" in r.stderr
+    assert sys.executable  # the suite runs as root (CI); a user's run is refused:
+    r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                        str(INSTALL)], capture_output=True, text=True, check=False)
+    assert r.returncode == 1 and "run it as root" in r.stderr
