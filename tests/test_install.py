@@ -39,6 +39,11 @@ def lab() -> Iterator[Lab]:
     lab.units.mkdir(parents=True)
     lab.sh("start")
     try:
+        # `systemctl enable` writes its links under /etc/systemd/system: in the lab's own
+        # mount namespace that is the lab's unit directory, never the host's
+        pid = lab_pid(lab)
+        subprocess.run(["nsenter", "-t", pid, "-m", "--", "mount", "--bind", str(lab.units),
+                        "/etc/systemd/system"], check=True, capture_output=True)
         yield lab
     finally:
         lab.sh("stop", check=False)
@@ -62,13 +67,18 @@ def install(lab: Lab, *extra: str) -> subprocess.CompletedProcess[str]:
          *extra], env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
+def lab_pid(lab: Lab) -> str:
+    """The host pid of the lab's systemd."""
+    return subprocess.run(["pgrep", "-P", (lab.dir / "unshare.pid").read_text().strip()],
+                          capture_output=True, text=True, check=True).stdout.split()[0]
+
+
 def in_lab(lab: Lab, *argv: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
     """A command in the lab's namespaces (its /run holds the control socket)."""
-    pid = subprocess.run(["pgrep", "-P", (lab.dir / "unshare.pid").read_text().strip()],
-                         capture_output=True, text=True, check=True).stdout.split()[0]
-    cmd = ["nsenter", "-t", pid, "-m", "-p", "--"]
+    cmd = ["nsenter", "-t", lab_pid(lab), "-m", "-p", "--"]
     if user is not None:
-        cmd += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
+        cmd += ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}",
+                "--init-groups"]
     return subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=60,
                           check=False)
 
@@ -108,7 +118,9 @@ def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
     assert pwd.getpwnam("llm").pw_shell == "/usr/sbin/nologin"
     wait_until(lambda: lab.show().get("ActiveState") == "active", 60,
                what=f"active ({lab.show()}, {lab.console()[-1500:]})")
-    assert lab.ctl("is-enabled", "llm-supervisor.service").strip() == "enabled"
+    # enabled: multi-user.target wants it (what a boot starts)
+    assert "llm-supervisor.service" in lab.ctl("show", "-p", "Wants", "multi-user.target")
+    assert (p["unit_dir"] / "multi-user.target.wants" / "llm-supervisor.service").is_symlink()
     ctl = str(p["bindir"] / "llmctl")
     wait_until(lambda: "svc0" in in_lab(lab, ctl, "status").stdout, 30)
     # a member of the control group reads and acts; a stranger cannot even connect
@@ -139,6 +151,7 @@ def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
     assert gone.returncode == 0, gone.stderr
     assert not p["prefix"].exists() and not (p["bindir"] / "llmctl").exists()
     assert not (p["unit_dir"] / "llm-supervisor.service").exists()
+    assert not (p["unit_dir"] / "multi-user.target.wants" / "llm-supervisor.service").exists()
     assert (p["etc"] / "config.toml").exists() and (lab.base / "state").exists()
     assert "kept:" in gone.stdout
     again = install(lab, "--uninstall")  # idempotent
