@@ -198,13 +198,19 @@ async def test_backend_breaking_framing_mid_body_is_cut(
         env = await gate_env(backend.port)
         reader, writer = await connect(env.port)
         writer.write(b"GET /s HTTP/1.1\r\nHost: g\r\n\r\n")
-        async with asyncio.timeout(5):
-            reply = await reader.read()  # the gate ends the stream and closes
+        async with asyncio.timeout(5):  # the gate ends the stream with an error event
+            reply = await reader.readuntil(b"0\r\n\r\n")
         body = reply.split(b"\r\n\r\n", 1)[1]
         assert b"data: one\n\n" in body and b'"code": "upstream_cut"' in body
-        assert body.endswith(b"0\r\n\r\n")
+        # and the client's connection stays open: its head said keep-alive, and its next
+        # request must not find it closed
+        assert not reader.at_eof()
         await async_wait_until(lambda: env.gate.inflight == 0, 5, what="slot freed")
         assert env.gate.stats.rejected.get("upstream_cut") == 1
+        writer.write(b"GET /s HTTP/1.1\r\nHost: g\r\n\r\n")
+        async with asyncio.timeout(5):
+            again = await reader.readuntil(b"\r\n\r\n")
+        assert again.startswith(b"HTTP/1.1 200")
         writer.close()
 
 

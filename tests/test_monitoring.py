@@ -82,7 +82,7 @@ def _answers(req: urllib.request.Request) -> bool:
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
             resp.read()
-            return resp.status == 200
+            return bool(resp.status == 200)
     except OSError:
         return False
 

@@ -656,6 +656,8 @@ class Gate:
             sep = b"" if writer.sent_body.endswith(b"\n\n") or not writer.sent_body else b"\n\n"
             writer.write(sep + b"data: " + event + b"\n\n")
             writer.finish()
-            writer.keep_alive = False
+            # a chunked stream ended cleanly: the client's connection is sound and was told
+            # keep-alive in the head; closing it now would fail the client's next request on
+            # it before that request is even read
             return
         conn.abort()
