@@ -152,6 +152,10 @@ class Soak:
                                         timeout=aiohttp.ClientTimeout(total=60)) as r:
                     head = True
                     data = await r.read()
+                    if r.status == 502:  # the server failed before it answered: said so
+                        self.outcomes["502 (model server gone before answering)"] += 1
+                        await asyncio.sleep(0.05)
+                        continue
                     if r.status != 200:
                         self.outcomes[f"refused {r.status}"] += 1  # never admitted: fine
                         await asyncio.sleep(0.05)
