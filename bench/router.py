@@ -6,7 +6,8 @@
    to /small of bench/sse_backend.py, through the service's gate and through the router (which
    finds `model`, then hands the request to the same gate). Latency p50/p99 with 1 and 64
    clients (the measuring client pinned to one core), requests/s with wrk (64 connections,
-   POST), and the daemon's CPU time per request over the wrk run; "added" = router - gate.
+   POST), and the daemon's CPU time per request over the same number of requests (3,000 from
+   1 client, 12,800 from 64) through each; "added" = router - gate.
 2. Cold start: a real llama-server on a generated tiny model, `start = "on-demand"`: the time
    from a request for the unloaded model to the first byte of its answer, split into the
    model's load (launch to the health check's first 200: the server's own start and load,
@@ -124,13 +125,14 @@ def overhead(rounds: int) -> dict[str, list[dict[str, float]]]:
                 for name, port in targets.items():
                     row: dict[str, float] = {}
                     for phase, n in (("post1", 3000), ("post64", 12800)):
+                        c0 = cpu_of([daemon.proc.pid])
                         r = run_client(port, phase, n)
+                        c1 = cpu_of([daemon.proc.pid])
                         row[f"{phase}_p50"], row[f"{phase}_p99"] = r["p50"], r["p99"]
-                    c0 = cpu_of([daemon.proc.pid])
+                        # the same number of requests through each: CPU per request
+                        row[f"{phase}_cpu_us"] = (c1 - c0) / n * 1e6
                     rps = wrk_post(tmp, port)
-                    c1 = cpu_of([daemon.proc.pid])
                     row["rps"] = rps
-                    row["cpu_us"] = (c1 - c0) / (rps * 5) * 1e6
                     results.setdefault(name, []).append(row)
         finally:
             daemon.stop()
@@ -213,8 +215,10 @@ def main() -> None:
             print(f"  {title:18s} {q}  gate {g:.3f}  router {r:.3f}  added {r - g:+.3f}")
     g, r = med("gate", "rps"), med("router", "rps")
     print(f"  {'saturation':18s} req/s gate {g:.0f}  router {r:.0f}")
-    g, r = med("gate", "cpu_us"), med("router", "cpu_us")
-    print(f"  {'CPU per request':18s} gate {g:.1f} us  router {r:.1f} us  added {r - g:+.1f} us")
+    for phase, title in (("post1", "1 client"), ("post64", "64 clients")):
+        g, r = med("gate", f"{phase}_cpu_us"), med("router", f"{phase}_cpu_us")
+        print(f"  CPU per request, {title:10s} gate {g:.1f} us  router {r:.1f} us  added "
+              f"{r - g:+.1f} us")
     runs = cold_start(a.cold)
     if runs:
         def m(key: str) -> float:
