@@ -19,8 +19,8 @@
 #     `systemctl restart llm-supervisor` (or --restart), since a restart restarts the models;
 #   - `llm-supervisor --check` of the config at the end.
 # Options: --prefix DIR, --bindir DIR, --etc DIR, --unit-dir DIR, --doc-dir DIR, --start
-# (start it now), --restart (restart a running one after an upgrade), --no-deps (pip without
-# network: only what is already installed), --dry-run, --uninstall, --purge.
+# (start it now, if the config passes --check), --restart (restart a running one after an
+# upgrade, likewise), --dry-run, --uninstall, --purge.
 # SYSTEMCTL (default: systemctl) is the command that talks to systemd.
 set -euo pipefail
 SRC=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,7 +31,8 @@ UNITDIR=/etc/systemd/system
 DOCDIR=/usr/share/doc/llm-supervisor
 USER_NAME=llm
 GROUP_NAME=llm-admin
-DRY=0; UNINSTALL=0; PURGE=0; START=0; RESTART=0; NODEPS=0
+DRY=0; UNINSTALL=0; PURGE=0; START=0; RESTART=0
+MARK=.llm-supervisor-install  # in the venv and the docs: what uninstall may remove
 SYSTEMCTL=${SYSTEMCTL:-systemctl}
 UNIT=llm-supervisor.service
 
@@ -49,7 +50,6 @@ while [ $# -gt 0 ]; do
     --purge) PURGE=1 ;;
     --start) START=1 ;;
     --restart) RESTART=1 ;;
-    --no-deps) NODEPS=1 ;;
     -h|--help) usage 0 ;;
     *) echo "install.sh: unknown option $1" >&2; usage 2 >&2 ;;
   esac
@@ -58,7 +58,11 @@ done
 [ "$PURGE" = 1 ] && [ "$UNINSTALL" = 0 ] && die "--purge goes with --uninstall"
 for d in "$PREFIX" "$BINDIR" "$ETC" "$UNITDIR" "$DOCDIR"; do
   case "$d" in /*) ;; *) die "$d: give an absolute path" ;; esac
+  case "$d" in *[[:space:]]*) die "'$d': a path with blanks cannot go in a unit file" ;; esac
+  [ "$d" != / ] || die "/ is no place for it"
 done
+PREFIX=${PREFIX%/}; BINDIR=${BINDIR%/}; ETC=${ETC%/}; UNITDIR=${UNITDIR%/}; DOCDIR=${DOCDIR%/}
+[ "$BINDIR" != "$PREFIX/bin" ] || die "--bindir is the venv's own bin ($PREFIX/bin)"
 [ "$DRY" = 1 ] || [ "$(id -u)" = 0 ] || die "run it as root (or see what it would do with --dry-run)"
 
 run() {  # a step: shown, and done unless --dry-run
@@ -84,17 +88,24 @@ if [ "$UNINSTALL" = 1 ]; then
       run rm -f "$BINDIR/$b"
     fi
   done
-  [ -d "$PREFIX" ] && run rm -rf "$PREFIX"
-  [ -d "$DOCDIR" ] && run rm -rf "$DOCDIR"
+  # only what this script made (its mark inside): never a directory it did not create
+  for d in "$PREFIX" "$DOCDIR"; do
+    if [ -f "$d/$MARK" ]; then
+      run rm -rf "$d"
+    elif [ -e "$d" ]; then
+      echo "leaving $d: not made by install.sh (no $MARK in it)"
+    fi
+  done
   if [ "$PURGE" = 1 ]; then
-    [ -d "$ETC" ] && run rm -rf "$ETC"
+    [ -e "$ETC/config.toml" ] && run rm -f "$ETC/config.toml"
+    if [ "$DRY" = 0 ] && [ -d "$ETC" ] && rmdir "$ETC" 2>/dev/null; then echo "+ rmdir $ETC"; fi
     [ -d /var/lib/llm-supervisor ] && run rm -rf /var/lib/llm-supervisor
     getent passwd "$USER_NAME" >/dev/null && run userdel "$USER_NAME"
     getent group "$GROUP_NAME" >/dev/null && run groupdel "$GROUP_NAME"
   else
     echo "kept: $ETC (config) and /var/lib/llm-supervisor (state); --purge removes them"
   fi
-  echo "llm-supervisor uninstalled"
+  if [ "$DRY" = 1 ]; then echo "dry run: nothing was changed"; else echo "llm-supervisor uninstalled"; fi
   exit 0
 fi
 
@@ -112,13 +123,15 @@ if ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
   fi
 fi
 
-if [ -x "$PREFIX/bin/python" ]; then
+if [ -f "$PREFIX/$MARK" ]; then
   echo "upgrading the virtual environment $PREFIX"
+elif [ -e "$PREFIX" ] && [ -n "$(ls -A "$PREFIX" 2>/dev/null)" ]; then
+  die "$PREFIX exists and is not a virtual environment this script made: give an empty or new --prefix"
 else
   run "$PY" -m venv "$PREFIX"
+  [ "$DRY" = 1 ] || echo "made by scripts/install.sh; --uninstall removes this directory" > "$PREFIX/$MARK"
 fi
 PIP=(pip install --quiet --disable-pip-version-check)
-[ "$NODEPS" = 1 ] && PIP+=(--no-build-isolation --no-deps)
 # from a copy: pip builds in the source tree otherwise, and it may be read-only
 BUILD=$(mktemp -d); trap 'rm -rf "$BUILD"' EXIT
 if [ "$DRY" = 0 ]; then
@@ -132,9 +145,12 @@ for b in llm-supervisor llmctl; do
 done
 
 getent group "$GROUP_NAME" >/dev/null || run groupadd --system "$GROUP_NAME"
-getent passwd "$USER_NAME" >/dev/null || \
-  run useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
-    --user-group "$USER_NAME"
+if ! getent passwd "$USER_NAME" >/dev/null; then
+  # a home of its own: model servers keep caches under ~/.cache (Hugging Face, vLLM)
+  if getent group "$USER_NAME" >/dev/null; then ugroup=(-g "$USER_NAME"); else ugroup=(--user-group); fi
+  run useradd --system --create-home --home-dir /var/lib/llm --shell /usr/sbin/nologin \
+    "${ugroup[@]}" "$USER_NAME"
+fi
 
 run install -d -m 0755 "$ETC"
 if [ -e "$ETC/config.toml" ]; then
@@ -142,7 +158,11 @@ if [ -e "$ETC/config.toml" ]; then
 else
   run install -m 0640 -o root -g "$GROUP_NAME" "$SRC/config.toml.example" "$ETC/config.toml"
 fi
+if [ -e "$DOCDIR" ] && [ ! -f "$DOCDIR/$MARK" ] && [ -n "$(ls -A "$DOCDIR" 2>/dev/null)" ]; then
+  die "$DOCDIR exists and was not made by this script: give an empty or new --doc-dir"
+fi
 run install -d -m 0755 "$DOCDIR"
+[ "$DRY" = 1 ] || echo "made by scripts/install.sh" > "$DOCDIR/$MARK"
 run install -m 0644 "$SRC/README.md" "$SRC/config.toml.example" "$DOCDIR/"
 run cp -r "$SRC/docs/." "$DOCDIR/"
 
@@ -162,33 +182,41 @@ if command -v systemd-analyze >/dev/null && [ "$DRY" = 0 ]; then
   fi
   [ -z "$out" ] || echo "$out"
 fi
-if have_systemd || [ "$DRY" = 1 ]; then
-  sctl daemon-reload
-  sctl enable "$UNIT"
-  if active; then
-    if [ "$RESTART" = 1 ]; then
-      sctl restart "$UNIT"
-    else
-      echo "llm-supervisor is running the previous version; \`systemctl restart llm-supervisor\`"
-      echo "switches to this one (its services restart; a hot swap is not possible across it)"
-    fi
-  elif [ "$START" = 1 ]; then
-    sctl start "$UNIT"
-  fi
-else
-  echo "systemd is not running here: the unit is installed, enable it where systemd runs"
-fi
-
+# the config is checked before anything starts or restarts on it
 echo "+ $PREFIX/bin/llm-supervisor --config $ETC/config.toml --check"
+CHECKED=1
 if [ "$DRY" = 0 ]; then
   if "$PREFIX/bin/llm-supervisor" --config "$ETC/config.toml" --check >/dev/null 2>"$BUILD/check"
   then
     echo "configuration $ETC/config.toml: ok"
   else
+    CHECKED=0
     sed 's/^/  /' "$BUILD/check" >&2
     echo "install.sh: installed, but $ETC/config.toml does not pass --check yet: edit it," \
-      "then \`llm-supervisor --check\` and \`systemctl start llm-supervisor\`" >&2
+      "then \`llm-supervisor --config $ETC/config.toml --check\` and" \
+      "\`systemctl restart llm-supervisor\` (nothing was started or restarted)" >&2
   fi
 fi
-echo "llm-supervisor $("$PREFIX/bin/python" -c 'import supervisord_llm as s; print(s.__version__)' \
-  2>/dev/null || echo '(dry run)') installed in $PREFIX"
+if have_systemd; then
+  sctl daemon-reload
+  sctl enable "$UNIT"
+  if active; then
+    if [ "$RESTART" = 1 ] && [ "$CHECKED" = 1 ]; then
+      sctl restart "$UNIT"
+    else
+      echo "llm-supervisor is running the previous version; \`systemctl restart llm-supervisor\`"
+      echo "switches to this one (its services restart; a hot swap is not possible across it)"
+    fi
+  elif [ "$START" = 1 ] && [ "$CHECKED" = 1 ]; then
+    sctl start "$UNIT"
+  fi
+elif [ "$DRY" = 1 ]; then
+  echo "+ $SYSTEMCTL daemon-reload; $SYSTEMCTL enable $UNIT (where systemd runs)"
+else
+  echo "systemd is not running here: the unit is installed, enable it where systemd runs"
+fi
+if [ "$DRY" = 1 ]; then
+  echo "dry run: nothing was changed"
+else
+  echo "llm-supervisor $("$PREFIX/bin/python" -c 'import supervisord_llm as s; print(s.__version__)') installed in $PREFIX"
+fi

@@ -158,6 +158,24 @@ def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
     assert again.returncode == 0, again.stderr
 
 
+def test_it_never_takes_or_removes_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    keep = tmp_path / "data"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("x")
+    args = ["--prefix", str(keep), "--bindir", str(tmp_path / "bin"), "--etc",
+            str(tmp_path / "etc"), "--unit-dir", str(tmp_path / "units"), "--doc-dir",
+            str(keep)]
+    r = subprocess.run([str(INSTALL), *args], capture_output=True, text=True, check=False)
+    assert r.returncode == 1 and "is not a virtual environment this script made" in r.stderr
+    r = subprocess.run([str(INSTALL), "--uninstall", *args], capture_output=True,
+                       text=True, check=False, env={**os.environ, "SYSTEMCTL": "false"})
+    assert (keep / "precious.txt").exists(), r.stdout
+    assert "not made by install.sh" in r.stdout
+    r = subprocess.run([str(INSTALL), "--prefix", "/tmp/a b", "--dry-run"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 1 and "a path with blanks" in r.stderr
+
+
 def test_bad_options_and_no_root_are_refused() -> None:
     r = subprocess.run([str(INSTALL), "--frobnicate"], capture_output=True, text=True,
                        check=False)

@@ -147,7 +147,6 @@ def test_models_default_to_the_name_and_gates_come_with_the_router() -> None:
 
 
 @pytest.mark.parametrize(("svc", "expect"), [
-    ('models = []\n', "service[0].models: must not be empty"),
     ('models = ["x", "x"]\n', "service[0].models[1]: 'x' is listed twice"),
     ('models = [" x"]\n', "service[0].models[0]: must be 1-256 printable"),
     ('start = "later"\n', "service[0].start: must be one of always, on-demand"),
@@ -159,6 +158,11 @@ def test_models_default_to_the_name_and_gates_come_with_the_router() -> None:
 def test_bad_keys_are_named(svc: str, expect: str) -> None:
     assert any(p.startswith(expect) for p in problems(cfg_text(svc=svc))), problems(
         cfg_text(svc=svc))
+
+
+def test_an_empty_models_list_keeps_a_service_off_the_router() -> None:
+    svc = parse_config(cfg_text(svc="models = []\n")).services[0]
+    assert svc.models == () and svc.gate is None
 
 
 def test_model_names_are_unique_across_services() -> None:

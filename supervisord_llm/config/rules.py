@@ -596,9 +596,11 @@ def _models(t: Table, name: object, port: int | None,
     raw = t.raw("models")
     if raw is MISSING:
         return (name,) if isinstance(name, str) and port is not None else ()
-    models = t.string_list("models", allow_empty=False)
+    models = t.string_list("models")
     if not isinstance(models, tuple):
         return None
+    if not models:
+        return ()  # not behind the router
     seen: set[str] = set()
     good = True
     for i, model in enumerate(models):
