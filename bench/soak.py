@@ -63,8 +63,10 @@ from helpers import (  # noqa: E402
 
 GIB = 1024**3
 WATCHDOG_USEC = 2_000_000
-CUTTING = ("kill9", "sigstop", "gen_hang", "gpu_lost", "gpu_critical", "power_low", "swap",
-           "health_fail", "reload")
+# what may cut a stream in flight, and says so (documented): not swap, reload or drain,
+# which must lose nothing
+CUTTING = ("kill9", "sigstop", "gen_hang", "gpu_lost", "gpu_critical", "power_low",
+           "health_fail")
 
 
 class Soak:
@@ -103,12 +105,17 @@ class Soak:
             assert llama is not None and model is not None
             return {"name": name, "gpus": [gpu], "port": free_port(), "metrics_url": "",
                     "command": [llama, "-m", str(model), "--host", "127.0.0.1", "--port",
-                                "{port}", "-c", "512", "-t", "1", "--no-webui"],
+                                "{port}", "-c", "512", "-t", "1", "--no-webui",
+                                "--threads-http", "8"],
                     "health": {"interval_s": 0.3, "timeout_s": 0.3, "failures": 3,
                                "startup_timeout_s": 30},
                     "restart": {"backoff_initial_s": 0.2, "backoff_max_s": 1,
                                 "max_restarts": 10000, "window_s": 60},
-                    "stop": {"timeout_s": 3}, **extra}
+                    "stop": {"timeout_s": 3},
+                    # llama-server holds an HTTP thread per open connection (the gate keeps
+                    # some alive, the health checks one) and closes new ones beyond
+                    # --threads-http: more threads than the gate admits at once
+                    "gate": {"max_concurrency": 4, **extra.pop("gate", {})}, **extra}
 
         od = {"start": "on-demand", "vram_gb": 10, "gate": {"queue_timeout_s": 20}}
         services = [fake("alpha", 0, gate={"listen": f"127.0.0.1:{free_port()}"}),
@@ -152,12 +159,18 @@ class Soak:
                                         timeout=aiohttp.ClientTimeout(total=60)) as r:
                     head = True
                     data = await r.read()
-                    if r.status == 502:  # the server failed before it answered: said so
-                        self.outcomes["502 (model server gone before answering)"] += 1
+                    if r.status == 502:  # the server failed before it answered
+                        self._lost(model, started, "502", what="502")
                         await asyncio.sleep(0.05)
                         continue
-                    if r.status != 200:
+                    if r.status in (429, 503):
                         self.outcomes[f"refused {r.status}"] += 1  # never admitted: fine
+                        await asyncio.sleep(0.05)
+                        continue
+                    if r.status != 200:  # anything else is wrong
+                        self.outcomes[f"unexpected {r.status}"] += 1
+                        self.lost.append({"model": model, "how": f"HTTP {r.status}",
+                                          "at": round(time.monotonic() - self.t0, 2)})
                         await asyncio.sleep(0.05)
                         continue
                     if b"[DONE]" in data and b"upstream_cut" not in data:
@@ -168,15 +181,16 @@ class Soak:
                 self._lost(model, started, f"{'after' if head else 'before'} the head: "
                            f"{type(exc).__name__}: {exc}"[:160])
 
-    def _lost(self, model: str, started: float, how: str) -> None:
-        """A request admitted and not completed: explained if a fault touched its service."""
+    def _lost(self, model: str, started: float, how: str, what: str = "lost") -> None:
+        """A request admitted and not completed (or a 502: its server failed before it
+        answered): explained if a fault that can do that touched its service meanwhile."""
         end = time.monotonic()
         causes = {k for s, e, k in self.touched.get(model, []) + self.touched.get("*", [])
                   if s <= end and e >= started - 1.0}
         if causes & set(CUTTING):
-            self.outcomes[f"lost, explained ({'/'.join(sorted(causes & set(CUTTING)))})"] += 1
+            self.outcomes[f"{what}, explained ({'/'.join(sorted(causes & set(CUTTING)))})"] += 1
         else:
-            self.outcomes["lost, unexplained"] += 1
+            self.outcomes[f"{what}, unexplained"] += 1
             self.lost.append({"model": model, "how": how, "at": round(end - self.t0, 2),
                               "wall": time.strftime("%H:%M:%S", time.localtime())})
 
@@ -208,13 +222,17 @@ class Soak:
         loop = asyncio.get_running_loop()
         if kind == "kill9":
             pid = self.pid_of(d, name)
-            if pid:
+            if not pid:
+                self.faults[kind] -= 1  # nothing running to kill: not a fault
+            else:
                 self.touch(name, kind)
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
         elif kind == "sigstop":
             pid = self.pid_of(d, name)
-            if pid:
+            if not pid:
+                self.faults[kind] -= 1
+            else:
                 hold = self.rng.uniform(0.5, 3.0)
                 self.touch(name, kind, hold)
                 with contextlib.suppress(OSError):
@@ -258,11 +276,14 @@ class Soak:
             self.ups.set(status="OL CHRG", charge=80)
             self.touch("*", kind, 15)
         elif kind == "swap":
-            self.touch(name, kind, 5)
-            await asyncio.to_thread(d.llmctl, "swap", name, timeout=60)
+            r = await asyncio.to_thread(d.llmctl, "swap", name, timeout=60)
+            if r.returncode != 0:  # refused (not ready, unloaded): no swap happened
+                self.faults[kind] -= 1
+                self.faults["swap refused (not ready)"] += 1
         elif kind == "reload":
-            self.touch("*", kind, 3)
-            await asyncio.to_thread(d.llmctl, "reload", timeout=120)
+            r = await asyncio.to_thread(d.llmctl, "reload", timeout=120)
+            if r.returncode != 0:
+                self.faults["reload failed"] += 1
         elif kind == "drain":
             await asyncio.to_thread(d.llmctl, "drain", name, "--timeout", "2", timeout=30)
             await asyncio.sleep(self.rng.uniform(0.2, 1.0))
@@ -305,8 +326,10 @@ class Soak:
             base_rss, base_fds = proc.memory_info().rss, proc.num_fds()
             end = time.monotonic() + self.seconds
             while time.monotonic() < end:
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.wait_for(self.fault(d, names, gpus_of), 120)
+                except Exception as exc:  # the rig's own trouble: counted, not hidden
+                    self.faults[f"injection error ({type(exc).__name__})"] += 1
                 await asyncio.sleep(self.rng.uniform(0.3, 1.2))
             # put everything right, and let the load run on a little
             self.sim_state.clear()
@@ -347,7 +370,8 @@ class Soak:
             "fds flat": end_fds - base_fds < 20,
         }
         return {
-            "seconds": self.seconds, "faults": dict(self.faults),
+            "seconds": self.seconds, "faults": {k: v for k, v in self.faults.items() if v},
+            "llama_server": bool(llama_server_binary()),
             "faults_total": sum(self.faults.values()), "requests": dict(self.outcomes),
             "lost_unexplained": self.lost[:10], "power_downs": power_downs,
             "power_lows_injected": self.power_lows,
@@ -355,7 +379,10 @@ class Soak:
             "rss_mb": [round(base_rss / 2**20, 1), round(end_rss / 2**20, 1)],
             "fds": [base_fds, end_fds], "orphans": alive, "exit_code": exit_code,
             "restarts": {s["name"]: s["restarts"] for s in status["services"]},
-            "invariants": invariants, "ok": all(invariants.values()),
+            "invariants": invariants,
+            "ok": all(invariants.values()) and not any(k.startswith(("injection error",
+                                                                     "reload failed"))
+                                                       for k in self.faults),
         }
 
     def doc_port(self, name: str) -> int:
@@ -369,6 +396,8 @@ class Soak:
                         return False
                 elif s["state"] != "ready":
                     return False
+                if s["state"] == "ready" and s.get("gate") not in (None, "none", "open"):
+                    return False  # a gate left draining: not back
             return True
 
         try:
@@ -403,7 +432,8 @@ def main() -> int:
     if a.json:
         print(json.dumps(report))
     else:
-        print(f"chaos soak: {report['seconds']:g} s, {report['faults_total']} faults "
+        print(f"chaos soak: {report['seconds']:g} s, real llama-server: "
+              f"{report['llama_server']}, {report['faults_total']} faults "
               f"injected: {json.dumps(report['faults'], sort_keys=True)}")
         print(f"requests: {json.dumps(report['requests'], sort_keys=True)}")
         print(f"power-downs {report['power_downs']} (low batteries injected "

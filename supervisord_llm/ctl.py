@@ -359,6 +359,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     st = sub.add_parser("status", help="services, GPUs, power, mode")
+    # `llmctl status --json` as well as `llmctl --json status` (what people type)
+    st.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                    help="print the daemon's reply as JSON")
     st.add_argument("service", nargs="?")
 
     def services(name: str, help_text: str) -> argparse.ArgumentParser:

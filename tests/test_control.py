@@ -427,3 +427,12 @@ def test_a_list_is_a_list_and_a_key_is_given_once() -> None:
     with pytest.raises(P.ProtocolError) as info:
         P.parse_request(b'{"v":1,"id":1,"cmd":"status","cmd":"stop"}')
     assert 'key "cmd" given twice' in info.value.message
+
+
+def test_json_goes_before_or_after_status() -> None:
+    from supervisord_llm.ctl import _parser
+
+    parser = _parser()
+    assert parser.parse_args(["status", "--json"]).json is True
+    assert parser.parse_args(["--json", "status"]).json is True
+    assert parser.parse_args(["status"]).json is False

@@ -522,7 +522,7 @@ class Gate:
         self._flows.add(flow)
         try:
             for attempt in (0, 1):
-                up = await self.pool.acquire(*target)
+                up = await self.pool.acquire(*target, fresh=attempt > 0)
                 head_fut = up.request(self._request_head(req, conn, target, length),
                                       head_request=head_request)
                 try:

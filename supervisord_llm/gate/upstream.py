@@ -202,10 +202,12 @@ class UpstreamPool:
         self.max_idle = max_idle
         self.idle_s = idle_s
 
-    async def acquire(self, host: str, port: int) -> UpstreamConnection:
-        """A recent idle connection (`reused` set), or a new one."""
+    async def acquire(self, host: str, port: int, fresh: bool = False) -> UpstreamConnection:
+        """A recent idle connection (`reused` set), or a new one (always, with `fresh`: the
+        retry after a kept-alive connection turned out closed, when the others kept with it
+        are likely closed too)."""
         key = (host, port)
-        idle = self._idle.get(key)
+        idle = None if fresh else self._idle.get(key)
         loop = asyncio.get_running_loop()
         now = loop.time()
         while idle:
