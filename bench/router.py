@@ -23,9 +23,7 @@ import argparse
 import asyncio
 import json
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -81,15 +79,7 @@ def wrk_post(tmp: Path, port: int, seconds: int = 5) -> float:
     script = tmp / "post.lua"
     script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                       f"wrk.body = {json.dumps(BODY.decode())}\n")
-    cmd = ["wrk", "-t1", "-c64", f"-d{seconds}s", "-s", str(script),
-           f"http://127.0.0.1:{port}/small"]
-    if shutil.which("taskset"):
-        cmd = ["taskset", "-c", "1", *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        if line.startswith("Requests/sec:"):
-            return float(line.split()[1])
-    raise RuntimeError(out)
+    return gate_latency.wrk(port, seconds, script)
 
 
 def config(tmp: Path, router_port: int, service: dict[str, Any]) -> dict[str, Any]:

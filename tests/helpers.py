@@ -425,3 +425,23 @@ class RawBackend:
         for w in self.writers:
             w.close()
         await self.server.wait_closed()
+
+
+def nginx_main_conf(tmp: Path, include: str) -> Path:
+    """A minimal nginx main config under `tmp` (pid, logs, temp paths) that includes the
+    `http {}`-level file `tmp/include` (one of docs/nginx/*.conf with a test's ports)."""
+    main = tmp / "nginx.conf"
+    main.write_text(f"""
+user root;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    include {tmp}/{include};
+}}
+""")
+    return main

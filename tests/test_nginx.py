@@ -17,7 +17,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from helpers import ROOT, Daemon, async_wait_until, base_config, fake_service, free_port, running
+from helpers import (
+    ROOT,
+    Daemon,
+    async_wait_until,
+    base_config,
+    fake_service,
+    free_port,
+    nginx_main_conf,
+    running,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -35,21 +44,7 @@ def nginx_conf(tmp: Path, listen: int, gates: list[str]) -> Path:
         text = text.replace(old, f"server {new}", 1)
     text = text.replace("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{listen};")
     (tmp / "llm.conf").write_text(text)
-    main = tmp / "nginx.conf"
-    main.write_text(f"""
-user root;
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    include {tmp}/llm.conf;
-}}
-""")
-    return main
+    return nginx_main_conf(tmp, "llm.conf")
 
 
 @pytest.fixture

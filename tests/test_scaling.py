@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, base_config, fake_service, free_port, running, wait_until
+from helpers import ROOT, base_config, fake_service, free_port, nginx_main_conf, running, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -33,21 +33,7 @@ def nginx_conf(tmp: Path, listen: int, routers: list[str]) -> Path:
         text = text.replace(old, f"server {new}", 1)
     text = text.replace("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{listen};")
     (tmp / "hosts.conf").write_text(text)
-    main = tmp / "nginx.conf"
-    main.write_text(f"""
-user root;
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    include {tmp}/hosts.conf;
-}}
-""")
-    return main
+    return nginx_main_conf(tmp, "hosts.conf")
 
 
 def who(url: str) -> tuple[int, str]:
