@@ -106,6 +106,8 @@ class Swapper:
         with contextlib.suppress(RuntimeError):  # built outside a loop (tests)
             self._loop = asyncio.get_running_loop()
         sup.on_change(self.poke)
+        self._polled = asyncio.Event()  # set after each poll of the hub
+        sup.hub.on_update(self._polled.set)
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -308,12 +310,14 @@ class Swapper:
         if per_process:
             learned = per_process
         else:
-            for _ in range(int(3 * poll / 0.1) + 1):
-                snaps = self.sup.hub.snapshots()
-                if all(s.read_at is not None and s.read_at > ready_at for s in snaps
-                       if s.info in actor.plan.gpus):
-                    break
-                await asyncio.sleep(0.1)
+            # the next poll of its GPUs (woken by the hub, at most three poll intervals)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3 * poll):
+                    while not all(sn.read_at is not None and sn.read_at > ready_at
+                                  for sn in self.sup.hub.snapshots()
+                                  if sn.info in actor.plan.gpus):
+                        self._polled.clear()
+                        await self._polled.wait()
             before = self._before.get(name)
             if before is None or before[0] != gen or actor.gen != gen:
                 return
