@@ -282,6 +282,12 @@ def render_status(data: dict[str, Any]) -> str:
             out.append(extra)
         if p.get("error"):
             out.append(f"  error: {p['error']}")
+        ov = p.get("override")
+        if isinstance(ov, dict):
+            who = ("the operator (power-event on-line --force)" if ov.get("by") == "operator"
+                   else "fsd_stale_s (an aborted shutdown)" if ov.get("by") == "fsd_stale_s"
+                   else "a record of this boot")
+            out.append(f"  override: FSD not believed, by {who}, until upsd clears its flag")
         pd = p.get("power_down")
         if isinstance(pd, dict) and pd.get("reason"):
             out.append(f"  last power-down: {pd['reason']}")
@@ -392,6 +398,9 @@ def _parser() -> argparse.ArgumentParser:
                         description="Feed a power event to the daemon's power policy. "
                         "upsmon's notify types are taken too: ONLINE, ONBATT, LOWBATT, FSD.")
     pe.add_argument("event", type=_power_event, metavar="{" + ",".join(POWER_EVENTS) + "}")
+    pe.add_argument("--force", action="store_true",
+                    help="with on-line: the operator says the power is back, whatever upsd "
+                    "or an FSD says (an override, shown in status and logged)")
     return p
 
 
@@ -438,7 +447,10 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any], float | Non
     if cmd == "reset":
         return cmd, {"services": args.services}, 60.0
     if cmd == "power-event":
-        return cmd, {"event": args.event}, 60.0
+        if args.force and args.event != "on-line":
+            raise CtlError(EXIT_USAGE, "power-event: --force goes with on-line only")
+        return cmd, ({"event": args.event, "force": True} if args.force
+                     else {"event": args.event}), 60.0
     if cmd == "checkpoint":  # the daemon bounds it (each hook's timeout_s)
         return cmd, ({"name": args.name} if args.name else {}), None
     return cmd, {}, None

@@ -13,12 +13,11 @@ daemon stops, or at its next start if it was killed.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,6 +31,7 @@ from .policy import thermal as T
 from .sensors.base import GpuInfo, SensorBusyError
 from .sensors.events import Back, Lost
 from .sensors.hub import GpuHub, GpuSnapshot
+from .statefile import Damaged, read_json, write_json
 from .states import State
 from .supervisor import Supervisor
 
@@ -61,31 +61,37 @@ class LimitStore:
     def ours(self, uuid: str) -> list[float]:
         return [float(w) for w in self.entries.get(uuid, {}).get("set", [])]
 
-    async def load(self) -> dict[str, dict[str, Any]]:
-        """What an earlier run left (also the older format, a bare `uuid: watts`)."""
+    async def load(self) -> Loaded:
+        """What an earlier run left (also the older format, a bare `uuid: watts`). Good
+        entries are kept whatever else the file holds; a bad entry, or a record that cannot be
+        read at all, is said in `Loaded` so that the GPUs it may concern go back to their
+        board's default limit."""
         if self.path is None:
-            return {}
+            return Loaded({}, None, [])
         path = self.path
 
-        def read() -> dict[str, dict[str, Any]]:
+        def read() -> Loaded:
             try:
-                if not path.is_file() or path.stat().st_size > 1024 * 1024:
-                    return {}
-                doc = json.loads(path.read_text())
-            except (OSError, ValueError, RecursionError) as exc:
-                log.warning("ignoring %s: %s", path, str(exc)[:200])
-                return {}
+                doc = read_json(path)
+            except Damaged as exc:
+                return Loaded({}, str(exc), [])
+            if doc is None:
+                return Loaded({}, None, [])
             if not isinstance(doc, dict):
-                return {}
+                return Loaded({}, f"holds {type(doc).__name__}, not a table of GPUs", [])
             out: dict[str, dict[str, Any]] = {}
+            bad: list[str] = []
             for uuid, v in list(doc.items())[:1024]:
                 before = v.get("before") if isinstance(v, dict) else v
-                if not _watts(before) or not isinstance(before, (int, float)):
-                    continue
                 raw = v.get("set", []) if isinstance(v, dict) else []
-                sets = [float(w) for w in raw if _watts(w)] if isinstance(raw, list) else []
-                out[str(uuid)[:200]] = {"before": float(before), "set": sets[-2:]}
-            return out
+                if not _watts(before) or not isinstance(raw, list) \
+                        or not all(_watts(w) for w in raw):
+                    bad.append(str(uuid)[:200])
+                    continue
+                assert isinstance(before, (int, float))  # _watts says so
+                out[str(uuid)[:200]] = {"before": float(before),
+                                        "set": [float(w) for w in raw][-2:]}
+            return Loaded(out, None, bad)
 
         return await asyncio.to_thread(read)
 
@@ -111,26 +117,35 @@ class LimitStore:
     async def _write(self) -> bool:
         if self.path is None:
             return True
-        path, text = self.path, json.dumps(self.entries, sort_keys=True)
-
-        def write() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
-
+        path, doc = self.path, dict(self.entries)
         async with self._lock:  # one writer at a time: the last state lands last
             try:
-                await asyncio.to_thread(write)
+                await asyncio.to_thread(write_json, path, doc)
                 return True
             except OSError as exc:
                 log.error("cannot record the power limits in %s: %s", path, exc)
                 return False
 
+    async def rewrite(self) -> None:
+        """Replace a damaged record with the good entries (nothing if it cannot be written:
+        `_write` says so)."""
+        await self._write()
+
+
+@dataclass(frozen=True)
+class Loaded:
+    entries: dict[str, dict[str, Any]]  # the good entries
+    damaged: str | None  # why the record as a whole cannot be trusted
+    bad: list[str]  # UUIDs whose own entry is not a limit
+
 
 def _watts(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
-        and 0 < v < 100_000
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v) and 0 < v < 100_000
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 class GpuGuard:
@@ -643,9 +658,14 @@ class GpuGuard:
 
     async def restore_leftovers(self) -> None:
         """At start: limits an earlier run lowered and could not restore (it was killed). One
-        whose GPU is not here now stays recorded for the run that finds it again."""
-        self.store.entries = await self.store.load()
+        whose GPU is not here now stays recorded for the run that finds it again. A record
+        that cannot be trusted (damaged by a crash or a hand) sends every GPU it may concern
+        back to the board's own default limit, and is said once, naming the file."""
+        loaded = await self.store.load()
+        self.store.entries = dict(loaded.entries)
         by_uuid = {g.uuid: g for g in self.hub.gpus}
+        if loaded.damaged is not None or loaded.bad:
+            await self._distrust(loaded, by_uuid)
         for uuid, entry in list(self.store.entries.items()):
             gpu = by_uuid.get(uuid)
             if gpu is None:
@@ -653,6 +673,42 @@ class GpuGuard:
                             "is not here; kept, to restore when it is", uuid, entry["before"])
                 continue
             await self._restore(gpu, "left lowered by an earlier run")
+
+    async def _distrust(self, loaded: Loaded, by_uuid: dict[str, GpuInfo]) -> None:
+        """The GPUs whose record is damaged (all, when the file as a whole is) go back to the
+        board's default limit where they are below it; the good entries stay."""
+        if loaded.damaged is not None:
+            what = f"cannot be trusted: it {loaded.damaged}"
+            gpus = [g for g in self.hub.gpus if g.uuid not in loaded.entries]
+        else:
+            what = f"has a damaged entry for {', '.join(loaded.bad[:8])}"
+            gpus = [by_uuid[u] for u in loaded.bad if u in by_uuid]
+        done: list[str] = []
+        for gpu in gpus:
+            done.append(await self._to_default(gpu))
+        gone = [u for u in loaded.bad if u not in by_uuid][:8]
+        log.warning("%s %s; the GPUs the supervisor may have lowered go back to their board's "
+                    "default power limit: %s%s", self.store.path, what,
+                    "; ".join(done) or "no GPU here",
+                    f"; not here now (check their limit when they are back): {', '.join(gone)}"
+                    if gone else "")
+        await self.store.rewrite()  # the good entries replace what was damaged
+
+    async def _to_default(self, gpu: GpuInfo) -> str:
+        default = gpu.default_power_limit_w
+        if default is None:
+            return f"GPU{gpu.index}: its default is unknown, left as it is"
+        try:
+            now = (await self.hub.call(gpu, lambda b, g: b.read(g))).power_limit_w
+        except SensorError:
+            now = None
+        if now is not None and now >= default - 1.0:
+            return f"GPU{gpu.index} at {now:g} W already"
+        try:
+            await self._set_when_free(gpu, default)
+        except SensorError as exc:
+            return f"GPU{gpu.index}: cannot set {default:g} W: {exc}"
+        return f"GPU{gpu.index} {'?' if now is None else f'{now:g}'} -> {default:g} W"
 
     async def _set_when_free(self, gpu: GpuInfo, watts: float) -> None:
         """A limit call that waits (within two call deadlines) for a call in progress on the

@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import lifecycle as L
@@ -42,6 +43,8 @@ from .modes import Mode
 from .policy import power as P
 from .sensors.nut import NutSource, UpsReading
 from .sensors.poll import SourcePoller
+from .spawn import read_boot_id
+from .statefile import Damaged, read_json, write_json
 from .states import State
 
 if TYPE_CHECKING:
@@ -55,6 +58,8 @@ DRAIN_REASON = "power"
 SHUTDOWN_COMMAND_TIMEOUT_S = 60.0
 EVENTS = {"on-battery": "on_battery", "on-line": "online", "low-battery": "low_battery",
           "fsd": "fsd"}
+STATE_FILE = "power_state.json"
+HELD_PHASES = ("on_battery", "powering_down", "powered_down")
 
 
 @dataclass
@@ -97,6 +102,14 @@ class PowerController:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[Any] | None = None  # the power-down in progress
         self._warned: PowerSection | None = None  # a reloaded [power] said to need a restart
+        self._timer: asyncio.Task[None] | None = None  # the grace, on the clock alone
+        # the operator's override, or the stale-FSD rule's: (by whom, wall time)
+        self.override_by: tuple[str, float] | None = None
+        state_dir = sup.cfg.supervisor.state_dir
+        self.record_path = Path(state_dir) / STATE_FILE if state_dir else None
+        self._recorded: tuple[Any, ...] | None = None
+        self._boot_id = read_boot_id()
+        self._record_lock = asyncio.Lock()
 
     @property
     def holding(self) -> bool:
@@ -129,41 +142,118 @@ class PowerController:
     def limits(self) -> P.Limits:
         c = self.cfg
         return P.Limits(c.on_battery_grace_s, c.low_runtime_s, c.low_charge_pct,
-                        c.deadtime_s, c.restart_on_power_return)
+                        c.deadtime_s, c.restart_on_power_return, c.fsd_stale_s)
 
     async def first_reading(self) -> bool:
-        """At start, before the services: one poll. True when the UPS is already on battery
-        (or low, or FSD): the services then start held `powered_down`, and come up when the
-        power returns."""
+        """At start, before the services: what an earlier run of this boot recorded, then one
+        poll. True when the services must start held `powered_down` (and come up when the
+        power returns): the UPS is on battery (or low, or FSD) now, or, with no UPS to poll
+        (`source = "none"`), the last run was on battery or powered down and no on-line event
+        has come since."""
+        recorded = await self._load_record()
         if self.poller is None:
+            if recorded is not None and recorded.phase in HELD_PHASES:
+                why = (f"the last run of this boot recorded {recorded.phase.replace('_', ' ')}"
+                       f" ({self.record_path}), and without a UPS to read only an on-line "
+                       "event says the power is back (`llmctl power-event on-line`)")
+                self._hold_at_start(recorded, why, on_line=False)
+                return True
             return False
         await self.poller.poll_once()
         obs = self._observation()
         if obs is None:
             return False
         self.reading, self.reading_at = self.poller.snapshot.value, self._clock()
-        if obs.state in ("on_battery", "low_battery", "fsd"):
+        if recorded is not None:  # an FSD latch or override outlives a restart of the daemon
+            self.state = dataclasses.replace(self.state, forced=recorded.forced,
+                                             override=recorded.override)
+        if obs.state == "fsd" and self.state.override:
+            obs = dataclasses.replace(obs, state="online" if obs.ol else "low_battery")
+        if obs.state in ("on_battery", "low_battery", "fsd") or (
+                self.state.forced and recorded is not None and recorded.phase in HELD_PHASES):
             # a daemon (re)started during an outage: loading models now would spend the
             # battery that the sequence needs; they start when the power returns
             why = P.low_mark(obs, self.limits) or f"the UPS is {obs.state} at start"
             log.warning("power: the UPS reports %s at start: the services stay down until the "
-                        "power returns (%s)", obs.state, why)
-            believed = "on_battery" if obs.state == "on_battery" else "low_battery"
-            self.state = P.finished(P.commit(P.State(phase="powering_down",
-                                                     believed=believed)))
-            self.host.set_mode(Mode.POWERING_DOWN, why)  # nothing runs yet: nothing to do
-            self.host.set_mode(Mode.POWERED_DOWN, why)
-            self._set_ceiling(self.cfg.on_battery_power_fraction, "on battery at start")
-            self._count("powered_down")
+                        "power returns (%s)", self.reading.status if self.reading else obs.state,
+                        why)
+            self._hold_at_start(self.state, why, on_line=obs.ol)
             return True
+        await self._save_record()
         return False
+
+    def _hold_at_start(self, was: P.State, why: str, *, on_line: bool) -> None:
+        believed = "on_battery" if was.believed == "on_battery" else "low_battery"
+        self.state = P.finished(P.commit(P.State(
+            phase="powering_down", believed=believed, forced=was.forced,
+            override=was.override)), self._clock())
+        self.host.set_mode(Mode.POWERING_DOWN, why)  # nothing runs yet: nothing to do
+        self.host.set_mode(Mode.POWERED_DOWN, why)
+        if not on_line:  # `FSD OL`: on line, the GPUs need no cap
+            self._set_ceiling(self.cfg.on_battery_power_fraction, "on battery at start")
+        self._count("powered_down")
+        if self.poller is None:
+            log.warning("power: services held at start: %s", why)
+        self._save_soon()
+
+    # --- the record of the power state (state_dir/power_state.json) ------------------------
+
+    async def _load_record(self) -> P.State | None:
+        """The power state an earlier run of this boot left, or None (none, another boot, or
+        damaged: said once, and taken as none)."""
+        path = self.record_path
+        if path is None:
+            return None
+        try:
+            doc = await asyncio.to_thread(read_json, path)
+        except Damaged as exc:
+            log.warning("power: %s %s: ignored (no power state from the last run)", path, exc)
+            return None
+        if doc is None:
+            return None
+        st = _record_state(doc)
+        if st is None:
+            log.warning("power: %s is not a power state record: ignored", path)
+            return None
+        if not isinstance(doc, dict) or doc.get("boot_id") != self._boot_id \
+                or self._boot_id is None:
+            if st.phase in HELD_PHASES:
+                log.warning("power: the last run recorded %s, but the machine has restarted "
+                            "since: taken as the power back", st.phase.replace("_", " "))
+            return None
+        if st.override and self.override_by is None:
+            self.override_by = ("recorded", time.time())
+        return st
+
+    def _save_soon(self) -> None:
+        """Record the phase and the latches when they changed (off the loop, atomically)."""
+        key = (self.state.phase, self.state.believed, self.state.forced, self.state.override)
+        if self.record_path is None or key == self._recorded:
+            return
+        self._recorded = key
+        asyncio.get_running_loop().create_task(self._save_record(), name="power-record")
+
+    async def _save_record(self) -> None:
+        path = self.record_path
+        if path is None:
+            return
+        st = self.state
+        self._recorded = (st.phase, st.believed, st.forced, st.override)
+        doc = {"boot_id": self._boot_id, "phase": st.phase, "believed": st.believed,
+               "forced": st.forced, "override": st.override, "written": round(time.time(), 3)}
+        try:
+            async with self._record_lock:
+                await asyncio.to_thread(write_json, path, doc)
+        except OSError as exc:
+            self.limiter.error("record", "power: cannot record the power state in %s: %s",
+                               path, exc)
 
     def _observation(self) -> P.Observation | None:
         assert self.poller is not None
         snap = self.poller.snapshot
         r = snap.value
         if snap.status == "ok" and r is not None:
-            return P.Observation(r.state, r.charge_pct, r.runtime_s)
+            return P.Observation(r.state, r.charge_pct, r.runtime_s, ol="OL" in r.flags)
         if snap.status == "unknown":
             return None
         return P.Observation("unreachable")  # unresponsive (past the deadline) or an error
@@ -183,11 +273,15 @@ class PowerController:
                     self.limiter.exception("observe", "power: acting on the UPS failed")
             await asyncio.sleep(max(0.0, self.cfg.poll_interval_s - (self._clock() - started)))
 
-    async def event(self, name: str) -> dict[str, Any]:
+    async def event(self, name: str, force: bool = False) -> dict[str, Any]:
         """`llmctl power-event` (upsmon's NOTIFYCMD): the same policy, a second source. An
         event that a fresh upsd reading contradicts (upssched's ONLINE or LOWBATT may be of
-        another UPS, or old) is not applied; `fsd` always is (upsmon is powering off)."""
+        another UPS, or old) is not applied; `fsd` always is (upsmon is powering off).
+        `on-line` with `force` (the operator's override) is always applied: the FSD latches
+        go, and upsd's FSD flag is not believed until upsd clears it."""
         state = EVENTS[name]
+        if force:
+            return await self._override()
         r = self._fresh_reading()
         now = self._clock()
         why = None
@@ -197,6 +291,7 @@ class PowerController:
                 if self.state.forced:  # someone says the power is back: the FSD latch goes,
                     self.state = P.release(self.state)  # and upsd's own OL restarts them
                     why += "; the services start when upsd says OL"
+                why += "; `llmctl power-event on-line --force` overrides it"
             elif state in ("on_battery", "low_battery") and r.state == "online":
                 why = f"upsd says {r.status} (read {now - (self.reading_at or now):.1f} s ago)"
         reply = self.status(now)
@@ -215,6 +310,28 @@ class PowerController:
         reply["event"] = {"name": name, "applied": True, "why": None}
         return reply
 
+    async def _override(self) -> dict[str, Any]:
+        """The operator's way back that always works: the power is taken as back now (the
+        low marks too: the operator decides), whatever upsd or an FSD said."""
+        r = self._fresh_reading()
+        said = f"upsd says {r.status}" if r is not None else "no fresh UPS reading"
+        log.warning("power: operator override (llmctl power-event on-line --force; %s): the "
+                    "power is taken as back%s", said,
+                    "; upsd's FSD flag is not believed until upsd clears it"
+                    if self.poller is not None else "")
+        self._count("override")
+        async with self._lock:
+            self.state = P.override(self.state)
+        self.override_by = ("operator", time.time())
+        self.last_event = ("on-line", self._clock())
+        # the operator brings them back even with restart_on_power_return = false
+        await self.observe(P.Observation("online", source="event"),
+                           dataclasses.replace(self.limits, restart_on_return=True))
+        reply = self.status(self._clock())
+        reply["event"] = {"name": "on-line", "applied": True, "forced": True,
+                          "why": f"operator override ({said})"}
+        return reply
+
     def _fresh_reading(self) -> UpsReading | None:
         """The last NUT reading if it is fresh (within two polls) and good."""
         r, at = self.reading, self.reading_at
@@ -224,16 +341,42 @@ class PowerController:
         fresh = self._clock() - at <= 2 * self.cfg.poll_interval_s + self.poller.call_timeout_s
         return r if fresh and self.poller.snapshot.status == "ok" else None
 
-    async def observe(self, obs: P.Observation) -> None:
+    async def observe(self, obs: P.Observation, limits: P.Limits | None = None) -> None:
         async with self._lock:
             if self.host.mode is Mode.SHUTTING_DOWN:
                 return
             if obs.state == "online" and self.state.phase == "powered_down" \
                     and self.ceiling is not None:
                 self._set_ceiling(None, "on line again")  # even while the services wait
-            self.state, actions = P.decide(self.state, obs, self.limits, self._clock())
+            before = self.state
+            self.state, actions = P.decide(self.state, obs, limits or self.limits,
+                                           self._clock())
+            if before.override and not self.state.override:
+                log.warning("power: upsd no longer says FSD: the override has ended")
+                self.override_by = None
             for action in actions:
                 await self._act(action)
+            self._save_soon()
+
+    async def _tick_at(self, at: float) -> None:
+        """The grace on the clock alone: the next reading or event may come minutes later
+        (with `source = "none"`, upssched's LOWBATT), or never."""
+        await asyncio.sleep(max(0.0, at - self._clock()))
+        async with self._lock:
+            if self.host.mode is Mode.SHUTTING_DOWN:
+                return
+            self.state, actions = P.tick(self.state, self.limits, self._clock())
+            for action in actions:
+                await self._act(action)
+            self._save_soon()
+
+    def _arm_grace(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        since = self.state.on_battery_since
+        if self.state.phase == "on_battery" and since is not None:
+            self._timer = asyncio.get_running_loop().create_task(
+                self._tick_at(since + self.cfg.on_battery_grace_s), name="power-grace")
 
     # --- the actions ------------------------------------------------------------------------
 
@@ -256,6 +399,7 @@ class PowerController:
                         " s)")
             self._mode(Mode.ON_BATTERY, "the UPS is on battery")
             self._set_ceiling(self.cfg.on_battery_power_fraction, "on battery")
+            self._arm_grace()
         elif isinstance(action, P.PowerBack):
             self._count("power_back")
             await self._power_back()
@@ -277,6 +421,10 @@ class PowerController:
         elif isinstance(action, P.Reachable):
             self._count("ups_reachable")
             log.warning("power: the UPS answers again")
+        elif isinstance(action, P.FsdIgnored):
+            self._count("fsd_ignored")
+            self.override_by = ("fsd_stale_s", time.time())
+            log.warning("power: %s", action.reason)
 
     def _set_ceiling(self, fraction: float | None, why: str) -> None:
         self.ceiling = fraction if fraction is not None and fraction < 1.0 else None
@@ -388,7 +536,8 @@ class PowerController:
                     step.detail += "; cancelled"
             self.host.changed()
             raise
-        self.state = P.finished(self.state)
+        self.state = P.finished(self.state, self._clock())
+        self._save_soon()
         self._mode(Mode.POWERED_DOWN, "services stopped for the power loss")
         self._count("powered_down")
         log.error("power: powered down in %.1f s (%s); waiting for the power to return",
@@ -406,7 +555,8 @@ class PowerController:
             await self.observe(P.Observation(state, r.charge_pct if r else None,
                                              r.runtime_s if r else None, source="event"))
         elif r is not None:
-            await self.observe(P.Observation(r.state, r.charge_pct, r.runtime_s))
+            await self.observe(P.Observation(r.state, r.charge_pct, r.runtime_s,
+                                             ol="OL" in r.flags))
 
     async def _stop_services(self, step: Step) -> None:
         """In reverse order, each held `powered_down` and sent its stop signal; each waited
@@ -481,6 +631,11 @@ class PowerController:
                                  if self.state.on_battery_since is not None else None),
             "power_ceiling": self.ceiling,
             "last_event": self.last_event[0] if self.last_event else None,
+            # upsd's FSD (or an FSD event) is not believed: the operator's `on-line --force`,
+            # or fsd_stale_s after an aborted shutdown
+            "override": {"by": self.override_by[0],
+                         "since": round(self.override_by[1], 3)}
+            if self.state.override and self.override_by is not None else None,
             "power_down": {
                 "reason": self.sequence_reason,
                 "steps": [{"step": s.name, "duration_s": None if s.duration_s is None
@@ -498,6 +653,8 @@ class PowerController:
         task = self._task
         if task is not None and not task.done():
             task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         if self.poller is not None:
             await self.poller.aclose()
         await self.checkpoints.close()
@@ -530,3 +687,16 @@ async def _run_command(argv: tuple[str, ...]) -> str:
         return exit_text(code)
     log.warning("power: shutdown_command %s: done%s", argv[0], f": {text}" if text else "")
     return "exit 0"
+
+
+def _record_state(doc: object) -> P.State | None:
+    """A power state record as the policy's state (the phase and the latches), or None."""
+    if not isinstance(doc, dict):
+        return None
+    phase, believed = doc.get("phase"), doc.get("believed")
+    if phase not in P.PHASES or believed not in ("online", "on_battery", "low_battery"):
+        return None
+    forced, override = doc.get("forced"), doc.get("override")
+    if not isinstance(forced, bool) or not isinstance(override, bool):
+        return None
+    return P.State(phase=str(phase), believed=str(believed), forced=forced, override=override)

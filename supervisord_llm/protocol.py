@@ -36,7 +36,7 @@ ARGS: Final[dict[str, frozenset[str]]] = {
     "swap": frozenset({"service", "timeout_s"}),
     "reload": frozenset(),
     "checkpoint": frozenset({"name"}),
-    "power-event": frozenset({"event"}),
+    "power-event": frozenset({"event", "force"}),
 }
 
 # error codes
@@ -76,6 +76,7 @@ class Args:
     timeout_s: float | None = None  # None: the command's own default
     service: str | None = None
     event: str | None = None
+    force: bool = False  # power-event on-line: the operator's override
     name: str | None = None  # checkpoint: the one hook to run
 
 
@@ -141,6 +142,13 @@ def parse_args(cmd: str, args: dict[str, Any]) -> Args:
             raise ProtocolError(f"args.event must be one of {', '.join(POWER_EVENTS)}, not "
                                 f"{_short(value)}")
         out["event"] = value
+        force = args.get("force", False)
+        if not isinstance(force, bool):
+            raise ProtocolError(f"args.force must be true or false, not {_short(force)}")
+        if force and value != "on-line":
+            raise ProtocolError("args.force goes with the on-line event only (the operator "
+                                "says the power is back)")
+        out["force"] = force
     if cmd == "checkpoint" and args.get("name") is not None:
         value = args["name"]
         if not isinstance(value, str) or not value or len(value) > 256:

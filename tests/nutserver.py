@@ -143,7 +143,8 @@ class NutServer:
     `upsmon secondary`, for tests of USERNAME/PASSWORD/LOGIN."""
 
     def __init__(self, base: Path, *, status: str = "OL", charge: float = 100.0,
-                 runtime: float = 1200.0, users: dict[str, str] | None = None) -> None:
+                 runtime: float = 1200.0, users: dict[str, str] | None = None,
+                 primaries: tuple[str, ...] = ()) -> None:
         self.base = base
         self.etc = base / "etc"
         self.state = base / "state"
@@ -154,6 +155,7 @@ class NutServer:
         self.port = free_port()
         self.name = NAME
         self.users = dict(users or {})
+        self.primaries = frozenset(primaries)  # of `users`: `upsmon primary` (may send FSD)
         for user in self.users:
             if not user or any(c.isspace() or c in '[]"\\#=' for c in user):
                 raise ValueError(f"not a usable NUT user name: {user!r}")
@@ -277,6 +279,14 @@ class NutServer:
                              f"LOGIN {self.name}"], timeout)
         return next((a for a in answers if a.startswith("ERR")), answers[-1])
 
+    def fsd(self, username: str, password: str, timeout: float = 2.0) -> str:
+        """What a primary upsmon does when it powers the machines off: LOGIN, then FSD.
+        upsd raises its FSD flag and keeps it (even after the power returns) until upsd
+        itself restarts. The answer to FSD ("OK FSD-SET"), or the first ERR."""
+        answers = self._ask([f"USERNAME {_quote(username)}", f"PASSWORD {_quote(password)}",
+                             f"LOGIN {self.name}", f"FSD {self.name}"], timeout)
+        return next((a for a in answers if a.startswith("ERR")), answers[-1])
+
     def wait_status(self, value: str, timeout: float = 5.0) -> float:
         """Poll upsd until ups.status reads `value`; returns the seconds it took."""
         return self._wait(lambda answer: answer == value, timeout, f"ups.status {value!r}")
@@ -377,7 +387,8 @@ class NutServer:
             "  pollinterval = 1\n"
             '  desc = "llm-supervisor test UPS"\n')
         (self.etc / "upsd.conf").write_text(f"LISTEN {self.host} {self.port}\n")
-        users = "".join(f"[{user}]\n  password = {_quote(password)}\n  upsmon secondary\n"
+        users = "".join(f"[{user}]\n  password = {_quote(password)}\n  upsmon "
+                        f"{'primary' if user in self.primaries else 'secondary'}\n"
                         for user, password in self.users.items())
         (self.etc / "upsd.users").write_text(users)  # must exist, even empty
         for name in ("ups.conf", "upsd.conf", "upsd.users"):

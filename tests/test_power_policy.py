@@ -123,13 +123,13 @@ def test_power_back_mid_drain_cancels_but_not_once_committed() -> None:
     st = P.commit(st)
     st, acts = run([(1, "online"), (2, "online")], state=st)
     assert acts == [] and st.phase == "powering_down"
-    st = P.finished(st)
+    st = P.finished(st, 2.5)
     st, acts = run([(3, "online")], state=st)
     assert acts == [(3, "Restart")] and st.phase == "online"
 
 
 def test_restart_waits_for_the_battery_above_the_low_marks() -> None:
-    st = P.finished(P.commit(run([(0, "low_battery", 10.0, 100.0)])[0]))
+    st = P.finished(P.commit(run([(0, "low_battery", 10.0, 100.0)])[0]), 0.5)
     st, acts = run([(1, "online", 10.0, 100.0), (2, "online", 15.0, 200.0),
                     (3, "online", 25.0, 400.0)], state=st)
     assert acts == [(1, "Waiting"), (3, "Restart")]
@@ -138,7 +138,7 @@ def test_restart_waits_for_the_battery_above_the_low_marks() -> None:
 def test_no_restart_without_restart_on_return() -> None:
     lim = P.Limits(grace_s=20, low_runtime_s=300, low_charge_pct=20, deadtime_s=15,
                    restart_on_return=False)
-    st = P.finished(P.commit(run([(0, "low_battery")], lim=lim)[0]))
+    st = P.finished(P.commit(run([(0, "low_battery")], lim=lim)[0]), 0.5)
     st, acts = run([(1, "online"), (100, "online")], lim=lim, state=st)
     assert acts == [] and st.phase == "powered_down"
 
@@ -162,7 +162,7 @@ def test_drain_budget_fits_the_runtime(runtime: float | None,
 def test_an_fsd_event_keeps_the_services_down_until_an_on_line_event() -> None:
     st, acts = P.decide(P.State(), P.Observation("fsd", source="event"), LIM, 0)
     assert [type(a).__name__ for a in acts] == ["PowerDown"] and st.forced
-    st = P.finished(P.commit(st))
+    st = P.finished(P.commit(st), 0.5)
     st, acts = P.decide(st, P.Observation("online", 100, 1200), LIM, 1)  # upsd: OL
     assert [type(a).__name__ for a in acts] == ["Waiting"] and st.phase == "powered_down"
     st, acts = P.decide(st, P.Observation("online", 100, 1200), LIM, 2)
@@ -172,6 +172,86 @@ def test_an_fsd_event_keeps_the_services_down_until_an_on_line_event() -> None:
 
 
 def test_an_fsd_reading_is_not_sticky() -> None:
-    st = P.finished(P.commit(P.decide(P.State(), P.Observation("fsd"), LIM, 0)[0]))
+    st = P.finished(P.commit(P.decide(P.State(), P.Observation("fsd"), LIM, 0)[0]), 0.5)
     st, acts = P.decide(st, P.Observation("online", 100, 1200), LIM, 1)
     assert [type(a).__name__ for a in acts] == ["Restart"]
+
+
+def names(acts: Sequence[P.Action]) -> list[str]:
+    return [type(a).__name__ for a in acts]
+
+
+def test_the_grace_runs_out_on_the_clock_alone() -> None:
+    st, acts = P.decide(P.State(), P.Observation("on_battery", source="event"), LIM, 0)
+    assert names(acts) == ["OnBattery"]
+    assert P.tick(st, LIM, 19.9) == (st, [])
+    st, acts = P.tick(st, LIM, 20.0)
+    assert names(acts) == ["PowerDown"] and st.phase == "powering_down"
+    assert P.tick(st, LIM, 40.0) == (st, [])  # once
+    # power back within the grace: the clock has nothing to do
+    st, _ = P.decide(P.State(), P.Observation("on_battery", source="event"), LIM, 0)
+    st, _ = P.decide(st, P.Observation("online", source="event"), LIM, 5)
+    assert P.tick(st, LIM, 30.0) == (st, [])
+
+
+def fsd(ol: bool = True) -> P.Observation:
+    return P.Observation("fsd", 100, 1200, ol=ol)
+
+
+def powered_down_by_fsd(at: float = 0.0) -> P.State:
+    st, acts = P.decide(P.State(), fsd(), LIM, at)
+    assert names(acts) == ["PowerDown"]
+    return P.finished(P.commit(st), at + 10)
+
+
+def test_fsd_ol_long_after_the_sequence_is_an_aborted_shutdown() -> None:
+    st = powered_down_by_fsd()
+    st, acts = P.decide(st, fsd(), LIM, 300)  # 290 s after the end: still believed
+    assert acts == [] and st.phase == "powered_down"
+    st, acts = P.decide(st, fsd(), LIM, 310)
+    assert names(acts) == ["FsdIgnored", "Restart"] and st.override and st.phase == "online"
+    st, acts = P.decide(st, fsd(), LIM, 311)  # the flag stands: no new power-down
+    assert acts == [] and st.phase == "online"
+    # a new outage while the flag stands cannot be told from a real FSD: at once
+    st, acts = P.decide(st, fsd(ol=False), LIM, 400)
+    assert names(acts) == ["OnBattery", "PowerDown"]
+    # upsd cleared its flag: the override ends, FSD is believed again
+    st, _ = P.decide(P.finished(P.commit(st), 401), P.Observation("online", 100, 1200), LIM, 402)
+    assert not st.override and st.phase == "online"
+    st, acts = P.decide(st, fsd(), LIM, 403)
+    assert names(acts) == ["PowerDown"]
+
+
+def test_fsd_ob_is_never_taken_as_stale() -> None:
+    st = powered_down_by_fsd()
+    st, acts = P.decide(st, fsd(ol=False), LIM, 10_000)
+    assert acts == [] and st.phase == "powered_down" and not st.override
+
+
+def test_fsd_stale_s_zero_waits_for_the_operator() -> None:
+    lim = P.Limits(grace_s=20, low_runtime_s=300, low_charge_pct=20, deadtime_s=15,
+                   fsd_stale_s=0)
+    st = powered_down_by_fsd()
+    st, acts = P.decide(st, fsd(), lim, 100_000)
+    assert acts == [] and st.phase == "powered_down"
+    st = P.override(st)
+    st, acts = P.decide(st, P.Observation("online", source="event"), lim, 100_001)
+    assert names(acts) == ["Restart"]
+    st, acts = P.decide(st, fsd(), lim, 100_002)
+    assert acts == [] and st.phase == "online"
+
+
+def test_an_fsd_event_latch_goes_when_upsd_says_ol_long_after() -> None:
+    st, _ = P.decide(P.State(), P.Observation("fsd", source="event"), LIM, 0)
+    st = P.finished(P.commit(st), 10)
+    st, acts = P.decide(st, P.Observation("online", 100, 1200), LIM, 20)
+    assert names(acts) == ["Waiting"]
+    st, acts = P.decide(st, P.Observation("online", 100, 1200), LIM, 310)
+    assert names(acts) == ["FsdIgnored", "Restart"] and not st.forced and not st.override
+
+
+def test_the_operator_override_ignores_the_low_marks_it_is_given() -> None:
+    st = P.finished(P.commit(run([(0, "low_battery", 10.0, 100.0)])[0]), 1)
+    st = P.override(st)
+    st, acts = P.decide(st, P.Observation("online", source="event"), LIM, 2)
+    assert names(acts) == ["Restart"]

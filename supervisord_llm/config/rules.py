@@ -338,6 +338,7 @@ def _power(root: Table) -> PowerSection:
     ret = t.boolean("restart_on_power_return", d.restart_on_power_return)
     frac = t.number("on_battery_power_fraction", d.on_battery_power_fraction, above=0,
                     maximum=1)
+    stale = t.number("fsd_stale_s", d.fsd_stale_s, minimum=0, maximum=86400 * 7)
     user = t.string("username", None)
     if isinstance(user, str) and not re.fullmatch(r"[\x21-\x7e]{1,64}", user):
         t.error("username", f"must be 1-64 printable characters without spaces (got "
@@ -356,7 +357,7 @@ def _power(root: Table) -> PowerSection:
         t.error("password_file", "needs username (the NUT user it is the password of)")
     t.finish()
     return PowerSection(source, ups, poll, grace, low_rt, low_ch, dead, drain, stop, cmd, ret,
-                        frac, user, pw_file, password)
+                        frac, user, pw_file, password, fsd_stale_s=stale)
 
 
 NUT_CREDENTIAL = "nut-password"

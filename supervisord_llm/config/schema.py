@@ -143,6 +143,9 @@ class PowerSection:
     username: str | None = None  # NUT login (USERNAME/PASSWORD) when set
     password_file: str | None = None
     password: str | None = field(default=None, repr=False)  # read from the file, never TOML
+    # FSD still standing this long after the power-down ended, upsd saying OL and the machine
+    # still up: the shutdown was aborted; the FSD is no longer believed (0: never)
+    fsd_stale_s: float = 300.0
 
     @property
     def host_port(self) -> tuple[str, str, int]:

@@ -211,4 +211,4 @@ class Commands:
         power = self.sup.power
         if power is None:
             raise ControlError(P.FAILED, "llm-supervisor is still starting; try again")
-        return await power.event(a.event)
+        return await power.event(a.event, a.force)

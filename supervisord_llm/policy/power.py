@@ -27,6 +27,14 @@ Phases: `online` -> `on_battery` -> `powering_down` -> `powered_down` -> `online
 - FSD is a power-down from any phase but `powered_down`, even with OL in the flags. An FSD
   that came as an event (upsmon's primary is powering the machine off) also keeps the
   services down when a reading says on line again, until an on-line event.
+- upsd keeps FSD once it is set, until upsd itself restarts: `FSD OL` long after the sequence
+  ended, with the box still up, is an aborted shutdown. After `fsd_stale_s` of it the FSD flag
+  is no longer believed (`override`) and the services start again; the operator's
+  `llmctl power-event on-line --force` does the same at once (`override()`). While the flag is
+  not believed, `FSD OL` reads as on line and `FSD OB` as low battery (a new outage powers
+  down at once: it cannot be told from a real FSD); a reading without FSD ends the override.
+- The grace also runs on the clock alone (`tick`): with `source = "none"` the next event may
+  be LOWBATT, minutes later.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ class Limits:
     low_charge_pct: float
     deadtime_s: float
     restart_on_return: bool = True
+    fsd_stale_s: float = 300.0  # FSD OL this long after the sequence ended: aborted (0: never)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class Observation:
     charge_pct: float | None = None
     runtime_s: float | None = None
     source: str = "nut"  # nut | event (llmctl power-event)
+    ol: bool = False  # OL among upsd's flags (tells `FSD OL` from `FSD OB`)
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,10 @@ class State:
     # an FSD from `llmctl power-event` (upsmon's primary is powering the machine off): no
     # restart on an on-line reading; only an on-line event (someone who knows) clears it
     forced: bool = False
+    # upsd's FSD flag is not believed (an operator's override, or an FSD left standing long
+    # after the sequence ended with the box still up); ends with a reading without FSD
+    override: bool = False
+    finished_at: float | None = None  # when the sequence ended (powered_down since)
 
 
 # --- actions ------------------------------------------------------------------------------
@@ -133,7 +147,12 @@ class Reachable:
     """The UPS answers again after an Alert."""
 
 
-Action = OnBattery | PowerBack | PowerDown | Restart | Waiting | Alert | Reachable
+@dataclass(frozen=True)
+class FsdIgnored:
+    reason: str  # upsd's FSD flag is no longer believed: said once
+
+
+Action = OnBattery | PowerBack | PowerDown | Restart | Waiting | Alert | Reachable | FsdIgnored
 
 
 def _num(v: float | None) -> float | None:
@@ -154,9 +173,39 @@ def low_mark(obs: Observation, lim: Limits) -> str | None:
     return None
 
 
+def _unbelieved_fsd(state: State, obs: Observation, lim: Limits, now: float
+                    ) -> tuple[State, Observation, list[Action]]:
+    """An FSD that is no longer believed: upsd's flag reads as on line with OL (as low battery
+    with OB), and an FSD event's latch goes. That is so after the operator's override, or when
+    the FSD still stands `fsd_stale_s` after the sequence ended, this machine still up and
+    upsd saying OL: the shutdown it announced did not happen."""
+    if obs.source != "nut" or obs.state in ("unreachable", "unknown"):
+        return state, obs, []
+    fsd = obs.state == "fsd"
+    if not fsd and state.override:  # upsd cleared its flag: the override has done its work
+        state = replace(state, override=False)
+    actions: list[Action] = []
+    on_line = obs.ol if fsd else obs.state == "online"
+    standing = (fsd and not state.override) or state.forced
+    if on_line and standing and state.phase == "powered_down" \
+            and state.finished_at is not None and lim.fsd_stale_s > 0 \
+            and now - state.finished_at >= lim.fsd_stale_s:
+        what = "upsd still says FSD OL" if fsd else \
+            "the FSD from upsmon still holds the services and upsd says OL"
+        actions.append(FsdIgnored(
+            f"{what} {now - state.finished_at:.0f} s after the power-down ended, and this "
+            f"machine is still up (fsd_stale_s {lim.fsd_stale_s:g} s): the shutdown did not "
+            "happen; the FSD is no longer believed" + (" until upsd clears its flag"
+                                                       if fsd else "")))
+        state = replace(state, override=state.override or fsd, forced=False, waiting=False)
+    if fsd and state.override:
+        obs = replace(obs, state="online" if obs.ol else "low_battery")
+    return state, obs, actions
+
+
 def decide(state: State, obs: Observation, lim: Limits, now: float
            ) -> tuple[State, list[Action]]:
-    actions: list[Action] = []
+    state, obs, actions = _unbelieved_fsd(state, obs, lim, now)
     phase = state.phase
     if obs.state in ("unreachable", "unknown"):
         since = state.unreachable_since if state.unreachable_since is not None else now
@@ -235,7 +284,7 @@ def decide(state: State, obs: Observation, lim: Limits, now: float
                                            "on-line`"))
             elif low is None:
                 state = replace(state, phase="online", on_battery_since=None, committed=False,
-                                waiting=False, low_reason=None)
+                                waiting=False, low_reason=None, finished_at=None)
                 actions.append(Restart())
             elif not state.waiting:
                 state = replace(state, waiting=True)
@@ -243,6 +292,22 @@ def decide(state: State, obs: Observation, lim: Limits, now: float
         elif not on_line and state.waiting:
             state = replace(state, waiting=False)
     return state, actions
+
+
+def tick(state: State, lim: Limits, now: float) -> tuple[State, list[Action]]:
+    """The clock alone, with no new reading: the on-battery grace runs out. Without a UPS to
+    poll (`source = "none"`) the next event may be LOWBATT, minutes later."""
+    ob = state.on_battery_since
+    if state.phase != "on_battery" or ob is None or now - ob < lim.grace_s:
+        return state, []
+    state = replace(state, phase="powering_down", low_reason=None, committed=False)
+    return state, [PowerDown(f"on battery for {now - ob:.1f} s (grace {lim.grace_s:g} s)", None)]
+
+
+def override(state: State) -> State:
+    """The operator says the power is back (`llmctl power-event on-line --force`), whatever
+    upsd says: the FSD latches go, and upsd's FSD flag is not believed until it clears."""
+    return replace(state, forced=False, waiting=False, override=True)
 
 
 def release(state: State) -> State:
@@ -256,9 +321,9 @@ def commit(state: State) -> State:
     return replace(state, committed=True)
 
 
-def finished(state: State) -> State:
+def finished(state: State, now: float) -> State:
     """The sequence has ended: the services are stopped and held."""
-    return replace(state, phase="powered_down", committed=False, waiting=False)
+    return replace(state, phase="powered_down", committed=False, waiting=False, finished_at=now)
 
 
 def cancelled(state: State) -> State:
