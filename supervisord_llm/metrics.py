@@ -82,7 +82,13 @@ class SupervisorCollector(Collector):
         reachable = GaugeMetricFamily("llm_supervisor_ups_reachable",
                                       "1 when upsd answers with data for the UPS")
         on_battery = GaugeMetricFamily("llm_supervisor_ups_on_battery",
-                                       "1 while the UPS is on battery (OB)")
+                                       "1 while the UPS is on battery (OB); with source "
+                                       "none, while the last power event says so")
+        low = GaugeMetricFamily("llm_supervisor_ups_low_battery",
+                                "1 while the UPS reports low battery on battery (OB LB) or "
+                                "a forced shutdown (FSD) that the power policy believes; with "
+                                "source none, from a low-battery or fsd power event until "
+                                "on-line")
         charge = GaugeMetricFamily("llm_supervisor_ups_battery_charge_ratio",
                                    "battery.charge as a ratio (0-1)")
         runtime = GaugeMetricFamily("llm_supervisor_ups_battery_runtime_seconds",
@@ -108,18 +114,31 @@ class SupervisorCollector(Collector):
                                    labels=["name"])
         if power is not None:
             st = power.status(0.0)
-            if power.cfg.source == "nut":
+            source = power.cfg.source
+            if source == "nut":  # what upsd said last
                 reachable.add_metric([], 0.0 if st["state"] == "unreachable" else 1.0)
                 r = power.reading
                 ups_flags = r.flags if r is not None and st["state"] != "unreachable" \
                     else frozenset()
                 on_battery.add_metric([], 1.0 if "OB" in ups_flags else 0.0)
+                # the policy's view of the reading (an FSD it no longer believes is not low)
+                good = st["state"] not in ("unreachable", "unknown")
+                low.add_metric([], 1.0 if good and power.state.believed == "low_battery"
+                               else 0.0)
                 for flag in sorted(P_FLAGS):
                     flags.add_metric([flag], 1.0 if flag in ups_flags else 0.0)
                 if st["charge_pct"] is not None:
                     charge.add_metric([], st["charge_pct"] / 100.0)
                 if st["runtime_s"] is not None:
                     runtime.add_metric([], st["runtime_s"])
+            elif source == "none":
+                # no UPS to read (no `reachable`, flags, charge, runtime): what the power
+                # policy believes from `llmctl power-event` (upsmon, upssched); 0 until one
+                # says otherwise
+                believed = power.state.believed
+                on_battery.add_metric([], 1.0 if believed in ("on_battery", "low_battery")
+                                      else 0.0)
+                low.add_metric([], 1.0 if believed == "low_battery" else 0.0)
             for event in POWER_EVENTS:
                 events.add_metric([event], power.events.get(event, 0))
             for step in power.sequence:
@@ -135,7 +154,7 @@ class SupervisorCollector(Collector):
                 ok_at = runner.last_ok.get(cp.name)
                 if ok_at is not None:
                     cp_age.add_metric([cp.name], ok_at)
-        yield from (reachable, on_battery, charge, runtime, flags, events, steps, runs,
+        yield from (reachable, on_battery, low, charge, runtime, flags, events, steps, runs,
                     cp_duration, cp_age)
 
     def _gates(self) -> Iterator[Metric]:

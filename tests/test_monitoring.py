@@ -3,7 +3,9 @@ alerts.yml (`promtool check rules`, `promtool test rules` on alerts.test.yml, wh
 series must be series the daemon exports, names and label names alike) and the Grafana
 dashboard docs/grafana/llm-supervisor.json (every query parses, and names only series the
 daemon exports). The daemon runs with simulated GPUs, a gate, the router with an on-demand
-model, a real upsd and a checkpoint, so that every family has samples."""
+model, a real upsd and a checkpoint, so that every family has samples. And with
+`[power] source = "none"`: the UPS series follow `llmctl power-event`, and a real Prometheus
+with alerts.yml fires the power alerts on them."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 from nutserver import NutServer, nut_missing
 from prometheus_client.parser import text_string_to_metric_families
+from promserver import PromServer, prometheus_missing
 
 from helpers import base_config, fake_service, free_port, running, wait_until
 
@@ -104,6 +107,7 @@ def test_the_families_alerts_lean_on_have_samples(scrape: Scrape) -> None:
                 "llm_supervisor_service_state", "llm_supervisor_service_restarts",
                 "llm_supervisor_service_up", "llm_supervisor_ups_on_battery",
                 "llm_supervisor_ups_status", "llm_supervisor_ups_reachable",
+                "llm_supervisor_ups_low_battery",
                 "llm_supervisor_ups_battery_charge_ratio", "llm_supervisor_checkpoint_runs",
                 "llm_supervisor_checkpoint_last_success_timestamp_seconds",
                 "llm_supervisor_model_loaded", "llm_supervisor_model_cold_starts",
@@ -200,3 +204,90 @@ def test_dashboard_queries_parse_and_name_exported_series(scrape: Scrape,
             for key, _value in re.findall(r'([a-z_]+)=~?"([^"]*)"', match.group(2)):
                 if key != "instance" and scrape[fam]["samples"]:
                     assert key in scrape[fam]["labels"], (e, key)
+
+
+def _samples(listen: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """One scrape of /metrics: (sample name, labels) -> value."""
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _ups(listen: str) -> dict[str, float]:
+    """The scraped llm_supervisor_ups_* samples without labels, and the current mode."""
+    got = _samples(listen)
+    out = {name: v for (name, labels), v in got.items()
+           if name.startswith("llm_supervisor_ups_") and not labels}
+    out["flags"] = sum(1 for name, _ in got if name == "llm_supervisor_ups_status")
+    out.update({f"mode={dict(labels)['mode']}": v for (name, labels), v in got.items()
+                if name == "llm_supervisor_mode"})
+    return out
+
+
+def _firing(prom: PromServer, name: str, instance: str) -> bool:
+    return any(a["labels"]["alertname"] == name and a["labels"].get("instance") == instance
+               and a["state"] == "firing" for a in prom.alerts())
+
+
+def test_power_events_export_the_ups_state_and_fire_the_alerts_with_source_none(
+        tmp_path: Path) -> None:
+    """No UPS is read (`source = "none"`): upsmon/upssched send `llmctl power-event`. The
+    on-battery and low-battery series follow the events (nothing about reachability, flags,
+    charge or runtime is made up), and alerts.yml's LLMSupervisorOnBattery and
+    LLMSupervisorLowBattery fire in a real Prometheus scraping the daemon."""
+    if (why := prometheus_missing()) is not None:
+        pytest.skip(why)
+    chat = fake_service("chat", free_port(), gpus=[0], metrics_url="",
+                        gate={"listen": f"127.0.0.1:{free_port()}"})
+    doc = base_config(tmp_path, [chat], gpus=1, power={
+        "source": "none", "on_battery_grace_s": 600, "drain_timeout_s": 5,
+        "stop_timeout_s": 5})
+    listen = doc["metrics"]["listen"]
+    conf = json.dumps({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": ["alerts.yml"],
+        "scrape_configs": [{"job_name": "llm-supervisor",
+                            "static_configs": [{"targets": [listen]}]}]})
+    prom = PromServer(tmp_path / "prometheus", conf,
+                      files={"alerts.yml": (PROM / "alerts.yml").read_text()})
+    with running(tmp_path, doc) as d, prom:
+        d.wait_state("chat", "ready")
+        quiet = _ups(listen)
+        assert quiet == {"llm_supervisor_ups_on_battery": 0.0,
+                         "llm_supervisor_ups_low_battery": 0.0, "flags": 0,
+                         **{k: v for k, v in quiet.items() if k.startswith("mode=")}}, quiet
+        assert quiet["mode=normal"] == 1.0
+        wait_until(lambda: prom.query('up{job="llm-supervisor"} == 1'), 30, 0.2,
+                   what="the first scrape")
+
+        r = d.llmctl("power-event", "on-battery")
+        assert r.returncode == 0, r.stderr
+        ups = _ups(listen)
+        assert ups["mode=on_battery"] == 1.0 and ups["llm_supervisor_ups_on_battery"] == 1.0
+        assert ups["llm_supervisor_ups_low_battery"] == 0.0
+        assert "llm_supervisor_ups_reachable" not in ups and ups["flags"] == 0
+        wait_until(lambda: _firing(prom, "LLMSupervisorOnBattery", listen), 30, 0.2,
+                   what="LLMSupervisorOnBattery firing")
+        assert not _firing(prom, "LLMSupervisorLowBattery", listen)
+
+        r = d.llmctl("power-event", "low-battery")
+        assert r.returncode == 0, r.stderr
+        ups = _ups(listen)
+        assert ups["llm_supervisor_ups_on_battery"] == 1.0
+        assert ups["llm_supervisor_ups_low_battery"] == 1.0
+        wait_until(lambda: _firing(prom, "LLMSupervisorLowBattery", listen), 30, 0.2,
+                   what="LLMSupervisorLowBattery firing")
+        wait_until(lambda: d.status()["supervisor"]["mode"] == "powered_down", 15,
+                   what="powered down")
+
+        r = d.llmctl("power-event", "on-line")
+        assert r.returncode == 0, r.stderr
+        ups = _ups(listen)
+        assert ups["llm_supervisor_ups_on_battery"] == 0.0
+        assert ups["llm_supervisor_ups_low_battery"] == 0.0
+        d.wait_state("chat", "ready", 15)
+        wait_until(lambda: not _firing(prom, "LLMSupervisorOnBattery", listen)
+                   and not _firing(prom, "LLMSupervisorLowBattery", listen), 30, 0.2,
+                   what="the power alerts resolved")
+    assert not prom.storage.exists()
