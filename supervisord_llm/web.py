@@ -1,6 +1,8 @@
 """The metrics listener: `/metrics` (Prometheus text), `/healthz`, `/sd` (Prometheus HTTP
-service discovery of the engines' metrics) and `/services/NAME/metrics` (an engine's metrics,
-labelled), on the same HTTP/1.1
+service discovery of the engines' metrics: at the engines' own addresses, for a Prometheus on
+this box, or `/sd?via=supervisor`, through `/services/NAME/metrics` at the address the
+Prometheus used to reach `/sd`, for one elsewhere) and `/services/NAME/metrics` (an engine's
+metrics, labelled), on the same HTTP/1.1
 server as the gates (`gate/server.py`: llhttp, deadlines for heads and bodies, a connection
 limit, bad requests answered 400 and logged in one line at a bounded rate), on the
 supervisor's loop. A scrape renders the last snapshots; it does no I/O."""
@@ -8,12 +10,13 @@ supervisor's loop. A scrape renders the last snapshots; it does no I/O."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import aiohttp
 
@@ -24,6 +27,7 @@ from .health import client_session, read_bounded
 from .host import Host
 from .logs import LogLimiter
 from .metrics import CONTENT_TYPE, make_registry, render
+from .states import State
 from .supervisor import Supervisor
 from .systemd import Notifier
 
@@ -34,6 +38,14 @@ MAX_FETCHES_PER_ENGINE = 4
 JSON = b"application/json"
 _NAME = re.compile(rb"[A-Za-z_:][A-Za-z0-9_:]*")
 _PAIR = re.compile(rb'\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"(?:[^"\\]|\\.)*"\s*,?')
+SD_FORMS = ("engine", "supervisor")  # /sd?via=...
+# a Host header, for targets: a DNS name (253) or [an IPv6 address], and ":65535"
+MAX_HOST = 262
+_HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]{2,45})\]|(?P<name>[A-Za-z0-9.-]{1,254}))"
+                   r"(?::(?P<port>[0-9]{1,5}))?")
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_LOADED = frozenset({State.READY, State.DRAINING})
+_NOT_RUNNING = frozenset({State.STOPPED, State.BACKOFF, State.FAILED})
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,8 @@ class MetricsServer:
             healthy, body = self.healthz()
             writer.simple(200 if healthy else 503, json.dumps(body).encode())
         elif path == b"/sd":
-            writer.simple(200, json.dumps(self.service_discovery()).encode())
+            code, sd = self.sd_request(req, conn)
+            writer.simple(code, sd, [(b"Vary", b"Host")])  # the answer depends on Host
         elif path.startswith(b"/services/") and path.endswith(b"/metrics") \
                 and path.count(b"/") == 3:
             name = path[len(b"/services/"):-len(b"/metrics")].decode("utf-8", "replace")
@@ -99,13 +112,65 @@ class MetricsServer:
                 "uuid": ",".join(g.uuid for g in gpus),
                 "instance": f"{self._hostname}:{actor.port}" if actor.port else self._hostname}
 
-    def service_discovery(self) -> list[dict[str, object]]:
-        """Prometheus HTTP service discovery: one target per service with a metrics URL,
-        labelled so that the engines' series join the supervisor's and dcgm-exporter's."""
+    def sd_request(self, req: Request, conn: ClientConnection) -> tuple[int, bytes]:
+        """`GET /sd[?via=engine|supervisor]`: the status and the JSON body. With
+        `via=supervisor` the targets are this listener at the address in the request's Host
+        header (or, without one, the local address the connection reached)."""
+        _, _, query = req.target.partition(b"?")
+        try:
+            params = parse_qsl(query.decode("utf-8"), keep_blank_values=True,
+                               max_num_fields=4)
+        except (UnicodeDecodeError, ValueError):
+            params = [("", "")]  # refused below
+        via = [v for k, v in params if k == "via"]
+        if len(via) != len(params) or len(via) > 1 or (via and via[0] not in SD_FORMS):
+            return 400, http1.error_body(
+                "/sd takes one parameter, via=engine (the engines' own addresses, for a "
+                "Prometheus on this box; the default) or via=supervisor (through "
+                "/services/NAME/metrics here, for a Prometheus elsewhere)",
+                "invalid_request_error", "bad_query")
+        if not via or via[0] == "engine":
+            return 200, json.dumps(self.service_discovery()).encode()
+        hosts = [v for k, v in req.headers if k.lower() == b"host"]
+        try:
+            if len(hosts) > 1:
+                raise ValueError("more than one Host header")
+            address = parse_host(hosts[0]) if hosts else _local_address(conn)
+        except ValueError as exc:
+            self.limiter.warning("sd-host", "/sd?via=supervisor from %s refused: Host: %s",
+                                 conn.peer or "?", exc)
+            return 400, http1.error_body(
+                f"/sd?via=supervisor: the Host header ({exc}) must be the address this "
+                "listener is reached at: a DNS name, an IPv4 address or [an IPv6 address], "
+                "and a port", "invalid_request_error", "bad_host")
+        return 200, json.dumps(self.service_discovery("supervisor", address)).encode()
+
+    def _listed(self, name: str) -> str | None:
+        """The service's metrics URL, if /sd lists it: it has one, and an on-demand service
+        only while it is loaded (else its target would be `down` for no fault)."""
+        actor = self.sup.actors[name]
+        url = actor.plan.metrics_url(actor.port)
+        if url is None or (actor.cfg.on_demand and actor.state not in _LOADED):
+            return None
+        return url
+
+    def service_discovery(self, via: str = "engine", address: str | None = None
+                          ) -> list[dict[str, object]]:
+        """Prometheus HTTP service discovery: one target per service with a metrics URL (an
+        on-demand one while it is loaded), labelled so that the engines' series join the
+        supervisor's. `via="supervisor"`: each target is `address` (this listener, as the
+        Prometheus reaches it) with the path /services/NAME/metrics; the scheme is the
+        scrape job's."""
         out: list[dict[str, object]] = []
-        for name, actor in self.sup.actors.items():
-            url = actor.plan.metrics_url(actor.port)
+        for name in list(self.sup.actors):
+            url = self._listed(name)
             if url is None:
+                continue
+            if via == "supervisor":
+                assert address is not None
+                out.append({"targets": [address], "labels": {
+                    **self._labels(name),
+                    "__metrics_path__": f"/services/{quote(name, safe='')}/metrics"}})
                 continue
             try:
                 parts = urlsplit(url)
@@ -131,6 +196,10 @@ class MetricsServer:
         if actor is None or url is None:
             return 404, http1.error_body(f"no service named {name[:64]!r} with a metrics URL",
                                          "invalid_request_error", "not_found"), JSON
+        if actor.state in _NOT_RUNNING:  # nothing to ask (an on-demand one not loaded, a
+            return 503, http1.error_body(  # stopped or failed one): no log line for it
+                f"{name}: not running ({actor.state.value})", "server_error",
+                "not_running"), JSON
         busy = self._fetching.get(name, 0)
         if busy >= MAX_FETCHES_PER_ENGINE:  # scrapes pile up on a slow engine: the
             return 503, http1.error_body(  # listener's connections stay free for /metrics
@@ -194,6 +263,49 @@ class MetricsServer:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def parse_host(value: bytes) -> str:
+    """A Host header's `host[:port]`, checked, for targets that Prometheus will scrape: a DNS
+    name, an IPv4 address or a bracketed IPv6 address, and a port 1-65535 (without one, the
+    scrape job's scheme gives it). ValueError, with the reason, for anything else: userinfo,
+    a path, spaces, percent signs, an IPv6 zone, more than MAX_HOST bytes. The value shapes
+    only the answer to the request that carried it; nothing connects to it here."""
+    if len(value) > MAX_HOST:
+        raise ValueError(f"longer than {MAX_HOST} bytes")
+    text = value.decode("latin-1").strip(" \t")
+    m = _HOST.fullmatch(text)
+    if m is None:
+        raise ValueError(f"{text[:64]!r} is not host[:port]")
+    port = m.group("port")
+    if port is not None and not 0 < int(port) < 65536:
+        raise ValueError(f"port {port} out of range")
+    if m.group("v6") is not None:
+        try:
+            host = f"[{ipaddress.IPv6Address(m.group('v6')).compressed}]"
+        except ValueError:
+            raise ValueError(f"[{m.group('v6')}] is not an IPv6 address") from None
+    else:
+        name = m.group("name").lower()
+        labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
+        if len(name) > 253 or not all(_DNS_LABEL.fullmatch(x) for x in labels):
+            raise ValueError(f"{name[:64]!r} is not a host name")
+        if all(x.isdigit() for x in labels):
+            try:
+                name = str(ipaddress.IPv4Address(name))
+            except ValueError:
+                raise ValueError(f"{name!r} is not an IPv4 address") from None
+        host = name
+    return f"{host}:{int(port)}" if port is not None else host
+
+
+def _local_address(conn: ClientConnection) -> str:
+    """The address the client connected to (a request without a Host header)."""
+    sock = conn.transport.get_extra_info("sockname") if conn.transport is not None else None
+    if not isinstance(sock, tuple) or len(sock) < 2:
+        raise ValueError("none, and no local address to use instead")
+    host = str(sock[0])
+    return f"[{host}]:{sock[1]}" if ":" in host else f"{host}:{sock[1]}"
 
 
 def _escape(value: str) -> str:
