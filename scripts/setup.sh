@@ -26,8 +26,20 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   "$PY" -c 'import ensurepip, venv' 2>/dev/null || apt_need+=(python3-venv)
   if [ ${#apt_need[@]} -gt 0 ]; then
     echo "setup: apt-get install ${apt_need[*]}" >&2
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    # another apt (unattended-upgrades, a second setup) may hold the locks: wait for it, up to
+    # 10 minutes (install waits by DPkg::Lock::Timeout; update ignores that, so it is retried)
+    for i in $(seq 1 120); do
+      if out=$(apt-get update -qq 2>&1); then break; fi
+      case "$out" in
+        *"Could not get lock"*|*"Unable to lock"*)
+          [ "$i" = 1 ] && echo "setup: waiting for another apt to finish ..." >&2
+          [ "$i" = 120 ] && { echo "$out" >&2; exit 1; }
+          sleep 5 ;;
+        *) echo "$out" >&2; exit 1 ;;
+      esac
+    done
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+      --no-install-recommends \
       "${apt_need[@]}" >&2
   fi
 fi
