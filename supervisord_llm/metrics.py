@@ -33,7 +33,7 @@ GPU_LABELS = ["gpu", "uuid", "pci_bus_id", "name"]
 THERMAL_STATES = ("ok", "warm", "throttled", "critical", "lost", "unresponsive")
 P_FLAGS = ("OL", "OB", "LB", "FSD", "CHRG", "DISCHRG", "RB", "OVER", "BYPASS")
 POWER_EVENTS = ("on_battery", "power_back", "power_down", "powered_down", "restart",
-                "ups_unreachable", "ups_reachable")
+                "ups_unreachable", "ups_reachable", "override", "fsd_ignored")
 
 
 class SupervisorCollector(Collector):
@@ -97,7 +97,9 @@ class SupervisorCollector(Collector):
                                   "ups.status flags (1 = present)", labels=["flag"])
         events = CounterMetricFamily("llm_supervisor_power_events",
                                      "Power events: on_battery, power_back, power_down, "
-                                     "powered_down, restart, ups_unreachable, ups_reachable",
+                                     "powered_down, restart, ups_unreachable, ups_reachable, "
+                                     "override (llmctl power-event on-line --force), "
+                                     "fsd_ignored (an FSD taken as stale)",
                                      labels=["event"])
         steps = GaugeMetricFamily("llm_supervisor_power_down_step_duration_seconds",
                                   "Duration of each step of the last power-down sequence",
@@ -139,8 +141,9 @@ class SupervisorCollector(Collector):
                 on_battery.add_metric([], 1.0 if believed in ("on_battery", "low_battery")
                                       else 0.0)
                 low.add_metric([], 1.0 if believed == "low_battery" else 0.0)
-            for event in POWER_EVENTS:
-                events.add_metric([event], power.events.get(event, 0))
+            counted = dict(power.events)  # every event from 0, and any other counted
+            for event in (*POWER_EVENTS, *sorted(set(counted) - set(POWER_EVENTS))):
+                events.add_metric([event], counted.get(event, 0))
             for step in power.sequence:
                 if step.duration_s is not None:
                     steps.add_metric([step.name], step.duration_s)
