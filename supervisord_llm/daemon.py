@@ -23,7 +23,7 @@ from typing import Any
 
 from . import protocol as P
 from .checkpoints import CheckpointRunner
-from .config import Config, load_config, one_line
+from .config import Config, load_config, one_line, state_dir_problem
 from .control import Commands, ControlServer, Peer
 from .demand import Swapper
 from .errors import ConfigError, ControlError, StartupError
@@ -72,6 +72,8 @@ def apply_overrides(cfg: Config, ov: Overrides) -> Config:
         changes["control_socket"] = os.path.abspath(ov.control_socket)
     if ov.state_dir:
         changes["state_dir"] = os.path.abspath(ov.state_dir)
+        if (why := state_dir_problem(changes["state_dir"])) is not None:
+            raise ConfigError([f"--state-dir: {why}"])  # as supervisor.state_dir's would be
     if ov.log_format:
         changes["log_format"] = ov.log_format
     if not changes:
@@ -153,8 +155,9 @@ def lock_state_dir(state_dir: str) -> int:
         Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o750)
         fd = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                      0o640)
-    except OSError as exc:
-        raise StartupError(f"cannot use state_dir {state_dir}: {exc.strerror}") from None
+    except OSError as exc:  # made into a file since the config was read, or no permission
+        why = state_dir_problem(state_dir) or exc.strerror
+        raise StartupError(f"cannot use state_dir {state_dir}: {why}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import copy
 import datetime as dt
 import io
+import math
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import ROOT, sim_gpus, toml_dumps
@@ -24,9 +28,11 @@ from supervisord_llm.config import (
     MAX_CONFIG_BYTES,
     MAX_MESSAGE_CHARS,
     Config,
+    Listen,
     PowerSection,
     ProbeSection,
     Threshold,
+    build_config,
     load_config,
     normalize_pci_bus_id,
     parse_config,
@@ -561,3 +567,365 @@ def test_an_empty_program_is_refused() -> None:
     for command in ([""], [" "], ["", "x"]):
         out = problems({"service": [svc(command=command)]})
         assert any("service[0].command: the program" in p for p in out), (command, out)
+
+
+# --- hostile values: integers too long to read, non-finite numbers, wrong types, odd paths ---
+
+SIM0 = "GPU-5a1e0000-0000-4000-8000-000000000000"
+# every key of every section, valid; the comparisons inside a section are tight (equal), so
+# that a default standing in for a bad value would break them
+FULL: dict[str, Any] = {
+    "supervisor": {"control_socket": "/nonexistent/llm-supervisor-test/c.sock",
+                   "state_dir": "/nonexistent/llm-supervisor-test/state", "log_format": "text"},
+    "metrics": {"listen": "127.0.0.1:19468"},
+    "gpu": {"backend": "sim", "poll_interval_s": 1.0, "call_timeout_s": 2.0,
+            "health_interval_s": 10, "sim_state_file": "/nonexistent/sim.json",
+            "sim": [{"uuid": SIM0, "name": "g", "pci_bus_id": "00000000:41:00.0",
+                     "numa_node": 0, "vendor": "nvidia", "memory_total_bytes": 2**34,
+                     "default_power_limit_w": 200, "min_power_limit_w": 200,
+                     "max_power_limit_w": 200, "slowdown_c": 100, "shutdown_c": 100}]},
+    "thermal": {"warn_c": "slowdown-5", "throttle_c": "slowdown-5", "critical_c": "slowdown-5",
+                "resume_c": "slowdown-5", "power_step": 0.1, "min_power_fraction": 0.5,
+                "step_interval_s": 5, "on_critical": "stop", "pause_timeout_s": 300},
+    "power": {"source": "nut", "ups": "ups@127.0.0.1:3493", "poll_interval_s": 2.0,
+              "on_battery_grace_s": 20, "low_runtime_s": 300, "low_charge_pct": 20,
+              "deadtime_s": 15, "drain_timeout_s": 60, "stop_timeout_s": 30,
+              "shutdown_command": ["/bin/true"], "restart_on_power_return": True,
+              "on_battery_power_fraction": 0.6},
+    "router": {"listen": "127.0.0.1:19000", "header_timeout_s": 30, "body_timeout_s": 60,
+               "send_timeout_s": 120, "max_connections": 100, "max_body_bytes": 1 << 20},
+    "checkpoint": [
+        {"name": "h", "kind": "http", "url": "http://127.0.0.1:8100/c", "timeout_s": 30},
+        {"name": "s", "kind": "signal", "service": "b", "signal": "SIGUSR1",
+         "done_file": "/nonexistent/d", "timeout_s": 3},
+        {"name": "c", "kind": "command", "command": ["/bin/true"]}],
+    "service": [
+        {"name": "a", "command": ["/bin/x", "{port}"], "port": 18001, "gpus": [0],
+         "numa": "auto", "env": {"A": "{port}"}, "models": ["m1"], "start": "always",
+         "vram_gb": 10, "exclusive": False, "metrics_url": "http://127.0.0.1:{port}/metrics",
+         "health": {"url": "http://127.0.0.1:{port}/health", "interval_s": 2, "timeout_s": 2,
+                    "failures": 3, "startup_timeout_s": 900},
+         "restart": {"policy": "always", "backoff_initial_s": 400, "backoff_max_s": 400,
+                     "max_restarts": 10, "window_s": 600},
+         "stop": {"signal": "SIGTERM", "timeout_s": 30},
+         "gate": {"listen": "127.0.0.1:19001", "max_concurrency": 4, "max_queue": 8,
+                  "backup": "b", "swap_port": 18101, "queue_timeout_s": 30,
+                  "header_timeout_s": 30, "body_timeout_s": 60, "send_timeout_s": 120,
+                  "max_connections": 100, "drain_timeout_s": 60, "stall_timeout_s": 300},
+         "probe": {"kind": "completion", "interval_s": 30, "timeout_s": 20, "failures": 3,
+                   "model": "m1", "endpoint": "chat"}},
+        {"name": "b", "command": ["/bin/y"], "port": 18002, "start": "on-demand",
+         "idle_stop_s": 60, "models": ["m2"]},
+    ],
+}
+# the same without GPUs: what only a sim backend allows is absent
+NO_GPU: dict[str, Any] = {
+    **FULL, "gpu": {"backend": "none"},
+    "service": [{k: v for k, v in FULL["service"][0].items() if k not in ("gpus", "vram_gb")},
+                FULL["service"][1]],
+}
+Path_ = tuple[str | int, ...]
+# optional keys the documents above leave out, with a value of their kind
+ABSENT: dict[Path_, Any] = {
+    ("supervisor", "control_group"): "", ("service", 0, "user"): "", ("service", 1, "numa"): 0,
+    ("power", "username"): "", ("power", "password_file"): "", ("gpu", "sysfs_root"): "",
+    ("service", 1, "gate"): {}, ("service", 1, "health"): {}, ("service", 0, "bogus"): 0,
+}
+
+
+def key_paths(node: Any, prefix: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
+    """Every key of a document, with its value (a table in an array counts as a key)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield (*prefix, k), v
+            yield from key_paths(v, (*prefix, k))
+    elif isinstance(node, list) and node and all(isinstance(x, dict) for x in node):
+        for i, v in enumerate(node):
+            yield (*prefix, i), v
+            yield from key_paths(v, (*prefix, i))
+
+
+def path_text(path: Path_) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+def put(doc: dict[str, Any], path: Path_, value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(doc)
+    node: Any = doc
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    return doc
+
+
+def build_problems(doc: dict[str, Any]) -> list[str]:
+    try:
+        build_config(doc, "cfg.toml")
+    except ConfigError as exc:
+        return one_line_problems(exc)
+    return []
+
+
+def test_the_full_documents_are_valid() -> None:
+    assert build_problems(FULL) == [] and build_problems(NO_GPU) == []
+
+
+def _wrong_type_cases() -> Iterator[tuple[str, dict[str, Any], Path_, Any]]:
+    wrong = [dt.date(1979, 5, 27), dt.time(7, 32), dt.datetime(1979, 5, 27, 7, 32),
+             dt.datetime(1979, 5, 27, 7, 32, tzinfo=dt.UTC), {"x": 1}, [dt.date(1979, 1, 1)]]
+    for name, base in (("full", FULL), ("no-gpu", NO_GPU)):
+        for path, orig in [*key_paths(base), *ABSENT.items()]:
+            for value in wrong:
+                if isinstance(value, type(orig)) and isinstance(value, (dict, list)):
+                    continue  # a table for a table, an array for an array: not a wrong type
+                yield name, base, path, value
+
+
+@pytest.mark.parametrize(("base", "path", "value"), [
+    pytest.param(base, path, value, id=f"{name}:{path_text(path)}={type(value).__name__}")
+    for name, base, path, value in _wrong_type_cases()])
+def test_a_wrong_type_in_any_key_is_one_error_for_that_key(
+        base: dict[str, Any], path: Path_, value: Any) -> None:
+    """A date, a time, a table or an array where something else goes, in any key: exactly one
+    error, for that key; nothing that depends on it (a default standing in for it) follows."""
+    found = build_problems(put(base, path, value))
+    where = path_text(path)
+    assert len(found) == 1 and found[0].startswith((f"{where}: ", f"{where}[")), found
+
+
+def test_a_date_as_a_port_is_one_error() -> None:
+    found = problems("[[service]]\nname = 'a'\ncommand = ['x', '{port}']\n"
+                     "port = 1979-05-27\n[service.probe]\nkind = 'completion'\n")
+    assert found == ["service[0].port: must be an integer, not a date"], found
+
+
+def _numeric_keys() -> Iterator[Path_]:
+    for path, orig in key_paths(FULL):
+        if isinstance(orig, (int, float)) and not isinstance(orig, bool):
+            yield path
+    yield from [("thermal", "warn_c"), ("thermal", "resume_c"), ("service", 1, "numa")]
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=path_text(p)) for p in _numeric_keys()])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, 1e308, -1e308, 10**400,
+                                   -(10**400), 16**5000],
+                         ids=["inf", "-inf", "nan", "1e308", "-1e308", "10^400", "-10^400",
+                              "16^5000"])
+def test_huge_and_non_finite_numbers_in_every_numeric_key(path: Path_, value: Any) -> None:
+    """No crash (OverflowError, ValueError of str()), one short error naming the key; an
+    integer too long to print is described by its size."""
+    found = build_problems(put(FULL, path, value))
+    where = path_text(path)
+    assert len(found) == 1 and found[0].startswith(f"{where}: "), found
+    if value == 16**5000:
+        assert "an integer of about 6021 digits" in found[0], found
+
+
+def test_an_integer_too_long_to_read_names_the_key_and_the_line(tmp_path: Path) -> None:
+    digits = "1" * 4301
+    path = tmp_path / "c.toml"
+    path.write_text(f"[[service]]\nname = 'a'\ncommand = ['x']\nport = {digits}\n")
+    code, out, err = run_check(path)
+    assert code == 1 and not out, err
+    assert err.splitlines()[0] == ("llm-supervisor: config error: service[0].port: line 4: an "
+                                   "integer of 4301 digits is too large (at most 4300 digits)")
+    assert all(ERROR_LINE.match(line) for line in err.splitlines()), err
+    # start: the same, exit 1 (not an internal error, exit 2)
+    r = subprocess.run([sys.executable, "-m", "supervisord_llm", "--config", str(path)],
+                       capture_output=True, text=True, check=False, timeout=60)
+    assert r.returncode == 1 and "service[0].port: line 4: an integer" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    # in an inline table, in an array over two lines, with underscores, negative, and one in
+    # a string or a comment that is not an integer at all
+    found = problems(f"# {digits}\n[[service]]\nname = '{digits}'\ncommand = ['x']\n"
+                     f"env = {{ A = 'x', B = -{digits} }}\ngpus = [0,\n  {'1_' * 4400}1]\n")
+    assert found == [
+        "service[0].env.B: line 5: an integer of 4301 digits is too large (at most 4300 "
+        "digits)",
+        "service[0].gpus[1]: line 7: an integer of 4401 digits is too large (at most 4300 "
+        "digits)"], found
+    # a syntax error after it: the line still
+    found = problems(f"x = {digits}\n[service]]\n")
+    assert found == ["cfg.toml: line 1: an integer of 4301 digits is too large (at most 4300 "
+                     "digits)"], found
+    # written in hex it can be read, and is judged like any other value
+    found = problems(f"[[service]]\nname = 'a'\ncommand = ['x']\nport = 0x{'f' * 5000}\n")
+    assert found == ["service[0].port: must be <= 65535 (got an integer of about 6021 "
+                     "digits)"], found
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n", "# only\n# comments\n", "\ufeff# bom\n"])
+def test_an_empty_config_is_refused_at_start_check_and_reload(tmp_path: Path, text: str
+                                                              ) -> None:
+    """One rule: a file with no settings at all is refused by --check, at start (exit 1) and
+    by a reload, whatever runs (it used to start, then be refused on reload)."""
+    from supervisord_llm import daemon as daemon_mod
+    from supervisord_llm.errors import ControlError
+
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    expect = f"{path}: no settings at all (no [[service]], no section"
+    code, out, err = run_check(path)
+    assert code == 1 and not out and expect in err, err
+    r = subprocess.run([sys.executable, "-m", "supervisord_llm", "--config", str(path)],
+                       capture_output=True, text=True, check=False, timeout=60)
+    assert r.returncode == 1 and expect in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    dm = daemon_mod.Daemon(str(path), daemon_mod.Overrides())
+    with pytest.raises(ControlError) as info:
+        asyncio.run(dm._load_for_reload())
+    assert info.value.code == "config_error" and expect in info.value.message
+    # a section, even empty, is a config (without services: the GPUs watched)
+    path.write_text(text + "[gpu]\nbackend = 'none'\n")
+    assert run_check(path)[0] == 0
+
+
+def test_a_state_dir_that_is_not_a_directory_is_a_config_error(tmp_path: Path) -> None:
+    """--check can tell, so it is a configuration error (exit 1) at --check and at start,
+    for the key and for --state-dir; one that cannot be created for want of permission is
+    left to the start (exit 2)."""
+    from supervisord_llm.daemon import lock_state_dir
+    from supervisord_llm.errors import StartupError
+
+    plain = tmp_path / "file"
+    plain.write_text("")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    cases = [(fifo, f"'{fifo}' exists and is not a directory: it is a FIFO (named pipe)"),
+             (plain, f"'{plain}' exists and is not a directory: it is a regular file"),
+             (plain / "sub", f"'{plain}', above it, exists and is not a directory: it is a "
+                             "regular file"),
+             (dangling, f"'{dangling}' is a symbolic link to nothing")]
+    path = tmp_path / "c.toml"
+    for state_dir, why in cases:
+        path.write_text(toml_dumps({"supervisor": {"state_dir": str(state_dir)},
+                                    "gpu": {"backend": "none"}}))
+        code, _out, err = run_check(path)
+        assert code == 1 and f"config error: supervisor.state_dir: {why}\n" in err, err
+        r = subprocess.run([sys.executable, "-m", "supervisord_llm", "--config", str(path)],
+                           capture_output=True, text=True, check=False, timeout=60)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr == f"<3>llm-supervisor: config error: supervisor.state_dir: {why}\n"
+        path.write_text(toml_dumps({"gpu": {"backend": "none"}}))
+        code, _out, err = run_check_with(path, "--state-dir", str(state_dir))
+        assert code == 1 and f"config error: --state-dir: {why}\n" in err, err
+        # made so after the config was read: the start says the same (exit 2: a race)
+        with pytest.raises(StartupError, match=r"exists and is not a directory|to nothing"):
+            lock_state_dir(str(state_dir))
+    assert fifo.exists() and plain.read_text() == ""  # nothing was written
+
+
+def run_check_with(path: Path, *args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = daemon_main(["--config", str(path), "--check", *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_listen_addresses_one_rule_for_check_and_start() -> None:
+    """An IPv4-mapped IPv6 address is its IPv4 address (binding the mapped form fails); a
+    bracket holds an IPv6 address, a host without one an IPv4 address or a name: what --check
+    accepts, every listener binds."""
+    assert parse_listen("[::ffff:127.0.0.1]:9468") == Listen("127.0.0.1", 9468)
+    assert parse_listen("[::FFFF:7f00:1]:9468") == Listen("127.0.0.1", 9468)
+    assert parse_listen("[::1]:9468") == Listen("::1", 9468)
+    assert parse_listen("localhost:1") == Listen("localhost", 1)
+    mapped = "[::ffff:127.0.0.1]:{}"
+    doc = {"metrics": {"listen": mapped.format(19468)}, "router": {"listen": mapped.format(19000)},
+           "service": [svc(port=18001, gate={"listen": mapped.format(19001)})]}
+    cfg = parse_config(toml_dumps(doc))
+    gate = cfg.services[0].gate
+    assert cfg.metrics.listen == Listen("127.0.0.1", 19468)
+    assert cfg.router is not None and cfg.router.listen == Listen("127.0.0.1", 19000)
+    assert gate is not None and gate.listen == Listen("127.0.0.1", 19001)
+    for text, why in [("[zzz]:1", "takes an IPv6 address, not 'zzz'"),
+                      ("[127.0.0.1]:1", "takes an IPv6 address, not '127.0.0.1'"),
+                      ("a b:1", "must be an IPv4 address or a host name, not 'a b'"),
+                      ("999.1.1.1:1", "must be an IPv4 address or a host name"),
+                      ("127.0.0.1:\u0663\u0663", "port must be 1-65535"),
+                      ("127.0.0.1:" + "9" * 5000, "port must be 1-65535")]:
+        cases: list[tuple[str, dict[str, Any]]] = [
+            ("metrics.listen", {"metrics": {"listen": text}}),
+            ("router.listen", {"router": {"listen": text}}),
+            ("service[0].gate.listen", {"service": [svc(port=18001, gate={"listen": text})]})]
+        for key, bad in cases:
+            found = problems(bad)
+            assert len(found) == 1 and found[0].startswith(f"{key}: ") and why in found[0], found
+
+
+# --- hypothesis: random TOML values in random keys of a full document -----------------------
+
+toml_values = st.recursive(
+    st.one_of(
+        st.sampled_from([math.inf, -math.inf, math.nan, 1e308, 10**400, -(10**400), 2**64]),
+        st.booleans(), st.integers(), st.integers(min_value=-(10**400), max_value=10**400),
+        st.floats(), st.text(max_size=12),
+        st.sampled_from(["", "auto", "none", "sim", "{port}", "{nope}", "slowdown-4", "/tmp/x",
+                         "127.0.0.1:9000", "[::ffff:127.0.0.1]:1", "b", "GPU-1", "SIGKILL",
+                         "on-demand", "http://127.0.0.1:{port}/h", "0000:41:00.0"]),
+        st.dates(), st.times(), st.datetimes(min_value=dt.datetime(1, 1, 2)),
+        st.datetimes(min_value=dt.datetime(1, 1, 2), timezones=st.just(dt.UTC)),
+    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.sampled_from(["x", "name", "listen", "kind",
+                                                             "port", "url"]),
+                                            inner, max_size=3)),
+    max_leaves=8,
+)
+ALL_KEYS = sorted({p for p, _ in key_paths(FULL)} | set(ABSENT), key=path_text)
+
+
+def _disjoint(paths: list[Path_]) -> bool:
+    return not any(i != j and b[:len(a)] == a
+                   for i, a in enumerate(paths) for j, b in enumerate(paths))
+
+
+mutations = st.lists(st.tuples(st.sampled_from(ALL_KEYS), toml_values), min_size=1,
+                     max_size=3).filter(lambda m: _disjoint([p for p, _ in m]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(changes=mutations)
+@example(changes=[(("thermal", "warn_c"), 10**400)])  # an OverflowError, exit 2, once
+@example(changes=[(("service", 0, "gpus"), [2**64]), (("gpu", "sim", 0, "numa_node"), math.nan)])
+def test_random_values_in_random_keys_give_exit_0_or_1(changes: list[tuple[Path_, Any]]
+                                                       ) -> None:
+    """Any TOML values in any keys of a full config, through --check: exit 0, or exit 1 with
+    one line per problem naming a key; never a traceback or an internal error (exit 2)."""
+    import tempfile
+
+    doc = FULL
+    for path, value in changes:
+        doc = put(doc, path, value)
+    with tempfile.TemporaryDirectory() as d:
+        file = Path(d) / "c.toml"
+        file.write_text(toml_dumps(doc))
+        code, out, err = run_check(file)
+    assert code in (0, 1), err
+    assert all(ERROR_LINE.match(line) for line in err.splitlines()), err
+    assert (code == 0) == ("ok" in out) and "Traceback" not in err
+
+
+wrong_values = st.one_of(
+    st.dates(), st.times(), st.datetimes(min_value=dt.datetime(1, 1, 2)),
+    st.datetimes(min_value=dt.datetime(1, 1, 2), timezones=st.just(dt.UTC)))
+wrong_changes = st.lists(st.tuples(st.sampled_from(ALL_KEYS), wrong_values), min_size=1,
+                         max_size=4).filter(lambda m: _disjoint([p for p, _ in m]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(changes=wrong_changes)
+def test_dates_and_times_in_random_keys_are_one_error_each(
+        changes: list[tuple[Path_, Any]]) -> None:
+    """Several keys of the wrong type at once (no key takes a date or a time): one error for
+    each of them, and nothing else."""
+    doc = FULL
+    for path, value in changes:
+        doc = put(doc, path, value)
+    found = build_problems(doc)
+    keys = sorted(p.split(": ", 1)[0] for p in found)
+    assert keys == sorted(path_text(p) for p, _ in changes), found

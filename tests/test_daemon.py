@@ -604,3 +604,21 @@ def test_the_descriptor_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
                    what="the raise logged")
         wait_until(lambda: "the gates may take 8256 connections but the limit is 4096"
                    in d.logtext(), 5, what="the warning about max_connections")
+
+
+def test_ipv4_mapped_listen_addresses_are_bound(tmp_path: Path) -> None:
+    """`[::ffff:127.0.0.1]:P`, which --check accepts, in every listen key (metrics, router,
+    gate): the daemon starts and answers on each (binding that IPv6 form used to fail, exit
+    2)."""
+    mapped = "[::ffff:127.0.0.1]:{}"
+    mport, rport, gport = free_port(), free_port(), free_port()
+    doc = base_config(tmp_path, [fake_service("alpha", free_port(),
+                                              gate={"listen": mapped.format(gport)})],
+                      router={"listen": mapped.format(rport)})
+    doc["metrics"]["listen"] = mapped.format(mport)
+    with running(tmp_path, doc) as d:
+        d.wait_state("alpha", "ready")
+        assert http_get(f"http://127.0.0.1:{mport}/healthz")[0] == 200
+        for port in (rport, gport):
+            code, body = http_get(f"http://127.0.0.1:{port}/v1/models")
+            assert code == 200 and '"object": "list"' in body, (port, code, body)

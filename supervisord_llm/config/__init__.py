@@ -12,6 +12,7 @@ from .rules import (
     parse_config,
     parse_listen,
     parse_signal,
+    state_dir_problem,
 )
 from .schema import (
     CHECKPOINT_KINDS,
@@ -103,4 +104,5 @@ __all__ = [
     "parse_listen",
     "parse_signal",
     "read_config_file",
+    "state_dir_problem",
 ]

@@ -4,11 +4,14 @@ with the key's path instead of stopping at the first. Knows nothing of the secti
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import math
 import os
 import re
 import reprlib
 import stat
+import sys
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -17,8 +20,27 @@ from ..errors import ConfigError
 MAX_CONFIG_BYTES: Final = 1024 * 1024  # a config file larger than 1 MB is refused
 MAX_MESSAGE_CHARS: Final = 300  # one problem, as printed and logged
 _BARE_KEY_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+_FLOAT_MAX: Final = sys.float_info.max
 
-_REPR = reprlib.Repr()
+
+class _Repr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:  # more digits than str() converts (sys.get_int_max_str_digits())
+            return f"an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits"
+
+    def repr_date(self, x: dt.date, level: int) -> str:  # TOML's dates and times
+        return f"a date ({x.isoformat()})"
+
+    def repr_time(self, x: dt.time, level: int) -> str:
+        return f"a time ({x.isoformat()})"
+
+    def repr_datetime(self, x: dt.datetime, level: int) -> str:
+        return f"a datetime ({x.isoformat()})"
+
+
+_REPR = _Repr()
 _REPR.maxstring = 100
 _REPR.maxother = 100
 _REPR.maxlong = 40
@@ -78,6 +100,7 @@ class Table:
     def __init__(self, data: object, path: str, problems: list[str]) -> None:
         self.path = path
         self.problems = problems
+        self._first = len(problems)  # the problems of its keys come after it is made
         self.ok = isinstance(data, dict)
         if not self.ok:
             problems.append(f"{path}: must be a table, not {type_name(data)}")
@@ -89,7 +112,15 @@ class Table:
         return f"{self.path}.{key}" if self.path else key
 
     def error(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.key_path(key)}: {message}")
+        if self.ok:  # in what is not a table, that is the one problem: nothing else is judged
+            self.problems.append(f"{self.key_path(key)}: {message}")
+
+    def failed(self, key: str) -> bool:
+        """Whether `key` (or anything in it) has a problem of its own: a check that depends on
+        its value is then skipped (it would only judge the default that stands in for it)."""
+        where = self.key_path(key)
+        return any(p.startswith(where) and p[len(where):len(where) + 1] in (":", ".", "[")
+                   for p in self.problems[self._first:])
 
     def has(self, key: str) -> bool:
         return key in self.data
@@ -163,6 +194,9 @@ class Table:
         if maximum is not None and value > maximum:
             self.error(key, f"must be <= {maximum:g} (got {short(value)})")
             return default
+        if not integer and not -_FLOAT_MAX <= value <= _FLOAT_MAX:  # an integer no float holds
+            self.error(key, f"is too large for a number (got {short(value)})")
+            return default
         return value if integer else float(value)
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -216,7 +250,7 @@ class Table:
             yield Table(item, f"{self.key_path(key)}[{i}]", self.problems)
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
     for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR,
                        "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISSOCK, "a socket")):
@@ -228,7 +262,7 @@ def _file_kind(mode: int) -> str:
 def _refuse(p: str, mode: int, what: str) -> ConfigError:
     if stat.S_ISDIR(mode):
         return config_error([f"{p}: is a directory, not a {what} file"])
-    return config_error([f"{p}: is {_file_kind(mode)}, not a regular file: a {what} must be "
+    return config_error([f"{p}: is {file_kind(mode)}, not a regular file: a {what} must be "
                          "a regular file"])
 
 
@@ -274,3 +308,59 @@ def read_config_file(path: str | os.PathLike[str], what: str = "config") -> byte
     if size > MAX_CONFIG_BYTES:
         raise _too_large(p, what)
     return b"".join(chunks)
+
+
+# An integer of more digits than Python converts (sys.get_int_max_str_digits(), 4300 by
+# default): tomllib raises a bare ValueError without a position. The decimal integers outside
+# comments and strings are found here, each too long one is put back as a marker, and the
+# document is parsed again to learn the key each one is the value of.
+_TOML_TOKEN_RE: Final = re.compile(
+    r'(?P<skip>#[^\n]*|"""(?:\\.|[^\\])*?"""|\'\'\'.*?\'\'\'|"(?:\\.|[^"\\\n])*"|\'[^\'\n]*\')'
+    r"|(?<![\w.+-])(?P<int>[+-]?[0-9](?:_?[0-9])*)(?![\w.:+-]|[ \t]*=)",
+    re.DOTALL,
+)
+
+
+def _key_paths(node: object, path: str, wanted: dict[int, int]) -> Iterator[tuple[int, str]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _key_paths(value, f"{path}.{key_text(key)}" if path else key_text(key),
+                                  wanted)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _key_paths(value, f"{path}[{i}]", wanted)
+    elif type(node) is int and node in wanted:
+        yield wanted[node], path
+
+
+def long_integers(text: str, where: str, exc: ValueError) -> list[str]:
+    """Problems for the integers in TOML `text` too long to read, each named by its key's path
+    and line (what tomllib's ValueError `exc` says, when none is found)."""
+    import tomllib
+
+    limit = sys.get_int_max_str_digits()
+    found: list[tuple[int, int, int, int]] = []  # (start, end, digits, line)
+    for m in _TOML_TOKEN_RE.finditer(text):
+        token = m.group("int")
+        if token is None:
+            continue
+        digits = sum(c.isdigit() for c in token)
+        if limit and digits > limit:
+            found.append((m.start(), m.end(), digits, text.count("\n", 0, m.start()) + 1))
+    if not found:
+        return [f"{where}: cannot be read: {exc}"]
+    marker = 7 * 10**30  # values no key of this document holds
+    while any(str(marker + i) in text for i in range(len(found))):
+        marker += 10**29
+    wanted = {marker + i: i for i in range(len(found))}
+    parts, last = [], 0
+    for i, (start, end, _digits, _line) in enumerate(found):
+        parts += [text[last:start], str(marker + i)]
+        last = end
+    paths: dict[int, str] = {}
+    # a syntax error further on (or nesting too deep): the line is all there is to say
+    with contextlib.suppress(ValueError, RecursionError):
+        paths = dict(_key_paths(tomllib.loads("".join(parts) + text[last:]), "", wanted))
+    return [f"{paths.get(i, where)}: line {line}: an integer of {digits} digits is too large "
+            f"(at most {limit} digits)"
+            for i, (_s, _e, digits, line) in enumerate(found)]

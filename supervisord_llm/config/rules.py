@@ -6,8 +6,8 @@ unknown GPU in `service[i].gpus`) are made by `plan.resolve_plan`, in the same f
 from __future__ import annotations
 
 import codecs
+import ipaddress
 import itertools
-import math
 import os
 import pwd
 import re
@@ -22,7 +22,9 @@ from .reader import (
     MISSING,
     Table,
     config_error,
+    file_kind,
     key_text,
+    long_integers,
     one_line,
     read_config_file,
     short,
@@ -70,22 +72,38 @@ _PCI_RE: Final = re.compile(r"^(?:([0-9A-Fa-f]{4,8}):)?([0-9A-Fa-f]{2}):([0-9A-F
 # "slowdown", "slowdown-4", "shutdown-2.5": at or below the GPU's own threshold, no spaces
 _THRESHOLD_RE: Final = re.compile(r"^(slowdown|shutdown)(?:-(\d+(?:\.\d+)?))?$")
 _PLACEHOLDER_RE: Final = re.compile(r"\{([A-Za-z_]*)\}")
+# a listener's host without brackets: a dotted IPv4 address, or a name (labels of letters,
+# digits, '-', '_', with a letter somewhere: all-numeric labels must make an IPv4 address)
+_HOST_RE: Final = re.compile(r"^(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+                             r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)$"
+                             r"|^(?=.*[A-Za-z])[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?$")
 PLACEHOLDERS: Final = ("port", "gpu_uuids")
 
 
 def parse_listen(text: str) -> Listen:
-    """`host:port`, `[v6]:port`; raises ValueError with a readable message."""
+    """`host:port`, `[v6]:port`; raises ValueError with a readable message. An IPv4-mapped
+    IPv6 address (`[::ffff:127.0.0.1]:P`) is its IPv4 address: a socket bound to one accepts
+    only IPv4 connections to it, and binding that IPv6 form fails."""
     if text.startswith("["):
         host, sep, port_text = text[1:].partition("]:")
         if not sep:
             raise ValueError(f"expected [ADDRESS]:PORT, got {short(text)}")
+        try:
+            v6 = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"[ADDRESS]:PORT takes an IPv6 address, not {short(host)} (write "
+                             "an IPv4 address or a host name without brackets)") from None
+        host = str(v6.ipv4_mapped) if v6.ipv4_mapped is not None else host
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or ":" in host:
             raise ValueError(f"expected HOST:PORT, got {short(text)}")
     if not host:
         raise ValueError(f"missing host in {short(text)}")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not text.startswith("[") and not _HOST_RE.match(host):
+        raise ValueError(f"the host must be an IPv4 address or a host name, not {short(host)}")
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) \
+            or not 0 < int(port_text) < 65536:
         raise ValueError(f"port must be 1-65535, got {short(port_text)}")
     return Listen(host, int(port_text))
 
@@ -116,7 +134,7 @@ def _threshold(table: Table, key: str, default: Threshold) -> Threshold:
     if value is MISSING:
         return default
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value) or not -50 <= value <= 150:
+        if not -50 <= value <= 150:  # nan and inf too, and integers no float holds
             table.error(key, f"must be between -50 and 150 Celsius (got {short(value)})")
             return default
         return Threshold(None, float(value))
@@ -159,9 +177,11 @@ def _placeholders_ok(table: Table, key: str, values: tuple[str, ...], has_port: 
 
 def _supervisor(root: Table) -> SupervisorSection:
     t = root.table("supervisor")
-    if t is None:
-        return SupervisorSection()
     d = SupervisorSection()
+    if t is None:
+        if (why := state_dir_problem(d.state_dir)) is not None:  # the default's, the same rule
+            root.problems.append(f"supervisor.state_dir: {why}")
+        return d
     sock = t.string("control_socket", d.control_socket)
     if not os.path.isabs(sock):
         t.error("control_socket", f"must be an absolute path (got {short(sock)})")
@@ -181,9 +201,44 @@ def _supervisor(root: Table) -> SupervisorSection:
     if not os.path.isabs(state_dir):
         t.error("state_dir", f"must be an absolute path (got {short(state_dir)})")
         state_dir = d.state_dir
+    elif not t.failed("state_dir") and (why := state_dir_problem(state_dir)) is not None:
+        t.error("state_dir", why)
     log_format = t.string("log_format", d.log_format, choices=LOG_FORMATS)
     t.finish()
     return SupervisorSection(sock, group, state_dir, log_format)
+
+
+def state_dir_problem(path: str) -> str | None:
+    """What keeps `path` from being the state directory, as far as the file system tells
+    without writing: it, or a directory above it, exists and is not a directory. None when it
+    is one or can be created (whether it may be is for the start to find: exit 2)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (f"{short(path)} is a symbolic link to nothing" if os.path.islink(path)
+                else None)
+    except NotADirectoryError:
+        parent = os.path.dirname(path)
+        while parent != os.path.dirname(parent):
+            try:
+                st = os.stat(parent)
+            except OSError:
+                parent = os.path.dirname(parent)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                return (f"{short(parent)}, above it, exists and is not a directory: it is "
+                        f"{_kind(st.st_mode)}")
+            break
+        return f"{short(path)}: a directory above it is not a directory"
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{short(path)} exists and is not a directory: it is {_kind(st.st_mode)}"
+    return None
+
+
+def _kind(mode: int) -> str:
+    return "a regular file" if stat.S_ISREG(mode) else file_kind(mode)
 
 
 def _metrics(root: Table) -> MetricsSection:
@@ -212,18 +267,20 @@ def _sim_gpu(t: Table) -> SimGpu | None:
         t.error("pci_bus_id", f'must look like "00000000:41:00.0" (got {short(pci)})')
     numa = t.number("numa_node", d.numa_node, integer=True, minimum=-1, maximum=1023)
     vendor = t.string("vendor", d.vendor, choices=("nvidia", "amd"))
-    mem = t.number("memory_total_bytes", d.memory_total_bytes, integer=True, above=0)
+    mem = t.number("memory_total_bytes", d.memory_total_bytes, integer=True, above=0,
+                   maximum=10**15)
     dpl = t.number("default_power_limit_w", d.default_power_limit_w, above=0, maximum=5000)
     mpl = t.number("min_power_limit_w", min(d.min_power_limit_w, dpl), above=0, maximum=5000)
     xpl = t.number("max_power_limit_w", None, above=0, maximum=5000)
     slow = t.number("slowdown_c", d.slowdown_c, minimum=20, maximum=150)
     shut = t.number("shutdown_c", d.shutdown_c, minimum=20, maximum=150)
     t.finish()
-    if mpl > dpl:
+    ok = not t.failed("default_power_limit_w")
+    if mpl > dpl and ok and not t.failed("min_power_limit_w"):
         t.error("min_power_limit_w", f"must be <= default_power_limit_w ({dpl:g})")
-    if xpl is not None and xpl < dpl:
+    if xpl is not None and xpl < dpl and ok:
         t.error("max_power_limit_w", f"must be >= default_power_limit_w ({dpl:g})")
-    if shut < slow:
+    if shut < slow and not t.failed("slowdown_c") and not t.failed("shutdown_c"):
         t.error("shutdown_c", f"must be >= slowdown_c ({slow:g})")
     if not isinstance(uuid, str):
         return None
@@ -254,7 +311,9 @@ def _gpu(root: Table) -> GpuSection:
         if sim is not None:
             sims.append(sim)
     t.finish()
-    if backend == "sim":
+    if t.failed("backend"):
+        pass  # what is used with which backend cannot be judged
+    elif backend == "sim":
         if not t.has("sim"):
             t.error("sim", 'backend = "sim" needs at least one [[gpu.sim]] table')
         seen: dict[str, int] = {}
@@ -271,11 +330,12 @@ def _gpu(root: Table) -> GpuSection:
                     )
                 seen[tag] = i
     else:
-        if t.has("sim"):
+        if t.has("sim") and not t.failed("sim"):
             t.error("sim", f'[[gpu.sim]] is only used with backend = "sim" (not {short(backend)})')
         if state_file is not None:
             t.error("sim_state_file", f'is only used with backend = "sim" (not {short(backend)})')
-    if t.has("sysfs_root") and backend not in ("amd-sysfs", "auto"):
+    if t.has("sysfs_root") and backend not in ("amd-sysfs", "auto") \
+            and not t.failed("backend") and not t.failed("sysfs_root"):
         t.error("sysfs_root", 'is only used by the AMD sysfs backend (backend = "amd-sysfs" '
                 f'or "auto"), not with {short(backend)}')
     return GpuSection(backend, poll, call_timeout, state_file, tuple(sims),
@@ -304,6 +364,8 @@ def _thermal(root: Table) -> ThermalSection:
     chain = (("resume_c", resume), ("warn_c", warn), ("throttle_c", throttle),
              ("critical_c", critical))
     for (lo_key, lo), (hi_key, hi) in itertools.combinations(chain, 2):
+        if t.failed(lo_key) or t.failed(hi_key):
+            continue
         same = lo.base == hi.base
         proven = lo.base == "shutdown" and hi.base == "slowdown"
         if (same or proven) and lo.offset > hi.offset:
@@ -440,15 +502,20 @@ def _checkpoint(t: Table) -> Checkpoint | None:
         done_file = t.string("done_file", None)
         if done_file is not None and not os.path.isabs(done_file):
             t.error("done_file", f"must be an absolute path (got {short(done_file)})")
+    elif t.failed("kind"):  # which keys go with it cannot be judged
+        for key in ("url", "command", "service", "signal", "done_file"):
+            t.raw(key)
     t.finish()
     if not isinstance(name, str) or not isinstance(kind, str):
         return None
-    return Checkpoint(name, cast(CheckpointKind, kind), url, command or (), service, sig,
-                      done_file, timeout)
+    # a key with a problem stands as absent (its default would be MISSING)
+    return Checkpoint(name, cast(CheckpointKind, kind), url if isinstance(url, str) else None,
+                      command if isinstance(command, tuple) else (),
+                      service if isinstance(service, str) else None, sig, done_file, timeout)
 
 
-def _health(t: Table | None, port: int | None) -> HealthSection:
-    default_url = "http://127.0.0.1:{port}/health" if port is not None else None
+def _health(t: Table | None, has_port: bool) -> HealthSection:
+    default_url = "http://127.0.0.1:{port}/health" if has_port else None
     if t is None:
         return HealthSection(url=default_url)
     url = t.string("url", default_url)
@@ -456,7 +523,7 @@ def _health(t: Table | None, port: int | None) -> HealthSection:
         if not url.startswith(("http://", "https://")):
             t.error("url", f"must be an http:// or https:// URL (got {short(url)})")
         else:
-            _placeholders_ok(t, "url", (url,), port is not None)
+            _placeholders_ok(t, "url", (url,), has_port)
     elif url is None and t.ok:
         t.problems.append(
             f"{t.path}: a health check needs `url` (or a `port` for the default "
@@ -482,7 +549,8 @@ def _restart(t: Table | None) -> RestartSection:
                             maximum=1_000_000)
     window = t.number("window_s", d.window_s, above=0, maximum=30 * 86400)
     t.finish()
-    if maximum < initial:
+    if maximum < initial and not t.failed("backoff_initial_s") \
+            and not t.failed("backoff_max_s"):
         t.error("backoff_max_s", f"must be >= backoff_initial_s ({initial:g})")
     return RestartSection(policy, initial, maximum, max_restarts, window)
 
@@ -536,7 +604,7 @@ def _gate(t: Table | None, has_router: bool) -> GateSection | None:
                        max_conn, drain_t, stall_t)
 
 
-def _probe(t: Table | None, port: int | None) -> ProbeSection | None:
+def _probe(t: Table | None, has_port: bool) -> ProbeSection | None:
     if t is None:
         return None
     d = ProbeSection()
@@ -548,7 +616,7 @@ def _probe(t: Table | None, port: int | None) -> ProbeSection | None:
     if isinstance(model, str) and (len(model) > 256 or not model.isprintable()):
         t.error("model", f"must be 1-256 printable characters (got {short(model)})")
     endpoint = t.string("endpoint", d.endpoint, choices=PROBE_ENDPOINTS)
-    if port is None and t.ok:
+    if not has_port and t.ok:
         t.problems.append(f"{t.path}: a generation probe needs the service's `port` (it "
                           "sends its request to http://127.0.0.1:{port})")
     t.finish()
@@ -558,8 +626,8 @@ def _probe(t: Table | None, port: int | None) -> ProbeSection | None:
                         cast(ProbeEndpoint, endpoint))
 
 
-def _metrics_url(t: Table, port: int | None) -> str | None:
-    default = "http://127.0.0.1:{port}/metrics" if port is not None else None
+def _metrics_url(t: Table, has_port: bool) -> str | None:
+    default = "http://127.0.0.1:{port}/metrics" if has_port else None
     url = t.string("metrics_url", default, allow_empty=True)
     if not isinstance(url, str) or not url:
         return None  # "" turns it off
@@ -567,7 +635,7 @@ def _metrics_url(t: Table, port: int | None) -> str | None:
         t.error("metrics_url", f"must be an http:// or https:// URL, or \"\" for none (got "
                 f"{short(url)})")
         return None
-    _placeholders_ok(t, "metrics_url", (url,), port is not None)
+    _placeholders_ok(t, "metrics_url", (url,), has_port)
     try:  # with the placeholders filled in as they will be
         parts = urlsplit(url.replace("{port}", "1").replace("{gpu_uuids}", "x"))
         if not parts.hostname or parts.port == 0:
@@ -582,7 +650,7 @@ def _gpu_ref(value: object) -> int | str | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value >= 0 else None
+        return value if 0 <= value <= 65535 else None
     if isinstance(value, str):
         if _UUID_RE.match(value):
             return value
@@ -591,12 +659,12 @@ def _gpu_ref(value: object) -> int | str | None:
     return None
 
 
-def _models(t: Table, name: object, port: int | None,
+def _models(t: Table, name: object, has_port: bool,
             has_gate: bool) -> tuple[str, ...] | None:
     """The model names a service serves behind the router (default: its name)."""
     raw = t.raw("models")
     if raw is MISSING:
-        return (name,) if isinstance(name, str) and port is not None else ()
+        return (name,) if isinstance(name, str) and has_port else ()
     models = t.string_list("models")
     if not isinstance(models, tuple):
         return None
@@ -616,33 +684,34 @@ def _models(t: Table, name: object, port: int | None,
         seen.add(model)
     if not good:
         return None
-    if port is None and not has_gate:
+    if not has_port and not has_gate:
         t.error("models", "the router sends requests to the service's `port`: give it one")
         return None
     return models
 
 
 def _demand(t: Table, has_router: bool, has_gate: bool, gpus: list[int | str],
-            port: int | None) -> tuple[str, float | None, float | None, bool]:
+            has_port: bool) -> tuple[str, float | None, float | None, bool]:
     """`start`, `idle_stop_s`, `vram_gb`, `exclusive`."""
     start = t.string("start", "always", choices=START_MODES)
     idle = t.number("idle_stop_s", None, above=0, maximum=30 * 86400)
     vram = t.number("vram_gb", None, above=0, maximum=1_000_000)
     exclusive = t.boolean("exclusive", False)
     if start == "on-demand":
-        if port is None:
+        if not has_port:
             t.error("start", "an on-demand service needs a `port` (its requests come "
                     "through a gate or the router)")
         elif not has_gate and not has_router:
             t.error("start", "an on-demand service is started by its first request: give "
                     "it a [service.gate] or add a [router] section")
-    elif idle is not None:
+    elif idle is not None and not t.failed("start"):
         t.error("idle_stop_s", 'only an on-demand service (start = "on-demand") is stopped '
                 "when idle")
-    if vram is not None and not gpus:
+    gpus_named = bool(gpus) or t.failed("gpus")
+    if vram is not None and not gpus_named:
         t.error("vram_gb", "is what the service needs on each of its GPUs: name them in "
                 "`gpus`")
-    if exclusive and not gpus:
+    if exclusive and not gpus_named:
         t.error("exclusive", "reserves the service's GPUs: name them in `gpus`")
     return (start if isinstance(start, str) else "always"), idle, vram, exclusive
 
@@ -652,12 +721,14 @@ def _service(t: Table, warnings: list[str], has_router: bool = False) -> Service
     if isinstance(name, str) and not _NAME_RE.match(name):
         t.error("name", f"must be 1-63 letters, digits, '_', '.', '-' (got {short(name)})")
     port = t.number("port", None, integer=True, minimum=1, maximum=65535)
+    # a port with a problem of its own stands as given for what needs one ({port}, probe...)
+    has_port = port is not None or t.failed("port")
     command = t.string_list("command", allow_empty=False)
     if isinstance(command, tuple) and command and not command[0].strip():
         t.error("command", "the program (the first item) must not be empty")
         command = None
     if isinstance(command, tuple):
-        _placeholders_ok(t, "command", command, port is not None)
+        _placeholders_ok(t, "command", command, has_port)
     gpus: list[int | str] = []
     raw_gpus = t.raw("gpus")
     if raw_gpus is not MISSING:
@@ -669,7 +740,7 @@ def _service(t: Table, warnings: list[str], has_router: bool = False) -> Service
                 ref = _gpu_ref(item)
                 if ref is None:
                     t.problems.append(
-                        f"{t.key_path('gpus')}[{i}]: must be a GPU index (>= 0), a UUID "
+                        f"{t.key_path('gpus')}[{i}]: must be a GPU index (0-65535), a UUID "
                         f'("GPU-...") or a PCI bus id ("0000:41:00.0"), not {short(item)}'
                     )
                 elif ref in gpus:
@@ -712,18 +783,19 @@ def _service(t: Table, warnings: list[str], has_router: bool = False) -> Service
                     t.problems.append(f"{where}: must not contain NUL characters")
                 else:
                     env.append((key, value))
-            _placeholders_ok(t, "env", tuple(v for _, v in env), port is not None)
-    health = _health(t.table("health"), port)
+            _placeholders_ok(t, "env", tuple(v for _, v in env), has_port)
+    health = _health(t.table("health"), has_port)
     restart = _restart(t.table("restart"))
     stop = _stop(t.table("stop"))
     gate = _gate(t.table("gate"), has_router)
-    probe = _probe(t.table("probe"), port)
-    metrics_url = _metrics_url(t, port)
-    models = _models(t, name, port, gate is not None) if has_router or t.has("models") else ()
+    has_gate = gate is not None or t.failed("gate")
+    probe = _probe(t.table("probe"), has_port)
+    metrics_url = _metrics_url(t, has_port)
+    models = (_models(t, name, has_port, has_gate) if has_router or t.has("models") else ())
     if t.has("models") and not has_router:
         t.error("models", "names the service's models for the router: add a [router] "
                 "section")
-    start, idle, vram, exclusive = _demand(t, has_router, gate is not None, gpus, port)
+    start, idle, vram, exclusive = _demand(t, has_router, has_gate, gpus, has_port)
     t.finish()
     if not isinstance(name, str) or not isinstance(command, tuple) or models is None:
         return None
@@ -773,10 +845,11 @@ def _error_paths(problems: list[str]) -> set[str]:
 
 
 def _cross_checks(cfg: Config, services: list[tuple[int, ServiceConfig]],
-                  checkpoints: list[tuple[int, Checkpoint]], declared: set[str],
+                  checkpoints: list[tuple[int, Checkpoint]], declared: set[str] | None,
                   problems: list[str]) -> None:
     """Checks across fields, over what could be built. `services` and `checkpoints` keep their
-    index in the file; `declared` holds every service name given, built or not. A check that
+    index in the file; `declared` holds every service name given, built or not (None: one of
+    them has a problem of its own, so no name is known to be missing). A check that
     involves a field with a problem of its own is skipped (it would only repeat it)."""
     bad = _error_paths(problems).__contains__
     names: dict[str, int] = {}
@@ -829,13 +902,14 @@ def _cross_checks(cfg: Config, services: list[tuple[int, ServiceConfig]],
         if svc.gate is not None and svc.gate.backup is not None:
             if svc.gate.backup == svc.name:
                 problems.append(f"service[{i}].gate.backup: a service cannot back itself up")
-            elif svc.gate.backup not in declared:
+            elif declared is not None and svc.gate.backup not in declared:
                 problems.append(
                     f"service[{i}].gate.backup: no service named {short(svc.gate.backup)}")
         if cfg.gpu.backend == "none" and svc.gpus and not bad("gpu.backend"):
             problems.append(f'service[{i}].gpus: gpu.backend is "none", so no GPU can be named')
     for i, cp in checkpoints:
-        if cp.kind == "signal" and cp.service is not None and cp.service not in declared:
+        if cp.kind == "signal" and cp.service is not None and declared is not None \
+                and cp.service not in declared:
             problems.append(f"checkpoint[{i}].service: no service named {short(cp.service)}")
     seen_cp: dict[str, int] = {}
     for i, cp in checkpoints:
@@ -845,17 +919,21 @@ def _cross_checks(cfg: Config, services: list[tuple[int, ServiceConfig]],
         seen_cp.setdefault(cp.name, i)
 
 
-def _declared_names(doc: Mapping[str, Any]) -> set[str]:
-    raw = doc.get("service")
-    if not isinstance(raw, list):
-        return set()
-    return {item["name"] for item in raw
-            if isinstance(item, dict) and isinstance(item.get("name"), str)}
+def _declared_names(doc: Mapping[str, Any]) -> set[str] | None:
+    raw = doc.get("service", [])
+    if not isinstance(raw, list) or not all(
+            isinstance(item, dict) and isinstance(item.get("name"), str) for item in raw):
+        return None
+    return {item["name"] for item in raw}
 
 
 def build_config(doc: Mapping[str, Any], path: str | None = None) -> Config:
     """Validate a parsed TOML document; raises ConfigError with every problem: those of each
     field and those across fields (over what could be built), each on one line."""
+    if not doc:  # start, --check and reload alike
+        raise config_error([f"{path or '<config>'}: no settings at all (no [[service]], no "
+                            "section: the file is empty or only comments); refused, as a file "
+                            "caught mid-write would be"])
     problems: list[str] = []
     warnings: list[str] = []
     root = Table(dict(doc), "", problems)
@@ -890,6 +968,8 @@ def parse_config(text: str, path: str | None = None) -> Config:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise config_error([f"{where}: TOML syntax error: {exc}"]) from None
+        except ValueError as exc:  # an integer too long to convert (4300 digits)
+            raise config_error(long_integers(text, where, exc)) from None
         return build_config(doc, path)
     except RecursionError:
         raise config_error([f"{where}: arrays or tables are nested too deeply (a few hundred "
