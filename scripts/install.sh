@@ -63,6 +63,12 @@ for d in "$PREFIX" "$BINDIR" "$ETC" "$UNITDIR" "$DOCDIR"; do
 done
 PREFIX=${PREFIX%/}; BINDIR=${BINDIR%/}; ETC=${ETC%/}; UNITDIR=${UNITDIR%/}; DOCDIR=${DOCDIR%/}
 [ "$BINDIR" != "$PREFIX/bin" ] || die "--bindir is the venv's own bin ($PREFIX/bin)"
+# the unit runs with PrivateTmp=yes: it would not see a venv or a config under /tmp or /var/tmp
+for d in "$PREFIX" "$ETC"; do
+  case "$(readlink -m "$d")/" in
+    /tmp/*|/var/tmp/*) die "$d is under /tmp or /var/tmp, which the unit cannot see (PrivateTmp=yes): give another --prefix / --etc" ;;
+  esac
+done
 [ "$DRY" = 1 ] || [ "$(id -u)" = 0 ] || die "run it as root (or see what it would do with --dry-run)"
 
 run() {  # a step: shown, and done unless --dry-run

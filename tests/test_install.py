@@ -11,6 +11,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,10 +32,27 @@ if shutil.which("systemd-analyze") is None:
     pytest.skip("systemd-analyze is not installed", allow_module_level=True)
 
 
+# The unit runs with PrivateTmp=yes: what it runs must not be under /tmp or /var/tmp (a
+# checkout there, CI's clone or a newcomer's, would hide the install from the unit).
+OUTSIDE_TMP = Path("/var/lib")
+
+
+def outside_tmp(tag: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"llm-supervisor-test-{tag}-", dir=OUTSIDE_TMP))
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    base = outside_tmp("scratch")
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    base = ROOT / "build" / f"sdlab-install-{uuid.uuid4().hex[:8]}"
-    base.mkdir(parents=True)
+    base = outside_tmp(f"sdlab-{uuid.uuid4().hex[:8]}")
     lab = Lab(base)
     lab.units.mkdir(parents=True)
     lab.sh("start")
@@ -158,7 +176,8 @@ def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
     assert again.returncode == 0, again.stderr
 
 
-def test_it_never_takes_or_removes_a_directory_it_did_not_make(tmp_path: Path) -> None:
+def test_it_never_takes_or_removes_a_directory_it_did_not_make(scratch: Path) -> None:
+    tmp_path = scratch
     keep = tmp_path / "data"
     keep.mkdir()
     (keep / "precious.txt").write_text("x")
@@ -185,6 +204,10 @@ def test_bad_options_and_no_root_are_refused() -> None:
     r = subprocess.run([str(INSTALL), "--prefix", "relative/dir", "--dry-run"],
                        capture_output=True, text=True, check=False)
     assert r.returncode == 1 and "give an absolute path" in r.stderr
+    for where in ("--prefix", "--etc"):
+        r = subprocess.run([str(INSTALL), where, "/tmp/llm-supervisor", "--dry-run"],
+                           capture_output=True, text=True, check=False)
+        assert r.returncode == 1 and "PrivateTmp=yes" in r.stderr, r.stderr
     assert sys.executable  # the suite runs as root (CI); a user's run is refused:
     r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
                         str(INSTALL)], capture_output=True, text=True, check=False)
