@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from test_systemd import SDLAB, Lab, _why_not, kill_marked
 
-from helpers import fake_service, free_port, toml_dumps, wait_until
+from helpers import FAKE, fake_service, free_port, toml_dumps, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "scripts" / "install.sh"
@@ -38,7 +38,14 @@ OUTSIDE_TMP = Path("/var/lib")
 
 
 def outside_tmp(tag: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"llm-supervisor-test-{tag}-", dir=OUTSIDE_TMP))
+    base = Path(tempfile.mkdtemp(prefix=f"llm-supervisor-test-{tag}-", dir=OUTSIDE_TMP))
+    base.chmod(0o755)  # the control group's member and the service user go through it
+    return base
+
+
+def _exists(kind: str, name: str) -> bool:
+    return subprocess.run(["getent", kind, name], capture_output=True,
+                          check=False).returncode == 0
 
 
 @pytest.fixture
@@ -55,6 +62,9 @@ def lab() -> Iterator[Lab]:
     base = outside_tmp(f"sdlab-{uuid.uuid4().hex[:8]}")
     lab = Lab(base)
     lab.units.mkdir(parents=True)
+    # the accounts install.sh makes: a run that fails before --purge must not leave them
+    accounts = [(k, n) for k, n in (("passwd", "llm"), ("group", "llm-admin"), ("group", "llm"))
+                if not _exists(k, n)]
     lab.sh("start")
     try:
         # `systemctl enable` writes its links under /etc/systemd/system: in the lab's own
@@ -68,6 +78,10 @@ def lab() -> Iterator[Lab]:
         kill_marked(str(base))
         shutil.rmtree(base, ignore_errors=True)
         subprocess.run(["userdel", MEMBER], capture_output=True, check=False)
+        for kind, name in accounts:
+            if _exists(kind, name):
+                subprocess.run(["userdel" if kind == "passwd" else "groupdel", name],
+                               capture_output=True, check=False)
 
 
 def paths(lab: Lab) -> dict[str, Path]:
@@ -107,8 +121,19 @@ def config(lab: Lab) -> dict[str, Any]:
                        "log_format": "journal"},
         "metrics": {"listen": ""},
         "gpu": {"backend": "none"},
-        "service": [fake_service("svc0", free_port())],
+        "service": [served_from_the_lab(lab, fake_service("svc0", free_port()))],
     }
+
+
+def served_from_the_lab(lab: Lab, svc: dict[str, Any]) -> dict[str, Any]:
+    """The fake server run by the installed venv's python from a copy in the lab: the unit's
+    PrivateTmp=yes hides a checkout (and its .venv) under /tmp."""
+    fake = lab.base / "fakebackend.py"
+    if not fake.exists():
+        shutil.copy(FAKE, fake)
+    svc["command"] = [str(paths(lab)["prefix"] / "bin" / "python"), str(fake),
+                      *svc["command"][2:]]
+    return svc
 
 
 def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
