@@ -17,6 +17,7 @@ done
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/llama-build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 PY=${PYTHON:-python3}
+echo "build-llama-server: building llama-server $VER once (cached in $OUT; minutes on 2 cores)" >&2
 "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VER" -d "$WORK/dl" >&2
 tar xzf "$WORK/dl/llama_cpp_python-$VER.tar.gz" -C "$WORK"
 SRC=$WORK/llama_cpp_python-$VER/vendor/llama.cpp

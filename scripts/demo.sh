@@ -8,26 +8,53 @@
 # running for you to explore.
 #
 #   scripts/demo.sh          # run the tour, then stop
-#   scripts/demo.sh --keep   # leave it running (stop with: kill $(cat demo-run/daemon.pid))
+#   scripts/demo.sh --keep   # leave it running
+#   scripts/demo.sh --stop   # stop what --keep left: the supervisor (its models with it) and the UPS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=0
-[ "${1:-}" = "--keep" ] && KEEP=1
-
-LLAMA_SERVER=$(scripts/setup.sh)
+case "${1:-}" in
+  --keep) KEEP=1 ;;
+  --stop|"") ;;
+  *) echo "usage: scripts/demo.sh [--keep | --stop]" >&2; exit 2 ;;
+esac
 RUN=$PWD/demo-run
-if [ -f "$RUN/daemon.pid" ] && kill -0 "$(cat "$RUN/daemon.pid")" 2>/dev/null; then
-  echo "demo: a demo supervisor is already running (pid $(cat "$RUN/daemon.pid")); stopping it"
-  kill "$(cat "$RUN/daemon.pid")"
-  for _ in $(seq 100); do kill -0 "$(cat "$RUN/daemon.pid")" 2>/dev/null || break; sleep 0.1; done
-fi
-for p in model upsd driver; do  # a UPS left by an earlier --keep run (only if it is one)
-  pidf=$RUN/nut/$p.pid
-  if [ -f "$pidf" ] && grep -qaE 'upsd|dummy-ups|ups_model' "/proc/$(cat "$pidf")/cmdline" 2>/dev/null; then
-    kill "$(cat "$pidf")" 2>/dev/null || true
+if [ -t 1 ]; then B=$'\033[1m'; N=$'\033[0m'; else B=; N=; fi  # bold only on a terminal
+
+stop_earlier() {  # a demo left by --keep: the supervisor, then its UPS (each only if it is one)
+  local pidf=$RUN/daemon.pid p
+  if [ -f "$pidf" ] && grep -qa 'supervisord_llm\|llm-supervisor' "/proc/$(cat "$pidf")/cmdline" 2>/dev/null; then
+    echo "demo: stopping the demo supervisor (pid $(cat "$pidf"); its models stop with it)"
+    kill "$(cat "$pidf")"
+    for _ in $(seq 300); do kill -0 "$(cat "$pidf")" 2>/dev/null || break; sleep 0.1; done
   fi
-done
+  for p in model upsd driver; do
+    pidf=$RUN/nut/$p.pid
+    if [ -f "$pidf" ] && grep -qaE 'upsd|dummy-ups|ups_model' "/proc/$(cat "$pidf")/cmdline" 2>/dev/null; then
+      kill "$(cat "$pidf")" 2>/dev/null || true
+    fi
+  done
+}
+if [ "${1:-}" = "--stop" ]; then
+  stop_earlier
+  echo "demo: stopped"
+  exit 0
+fi
+
+# the set-up (the first run installs Debian packages, a .venv and builds llama-server): its
+# output goes to a log; one line per step here, with the time since the start
 mkdir -p "$RUN"
+echo "demo: setting up (log: demo-run/setup.log; the first run takes 6-12 minutes on 2 cores)"
+T0=$SECONDS
+if ! LLAMA_SERVER=$(scripts/setup.sh 2> >(tee "$RUN/setup.log" | \
+      grep --line-buffered -E '^(setup|build-llama-server):' | \
+      while IFS= read -r line; do printf '  [%3d s] %s\n' $((SECONDS - T0)) "$line"; done >&2)); then
+  echo "demo: the set-up failed; the end of demo-run/setup.log:" >&2
+  tail -30 "$RUN/setup.log" >&2
+  exit 1
+fi
+echo "demo: set up in $((SECONDS - T0)) s"
+stop_earlier
 [ -f "$RUN/tiny.gguf" ] || .venv/bin/python tests/make_tiny_gguf.py "$RUN/tiny.gguf" >/dev/null
 [ -f "$RUN/writer.gguf" ] || .venv/bin/python tests/make_tiny_gguf.py "$RUN/writer.gguf" \
   --embd 96 --layers 3 >/dev/null
@@ -167,7 +194,7 @@ rm -f "$RUN/sim-gpus.json"
 
 LLM=.venv/bin/llm-supervisor
 CTL=(.venv/bin/llmctl --socket "$RUN/control.sock")
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+say() { printf '\n%s== %s%s\n' "$B" "$*" "$N"; }
 
 [ -x /lib/nut/upsd ] || { echo "demo: /lib/nut/upsd missing (apt-get install nut-server)" >&2; exit 1; }
 NUT_CONFPATH=$NUT/etc NUT_STATEPATH=$NUT/state /lib/nut/dummy-ups -a dummy -F -u root \
@@ -302,7 +329,7 @@ if [ "$KEEP" = 1 ]; then
   echo "  .venv/bin/llmctl --socket $RUN/control.sock restart chat"
   echo "  curl http://127.0.0.1:$PR/v1/models   (the router: one endpoint for every model)"
   echo "  a power cut: echo 'OB DISCHRG' > $RUN/ups-control (and OL to end it)"
-  echo "  stop it: kill $(cat "$RUN/daemon.pid") (the demo's UPS stops at the next run)"
+  echo "  stop it all (the supervisor, its models and the demo's UPS): scripts/demo.sh --stop"
 else
   say "stopping llm-supervisor (SIGTERM: services stop in reverse order)"
   cleanup
