@@ -215,6 +215,8 @@ def render_status(data: dict[str, Any]) -> str:
             od = (by_name.get(m.get("service")) or {}).get("on_demand") or {}
             if od.get("pinned"):
                 state += " (pinned)"
+            elif od.get("draining_for"):  # making room for a model that waits
+                state += f" (draining for {od['draining_for']})"
             ttft = m.get("ttft_mean_s")
             rows.append([str(m.get("model"))[:48], str(m.get("service")), state,
                          str(m.get("start")), str(m.get("requests", 0)),

@@ -4,12 +4,16 @@ An on-demand service (`start = "on-demand"`) is held down for `idle` until a req
 of its models reaches its gate (through the router or the gate itself); the gate asks for it
 (`demand`) and keeps the request waiting. The swapper then starts it when its GPUs have room,
 or first stops the least recently used idle on-demand services on those GPUs (never an
-`always` service, never one with a request inside its gate, never one `llmctl start` pinned):
-the victim's gate is retired on the gate loop only if nothing is inside it, so nothing is cut,
-and requests that come meanwhile wait and ask for it again. While the only services that could
-make room are busy, the demand waits (at most the gate's `queue_timeout_s` after its last
-request) and is served as soon as one is idle. `idle_stop_s` stops a loaded service after that
-long without a request inside its gate.
+`always` service, never one with a request inside its gate, never one `llmctl start` pinned,
+never one loaded less than its `min_residency_s` ago): the victim's gate is retired on the
+gate loop only if nothing is inside it, so nothing is cut, and requests that come meanwhile
+wait and ask for it again. While the only services that could make room are busy, the demand
+does not wait for them to be idle by chance (steady traffic would starve it): those loaded at
+least their `min_residency_s` ago are drained, least recently loaded first (their gates admit
+no new request, which wait and load them again later; once the requests inside have their
+answers, they are retired and stopped), and called off if the demand goes away. A demand
+waits at most the gate's `queue_timeout_s` after its last request. `idle_stop_s` stops a
+loaded service after that long without a request inside its gate.
 
 Memory: a service needs on each of its GPUs the larger of its `vram_gb` and what was learned
 once it was ready: NVML's per-process figure where the backend gives one, else the change of
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TICK_S: Final = 0.25
+DRAIN_POLL_S: Final = 0.05  # how often a drain looks whether its requests are answered
 HOLDING: Final = frozenset({State.STARTING, State.READY, State.DRAINING, State.STOPPING})
 COLD_BUCKETS: Final = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -79,6 +84,7 @@ class RoomPlan:
     victims: list[str]
     wait: bool  # no room now, but busy services could make it once idle
     message: str
+    drain: list[str] = field(default_factory=list)  # busy ones to drain (then stop) for it
 
 
 class Swapper:
@@ -101,6 +107,9 @@ class Swapper:
         # command stuck on an actor a reload removed never blocks the new one of that name
         self._acting: set[int] = set()
         self._changed_at: dict[str, float] = {}  # GPU uuid -> when a service on it changed
+        self._ready_at: dict[str, float] = {}  # service -> when it became ready (residency)
+        self._draining: dict[str, str] = {}  # service -> the one it is drained for
+        self._yielding: set[str] = set()  # those of them whose gates admit no new request
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         with contextlib.suppress(RuntimeError):  # built outside a loop (tests)
@@ -241,6 +250,9 @@ class Swapper:
                 if own is not None:
                     for g in actor.plan.gpus:
                         own[g.uuid] = own.get(g.uuid, 0) + 1
+            if actor.state is State.READY and (was is None or was[0] is not State.READY
+                                               or was[1] != actor.gen):
+                self._ready_at[name] = now
             if actor.state is State.READY and (was is None or was[0] is not State.READY):
                 loading = self._loading.pop(name, None)
                 if loading is not None:
@@ -406,6 +418,10 @@ class Swapper:
             for victim in plan.victims:
                 self._spawn(self._evict(victim, name))
             return
+        for victim in plan.drain:
+            if victim not in self._draining:
+                self._draining[victim] = name
+                self._spawn(self._drain_out(victim, name))
         await self._push_message(gate, plan.message)
         if now - p.last >= timeout:
             del self.pending[name]
@@ -452,20 +468,42 @@ class Swapper:
         busy = gate is not None and (gate.active or gate.admission.inflight or gate.cold_waiting)
         return actor.state is State.READY and not busy and id(actor) not in self._acting
 
+    def resident_left(self, actor: ServiceActor, now: float | None = None) -> float:
+        """How long a ready service is still kept loaded by its `min_residency_s` (0: it
+        may be stopped to make room)."""
+        if actor.state is not State.READY or not actor.cfg.min_residency_s:
+            return 0.0
+        since = self._ready_at.get(actor.name)
+        if since is None:
+            return 0.0
+        now = self._clock() if now is None else now
+        return max(0.0, since + float(actor.cfg.min_residency_s) - now)
+
+    def draining_for(self, name: str) -> str | None:
+        """The service that `name` is being drained for (the fairness rule), once its gate
+        admits no new request."""
+        return self._draining.get(name) if name in self._yielding else None
+
+    def _loaded_at(self, actor: ServiceActor) -> float:
+        return float(self._ready_at.get(actor.name, 0.0))
+
     def room(self, want: ServiceActor) -> RoomPlan:
         """Whether `want` fits on its GPUs, and which idle on-demand services to stop first.
 
-        Services on its GPUs that are going down (stopping, not to come back) will free
-        their memory: they count as freed, and the load waits until they have exited rather
-        than stopping more. A service that is wanted up (an `always` one in backoff, say)
-        keeps its place."""
+        Services on its GPUs that are going down (stopping, not to come back, or being
+        drained for a demand) will free their memory: they count as freed, and the load waits
+        until they have exited rather than stopping more. A service that is wanted up (an
+        `always` one in backoff, say) keeps its place. A service loaded less than its
+        `min_residency_s` ago is no victim yet. Without enough idle victims, busy ones loaded
+        at least that long ago are to be drained (`drain`), least recently loaded first."""
         gpus = {g.uuid: g for g in want.plan.gpus}
         if not gpus:
             return RoomPlan(True, [], False, "")
         need = self.need(want)
         holding = [a for a in self._holding() if a is not want
                    and any(g.uuid in gpus for g in a.plan.gpus)]
-        going = [a for a in holding if a.state is State.STOPPING and not a.up]
+        going = [a for a in holding if (a.state is State.STOPPING and not a.up)
+                 or a.name in self._draining]
         forced = [a for a in holding if want.cfg.exclusive or a.cfg.exclusive]
         used = self._used(want)
         needs = {id(a): self.need(a) for a in holding}
@@ -497,6 +535,15 @@ class Swapper:
         def evictable(a: ServiceActor) -> bool:
             return a.cfg.on_demand and a.name not in self.pinned and a in self.sup.actors.values()
 
+        now = self._clock()
+
+        def now_victim(a: ServiceActor) -> bool:  # idle, and loaded long enough
+            return self._idle(a) and not self.resident_left(a, now)
+
+        def drainable(a: ServiceActor) -> bool:  # busy, and loaded long enough
+            return a.state is State.READY and id(a) not in self._acting \
+                and not self.resident_left(a, now) and not now_victim(a)
+
         def message(verb: str) -> str:
             return self._message(want, gpus, need, holding, committed=committed, used=used,
                                  verb=verb)
@@ -512,10 +559,10 @@ class Swapper:
             lack = short(free(victims))
             if not lack:
                 break
-            if self._idle(a) and any(u in lack for u in needs[id(a)]):
+            if now_victim(a) and any(u in lack for u in needs[id(a)]):
                 victims.append(a)
         lack = short(free(victims))
-        busy = [a for a in victims if a not in going and not self._idle(a)]
+        busy = [a for a in victims if a not in going and not now_victim(a)]
         if not lack and not busy:
             new = [a.name for a in victims if a not in going]
             if new:
@@ -523,6 +570,20 @@ class Swapper:
             if going:  # room once they have exited
                 return RoomPlan(False, [], True, message("still held by"))
             return RoomPlan(True, [], False, "")
+        # fairness: busy services do not keep it waiting for good; those loaded at least
+        # their min_residency_s ago are drained, least recently loaded first
+        if all(drainable(a) for a in busy):
+            drain = list(busy)
+            for a in sorted((a for a in candidates if a not in victims and drainable(a)),
+                            key=self._loaded_at):
+                lack = short(free(victims + drain))
+                if not lack:
+                    break
+                if any(u in lack for u in needs[id(a)]):
+                    drain.append(a)
+            if drain and not short(free(victims + drain)):
+                return RoomPlan(False, [], True, message("held by"),
+                                drain=[a.name for a in drain])
         # could the busy ones make room once idle?
         wait = not short(free(victims + [a for a in candidates if a not in victims]))
         return RoomPlan(False, [], wait, message("held by"))
@@ -541,12 +602,21 @@ class Swapper:
             who = []
             for a in mine:
                 gate = self.sup.gate_of(a.name)
+                # what waits in the gate (to load it, or while it is drained) is not in flight
+                n = gate.active - gate.cold_waiting if gate is not None else 0
                 what = "always" if not a.cfg.on_demand else (
                     "pinned by llmctl start" if a.name in self.pinned else
-                    f"{gate.active} request(s) in flight" if gate is not None and gate.active
+                    f"{n} request(s) in flight" if n > 0
                     else "stopping" if a.state is State.STOPPING else str(a.state))
                 if a.cfg.exclusive:
                     what += ", exclusive"
+                left = self.resident_left(a) if a.cfg.on_demand else 0.0
+                if a.name in self._draining:
+                    what += f", draining for {self._draining[a.name]}: stopped once its " \
+                        "requests in flight are answered"
+                elif left and a.name not in self.pinned:
+                    what += f", loaded {a.cfg.min_residency_s - left:.0f} s ago: kept " \
+                        f"{left:.0f} s more by min_residency_s = {a.cfg.min_residency_s:g}"
                 who.append(f"{a.name} ({what}, {gib(self.need(a).get(u, 0))})")
             in_use = max(committed.get(u, 0), used.get(u, 0))
             space = f"{gib(max(0, (total or 0) - in_use))} free of {gib(total)}" \
@@ -558,15 +628,77 @@ class Swapper:
 
     # --- stopping ------------------------------------------------------------------------------
 
-    async def _retire(self, name: str) -> bool:
+    async def _retire(self, name: str, drain: bool = False) -> bool:
         gate = self.sup.gate_of(name)
         if gate is None or self.sup.gates is None:
             return True
 
         async def attempt() -> bool:
-            return bool(gate.retire())
+            return bool(gate.retire(drain))
 
         return await self.sup.gates.submit(attempt())
+
+    async def _drain_out(self, name: str, for_whom: str) -> None:
+        """The fairness rule: `name` (busy, loaded at least its min_residency_s ago) makes
+        room for `for_whom`, which waits. Its gate admits no new request (they wait and ask
+        for it again once it is stopped); once the requests inside have their answers it is
+        retired and stopped (nothing is cut). Called off, the waiting requests served, if
+        nobody waits for the room any more or it stops being a candidate."""
+        actor = self.sup.actors.get(name)
+        gate = self.sup.gate_of(name)
+        if actor is None or id(actor) in self._acting or gate is None:
+            self._draining.pop(name, None)
+            return
+        self._acting.add(id(actor))
+        retired = False
+        try:
+            log.info("%s: draining to make room for %s (new requests for it wait; stopped "
+                     "once the %d inside are answered)", name, for_whom, gate.active)
+            mine = f"{name} is making room for {for_whom}: stopped once its requests in " \
+                "flight are answered; it loads again when there is room"
+            await self._set_message(gate, mine)
+            while self.sup.actors.get(name) is actor and actor.state is State.READY \
+                    and for_whom in self.pending and name not in self.pinned \
+                    and "idle" not in actor.holds and self.sup.gate_of(name) is gate:
+                if await self._retire(name, drain=True):
+                    retired = True
+                    break
+                self._yielding.add(name)
+                await asyncio.sleep(DRAIN_POLL_S)
+            if not retired:
+                log.info("%s: drain for %s called off (%s)", name, for_whom,
+                         "no longer waiting" if for_whom not in self.pending else
+                         "pinned" if name in self.pinned else "it changed")
+                if self.sup.gates is not None:
+                    await self.sup.gates.run(gate.set_yielding, False)
+                await self._set_message(gate, None, mine)
+                return
+            log.info("%s: stopping to make room for %s (drained)", name, for_whom)
+            self.stats_of(name).swaps += 1
+            try:
+                await self.host.command([name], L.Stop("idle"), internal=True)
+            except ControlError as exc:
+                log.warning("%s: could not be stopped to make room for %s: %s", name, for_whom,
+                            exc.message)
+                await self._set_unloading(name, False)
+            await self._set_message(gate, None, mine)  # stopped: said what it had to
+        finally:
+            self._draining.pop(name, None)
+            self._yielding.discard(name)
+            self._acting.discard(id(actor))
+            self.poke()
+
+    async def _set_message(self, gate: Any, message: str | None,
+                           replacing: str | None = None) -> None:
+        """The gate's cold message (`replacing`: only if it is still that one)."""
+        if self.sup.gates is None:
+            return
+
+        def put() -> None:
+            if replacing is None or gate.cold_message == replacing:
+                gate.set_cold_message(message)
+
+        await self.sup.gates.run(put)
 
     async def _evict(self, name: str, for_whom: str) -> None:
         await self._stop_idle(name, f"to make room for {for_whom}", swap=True)

@@ -507,7 +507,7 @@ class GpuGuard:
         gate = actor.cfg.gate if actor is not None else None
         await self._drain(name, gate.drain_timeout_s if gate is not None else 0.0)
         try:
-            await self.host.command([name], L.StopFailed(why))
+            await self.host.protect([name], L.StopFailed(why))
         finally:
             if gate is not None and self.sup.gate_of(name) is not None:
                 await self.host.resume([name], THERMAL)  # closed anyway: it is failed now

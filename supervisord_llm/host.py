@@ -182,8 +182,33 @@ class Host:
         return result
 
     async def hold(self, names: list[str], reason: str) -> None:
-        """Hold services down for `reason` (gpu_lost, cooling, powered_down)."""
-        await self.command(names, L.Stop(reason))
+        """Hold services down for `reason` (gpu_lost, cooling, powered_down): protective."""
+        await self.protect(names, L.Stop(reason))
+
+    async def protect(self, names: list[str], event: L.Event) -> None:
+        """A protective command (a hold for a lost or critical GPU or for the power, a stop
+        for heat): never refused as busy. A hot swap of one of these services is pre-empted
+        (cancelled: it stops the replacement it started); a reload in progress goes on, and
+        the hold reaches the services now (a reload keeps a service's holds)."""
+
+        async def fn(reply: asyncio.Future[Any]) -> None:
+            if self._shutdown is not None:
+                raise ControlError(P.FAILED, "llm-supervisor is shutting down")
+            for name in names:
+                op = self.ops.get(name)
+                if op is not None and op.kind == "swap" and not op.task.done():
+                    log.warning("%s: %s pre-empted: %s", name, op.describe(), event)
+                    op.task.cancel()
+            actors = [self.sup.actor(n) for n in names]
+            reply.set_result([a.queue(event) for a in actors])
+
+        handled = await self._submit(fn)
+        try:
+            async with asyncio.timeout(ACTOR_REPLY_S):
+                await asyncio.gather(*handled)
+        except TimeoutError:
+            raise ControlError(P.TIMEOUT, f"the service(s) {', '.join(names)} did not take "
+                               f"{event} within {ACTOR_REPLY_S:g} s") from None
 
     async def release(self, names: list[str], reason: str) -> None:
         await self.command(names, L.Release(reason))

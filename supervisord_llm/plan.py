@@ -274,6 +274,8 @@ def render_plan(cfg: Config, gpus: list[GpuInfo], plans: list[ServicePlan],
             extra: list[str] = [svc.start]
             if svc.idle_stop_s is not None:
                 extra.append(f"idle stop after {svc.idle_stop_s:g}s")
+            if svc.on_demand and svc.min_residency_s:
+                extra.append(f"kept at least {svc.min_residency_s:g}s once loaded")
             if svc.vram_gb is not None:
                 extra.append(f"needs {svc.vram_gb:g} GiB per GPU")
             if svc.exclusive:

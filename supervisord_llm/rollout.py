@@ -28,10 +28,10 @@ log = logging.getLogger(__name__)
 
 def _without_gate(plan: ServicePlan) -> ServicePlan:
     """The plan without what applies live: the gate, and how the service is loaded on
-    demand (models, start, idle_stop_s, vram_gb, exclusive)."""
+    demand (models, start, idle_stop_s, vram_gb, exclusive, min_residency_s)."""
     return dataclasses.replace(plan, config=dataclasses.replace(
         plan.config, gate=None, models=(), start="always", idle_stop_s=None, vram_gb=None,
-        exclusive=False))
+        exclusive=False, min_residency_s=0.0))
 
 
 def _names(items: list[str]) -> str:
@@ -124,7 +124,7 @@ class ReloadResult:
     restarted: list[str] = field(default_factory=list)
     swapped: list[str] = field(default_factory=list)
     # changed without a restart: held or stopped (not started), or only what applies live
-    # changed (models, start, idle_stop_s, vram_gb, exclusive)
+    # changed (models, start, idle_stop_s, vram_gb, exclusive, min_residency_s)
     updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     not_ready: dict[str, str] = field(default_factory=dict)
@@ -226,7 +226,7 @@ async def reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> Relo
                 else:
                     await current.send(Release("idle"))
             if demand_keys:
-                res.updated.append(name)  # models, start, idle_stop_s, vram_gb, exclusive
+                res.updated.append(name)  # models, start, idle_stop_s, ... (what applies live)
             else:
                 res.unchanged.append(name)
         elif (current.cfg.gate is not None and current.cfg.gate == plan.config.gate

@@ -118,6 +118,10 @@ def service_status(sup: Supervisor, actor: ServiceActor, now: float) -> dict[str
                        if gate is not None and gate.active == 0 else 0.0)
             if actor.state is State.READY else None,
             "idle_stop_s": cfg.idle_stop_s,
+            "min_residency_s": cfg.min_residency_s,
+            # kept loaded this much longer by min_residency_s (no victim before)
+            "resident_s": round(sw.resident_left(actor), 3),
+            "draining_for": sw.draining_for(actor.name),
             "exclusive": cfg.exclusive,
             "vram_bytes": sw.need(actor),
             "learned_bytes": sw.learned.get(actor.name, {}),

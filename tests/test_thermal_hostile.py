@@ -227,3 +227,64 @@ def test_swinging_between_hot_and_cool_only_steps_down(tmp_path: Path) -> None:
         assert counts["admission_down"] == counts["admission_up"] > 0, counts
         assert counts["power_down"] == counts["power_up"] > 0, counts
 
+
+
+def _slow(name: str, gpus: list[int]) -> dict[str, Any]:
+    svc = gated(name, gpus, drain_timeout_s=1)
+    svc["command"] += ["--load-s", "6"]
+    svc["health"]["startup_timeout_s"] = 60
+    return svc
+
+
+def _ops(d: Any) -> list[str]:
+    return list(d.status()["supervisor"].get("operations") or [])
+
+
+def test_protective_holds_go_ahead_of_a_slow_swap_and_a_slow_reload(tmp_path: Path) -> None:
+    """A GPU that goes critical and another that is lost while the operator's swap or reload
+    runs: the holds land at once (a swap of a held service is pre-empted), never refused as
+    busy and retried after the operation."""
+    import subprocess
+    import sys
+    doc = config(tmp_path, [_slow("a", [0]), gated("b", [1])], on_critical="drain-restart")
+    with running(tmp_path, doc) as d:
+        d.wait_state("a", "ready", 30)
+        d.wait_state("b", "ready")
+        swap = subprocess.Popen([sys.executable, "-m", "supervisord_llm.ctl", "--socket",
+                                 d.socket, "swap", "a", "--timeout", "60"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: any("swap of a" in op for op in _ops(d)), 10, what="swap running")
+        heat(tmp_path, gpu0={"temperature_c": 90}, gpu1={"lost": True})
+        t0 = time.monotonic()
+        wait_until(lambda: "cooling" in d.service("a")["holds"]
+                   and "gpu_lost" in d.service("b")["holds"], 10, what="held")
+        took = time.monotonic() - t0
+        _out, err = swap.communicate(timeout=30)
+        assert swap.returncode == 1 and "cancelled" in err, err
+        assert took < 5.0, f"the holds waited {took:.1f} s (behind the swap?)"
+        assert "pre-empted" in d.logtext()
+        wait_until(lambda: d.service("a")["pid"] is None, 10, what="a stopped")
+        heat(tmp_path, gpu0={"temperature_c": 50}, gpu1={"temperature_c": 50})
+        d.wait_state("a", "ready", 30)
+        d.wait_state("b", "ready", 15)
+        # a slow reload: a changed gated service is hot-swapped, its new instance loading
+        doc["service"][0]["env"] = {"CHANGED": "1"}
+        d.write(doc)
+        reload = subprocess.Popen([sys.executable, "-m", "supervisord_llm.ctl", "--socket",
+                                   d.socket, "reload"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: any("reload" in op for op in _ops(d)), 10, what="reload running")
+        heat(tmp_path, gpu0={"temperature_c": 90}, gpu1={"lost": True})
+        t0 = time.monotonic()
+        wait_until(lambda: "cooling" in d.service("a")["holds"]
+                   and "gpu_lost" in d.service("b")["holds"], 10, what="held in a reload")
+        took = time.monotonic() - t0
+        reload.communicate(timeout=90)
+        assert took < 5.0, f"the holds waited {took:.1f} s (behind the reload?)"
+        # whatever the reload did, nothing runs on the critical and the lost GPU
+        wait_until(lambda: d.service("a")["pid"] is None and d.service("b")["pid"] is None,
+                   15, what="nothing left running on them")
+        stays(lambda: d.service("a")["pid"] is None, 1.0, "a stays down while critical")
+        heat(tmp_path, gpu0={"temperature_c": 50}, gpu1={"temperature_c": 50})
+        d.wait_state("a", "ready", 30)
+        d.wait_state("b", "ready", 15)

@@ -716,6 +716,16 @@ def _demand(t: Table, has_router: bool, has_gate: bool, gpus: list[int | str],
     return (start if isinstance(start, str) else "always"), idle, vram, exclusive
 
 
+def _residency(t: Table, start: str) -> float:
+    """`min_residency_s`: on demand only; 0 turns it off."""
+    default = ServiceConfig.min_residency_s
+    residency = t.number("min_residency_s", default, minimum=0, maximum=30 * 86400)
+    if t.has("min_residency_s") and start != "on-demand" and not t.failed("start"):
+        t.error("min_residency_s", 'only an on-demand service (start = "on-demand") is '
+                "stopped to make room for another")
+    return float(residency)
+
+
 def _service(t: Table, warnings: list[str], has_router: bool = False) -> ServiceConfig | None:
     name = t.string("name")
     if isinstance(name, str) and not _NAME_RE.match(name):
@@ -796,6 +806,7 @@ def _service(t: Table, warnings: list[str], has_router: bool = False) -> Service
         t.error("models", "names the service's models for the router: add a [router] "
                 "section")
     start, idle, vram, exclusive = _demand(t, has_router, has_gate, gpus, has_port)
+    residency = _residency(t, start)
     t.finish()
     if not isinstance(name, str) or not isinstance(command, tuple) or models is None:
         return None
@@ -803,7 +814,8 @@ def _service(t: Table, warnings: list[str], has_router: bool = False) -> Service
         gate = GateSection(None)  # behind the router only: a gate without a listener
     return ServiceConfig(name, command, port, tuple(gpus), numa, user, tuple(env), health,
                          restart, stop, gate, probe, metrics_url, models,
-                         cast(StartMode, start), idle, vram, exclusive)
+                         cast(StartMode, start), idle, vram, exclusive,
+                         min_residency_s=residency)
 
 
 def _router(root: Table) -> RouterSection | None:

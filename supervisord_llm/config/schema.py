@@ -244,6 +244,8 @@ class ServiceConfig:
     idle_stop_s: float | None = None  # on-demand: stopped after this long with nothing asked
     vram_gb: float | None = None  # what it needs on each of its GPUs (GiB)
     exclusive: bool = False  # its GPUs are for it alone
+    # on-demand: once loaded, not stopped to make room for another before this long (0: off)
+    min_residency_s: float = 10.0
 
     @property
     def on_demand(self) -> bool:
