@@ -193,6 +193,8 @@ class Gate:
         self.startup_timeout_s = 900.0
         self.demand: Callable[[str, str | None], None] | None = None  # hops to the daemon
         self.unloading = False  # retired (idle): being stopped; requests wait and re-demand
+        # retiring once the requests inside are done (a drain-then-swap): new ones wait
+        self.yielding = False
         self.cold_message: str | None = None  # why room cannot be made now (the swapper)
         self.active = 0  # requests inside the gate, from arrival to answer (any state)
         self.last_active = time.monotonic()  # a request arrived or ended (the idle timer)
@@ -247,10 +249,26 @@ class Gate:
         self.demand = demand
         self._wake_cold()
 
-    def retire(self) -> bool:
+    def retire(self, drain: bool = False) -> bool:
         """Take the gate out of service to stop an idle on-demand service: only if no
         request is inside it (nothing is cut); requests that come meanwhile wait, and ask
-        for the service again. True if retired."""
+        for the service again. True if retired. `drain`: a drain-then-swap: from now on new
+        requests wait as if it were retired (`yielding`), and it retires once the requests
+        already past that wait have their answers (call again until True; `set_yielding`
+        cancels)."""
+        if drain and not self.unloading:
+            self.yielding = True
+            if self.backup is not None:  # new requests go to the backup meanwhile
+                inside = self.by_upstream.get(self.upstream, 0) if self.upstream else 0
+            else:
+                inside = self.active - len(self._cold)  # in flight, or on their way
+            if inside:
+                return False
+            self.yielding = False
+            self.unloading = True
+            self._demanded = 0.0
+            self._wake_cold()
+            return True
         if self.active or self._cold or self.unloading or self.admission.inflight:
             return False
         self.unloading = True
@@ -261,6 +279,12 @@ class Gate:
         if unloading != self.unloading:
             self.unloading = unloading
             self._demanded = 0.0
+            self._wake_cold()
+
+    def set_yielding(self, yielding: bool) -> None:
+        """A drain-then-swap called off (False): the requests that wait are served."""
+        if yielding != self.yielding:
+            self.yielding = yielding
             self._wake_cold()
 
     def set_cold_message(self, message: str | None) -> None:
@@ -274,7 +298,8 @@ class Gate:
 
     def _is_cold(self) -> bool:
         return self.on_demand and not self.drains and (
-            self.unloading or (self.upstream is None and self.closed_why in COLD))
+            self.unloading or self.yielding
+            or (self.upstream is None and self.closed_why in COLD))
 
     def _ask(self, model: str | None) -> None:
         now = time.monotonic()
@@ -369,7 +394,8 @@ class Gate:
     # --- a request -----------------------------------------------------------------------------
 
     def _target(self) -> Upstream | None:
-        if self.state == "open" and self.upstream is not None and not self.unloading:
+        if self.state == "open" and self.upstream is not None and not self.unloading \
+                and not (self.yielding and self.backup is not None):
             return self.upstream
         return self.backup
 
