@@ -33,8 +33,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def on_demand(name: str, model: Path, vram: float, **extra: Any) -> dict[str, Any]:
+    # a victim as soon as another needs the room: the tests swap them one request apart
     return llama(name, model, gpus=[0], start="on-demand", vram_gb=vram,
-                 models=[f"{name}-model"], **extra)
+                 models=[f"{name}-model"], min_residency_s=0, **extra)
 
 
 @pytest.fixture

@@ -154,10 +154,24 @@ def test_models_default_to_the_name_and_gates_come_with_the_router() -> None:
     ('start = "on-demand"\nidle_stop_s = 0\n', "service[0].idle_stop_s: must be > 0"),
     ('vram_gb = -1\n', "service[0].vram_gb: must be > 0"),
     ('exclusive = "yes"\n', "service[0].exclusive: must be true or false"),
+    ('min_residency_s = 5\n', "service[0].min_residency_s: only an on-demand service"),
+    ('start = "on-demand"\nmin_residency_s = -1\n',
+     "service[0].min_residency_s: must be >= 0"),
+    ('start = "on-demand"\nmin_residency_s = nan\n',
+     "service[0].min_residency_s: must be a finite number"),
+    ('start = "on-demand"\nmin_residency_s = "10s"\n',
+     "service[0].min_residency_s: must be a number"),
 ])
 def test_bad_keys_are_named(svc: str, expect: str) -> None:
     assert any(p.startswith(expect) for p in problems(cfg_text(svc=svc))), problems(
         cfg_text(svc=svc))
+
+
+def test_min_residency_s_defaults_to_10_and_0_turns_it_off() -> None:
+    assert parse_config(cfg_text(svc='start = "on-demand"\n')).services[0].min_residency_s \
+        == 10
+    off = parse_config(cfg_text(svc='start = "on-demand"\nmin_residency_s = 0\n'))
+    assert off.services[0].min_residency_s == 0
 
 
 def test_an_empty_models_list_keeps_a_service_off_the_router() -> None:
@@ -261,6 +275,9 @@ def od(name: str, vram: float, *knobs: str, **extra: Any) -> dict[str, Any]:
                         models=[f"model-{name}"], **extra)
 
 
+NOW = {"min_residency_s": 0}  # a victim as soon as another needs the room (tests that swap)
+
+
 def config(tmp: Path, services: list[dict[str, Any]], total_gib: float = 8,
            **extra: Any) -> tuple[dict[str, Any], Client]:
     rport = free_port()
@@ -295,7 +312,7 @@ def launches(d: Daemon, name: str) -> int:
 
 
 def test_requests_for_each_model_in_turn_swap_them(tmp_path: Path) -> None:
-    doc, client = config(tmp_path, [od("a", 5), od("b", 5), od("c", 2)])
+    doc, client = config(tmp_path, [od("a", 5, **NOW), od("b", 5, **NOW), od("c", 2, **NOW)])
     with up(tmp_path, doc, client) as d:
         assert {m["state"] for m in client.models().values()} == {"unloaded"}
         assert states(d)["a"] == ("stopped", ["idle"])  # on demand: not started with the daemon
@@ -340,7 +357,7 @@ def metrics_text(d: Daemon) -> str:
 
 
 def test_a_stream_is_not_cut_when_another_model_needs_its_memory(tmp_path: Path) -> None:
-    doc, client = config(tmp_path, [od("a", 5), od("b", 5)])
+    doc, client = config(tmp_path, [od("a", 5, **NOW), od("b", 5)])
     with up(tmp_path, doc, client) as d:
         assert client.chat("model-a")[0] == 200
         result: dict[str, Any] = {}
@@ -439,8 +456,8 @@ def test_a_huge_body_without_a_model_early_is_bounded(tmp_path: Path) -> None:
 
 
 def test_exclusive_takes_the_gpu_alone(tmp_path: Path) -> None:
-    doc, client = config(tmp_path, [od("a", 1), od("b", 1), od("big", 1, exclusive=True)],
-                         total_gib=80)
+    doc, client = config(tmp_path, [od("a", 1, **NOW), od("b", 1, **NOW),
+                                    od("big", 1, exclusive=True, **NOW)], total_gib=80)
     with up(tmp_path, doc, client) as d:
         assert client.chat("model-a")[0] == 200 and client.chat("model-b")[0] == 200
         assert client.chat("model-big")[0] == 200  # 1 GiB of 80, but exclusive
@@ -466,24 +483,136 @@ def test_no_room_is_a_503_that_says_what_holds_the_memory(tmp_path: Path) -> Non
         assert states(d)["a"] == ("stopped", ["idle"])
 
 
-def test_busy_victims_make_the_request_wait_then_room_is_made(tmp_path: Path) -> None:
-    doc, client = config(tmp_path, [od("a", 5), od("b", 5, gate={"queue_timeout_s": 1.0})])
+def test_a_busy_victim_is_drained_and_the_drain_called_off_when_nobody_waits(
+        tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 5, **NOW), od("b", 5, gate={"queue_timeout_s": 1.0})])
     with up(tmp_path, doc, client) as d:
         assert client.chat("model-a")[0] == 200
-        t = threading.Thread(target=client.chat, args=("model-a",),
-                             kwargs={"stream": True, "max_tokens": 30,
-                                     "fake_token_delay_s": 0.1})
+        stream: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: stream.update(r=client.chat(
+            "model-a", stream=True, max_tokens=60, fake_token_delay_s=0.1)))
         t.start()
         wait_until(lambda: d.service("a")["inflight"] == 1, 5)
-        status, _h, body = client.chat("model-b")  # a stays busy 3 s: more than 1 s
-        assert status == 503 and b"a (1 request(s) in flight, 5.0 GiB)" in body
-        t.join(10)
-        assert client.chat("model-b")[0] == 200
+        got: dict[str, Any] = {}
+        tb = threading.Thread(target=lambda: got.update(b=client.chat("model-b")))
+        tb.start()
+        # a is busy: drained for b (new requests for a wait), its stream runs on
+        wait_until(lambda: d.service("a")["on_demand"]["draining_for"] == "b", 5)
+        ta = threading.Thread(target=lambda: got.update(a=client.chat("model-a")))
+        ta.start()
+        wait_until(lambda: d.service("a")["on_demand"]["waiting"] == 1, 5)
+        tb.join(10)
+        status, _h, body = got["b"]  # a's stream lasts 6 s, b waits 1 s
+        assert status == 503, body
+        assert b"a (1 request(s) in flight, draining for b: stopped once its requests in " \
+            b"flight are answered, 5.0 GiB)" in body
+        # nobody waits for b any more: the drain is called off, a's waiting request served
+        ta.join(10)
+        assert got["a"][0] == 200
+        assert "a: drain for b called off (no longer waiting)" in d.logtext()
+        t.join(20)
+        assert stream["r"][0] == 200 and b"[DONE]" in stream["r"][2]  # never cut
+        assert states(d)["a"][0] == "ready" and launches(d, "a") == 1
+        assert d.service("a")["on_demand"]["draining_for"] is None
+        assert client.chat("model-b")[0] == 200  # a idle now: swapped at once
+        assert states(d)["a"] == ("stopped", ["idle"])
+
+
+def test_a_drained_model_sends_its_new_requests_to_its_backup(tmp_path: Path) -> None:
+    spare = fake_service("spare", free_port(), models=[])
+    doc, client = config(tmp_path, [od("a", 5, gate={"backup": "spare"}, **NOW), od("c", 5),
+                                    spare])
+    with up(tmp_path, doc, client) as d:
+        d.wait_state("spare", "ready")
+        assert client.chat("model-a")[0] == 200  # the backup answers while a loads
+        d.wait_state("a", "ready")
+        stream: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: stream.update(r=client.chat(
+            "model-a", stream=True, max_tokens=40, fake_token_delay_s=0.1)))
+        t.start()
+        wait_until(lambda: d.service("a")["inflight"] == 1, 5)
+        got: dict[str, Any] = {}
+        tc = threading.Thread(target=lambda: got.update(c=client.chat("model-c")))
+        tc.start()
+        wait_until(lambda: d.service("a")["on_demand"]["draining_for"] == "c", 5)
+        status, headers, _b = client.chat("model-a", stream=True)  # not to a: the backup
+        assert status == 200 and headers["X-Backend-Port"] == str(spare["port"])
+        tc.join(20)
+        t.join(20)
+        assert got["c"][0] == 200, got["c"]
+        assert stream["r"][0] == 200 and b"[DONE]" in stream["r"][2]  # never cut
+        assert stream["r"][1]["X-Backend-Port"] == str(doc["service"][0]["port"])
+        assert states(d)["a"] == ("stopped", ["idle"])
+
+
+def test_a_model_within_min_residency_s_is_no_victim(tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 5, min_residency_s=4),
+                                    od("b", 5, gate={"queue_timeout_s": 1.5}), od("c", 5)])
+    with up(tmp_path, doc, client) as d:
+        assert client.chat("model-a")[0] == 200
+        loaded = time.monotonic()
+        svc = wait_until(lambda: (o := d.service("a")["on_demand"])["resident_s"] > 0 and o, 5)
+        assert svc["min_residency_s"] == 4 and svc["resident_s"] <= 4
+        status, headers, body = client.chat("model-b")  # idle, but loaded just now: kept
+        assert status == 503 and headers.get("Retry-After") == "10"
+        msg = json.loads(body)["error"]["message"]
+        assert "no room for b (needs 5.0 GiB)" in msg, msg
+        assert "kept" in msg and "more by min_residency_s = 4" in msg, msg
+        assert states(d)["a"][0] == "ready"
+        status, _h, body = client.chat("model-c")  # waits (queue_timeout_s 30) for it
+        assert status == 200, body
+        assert time.monotonic() - loaded >= 3.5  # not before a's 4 s (less the swap)
+        s = states(d)
+        assert s["a"] == ("stopped", ["idle"]) and s["c"][0] == "ready"
+        assert "a: stopping to make room for c" in d.logtext()
+        assert d.service("c")["on_demand"]["resident_s"] > 0  # c's 10 s (the default)
+
+
+def test_a_waiting_model_is_served_within_the_bound_under_steady_traffic(
+        tmp_path: Path) -> None:
+    """a is never idle (four clients, streams back to back): before, a request for c lost
+    to a until its queue_timeout_s; now a, loaded more than its min_residency_s ago, is
+    drained (its streams run to their end) and c is served."""
+    doc, client = config(tmp_path, [od("a", 5, min_residency_s=1, gate={"max_concurrency": 2}),
+                                    od("c", 5, min_residency_s=1, gate={"queue_timeout_s": 15})])
+    with up(tmp_path, doc, client) as d:
+        assert client.chat("model-a")[0] == 200
+        stop = threading.Event()
+        codes: list[tuple[int, bytes]] = []
+
+        def busy() -> None:
+            while not stop.is_set():
+                status, _h, body = client.chat("model-a", stream=True, max_tokens=5,
+                                               fake_token_delay_s=0.05)
+                codes.append((status, body))
+
+        threads = [threading.Thread(target=busy) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            wait_until(lambda: len(codes) >= 8, 15, what="a busy")
+            wait_until(lambda: d.service("a")["on_demand"]["resident_s"] == 0, 5)
+            t0 = time.monotonic()
+            status, _h, body = client.chat("model-c")
+            waited = time.monotonic() - t0
+            assert status == 200, body
+            # the bound: a's residency (over) + its streams in flight (0.25 s) + its stop +
+            # c's load; generous for a loaded machine
+            assert waited < 10, waited
+            assert "a: draining to make room for c" in d.logtext()
+            n = len(codes)
+            wait_until(lambda: len(codes) > n + 4, 20, what="a loaded again")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert all(c == 200 and b"[DONE]" in b and b"upstream_cut" not in b for c, b in codes)
+        assert launches(d, "a") == 2 and launches(d, "c") == 1
 
 
 def test_llmctl_start_pins_and_stop_holds(tmp_path: Path) -> None:
     doc, client = config(tmp_path, [od("a", 5, idle_stop_s=0.3),
-                                    od("b", 5, gate={"queue_timeout_s": 1.0})])
+                                    od("b", 5, gate={"queue_timeout_s": 1.0}, **NOW)])
     with up(tmp_path, doc, client) as d:
         r = d.llmctl("start", "a")
         assert r.returncode == 0, r.stderr
@@ -522,6 +651,7 @@ def test_reload_changes_on_demand_keys_without_a_restart(tmp_path: Path) -> None
         assert client.chat("model-a")[0] == 200
         pid = d.service("a")["pid"]
         doc["service"][0]["idle_stop_s"] = 0.3
+        doc["service"][0]["min_residency_s"] = 0.2
         doc["service"][0]["models"] = ["model-a", "alias-a"]
         doc["service"][1]["start"] = "always"
         del doc["service"][1]["vram_gb"]
@@ -529,6 +659,7 @@ def test_reload_changes_on_demand_keys_without_a_restart(tmp_path: Path) -> None
         r = d.llmctl("reload")
         assert r.returncode == 0, r.stderr
         d.wait_state("b", "ready")  # now always: started
+        assert d.service("a")["on_demand"]["min_residency_s"] == 0.2
         d.wait_state("a", "stopped", 10)  # the new idle_stop_s applies
         assert "a: stopping after 0.3 s" in d.logtext()
         assert pid not in (d.service("a")["pid"],)
@@ -570,7 +701,7 @@ def test_the_real_figure_is_learned_and_used(tmp_path: Path, per_process: bool) 
     uuid = SIM_UUID.format(0)
     knob = [] if per_process else ["--sim-memory-no-pid"]
     doc, client = config(tmp_path, [
-        od("a", 1, "--sim-memory", state, uuid, str(5 * GIB), *knob),
+        od("a", 1, "--sim-memory", state, uuid, str(5 * GIB), *knob, **NOW),
         od("b", 4, "--sim-memory", state, uuid, str(4 * GIB), *knob)])
     with up(tmp_path, doc, client) as d:
         assert client.chat("model-a")[0] == 200
@@ -653,8 +784,8 @@ def sim_od(name: str, vram: int, state: str, *knobs: str, **extra: Any) -> dict[
 
 def test_only_as_many_are_stopped_as_it_takes(tmp_path: Path) -> None:
     state = str(tmp_path / "sim.json")
-    doc, client = config(tmp_path, [sim_od("a", 8, state), sim_od("b", 8, state),
-                                    sim_od("c", 8, state)], total_gib=20)
+    doc, client = config(tmp_path, [sim_od("a", 8, state, **NOW), sim_od("b", 8, state, **NOW),
+                                    sim_od("c", 8, state, **NOW)], total_gib=20)
     with up(tmp_path, doc, client) as d:
         for m in ("model-a", "model-b", "model-c"):
             assert client.chat(m)[0] == 200
@@ -682,7 +813,7 @@ def test_an_always_service_in_backoff_keeps_its_place(tmp_path: Path) -> None:
     alw = fake_service("alw", free_port(), "--sim-memory", state, SIM_UUID.format(0),
                        str(8 * GIB), gpus=[0], vram_gb=8,
                        restart={"backoff_initial_s": 3, "backoff_max_s": 3})
-    doc, client = config(tmp_path, [alw, sim_od("a", 12, state), sim_od("b", 8, state)],
+    doc, client = config(tmp_path, [alw, sim_od("a", 12, state, **NOW), sim_od("b", 8, state)],
                          total_gib=20)
     with up(tmp_path, doc, client) as d:
         d.wait_state("alw", "ready")
@@ -695,7 +826,7 @@ def test_an_always_service_in_backoff_keeps_its_place(tmp_path: Path) -> None:
 
 
 def test_reload_to_always_makes_room_first(tmp_path: Path) -> None:
-    doc, client = config(tmp_path, [od("a", 12), od("b", 12)], total_gib=20)
+    doc, client = config(tmp_path, [od("a", 12, **NOW), od("b", 12)], total_gib=20)
     with up(tmp_path, doc, client) as d:
         assert client.chat("model-a")[0] == 200
         doc["service"][1]["start"] = "always"
