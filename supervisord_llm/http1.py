@@ -26,6 +26,7 @@ MAX_HEADERS: Final = 128
 HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
+    b"http2-settings",  # h2c's upgrade: connection-specific (RFC 9113 3.2.1)
 })
 
 Headers = list[tuple[bytes, bytes]]
@@ -40,6 +41,16 @@ class ParseError(Exception):
         self.status = status
 
 
+class Upgrade(ParseError):
+    """llhttp stopped at a protocol upgrade (`Connection: upgrade` with `Upgrade`, or
+    CONNECT): what follows `offset` in the bytes fed is not parsed. llhttp (through httptools)
+    skips the body of such a request: the caller that goes on in HTTP/1.1 must parse it."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__("protocol upgrades are not supported", 501)
+        self.offset = offset
+
+
 def feed(parser: httptools.HttpRequestParser | httptools.HttpResponseParser, data: bytes,
          limit: HeadLimit, in_head: Callable[[], bool]) -> None:
     """Feed llhttp; count the bytes of a head that spans feeds; ParseError on anything wrong
@@ -49,8 +60,8 @@ def feed(parser: httptools.HttpRequestParser | httptools.HttpResponseParser, dat
         parser.feed_data(data)
         if was_in_head and in_head():
             limit.fed(len(data))
-    except httptools.HttpParserUpgrade:
-        raise ParseError("protocol upgrades are not supported", 501) from None
+    except httptools.HttpParserUpgrade as exc:
+        raise Upgrade(int(exc.args[0]) if exc.args else len(data)) from None
     except httptools.HttpParserCallbackError as exc:
         cause = exc.__context__
         if isinstance(cause, ParseError):

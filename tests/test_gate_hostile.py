@@ -10,14 +10,14 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import RawBackend, async_wait_until, free_port
-from supervisord_llm.config import GateSection, parse_listen
+from supervisord_llm.config import GateSection, RouterSection, parse_listen
 from supervisord_llm.gate import Gate, GateHost
 
 
@@ -618,3 +618,310 @@ async def test_head_of_a_204_has_no_length(gate_env: Callable[..., Awaitable[Env
         head = await asyncio.wait_for(read_head(reader), 5)
         assert head.startswith(b"HTTP/1.1 204") and b"content-length" not in head.lower()
         writer.close()
+
+
+# --- the request path: upgrades, pipelining, bad chunk sizes, `model` twice ---------------------
+
+
+@pytest.fixture
+async def router_env() -> AsyncIterator[Callable[..., Awaitable[Env]]]:
+    """A router (model "m") in front of a gate without a listener of its own, in process."""
+    host = GateHost()
+
+    async def make(backend_port: int, **settings: object) -> Env:
+        gate = await host.add("svc", GateSection(None))
+        host.call(gate.set_upstreams, ("127.0.0.1", backend_port), None)
+        await async_wait_until(lambda: gate.state == "open", 2, what="gate open")
+        listen = parse_listen(f"127.0.0.1:{free_port()}")
+        await host.set_router(RouterSection(listen, **settings),  # type: ignore[arg-type]
+                              ({"m": "svc"}, [{"id": "m", "service": "svc"}]))
+        return Env(host, gate, listen.port)
+
+    yield make
+    await host.close()
+
+
+@dataclass
+class Seen:
+    """What a recording backend received."""
+
+    heads: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)  # bodies that came whole
+    cut: int = 0  # requests whose connection closed before their body was whole
+
+
+async def read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
+    low = head.lower()
+    if b"transfer-encoding: chunked" in low:
+        out = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass  # trailers
+                return out
+            out += (await reader.readexactly(size + 2))[:-2]
+    if b"content-length:" in low:
+        return await reader.readexactly(int(low.split(b"content-length:")[1].split(b"\r\n")[0]))
+    return b""
+
+
+def recorder(seen: Seen, hold: asyncio.Event | None = None
+             ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A backend that records each request, answers (once `hold` is set) with the size of
+    the body it got and its path."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await read_head(reader)
+            except asyncio.IncompleteReadError:
+                return
+            seen.heads.append(head)
+            try:
+                body = await read_body(reader, head)
+            except asyncio.IncompleteReadError:
+                seen.cut += 1
+                return
+            seen.bodies.append(body)
+            if hold is not None:
+                await hold.wait()
+            reply = b"%s got %d" % (head.split(b" ")[1], len(body))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(reply), reply))
+            await writer.drain()
+
+    return serve
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bytes]:
+    """One response: (status, head, body) with a Content-Length or chunked body."""
+    async with asyncio.timeout(10):
+        head = await read_head(reader)
+        return int(head.split(b" ", 2)[1]), head, await read_body(reader, head)
+
+
+def chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+UPGRADES = {
+    # what `curl --http2 -d ... http://` sends
+    "h2c": b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+           b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
+    "websocket": b"Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n"
+                 b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+}
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "none"])
+@pytest.mark.parametrize("upgrade", list(UPGRADES))
+@pytest.mark.parametrize("via", ["gate", "router"])
+async def test_an_upgrade_is_not_made_and_the_body_goes_through(
+        gate_env: Callable[..., Awaitable[Env]], router_env: Callable[..., Awaitable[Env]],
+        via: str, upgrade: str, framing: str) -> None:
+    """A POST asking for h2c or websocket used to lose its body (llhttp skips the body of an
+    upgrade): the engine got `Content-Length: 0`, the router answered 400 missing_model. The
+    upgrade is not made; the request goes on as HTTP/1.1, body and all, without the upgrade
+    headers, and the connection serves the next request."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    if framing == "none" and via == "router":
+        pytest.skip("the router routes by the body")
+    framed = {
+        "length": b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+        "chunked": b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body[:10], body[10:]),
+        "none": b"\r\n",
+    }[framing]
+    sent = body if framing != "none" else b""
+    seen = Seen()
+    async with RawBackend(recorder(seen)) as backend:
+        env = await (router_env if via == "router" else gate_env)(backend.port)
+        reader, writer = await connect(env.port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\n" + UPGRADES[upgrade]
+                     + framed + b"POST /v1/next HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n"
+                     b"\r\n%s" % (len(body), body))
+        first = await read_response(reader)
+        second = await read_response(reader)
+        writer.close()
+    assert first[0] == 200 and first[2] == b"/v1/chat/completions got %d" % len(sent), first
+    assert second[0] == 200 and second[2] == b"/v1/next got %d" % len(body), second
+    assert seen.bodies == [sent, body]
+    forwarded = seen.heads[0].lower()
+    assert b"upgrade" not in forwarded and b"http2-settings" not in forwarded, forwarded
+
+
+async def test_connect_is_refused(gate_env: Callable[..., Awaitable[Env]]) -> None:
+    seen = Seen()
+    async with RawBackend(recorder(seen)) as backend:
+        env = await gate_env(backend.port)
+        status, reply = await get(env.port, b"CONNECT example.com:443 HTTP/1.1\r\n"
+                                            b"Host: example.com:443\r\n\r\n\x16\x03\x01")
+        assert status == 501 and b'"code": "bad_request"' in reply
+    assert not seen.heads
+
+
+TWICE = ('{"model": "m", "messages": [{"role": "user", "content": "%s"}], '
+         '"stream": false, "mod\\u0065l": "hidden"}')
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("pad", [0, 300_000], ids=["small", "large"])
+async def test_a_body_with_model_twice_never_reaches_the_server(
+        router_env: Callable[..., Awaitable[Env]], pad: int, framing: str) -> None:
+    """Routed by the first `model`, read by the server by the last: a client could reach a
+    model (a LoRA adapter, say) the operator never listed. Refused with 400 invalid_body,
+    also when the second comes after the body has begun to stream to the server: the
+    server never gets the body whole."""
+    body = (TWICE % ("x" * pad)).encode()
+    assert json.loads(body)["model"] == "hidden"  # what a server reads
+    seen = Seen()
+    async with RawBackend(recorder(seen)) as backend:
+        env = await router_env(backend.port)
+        reader, writer = await connect(env.port)
+        cut = len(body) - 50 if pad else len(body)  # the second `model` comes after it
+        if framing == "length":
+            parts = [b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:cut]), body[cut:]]
+        else:
+            parts = [b"Transfer-Encoding: chunked\r\n\r\n" + chunked(
+                *(body[i:min(i + 5000, cut)] for i in range(0, cut, 5000)))[:-5],
+                chunked(body[cut:]) if cut < len(body) else b"0\r\n\r\n"]
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\n" + parts[0])
+        if pad:  # the body streams to the server before the second `model` comes
+            await async_wait_until(lambda: len(seen.heads) == 1, 5, what="streaming upstream")
+        writer.write(parts[1])
+        status, _head, reply = await read_response(reader)
+        assert status == 400, reply
+        err = json.loads(reply)["error"]
+        assert err["code"] == "invalid_body" and err["type"] == "invalid_request_error"
+        assert "more than one top-level `model`" in err["message"]
+        writer.close()
+        await async_wait_until(lambda: backend.connections == backend.closed_connections, 5,
+                               what="no upstream request left open")
+        assert seen.bodies == []  # never whole: nothing for the server to run
+        assert seen.cut == (1 if pad else 0)  # the large one had begun to stream
+        await async_wait_until(lambda: env.gate.inflight == 0, 5, what="slot freed")
+        # `model` once (and twice in a nested object) goes through
+        good = json.dumps({"model": "m", "messages": [{"content": "x" * pad}],
+                           "tools": [{"model": 1}]}).encode()
+        status, _reply = await get(env.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: g"
+                                   b"\r\nContent-Length: %d\r\n\r\n%s" % (len(good), good))
+        assert status == 200
+    assert seen.bodies == [good]
+
+
+async def test_pipelined_requests_beyond_the_limit_are_answered_in_turn(
+        gate_env: Callable[..., Awaitable[Env]]) -> None:
+    """More than PIPELINE_MAX pipelined requests dropped the connection with no answer at
+    all, not even for the request being answered. Now: every request admitted is answered in
+    order, the first one beyond gets 503 `pipeline_full`, and the connection closes."""
+    from supervisord_llm.gate.server import PIPELINE_MAX
+
+    release = asyncio.Event()
+    seen = Seen()
+    async with RawBackend(recorder(seen, hold=release)) as backend:
+        env = await gate_env(backend.port)
+        listener = env.host._listeners[env.gate.name]
+        reader, writer = await connect(env.port)
+        writer.write(b"GET /first HTTP/1.1\r\nHost: g\r\n\r\n")
+        await async_wait_until(lambda: len(seen.heads) == 1, 5, what="the first admitted")
+        writer.write(b"".join(b"GET /p%d HTTP/1.1\r\nHost: g\r\n\r\n" % i
+                              for i in range(PIPELINE_MAX + 3)))
+        await async_wait_until(lambda: any(c._final for c in listener.connections), 5,
+                               what="the one beyond the limit refused")
+        release.set()
+        replies = [await read_response(reader) for _ in range(PIPELINE_MAX + 2)]
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # then it closes
+        writer.close()
+    assert [r[2] for r in replies[:-1]] == [b"/first got 0"] + [
+        b"/p%d got 0" % i for i in range(PIPELINE_MAX)]
+    status, head, body = replies[-1]
+    assert status == 503 and b"Connection: close" in head
+    assert json.loads(body)["error"]["code"] == "pipeline_full"
+    assert len(seen.heads) == PIPELINE_MAX + 1  # none beyond the limit reached the backend
+
+
+@pytest.mark.parametrize("extra", ["large body", "bad head"])
+async def test_what_follows_a_pipelined_request_is_refused_after_its_answer(
+        gate_env: Callable[..., Awaitable[Env]], extra: str) -> None:
+    """A pipelined request with a body over 64 KiB (it cannot be held while another is
+    answered), or a malformed one, used to drop the connection (or close it) without an
+    answer for the requests before it."""
+    release = asyncio.Event()
+    seen = Seen()
+    async with RawBackend(recorder(seen, hold=release)) as backend:
+        env = await gate_env(backend.port)
+        listener = env.host._listeners[env.gate.name]
+        reader, writer = await connect(env.port)
+        writer.write(b"GET /first HTTP/1.1\r\nHost: g\r\n\r\n")
+        await async_wait_until(lambda: len(seen.heads) == 1, 5, what="the first admitted")
+        writer.write(b"GET /second HTTP/1.1\r\nHost: g\r\n\r\n")
+        writer.write(b"POST /big HTTP/1.1\r\nHost: g\r\nContent-Length: 200000\r\n\r\n"
+                     + b"x" * 100_000 if extra == "large body" else b"\x00\x01 garbage\r\n\r\n")
+        await async_wait_until(lambda: any(c._final for c in listener.connections), 5,
+                               what="refused in turn")
+        release.set()
+        replies = [await read_response(reader) for _ in range(3)]
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    assert [(r[0], r[2]) for r in replies[:2]] == [(200, b"/first got 0"),
+                                                    (200, b"/second got 0")]
+    status, _head, body = replies[2]
+    code = json.loads(body)["error"]["code"]
+    assert (status, code) == ((503, "pipeline_full") if extra == "large body"
+                              else (400, "bad_request"))
+
+
+BAD_CHUNK_SIZES = {"overflow": b"ffffffffffffffffff", "0x": b"0x10", "negative": b"-5",
+                   "absurdly long": b"1" * 300, "space": b"5 "}
+
+
+@pytest.mark.parametrize("size", list(BAD_CHUNK_SIZES))
+@pytest.mark.parametrize("via", ["gate", "router"])
+async def test_a_bad_chunk_size_gets_the_json_400(
+        gate_env: Callable[..., Awaitable[Env]], router_env: Callable[..., Awaitable[Env]],
+        via: str, size: str) -> None:
+    """It used to close the connection with no answer at all."""
+    seen = Seen()
+    async with RawBackend(recorder(seen)) as backend:
+        env = await (router_env if via == "router" else gate_env)(backend.port)
+        reader, writer = await connect(env.port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n12\r\n{\"model\": \"m\", \"a\"\r\n"
+                     + BAD_CHUNK_SIZES[size] + b"\r\n: 1}\r\n0\r\n\r\n")
+        reply = await asyncio.wait_for(reader.read(), 5)  # then it closes
+        writer.close()
+        status, head, body = await read_response(_reader_of(reply))
+        assert status == 400 and b"Connection: close" in head, reply
+        err = json.loads(body)["error"]
+        assert err["code"] == "bad_request" and err["type"] == "invalid_request_error"
+        assert err["message"].startswith("bad request: invalid HTTP"), err
+        await async_wait_until(lambda: env.gate.inflight == 0, 5, what="no slot held")
+    assert seen.bodies == []
+
+
+async def test_a_bad_chunk_size_while_the_body_streams_upstream(
+        gate_env: Callable[..., Awaitable[Env]]) -> None:
+    """Past the 64 KiB held before admission the body streams to the server: a bad chunk
+    size then still gets the 400, and the server never gets the body whole."""
+    seen = Seen()
+    async with RawBackend(recorder(seen)) as backend:
+        env = await gate_env(backend.port)
+        reader, writer = await connect(env.port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: g\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n"
+                     + chunked(*[b"y" * 16384] * 8)[:-5])  # no last chunk yet
+        await async_wait_until(lambda: len(seen.heads) == 1, 5, what="streaming upstream")
+        writer.write(b"0x4000\r\n" + b"y" * 16384 + b"\r\n0\r\n\r\n")
+        reply = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert reply.startswith(b"HTTP/1.1 400") and b'"code": "bad_request"' in reply, reply
+        await async_wait_until(lambda: seen.cut == 1, 5, what="the upstream request cut")
+        await async_wait_until(lambda: env.gate.inflight == 0, 5, what="slot freed")
+        assert env.gate.stats.requests == {"400": 1}
+    assert seen.bodies == []
+
+
+def _reader_of(data: bytes) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return reader

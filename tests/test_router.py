@@ -13,7 +13,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+import tracemalloc
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +42,55 @@ GIB = 1024**3
 # --- the scan ---------------------------------------------------------------------------------
 
 
+def scan_split(body: bytes, cuts: Iterable[int]) -> str | None:
+    """The model the scan reads in `body` fed in pieces cut at `cuts` (None if the object
+    does not end); BadBody out."""
+    s, prev = ModelScan(), 0
+    for cut in [*cuts, len(body)]:
+        s.feed(body[prev:cut])
+        prev = cut
+    return s.model if s.done else None
+
+
 def scan(body: bytes, step: int) -> str | None:
-    s, buf = ModelScan(), bytearray()
-    for i in range(0, len(body), step):
-        buf += body[i:i + step]
-        found = s.feed(buf)
-        if found is not None:
-            return found
-    return None
+    """The same, in reads of `step` bytes."""
+    return scan_split(body, range(step, len(body), step))
+
+
+def every_split(body: bytes) -> Iterator[list[int]]:
+    """Every way to cut `body` in two, and in three around each point."""
+    for cut in range(1, len(body)):
+        yield [cut]
+        if 1 < cut < len(body) - 1:
+            yield [cut - 1, cut + 1]
+
+
+# the key `model` as a client may write it: json reads them all as "model"
+SPELLINGS = ['"model"', '"mod\\u0065l"', '"\\u006d\\u006F\\u0064\\u0065\\u006c"', '"\\u006dodel"']
+
+
+def obj(pairs: list[tuple[str, Any]], ws: str, ascii_only: bool = True) -> bytes:
+    """A JSON object of `pairs` whose keys are JSON text already (spelled as they come)."""
+    return ("{" + ws + ("," + ws).join(
+        f"{k}{ws}:{ws}{json.dumps(v, ensure_ascii=ascii_only)}" for k, v in pairs)
+        + ws + "}").encode()
+
+
+def top_level_pairs(body: bytes) -> list[tuple[str, Any]]:
+    """The top-level members as json reads them, duplicates kept."""
+    seen: list[list[tuple[str, Any]]] = []
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen.append(pairs)  # the top-level object comes last
+        return dict(pairs)
+
+    json.loads(body, object_pairs_hook=hook)
+    return seen[-1]
 
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-    | st.text(max_size=20),
+    | st.text(max_size=20) | st.text(alphabet='\\"a\n', max_size=12),  # runs of escapes
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                 max_size=4),
     max_leaves=12)
@@ -65,15 +102,23 @@ json_values = st.recursive(
        after=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "model"), json_values,
                              max_size=4),
        model=st.text(min_size=1, max_size=30), step=st.integers(1, 64),
-       fmt=st.tuples(st.booleans(), st.sampled_from([None, 0, 2])))
+       fmt=st.tuples(st.booleans(), st.sampled_from([None, 0, 2])),
+       spelling=st.sampled_from(SPELLINGS))
 def test_scan_finds_the_top_level_model_wherever_it_is(
-        before: dict[str, Any], after: dict[str, Any], model: str, step: int,
-        fmt: tuple[bool, int | None]) -> None:
+        *, before: dict[str, Any], after: dict[str, Any], model: str, step: int,
+        fmt: tuple[bool, int | None], spelling: str) -> None:
     ascii_only, indent = fmt
     doc = {**before, "model": model, **{k: v for k, v in after.items() if k not in before}}
     body = json.dumps(doc, ensure_ascii=ascii_only, indent=indent).encode()
     assert scan(body, step) == model
     assert model_of_small(body) == model
+    # the key spelled with escapes (a first `"model":` may be a nested key: json says which)
+    body = body.replace(b'"model":', spelling.encode() + b":", 1)
+    assert json.loads(body)["model"] == model
+    assert scan(body, step) == model
+    assert model_of_small(body) == model
+    for cuts in every_split(body):
+        assert scan_split(body, cuts) == model, cuts
 
 
 @settings(max_examples=150, deadline=None)
@@ -87,10 +132,48 @@ def test_a_model_only_inside_nested_values_is_no_model(doc: dict[str, Any], step
     assert exc.value.code == "missing_model"
 
 
+_KEYS = st.text(max_size=8).filter(lambda k: k != "model")
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.lists(st.tuples(_KEYS, json_values), max_size=3), min_size=3,
+                      max_size=3),
+       first=st.text(min_size=1, max_size=30), second=json_values,
+       spellings=st.tuples(st.sampled_from(SPELLINGS), st.sampled_from(SPELLINGS)),
+       ws=st.sampled_from(["", " ", "\n  "]), ascii_only=st.booleans(),
+       step=st.integers(1, 64))
+def test_a_second_top_level_model_is_refused_at_every_split(
+        *, parts: list[list[tuple[str, Any]]], first: str, second: Any,
+        spellings: tuple[str, str], ws: str, ascii_only: bool, step: int) -> None:
+    """`{"model": "a", ..., "model": "hidden"}`: servers read the last `model`, so a client
+    could reach a model nobody listed through the router's route for the first. Whatever
+    the spelling of either key, wherever the reads are cut: refused."""
+    pairs = [(json.dumps(k), v) for k, v in parts[0]] + [(spellings[0], first)] + [
+        (json.dumps(k), v) for k, v in parts[1]] + [(spellings[1], second)] + [
+        (json.dumps(k), v) for k, v in parts[2]]
+    body = obj(pairs, ws, ascii_only)
+    assert [k for k, _v in top_level_pairs(body)].count("model") == 2  # json's reading
+    for cuts in [*every_split(body), list(range(step, len(body), step))]:
+        with pytest.raises(BadBody) as exc:
+            scan_split(body, cuts)
+        assert exc.value.code == "invalid_body", cuts
+    with pytest.raises(BadBody) as exc2:
+        model_of_small(body)
+    assert exc2.value.code == "invalid_body"
+
+
+def test_model_twice_in_a_nested_object_is_no_concern() -> None:
+    body = b'{"tools": [{"model": 1, "model": 2}], "model": "a", "x": {"model": "b"}}'
+    assert scan(body, 1) == model_of_small(body) == "a"
+
+
 @pytest.mark.parametrize(("body", "code"), [
     (b"[1, 2]", "invalid_body"), (b'"model"', "invalid_body"), (b'{"model": 7}', "invalid_model"),
     (b'{"model": {"id": "x"}}', "invalid_model"), (b'{"model": ""}', "invalid_model"),
     (b'{"model": null}', "invalid_model"), (b'{"a": 1}', "missing_model"),
+    (b'{"model": "a", "model": "b"}', "invalid_body"),
+    (rb'{"model": "a", "mod\u0065l": "b"}', "invalid_body"),
+    (b'{"model": "a"} {"model": "b"}', "invalid_body"),
 ])
 def test_bad_bodies_are_named(body: bytes, code: str) -> None:
     with pytest.raises(BadBody) as exc:
@@ -108,15 +191,52 @@ def test_escaped_keys_and_quotes_inside_strings() -> None:
 
 
 def test_a_long_unfinished_string_is_scanned_once() -> None:
-    """The scan resumes where it stopped: 8 MiB of one string in 64 KiB reads is linear."""
-    s, buf = ModelScan(), bytearray(b'{"messages": "')
+    """The scan goes on where it stopped: 8 MiB of one string in 64 KiB reads is linear."""
+    s = ModelScan()
+    s.feed(b'{"messages": "')
     t0 = time.process_time()
     for _ in range(128):
-        buf += b"x" * 65536
-        assert s.feed(buf) is None
-    buf += b'", "model": "m"}'
-    assert s.feed(buf) == "m"
+        s.feed(b"x\\\"" * 16384)
+        assert s.model is None
+    s.feed(b'", "model": "m"}')
+    assert s.model == "m" and s.done
     assert time.process_time() - t0 < 2.0
+
+
+@pytest.mark.parametrize("shape", ["chat", "prompt", "ints", "keys", "brackets"])
+def test_the_rest_of_a_large_body_is_scanned_in_bounded_time_and_memory(shape: str) -> None:
+    """After `model` the scan goes on to the end of the object (a second `model` may come):
+    8 MiB of whatever shape costs a bounded time and holds nothing of what it passes over."""
+    filler = {
+        "chat": b'{"role": "user", "content": "' + b"word \\\"q\\\" " * 60 + b'"},',
+        "prompt": b'say \\"hi\\" \\\\ ',
+        "ints": b"12345, " * 100,
+        "keys": b'"k": 1, ' * 100,
+        "brackets": b"[[1], [[]], {}], " * 50,
+    }[shape]
+    head, tail = {
+        "chat": (b'{"model": "m", "messages": [', b'{"role": "user"}]}'),
+        "prompt": (b'{"model": "m", "prompt": "', b'"}'),
+        "ints": (b'{"model": "m", "input": [', b"1]}"),
+        "keys": (b'{"model": "m", ', b'"z": 1}'),
+        "brackets": (b'{"model": "m", "x": [', b"1]}"),
+    }[shape]
+    block = filler * (65536 // len(filler))
+    s = ModelScan()
+    tracemalloc.start()
+    t0 = time.process_time()
+    try:
+        s.feed(head)
+        for _ in range(8 * 2**20 // len(block)):
+            s.feed(block)
+        s.feed(tail)
+        took = time.process_time() - t0
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert s.model == "m" and s.done
+    assert took < 10.0, took  # ~0.02 s for chat, ~1 s for brackets, unloaded
+    assert peak < 64 * 1024, peak  # nothing of the body is kept
 
 
 # --- config --------------------------------------------------------------------------------
@@ -903,7 +1023,9 @@ def test_a_failed_load_nobody_waits_for_gives_the_gpu_back(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("pad", [0, 10_000])
-def test_model_twice_is_routed_by_the_first_whatever_the_size(pad: int) -> None:
+def test_model_twice_is_refused_whatever_the_size(pad: int) -> None:
     body = json.dumps({"x": "y" * pad}).encode()[:-1] + b', "model": "first", "model": "second"}'
-    assert model_of_small(body) == "first"
-    assert scan(body, 4096) == "first"
+    for check in (model_of_small, lambda b: scan(b, 4096)):
+        with pytest.raises(BadBody) as exc:
+            check(body)
+        assert exc.value.code == "invalid_body"

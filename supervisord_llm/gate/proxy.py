@@ -7,6 +7,8 @@
   client that trickles its body holds a connection, never a slot.
 - Every request is counted once in `requests` by its outcome: the status sent, 499 when the
   client went away first, 502 when the upstream failed.
+- The headers of a protocol upgrade (`Upgrade`, `HTTP2-Settings`, the `Connection` tokens)
+  are hop-by-hop: the request goes upstream as plain HTTP/1.1 with its body.
 
 Every method runs on the gate loop.
 """
@@ -26,7 +28,15 @@ from .. import http1
 from ..config import GateSection
 from ..logs import LogLimiter
 from .admission import Admission, Rejected
-from .server import BODY_BUFFER, BodyTimeout, ClientConnection, ClientGone, Request, ResponseWriter
+from .server import (
+    BODY_BUFFER,
+    BodyRefused,
+    BodyTimeout,
+    ClientConnection,
+    ClientGone,
+    Request,
+    ResponseWriter,
+)
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
 DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -424,6 +434,15 @@ class Gate:
             if not writer.started:
                 writer.simple(408, http1.error_body(str(exc), "invalid_request_error",
                                                     "request_timeout"))
+            return False
+        except BodyRefused as exc:
+            # a bad chunk size, or the router's check of the body: the upstream (if it was
+            # reached) never got the whole body, and its connection is closed
+            code = exc.status
+            self.stats.reject(exc.code)
+            if not writer.started:
+                kind = "invalid_request_error" if exc.status < 500 else "server_error"
+                writer.simple(exc.status, http1.error_body(exc.message, kind, exc.code))
             return False
         finally:
             self.active -= 1

@@ -3,10 +3,12 @@
 A POST is routed by the `model` of its JSON body: the body is read only as far as it takes to
 find the top-level `model` key (at most `max_body_bytes`), then the request, unchanged, goes
 to the gate of the service that serves that model, on this same loop, with the bytes read so
-far put back in front of the rest of the body (which streams). Everything a gate does (drain,
-admission, the backup, hot swap, thermal pause, the power-down, models on demand) applies as
-if the client had come to the gate itself. `GET /v1/models` lists every model with its
-service and state; `GET /health` answers while the router runs.
+far put back in front of the rest of the body (which streams, scanned on the way to the end
+of the object: a body with `model` twice is refused, as servers read the last one).
+Everything a gate does (drain, admission, the backup, hot swap, thermal pause, the
+power-down, models on demand) applies as if the client had come to the gate itself.
+`GET /v1/models` lists every model with its service and state; `GET /health` answers while
+the router runs.
 
 Runs on the gate loop (`GateHost`); the supervisor pushes the catalogue (`set_catalog`).
 """
@@ -23,126 +25,195 @@ from .. import http1
 from ..config import RouterSection
 from ..logs import LogLimiter
 from .proxy import Gate
-from .server import BODY_BUFFER, BodyTimeout, ClientConnection, ClientGone, Request, ResponseWriter
+from .server import (
+    BODY_BUFFER,
+    BodyRefused,
+    BodyTimeout,
+    ClientConnection,
+    ClientGone,
+    Request,
+    ResponseWriter,
+)
 
 # the bytes held by all requests whose model is being looked for, together: beyond it a
 # request gets 503 (a flood of huge bodies costs a bounded amount of memory)
 HELD_MAX: Final = 256 * 1024 * 1024  # counted twice over: a copy is made along the way
 SMALL_BODY: Final = 4096  # a whole body this small is parsed by json (C) instead of scanned
 MODEL_MAX: Final = 256
-_WS: Final = re.compile(rb"[ \t\r\n]*")
-_SCALAR: Final = re.compile(rb"[^ \t\r\n{}\[\]:,\"]+")
+# The scan passes over most of a body in C, with possessive regexes (no backtracking): each
+# stops where the bytes at hand end or where Python must look (a bracket that changes the
+# depth, a top-level key that may be `model`, a string that goes on in the next read).
+_WS: Final = re.compile(rb"[ \t\r\n]*+")
+_SCALAR: Final = re.compile(rb"[^ \t\r\n{}\[\]:,\"]++")
+# The inside of a string, up to its closing quote (exclusive). Fast: runs to each quote
+# (`[^"]`, a memchr-like loop in sre), over those escaped by exactly one backslash, to one
+# with no backslash before it (the end); exact, and several times slower per byte: escape by
+# escape, where a quote follows a run of two or more backslashes. Both are exact where they
+# match (a quote ends a string unless an odd run of backslashes is right before it).
+_INSIDE_FAST = rb'(?:[^"]*+(?<=[^\\]\\)")*+[^"]*+(?<!\\)'
+_INSIDE_EXACT = rb'[^"\\]*+(?:\\.[^"\\]*+)*+'
+_STR = rb'"(?:' + _INSIDE_FAST + rb'"|' + _INSIDE_EXACT + rb'")'  # a whole string
+_FLAT = rb'(?:[^"\[\]{}]++|' + _STR + rb")*+"  # values without brackets
+_LEAF = rb"\[" + _FLAT + rb"\]|\{" + _FLAT + rb"\}"  # an array or object with no other inside
+# inside a nested value: all but the brackets around non-leaf values
+_NESTED: Final = re.compile(rb"(?:[^\"\[\]{}]++|" + _STR + rb"|" + _LEAF + rb")*+", re.DOTALL)
+# at the top level, after `{` or `,`: members `"key": value,` whose key is plainly not `model`
+# (no escapes) and whose value is a string, a scalar or a leaf
+_MEMBERS: Final = re.compile(
+    rb'(?:[ \t\r\n]*+"(?!model")[^"\\]*+"[ \t\r\n]*+:[ \t\r\n]*+(?:' + _STR
+    + rb'|[^ \t\r\n{}\[\]:,"]++|' + _LEAF + rb")[ \t\r\n]*+,)*+", re.DOTALL)
+# from inside a string: to its closing quote, or to the end of the bytes (the fast way, when
+# they do not end with a backslash), or to a backslash that is the last byte (exact)
+_IN_STRING: Final = re.compile(
+    rb'(?:' + _INSIDE_FAST + rb'(?="|\Z)|' + _INSIDE_EXACT + rb")", re.DOTALL)
 _MODELS_PATHS: Final = (b"/v1/models", b"/models")
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 KEY_MAX: Final = 64  # a top-level key longer than this (quotes included) is not `model`
+_SKIP, _KEY, _VALUE = 1, 2, 3  # the string being read: passed over, a top-level key, the model
 
 
-class BadBody(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        self.status = status
-        self.code = code
-        self.message = message
+class BadBody(BodyRefused):
+    """A body the router refuses (400 `invalid_body`, `missing_model`, `invalid_model`...)."""
 
 
-def _string_end(buf: bytes | bytearray, start: int, resume: int) -> int | None:
-    """The index after the closing quote of the JSON string opening at `start`, looking from
-    `resume` on; None if it is not in `buf` yet."""
-    i = resume
-    while True:
-        j = buf.find(b'"', i)
-        if j < 0:
-            return None
-        k, n = j - 1, 0
-        while k > start and buf[k] == 0x5C:  # backslashes right before it
-            n += 1
-            k -= 1
-        if n % 2 == 0:
-            return j + 1
-        i = j + 1
+def _twice() -> BadBody:
+    return BadBody(400, "invalid_body", "the request body has more than one top-level "
+                   "`model`; servers read the last one, the router would route by the first")
 
 
 class ModelScan:
-    """Finds the top-level `model` of a JSON object as its bytes arrive, without parsing the
-    rest: strings are skipped with `find`, only the structure is followed. `feed(buf)` takes
-    the whole buffer so far (it grows); returns the model, or None when more is needed;
-    raises BadBody when the body is not a JSON object or its `model` is not a string."""
+    """Follows a JSON object as its bytes arrive, chunk by chunk, without parsing it: strings
+    are passed over (`find`, or one regex match in C inside nested values), only the top-level
+    keys are read. `feed(chunk)` sets `model` once the top-level `model` is read and `done`
+    at the end of the object; it raises BadBody when the body is not one JSON object, has no
+    top-level `model`, a `model` that is not a non-empty string, or `model` twice (also
+    written with escapes). Nothing is copied but a top-level key (KEY_MAX) or the model, so
+    the scan holds a few hundred bytes whatever the body; each byte is looked at once."""
 
-    __slots__ = ("_depth", "_expect_key", "_key", "_pos", "_resume", "_started")
+    __slots__ = ("_depth", "_escaped", "_expect_key", "_in", "_key_is_model", "_partial",
+                 "done", "model")
 
     def __init__(self) -> None:
-        self._pos = 0
+        self.model: str | None = None
+        self.done = False  # the top-level object has ended
         self._depth = 0
-        self._started = False
         self._expect_key = False  # at depth 1, after `{` or `,`
-        self._key: bytes | None = None  # the top-level key whose value comes next
-        self._resume = 0  # inside an unfinished string: where to look for its end
+        self._key_is_model = False  # at depth 1: the value that comes is the model's
+        self._in = 0  # inside a string (_SKIP, _KEY, _VALUE) that goes on in the next chunk
+        self._escaped = False  # ...and the last chunk ended with a backslash that escapes
+        self._partial: bytearray | None = None  # the key or model read so far
 
-    def feed(self, buf: bytes | bytearray) -> str | None:
-        pos, n = self._pos, len(buf)
+    def feed(self, data: bytes) -> None:
+        n = len(data)
+        pos = 0
+        if self._in:
+            pos = self._string(data, 0)
+            if pos < 0:
+                return
         while True:
-            pos = _WS.match(buf, pos).end()  # type: ignore[union-attr]
+            if self._depth > 1:
+                pos = _NESTED.match(data, pos).end()  # type: ignore[union-attr]
+            else:
+                if self._expect_key:
+                    pos = _MEMBERS.match(data, pos).end()  # type: ignore[union-attr]
+                pos = _WS.match(data, pos).end()  # type: ignore[union-attr]
             if pos >= n:
-                break
-            c = buf[pos]
-            if not self._started:
+                return
+            c = data[pos]
+            if self._depth == 0:
+                if self.done:
+                    raise BadBody(400, "invalid_body", "the request body goes on after its "
+                                  "JSON object")
                 if c != 0x7B:  # {
                     raise BadBody(400, "invalid_body", "the request body must be a JSON object "
                                   "with a `model`")
-                self._started = True
                 self._depth = 1
                 self._expect_key = True
-                pos += 1
+            elif c == 0x22:  # "
+                if self._depth > 1:
+                    self._in = _SKIP
+                elif self._expect_key:
+                    self._in = _KEY
+                    self._partial = bytearray()
+                elif self._key_is_model:
+                    self._in = _VALUE
+                    self._partial = bytearray()
+                else:
+                    self._in = _SKIP
+                pos = self._string(data, pos + 1)
+                if pos < 0:
+                    return
                 continue
-            if c == 0x22:  # "
-                end = _string_end(buf, pos, max(pos + 1, self._resume))
-                if end is None:
-                    self._resume = n
-                    break
-                self._resume = 0
-                start, pos = pos, end
-                if self._depth != 1:
-                    continue  # a string inside a value: skipped, never copied
-                if self._expect_key:
-                    # only a short key can be `model` (escaped, at most 32 bytes)
-                    self._key = bytes(buf[start:end]) if end - start <= KEY_MAX else b"-"
-                    self._expect_key = False
-                elif self._key is not None:
-                    if self._is_model(self._key):
-                        if end - start > 4 * MODEL_MAX + 2:
-                            raise BadBody(400, "invalid_model", f"`model` is longer than "
-                                          f"{MODEL_MAX} characters")
-                        return self._model(bytes(buf[start:end]))
-                    self._key = None
-                continue
-            if c in (0x7B, 0x5B):  # { [
-                if self._depth == 1 and self._key is not None and self._is_model(self._key):
+            elif c in (0x7B, 0x5B):  # { [
+                if self._depth == 1 and self._key_is_model:
                     raise BadBody(400, "invalid_model", "`model` must be a string")
                 self._depth += 1
-                self._key = None
             elif c in (0x7D, 0x5D):  # } ]
                 self._depth -= 1
                 if self._depth == 0:
-                    raise BadBody(400, "missing_model", "the request body has no `model`")
-            elif c == 0x2C:  # ,
-                if self._depth == 1:
-                    self._expect_key = True
-                    self._key = None
-            elif c == 0x3A:  # :
-                pass
-            else:
-                m = _SCALAR.match(buf, pos)
+                    if self.model is None:
+                        raise BadBody(400, "missing_model", "the request body has no `model`")
+                    self.done = True
+                elif self._depth == 1:
+                    self._key_is_model = False
+            elif c == 0x2C:  # , (at depth 1: the regex passes over the others)
+                self._expect_key = True
+                self._key_is_model = False
+            elif c != 0x3A:  # a number, true, false, null (or something invalid)
+                if self._key_is_model:
+                    raise BadBody(400, "invalid_model", "`model` must be a string")
+                m = _SCALAR.match(data, pos)
                 if m is None:
                     raise BadBody(400, "invalid_body", "the request body is not valid JSON")
-                if m.end() >= n:
-                    break  # it may go on in the next bytes
-                if self._depth == 1 and self._key is not None and self._is_model(self._key):
-                    raise BadBody(400, "invalid_model", "`model` must be a string")
-                self._key = None
-                pos = m.end()
+                pos = m.end()  # it may go on in the next chunk: more of the same
                 continue
             pos += 1
-        self._pos = pos
-        return None
+
+    def _string(self, data: bytes, pos: int) -> int:
+        """Inside a string from `pos`: the index after its closing quote, or -1 if it goes on
+        past `data` (then `_in` and `_escaped` say where the next chunk starts)."""
+        n = len(data)
+        i = pos
+        if self._escaped:  # data[pos] is escaped by the backslash that ended the last chunk
+            if pos >= n:
+                return -1
+            self._escaped = False
+            i += 1
+        # up to the closing quote, or to a backslash that is the last byte, or to the end
+        end = _IN_STRING.match(data, i).end()  # type: ignore[union-attr]
+        if end < n and data[end] == 0x22:
+            self._keep(data, pos, end)
+            self._string_read()
+            return end + 1
+        self._escaped = end < n  # the backslash at the end escapes the next chunk's first
+        self._keep(data, pos, n)
+        return -1
+
+    def _keep(self, data: bytes, start: int, end: int) -> None:
+        """Keep data[start:end] of a key or the model (bounded), nothing of other strings."""
+        partial = self._partial
+        if self._in == _SKIP or partial is None:
+            return
+        if len(partial) + end - start > (KEY_MAX - 2 if self._in == _KEY else 4 * MODEL_MAX):
+            if self._in == _VALUE:
+                raise BadBody(400, "invalid_model", f"`model` is longer than {MODEL_MAX} "
+                              "characters")
+            self._partial = None  # too long to be `model`
+            return
+        partial += data[start:end]
+
+    def _string_read(self) -> None:
+        kind, self._in = self._in, 0
+        partial, self._partial = self._partial, None
+        if kind == _KEY:
+            self._expect_key = False
+            self._key_is_model = partial is not None and self._is_model(b'"%s"' % partial)
+            if self._key_is_model and self.model is not None:
+                raise _twice()
+        elif kind == _VALUE:
+            assert partial is not None
+            self.model = self._model(b'"%s"' % partial)
+            self._key_is_model = False
 
     @staticmethod
     def _is_model(key: bytes) -> bool:
@@ -166,21 +237,25 @@ class ModelScan:
         return value
 
 
-def _first_model(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """json's object hook that keeps the first `model` of an object (as the scan does)."""
-    doc: dict[str, object] = {}
-    for key, value in pairs:
-        if key != "model" or key not in doc:
-            doc[key] = value
+class _Twice(dict[str, object]):
+    """An object that had `model` more than once (json's object hook makes it)."""
+
+
+def _pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    doc = dict(pairs)
+    if len(doc) < len(pairs) and sum(1 for key, _v in pairs if key == "model") > 1:
+        return _Twice(doc)
     return doc
 
 
 def model_of_small(body: bytes) -> str:
-    """The `model` of a whole, small body (json, in C): with `model` twice, the first, as
-    the scan of a larger body finds it."""
+    """The `model` of a whole, small body (json, in C); `model` twice at the top level is
+    refused, as the scan of a larger body refuses it."""
     try:
-        if body.count(b"model") > 1:  # rare: only then the slower, pair-by-pair parse
-            doc = json.loads(body, object_pairs_hook=_first_model)
+        if body.count(b"model") > 1 or b"\\u" in body:
+            # rare: `model` twice, or a key that may be `model` written with escapes: only
+            # then the slower parse that sees every key of every object
+            doc = json.loads(body, object_pairs_hook=_pairs)
         else:
             doc = json.loads(body)
     except (ValueError, RecursionError):
@@ -188,6 +263,8 @@ def model_of_small(body: bytes) -> str:
     if not isinstance(doc, dict):
         raise BadBody(400, "invalid_body", "the request body must be a JSON object with a "
                       "`model`")
+    if isinstance(doc, _Twice):  # the top-level object: the hook makes it last
+        raise _twice()
     if "model" not in doc:
         raise BadBody(400, "missing_model", "the request body has no `model`")
     value = doc["model"]
@@ -259,7 +336,7 @@ class Router:
                 model = model_of_small(held)
             else:
                 model, held = await self._find_model(req)
-        except BadBody as exc:
+        except BodyRefused as exc:  # the router's BadBody, or a bad chunk size
             return self._own(ResponseWriter(conn, req), exc.status, exc.code, exc.message)
         except BodyTimeout as exc:
             self._own(ResponseWriter(conn, req), 408, "request_timeout", str(exc))
@@ -284,7 +361,11 @@ class Router:
         return await gate.handle(req, conn, model)
 
     async def _find_model(self, req: Request) -> tuple[str, bytes]:
-        """Read the body until its `model` is known; the bytes read, to be put back."""
+        """Read the body until its `model` is known; the bytes read, to be put back. The
+        scan goes on over the rest of the body as it arrives (`RequestBody.check`), until the
+        end of the JSON object: a second top-level `model`, however late, fails the body
+        before its last byte is passed on, so that the server never gets it whole (the gate
+        closes the upstream connection and answers 400 `invalid_body`)."""
         body = req.body
         timeout = self.cfg.body_timeout_s
         if body.complete and not body.buffered:
@@ -305,17 +386,23 @@ class Router:
                                   "request bodies now; retry shortly")
                 self.held += 2 * len(data)
                 buf += data
-                del data
                 if body.complete and not buf:
                     raise BadBody(400, "missing_model", "the request body is empty")
-                if first and body.complete and len(buf) <= SMALL_BODY:
-                    return model_of_small(bytes(buf)), bytes(buf)
-                first = False
-                model = scan.feed(buf)
+                if first:
+                    first = False
+                    if body.complete and len(buf) <= SMALL_BODY:
+                        return model_of_small(bytes(buf)), bytes(buf)
+                    scan.feed(data)
+                    body.check = scan.feed  # from now on each read is scanned as it arrives
+                del data
+                model = scan.model
                 if model is not None:
                     if len(model) > MODEL_MAX:
                         raise BadBody(400, "invalid_model", f"`model` is longer than "
                                       f"{MODEL_MAX} characters")
+                    if body.complete and not scan.done:
+                        raise BadBody(400, "invalid_body", "the request body is not complete "
+                                      "JSON")
                     return model, bytes(buf)
                 if body.complete:
                     raise BadBody(400, "missing_model", "the request body has no `model` "

@@ -10,6 +10,12 @@ client controls.
   `body_timeout_s` between reads of a body, `send_timeout_s` to a client that accepts nothing,
   and keeps at most `BODY_BUFFER` of a body and `SEND_BUFFER` of a response buffered: above
   that it stops reading from the client, or tells the upstream to stop (back-pressure).
+- What it cannot take (a bad head or chunk size, more than `PIPELINE_MAX` pipelined requests)
+  is answered in its turn, after the requests before it, and the connection then closes; a bad
+  chunk size in a body being read is answered by the handler reading it (`BodyRefused`).
+- A protocol upgrade (`Connection: upgrade`, `Upgrade: h2c` or `websocket`) is not made: the
+  request goes on as HTTP/1.1, body included (the proxy drops the upgrade headers), as nginx
+  does with h2c. CONNECT is refused (501).
 - Trailers of a chunked request are dropped; they never become headers of anything.
 """
 
@@ -49,6 +55,27 @@ class BodyTimeout(Exception):
     """The client stopped sending its request body for `body_timeout_s`."""
 
 
+class BodyRefused(Exception):
+    """The request body cannot be passed on (a bad chunk size; the router's check found it
+    unfit): the handler answers `status` with the OpenAI error body (`code`, `message`)
+    unless its response has begun, and the connection closes. Nothing of the body is passed
+    on after this: what was held is dropped, what comes is discarded."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class _Stop(http1.ParseError):
+    """Raised from an llhttp callback to stop parsing what remains of a read (the connection
+    takes no more requests)."""
+
+    def __init__(self) -> None:
+        super().__init__("stopped", 0)
+
+
 class Limits(Protocol):
     """The bounds a listener applies (a gate's `[service.gate]` section has them)."""
 
@@ -77,7 +104,10 @@ class Handler(Protocol):
 
 
 class RequestBody:
-    """A request body as it arrives: at most BODY_BUFFER held, then the client waits."""
+    """A request body as it arrives: at most BODY_BUFFER held, then the client waits.
+
+    `check`, when set, sees every chunk as it arrives, before anyone can take it; a
+    BodyRefused from it fails the body (the router's scan for a second `model`)."""
 
     def __init__(self, conn: ClientConnection, expected: bool) -> None:
         self._conn = conn
@@ -87,8 +117,17 @@ class RequestBody:
         self.complete = not expected
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self.check: Callable[[bytes], None] | None = None
 
     def feed(self, data: bytes) -> None:
+        if self._error is not None:
+            return  # failed: nothing more is held
+        if self.check is not None:
+            try:
+                self.check(data)
+            except BodyRefused as exc:
+                self.fail(exc)
+                return
         self._chunks.append(data)
         self.buffered += len(data)
         self.received += len(data)
@@ -101,8 +140,13 @@ class RequestBody:
         self._wake()
 
     def fail(self, exc: BaseException) -> None:
+        """The body will not come whole: whoever reads it gets `exc` at once, and what is
+        held is dropped (none of it is passed on any more)."""
         if not self.complete and self._error is None:
             self._error = exc
+            self._chunks.clear()
+            self.buffered = 0
+            self._conn.resume_reading("body")
             self._wake()
 
     def _wake(self) -> None:
@@ -138,6 +182,8 @@ class RequestBody:
 
     def take(self) -> bytes:
         """Everything held now."""
+        if self._error is not None:
+            raise self._error
         data = b"".join(self._chunks)
         self._chunks.clear()
         self.buffered = 0
@@ -255,6 +301,10 @@ class ClientConnection(asyncio.Protocol):
         self._send_mark = 0
         self._eof = False
         self._closing = False
+        self._halted = False  # no more requests are read: what the client sends is discarded
+        self._final: tuple[int, bytes] | None = None  # our answer after those queued, then close
+        self._upgrading: Request | None = None  # its head asked for an upgrade (not made)
+        self._priming = False  # a made-up head that puts a new parser inside a body
         self.gone = False
         self._task: asyncio.Task[None] | None = None
         # set by the proxy while an upstream response streams to this client
@@ -299,12 +349,35 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
-            return
+        while data and not (self._closing or self._halted):
+            try:
+                http1.feed(self._parser, data, self._limit, lambda: self._in_head)
+                return
+            except http1.Upgrade as exc:
+                data = data[exc.offset:]  # the rest is HTTP/1.1 still: the body, if any, first
+                self._not_upgraded()
+            except _Stop:
+                return
+            except http1.ParseError as exc:
+                self._refuse(exc.status, str(exc))
+                return
+
+    def _not_upgraded(self) -> None:
+        """llhttp stopped after the head of a request asking for a protocol upgrade, and skipped
+        its body (httptools tells it to). The upgrade is not made (the proxy drops `Upgrade`
+        and the `Connection` tokens): a new parser goes on with the same connection, primed
+        with a head of the same framing so that it reads the body into the same request."""
+        req, self._upgrading = self._upgrading, None
+        self._parser = httptools.HttpRequestParser(self)
+        if req is None or self._parsing is not req:
+            return  # no body: the next request follows
+        framing = b"Transfer-Encoding: chunked" if req.chunked \
+            else b"Content-Length: %d" % (req.content_length or 0)
+        self._priming = True
         try:
-            http1.feed(self._parser, data, self._limit, lambda: self._in_head)
-        except http1.ParseError as exc:
-            self._refuse(exc.status, str(exc))
+            self._parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+        finally:
+            self._priming = False
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -323,12 +396,16 @@ class ClientConnection(asyncio.Protocol):
     # --- llhttp callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._priming:
+            return
         self._in_head = True
         self._url = b""
         self._headers = []
         self._limit.reset()
 
     def on_url(self, url: bytes) -> None:
+        if self._priming:
+            return
         self._limit.part(len(url))
         self._url += url
 
@@ -338,8 +415,12 @@ class ClientConnection(asyncio.Protocol):
             self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._priming:
+            return  # the made-up head: the body that follows is the upgrading request's
         self._in_head = False
         p = self._parser
+        if p.should_upgrade() and p.get_method() == b"CONNECT":
+            raise http1.ParseError("CONNECT is not supported", 501)
         headers = self._headers
         chunked = http1.is_chunked(headers)
         cl = http1.header(headers, b"content-length")
@@ -348,12 +429,15 @@ class ClientConnection(asyncio.Protocol):
         expect = (http1.header(headers, b"expect") or b"").lower() == b"100-continue"
         req = Request(p.get_method(), self._url, p.get_http_version(), headers,
                       p.should_keep_alive(), body, chunked, length, expect)
+        if self._active is not None and len(self._pipeline) >= PIPELINE_MAX:
+            self._overflow(f"more than {PIPELINE_MAX} requests pipelined")
+            raise _Stop  # nothing after it is parsed
+        if p.should_upgrade():
+            self._upgrading = req  # its body, if any, is read by the next parser
         self._parsing = req
         if self._active is None:
             self._cancel_header_timer()
             self._start(req)
-        elif len(self._pipeline) >= PIPELINE_MAX:
-            self._abuse(f"more than {PIPELINE_MAX} pipelined requests")
         else:
             # pipelined: runs after the current one. Reading goes on (bounded), so that a
             # client that leaves is seen: a paused socket would not tell us.
@@ -364,8 +448,11 @@ class ClientConnection(asyncio.Protocol):
             self._parsing.body.feed(data)
 
     def on_message_complete(self) -> None:
-        if self._parsing is not None:
-            self._parsing.body.end()
+        req = self._parsing
+        if req is not None:
+            if req is self._upgrading and not req.body.complete:
+                return  # llhttp skipped its body: the next parser reads it
+            req.body.end()
             self._parsing = None
 
     # --- requests -------------------------------------------------------------------------------
@@ -397,28 +484,68 @@ class ClientConnection(asyncio.Protocol):
         if self._pipeline:
             self._start(self._pipeline.popleft())
             return
+        if self._final is not None:  # our own answer to what came after them
+            self._send_final()
+            return
+        if self._halted:
+            self.close()
+            return
         self._arm_header_timer()  # idle keep-alive: the next head must come in time
 
     def _refuse(self, status: int, why: str) -> None:
-        """A request we cannot parse: answer it (if nothing else is being answered) and
-        close the connection."""
+        """A request we cannot parse: answered in its turn (after the requests before it),
+        then the connection closes. A bad chunk size in the body of the request being
+        answered is its handler's to answer (the body fails with BodyRefused)."""
         self.handler.limiter.info("bad_request", "%s gate: bad request from %s: %s",
                                   self.handler.name, self.peer or "?", why)
-        self.handler.count(status)
-        if self._parsing is not None:
-            self._parsing.body.fail(ClientGone(f"bad request: {why}"))
-        if self._active is None and self.transport is not None:
-            body = http1.error_body(f"bad request: {why}", "invalid_request_error",
-                                    "bad_request")
-            head = http1.encode_head(
-                b"HTTP/1.1 %d %s" % (status, http1.REASONS.get(status, b"")),
-                [(b"Content-Type", b"application/json"), (b"Content-Length",
-                                                          b"%d" % len(body)),
-                 (b"Connection", b"close")])
-            self.transport.write(head + body)
-        self._closing = True
+        self._halted = True
+        message = f"bad request: {why}"
+        req, self._parsing = self._parsing, None
+        if req is not None:
+            if req is self._active:
+                req.body.fail(BodyRefused(status, "bad_request", message))
+                return
+            self._unqueue(req)
+        self._answer_last(status, http1.error_body(message, "invalid_request_error",
+                                                   "bad_request"))
+
+    def _overflow(self, why: str) -> None:
+        """A pipelined request beyond what the connection holds: those before it are
+        answered, it gets a 503 (to be sent again, on this connection after the answers or on
+        another), and the connection closes."""
+        self.handler.limiter.info("pipeline", "%s gate: %s sent %s; answering those before, "
+                                  "then closing", self.handler.name, self.peer or "?", why)
+        self._halted = True
+        req, self._parsing = self._parsing, None
+        if req is not None:
+            self._unqueue(req)
+        self._answer_last(503, http1.error_body(
+            f"{why} on one connection: send it again once the answers before it have come, "
+            "or on another connection", "service_unavailable", "pipeline_full"))
+
+    def _unqueue(self, req: Request) -> None:
+        """`req` (the last pipelined) will not be run."""
+        if self._pipeline and self._pipeline[-1] is req:
+            self._pipeline.pop()
+        req.body.fail(ClientGone("not run"))
+
+    def _answer_last(self, status: int, body: bytes) -> None:
+        """Our own answer, after those of the requests before it; then close."""
+        head = http1.encode_head(
+            b"HTTP/1.1 %d %s" % (status, http1.REASONS.get(status, b"")),
+            [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(body)),
+             (b"Connection", b"close")])
+        self._final = (status, head + body)
         if self._active is None:
-            self.close()
+            self._send_final()
+
+    def _send_final(self) -> None:
+        if self._final is not None:
+            status, response = self._final
+            self._final = None
+            self.handler.count(status)
+            self.write(response)
+        self.close()
 
     # --- output ---------------------------------------------------------------------------
 
@@ -449,17 +576,13 @@ class ClientConnection(asyncio.Protocol):
 
     def body_full(self, body: RequestBody) -> None:
         """A request body holds BODY_BUFFER: reading waits for the proxy to take it. A
-        pipelined request's body cannot be taken yet: that client is dropped (waiting would
-        stop us from seeing it leave)."""
+        pipelined request's body cannot be taken yet, and reading must go on (waiting would
+        stop us from seeing the client leave): that request is refused in its turn."""
         if self._active is not None and body is self._active.body:
             self.pause_reading("body")
         else:
-            self._abuse("a pipelined request with a large body")
-
-    def _abuse(self, why: str) -> None:
-        self.handler.limiter.info("pipeline", "%s gate: %s sent %s; dropping the connection",
-                                  self.handler.name, self.peer or "?", why)
-        self.abort()
+            self._overflow(f"a pipelined request with a body over {BODY_BUFFER // 1024} KiB")
+            raise _Stop
 
     def pause_reading(self, why: str) -> None:
         if not self._paused and self.transport is not None and not self.transport.is_closing():
