@@ -63,6 +63,14 @@ BENCHES: list[tuple[str, list[str], list[str], list[tuple[str, str, str, str, Ch
          r"POST, 1 client\s+p99.*added ([+-][\d.]+)", "ms", "< 0.2", lambda v: v < 0.2),
         ("cold start: supervisor's part", r"\+ supervisor (\d+) ms", "ms", "report",
          lambda v: True)]),
+    ("swapping", ["bench/swapping.py", "--seconds", "60", "--starved", "2"],
+     ["bench/swapping.py", "--seconds", "30", "--starved", "1"], [
+        ("on demand: loads/min, alternating client", r"= ([\d.]+) loads/min", "per min",
+         "<= 60 / min_residency_s", lambda v: v <= 60 / 10 + 1),
+        ("on demand: request vs a busy model, answer", r"\(run 1\): (\d+) after", "", "200",
+         lambda v: v == 200),
+        ("on demand: request vs a busy model, wait", r"\(run 1\): \d+ after ([\d.]+) s", "s",
+         "report", lambda v: True)]),
     ("soak", ["bench/soak.py", "--seconds", "300"], ["bench/soak.py", "--seconds", "60"], [
         ("chaos soak: faults injected", r"(\d+) faults\s+injected", "faults", "report",
          lambda v: True),
