@@ -653,7 +653,8 @@ class Swapper:
         retired = False
         try:
             log.info("%s: draining to make room for %s (new requests for it wait; stopped "
-                     "once the %d inside are answered)", name, for_whom, gate.active)
+                     "once the %d in flight are answered)", name, for_whom,
+                     gate.active - gate.cold_waiting)
             mine = f"{name} is making room for {for_whom}: stopped once its requests in " \
                 "flight are answered; it loads again when there is room"
             await self._set_message(gate, mine)
