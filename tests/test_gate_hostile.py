@@ -580,8 +580,9 @@ async def test_other_transfer_codings_and_a_closed_gate_with_expect(
 async def test_a_pipelining_client_that_leaves_is_seen(
         gate_env: Callable[..., Awaitable[Env]]) -> None:
     """A second request pipelined behind one the model is thinking about, then FIN: the gate
-    still reads, so it sees the client go (slot freed). More than PIPELINE_MAX pipelined
-    requests, or a pipelined request with a large body, drop the connection."""
+    still reads, so it sees the client go (slot freed), also after more than PIPELINE_MAX
+    pipelined requests or a pipelined request with a large body (which are refused in their
+    turn: test_pipelined_requests_beyond_the_limit_are_answered_in_turn)."""
     from supervisord_llm.gate.server import PIPELINE_MAX
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
