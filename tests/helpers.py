@@ -158,6 +158,37 @@ def base_config(tmp: Path, services: list[dict[str, Any]], gpus: int = 2,
     return doc
 
 
+def gated(name: str, *knobs: str, gpus: list[Any] | None = None, backup: str | None = None,
+          service: Mapping[str, Any] | None = None, **gate: Any) -> dict[str, Any]:
+    """A fake service behind a request gate on a free port (`max_concurrency` 10 unless
+    given); `service` adds or changes other sections of the service (health, env, ...)."""
+    cfg: dict[str, Any] = {"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 10,
+                           **gate}
+    if backup:
+        cfg["backup"] = backup
+    return fake_service(name, free_port(), *knobs, gpus=gpus, gate=cfg, **(service or {}))
+
+
+def stays(pred: Callable[[], Any], seconds: float, what: str) -> None:
+    """`pred` holds for the whole of `seconds` (checked every 50 ms): the assertion that
+    something does not happen."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert pred(), what
+        time.sleep(0.05)
+
+
+async def async_stays(pred: Callable[[], Any], seconds: float, what: str) -> None:
+    """`stays` for async tests: `pred` holds for the whole of `seconds`, the loop kept free."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        value = pred()
+        if isinstance(value, Awaitable):
+            value = await value
+        assert value, what
+        await asyncio.sleep(0.05)
+
+
 # --- processes ------------------------------------------------------------------------------
 
 

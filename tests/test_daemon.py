@@ -33,6 +33,7 @@ from helpers import (
     fake_service,
     free_port,
     running,
+    stays,
     toml_dumps,
     wait_until,
 )
@@ -313,8 +314,7 @@ def test_leftovers_of_a_crashed_daemon_are_stopped_at_start(tmp_path: Path) -> N
         d.proc.kill()
         d.proc.wait()
         d.pids_seen.clear()  # d.stop() must not clean up what the next daemon has to find
-        time.sleep(0.3)
-        assert alive(grandchild)  # what an orphan looks like: it would hold the GPU
+        stays(lambda: alive(grandchild), 0.3, "the orphan lives on")  # it would hold the GPU
     finally:
         d.stop()
     with running(tmp_path, doc) as d2:

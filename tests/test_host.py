@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+import helpers
 from helpers import (
     FAKE,
     Daemon,
@@ -37,11 +38,10 @@ TAG = f"LLM_SUPERVISOR_TEST_TAG={os.getpid()}-{time.monotonic_ns()}"
 
 
 def gated(name: str, *knobs: str, **gate: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = {"listen": f"127.0.0.1:{free_port()}", "drain_timeout_s": 5}
-    cfg.update(gate)
     key, value = TAG.split("=")
-    return fake_service(name, free_port(), *knobs, gate=cfg,
-                        health={"startup_timeout_s": 120}, env={key: value})
+    return helpers.gated(name, *knobs, service={"health": {"startup_timeout_s": 120},
+                                                "env": {key: value}},
+                         **{"max_concurrency": 64, "drain_timeout_s": 5, **gate})
 
 
 def processes_of(service: str) -> list[int]:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from nutserver import NutServer, require_nut
 
+import helpers
 from helpers import (
     Daemon,
     NotifyListener,
@@ -24,6 +25,7 @@ from helpers import (
     fake_service,
     free_port,
     running,
+    stays,
     wait_until,
 )
 
@@ -42,9 +44,7 @@ def ups(tmp_path: Path) -> Iterator[NutServer]:
 
 
 def gated(name: str, *knobs: str, **extra: Any) -> dict[str, Any]:
-    return fake_service(name, free_port(), *knobs, gpus=[0],
-                        gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 10,
-                              "drain_timeout_s": 10}, **extra)
+    return helpers.gated(name, *knobs, gpus=[0], service=extra, drain_timeout_s=10)
 
 
 def config(tmp: Path, ups: NutServer, services: list[dict[str, Any]],
@@ -70,14 +70,6 @@ def power(d: Daemon) -> dict[str, Any]:
 
 def mode(d: Daemon) -> str:
     return str(d.status()["supervisor"]["mode"])
-
-
-def stays(pred: Any, seconds: float, what: str) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        assert pred(), what
-        time.sleep(0.05)
-
 
 def test_on_battery_past_the_grace_runs_the_whole_sequence_and_comes_back(
         tmp_path: Path, ups: NutServer) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,23 +18,17 @@ from helpers import (
     SIM_UUID,
     Daemon,
     base_config,
-    fake_service,
-    free_port,
+    gated,
     running,
+    stays,
     wait_until,
 )
 
 GPU0, GPU1 = SIM_UUID.format(0), SIM_UUID.format(1)
 
 
-def gated(name: str) -> dict[str, Any]:
-    return fake_service(name, free_port(), gpus=[0],
-                        gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 10,
-                              "drain_timeout_s": 5})
-
-
 def none_config(tmp: Path, **power: Any) -> dict[str, Any]:
-    return base_config(tmp, [gated("chat")], gpus=2, power={
+    return base_config(tmp, [gated("chat", gpus=[0], drain_timeout_s=5)], gpus=2, power={
         "source": "none", "drain_timeout_s": 2, "stop_timeout_s": 5, **power})
 
 
@@ -47,14 +40,6 @@ def limits(tmp: Path) -> list[float]:
     path = tmp / "sim.json.limits.json"
     got = json.loads(path.read_text()) if path.exists() else {}
     return [got.get(GPU0, 300.0), got.get(GPU1, 300.0)]
-
-
-def stays(pred: Any, seconds: float, what: str) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        assert pred(), what
-        time.sleep(0.05)
-
 
 def kill9(d: Daemon) -> None:
     d.signal(signal.SIGKILL)
@@ -129,7 +114,7 @@ def ups(tmp_path: Path) -> Iterator[NutServer]:
 
 
 def nut_config(tmp: Path, ups: NutServer, **power: Any) -> dict[str, Any]:
-    return base_config(tmp, [gated("chat")], gpus=2, power={
+    return base_config(tmp, [gated("chat", gpus=[0], drain_timeout_s=5)], gpus=2, power={
         "source": "nut", "ups": ups.ups, "poll_interval_s": 0.2, "on_battery_grace_s": 60,
         "deadtime_s": 2, "low_runtime_s": 60, "drain_timeout_s": 2, "stop_timeout_s": 5,
         **power})

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from helpers import Daemon, async_wait_until, base_config, free_port, running
+from helpers import Daemon, async_stays, async_wait_until, base_config, free_port, running
 
 FLOOD = str(Path(__file__).resolve().parent / "floodbackend.py")
 
@@ -127,7 +127,14 @@ async def test_hostile_clients_soak(tmp_path: Path) -> None:
             return bool(s["inflight"] == 0)
 
         await async_wait_until(quiet, 10, what="warm-up over")
-        await asyncio.sleep(1.5)  # the gate's own timeouts close what the warm-up left
+        # the gate's own timeouts close what the warm-up left: the descriptors settle
+        last: list[int] = []
+
+        def settled() -> bool:
+            last.append(fds(pid))
+            return len(last) >= 6 and len(set(last[-6:])) == 1
+
+        await async_wait_until(settled, 15, interval=0.25, what="descriptors settled")
         base_fds, base_rss = fds(pid), rss_mb(pid)
         log_before = len(d.logtext().splitlines())
         peak = base_rss
@@ -175,7 +182,12 @@ async def test_out_of_file_descriptors(tmp_path: Path) -> None:
         for _ in range(400):  # more than the daemon has descriptors
             with contextlib.suppress(OSError):
                 conns.append(await asyncio.open_connection("127.0.0.1", port))
-        await asyncio.sleep(3)  # the accept loop is retrying meanwhile
+        # the accept loop is retrying meanwhile: it says so, then keeps quiet for a while
+        await async_wait_until(lambda: any("cannot accept" in line for line in
+                                           d.logtext().splitlines()[log_before:]), 10,
+                               what="the accept loop says it cannot accept")
+        await async_stays(lambda: len(d.logtext().splitlines()) - log_before < 40, 2,
+                          "a few lines, not one per retry")
         new = d.logtext().splitlines()[log_before:]
         emfile = [line for line in new if "cannot accept" in line]
         assert 1 <= len(emfile) <= 6, new[-20:]

@@ -16,24 +16,14 @@ from typing import Any
 
 from test_thermal import GPU0, config, gpu, heat, limits_file
 
-from helpers import SIM_UUID, fake_service, free_port, running, wait_until
+import helpers
+from helpers import SIM_UUID, fake_service, free_port, running, stays, wait_until
 
 GPU1 = SIM_UUID.format(1)
 
 
 def gated(name: str, gpus: list[int], **gate: Any) -> dict[str, Any]:
-    return fake_service(name, free_port(), gpus=gpus,
-                        gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 10,
-                              **gate})
-
-
-def stays(pred: Any, seconds: float, what: str) -> None:
-    """`pred` holds for the whole of `seconds`."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        assert pred(), what
-        time.sleep(0.05)
-
+    return helpers.gated(name, gpus=gpus, **gate)
 
 def test_a_service_on_two_gpus_stays_paused_until_both_cool(tmp_path: Path) -> None:
     with running(tmp_path, config(tmp_path, [gated("chat", [0, 1])])) as d:
