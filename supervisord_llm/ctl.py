@@ -331,6 +331,19 @@ def _brief_line(s: dict[str, Any]) -> str:
     return line
 
 
+def render_power_event(data: Any) -> str:
+    """One line for upsmon's and upssched's logs: the event, applied or why not, and where
+    the power policy stands."""
+    ev = data.get("event") if isinstance(data, dict) else None
+    if not isinstance(ev, dict):
+        return json.dumps(data, indent=2)
+    name = f"{ev.get('name')}{' --force' if ev.get('forced') else ''}"
+    where = f"UPS {data.get('state')}, phase {data.get('phase')}"
+    if ev.get("applied"):
+        return f"{name}: applied ({where})" + (f"; {ev['why']}" if ev.get("why") else "")
+    return f"{name}: not applied: {ev.get('why')} ({where})"
+
+
 def render_brief(data: Any) -> str:
     if isinstance(data, dict) and isinstance(data.get("services"), list):
         return "\n".join(_brief_line(s) for s in data["services"] if isinstance(s, dict))
@@ -472,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     elif cmd == "status":
         sys.stdout.write(render_status(data) + "\n")
+    elif cmd == "power-event":
+        sys.stdout.write(render_power_event(data) + "\n")
     elif cmd == "checkpoint":
         sys.stdout.write(render_checkpoints(data) + "\n")
         if isinstance(data, dict) and data.get("ok") is False:

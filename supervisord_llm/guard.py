@@ -673,6 +673,9 @@ class GpuGuard:
                             "is not here; kept, to restore when it is", uuid, entry["before"])
                 continue
             await self._restore(gpu, "left lowered by an earlier run")
+            changed = True
+        if changed:  # the policy must see the restored limits as the boards' own, not the
+            await self.hub.poll_once()  # lowered ones the first poll read
 
     async def _distrust(self, loaded: Loaded, by_uuid: dict[str, GpuInfo]) -> None:
         """The GPUs whose record is damaged (all, when the file as a whole is) go back to the

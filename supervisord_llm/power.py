@@ -168,7 +168,7 @@ class PowerController:
             self.state = dataclasses.replace(self.state, forced=recorded.forced,
                                              override=recorded.override)
         if obs.state == "fsd" and self.state.override:
-            obs = dataclasses.replace(obs, state="online" if obs.ol else "low_battery")
+            obs = dataclasses.replace(obs, state=P.unbelieved(obs))
         if obs.state in ("on_battery", "low_battery", "fsd") or (
                 self.state.forced and recorded is not None and recorded.phase in HELD_PHASES):
             # a daemon (re)started during an outage: loading models now would spend the
@@ -215,14 +215,20 @@ class PowerController:
         if st is None:
             log.warning("power: %s is not a power state record: ignored", path)
             return None
-        if not isinstance(doc, dict) or doc.get("boot_id") != self._boot_id \
-                or self._boot_id is None:
+        if not isinstance(doc, dict) or not isinstance(doc.get("boot_id"), (str, type(None))):
+            log.warning("power: %s is not a power state record: ignored", path)
+            return None
+        if doc.get("boot_id") != self._boot_id or self._boot_id is None:
             if st.phase in HELD_PHASES:
                 log.warning("power: the last run recorded %s, but the machine has restarted "
                             "since: taken as the power back", st.phase.replace("_", " "))
             return None
+        if st.override and self.poller is None:
+            st = dataclasses.replace(st, override=False)  # no upsd flag to disbelieve
         if st.override and self.override_by is None:
             self.override_by = ("recorded", time.time())
+            log.warning("power: the override of the last run stands (upsd's FSD is not "
+                        "believed until upsd clears it; %s)", path)
         return st
 
     def _save_soon(self) -> None:
@@ -253,7 +259,8 @@ class PowerController:
         snap = self.poller.snapshot
         r = snap.value
         if snap.status == "ok" and r is not None:
-            return P.Observation(r.state, r.charge_pct, r.runtime_s, ol="OL" in r.flags)
+            return P.Observation(r.state, r.charge_pct, r.runtime_s, ol="OL" in r.flags,
+                                 ob="OB" in r.flags)
         if snap.status == "unknown":
             return None
         return P.Observation("unreachable")  # unresponsive (past the deadline) or an error
@@ -320,9 +327,11 @@ class PowerController:
                     "; upsd's FSD flag is not believed until upsd clears it"
                     if self.poller is not None else "")
         self._count("override")
-        async with self._lock:
-            self.state = P.override(self.state)
-        self.override_by = ("operator", time.time())
+        async with self._lock:  # without upsd there is no FSD flag to disbelieve: the latches go
+            self.state = P.override(self.state) if self.poller is not None \
+                else P.release(self.state)
+        if self.poller is not None:
+            self.override_by = ("operator", time.time())
         self.last_event = ("on-line", self._clock())
         # the operator brings them back even with restart_on_power_return = false
         await self.observe(P.Observation("online", source="event"),
@@ -358,25 +367,32 @@ class PowerController:
                 await self._act(action)
             self._save_soon()
 
-    async def _tick_at(self, at: float) -> None:
+    async def _grace(self) -> None:
         """The grace on the clock alone: the next reading or event may come minutes later
-        (with `source = "none"`, upssched's LOWBATT), or never."""
-        await asyncio.sleep(max(0.0, at - self._clock()))
-        async with self._lock:
-            if self.host.mode is Mode.SHUTTING_DOWN:
+        (with `source = "none"`, upssched's LOWBATT), or never. Checked at least every
+        second, with the running grace: a reload that changes `on_battery_grace_s` during an
+        episode applies to it, counted from the start of the cut."""
+        while True:
+            since = self.state.on_battery_since
+            if self.state.phase != "on_battery" or since is None or self._stopping():
                 return
-            self.state, actions = P.tick(self.state, self.limits, self._clock())
-            for action in actions:
-                await self._act(action)
-            self._save_soon()
+            left = since + self.cfg.on_battery_grace_s - self._clock()
+            await asyncio.sleep(min(1.0, max(0.0, left)))
+            async with self._lock:
+                if self._stopping():
+                    return
+                self.state, actions = P.tick(self.state, self.limits, self._clock())
+                for action in actions:
+                    await self._act(action)
+                self._save_soon()
+
+    def _stopping(self) -> bool:
+        return self.host.mode is Mode.SHUTTING_DOWN
 
     def _arm_grace(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        since = self.state.on_battery_since
-        if self.state.phase == "on_battery" and since is not None:
-            self._timer = asyncio.get_running_loop().create_task(
-                self._tick_at(since + self.cfg.on_battery_grace_s), name="power-grace")
+        if self._timer is None or self._timer.done():
+            self._timer = asyncio.get_running_loop().create_task(self._grace(),
+                                                                 name="power-grace")
 
     # --- the actions ------------------------------------------------------------------------
 
@@ -556,7 +572,7 @@ class PowerController:
                                              r.runtime_s if r else None, source="event"))
         elif r is not None:
             await self.observe(P.Observation(r.state, r.charge_pct, r.runtime_s,
-                                             ol="OL" in r.flags))
+                                             ol="OL" in r.flags, ob="OB" in r.flags))
 
     async def _stop_services(self, step: Step) -> None:
         """In reverse order, each held `powered_down` and sent its stop signal; each waited

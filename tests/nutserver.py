@@ -371,8 +371,9 @@ class NutServer:
                        "any answer")
 
     def _wait_current(self, deadline: float) -> None:
-        status = self.vars["ups.status"]
-        self._wait(lambda answer: answer == status, max(0.0, deadline - time.monotonic()),
+        status = self.vars["ups.status"]  # with an FSD that upsd keeps (see fsd()) in front
+        self._wait(lambda answer: answer.removeprefix("FSD ") == status,
+                   max(0.0, deadline - time.monotonic()),
                    f"ups.status {status!r} (it reads WAIT for a second at first)")
 
     def _write_config(self) -> None:

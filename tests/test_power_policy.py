@@ -195,7 +195,7 @@ def test_the_grace_runs_out_on_the_clock_alone() -> None:
 
 
 def fsd(ol: bool = True) -> P.Observation:
-    return P.Observation("fsd", 100, 1200, ol=ol)
+    return P.Observation("fsd", 100, 1200, ol=ol, ob=not ol)
 
 
 def powered_down_by_fsd(at: float = 0.0) -> P.State:
@@ -255,3 +255,17 @@ def test_the_operator_override_ignores_the_low_marks_it_is_given() -> None:
     st = P.override(st)
     st, acts = P.decide(st, P.Observation("online", source="event"), LIM, 2)
     assert names(acts) == ["Restart"]
+
+
+def test_a_bare_fsd_under_the_override_says_nothing_about_the_power() -> None:
+    """upsd's standing FSD with the driver gone: neither OL nor OB. Under the override that is
+    no data (an alert), never low battery."""
+    st = P.override(powered_down_by_fsd())
+    st, acts = P.decide(st, P.Observation("online", source="event"), LIM, 20)
+    assert names(acts) == ["Restart"]
+    st, acts = P.decide(st, P.Observation("fsd", ol=False, ob=False), LIM, 21)
+    assert names(acts) == ["Alert"] and st.phase == "online" and st.override
+    st, acts = P.decide(st, P.Observation("fsd", 100, 1200, ol=True), LIM, 22)
+    assert names(acts) == ["Reachable"] and st.phase == "online"
+    st, acts = P.decide(st, P.Observation("fsd", 100, 1200, ob=True), LIM, 23)
+    assert names(acts) == ["OnBattery", "PowerDown"]

@@ -86,6 +86,38 @@ def test_a_daemon_killed_while_powered_down_comes_back_held(tmp_path: Path) -> N
         d.stop()
 
 
+def test_a_reload_during_the_grace_applies_the_new_grace(tmp_path: Path) -> None:
+    doc = none_config(tmp_path, on_battery_grace_s=600)
+    with running(tmp_path, doc) as d:
+        d.wait_state("chat", "ready")
+        r = d.llmctl("power-event", "on-battery")
+        assert r.returncode == 0 and r.stdout.startswith("on-battery: applied"), r.stdout
+        doc["power"]["on_battery_grace_s"] = 2
+        d.write(doc)
+        assert d.llmctl("reload").returncode == 0
+        wait_until(lambda: mode(d) == "powered_down", 10, what="the new grace ran out")
+
+
+def test_a_daemon_killed_while_capped_caps_again_when_it_comes_back_held(
+        tmp_path: Path) -> None:
+    doc = none_config(tmp_path, on_battery_grace_s=600)
+    d = Daemon(tmp_path, doc).start()
+    try:
+        d.wait_state("chat", "ready")
+        assert d.llmctl("power-event", "on-battery").returncode == 0
+        wait_until(lambda: limits(tmp_path) == [180.0, 180.0], 5, what="capped")
+        kill9(d)
+        d = Daemon(tmp_path, doc).start()
+        wait_until(lambda: mode(d) == "powered_down", 10, what="held at start")
+        # restored from the record, then capped again: still on battery as far as we know
+        wait_until(lambda: limits(tmp_path) == [180.0, 180.0], 10, what="capped again")
+        assert d.llmctl("power-event", "on-line").returncode == 0
+        wait_until(lambda: limits(tmp_path) == [300.0, 300.0], 10, what="restored")
+        d.wait_state("chat", "ready", 15)
+    finally:
+        d.stop()
+
+
 def test_a_record_of_another_boot_or_a_damaged_one_holds_nothing(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
@@ -161,14 +193,25 @@ def test_the_operator_override_always_brings_them_back(tmp_path: Path, ups: NutS
         assert "override: FSD not believed, by the operator" in d.llmctl("status").stdout
         assert "operator override" in d.logtext()
         stays(lambda: mode(d) == "normal", 1.0, "upsd's standing FSD is not believed")
+        # the driver gone while the flag stands: upsd says nothing about the line, which is no
+        # reason to stop anything
+        ups.kill_driver()
+        wait_until(lambda: d.status()["power"]["state"] in ("unknown", "unreachable"), 10,
+                   what="no data")
+        stays(lambda: mode(d) == "normal", 1.5, "no power-down for a driver gone")
+        ups.start_driver()
+        ups.wait_status("FSD OL")
         # a restart of the daemon keeps the override while upsd keeps its flag
         d.signal(signal.SIGTERM)
         assert d.wait(20) == 0
         d.stop()
     with running(tmp_path, doc) as d2:
         d2.wait_state("chat", "ready", 15)
-        # upsd restarted: its flag is gone, and so is the override
+        # upsd and its driver restarted (upsd passed its flag on to the new driver above):
+        # the flag is gone, and so is the override
         ups.kill_upsd()
+        ups.kill_driver()
+        ups.start_driver()
         ups.start_upsd()
         ups.wait_status("OL")
         wait_until(lambda: d2.status()["power"]["override"] is None, 10, what="override ended")

@@ -27,7 +27,7 @@ Phases: `online` -> `on_battery` -> `powering_down` -> `powered_down` -> `online
 - FSD is a power-down from any phase but `powered_down`, even with OL in the flags. An FSD
   that came as an event (upsmon's primary is powering the machine off) also keeps the
   services down when a reading says on line again, until an on-line event.
-- upsd keeps FSD once it is set, until upsd itself restarts: `FSD OL` long after the sequence
+- upsd keeps FSD once it is set, until NUT's server restarts: `FSD OL` long after the sequence
   ended, with the box still up, is an aborted shutdown. After `fsd_stale_s` of it the FSD flag
   is no longer believed (`override`) and the services start again; the operator's
   `llmctl power-event on-line --force` does the same at once (`override()`). While the flag is
@@ -86,6 +86,7 @@ class Observation:
     runtime_s: float | None = None
     source: str = "nut"  # nut | event (llmctl power-event)
     ol: bool = False  # OL among upsd's flags (tells `FSD OL` from `FSD OB`)
+    ob: bool = False  # OB among them (a bare `FSD`, the driver gone, says neither)
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,8 @@ def _unbelieved_fsd(state: State, obs: Observation, lim: Limits, now: float
     """An FSD that is no longer believed: upsd's flag reads as on line with OL (as low battery
     with OB), and an FSD event's latch goes. That is so after the operator's override, or when
     the FSD still stands `fsd_stale_s` after the sequence ended, this machine still up and
-    upsd saying OL: the shutdown it announced did not happen."""
+    upsd saying OL: the shutdown it announced did not happen. A bare `FSD` (neither OL nor OB:
+    the driver gone) then says nothing about the power."""
     if obs.source != "nut" or obs.state in ("unreachable", "unknown"):
         return state, obs, []
     fsd = obs.state == "fsd"
@@ -199,8 +201,14 @@ def _unbelieved_fsd(state: State, obs: Observation, lim: Limits, now: float
                                                        if fsd else "")))
         state = replace(state, override=state.override or fsd, forced=False, waiting=False)
     if fsd and state.override:
-        obs = replace(obs, state="online" if obs.ol else "low_battery")
+        obs = replace(obs, state=unbelieved(obs))
     return state, obs, actions
+
+
+def unbelieved(obs: Observation) -> str:
+    """What an FSD reading that is not believed says: on line with OL, low battery with OB
+    (a new cut cannot be told from a real FSD), and nothing (`unknown`) with neither."""
+    return "online" if obs.ol else "low_battery" if obs.ob else "unknown"
 
 
 def decide(state: State, obs: Observation, lim: Limits, now: float
