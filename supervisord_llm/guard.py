@@ -664,8 +664,10 @@ class GpuGuard:
         loaded = await self.store.load()
         self.store.entries = dict(loaded.entries)
         by_uuid = {g.uuid: g for g in self.hub.gpus}
+        changed = False
         if loaded.damaged is not None or loaded.bad:
             await self._distrust(loaded, by_uuid)
+            changed = True
         for uuid, entry in list(self.store.entries.items()):
             gpu = by_uuid.get(uuid)
             if gpu is None:
