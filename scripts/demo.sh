@@ -293,7 +293,7 @@ sleep 4
 "${CTL[@]}" status | sed -n '/^GPU/,/^$/p'
 
 say "a power cut: the UPS goes on battery (its runtime follows what the GPUs draw)"
-echo '{"GPU-5a1e0000-0000-4000-8000-000000000000": {"power_w": 280}, "GPU-5a1e0000-0000-4000-8000-000000000001": {"power_w": 280}}' > "$RUN/sim-gpus.json"
+echo '{"GPU-5a1e0000-0000-4000-8000-000000000000": {"power_w": 280, "utilization_pct": 95}, "GPU-5a1e0000-0000-4000-8000-000000000001": {"power_w": 280, "utilization_pct": 95}}' > "$RUN/sim-gpus.json"
 runtime() { upsc "dummy@127.0.0.1:$PU" battery.runtime 2>/dev/null; }
 mode_is() {
   for _ in $(seq "$2"); do
@@ -314,6 +314,7 @@ mode_is powered_down 300
 echo "the rag-store snapshot: $(cat "$RUN/rag-store.snapshot")"
 say "the power returns (OL): the services start again; the gates open when they are ready"
 echo "OL CHRG" > "$RUN/ups-control"
+echo '{}' > "$RUN/sim-gpus.json"  # the load is gone with the models: the GPUs idle again
 ready
 "${CTL[@]}" status | sed -n '1,4p'
 curl -s -o /dev/null -w "a chat through the gate again: HTTP %{http_code}\n" \

@@ -510,7 +510,7 @@ class PowerController:
                                             self.checkpoints.total_timeout_s(),
                                             cfg.stop_timeout_s)
             gated = [n for n in sup.actors if sup.gate_of(n) is not None]
-            step = self._step("drain", f"{len(gated)} gates, up to {budget:.1f} s"
+            step = self._step("drain", f"{_count_of(len(gated), 'gate')}, up to {budget:.1f} s"
                               + (f" (runtime {runtime_s:.0f} s, margin {margin:.0f} s)"
                                  if runtime_s is not None else ""))
             if gated:
@@ -524,14 +524,14 @@ class PowerController:
             self._end(step)
             # 2. checkpoints
             if self.checkpoints.hooks:
-                step = self._step("checkpoint", f"{len(self.checkpoints.hooks)} hooks")
+                step = self._step("checkpoint", _count_of(len(self.checkpoints.hooks), "hook"))
                 results = await self.checkpoints.run(None, "power-down")
                 bad = [r.name for r in results if r.result != "ok"]
                 step.detail += f"; failed: {', '.join(bad)}" if bad else "; all done"
                 self._end(step)
             # 3. stop (no cancel from here on: power back restarts them afterwards)
             self.state = P.commit(self.state)
-            step = self._step("stop", f"{len(sup.actors)} services, up to "
+            step = self._step("stop", f"{_count_of(len(sup.actors), 'service')}, up to "
                               f"{cfg.stop_timeout_s:g} s")
             await self._stop_services(step)
             # nothing left to drain: the gates now say that their service is held down
@@ -716,3 +716,7 @@ def _record_state(doc: object) -> P.State | None:
     if not isinstance(forced, bool) or not isinstance(override, bool):
         return None
     return P.State(phase=str(phase), believed=str(believed), forced=forced, override=override)
+
+
+def _count_of(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
