@@ -233,7 +233,10 @@ def render_status(data: dict[str, Any]) -> str:
             total = g.get("memory_total_bytes")
             used = g.get("memory_used_bytes")
             mem = "-" if total is None else (
-                f"{(used or 0) / 2**30:.1f}/{total / 2**30:.0f} GiB")
+                f"{(used or 0) / 2**30:.1f}/{total / 2**30:.0f} GiB used")
+            committed = g.get("memory_committed_bytes")
+            if total is not None and committed:  # the models' own figure (vram_gb, learned)
+                mem += f", {committed / 2**30:.1f} committed"
             # the temperature the thermal policy acts on: the junction (hot spot) where the
             # board reports one (AMD), else the GPU's own (as in STATUS= and the STATE column)
             temp = g.get("hotspot_c")

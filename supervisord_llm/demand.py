@@ -94,6 +94,7 @@ class Swapper:
         self.host = host
         self._clock = clock
         self.pinned: set[str] = set()
+        self._pinning: set[str] = set()  # an `llmctl start` loads them: pinned once loaded
         self.pending: dict[str, Pending] = {}
         self.learned: dict[str, dict[str, int]] = {}  # service -> GPU uuid -> bytes
         self.stats: dict[str, ServiceStats] = {}
@@ -159,7 +160,15 @@ class Swapper:
         """`llmctl start` of on-demand services: pinned (no idle stop, never a victim) and
         loaded now, making room like a request would; ControlError if room cannot be made
         within the gate's queue_timeout_s."""
-        waits = []
+        waits: list[tuple[str, asyncio.Future[str | None]]] = []
+        self._pinning.update(names)  # no victims for each other: they are all to stay
+        try:
+            await self._start_pinned(names, waits)
+        finally:
+            self._pinning.difference_update(names)
+
+    async def _start_pinned(self, names: list[str],
+                            waits: list[tuple[str, asyncio.Future[str | None]]]) -> None:
         for name in names:
             actor = self.sup.actor(name)
             if "idle" not in actor.holds:
@@ -176,7 +185,10 @@ class Swapper:
             if why is not None:
                 problems.append(why)
         if problems:
-            raise ControlError("failed", "; ".join(problems))
+            raise ControlError("failed", "; ".join(problems) + (
+                "; a pinned model keeps its room until `llmctl stop NAME` (or `llmctl reset "
+                "NAME`, back to on demand)" if "pinned by llmctl start" in "".join(problems)
+                else ""))
 
     def unpin(self, names: list[str]) -> None:
         for name in names:
@@ -423,7 +435,9 @@ class Swapper:
                 self._draining[victim] = name
                 self._spawn(self._drain_out(victim, name))
         await self._push_message(gate, plan.message)
-        if now - p.last >= timeout:
+        # the operator's start is told at once when nothing could make room by waiting (what
+        # holds it is pinned, `always` or exclusive); a request waits its queue_timeout_s
+        if now - p.last >= timeout or (p.pin and not plan.wait and not plan.drain):
             del self.pending[name]
             log.warning("%s: not loaded: %s", name, plan.message)
             self._settle(p, plan.message)
@@ -462,6 +476,13 @@ class Swapper:
         return [a for a in self.sup.all_actors()
                 if a.state in HOLDING or a.proc is not None or a.up
                 or (not a.cfg.on_demand and a.model.wanted and "operator" not in a.holds)]
+
+    def committed(self, uuid: str) -> int:
+        """What the services holding (or about to hold) this GPU need of it: `vram_gb`, or
+        what was learned, whichever is larger. The figure the no-room message counts, beside
+        what the GPU itself reports used."""
+        return sum(self.need(a).get(uuid, 0) for a in self._holding()
+                   if any(g.uuid == uuid for g in a.plan.gpus))
 
     def _idle(self, actor: ServiceActor) -> bool:
         gate = self.sup.gate_of(actor.name)
@@ -533,7 +554,8 @@ class Swapper:
             return freed
 
         def evictable(a: ServiceActor) -> bool:
-            return a.cfg.on_demand and a.name not in self.pinned and a in self.sup.actors.values()
+            return a.cfg.on_demand and a.name not in self.pinned \
+                and a.name not in self._pinning and a in self.sup.actors.values()
 
         now = self._clock()
 
@@ -605,7 +627,8 @@ class Swapper:
                 # what waits in the gate (to load it, or while it is drained) is not in flight
                 n = gate.active - gate.cold_waiting if gate is not None else 0
                 what = "always" if not a.cfg.on_demand else (
-                    "pinned by llmctl start" if a.name in self.pinned else
+                    "pinned by llmctl start" if a.name in self.pinned or a.name in self._pinning
+                    else
                     f"{n} request(s) in flight" if n > 0
                     else "stopping" if a.state is State.STOPPING else str(a.state))
                 if a.cfg.exclusive:

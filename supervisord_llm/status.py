@@ -49,6 +49,9 @@ def gpu_status(sup: Supervisor, snap: GpuSnapshot, now: float) -> dict[str, Any]
         "vendor": g.vendor,
         "backend": g.backend,
     }
+    if sup.swapper is not None and g.memory_total_bytes:
+        # what the services on it need (vram_gb or learned): the no-room message's figure
+        data["memory_committed_bytes"] = sup.swapper.committed(g.uuid)
     data["health"] = health_status(sup, g.uuid, now)
     if sup.gpu_events is not None:
         data["xid_errors"] = {str(k): v for k, v in
@@ -129,7 +132,9 @@ def service_status(sup: Supervisor, actor: ServiceActor, now: float) -> dict[str
             "swaps": st.swaps if st else 0,
             "idle_stops": st.idle_stops if st else 0,
             "waiting": gate.cold_waiting if gate is not None else 0,
-            "message": gate.cold_message if gate is not None else None,
+            # the last no-room note, while something still waits for it
+            "message": gate.cold_message if gate is not None and (
+                actor.name in sw.pending or gate.cold_waiting) else None,
         }
     return data
 

@@ -29,6 +29,7 @@ from helpers import (
     fake_service,
     free_port,
     running,
+    stays,
     wait_until,
 )
 from supervisord_llm.config import parse_config
@@ -741,8 +742,7 @@ def test_llmctl_start_pins_and_stop_holds(tmp_path: Path) -> None:
         r = d.llmctl("start", "a")
         assert r.returncode == 0, r.stderr
         d.wait_state("a", "ready")
-        time.sleep(1.0)
-        assert states(d)["a"][0] == "ready"  # pinned: no idle stop
+        stays(lambda: states(d)["a"][0] == "ready", 1.0, "pinned: no idle stop")
         status, _h, body = client.chat("model-b")  # and never a victim
         assert status == 503 and b"pinned by llmctl start" in body
         assert d.llmctl("stop", "a").returncode == 0
@@ -754,6 +754,29 @@ def test_llmctl_start_pins_and_stop_holds(tmp_path: Path) -> None:
         assert states(d)["a"] == ("stopped", ["idle"])
         status, _h, body = client.chat("model-a")
         assert status == 200, (body, d.logtext()[-3000:])
+
+
+def test_start_all_that_cannot_fit_says_so_at_once(tmp_path: Path) -> None:
+    """Two models that do not fit together, both started by the operator: the one that
+    cannot fit is refused at once (the other is to stay: it is no victim), with what holds
+    the room, what to do, and what did start; not after queue_timeout_s."""
+    doc, client = config(tmp_path, [od("a", 5), od("b", 5)])  # queue_timeout_s 30 s
+    with up(tmp_path, doc, client) as d:
+        t0 = time.monotonic()
+        r = d.llmctl("start", "--all")
+        took = time.monotonic() - t0
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert took < 15, f"took {took:.1f} s"
+        assert "pinned by llmctl start" in r.stderr and "llmctl stop NAME" in r.stderr
+        assert "The services now: a " in r.stderr and ", b " in r.stderr
+        started = [n for n in ("a", "b") if states(d)[n][0] in ("starting", "ready")]
+        assert len(started) == 1, states(d)
+        # the GPU shows what it reports used and what the models need, both named
+        assert d.status()["gpus"][0]["memory_committed_bytes"] == 5 * GIB
+        assert "5.0 committed" in d.llmctl("status").stdout
+        # and the no-room note goes with the demand that had it
+        left = [n for n in ("a", "b") if n not in started][0]
+        wait_until(lambda: d.service(left)["on_demand"]["message"] is None, 5, what="note gone")
 
 
 def test_a_model_behind_its_own_gate_too_and_drain(tmp_path: Path) -> None:

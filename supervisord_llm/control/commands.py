@@ -93,7 +93,13 @@ class Commands:
         swapper = self.sup.swapper
         if swapper is not None:
             # on demand: loaded now (room made like for a request) and kept loaded
-            await swapper.start(swapper.on_demand_names(names))
+            try:
+                await swapper.start(swapper.on_demand_names(names))
+            except ControlError as exc:  # say what did start, not only what did not
+                brief = await self._brief(names)
+                done = ", ".join(f"{s['name']} {s['state']}" for s in brief["services"])
+                raise ControlError(exc.code, f"{exc.message}. The services now: {done}"
+                                   ) from None
         return await self._brief(names)
 
     async def cmd_stop(self, a: P.Args) -> Any:
