@@ -88,12 +88,14 @@ def top_level_pairs(body: bytes) -> list[tuple[str, Any]]:
     return seen[-1]
 
 
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
     | st.text(max_size=20) | st.text(alphabet='\\"a\n', max_size=12),  # runs of escapes
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=12)
+    _containers, max_leaves=12)
 
 
 @settings(max_examples=300, deadline=None)
@@ -775,7 +777,7 @@ def test_start_all_that_cannot_fit_says_so_at_once(tmp_path: Path) -> None:
         assert d.status()["gpus"][0]["memory_committed_bytes"] == 5 * GIB
         assert "5.0 committed" in d.llmctl("status").stdout
         # and the no-room note goes with the demand that had it
-        left = [n for n in ("a", "b") if n not in started][0]
+        left = next(n for n in ("a", "b") if n not in started)
         wait_until(lambda: d.service(left)["on_demand"]["message"] is None, 5, what="note gone")
 
 
