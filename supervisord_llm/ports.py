@@ -12,9 +12,10 @@ from .errors import ControlError
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether nothing listens on `port` (bound the way a server binds it: SO_REUSEADDR, so
     that connections of an earlier instance in TIME_WAIT do not count)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # [::1] is given as ::1
     try:
-        s = socket.socket()
-    except OSError:  # out of descriptors: cannot tell; what binds next will find out
+        s = socket.socket(family)
+    except OSError:  # out of descriptors (or no IPv6): cannot tell; what binds next will say
         return True
     with s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

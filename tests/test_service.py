@@ -511,3 +511,20 @@ def test_a_port_check_out_of_descriptors_cannot_tell(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(socket, "socket", no_socket)
     assert ports.port_free(12345) is True
+
+
+def test_port_free_knows_ipv6_listeners() -> None:
+    """A gate on [::1]:P: a reload asks whether P is free there, over IPv6 (an IPv4 probe
+    said "in use" for every IPv6 port)."""
+    import socket as sk
+    try:
+        s = sk.socket(sk.AF_INET6)
+        s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with s:
+        s.listen()
+        taken = s.getsockname()[1]
+        assert not ports.port_free(taken, "::1")
+        other = free_port()
+        assert ports.port_free(other, "::1") and ports.port_free(other)
