@@ -517,6 +517,8 @@ def test_port_free_knows_ipv6_listeners() -> None:
     """A gate on [::1]:P: a reload asks whether P is free there, over IPv6 (an IPv4 probe
     said "in use" for every IPv6 port)."""
     import socket as sk
+
+    from supervisord_llm import ports
     try:
         s = sk.socket(sk.AF_INET6)
         s.bind(("::1", 0))
