@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 TICK_S: Final = 0.25
 DRAIN_POLL_S: Final = 0.05  # how often a drain looks whether its requests are answered
+# a demand whose requests all gave up ends this long after the last one asked (a request on
+# its way into the gate has asked already, but is not counted as waiting yet)
+WANTED_GRACE_S: Final = 1.0
 HOLDING: Final = frozenset({State.STARTING, State.READY, State.DRAINING, State.STOPPING})
 COLD_BUCKETS: Final = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -415,6 +418,11 @@ class Swapper:
             del self.pending[name]
             self._settle(p, None)
             return
+        if not self.wanted(name, now):  # every request for it gave up: load nothing for nobody
+            del self.pending[name]
+            await self._push_message(self.sup.gate_of(name), None)
+            self._settle(p, f"{name}: nobody waits for it any more")
+            return
         if actor.state is not State.STOPPED or id(actor) in self._acting or self._busy_op(name):
             return  # being unloaded (or an operation on it runs): once that is over
         gate = self.sup.gate_of(name)
@@ -488,6 +496,21 @@ class Swapper:
         gate = self.sup.gate_of(actor.name)
         busy = gate is not None and (gate.active or gate.admission.inflight or gate.cold_waiting)
         return actor.state is State.READY and not busy and id(actor) not in self._acting
+
+    def wanted(self, name: str, now: float | None = None) -> bool:
+        """Whether somebody still waits for `name`: an operator's start, or a request in its
+        gate (or one that asked within WANTED_GRACE_S). A client that gives up cancels nothing
+        by itself, but when the last one has gone, the demand ends: no model is loaded, and
+        none drained, for nobody."""
+        p = self.pending.get(name)
+        if p is None:
+            return False
+        if p.pin or p.force or p.waiters:
+            return True
+        gate = self.sup.gate_of(name)
+        if gate is None or gate.cold_waiting > 0:
+            return True
+        return (self._clock() if now is None else now) - p.last < WANTED_GRACE_S
 
     def resident_left(self, actor: ServiceActor, now: float | None = None) -> float:
         """How long a ready service is still kept loaded by its `min_residency_s` (0: it
@@ -682,7 +705,8 @@ class Swapper:
                 "flight are answered; it loads again when there is room"
             await self._set_message(gate, mine)
             while self.sup.actors.get(name) is actor and actor.state is State.READY \
-                    and for_whom in self.pending and name not in self.pinned \
+                    and self.wanted(for_whom) and name not in self.pinned \
+                    and not self.resident_left(actor) \
                     and "idle" not in actor.holds and self.sup.gate_of(name) is gate:
                 if await self._retire(name, drain=True):
                     retired = True
@@ -691,8 +715,10 @@ class Swapper:
                 await asyncio.sleep(DRAIN_POLL_S)
             if not retired:
                 log.info("%s: drain for %s called off (%s)", name, for_whom,
-                         "no longer waiting" if for_whom not in self.pending else
-                         "pinned" if name in self.pinned else "it changed")
+                         "no longer waiting" if not self.wanted(for_whom) else
+                         "pinned" if name in self.pinned else
+                         "kept by min_residency_s" if self.resident_left(actor) else
+                         "it changed")
                 if self.sup.gates is not None:
                     await self.sup.gates.run(gate.set_yielding, False)
                 await self._set_message(gate, None, mine)

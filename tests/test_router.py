@@ -236,14 +236,16 @@ def test_the_rest_of_a_large_body_is_scanned_in_bounded_time_and_memory(shape: s
     t0 = time.process_time()
     run(8)
     took = time.process_time() - t0
-    assert took < 10.0, took  # ~0.01 s for chat, ~1 s for brackets, unloaded
+    assert took < 30.0, took  # ~0.01 s for chat, ~1 s for brackets, unloaded: linear
     tracemalloc.start()  # (it slows the scan down several times)
     try:
         run(1)
         _now, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 64 * 1024, peak  # nothing of the body is kept
+    # nothing of the body is kept: what is alive at most is a read or two (the block fed,
+    # a slice of it), never the 1 MiB passed over
+    assert peak < 4 * 64 * 1024, peak
 
 
 # --- config --------------------------------------------------------------------------------
@@ -643,6 +645,66 @@ def test_a_busy_victim_is_drained_and_the_drain_called_off_when_nobody_waits(
         assert d.service("a")["on_demand"]["draining_for"] is None
         assert client.chat("model-b")[0] == 200  # a idle now: swapped at once
         assert states(d)["a"] == ("stopped", ["idle"])
+
+
+def test_the_drain_ends_with_the_last_request_that_waited_for_its_room(
+        tmp_path: Path) -> None:
+    """The request for b gives up after its queue_timeout_s (5 s): the drain of a is called
+    off then, not a queue_timeout_s later, and a's own waiting request is served at once;
+    b is not loaded for nobody, and a is not stopped."""
+    doc, client = config(tmp_path, [od("a", 5, **NOW), od("b", 5, gate={"queue_timeout_s": 5})])
+    with up(tmp_path, doc, client) as d:
+        assert client.chat("model-a")[0] == 200
+        stream: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: stream.update(r=client.chat(
+            "model-a", stream=True, max_tokens=200, fake_token_delay_s=0.1)))
+        t.start()
+        wait_until(lambda: d.service("a")["inflight"] == 1, 10)
+        got: dict[str, Any] = {}
+        tb = threading.Thread(target=lambda: got.update(b=(client.chat("model-b"),
+                                                           time.monotonic())))
+        tb.start()
+        wait_until(lambda: d.service("a")["on_demand"]["draining_for"] == "b", 10)
+        ta = threading.Thread(target=lambda: got.update(a=(client.chat("model-a"),
+                                                           time.monotonic())))
+        ta.start()
+        tb.join(30)
+        ta.join(30)
+        (status_b, _h, _b), b_at = got["b"]
+        (status_a, _h, body_a), a_at = got["a"]
+        assert status_b == 503 and status_a == 200, body_a
+        assert a_at - b_at < 3.0, f"a's request waited {a_at - b_at:.1f} s after b gave up"
+        assert "a: drain for b called off (no longer waiting)" in d.logtext()
+        t.join(40)
+        assert stream["r"][0] == 200 and b"[DONE]" in stream["r"][2]  # never cut
+        assert states(d)["a"][0] == "ready" and launches(d, "a") == 1
+        assert states(d)["b"] == ("stopped", ["idle"])  # not loaded for nobody
+
+
+def test_a_reload_that_keeps_a_draining_model_longer_calls_the_drain_off(
+        tmp_path: Path) -> None:
+    doc, client = config(tmp_path, [od("a", 5, **NOW), od("b", 5, gate={"queue_timeout_s": 30})])
+    with up(tmp_path, doc, client) as d:
+        assert client.chat("model-a")[0] == 200
+        stream: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: stream.update(r=client.chat(
+            "model-a", stream=True, max_tokens=100, fake_token_delay_s=0.1)))
+        t.start()
+        wait_until(lambda: d.service("a")["inflight"] == 1, 10)
+        got: dict[str, Any] = {}
+        tb = threading.Thread(target=lambda: got.update(b=client.chat("model-b")))
+        tb.start()
+        wait_until(lambda: d.service("a")["on_demand"]["draining_for"] == "b", 10)
+        doc["service"][0]["min_residency_s"] = 600  # a is kept loaded for 10 minutes now
+        d.write(doc)
+        assert d.llmctl("reload").returncode == 0
+        wait_until(lambda: "a: drain for b called off (kept by min_residency_s)"
+                   in d.logtext(), 10, what="the drain called off")
+        assert client.chat("model-a")[0] == 200  # a's gate admits again
+        t.join(30)
+        assert stream["r"][0] == 200 and states(d)["a"][0] == "ready"
+        tb.join(40)
+        assert got["b"][0] == 503  # no room while a is kept
 
 
 def test_a_drained_model_sends_its_new_requests_to_its_backup(tmp_path: Path) -> None:
