@@ -556,6 +556,11 @@ def test_probe_metrics_url_and_stall_timeout() -> None:
         (svc(port=1, probe={"kind": "completion", "model": "a\nb"}), "probe.model: must be"),
         (svc(port=1, metrics_url="ftp://x"), "service[0].metrics_url: must be an http://"),
         (svc(metrics_url="http://h:{port}/m"), "service[0].metrics_url"),
+        (svc(port=1, metrics_url="http://[::1/m"), "metrics_url: not a usable URL (Invalid IPv6"),
+        (svc(port=1, health={"url": "http://[::1"}),
+         "service[0].health.url: not a usable URL (Invalid IPv6 URL)"),
+        (svc(port=1, health={"url": "http:///h"}), "health.url: not a usable URL (no host)"),
+        (svc(port=1, health={"url": "http://h/a b"}), "health.url: not a usable URL (spaces"),
         (svc(port=1, gate={"listen": "127.0.0.1:9", "stall_timeout_s": 0}),
          "gate.stall_timeout_s: must be >= 1"),
     ]:

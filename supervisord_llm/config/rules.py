@@ -473,17 +473,8 @@ def _checkpoint(t: Table) -> Checkpoint | None:
         url = t.string("url")
         if isinstance(url, str) and not url.startswith(("http://", "https://")):
             t.error("url", f"must be an http:// or https:// URL (got {short(url)})")
-        elif isinstance(url, str):
-            try:
-                parts = urlsplit(url)
-                if not parts.hostname:
-                    raise ValueError("no host")
-                if parts.port == 0:
-                    raise ValueError("port 0")
-                if any(c.isspace() or not c.isprintable() for c in url):
-                    raise ValueError("spaces or control characters")
-            except ValueError as exc:
-                t.error("url", f"not a usable URL ({exc}): {short(url)}")
+        elif isinstance(url, str) and (why := url_problem(url)) is not None:
+            t.error("url", f"not a usable URL ({why}): {short(url)}")
     elif kind == "command":
         command = t.string_list("command", allow_empty=False)
         if isinstance(command, tuple) and command and not command[0].strip():
@@ -524,6 +515,8 @@ def _health(t: Table | None, has_port: bool) -> HealthSection:
             t.error("url", f"must be an http:// or https:// URL (got {short(url)})")
         else:
             _placeholders_ok(t, "url", (url,), has_port)
+            if (why := url_problem(url)) is not None:
+                t.error("url", f"not a usable URL ({why}): {short(url)}")
     elif url is None and t.ok:
         t.problems.append(
             f"{t.path}: a health check needs `url` (or a `port` for the default "
@@ -636,14 +629,26 @@ def _metrics_url(t: Table, has_port: bool) -> str | None:
                 f"{short(url)})")
         return None
     _placeholders_ok(t, "metrics_url", (url,), has_port)
-    try:  # with the placeholders filled in as they will be
-        parts = urlsplit(url.replace("{port}", "1").replace("{gpu_uuids}", "x"))
-        if not parts.hostname or parts.port == 0:
-            raise ValueError("no host" if not parts.hostname else "port 0")
-    except ValueError as exc:
-        t.error("metrics_url", f"not a usable URL ({exc}): {short(url)}")
+    if (why := url_problem(url)) is not None:
+        t.error("metrics_url", f"not a usable URL ({why}): {short(url)}")
         return None
     return url
+
+
+def url_problem(url: str) -> str | None:
+    """Why an http(s) URL cannot be used (with the placeholders filled in as they will be:
+    a host, a port that parses and is not 0, no spaces or control characters), or None."""
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "spaces or control characters"
+    try:
+        parts = urlsplit(url.replace("{port}", "1").replace("{gpu_uuids}", "x"))
+        if not parts.hostname:
+            return "no host"
+        if parts.port == 0:
+            return "port 0"
+    except ValueError as exc:  # "Invalid IPv6 URL", a port out of range or not a number
+        return str(exc)
+    return None
 
 
 def _gpu_ref(value: object) -> int | str | None:
