@@ -70,6 +70,8 @@ def apply_overrides(cfg: Config, ov: Overrides) -> Config:
     changes: dict[str, Any] = {}
     if ov.control_socket:
         changes["control_socket"] = os.path.abspath(ov.control_socket)
+        if (why := state_dir_problem(os.path.dirname(changes["control_socket"]))) is not None:
+            raise ConfigError([f"--control-socket: its directory cannot be made: {why}"])
     if ov.state_dir:
         changes["state_dir"] = os.path.abspath(ov.state_dir)
         if (why := state_dir_problem(changes["state_dir"])) is not None:

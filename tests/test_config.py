@@ -822,6 +822,19 @@ def test_a_state_dir_that_is_not_a_directory_is_a_config_error(tmp_path: Path) -
         with pytest.raises(StartupError, match=r"exists and is not a directory|to nothing"):
             lock_state_dir(str(state_dir))
     assert fifo.exists() and plain.read_text() == ""  # nothing was written
+    # the control socket's directory by the same rule, and a path too long for the system
+    path.write_text(toml_dumps({"supervisor": {"control_socket": str(plain / "ctl.sock")},
+                                "gpu": {"backend": "none"}}))
+    code, _out, err = run_check(path)
+    assert code == 1 and (f"config error: supervisor.control_socket: its directory cannot be "
+                          f"made: '{plain}' exists and is not a directory") in err, err
+    path.write_text(toml_dumps({"gpu": {"backend": "none"}}))
+    code, _out, err = run_check_with(path, "--control-socket", str(plain / "ctl.sock"))
+    assert code == 1 and "config error: --control-socket: its directory cannot be made" in err
+    path.write_text(toml_dumps({"supervisor": {"state_dir": str(tmp_path / ("x" * 300))},
+                                "gpu": {"backend": "none"}}))
+    code, _out, err = run_check(path)
+    assert code == 1 and "supervisor.state_dir: " in err and "the path is too long" in err
 
 
 def run_check_with(path: Path, *args: str) -> tuple[int, str, str]:

@@ -6,6 +6,7 @@ unknown GPU in `service[i].gpus`) are made by `plan.resolve_plan`, in the same f
 from __future__ import annotations
 
 import codecs
+import errno
 import ipaddress
 import itertools
 import os
@@ -189,6 +190,8 @@ def _supervisor(root: Table) -> SupervisorSection:
     elif len(os.fsencode(sock)) > 107:
         t.error("control_socket", "path is too long for a Unix socket (at most 107 bytes)")
         sock = d.control_socket
+    elif (why := state_dir_problem(os.path.dirname(sock))) is not None:
+        t.error("control_socket", f"its directory cannot be made: {why}")
     group = t.string("control_group", None)
     if group is not None:
         import grp
@@ -230,7 +233,9 @@ def state_dir_problem(path: str) -> str | None:
                         f"{_kind(st.st_mode)}")
             break
         return f"{short(path)}: a directory above it is not a directory"
-    except OSError:
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return f"{short(path)}: the path is too long ({exc.strerror})"
         return None
     if not stat.S_ISDIR(st.st_mode):
         return f"{short(path)} exists and is not a directory: it is {_kind(st.st_mode)}"
