@@ -499,15 +499,15 @@ class ClientConnection(asyncio.Protocol):
         self.handler.limiter.info("bad_request", "%s gate: bad request from %s: %s",
                                   self.handler.name, self.peer or "?", why)
         self._halted = True
-        message = f"bad request: {why}"
+        code = "not_implemented" if status == 501 else "bad_request"
+        message = f"not implemented: {why}" if status == 501 else f"bad request: {why}"
         req, self._parsing = self._parsing, None
         if req is not None:
             if req is self._active:
-                req.body.fail(BodyRefused(status, "bad_request", message))
+                req.body.fail(BodyRefused(status, code, message))
                 return
             self._unqueue(req)
-        self._answer_last(status, http1.error_body(message, "invalid_request_error",
-                                                   "bad_request"))
+        self._answer_last(status, http1.error_body(message, "invalid_request_error", code))
 
     def _overflow(self, why: str) -> None:
         """A pipelined request beyond what the connection holds: those before it are
