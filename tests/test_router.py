@@ -612,21 +612,31 @@ def test_no_room_is_a_503_that_says_what_holds_the_memory(tmp_path: Path) -> Non
         assert states(d)["a"] == ("stopped", ["idle"])
 
 
+def _a_drained_for_b(d: Daemon, client: Client, tokens: int, timed: bool = False
+                     ) -> tuple[threading.Thread, dict[str, Any], dict[str, Any],
+                                threading.Thread]:
+    """a loaded and kept busy by a stream of `tokens` (0.1 s each), then a request for b that
+    has a drained for it: (the stream's thread, its result, the results, b's thread)."""
+    assert client.chat("model-a")[0] == 200
+    stream: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: stream.update(r=client.chat(
+        "model-a", stream=True, max_tokens=tokens, fake_token_delay_s=0.1)))
+    t.start()
+    wait_until(lambda: d.service("a")["inflight"] == 1, 10)
+    got: dict[str, Any] = {}
+    tb = threading.Thread(target=lambda: got.update(
+        b=(client.chat("model-b"), time.monotonic()) if timed else client.chat("model-b")))
+    tb.start()
+    # a is busy: drained for b (new requests for a wait), its stream runs on
+    wait_until(lambda: d.service("a")["on_demand"]["draining_for"] == "b", 10)
+    return t, stream, got, tb
+
+
 def test_a_busy_victim_is_drained_and_the_drain_called_off_when_nobody_waits(
         tmp_path: Path) -> None:
     doc, client = config(tmp_path, [od("a", 5, **NOW), od("b", 5, gate={"queue_timeout_s": 1.0})])
     with up(tmp_path, doc, client) as d:
-        assert client.chat("model-a")[0] == 200
-        stream: dict[str, Any] = {}
-        t = threading.Thread(target=lambda: stream.update(r=client.chat(
-            "model-a", stream=True, max_tokens=60, fake_token_delay_s=0.1)))
-        t.start()
-        wait_until(lambda: d.service("a")["inflight"] == 1, 5)
-        got: dict[str, Any] = {}
-        tb = threading.Thread(target=lambda: got.update(b=client.chat("model-b")))
-        tb.start()
-        # a is busy: drained for b (new requests for a wait), its stream runs on
-        wait_until(lambda: d.service("a")["on_demand"]["draining_for"] == "b", 5)
+        t, stream, got, tb = _a_drained_for_b(d, client, 60)
         ta = threading.Thread(target=lambda: got.update(a=client.chat("model-a")))
         ta.start()
         wait_until(lambda: d.service("a")["on_demand"]["waiting"] == 1, 5)
@@ -654,17 +664,7 @@ def test_the_drain_ends_with_the_last_request_that_waited_for_its_room(
     b is not loaded for nobody, and a is not stopped."""
     doc, client = config(tmp_path, [od("a", 5, **NOW), od("b", 5, gate={"queue_timeout_s": 5})])
     with up(tmp_path, doc, client) as d:
-        assert client.chat("model-a")[0] == 200
-        stream: dict[str, Any] = {}
-        t = threading.Thread(target=lambda: stream.update(r=client.chat(
-            "model-a", stream=True, max_tokens=200, fake_token_delay_s=0.1)))
-        t.start()
-        wait_until(lambda: d.service("a")["inflight"] == 1, 10)
-        got: dict[str, Any] = {}
-        tb = threading.Thread(target=lambda: got.update(b=(client.chat("model-b"),
-                                                           time.monotonic())))
-        tb.start()
-        wait_until(lambda: d.service("a")["on_demand"]["draining_for"] == "b", 10)
+        t, stream, got, tb = _a_drained_for_b(d, client, 200, timed=True)
         ta = threading.Thread(target=lambda: got.update(a=(client.chat("model-a"),
                                                            time.monotonic())))
         ta.start()
@@ -685,16 +685,7 @@ def test_a_reload_that_keeps_a_draining_model_longer_calls_the_drain_off(
         tmp_path: Path) -> None:
     doc, client = config(tmp_path, [od("a", 5, **NOW), od("b", 5, gate={"queue_timeout_s": 30})])
     with up(tmp_path, doc, client) as d:
-        assert client.chat("model-a")[0] == 200
-        stream: dict[str, Any] = {}
-        t = threading.Thread(target=lambda: stream.update(r=client.chat(
-            "model-a", stream=True, max_tokens=100, fake_token_delay_s=0.1)))
-        t.start()
-        wait_until(lambda: d.service("a")["inflight"] == 1, 10)
-        got: dict[str, Any] = {}
-        tb = threading.Thread(target=lambda: got.update(b=client.chat("model-b")))
-        tb.start()
-        wait_until(lambda: d.service("a")["on_demand"]["draining_for"] == "b", 10)
+        t, stream, got, tb = _a_drained_for_b(d, client, 100)
         doc["service"][0]["min_residency_s"] = 600  # a is kept loaded for 10 minutes now
         d.write(doc)
         assert d.llmctl("reload").returncode == 0

@@ -230,6 +230,15 @@ def _ops(d: Any) -> list[str]:
     return list(d.status()["supervisor"].get("operations") or [])
 
 
+def _critical_and_lost(tmp_path: Path, d: Any, when: str) -> float:
+    """GPU0 critical, GPU1 lost: how long until a (GPU0) is held cooling, b (GPU1) gpu_lost."""
+    heat(tmp_path, gpu0={"temperature_c": 90}, gpu1={"lost": True})
+    t0 = time.monotonic()
+    wait_until(lambda: "cooling" in d.service("a")["holds"]
+               and "gpu_lost" in d.service("b")["holds"], 10, what=f"held {when}")
+    return time.monotonic() - t0
+
+
 def test_protective_holds_go_ahead_of_a_slow_swap_and_a_slow_reload(tmp_path: Path) -> None:
     """A GPU that goes critical and another that is lost while the operator's swap or reload
     runs: the holds land at once (a swap of a held service is pre-empted), never refused as
@@ -244,11 +253,7 @@ def test_protective_holds_go_ahead_of_a_slow_swap_and_a_slow_reload(tmp_path: Pa
                                  d.socket, "swap", "a", "--timeout", "60"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_until(lambda: any("swap of a" in op for op in _ops(d)), 10, what="swap running")
-        heat(tmp_path, gpu0={"temperature_c": 90}, gpu1={"lost": True})
-        t0 = time.monotonic()
-        wait_until(lambda: "cooling" in d.service("a")["holds"]
-                   and "gpu_lost" in d.service("b")["holds"], 10, what="held")
-        took = time.monotonic() - t0
+        took = _critical_and_lost(tmp_path, d, "during a swap")
         _out, err = swap.communicate(timeout=30)
         assert swap.returncode == 1 and "cancelled" in err, err
         assert took < 5.0, f"the holds waited {took:.1f} s (behind the swap?)"
@@ -264,11 +269,7 @@ def test_protective_holds_go_ahead_of_a_slow_swap_and_a_slow_reload(tmp_path: Pa
                                    d.socket, "reload"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_until(lambda: any("reload" in op for op in _ops(d)), 10, what="reload running")
-        heat(tmp_path, gpu0={"temperature_c": 90}, gpu1={"lost": True})
-        t0 = time.monotonic()
-        wait_until(lambda: "cooling" in d.service("a")["holds"]
-                   and "gpu_lost" in d.service("b")["holds"], 10, what="held in a reload")
-        took = time.monotonic() - t0
+        took = _critical_and_lost(tmp_path, d, "during a reload")
         reload.communicate(timeout=90)
         assert took < 5.0, f"the holds waited {took:.1f} s (behind the reload?)"
         # whatever the reload did, nothing runs on the critical and the lost GPU
