@@ -104,3 +104,61 @@ async def test_silent_server_times_out() -> None:
     server.close()
     await server.wait_closed()
     await p.close()
+
+
+async def test_a_timeout_our_own_loop_explains_is_probed_again() -> None:
+    """The server answers at once (from its own thread), but the daemon's loop is starved
+    for longer than the timeout: the answer waits unread and the timer fires late. That is
+    no verdict on the server: the probe is made again, and succeeds."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve_forever() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _a = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                while True:
+                    try:
+                        data = conn.recv(4096)
+                    except OSError:
+                        break
+                    if not data:
+                        break
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=serve_forever, daemon=True)
+    thread.start()
+    p = HttpProber()
+    try:
+        url = f"http://127.0.0.1:{port}/health"
+        loop = asyncio.get_running_loop()
+        probe = asyncio.create_task(p.probe(url, 0.1))
+        await asyncio.sleep(0)  # the probe has sent its request
+        loop.call_soon(time.sleep, 0.4)  # then the loop is starved (not the server)
+        r = await probe
+        assert r.kind is ProbeKind.OK, r
+        # a server that really does not answer still times out (twice the wait at most)
+        stop.set()
+        thread.join(2)
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        with silent:
+            r = await p.probe(f"http://127.0.0.1:{silent.getsockname()[1]}/health", 0.1)
+            assert r.kind is ProbeKind.TIMEOUT
+    finally:
+        stop.set()
+        listener.close()
+        await p.close()
