@@ -4,6 +4,7 @@ orphans. Services are the fake backend; GPUs are simulated."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -458,7 +459,9 @@ def test_control_socket_fuzz(fuzz_daemon: Daemon, line: bytes) -> None:
 def test_oversized_and_garbage_messages_keep_the_daemon_serving(fuzz_daemon: Daemon) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(fuzz_daemon.socket)
-        s.sendall(b"x" * 200_000)
+        # the daemon answers past 64 KiB and closes: the rest may meet a closed socket
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(b"x" * 200_000)
         reply = json.loads(s.makefile("rb").readline())
         assert reply["error"]["code"] == "bad_request" and "longer than" in reply["error"][
             "message"]
