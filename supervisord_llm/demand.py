@@ -420,7 +420,7 @@ class Swapper:
             return
         if not self.wanted(name, now):  # every request for it gave up: load nothing for nobody
             del self.pending[name]
-            await self._push_message(self.sup.gate_of(name), None)
+            await self._set_message(self.sup.gate_of(name), None)
             self._settle(p, f"{name}: nobody waits for it any more")
             return
         if actor.state is not State.STOPPED or id(actor) in self._acting or self._busy_op(name):
@@ -430,7 +430,7 @@ class Swapper:
         plan = self.room(actor)
         if plan.ok and not plan.victims:
             del self.pending[name]
-            await self._push_message(gate, None)
+            await self._set_message(gate, None)
             await self._load(actor, p)
             return
         if plan.ok:
@@ -442,17 +442,13 @@ class Swapper:
             if victim not in self._draining:
                 self._draining[victim] = name
                 self._spawn(self._drain_out(victim, name))
-        await self._push_message(gate, plan.message)
+        await self._set_message(gate, plan.message)
         # the operator's start is told at once when nothing could make room by waiting (what
         # holds it is pinned, `always` or exclusive); a request waits its queue_timeout_s
         if now - p.last >= timeout or (p.pin and not plan.wait and not plan.drain):
             del self.pending[name]
             log.warning("%s: not loaded: %s", name, plan.message)
             self._settle(p, plan.message)
-
-    async def _push_message(self, gate: Any, message: str | None) -> None:
-        if gate is not None and self.sup.gates is not None and gate.cold_message != message:
-            await self.sup.gates.run(gate.set_cold_message, message)
 
     async def _load(self, actor: ServiceActor, p: Pending) -> None:
         name = actor.name
@@ -740,8 +736,9 @@ class Swapper:
 
     async def _set_message(self, gate: Any, message: str | None,
                            replacing: str | None = None) -> None:
-        """The gate's cold message (`replacing`: only if it is still that one)."""
-        if self.sup.gates is None:
+        """The gate's cold message, why it cannot be loaded now (`replacing`: only if it is
+        still that one); no call to the gate loop when it says that already."""
+        if gate is None or self.sup.gates is None or gate.cold_message == message:
             return
 
         def put() -> None:

@@ -102,7 +102,7 @@ class LimitStore:
         entry = {"before": old["before"] if old else before,
                  "set": [*(old["set"] if old else []), target][-2:]}
         self.entries[uuid] = entry
-        if await self._write():
+        if await self.save():
             return True
         if old is None:
             self.entries.pop(uuid, None)
@@ -112,9 +112,10 @@ class LimitStore:
 
     async def forget(self, uuid: str) -> None:
         if self.entries.pop(uuid, None) is not None:
-            await self._write()
+            await self.save()
 
-    async def _write(self) -> bool:
+    async def save(self) -> bool:
+        """Write the entries (False, and said once per failure, when they cannot be)."""
         if self.path is None:
             return True
         path, doc = self.path, dict(self.entries)
@@ -125,12 +126,6 @@ class LimitStore:
             except OSError as exc:
                 log.error("cannot record the power limits in %s: %s", path, exc)
                 return False
-
-    async def rewrite(self) -> None:
-        """Replace a damaged record with the good entries (nothing if it cannot be written:
-        `_write` says so)."""
-        await self._write()
-
 
 @dataclass(frozen=True)
 class Loaded:
@@ -597,10 +592,7 @@ class GpuGuard:
         if entry is None:
             return True
         before, ours = float(entry["before"]), self.store.ours(gpu.uuid)
-        try:
-            now = (await self.hub.call(gpu, lambda b, g: b.read(g))).power_limit_w
-        except SensorError:
-            now = None  # not readable: restore all the same
+        now = await self._board_limit(gpu)  # None, not readable: restore all the same
         if now is not None and abs(now - before) < 1.0:
             log.info("GPU%d: power limit is %g W already (%s)", gpu.index, now, when)
         elif now is not None and ours and all(abs(now - w) >= 1.0 for w in ours):
@@ -684,7 +676,7 @@ class GpuGuard:
         board's default limit where they are below it; the good entries stay."""
         if loaded.damaged is not None:
             what = f"cannot be trusted: it {loaded.damaged}"
-            gpus = [g for g in self.hub.gpus if g.uuid not in loaded.entries]
+            gpus = list(self.hub.gpus)
         else:
             what = f"has a damaged entry for {', '.join(loaded.bad[:8])}"
             gpus = [by_uuid[u] for u in loaded.bad if u in by_uuid]
@@ -697,16 +689,20 @@ class GpuGuard:
                     "; ".join(done) or "no GPU here",
                     f"; not here now (check their limit when they are back): {', '.join(gone)}"
                     if gone else "")
-        await self.store.rewrite()  # the good entries replace what was damaged
+        await self.store.save()  # the good entries replace what was damaged
+
+    async def _board_limit(self, gpu: GpuInfo) -> float | None:
+        """The power limit the board has now (read on its own thread), or None."""
+        try:
+            return (await self.hub.call(gpu, lambda b, g: b.read(g))).power_limit_w
+        except SensorError:
+            return None
 
     async def _to_default(self, gpu: GpuInfo) -> str:
         default = gpu.default_power_limit_w
         if default is None:
             return f"GPU{gpu.index}: its default is unknown, left as it is"
-        try:
-            now = (await self.hub.call(gpu, lambda b, g: b.read(g))).power_limit_w
-        except SensorError:
-            now = None
+        now = await self._board_limit(gpu)
         if now is not None and now >= default - 1.0:
             return f"GPU{gpu.index} at {now:g} W already"
         try:

@@ -66,6 +66,17 @@ def _settle(reply: asyncio.Future[Any], task: asyncio.Task[Any]) -> None:
         reply.set_result(task.result())
 
 
+async def _taken(names: list[str], handled: list[Awaitable[Any]]) -> None:
+    """Wait (ACTOR_REPLY_S at most) until the services have taken an event."""
+    try:
+        async with asyncio.timeout(ACTOR_REPLY_S):
+            await asyncio.gather(*handled)
+    except TimeoutError:
+        raise ControlError(P.TIMEOUT, f"the service(s) {', '.join(names)} did not take the "
+                           f"command within {ACTOR_REPLY_S:g} s (a launch hanging in a "
+                           "user lookup?); see `llmctl status`") from None
+
+
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
@@ -171,13 +182,7 @@ class Host:
             reply.set_result((before, [a.queue(event) for a in actors]))
 
         before, handled = await self._submit(fn)
-        try:
-            async with asyncio.timeout(ACTOR_REPLY_S):
-                await asyncio.gather(*handled)
-        except TimeoutError:
-            raise ControlError(P.TIMEOUT, f"the service(s) {', '.join(names)} did not take the "
-                               f"command within {ACTOR_REPLY_S:g} s (a launch hanging in a "
-                               "user lookup?); see `llmctl status`") from None
+        await _taken(names, handled)
         result: dict[str, int] = before
         return result
 
@@ -197,18 +202,13 @@ class Host:
             for name in names:
                 op = self.ops.get(name)
                 if op is not None and op.kind == "swap" and not op.task.done():
-                    log.warning("%s: %s pre-empted: %s", name, op.describe(), event)
+                    why = getattr(event, "hold", None) or "heat"
+                    log.warning("%s: %s pre-empted (held: %s)", name, op.describe(), why)
                     op.task.cancel()
             actors = [self.sup.actor(n) for n in names]
             reply.set_result([a.queue(event) for a in actors])
 
-        handled = await self._submit(fn)
-        try:
-            async with asyncio.timeout(ACTOR_REPLY_S):
-                await asyncio.gather(*handled)
-        except TimeoutError:
-            raise ControlError(P.TIMEOUT, f"the service(s) {', '.join(names)} did not take "
-                               f"{event} within {ACTOR_REPLY_S:g} s") from None
+        await _taken(names, await self._submit(fn))
 
     async def release(self, names: list[str], reason: str) -> None:
         await self.command(names, L.Release(reason))

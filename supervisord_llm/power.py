@@ -110,6 +110,7 @@ class PowerController:
         self._recorded: tuple[Any, ...] | None = None
         self._boot_id = read_boot_id()
         self._record_lock = asyncio.Lock()
+        self._saving: set[asyncio.Task[None]] = set()
 
     @property
     def holding(self) -> bool:
@@ -211,14 +212,12 @@ class PowerController:
             return None
         if doc is None:
             return None
-        st = _record_state(doc)
-        if st is None:
+        record = _record_state(doc)
+        if record is None:
             log.warning("power: %s is not a power state record: ignored", path)
             return None
-        if not isinstance(doc, dict) or not isinstance(doc.get("boot_id"), (str, type(None))):
-            log.warning("power: %s is not a power state record: ignored", path)
-            return None
-        if doc.get("boot_id") != self._boot_id or self._boot_id is None:
+        st, boot_id = record
+        if boot_id != self._boot_id or self._boot_id is None:
             if st.phase in HELD_PHASES:
                 log.warning("power: the last run recorded %s, but the machine has restarted "
                             "since: taken as the power back", st.phase.replace("_", " "))
@@ -237,18 +236,21 @@ class PowerController:
         if self.record_path is None or key == self._recorded:
             return
         self._recorded = key
-        asyncio.get_running_loop().create_task(self._save_record(), name="power-record")
+        task = asyncio.get_running_loop().create_task(self._save_record(), name="power-record")
+        self._saving.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._saving.discard)
 
     async def _save_record(self) -> None:
         path = self.record_path
         if path is None:
             return
-        st = self.state
-        self._recorded = (st.phase, st.believed, st.forced, st.override)
-        doc = {"boot_id": self._boot_id, "phase": st.phase, "believed": st.believed,
-               "forced": st.forced, "override": st.override, "written": round(time.time(), 3)}
         try:
-            async with self._record_lock:
+            async with self._record_lock:  # the state as it is when its turn comes: the
+                st = self.state             # last writer writes the latest, never an older one
+                self._recorded = (st.phase, st.believed, st.forced, st.override)
+                doc = {"boot_id": self._boot_id, "phase": st.phase, "believed": st.believed,
+                       "forced": st.forced, "override": st.override,
+                       "written": round(time.time(), 3)}
                 await asyncio.to_thread(write_json, path, doc)
         except OSError as exc:
             self.limiter.error("record", "power: cannot record the power state in %s: %s",
@@ -705,17 +707,20 @@ async def _run_command(argv: tuple[str, ...]) -> str:
     return "exit 0"
 
 
-def _record_state(doc: object) -> P.State | None:
-    """A power state record as the policy's state (the phase and the latches), or None."""
+def _record_state(doc: object) -> tuple[P.State, str | None] | None:
+    """A power state record as the policy's state (the phase and the latches) and the boot
+    it was written in, or None when it is not one."""
     if not isinstance(doc, dict):
         return None
-    phase, believed = doc.get("phase"), doc.get("believed")
-    if phase not in P.PHASES or believed not in ("online", "on_battery", "low_battery"):
+    phase, believed, boot_id = doc.get("phase"), doc.get("believed"), doc.get("boot_id")
+    if phase not in P.PHASES or believed not in ("online", "on_battery", "low_battery") \
+            or not isinstance(boot_id, (str, type(None))):
         return None
     forced, override = doc.get("forced"), doc.get("override")
     if not isinstance(forced, bool) or not isinstance(override, bool):
         return None
-    return P.State(phase=str(phase), believed=str(believed), forced=forced, override=override)
+    return P.State(phase=str(phase), believed=str(believed), forced=forced,
+                   override=override), boot_id
 
 
 def _count_of(n: int, what: str) -> str:
