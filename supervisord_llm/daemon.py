@@ -30,6 +30,7 @@ from .errors import ConfigError, ControlError, StartupError
 from .guard import GpuGuard, LimitStore
 from .health import HttpProber
 from .host import Host
+from .parts import Parts
 from .plan import ServicePlan, resolve_plan
 from .power import PowerController
 from .probe import GenerationProber
@@ -177,6 +178,7 @@ class Daemon:
         self.gpus: list[GpuInfo] = []
         self.sup: Supervisor | None = None
         self.host: Host | None = None
+        self.parts: Parts | None = None  # once every part is built
         self.notifier = Notifier()
         self._signals: asyncio.Queue[str] = asyncio.Queue()
         self._status_pending = False
@@ -223,37 +225,35 @@ class Daemon:
             if found:
                 log.warning("stopped processes left by an earlier run: %s", ", ".join(found))
             await spawner.start()
+            # the parts, each given what it needs; the record of them goes to status,
+            # metrics and the control commands
             sup = Supervisor(cfg, plans, hub, spawner, prober)
             self.sup = sup
             host = Host(sup, self._load_for_reload, self._reloading)
             self.host = host
-            commands = Commands(sup, host, self.clock)
+            guard = GpuGuard(sup, host, hub, cfg.thermal, LimitStore(cfg.supervisor.state_dir),
+                             clock=self.clock)
+            events = GpuEvents(self.gpus, guard.on_gpu_event, hub=hub,
+                               sources=event_sources(hub, self.gpus))
+            power = PowerController(sup, host, cfg.power, CheckpointRunner(sup),
+                                    set_ceiling=guard.set_ceiling, recheck=guard.poke,
+                                    clock=self.clock)
+            parts = Parts(sup, host, guard, power, GenerationProber(sup, host, clock=self.clock),
+                          events, Swapper(sup, host, clock=self.clock))
+            self.parts = parts
             control = ControlServer(cfg.supervisor.control_socket,
                                     cfg.supervisor.control_group,
-                                    self._dispatch_with_hooks(commands))
+                                    self._dispatch_with_hooks(Commands(parts, self.clock)))
             await control.start()
             if cfg.metrics.listen is not None:
-                web = MetricsServer(sup, host, cfg.metrics.listen, self.clock, self.notifier)
+                web = MetricsServer(parts, cfg.metrics.listen, self.clock, self.notifier)
                 await web.start()
             await sup.start_gates()
             await hub.poll_once()
-            guard = GpuGuard(sup, host, hub, cfg.thermal, LimitStore(cfg.supervisor.state_dir),
-                             clock=self.clock)
-            sup.guard = guard
             await guard.restore_leftovers()  # what an earlier run lowered and did not restore
-            events = GpuEvents(self.gpus, guard.on_gpu_event, hub=hub,
-                               sources=event_sources(hub, self.gpus))
-            sup.gpu_events = events
             events.start()
-            power = PowerController(sup, host, cfg.power, CheckpointRunner(sup),
-                                    clock=self.clock)
-            sup.power = power
             low_at_start = await power.first_reading()
-            gen_probes = GenerationProber(sup, host, clock=self.clock)
-            sup.probes = gen_probes
-            swapper = Swapper(sup, host, clock=self.clock)
-            sup.swapper = swapper
-            sup.changed()  # the gates learn whom to ask for a model on demand
+            gen_probes, swapper = parts.probes, parts.swapper
             loop = asyncio.get_running_loop()
             for sig, what in ((signal.SIGTERM, "term"), (signal.SIGINT, "term"),
                               (signal.SIGHUP, "hup")):
@@ -276,7 +276,7 @@ class Daemon:
             hub.on_update(guard.poke)
             self._start_watchdog()
             await sup.start_all(hold="powered_down" if low_at_start else None)
-            self._last_status = status_line(sup, host)
+            self._last_status = status_line(parts)
             self._status_mode = host.mode.value
             self.notifier.ready(self._last_status)
             log.info("llm-supervisor ready: %d services, %d GPUs (%s), control %s, metrics %s",
@@ -289,12 +289,10 @@ class Daemon:
                 self._watchdog.cancel()
             for task in self._tasks:
                 task.cancel()
-            if self.sup is not None and self.sup.power is not None:
-                await self.sup.power.close()
-            if self.sup is not None and self.sup.probes is not None:
-                await self.sup.probes.close()
-            if self.sup is not None and self.sup.swapper is not None:
-                await self.sup.swapper.close()
+            if self.parts is not None:
+                await self.parts.power.close()
+                await self.parts.probes.close()
+                await self.parts.swapper.close()
             if self.sup is not None:
                 await self.sup.close()
             if control is not None:
@@ -303,8 +301,8 @@ class Daemon:
                 await web.close()
             await prober.close()
             await spawner.close()
-            if self.sup is not None and self.sup.guard is not None:
-                await self.sup.guard.restore_all()
+            if self.parts is not None:
+                await self.parts.guard.restore_all()
             if events is not None:
                 await events.aclose()  # before nvmlShutdown: no thread may wait in NVML
             await hub.aclose()
@@ -363,10 +361,10 @@ class Daemon:
 
     def _send_status(self) -> None:
         self._status_pending = False
-        if self.sup is None or self.host is None:
+        if self.parts is None:
             return
-        line = status_line(self.sup, self.host)
-        self._status_mode = self.host.mode.value
+        line = status_line(self.parts)
+        self._status_mode = self.parts.host.mode.value
         if line != self._last_status:
             self._last_status = line
             self._status_sent_at = asyncio.get_running_loop().time()
@@ -422,8 +420,8 @@ class Daemon:
     def _reloading(self, started: bool) -> None:
         if started:
             self.notifier.reloading()
-        elif self.sup is not None and self.host is not None:
-            self.notifier.ready(status_line(self.sup, self.host))
+        elif self.parts is not None:
+            self.notifier.ready(status_line(self.parts))
 
     async def _load_for_reload(self) -> tuple[Config, list[ServicePlan]]:
         """Read and validate the config off the loop. Any failure keeps the running config:

@@ -40,6 +40,7 @@ from .config import GIB
 from .errors import ControlError
 from .gate.proxy import Histogram
 from .states import State
+from .wants import WANTED_GRACE_S, Pending, settle
 
 if TYPE_CHECKING:
     from .host import Host
@@ -48,29 +49,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TICK_S: Final = 0.25
 DRAIN_POLL_S: Final = 0.05  # how often a drain looks whether its requests are answered
-# a demand whose requests all gave up ends this long after the last one asked (a request on
-# its way into the gate has asked already, but is not counted as waiting yet)
-WANTED_GRACE_S: Final = 1.0
 HOLDING: Final = frozenset({State.STARTING, State.READY, State.DRAINING, State.STOPPING})
 COLD_BUCKETS: Final = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 def gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
-
-
-@dataclass
-class Pending:
-    """A demand not served yet."""
-
-    since: float
-    last: float  # the last request that asked (its deadline runs from here)
-    model: str | None
-    pin: bool = False
-    force: bool = False  # not an on-demand service (one a reload made `always`)
-    waiters: list[asyncio.Future[str | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -98,10 +83,10 @@ class Swapper:
         self._clock = clock
         self.pinned: set[str] = set()
         self._pinning: set[str] = set()  # an `llmctl start` loads them: pinned once loaded
-        self.pending: dict[str, Pending] = {}
+        self.wants = sup.wants  # who waits for which service (the one owner)
+        self.pending = self.wants.pending
         self.learned: dict[str, dict[str, int]] = {}  # service -> GPU uuid -> bytes
         self.stats: dict[str, ServiceStats] = {}
-        self._wake = asyncio.Event()
         self._loading: dict[str, tuple[int, float]] = {}  # service -> (gen, cold start began)
         self._epoch: dict[str, int] = {}  # GPU uuid -> starts/stops seen on it
         self._before: dict[str, tuple[int, dict[str, int], dict[str, int]]] = {}
@@ -119,37 +104,25 @@ class Swapper:
         with contextlib.suppress(RuntimeError):  # built outside a loop (tests)
             self._loop = asyncio.get_running_loop()
         sup.on_change(self.poke)
+        host.on_change(self.poke)  # an operation ended (or the mode changed)
         self._polled = asyncio.Event()  # set after each poll of the hub
-        sup.hub.on_update(self._polled.set)
+        sup.hub.on_update(self._on_poll)
 
     # --- inputs --------------------------------------------------------------------------------
 
-    def poke(self) -> None:
-        self._wake.set()
+    def _on_poll(self) -> None:
+        self._polled.set()
+        if self.pending:  # a GPU's used memory may show the room a stop made
+            self.poke()
 
-    def demand_threadsafe(self, name: str, model: str | None) -> None:
-        """From the gate loop: a request found `name` not loaded."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.demand, name, model)
+    def poke(self) -> None:
+        self.wants.poke()
 
     def demand(self, name: str, model: str | None, pin: bool = False,
                force: bool = False) -> Pending | None:
         """Load `name` (held `idle`) once there is room; `force`: even if it is not an
         on-demand service (a reload made it `always`)."""
-        actor = self.sup.actors.get(name)
-        if actor is None or not (actor.cfg.on_demand or force):
-            return None
-        now = self._clock()
-        p = self.pending.get(name)
-        if p is None:
-            p = self.pending[name] = Pending(now, now, model, pin, force)
-            log.info("%s: requested%s; loading it", name, f" (model {model})" if model else "")
-        else:
-            p.last = now
-            p.pin = p.pin or pin
-        self.poke()
-        return p
+        return self.wants.ask(name, model, pin, force)
 
     def stats_of(self, name: str) -> ServiceStats:
         st = self.stats.get(name)
@@ -196,9 +169,7 @@ class Swapper:
     def unpin(self, names: list[str]) -> None:
         for name in names:
             self.pinned.discard(name)
-            p = self.pending.pop(name, None)
-            if p is not None:
-                self._settle(p, f"{name}: stopped by the operator")
+            self.wants.settle(name, f"{name}: stopped by the operator")
 
     def on_demand_names(self, names: list[str]) -> list[str]:
         return [n for n in names if n in self.sup.actors and self.sup.actors[n].cfg.on_demand]
@@ -206,35 +177,60 @@ class Swapper:
     # --- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Woken by what changes a decision (a demand, a request waiting or giving up, a gate
+        going idle, a service changing state, a poll while something waits) and by its own
+        deadlines (a queue timeout, an idle stop, a residency ending); no polling."""
         self._loop = asyncio.get_running_loop()
+        self.wants.bind(self._loop)
+        woken = self.wants.woken
         while True:
-            try:
-                async with asyncio.timeout(TICK_S):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            woken.clear()
             try:
                 await self.step()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("models on demand: internal error (carrying on)")
+            left = self._next_deadline(self._clock())
+            try:
+                async with asyncio.timeout(left):
+                    await woken.wait()
+            except TimeoutError:
+                pass
+
+    def _next_deadline(self, now: float) -> float | None:
+        """Seconds until the next moment a decision may change by time alone (None: none)."""
+        times: list[float] = []
+        for name, p in self.pending.items():
+            actor = self.sup.actors.get(name)
+            gate = actor.cfg.gate if actor is not None else None
+            times.append(p.last + (gate.queue_timeout_s if gate is not None else 30.0))
+            times.append(p.last + WANTED_GRACE_S)
+        mono = time.monotonic()
+        for name, actor in self.sup.actors.items():
+            if actor.state is not State.READY:
+                continue
+            left = self.resident_left(actor, now)
+            if left and self.pending:
+                times.append(now + left)
+            gate = self.sup.gate_of(name)
+            if actor.cfg.idle_stop_s is not None and gate is not None:
+                # the gate's idle clock is the monotonic one
+                times.append(now + gate.last_active + actor.cfg.idle_stop_s - mono)
+        ahead = [t - now for t in times if t > now]
+        return min(ahead) + 0.01 if ahead else None
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        for p in self.pending.values():
-            self._settle(p, "llm-supervisor is stopping")
-        self.pending.clear()
+        self.wants.settle_all("llm-supervisor is stopping")
 
     async def step(self) -> None:
         now = self._clock()
         self._track(now)
         if self.host.mode.value in ("shutting_down", "powering_down", "powered_down"):
-            for name, p in list(self.pending.items()):
-                del self.pending[name]
-                self._settle(p, f"{name} cannot be loaded now: llm-supervisor is "
+            for name in list(self.pending):
+                self.wants.settle(name, f"{name} cannot be loaded now: llm-supervisor is "
                              f"{self.host.mode.value.replace('_', ' ')}")
             return
         await self._unretire()
@@ -283,16 +279,14 @@ class Swapper:
                 self._spawn(self._to_idle(actor))
             if actor.cfg.on_demand and actor.state is State.BACKOFF and name not in self.pinned \
                     and name not in self.pending and id(actor) not in self._acting \
-                    and not self._waiting(name):
+                    and not self.wants.waits(name):
                 # a load that failed, and nobody waits for it: give its GPUs back rather than
                 # retry for nobody (the next request tries again)
                 log.warning("%s: its load failed and no request waits for it; unloading",
                             name)
                 self._spawn(self._to_idle(actor))
             if actor.state is State.FAILED:
-                p = self.pending.pop(name, None)
-                if p is not None:
-                    self._settle(p, f"{name} failed: {actor.failed_reason}")
+                self.wants.settle(name, f"{name} failed: {actor.failed_reason}")
 
     def _baseline(self, actor: ServiceActor, gen: int) -> None:
         """The GPUs' used memory before launch `gen` of the service (what it adds is
@@ -316,10 +310,6 @@ class Swapper:
                     and snap.read_at > self._changed_at.get(uuid, float("-inf")):
                 out[uuid] = r.memory_used_bytes
         return out
-
-    def _waiting(self, name: str) -> bool:
-        gate = self.sup.gate_of(name)
-        return gate is not None and gate.cold_waiting > 0
 
     def _learn_later(self, actor: ServiceActor) -> None:
         if actor.plan.gpus:
@@ -394,34 +384,28 @@ class Swapper:
 
     # --- serving a demand -------------------------------------------------------------------
 
-    def _settle(self, p: Pending, why: str | None) -> None:
-        for fut in p.waiters:
-            if not fut.done():
-                fut.set_result(why)
-        p.waiters.clear()
-
     async def _serve(self, name: str, now: float) -> None:
         p = self.pending[name]
         actor = self.sup.actors.get(name)
         if actor is None or not (actor.cfg.on_demand or p.force):
             del self.pending[name]
-            self._settle(p, f"{name} is not an on-demand service any more")
+            settle(p, f"{name} is not an on-demand service any more")
             return
         other = actor.holds - {"idle"}
         if actor.state is State.FAILED or other:
             del self.pending[name]
             why = actor.failed_reason if actor.state is State.FAILED else \
                 "held: " + ", ".join(sorted(other))
-            self._settle(p, f"{name} cannot be loaded ({why})")
+            settle(p, f"{name} cannot be loaded ({why})")
             return
         if "idle" not in actor.holds:  # loading or loaded already
             del self.pending[name]
-            self._settle(p, None)
+            settle(p, None)
             return
         if not self.wanted(name, now):  # every request for it gave up: load nothing for nobody
             del self.pending[name]
             await self._set_message(self.sup.gate_of(name), None)
-            self._settle(p, f"{name}: nobody waits for it any more")
+            settle(p, f"{name}: nobody waits for it any more")
             return
         if actor.state is not State.STOPPED or id(actor) in self._acting or self._busy_op(name):
             return  # being unloaded (or an operation on it runs): once that is over
@@ -448,7 +432,7 @@ class Swapper:
         if now - p.last >= timeout or (p.pin and not plan.wait and not plan.drain):
             del self.pending[name]
             log.warning("%s: not loaded: %s", name, plan.message)
-            self._settle(p, plan.message)
+            settle(p, plan.message)
 
     async def _load(self, actor: ServiceActor, p: Pending) -> None:
         name = actor.name
@@ -462,10 +446,10 @@ class Swapper:
                 self.pinned.add(name)
             self._baseline(actor, actor.gen + 1)
             await self.host.command([name], L.Release("idle"), internal=True)
-            self._settle(p, None)
+            settle(p, None)
         except ControlError as exc:
             self._loading.pop(name, None)
-            self._settle(p, f"{name}: {exc.message}")
+            settle(p, f"{name}: {exc.message}")
         finally:
             self._acting.discard(id(actor))
 
@@ -494,19 +478,7 @@ class Swapper:
         return actor.state is State.READY and not busy and id(actor) not in self._acting
 
     def wanted(self, name: str, now: float | None = None) -> bool:
-        """Whether somebody still waits for `name`: an operator's start, or a request in its
-        gate (or one that asked within WANTED_GRACE_S). A client that gives up cancels nothing
-        by itself, but when the last one has gone, the demand ends: no model is loaded, and
-        none drained, for nobody."""
-        p = self.pending.get(name)
-        if p is None:
-            return False
-        if p.pin or p.force or p.waiters:
-            return True
-        gate = self.sup.gate_of(name)
-        if gate is None or gate.cold_waiting > 0:
-            return True
-        return (self._clock() if now is None else now) - p.last < WANTED_GRACE_S
+        return self.wants.wanted(name, now)
 
     def resident_left(self, actor: ServiceActor, now: float | None = None) -> float:
         """How long a ready service is still kept loaded by its `min_residency_s` (0: it

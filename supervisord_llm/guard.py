@@ -26,7 +26,6 @@ from .config import ThermalSection
 from .errors import ControlError, SensorError
 from .host import Host
 from .logs import LogLimiter
-from .modes import Mode
 from .policy import thermal as T
 from .sensors.base import GpuInfo, SensorBusyError
 from .sensors.events import Back, Lost
@@ -618,10 +617,7 @@ class GpuGuard:
 
     def _update_mode(self) -> None:
         hot = any(st.level in ("throttled", "critical") for st in self.states.values())
-        if hot and self.host.mode is Mode.NORMAL:
-            self.host.set_mode(Mode.THROTTLED, "a GPU is throttled")
-        elif not hot and self.host.mode is Mode.THROTTLED:
-            self.host.set_mode(Mode.NORMAL, "no GPU is throttled")
+        self.host.set_hot(hot, "a GPU is throttled" if hot else "no GPU is throttled")
 
     def thermal_state(self, snap: GpuSnapshot) -> str:
         """ok | warm | throttled | critical | lost | unresponsive."""

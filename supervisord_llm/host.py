@@ -23,7 +23,7 @@ from . import protocol as P
 from . import rollout
 from .config import Config
 from .errors import ControlError
-from .modes import Mode, ModeError, check
+from .modes import POWER_MODES, Mode, ModeError, check, derive
 from .plan import ServicePlan
 from .states import RestartReason
 from .supervisor import SETTLE_GRACE_S, Supervisor
@@ -88,7 +88,9 @@ class Host:
         self.sup = sup
         self._load = load
         self._on_reload = on_reload or (lambda started: None)
-        self.mode = Mode.NORMAL
+        self.mode = Mode.NORMAL  # derived from the three below; written only here
+        self._power_mode: Mode | None = None  # the power controller's phase
+        self._hot = False  # the GPU guard: a GPU is throttled or critical
         self.ops: dict[str, Op] = {}
         self._queue: asyncio.Queue[_Cmd] = asyncio.Queue()
         self._shutdown: asyncio.Task[None] | None = None
@@ -143,6 +145,7 @@ class Host:
         def done(t: asyncio.Task[Any]) -> None:
             if self.ops.get(key) is op:
                 del self.ops[key]
+                self.changed()  # what waited for it looks again
             if t.cancelled() and not reply.done():
                 reply.set_exception(ControlError(
                     P.FAILED, f"{op.describe()} was cancelled: a power-down or a stop of "
@@ -153,7 +156,21 @@ class Host:
 
     # --- the mode ------------------------------------------------------------------------------
 
-    def set_mode(self, new: Mode, why: str) -> None:
+    def set_power_mode(self, mode: Mode | None, why: str) -> None:
+        """The power controller's phase: on battery, powering down, powered down; None when
+        the power is on line."""
+        if mode is not None and mode not in POWER_MODES:
+            raise ValueError(f"not a power mode: {mode}")
+        self._power_mode = mode
+        self._set_mode(derive(self._shutdown is not None, mode, self._hot), why)
+
+    def set_hot(self, hot: bool, why: str) -> None:
+        """The GPU guard: whether a GPU is throttled (or critical)."""
+        if hot != self._hot:
+            self._hot = hot
+            self._set_mode(derive(self._shutdown is not None, self._power_mode, hot), why)
+
+    def _set_mode(self, new: Mode, why: str) -> None:
         try:
             check(self.mode, new)
         except ModeError as exc:
@@ -240,6 +257,14 @@ class Host:
 
         result: dict[str, int] = await self._submit(fn)
         return result
+
+    async def drain_now(self, names: list[str], reason: str,
+                        timeout_s: float) -> dict[str, int]:
+        """`drain`, for the operation that runs (the power-down): not queued behind it.
+        Returns what is still in flight per service when the time is up."""
+        gates = self._gates(names)
+        await self._close_gates(gates, reason)
+        return await self._wait_idle(gates, timeout_s)
 
     async def resume(self, names: list[str], reason: str) -> None:
         """Remove `reason` from the gates' drain reasons (the others stay)."""
@@ -369,9 +394,9 @@ class Host:
     def shutdown(self, fast: bool = False) -> None:
         """From the signal loop: a graceful stop, or (again, or `fast`) SIGKILL everything."""
         if self._shutdown is None:
-            self.set_mode(Mode.SHUTTING_DOWN, "stop requested")
             self._shutdown = asyncio.get_running_loop().create_task(self._stop_all(),
                                                                      name="shutdown")
+            self._set_mode(derive(True, self._power_mode, self._hot), "stop requested")
             self._shutdown.add_done_callback(lambda _t: self.stopped.set())
             if not fast:
                 return
@@ -393,9 +418,7 @@ class Host:
         if gated:
             timeout = max(a.cfg.gate.drain_timeout_s for n, a in sup.actors.items()
                           if n in gated and a.cfg.gate is not None)
-            gates = self._gates(gated)
-            await self._close_gates(gates, "shutdown")
-            left = await self._wait_idle(gates, timeout)
+            left = await self.drain_now(gated, "shutdown", timeout)
             if left:
                 log.warning("stopping with requests still in flight after %g s: %s", timeout,
                             ", ".join(f"{n} {c}" for n, c in left.items()))

@@ -20,12 +20,10 @@ from prometheus_client.registry import Collector
 from . import __version__, logs
 from .config import GIB
 from .guard import ACTIONS
-from .host import Host
 from .modes import Mode
+from .parts import Parts
 from .sensors.base import CLOCK_EVENTS
 from .states import RestartReason, State
-from .status import thermal_state
-from .supervisor import Supervisor
 from .systemd import Notifier
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -37,9 +35,10 @@ POWER_EVENTS = ("on_battery", "power_back", "power_down", "powered_down", "resta
 
 
 class SupervisorCollector(Collector):
-    def __init__(self, sup: Supervisor, host: Host, notifier: Notifier | None = None) -> None:
-        self.sup = sup
-        self.host = host
+    def __init__(self, parts: Parts, notifier: Notifier | None = None) -> None:
+        self.parts = parts
+        self.sup = parts.sup
+        self.host = parts.host
         self.notifier = notifier
 
     def collect(self) -> Iterator[Metric]:
@@ -78,7 +77,7 @@ class SupervisorCollector(Collector):
         yield from self._power()
 
     def _power(self) -> Iterator[Metric]:
-        power = self.sup.power
+        power = self.parts.power
         reachable = GaugeMetricFamily("llm_supervisor_ups_reachable",
                                       "1 when upsd answers with data for the UPS")
         on_battery = GaugeMetricFamily("llm_supervisor_ups_on_battery",
@@ -228,12 +227,12 @@ class SupervisorCollector(Collector):
         waiting = GaugeMetricFamily("llm_supervisor_model_waiting_requests",
                                     "Requests waiting for their model to be loaded",
                                     labels=["service"])
-        sw = sup.swapper
+        sw = self.parts.swapper
         for actor in list(sup.actors.values()):
             gate = sup.gate_of(actor.name)
             is_loaded = 1.0 if actor.state in (State.READY, State.DRAINING) else 0.0
             stats = dict(gate.models) if gate is not None else {}
-            st = sw.stats.get(actor.name) if sw is not None else None
+            st = sw.stats.get(actor.name)
             for model in actor.cfg.models:
                 loaded.add_metric([model, actor.name], is_loaded)
                 ms = stats.get(model)
@@ -251,15 +250,14 @@ class SupervisorCollector(Collector):
                 swaps.add_metric([actor.name], st.swaps if st is not None else 0)
                 idle.add_metric([actor.name], st.idle_stops if st is not None else 0)
                 if gate is not None:
-                    waiting.add_metric([actor.name], gate.cold_waiting)
-            if sw is not None:
-                declared = int((actor.cfg.vram_gb or 0) * GIB)
-                learned = sw.learned.get(actor.name, {})
-                for g in actor.plan.gpus:
-                    if declared:
-                        memory.add_metric([actor.name, g.uuid, "declared"], declared)
-                    if g.uuid in learned:
-                        memory.add_metric([actor.name, g.uuid, "learned"], learned[g.uuid])
+                    waiting.add_metric([actor.name], sw.wants.waiting.get(actor.name, 0))
+            declared = int((actor.cfg.vram_gb or 0) * GIB)
+            learned = sw.learned.get(actor.name, {})
+            for g in actor.plan.gpus:
+                if declared:
+                    memory.add_metric([actor.name, g.uuid, "declared"], declared)
+                if g.uuid in learned:
+                    memory.add_metric([actor.name, g.uuid, "learned"], learned[g.uuid])
         yield from (loaded, requests, ttft, cold, cold_s, swaps, idle, memory, waiting)
         router = sup.gates.router if sup.gates is not None else None
         if router is not None:
@@ -296,9 +294,9 @@ class SupervisorCollector(Collector):
         probes = CounterMetricFamily("llm_supervisor_service_probes",
                                      "Generation probes sent, by result (ok, failed)",
                                      labels=["service", "result"])
-        prober = self.sup.probes
+        prober = self.parts.probes
         for a in actors:
-            if prober is not None and a.cfg.probe is not None:
+            if a.cfg.probe is not None:
                 for result in ("ok", "failed"):
                     probes.add_metric([a.name, result], prober.results.get((a.name, result), 0))
         yield from (state, up, restarts, fails, dur, probes)
@@ -338,7 +336,7 @@ class SupervisorCollector(Collector):
         clocks = g("clock_event_active", "1 while this reason holds the clocks down",
                    ["reason"])
         health = {h.info.uuid: h.health for h in self.sup.hub.health_snapshots()}
-        events = self.sup.gpu_events
+        events = self.parts.events
         for snap in self.sup.hub.snapshots():
             info, r = snap.info, snap.reading
             labels0 = [str(info.index), info.uuid, info.pci_bus_id, info.name]
@@ -362,9 +360,8 @@ class SupervisorCollector(Collector):
                     for reason in CLOCK_EVENTS:
                         clocks.add_metric([*labels0, reason],
                                           1.0 if reason in h.clock_events else 0.0)
-            if events is not None:
-                for code, n in sorted(events.xid_errors_total.get(info.uuid, {}).items()):
-                    xid.add_metric([*labels0, str(code)], n)
+            for code, n in sorted(events.xid_errors_total.get(info.uuid, {}).items()):
+                xid.add_metric([*labels0, str(code)], n)
             labels = [str(info.index), info.uuid, info.pci_bus_id, info.name]
             fresh = snap.status == "ok" and r is not None
             if fresh and r is not None:
@@ -382,29 +379,27 @@ class SupervisorCollector(Collector):
             if info.slowdown_c is not None:
                 slow.add_metric(labels, info.slowdown_c)
             gup.add_metric(labels, 1.0 if snap.status == "ok" else 0.0)
-            current = thermal_state(self.sup, snap)
+            guard = self.parts.guard
+            current = guard.thermal_state(snap)
             for st in THERMAL_STATES:
                 thermal.add_metric([*labels, st], 1.0 if st == current else 0.0)
             if info.default_power_limit_w is not None:
                 default_limit.add_metric(labels, info.default_power_limit_w)
-            guard = self.sup.guard
-            if guard is not None:
-                status = guard.gpu_status(snap)
-                if status["power_target_w"] is not None:
-                    target.add_metric(labels, status["power_target_w"])
-                factor.add_metric(labels, status["admission_factor"])
-                for action in ACTIONS:
-                    actions.add_metric([*labels, action],
-                                       guard.actions.get((info.uuid, action), 0))
+            status = guard.gpu_status(snap)
+            if status["power_target_w"] is not None:
+                target.add_metric(labels, status["power_target_w"])
+            factor.add_metric(labels, status["admission_factor"])
+            for action in ACTIONS:
+                actions.add_metric([*labels, action],
+                                   guard.actions.get((info.uuid, action), 0))
         yield from (temp, mtemp, power, limit, default_limit, target, factor, util, used, total,
                     gup, thermal, slow, hotspot, actions, xid, link_gen, link_width, ecc,
                     retired, pending, clocks)
 
 
-def make_registry(sup: Supervisor, host: Host, notifier: Notifier | None = None
-                  ) -> CollectorRegistry:
+def make_registry(parts: Parts, notifier: Notifier | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SupervisorCollector(sup, host, notifier))
+    registry.register(SupervisorCollector(parts, notifier))
     return registry
 
 

@@ -7,7 +7,9 @@
 - `powered_down`: services stopped for the power loss, waiting for the power to return;
 - `shutting_down`: the daemon is stopping (terminal).
 
-Only the host actor changes the mode, through `check()`.
+The mode is derived (`derive`) from what its owners say: the host (stopping), the power
+controller (its phase) and the GPU guard (a GPU throttled); only the host actor writes it,
+through `check()`.
 """
 
 from __future__ import annotations
@@ -50,3 +52,16 @@ def check(old: Mode, new: Mode) -> Mode:
     if new is not old and new not in TRANSITIONS[old]:
         raise ModeError(f"mode {old} cannot change to {new}")
     return new
+
+
+POWER_MODES: Final = frozenset({Mode.ON_BATTERY, Mode.POWERING_DOWN, Mode.POWERED_DOWN})
+
+
+def derive(stopping: bool, power: Mode | None, hot: bool) -> Mode:
+    """The mode from its inputs: a stop wins, then the power's phase (`power`: one of
+    POWER_MODES, or None when the power is on line), then the heat."""
+    if stopping:
+        return Mode.SHUTTING_DOWN
+    if power is not None:
+        return power
+    return Mode.THROTTLED if hot else Mode.NORMAL

@@ -73,13 +73,19 @@ class Step:
 class PowerController:
     def __init__(self, sup: Supervisor, host: Host, cfg: PowerSection,
                  checkpoints: CheckpointRunner, *,
+                 set_ceiling: Callable[[float | None, str], None] = lambda _f, _w: None,
+                 recheck: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """`set_ceiling(fraction, why)`: a power ceiling over every GPU (the GPU guard's);
+        `recheck()`: the guard looks at the GPUs again (once the power is back)."""
         self.sup = sup
         self.host = host
         self.checkpoints = checkpoints
+        self._set_guard_ceiling = set_ceiling
+        self._guard_recheck = recheck
         self._clock = clock
         self.start_cfg = cfg  # the connection (source, ups, login, poll) is the start's
-        self.state = P.State()
+        self._state = P.State()
         self.poller: SourcePoller[UpsReading] | None = None
         self.source: NutSource | None = None
         if cfg.source == "nut":
@@ -113,10 +119,22 @@ class PowerController:
         self._saving: set[asyncio.Task[None]] = set()
 
     @property
+    def state(self) -> P.State:
+        return self._state
+
+    @state.setter
+    def state(self, value: P.State) -> None:
+        self._state = value
+        # on battery, or (being) powered down: a service added now (a reload) is held down
+        # too, and starts when the power is back
+        if self.holding:
+            self.sup.new_holds.add(HOLD)
+        else:
+            self.sup.new_holds.discard(HOLD)
+
+    @property
     def holding(self) -> bool:
-        """On battery, or (being) powered down: a service added now (a reload) is held down
-        too, and starts when the power is back."""
-        return self.state.phase in ("on_battery", "powering_down", "powered_down")
+        return self._state.phase in HELD_PHASES
 
     # --- what it is fed --------------------------------------------------------------------
 
@@ -188,8 +206,8 @@ class PowerController:
         self.state = P.finished(P.commit(P.State(
             phase="powering_down", believed=believed, forced=was.forced,
             override=was.override)), self._clock())
-        self.host.set_mode(Mode.POWERING_DOWN, why)  # nothing runs yet: nothing to do
-        self.host.set_mode(Mode.POWERED_DOWN, why)
+        self.host.set_power_mode(Mode.POWERING_DOWN, why)  # nothing runs yet: nothing to do
+        self.host.set_power_mode(Mode.POWERED_DOWN, why)
         if not on_line:  # `FSD OL`: on line, the GPUs need no cap
             self._set_ceiling(self.cfg.on_battery_power_fraction, "on battery at start")
         self._count("powered_down")
@@ -401,9 +419,9 @@ class PowerController:
     def _count(self, event: str) -> None:
         self.events[event] = self.events.get(event, 0) + 1
 
-    def _mode(self, mode: Mode, why: str) -> None:
-        if self.host.mode is not Mode.SHUTTING_DOWN:
-            self.host.set_mode(mode, why)
+    def _mode(self, mode: Mode | None, why: str) -> None:
+        """The power's phase for the host's mode (None: on line)."""
+        self.host.set_power_mode(mode, why)
 
     async def _act(self, action: P.Action) -> None:
         if isinstance(action, P.OnBattery):
@@ -446,9 +464,7 @@ class PowerController:
 
     def _set_ceiling(self, fraction: float | None, why: str) -> None:
         self.ceiling = fraction if fraction is not None and fraction < 1.0 else None
-        guard = self.sup.guard
-        if guard is not None:
-            guard.set_ceiling(self.ceiling, why)
+        self._set_guard_ceiling(self.ceiling, why)
 
     async def _power_back(self) -> None:
         task = self._task
@@ -464,9 +480,8 @@ class PowerController:
         if held:  # added by a reload while on battery
             await self.host.command(held, L.Release(HOLD), internal=True)
         await self._reopen()
-        self._mode(Mode.NORMAL, "the power is back")
-        if self.sup.guard is not None:
-            self.sup.guard.poke()  # throttled again if a GPU is still hot
+        self._mode(None, "the power is back")
+        self._guard_recheck()  # its steps again if a GPU is still hot
 
     async def _reopen(self) -> None:
         gated = [n for n in self.sup.actors if self.sup.gate_of(n) is not None]
@@ -481,9 +496,8 @@ class PowerController:
         if names:
             await self.host.command(names, L.Release(HOLD), internal=True)
         await self._reopen()
-        self._mode(Mode.NORMAL, "the power is back")
-        if self.sup.guard is not None:
-            self.sup.guard.poke()
+        self._mode(None, "the power is back")
+        self._guard_recheck()
 
     # --- the power-down sequence --------------------------------------------------------------
 
@@ -516,9 +530,7 @@ class PowerController:
                               + (f" (runtime {runtime_s:.0f} s, margin {margin:.0f} s)"
                                  if runtime_s is not None else ""))
             if gated:
-                gates = self.host._gates(gated)
-                await self.host._close_gates(gates, DRAIN_REASON)
-                left = await self.host._wait_idle(gates, budget)
+                left = await self.host.drain_now(gated, DRAIN_REASON, budget)
                 if left:
                     step.detail += "; cut off: " + ", ".join(f"{n} {c}" for n, c in left.items())
                     log.warning("power: drain: still in flight after %.1f s: %s", budget,

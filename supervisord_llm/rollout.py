@@ -16,7 +16,6 @@ from typing import Any
 from . import protocol as P
 from .config import Config, GateSection
 from .errors import ControlError, StartupError
-from .lifecycle import Release
 from .plan import ServicePlan
 from .ports import pick_free_port, port_free
 from .service import Reconfigure, ServiceActor
@@ -221,10 +220,7 @@ async def reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> Relo
             if not plan.config.on_demand and "idle" in current.holds:
                 # now `always`: it starts, once there is room (idle on-demand services on
                 # its GPUs are stopped first)
-                if sup.swapper is not None:
-                    sup.swapper.demand(name, None, force=True)
-                else:
-                    await current.send(Release("idle"))
+                sup.wants.ask(name, None, force=True)
             if demand_keys:
                 res.updated.append(name)  # models, start, idle_stop_s, ... (what applies live)
             else:

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from . import __version__
-from .host import Host
+from .parts import Parts
 from .sensors.base import CLOCK_TROUBLE
 from .sensors.hub import GpuSnapshot
 from .service import ServiceActor
@@ -16,15 +16,7 @@ from .states import State
 from .supervisor import Supervisor
 
 
-def thermal_state(sup: Supervisor, snap: GpuSnapshot) -> str:
-    """ok | warm | throttled | critical | lost | unresponsive."""
-    if sup.guard is not None:
-        return sup.guard.thermal_state(snap)
-    return {"lost": "lost", "unresponsive": "unresponsive",
-            "error": "unresponsive"}.get(snap.status, "ok")
-
-
-def gpu_status(sup: Supervisor, snap: GpuSnapshot, now: float) -> dict[str, Any]:
+def gpu_status(parts: Parts, snap: GpuSnapshot, now: float) -> dict[str, Any]:
     g, r = snap.info, snap.reading
     fresh = snap.status == "ok"
     data = {
@@ -42,26 +34,24 @@ def gpu_status(sup: Supervisor, snap: GpuSnapshot, now: float) -> dict[str, Any]
         "memory_used_bytes": r.memory_used_bytes if r and fresh else None,
         "memory_total_bytes": g.memory_total_bytes,
         "hotspot_c": r.hotspot_c if r and fresh else None,
-        "thermal_state": thermal_state(sup, snap),
+        "thermal_state": parts.guard.thermal_state(snap),
         "thresholds": {"slowdown_c": g.slowdown_c, "shutdown_c": g.shutdown_c},
         "reading_age_s": None if snap.read_at is None else round(now - snap.read_at, 3),
         "error": snap.error,
         "vendor": g.vendor,
         "backend": g.backend,
     }
-    if sup.swapper is not None and g.memory_total_bytes:
+    if g.memory_total_bytes:
         # what the services on it need (vram_gb or learned): the no-room message's figure
-        data["memory_committed_bytes"] = sup.swapper.committed(g.uuid)
-    data["health"] = health_status(sup, g.uuid, now)
-    if sup.gpu_events is not None:
-        data["xid_errors"] = {str(k): v for k, v in
-                              sorted(sup.gpu_events.xid_errors_total.get(g.uuid, {}).items())}
-    if sup.guard is not None:
-        extra = sup.guard.gpu_status(snap)
-        thresholds = extra.pop("thresholds")
-        if thresholds:
-            data["thresholds"] = {**data["thresholds"], **thresholds}  # type: ignore[dict-item]
-        data.update(extra)
+        data["memory_committed_bytes"] = parts.swapper.committed(g.uuid)
+    data["health"] = health_status(parts.sup, g.uuid, now)
+    data["xid_errors"] = {str(k): v for k, v in
+                          sorted(parts.events.xid_errors_total.get(g.uuid, {}).items())}
+    extra = parts.guard.gpu_status(snap)
+    thresholds = extra.pop("thresholds")
+    if thresholds:
+        data["thresholds"] = {**data["thresholds"], **thresholds}  # type: ignore[dict-item]
+    data.update(extra)
     return data
 
 
@@ -88,7 +78,8 @@ def health_status(sup: Supervisor, uuid: str, now: float) -> dict[str, Any] | No
     }
 
 
-def service_status(sup: Supervisor, actor: ServiceActor, now: float) -> dict[str, Any]:
+def service_status(parts: Parts, actor: ServiceActor, now: float) -> dict[str, Any]:
+    sup = parts.sup
     data = actor.status(now)
     gate = sup.gate_of(actor.name)
     if gate is not None:
@@ -103,16 +94,16 @@ def service_status(sup: Supervisor, actor: ServiceActor, now: float) -> dict[str
         role, other = extra
         data["swap"] = {"role": role, "state": other.state.value,
                         "pid": other.status(now)["pid"], "port": other.port}
-    if sup.probes is not None:
-        probe = sup.probes.status(actor.name, now)
-        if probe is not None:
-            data["probe"] = probe
+    probe = parts.probes.status(actor.name, now)
+    if probe is not None:
+        data["probe"] = probe
     cfg = actor.cfg
     if cfg.models:
         data["models"] = list(cfg.models)
     data["start"] = cfg.start
-    sw = sup.swapper
-    if sw is not None and (cfg.on_demand or cfg.vram_gb is not None or cfg.exclusive):
+    sw = parts.swapper
+    if cfg.on_demand or cfg.vram_gb is not None or cfg.exclusive:
+        waiting = sw.wants.waiting.get(actor.name, 0)
         st = sw.stats.get(actor.name)
         data["on_demand"] = {
             "pinned": actor.name in sw.pinned,
@@ -131,23 +122,24 @@ def service_status(sup: Supervisor, actor: ServiceActor, now: float) -> dict[str
             "cold_starts": sum(st.cold_starts.values()) if st else 0,
             "swaps": st.swaps if st else 0,
             "idle_stops": st.idle_stops if st else 0,
-            "waiting": gate.cold_waiting if gate is not None else 0,
+            "waiting": waiting,
             # the last no-room note, while something still waits for it
             "message": gate.cold_message if gate is not None and (
-                actor.name in sw.pending or gate.cold_waiting) else None,
+                actor.name in sw.pending or waiting) else None,
         }
     return data
 
 
-def models_status(sup: Supervisor) -> list[dict[str, Any]]:
+def models_status(parts: Parts) -> list[dict[str, Any]]:
     """Every model behind the router: where it is served, whether it is loaded, its
     requests."""
+    sup = parts.sup
     out = []
     for entry in sup.model_entries():
         name, service = str(entry["id"]), str(entry["service"])
         gate = sup.gate_of(service)
         stats = gate.models.get(name) if gate is not None else None
-        st = sup.swapper.stats.get(service) if sup.swapper is not None else None
+        st = parts.swapper.stats.get(service)
         ttft = None
         if stats is not None:
             _buckets, total, count = stats.ttft.snapshot()
@@ -161,8 +153,8 @@ def models_status(sup: Supervisor) -> list[dict[str, Any]]:
     return out
 
 
-def status(sup: Supervisor, host: Host, now: float, service: str | None = None
-           ) -> dict[str, Any]:
+def status(parts: Parts, now: float, service: str | None = None) -> dict[str, Any]:
+    sup, host = parts.sup, parts.host
     actors = [sup.actor(service)] if service is not None else list(sup.actors.values())
     return {
         "supervisor": {
@@ -175,48 +167,42 @@ def status(sup: Supervisor, host: Host, now: float, service: str | None = None
             "gpu_backend": sup.hub.backend_names,
             "loop_lag_s": round(sup.loop.lag_s, 6),
         },
-        "services": [service_status(sup, a, now) for a in actors],
+        "services": [service_status(parts, a, now) for a in actors],
         "router": {"listen": str(sup.cfg.router.listen)} if sup.cfg.router else None,
-        "models": models_status(sup) if service is None else [
-            m for m in models_status(sup) if m["service"] == service],
-        "gpus": [gpu_status(sup, s, now) for s in sup.hub.snapshots()],
-        "power": sup.power.status(now) if sup.power is not None else {
-            "source": "none",
-            "ups": None,
-            "status": None,
-            "charge_pct": None,
-            "runtime_s": None,
-            "state": "unknown",
-        },
+        "models": models_status(parts) if service is None else [
+            m for m in models_status(parts) if m["service"] == service],
+        "gpus": [gpu_status(parts, s, now) for s in sup.hub.snapshots()],
+        "power": parts.power.status(now),
     }
 
 
-def status_line(sup: Supervisor, host: Host) -> str:
+def status_line(parts: Parts) -> str:
     """The systemd STATUS= text: "3/4 services ready; GPU0 62C"."""
+    sup, host, guard = parts.sup, parts.host, parts.guard
     actors = list(sup.actors.values())
     ready = sum(1 for a in actors if a.state is State.READY)
-    parts = [f"{ready}/{len(actors)} services ready"]
+    bits = [f"{ready}/{len(actors)} services ready"]
     failed = [a.name for a in actors if a.state is State.FAILED]
     if failed:
-        parts.append("failed: " + ",".join(failed))
+        bits.append("failed: " + ",".join(failed))
     for snap in sup.hub.snapshots():
         r = snap.reading
         if snap.status != "ok":
-            parts.append(f"GPU{snap.info.index} {snap.status}")
+            bits.append(f"GPU{snap.info.index} {snap.status}")
         elif r is not None and r.temperature_c is not None:
             text = f"GPU{snap.info.index} {(r.policy_c or r.temperature_c):.0f}C"
-            state = thermal_state(sup, snap)
+            state = guard.thermal_state(snap)
             if state in ("throttled", "critical"):
                 text += f" {state}"
-                target = sup.guard.targets.get(snap.info.uuid) if sup.guard else None
+                target = guard.targets.get(snap.info.uuid)
                 if target is not None:
                     text += f" {target:.0f}W"
-            parts.append(text)
-    power = sup.power
-    if power is not None and power.cfg.source == "nut":
+            bits.append(text)
+    power = parts.power
+    if power.cfg.source == "nut":
         p = power.status(0.0)
         if p["state"] == "unreachable":
-            parts.append("UPS unreachable")
+            bits.append("UPS unreachable")
         else:
             text = f"UPS {p['status'] or p['state']}"
             if p["state"] != "online":
@@ -224,10 +210,10 @@ def status_line(sup: Supervisor, host: Host) -> str:
                     text += f" {p['charge_pct']:.0f}%"
                 if p["runtime_s"] is not None:
                     text += f" {p['runtime_s']:.0f}s"
-            parts.append(text)
+            bits.append(text)
     if host.mode.value != "normal":
         mode = host.mode.value
-        if power is not None and power.sequence and host.mode.value == "powering_down":
+        if power.sequence and host.mode.value == "powering_down":
             mode += f" ({power.sequence[-1].name})"
-        parts.append(mode)
-    return "; ".join(parts)
+        bits.append(mode)
+    return "; ".join(bits)

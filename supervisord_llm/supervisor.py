@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .config import Config
 from .errors import ControlError, StartupError
@@ -24,13 +23,7 @@ from .sensors.hub import GpuHub
 from .service import Counters, Prober, ServiceActor
 from .spawn import Spawner
 from .states import State
-
-if TYPE_CHECKING:
-    from .demand import Swapper
-    from .guard import GpuGuard
-    from .power import PowerController
-    from .probe import GenerationProber
-    from .sensors.events import GpuEvents
+from .wants import Wants
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +90,13 @@ class Supervisor:
         # instances beyond the registry's, while a hot swap runs: (role, actor) by service;
         # role "replacement" (starting), then "retiring" (the old one, finishing its requests)
         self.extra: dict[str, tuple[str, ServiceActor]] = {}
-        self.guard: GpuGuard | None = None  # GPU protection, once the daemon has built it
-        self.power: PowerController | None = None  # the UPS, once the daemon has built it
-        self.probes: GenerationProber | None = None  # generation probes (daemon-built)
-        self.gpu_events: GpuEvents | None = None  # Xids, udev: for status and metrics
-        self.swapper: Swapper | None = None  # models on demand (daemon-built)
+        # who waits for which on-demand service (the gates ask here; the swapper serves)
+        self.wants = Wants(self._may_want, clock)
+        # holds a service gets when it is added (a reload): `powered_down` while the power
+        # controller holds the services (it alone writes this)
+        self.new_holds: set[str] = set()
         self._pushed: dict[str, tuple[object, ...]] = {}
-        self._demand_pushed: dict[str, tuple[bool, float, bool]] = {}
+        self._demand_pushed: dict[str, tuple[bool, float]] = {}
         self._router_pushed: tuple[tuple[str, str, str], ...] | None = None
         self._started = False  # the first start_gates() has run
         self._listeners: list[Callable[[], None]] = []
@@ -113,11 +106,14 @@ class Supervisor:
     def make_actor(self, plan: ServicePlan, port: int | None = None,
                    counters: Counters | None = None, wanted: bool = False,
                    holds: frozenset[str] = frozenset()) -> ServiceActor:
-        if self.power is not None and self.power.holding:
-            holds = holds | {"powered_down"}  # a service a reload adds: not on the battery
+        holds = holds | self.new_holds  # a service a reload adds: not on the battery
         return ServiceActor(plan, self.spawner, self.prober, port=port, counters=counters,
                             wanted=wanted, holds=holds, base_env=self._base_env,
                             on_change=lambda _a: self.changed(), clock=self._clock)
+
+    def _may_want(self, name: str, force: bool) -> bool:
+        actor = self.actors.get(name)
+        return actor is not None and (actor.cfg.on_demand or force)
 
     def on_change(self, fn: Callable[[], None]) -> None:
         self._listeners.append(fn)
@@ -192,12 +188,11 @@ class Supervisor:
             actor = self.actors.get(name)
             if actor is None or actor.cfg.gate is None:
                 continue
-            demand = (actor.cfg.on_demand, actor.cfg.health.startup_timeout_s,
-                      self.swapper is not None)
+            demand = (actor.cfg.on_demand, actor.cfg.health.startup_timeout_s)
             if self._demand_pushed.get(name) != demand:
                 self._demand_pushed[name] = demand
-                cb = self.swapper.demand_threadsafe if self.swapper is not None else None
-                self.gates.call(gate.set_demand, demand[0], demand[1], cb)
+                self.gates.call(gate.set_demand, demand[0], demand[1],
+                                self.wants.ask_threadsafe, self.wants.waiting_threadsafe)
             wanted = (self._upstream(name), self._upstream(actor.cfg.gate.backup, backup=True),
                       closed_why(actor))
             if self._pushed.get(name) != wanted:

@@ -24,11 +24,10 @@ from . import http1
 from .config import Listen
 from .gate.server import ClientConnection, Listener, Request, ResponseWriter, open_listener
 from .health import client_session, read_bounded
-from .host import Host
 from .logs import LogLimiter
 from .metrics import CONTENT_TYPE, make_registry, render
+from .parts import Parts
 from .states import State
-from .supervisor import Supervisor
 from .systemd import Notifier
 
 LOOP_STALE_S = 5.0
@@ -59,15 +58,15 @@ class MetricsLimits:
 class MetricsServer:
     name = "metrics"
 
-    def __init__(self, sup: Supervisor, host: Host, listen: Listen,
+    def __init__(self, parts: Parts, listen: Listen,
                  clock: Callable[[], float], notifier: Notifier | None = None) -> None:
-        self.sup = sup
-        self.host = host
+        self.sup = parts.sup
+        self.host = parts.host
         self.listen = listen
         self.cfg = MetricsLimits()
         self.limiter = LogLimiter("supervisord_llm.metrics")
         self._clock = clock
-        self.registry = make_registry(sup, host, notifier)
+        self.registry = make_registry(parts, notifier)
         self._listener: Listener | None = None
         self._session: aiohttp.ClientSession | None = None
         self._hostname = socket.gethostname()

@@ -13,10 +13,10 @@ from typing import Any
 from .. import lifecycle as L
 from .. import protocol as P
 from ..errors import ControlError
-from ..host import Host
+from ..parts import Parts
 from ..states import RestartReason, State
 from ..status import status
-from ..supervisor import SETTLE_GRACE_S, Supervisor
+from ..supervisor import SETTLE_GRACE_S
 from .server import Peer
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,10 @@ def _plural(n: int, word: str) -> str:
 
 
 class Commands:
-    def __init__(self, sup: Supervisor, host: Host, clock: Callable[[], float]) -> None:
-        self.sup = sup
-        self.host = host
+    def __init__(self, parts: Parts, clock: Callable[[], float]) -> None:
+        self.parts = parts
+        self.sup = parts.sup
+        self.host = parts.host
         self._clock = clock
 
     async def dispatch(self, req: P.Request, peer: Peer) -> Any:
@@ -85,28 +86,26 @@ class Commands:
     # --- the commands ----------------------------------------------------------------------------
 
     async def cmd_status(self, a: P.Args) -> Any:
-        return status(self.sup, self.host, self._clock(), a.service)
+        return status(self.parts, self._clock(), a.service)
 
     async def cmd_start(self, a: P.Args) -> Any:
         names = self._services(a)
         await self.host.command(names, L.Start())
-        swapper = self.sup.swapper
-        if swapper is not None:
-            # on demand: loaded now (room made like for a request) and kept loaded
-            try:
-                await swapper.start(swapper.on_demand_names(names))
-            except ControlError as exc:  # say what did start, not only what did not
-                brief = await self._brief(names)
-                done = ", ".join(f"{s['name']} {s['state']}" for s in brief["services"])
-                raise ControlError(exc.code, f"{exc.message}. The services now: {done}"
-                                   ) from None
+        swapper = self.parts.swapper
+        # on demand: loaded now (room made like for a request) and kept loaded
+        try:
+            await swapper.start(swapper.on_demand_names(names))
+        except ControlError as exc:  # say what did start, not only what did not
+            brief = await self._brief(names)
+            done = ", ".join(f"{s['name']} {s['state']}" for s in brief["services"])
+            raise ControlError(exc.code, f"{exc.message}. The services now: {done}"
+                               ) from None
         return await self._brief(names)
 
     async def cmd_stop(self, a: P.Args) -> Any:
         names = self._services(a)
         actors = [self.sup.actor(n) for n in names]
-        if self.sup.swapper is not None:
-            self.sup.swapper.unpin(names)
+        self.parts.swapper.unpin(names)
         timeout = a.timeout_s or max((x.cfg.stop.timeout_s for x in actors),
                                      default=0) + SETTLE_GRACE_S
         gated = [n for n in names if self.sup.gate_of(n) is not None]
@@ -163,9 +162,9 @@ class Commands:
 
     async def cmd_reset(self, a: P.Args) -> Any:
         names = self._services(a)
-        swapper = self.sup.swapper
-        demand = swapper.on_demand_names(names) if swapper is not None else []
-        if swapper is not None and demand:
+        swapper = self.parts.swapper
+        demand = swapper.on_demand_names(names)
+        if demand:
             # on demand again: unpinned, and a stopped or failed one waits for a request
             swapper.unpin(demand)
             down = [n for n in demand if self.sup.actor(n).state in (State.STOPPED,
@@ -203,8 +202,8 @@ class Commands:
         return await self.host.reload()
 
     async def cmd_checkpoint(self, a: P.Args) -> Any:
-        power = self.sup.power
-        if power is None or not power.checkpoints.hooks:
+        power = self.parts.power
+        if not power.checkpoints.hooks:
             raise ControlError(P.FAILED, "no checkpoint is configured ([[checkpoint]] in the "
                                "config)")
         results = await power.checkpoints.run([a.name] if a.name else None, "operator")
@@ -214,7 +213,4 @@ class Commands:
 
     async def cmd_power_event(self, a: P.Args) -> Any:
         assert a.event is not None  # parse_args requires it
-        power = self.sup.power
-        if power is None:
-            raise ControlError(P.FAILED, "llm-supervisor is still starting; try again")
-        return await power.event(a.event, a.force)
+        return await self.parts.power.event(a.event, a.force)

@@ -202,6 +202,9 @@ class Gate:
         self.on_demand = False
         self.startup_timeout_s = 900.0
         self.demand: Callable[[str, str | None], None] | None = None  # hops to the daemon
+        # tells the daemon how many requests wait for a load (also when the last request
+        # inside has its answer: an idle service may make room); hops to the daemon too
+        self.report: Callable[[str, int], None] | None = None
         self.unloading = False  # retired (idle): being stopped; requests wait and re-demand
         # retiring once the requests inside are done (a drain-then-swap): new ones wait
         self.yielding = False
@@ -253,11 +256,17 @@ class Gate:
     # --- models on demand --------------------------------------------------------------------
 
     def set_demand(self, on_demand: bool, startup_timeout_s: float,
-                   demand: Callable[[str, str | None], None] | None) -> None:
+                   demand: Callable[[str, str | None], None] | None,
+                   report: Callable[[str, int], None] | None = None) -> None:
         self.on_demand = on_demand
         self.startup_timeout_s = startup_timeout_s
         self.demand = demand
+        self.report = report
         self._wake_cold()
+
+    def _report(self) -> None:
+        if self.report is not None:
+            self.report(self.name, len(self._cold))
 
     def retire(self, drain: bool = False) -> bool:
         """Take the gate out of service to stop an idle on-demand service: only if no
@@ -344,6 +353,7 @@ class Gate:
                 return "cold_timeout" if loading else "no_room"
             fut: asyncio.Future[None] = loop.create_future()
             self._cold.append(fut)
+            self._report()
             try:
                 async with asyncio.timeout(left):
                     await fut
@@ -351,6 +361,7 @@ class Gate:
                 pass
             finally:
                 self._cold.remove(fut)
+                self._report()
 
     def drain(self, reason: str = "operator") -> None:
         self.drains.add(reason)
@@ -447,6 +458,8 @@ class Gate:
         finally:
             self.active -= 1
             self.last_active = time.monotonic()
+            if not self.active and self.on_demand:
+                self._report()  # idle now: it may make room, its idle timer runs
             self.stats.count(code)
             if stats is not None:
                 stats.count(code)
