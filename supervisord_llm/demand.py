@@ -39,6 +39,8 @@ from . import lifecycle as L
 from .config import GIB
 from .errors import ControlError
 from .gate.proxy import Histogram
+from .policy import room as R
+from .policy.room import RoomPlan, gib
 from .states import State
 from .wants import WANTED_GRACE_S, Pending, settle
 
@@ -54,25 +56,12 @@ HOLDING: Final = frozenset({State.STARTING, State.READY, State.DRAINING, State.S
 COLD_BUCKETS: Final = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
-def gib(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
-
-
 @dataclass
 class ServiceStats:
     cold_starts: dict[str, int] = field(default_factory=dict)  # by model that asked
     swaps: int = 0  # stopped to make room for another
     idle_stops: int = 0
     cold_start: Histogram = field(default_factory=lambda: Histogram(COLD_BUCKETS))
-
-
-@dataclass
-class RoomPlan:
-    ok: bool  # room now, or once `victims` are stopped
-    victims: list[str]
-    wait: bool  # no room now, but busy services could make it once idle
-    message: str
-    drain: list[str] = field(default_factory=list)  # busy ones to drain (then stop) for it
 
 
 class Swapper:
@@ -474,7 +463,8 @@ class Swapper:
 
     def _idle(self, actor: ServiceActor) -> bool:
         gate = self.sup.gate_of(actor.name)
-        busy = gate is not None and (gate.active or gate.admission.inflight or gate.cold_waiting)
+        busy = gate is not None and (gate.active or gate.admission.inflight
+                                     or self.wants.waits(actor.name))
         return actor.state is State.READY and not busy and id(actor) not in self._acting
 
     def wanted(self, name: str, now: float | None = None) -> bool:
@@ -496,149 +486,41 @@ class Swapper:
         admits no new request."""
         return self._draining.get(name) if name in self._yielding else None
 
-    def _loaded_at(self, actor: ServiceActor) -> float:
-        return float(self._ready_at.get(actor.name, 0.0))
-
     def room(self, want: ServiceActor) -> RoomPlan:
-        """Whether `want` fits on its GPUs, and which idle on-demand services to stop first.
+        """Whether `want` fits on its GPUs, and what to stop or drain first: the pure
+        `policy.room.plan_room` over a snapshot of the services and GPUs."""
+        return R.plan_room(*self.room_snapshot(want))
 
-        Services on its GPUs that are going down (stopping, not to come back, or being
-        drained for a demand) will free their memory: they count as freed, and the load waits
-        until they have exited rather than stopping more. A service that is wanted up (an
-        `always` one in backoff, say) keeps its place. A service loaded less than its
-        `min_residency_s` ago is no victim yet. Without enough idle victims, busy ones loaded
-        at least that long ago are to be drained (`drain`), least recently loaded first."""
-        gpus = {g.uuid: g for g in want.plan.gpus}
-        if not gpus:
-            return RoomPlan(True, [], False, "")
-        need = self.need(want)
-        holding = [a for a in self._holding() if a is not want
-                   and any(g.uuid in gpus for g in a.plan.gpus)]
-        going = [a for a in holding if (a.state is State.STOPPING and not a.up)
-                 or a.name in self._draining]
-        forced = [a for a in holding if want.cfg.exclusive or a.cfg.exclusive]
+    def room_snapshot(self, want: ServiceActor) -> tuple[R.Want, list[R.Holder]]:
+        """What `plan_room` decides on, read once: the wanted GPUs (their size and the memory
+        they report used) and the services holding memory on them."""
         used = self._used(want)
-        needs = {id(a): self.need(a) for a in holding}
-        committed: dict[str, int] = {u: 0 for u in gpus}
-        for a in holding:
-            for u, b in needs[id(a)].items():
-                if u in committed:
-                    committed[u] += b
-
-        def short(freed: dict[str, int]) -> dict[str, int]:
-            out = {}
-            for u, g in gpus.items():
-                total = g.memory_total_bytes
-                if total is None:
-                    continue
-                in_use = max(committed[u] - freed.get(u, 0), used.get(u, 0) - freed.get(u, 0))
-                lack = need.get(u, 0) - (total - in_use)
-                if lack > 0:
-                    out[u] = lack
-            return out
-
-        def free(victims: list[ServiceActor]) -> dict[str, int]:
-            freed: dict[str, int] = {}
-            for a in victims:
-                for u, b in needs[id(a)].items():
-                    freed[u] = freed.get(u, 0) + b
-            return freed
-
-        def evictable(a: ServiceActor) -> bool:
-            return a.cfg.on_demand and a.name not in self.pinned \
-                and a.name not in self._pinning and a in self.sup.actors.values()
-
+        gpus = tuple(R.Gpu(g.uuid, g.index, g.memory_total_bytes, used.get(g.uuid))
+                     for g in want.plan.gpus)
+        wanted = {g.uuid for g in want.plan.gpus}
         now = self._clock()
-
-        def now_victim(a: ServiceActor) -> bool:  # idle, and loaded long enough
-            return self._idle(a) and not self.resident_left(a, now)
-
-        def drainable(a: ServiceActor) -> bool:  # busy, and loaded long enough
-            return a.state is State.READY and id(a) not in self._acting \
-                and not self.resident_left(a, now) and not now_victim(a)
-
-        def message(verb: str) -> str:
-            return self._message(want, gpus, need, holding, committed=committed, used=used,
-                                 verb=verb)
-
-        blockers = [a for a in forced if a not in going and not evictable(a)]
-        if blockers:
-            return RoomPlan(False, [], False, message("reserved by"))
-        victims = list(going)
-        victims += [a for a in forced if a not in victims]
-        candidates = sorted((a for a in holding if a not in victims and evictable(a)),
-                            key=self._last_used)
-        for a in candidates:
-            lack = short(free(victims))
-            if not lack:
-                break
-            if now_victim(a) and any(u in lack for u in needs[id(a)]):
-                victims.append(a)
-        lack = short(free(victims))
-        busy = [a for a in victims if a not in going and not now_victim(a)]
-        if not lack and not busy:
-            new = [a.name for a in victims if a not in going]
-            if new:
-                return RoomPlan(True, new, False, "")
-            if going:  # room once they have exited
-                return RoomPlan(False, [], True, message("still held by"))
-            return RoomPlan(True, [], False, "")
-        # fairness: busy services do not keep it waiting for good; those loaded at least
-        # their min_residency_s ago are drained, least recently loaded first
-        if all(drainable(a) for a in busy):
-            drain = list(busy)
-            for a in sorted((a for a in candidates if a not in victims and drainable(a)),
-                            key=self._loaded_at):
-                lack = short(free(victims + drain))
-                if not lack:
-                    break
-                if any(u in lack for u in needs[id(a)]):
-                    drain.append(a)
-            if drain and not short(free(victims + drain)):
-                return RoomPlan(False, [], True, message("held by"),
-                                drain=[a.name for a in drain])
-        # could the busy ones make room once idle?
-        wait = not short(free(victims + [a for a in candidates if a not in victims]))
-        return RoomPlan(False, [], wait, message("held by"))
-
-    def _last_used(self, actor: ServiceActor) -> float:
-        gate = self.sup.gate_of(actor.name)
-        return gate.last_active if gate is not None else 0.0
-
-    def _message(self, want: ServiceActor, gpus: dict[str, Any], need: dict[str, int],
-                 holding: list[ServiceActor], *, committed: dict[str, int],
-                 used: dict[str, int], verb: str) -> str:
-        parts = []
-        for u, g in gpus.items():
-            total = g.memory_total_bytes
-            mine = [a for a in holding if any(x.uuid == u for x in a.plan.gpus)]
-            who = []
-            for a in mine:
-                gate = self.sup.gate_of(a.name)
+        holders = []
+        registered = set(map(id, self.sup.actors.values()))
+        for a in self._holding():
+            if a is want or not any(g.uuid in wanted for g in a.plan.gpus):
+                continue
+            gate = self.sup.gate_of(a.name)
+            waiting = self.wants.waiting.get(a.name, 0)
+            busy = gate is not None and bool(gate.active or gate.admission.inflight or waiting)
+            holders.append(R.Holder(
+                name=a.name, need=self.need(a), on_demand=a.cfg.on_demand,
+                exclusive=a.cfg.exclusive, state=a.state.value,
+                going=(a.state is State.STOPPING and not a.up) or a.name in self._draining,
+                pinned=a.name in self.pinned or a.name in self._pinning,
+                registered=id(a) in registered, busy=busy, acting=id(a) in self._acting,
+                resident_left=self.resident_left(a, now) if a.cfg.on_demand else 0.0,
+                last_used=gate.last_active if gate is not None else 0.0,
+                loaded_at=self._ready_at.get(a.name, 0.0),
                 # what waits in the gate (to load it, or while it is drained) is not in flight
-                n = gate.active - gate.cold_waiting if gate is not None else 0
-                what = "always" if not a.cfg.on_demand else (
-                    "pinned by llmctl start" if a.name in self.pinned or a.name in self._pinning
-                    else
-                    f"{n} request(s) in flight" if n > 0
-                    else "stopping" if a.state is State.STOPPING else str(a.state))
-                if a.cfg.exclusive:
-                    what += ", exclusive"
-                left = self.resident_left(a) if a.cfg.on_demand else 0.0
-                if a.name in self._draining:
-                    what += f", draining for {self._draining[a.name]}: stopped once its " \
-                        "requests in flight are answered"
-                elif left and a.name not in self.pinned:
-                    what += f", loaded {a.cfg.min_residency_s - left:.0f} s ago: kept " \
-                        f"{left:.0f} s more by min_residency_s = {a.cfg.min_residency_s:g}"
-                who.append(f"{a.name} ({what}, {gib(self.need(a).get(u, 0))})")
-            in_use = max(committed.get(u, 0), used.get(u, 0))
-            space = f"{gib(max(0, (total or 0) - in_use))} free of {gib(total)}" \
-                if total else "size unknown"
-            parts.append(f"GPU{g.index} ({space}) {verb} " + (", ".join(who) or "no service"))
-        needs = max(need.values(), default=0)
-        what = "the whole GPU (exclusive)" if want.cfg.exclusive else f"{gib(needs)}"
-        return f"no room for {want.name} (needs {what}): " + "; ".join(parts)
+                in_flight=max(0, gate.active - waiting) if gate is not None else 0,
+                draining_for=self._draining.get(a.name),
+                min_residency_s=a.cfg.min_residency_s))
+        return R.Want(want.name, gpus, self.need(want), want.cfg.exclusive), holders
 
     # --- stopping ------------------------------------------------------------------------------
 
