@@ -26,12 +26,12 @@ from .config import ThermalSection
 from .errors import ControlError, SensorError
 from .host import Host
 from .logs import LogLimiter
+from .policy import protect as PR
 from .policy import thermal as T
 from .sensors.base import GpuInfo, SensorBusyError
 from .sensors.events import Back, Lost
 from .sensors.hub import GpuHub, GpuSnapshot
 from .statefile import Damaged, read_json, write_json
-from .states import State
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -353,17 +353,9 @@ class GpuGuard:
                      f"{gpu.default_power_limit_w:g}" if gpu.default_power_limit_w else "-")
 
     def factor_of(self, name: str) -> float:
-        """A service's admission factor: the lowest of its GPUs'."""
-        actor = self.sup.actors.get(name)
-        if actor is None:
-            return 1.0
-        factors = [1.0]
-        for g in actor.plan.gpus:
-            st = self.states.get(g.uuid)
-            lim = self.limits(g)
-            if st is not None and lim is not None:
-                factors.append(st.factor(lim))
-        return min(factors)
+        """A service's admission factor: the lowest of its GPUs' (the policy's SetFactor)."""
+        view = self.view(name)
+        return PR.factor_of(view.gpus) if view is not None else 1.0
 
     def _escalate(self, gpu: GpuInfo, critical_for_s: float) -> None:
         """Paused services on a GPU that stays critical with nothing in flight: something else
@@ -384,45 +376,41 @@ class GpuGuard:
 
     # --- per service: in line with all of its GPUs ---------------------------------------
 
-    def _trouble(self, name: str) -> tuple[list[GpuInfo], list[GpuInfo]]:
-        """The service's lost GPUs and its critical ones."""
+    def view(self, name: str) -> PR.ServiceView | None:
+        """What `service_step` decides on for a service: its state and holds, its gate's
+        thermal pause and admission factor, and each of its GPUs (lost, critical, factor)."""
         actor = self.sup.actors.get(name)
-        gpus = actor.plan.gpus if actor is not None else ()
-        return ([g for g in gpus if g.uuid in self.lost],
-                [g for g in gpus if g.uuid not in self.lost and self._critical(g.uuid)])
-
-    def _critical_step(self, name: str) -> str | None:
-        """What `on_critical` still has to do to this service, if anything: pause |
-        drain-restart | stop | None."""
-        actor, gate = self.sup.actors[name], self.sup.gate_of(name)
-        action = self.cfg.critical_action(gate is not None)
-        if action == "none":
+        if actor is None:
             return None
-        if action == "stop":
-            return "stop" if actor.state in L.LIVE or actor.state is State.BACKOFF else None
-        if action == "pause" and gate is not None and actor.state in L.LIVE:
-            return "pause" if THERMAL not in gate.drains else None
-        # drain-restart, or a pause of a service that is not running (it must not start on
-        # a critical GPU): held down until it cools
-        return "drain-restart" if "cooling" not in actor.holds else None
+        gate = self.sup.gate_of(name)
+        gpus = tuple(PR.GpuView(g.uuid, g.index, lost=g.uuid in self.lost,
+                                critical=self._critical(g.uuid),
+                                factor=self.factors.get(g.uuid, 1.0))
+                     for g in actor.plan.gpus)
+        return PR.ServiceView(name, actor.state, frozenset(actor.holds), gpus,
+                              gated=gate is not None,
+                              paused=gate is not None and THERMAL in gate.drains,
+                              factor=gate.admission.factor if gate is not None else None)
 
-    def _needs(self, name: str) -> bool:
-        actor, gate = self.sup.actors[name], self.sup.gate_of(name)
-        lost, hot = self._trouble(name)
-        if bool(lost) != ("gpu_lost" in actor.holds):
-            return True
-        if hot:
-            if self._critical_step(name) is not None:
-                return True
-        elif "cooling" in actor.holds or (gate is not None and THERMAL in gate.drains):
-            return True
-        return gate is not None and gate.admission.factor != self.factor_of(name)
+    def throttled(self, name: str) -> bool:
+        """Whether the heat holds the service back: one of its GPUs throttled or critical
+        (its power capped, its admission lowered, its gate paused)."""
+        view = self.view(name)
+        return view is not None and (view.paused or PR.factor_of(view.gpus) < 1.0 or any(
+            self.states.get(g.uuid, T.State()).level in ("throttled", "critical")
+            for g in view.gpus if not g.lost))
+
+    def step_of(self, name: str) -> PR.Step:
+        view = self.view(name)
+        if view is None:
+            return PR.NOTHING
+        return PR.service_step(view, self.cfg.critical_action(view.gated))
 
     def _reconcile(self) -> None:
         if self._closed:
             return
         for name in list(self.sup.actors):
-            if name not in self._busy and self._needs(name):
+            if name not in self._busy and self.step_of(name):
                 self._start(name, self._converge(name))
 
     def _start(self, name: str, coro: Any) -> None:
@@ -445,30 +433,32 @@ class GpuGuard:
         task.add_done_callback(self._tasks.discard)
 
     async def _converge(self, name: str) -> None:
-        if name not in self.sup.actors:
-            return
-        lost, hot = self._trouble(name)
-        holds = self.sup.actors[name].holds
-        if lost and "gpu_lost" not in holds:
-            self.limiter.error(f"held-{name}", "%s held down: %s lost", name,
-                               ", ".join(f"GPU{g.index}" for g in lost))
+        """Carry out the service's step (read again now: it is what is, not what was)."""
+        step = self.step_of(name)
+        lost = [f"GPU{g.index}" for g in self._gpus_of(name) if g.uuid in self.lost]
+        if step.hold_lost:
+            self.limiter.error(f"held-{name}", "%s held down: %s lost", name, ", ".join(lost))
             await self.host.hold([name], "gpu_lost")
-        elif not lost and "gpu_lost" in holds:
+        elif step.release_lost:
             await self.host.release([name], "gpu_lost")
-        if hot:
-            await self._apply_critical(name, hot[0])
-        else:
-            await self._resume(name)
-        gate = self.sup.gate_of(name)
-        if gate is not None and name in self.sup.actors:
-            factor = self.factor_of(name)
-            if gate.admission.factor != factor:
-                await self.host.set_limit_factor(name, factor)
+        if step.critical is not None and step.critical_gpu is not None:
+            await self._apply_critical(name, step.critical, step.critical_gpu)
+        if step.release_cooling or step.reopen:
+            log.info("%s: its GPUs cooled: %s", name,
+                     "starting again" if step.release_cooling else "gate reopened")
+            self._count_on(name, "resume")
+            if step.release_cooling:
+                await self.host.release([name], "cooling")
+            if step.reopen:
+                await self.host.resume([name], THERMAL)
+        if step.factor is not None and self.sup.gate_of(name) is not None:
+            await self.host.set_limit_factor(name, step.factor)
 
-    async def _apply_critical(self, name: str, gpu: GpuInfo) -> None:
-        step = self._critical_step(name)
-        if step is None:
-            return
+    def _gpus_of(self, name: str) -> tuple[GpuInfo, ...]:
+        actor = self.sup.actors.get(name)
+        return actor.plan.gpus if actor is not None else ()
+
+    async def _apply_critical(self, name: str, step: str, gpu: PR.GpuView) -> None:
         temp = self.temps.get(gpu.uuid)
         at = f"GPU{gpu.index} critical" + (f" ({temp:.0f} C)" if temp is not None else "")
         if step == "pause":
@@ -505,22 +495,6 @@ class GpuGuard:
         finally:
             if gate is not None and self.sup.gate_of(name) is not None:
                 await self.host.resume([name], THERMAL)  # closed anyway: it is failed now
-
-    async def _resume(self, name: str) -> None:
-        """None of its GPUs is critical (nor lost) any more: release and reopen."""
-        actor, gate = self.sup.actors.get(name), self.sup.gate_of(name)
-        if actor is None:
-            return
-        held = "cooling" in actor.holds
-        paused = gate is not None and THERMAL in gate.drains
-        if held or paused:
-            log.info("%s: its GPUs cooled: %s", name,
-                     "starting again" if held else "gate reopened")
-            self._count_on(name, "resume")
-        if held:
-            await self.host.release([name], "cooling")
-        if paused:
-            await self.host.resume([name], THERMAL)
 
     def _count_on(self, name: str, action: str) -> None:
         actor = self.sup.actors.get(name)
@@ -637,7 +611,7 @@ class GpuGuard:
             "power_target_w": self.targets.get(uuid),
             "power_limit_before_w": self.store.originals.get(uuid),
             "throttle_steps": st.steps,
-            "admission_factor": round(st.factor(lim), 3) if lim is not None else 1.0,
+            "admission_factor": round(self.factors.get(uuid, 1.0), 3),
             "lost": self.lost.get(uuid),
             "thresholds": None if lim is None else {
                 "warn_c": lim.warn_c, "throttle_c": lim.throttle_c,

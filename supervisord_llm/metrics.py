@@ -24,6 +24,7 @@ from .modes import Mode
 from .parts import Parts
 from .sensors.base import CLOCK_EVENTS
 from .states import RestartReason, State
+from .supervisor import load_state
 from .systemd import Notifier
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -230,7 +231,7 @@ class SupervisorCollector(Collector):
         sw = self.parts.swapper
         for actor in list(sup.actors.values()):
             gate = sup.gate_of(actor.name)
-            is_loaded = 1.0 if actor.state in (State.READY, State.DRAINING) else 0.0
+            is_loaded = 1.0 if load_state(actor) == "loaded" else 0.0
             stats = dict(gate.models) if gate is not None else {}
             st = sw.stats.get(actor.name)
             for model in actor.cfg.models:

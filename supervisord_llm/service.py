@@ -154,7 +154,6 @@ class ServiceActor:
         self.proc: ServiceProcess | None = None
         self.health = HealthStatus()
         self.start_duration_s: float | None = None
-        self.throttled = False
         self._events: asyncio.Queue[_Command | _Found | _Timer | L.Event] = asyncio.Queue()
         self._waiters: list[Waiter] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -289,7 +288,7 @@ class ServiceActor:
                          if m.launched_at is not None and m.state in RUNNING else None),
             "inflight": 0,
             "gate": "none",
-            "throttled": self.throttled,
+            "throttled": False,  # the GPU guard says (status.service_status)
             "holds": sorted(m.holds),
             "desired": "up" if m.up else "down",
             "backoff_s": (round(max(0.0, m.backoff_until - now), 3)

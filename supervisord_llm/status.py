@@ -81,6 +81,7 @@ def health_status(sup: Supervisor, uuid: str, now: float) -> dict[str, Any] | No
 def service_status(parts: Parts, actor: ServiceActor, now: float) -> dict[str, Any]:
     sup = parts.sup
     data = actor.status(now)
+    data["throttled"] = parts.guard.throttled(actor.name)
     gate = sup.gate_of(actor.name)
     if gate is not None:
         data["inflight"] = gate.inflight

@@ -39,6 +39,21 @@ class LoopStats:
     watchdog_pings: int = 0
 
 
+def load_state(actor: ServiceActor) -> str:
+    """Whether a service's models are loaded, the one classification (the gates, the router's
+    catalogue, the swapper): `loaded` (ready or draining), `unloaded` (held `idle`: a request
+    loads it), `loading` (starting, or in backoff after a failed start, wanted up and held by
+    nothing), else its state."""
+    if actor.state in (State.READY, State.DRAINING):
+        return "loaded"
+    if "idle" in actor.holds:
+        return "unloaded"
+    if not actor.holds and actor.model.wanted and actor.state in (State.STARTING,
+                                                                  State.BACKOFF):
+        return "loading"
+    return str(actor.state)
+
+
 def closed_why(actor: ServiceActor | None) -> str:
     """Why a service's gate is closed (for the 503's message); for an on-demand service,
     `idle` (not loaded: a request starts it) and `loading` (a request waits)."""
@@ -47,10 +62,10 @@ def closed_why(actor: ServiceActor | None) -> str:
     if actor.state is State.FAILED:
         return "failed"
     if actor.cfg.on_demand:
-        if actor.holds == {"idle"}:
+        loaded = load_state(actor)
+        if loaded == "unloaded" and actor.holds == {"idle"}:
             return "idle"
-        if not actor.holds and actor.model.wanted and actor.state in (State.STARTING,
-                                                                      State.BACKOFF):
+        if loaded == "loading":
             return "loading"
     if actor.holds - {"operator", "idle"}:
         return "held"
@@ -209,10 +224,7 @@ class Supervisor:
         """Every model behind the router: its service and the state of that service."""
         out: list[dict[str, object]] = []
         for actor in self.actors.values():
-            loaded = actor.state in (State.READY, State.DRAINING)
-            state = "loaded" if loaded else (
-                "loading" if actor.state is State.STARTING else
-                "unloaded" if "idle" in actor.holds else str(actor.state))
+            state = load_state(actor)
             for model in actor.cfg.models:
                 out.append({"id": model, "object": "model", "created": 0,
                             "owned_by": "llm-supervisor", "service": actor.name,

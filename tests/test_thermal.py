@@ -80,6 +80,7 @@ def test_throttle_steps_floor_factor_and_back(tmp_path: Path) -> None:
         g = gpu(d)
         assert g["thermal_state"] == "throttled" and g["power_target_w"] == 150
         assert g["admission_factor"] == 0.5 and d.service("chat")["max_concurrency"] == 5
+        assert d.service("chat")["throttled"] is True
         assert d.status()["supervisor"]["mode"] == "throttled"
         wait_until(lambda: any("GPU0 86C throttled 150W" in m for _t, m in notify.messages),
                    5, what="STATUS= with the throttled GPU")
@@ -98,6 +99,7 @@ def test_throttle_steps_floor_factor_and_back(tmp_path: Path) -> None:
         g = gpu(d)
         assert g["thermal_state"] == "ok" and g["power_target_w"] is None
         assert d.service("chat")["max_concurrency"] == 10
+        assert d.service("chat")["throttled"] is False
         wait_until(lambda: d.status()["supervisor"]["mode"] == "normal", 5, what="normal")
         text = d.logtext()
         assert "GPU0 thermal ok -> throttled" in text and "power limit restored to 300 W" in text
