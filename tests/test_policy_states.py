@@ -203,3 +203,31 @@ def test_plan_errors_name_the_key(tmp_path: Path) -> None:
     assert "service[0].gpus[0]: unknown GPU 7" in text
     assert "service[1].numa: NUMA node 5 does not exist" in text
     assert "service[2].gpus: mixes NVIDIA and AMD GPUs" in text
+
+
+# --- the host's mode -----------------------------------------------------------------------
+
+
+def test_the_mode_is_derived_from_its_owners() -> None:
+    """A stop wins, then the power's phase, then the heat; every derived change is one the
+    transition table allows."""
+    from supervisord_llm.modes import POWER_MODES, Mode, check, derive
+
+    assert derive(False, None, False) is Mode.NORMAL
+    assert derive(False, None, True) is Mode.THROTTLED
+    for power in POWER_MODES:
+        assert derive(False, power, True) is power
+        assert derive(True, power, True) is Mode.SHUTTING_DOWN
+    inputs = [(s, p, h) for s in (False, True) for p in (None, *POWER_MODES)
+              for h in (False, True)]
+    for a in inputs:
+        for b in inputs:
+            if a[0] and not b[0]:
+                continue  # a stop is never taken back
+            if a[1] is not None and b[1] is not None and a[1] != b[1] and (
+                    a[1], b[1]) not in {(Mode.ON_BATTERY, Mode.POWERING_DOWN),
+                                        (Mode.POWERING_DOWN, Mode.POWERED_DOWN)}:
+                continue  # the power controller moves only forward through its phases
+            if a[1] is None and b[1] is Mode.POWERED_DOWN:
+                continue  # it goes through powering_down first
+            check(derive(*a), derive(*b))  # raises ModeError if the table forbids it
