@@ -96,8 +96,11 @@ def test_each_model_in_turn_swaps_them(box: tuple[Daemon, Client]) -> None:
 def slow_stream(port: int, model: str, result: dict[str, Any]) -> None:
     """A streamed completion read slowly (small receive buffer, 8 KiB every 20 ms), so that it
     lasts: a client on a slow link. `n_probs` makes each event large (about 1 KiB), so that
-    the response outgrows every buffer on the way and the model's server has to wait."""
+    the response outgrows every buffer on the way and the model's server has to wait;
+    `ignore_eos`, so that it has all 400 (a tiny random model may end after 20, a response
+    that fits in the buffers and is over before anyone sees it in flight)."""
     body = json.dumps({"model": model, "stream": True, "max_tokens": 400, "n_probs": 20,
+                       "ignore_eos": True,
                        "messages": [{"role": "user", "content": "tell me a story"}]}).encode()
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
