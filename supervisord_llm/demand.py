@@ -39,6 +39,7 @@ from . import lifecycle as L
 from .config import GIB
 from .errors import ControlError
 from .gate.proxy import Histogram
+from .modes import Mode
 from .policy import room as R
 from .policy.room import RoomPlan, gib
 from .states import State
@@ -223,6 +224,12 @@ class Swapper:
                              f"{self.host.mode.value.replace('_', ' ')}")
             return
         await self._unretire()
+        for name, actor in self.sup.actors.items():
+            if not actor.cfg.on_demand and actor.holds == {"idle"} \
+                    and actor.state is not State.FAILED and name not in self.pending:
+                # one a reload made `always`: wanted until it is loaded, however long the
+                # room (or the power) takes
+                self.wants.ask(name, None, force=True)
         for name in list(self.pending):
             await self._serve(name, now)
         await self._idle_stops(now)
@@ -398,6 +405,8 @@ class Swapper:
             return
         if actor.state is not State.STOPPED or id(actor) in self._acting or self._busy_op(name):
             return  # being unloaded (or an operation on it runs): once that is over
+        if p.force and self.host.mode is Mode.ON_BATTERY:
+            return  # made `always` by a reload: not loaded onto the battery (as if added)
         gate = self.sup.gate_of(name)
         timeout = actor.cfg.gate.queue_timeout_s if actor.cfg.gate else 30.0
         plan = self.room(actor)
@@ -418,7 +427,8 @@ class Swapper:
         await self._set_message(gate, plan.message)
         # the operator's start is told at once when nothing could make room by waiting (what
         # holds it is pinned, `always` or exclusive); a request waits its queue_timeout_s
-        if now - p.last >= timeout or (p.pin and not plan.wait and not plan.drain):
+        if (now - p.last >= timeout and not p.force) or (
+                p.pin and not plan.wait and not plan.drain):
             del self.pending[name]
             log.warning("%s: not loaded: %s", name, plan.message)
             settle(p, plan.message)

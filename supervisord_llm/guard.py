@@ -163,6 +163,10 @@ class GpuGuard:
         self.targets: dict[str, float] = {}  # the power limit the policy set, while it holds
         self.factors: dict[str, float] = {}  # uuid -> the admission factor last applied
         self.lost: dict[str, str] = {}  # uuid -> why
+        # GPUs back from lost, not read since (uuid -> when back): their heat is unknown, so
+        # their services stay held as if they were still lost until a fresh reading
+        self.unread: dict[str, float] = {}
+        self.lost_hot: set[str] = set()  # lost while throttled or critical (the mode stays)
         self.temps: dict[str, float] = {}  # uuid -> the temperature that made it critical
         self.actions: dict[tuple[str, str], int] = {}  # (uuid, action) -> count
         self.limiter = LogLimiter(__name__)
@@ -212,14 +216,19 @@ class GpuGuard:
     async def evaluate(self) -> None:
         now = self._clock()
         for snap in self.hub.snapshots():
-            if snap.info.uuid in self.lost:
+            uuid = snap.info.uuid
+            if uuid in self.lost:
                 continue
+            reading = self._reading(snap, now)
+            back_at = self.unread.get(uuid)
+            if back_at is not None and reading.fresh and snap.read_at is not None \
+                    and snap.read_at > back_at:
+                del self.unread[uuid]  # read since it came back: its heat is known again
+                self.lost_hot.discard(uuid)
             lim = self.limits(snap.info)
             if lim is None:
                 continue
-            uuid = snap.info.uuid
-            state, actions = T.decide(self.states.get(uuid, T.State()),
-                                      self._reading(snap, now), lim, now)
+            state, actions = T.decide(self.states.get(uuid, T.State()), reading, lim, now)
             self.states[uuid] = state
             for action in actions:
                 await self._act(snap, lim, state, action)
@@ -383,7 +392,8 @@ class GpuGuard:
         if actor is None:
             return None
         gate = self.sup.gate_of(name)
-        gpus = tuple(PR.GpuView(g.uuid, g.index, lost=g.uuid in self.lost,
+        gpus = tuple(PR.GpuView(g.uuid, g.index,
+                                lost=g.uuid in self.lost or g.uuid in self.unread,
                                 critical=self._critical(g.uuid),
                                 factor=self.factors.get(g.uuid, 1.0))
                      for g in actor.plan.gpus)
@@ -436,13 +446,14 @@ class GpuGuard:
         """Carry out the service's step (read again now: it is what is, not what was)."""
         step = self.step_of(name)
         lost = [f"GPU{g.index}" for g in self._gpus_of(name) if g.uuid in self.lost]
+        # what holds goes first, what releases last: a service is never let start between
         if step.hold_lost:
             self.limiter.error(f"held-{name}", "%s held down: %s lost", name, ", ".join(lost))
             await self.host.hold([name], "gpu_lost")
-        elif step.release_lost:
-            await self.host.release([name], "gpu_lost")
         if step.critical is not None and step.critical_gpu is not None:
             await self._apply_critical(name, step.critical, step.critical_gpu)
+        if step.release_lost:
+            await self.host.release([name], "gpu_lost")
         if step.release_cooling or step.reopen:
             log.info("%s: its GPUs cooled: %s", name,
                      "starting again" if step.release_cooling else "gate reopened")
@@ -472,8 +483,7 @@ class GpuGuard:
         else:
             self._count(gpu.uuid, "stop")
             log.error("%s: stopped (failed): %s", name, at)
-            await self._drain_and_fail(name, f"{at}; `llmctl reset {name}` once it has "
-                                       "cooled")
+            await self._drain_and_fail(name, f"{at} (once it has cooled)")
 
     async def _drain(self, name: str, timeout_s: float) -> None:
         if self.sup.gate_of(name) is None:
@@ -533,6 +543,10 @@ class GpuGuard:
         if gpu.uuid in self.lost:
             return
         self.lost[gpu.uuid] = why
+        self.unread.pop(gpu.uuid, None)
+        st = self.states.get(gpu.uuid)
+        if st is not None and st.level in ("throttled", "critical"):
+            self.lost_hot.add(gpu.uuid)  # the mode stays throttled until it is read again
         # the policy starts afresh when it is back; the recorded limit stays (restored then)
         self.states.pop(gpu.uuid, None)
         self.targets.pop(gpu.uuid, None)
@@ -551,11 +565,14 @@ class GpuGuard:
             await self._restore(gpu, "after it was lost")
         if self.lost.pop(gpu.uuid, None) is None:
             return
+        # its services are released once a fresh reading says it is not critical
+        self.unread[gpu.uuid] = self._clock()
         names = self.services_on(gpu.uuid)
         self.limiter.warning(f"back-{gpu.uuid}", "GPU%d (%s) is back (%s): %s", gpu.index,
                              gpu.uuid, why,
-                             f"releasing {', '.join(names)}" if names else "no service on it")
-        self._reconcile()
+                             f"releasing {', '.join(names)} once a reading says it is not "
+                             "critical" if names else "no service on it")
+        # evaluated at the next poll (a reading after the restore above, not one before)
 
     async def _restore(self, gpu: GpuInfo, when: str) -> bool:
         """Put the recorded limit back, unless the board shows a limit that the supervisor did
@@ -590,7 +607,8 @@ class GpuGuard:
     # --- the mode, status, restoring -----------------------------------------------------
 
     def _update_mode(self) -> None:
-        hot = any(st.level in ("throttled", "critical") for st in self.states.values())
+        hot = bool(self.lost_hot) or any(st.level in ("throttled", "critical")
+                                         for st in self.states.values())
         self.host.set_hot(hot, "a GPU is throttled" if hot else "no GPU is throttled")
 
     def thermal_state(self, snap: GpuSnapshot) -> str:

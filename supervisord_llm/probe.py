@@ -213,8 +213,8 @@ class GenerationProber:
                   "hot swap to a new instance" if gated else "restarting it")
         try:
             if gated:
-                actor.counters.restart(RestartReason.HUNG)  # a swap counts nothing itself
                 await self.host.swap(name, None)
+                actor.counters.restart(RestartReason.HUNG)  # a swap counts nothing itself
             else:
                 await self.host.command([name], L.Restart(RestartReason.HUNG))
         except ControlError as exc:

@@ -205,7 +205,7 @@ async def reload(sup: Supervisor, cfg: Config, plans: list[ServicePlan]) -> Relo
         order.append(name)
         current = sup.actors.get(name)
         if current is None:
-            actor = sup.make_actor(plan, holds=initial_holds(plan))
+            actor = sup.make_actor(plan, holds=initial_holds(plan), added=True)
             sup.actors[name] = actor
             actor.run()
             started.append(actor)

@@ -107,7 +107,7 @@ class Supervisor:
         self.extra: dict[str, tuple[str, ServiceActor]] = {}
         # who waits for which on-demand service (the gates ask here; the swapper serves)
         self.wants = Wants(self._may_want, clock)
-        # holds a service gets when it is added (a reload): `powered_down` while the power
+        # holds a service gets when a reload adds it: `powered_down` while the power
         # controller holds the services (it alone writes this)
         self.new_holds: set[str] = set()
         self._pushed: dict[str, tuple[object, ...]] = {}
@@ -118,10 +118,14 @@ class Supervisor:
         for plan in plans:
             self.actors[plan.name] = self.make_actor(plan, holds=initial_holds(plan))
 
-    def make_actor(self, plan: ServicePlan, port: int | None = None,
+    def make_actor(self, plan: ServicePlan, *, port: int | None = None,
                    counters: Counters | None = None, wanted: bool = False,
-                   holds: frozenset[str] = frozenset()) -> ServiceActor:
-        holds = holds | self.new_holds  # a service a reload adds: not on the battery
+                   holds: frozenset[str] = frozenset(), added: bool = False) -> ServiceActor:
+        """A service actor; `added`: a service a reload adds, which gets `new_holds` (not
+        loaded onto the battery). A hot swap's replacement, or a service a reload restarts
+        with a new configuration, replaces one that runs: it does not."""
+        if added:
+            holds = holds | self.new_holds
         return ServiceActor(plan, self.spawner, self.prober, port=port, counters=counters,
                             wanted=wanted, holds=holds, base_env=self._base_env,
                             on_change=lambda _a: self.changed(), clock=self._clock)

@@ -97,6 +97,7 @@ class Wants:
         else:
             p.last = now
             p.pin = p.pin or pin
+            p.force = p.force or force
         self.poke()
         return p
 

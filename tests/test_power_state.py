@@ -135,6 +135,32 @@ def test_a_record_of_another_boot_or_a_damaged_one_holds_nothing(tmp_path: Path)
         assert "power_state.json is not valid JSON" in d.logtext()
 
 
+def test_on_battery_a_swap_replaces_and_a_service_made_always_waits_for_the_power(
+        tmp_path: Path) -> None:
+    """Within the grace, a hot swap replaces what runs (its replacement is not held as if a
+    reload had added it); an on-demand service that a reload makes `always` is loaded when the
+    power is back, as an added one would be."""
+    doc = none_config(tmp_path, on_battery_grace_s=600)
+    doc["service"].append(gated("od", gpus=[1], service={"start": "on-demand"}))
+    with running(tmp_path, doc) as d:
+        d.wait_state("chat", "ready")
+        assert d.llmctl("power-event", "on-battery").returncode == 0
+        assert mode(d) == "on_battery"
+        old = d.service("chat")["pid"]
+        r = d.llmctl("swap", "chat")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        st = d.service("chat")
+        assert st["state"] == "ready" and st["pid"] != old and st["holds"] == [], st
+        doc["service"][1]["start"] = "always"
+        d.write(doc)
+        r = d.llmctl("reload")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        stays(lambda: d.service("od")["holds"] == ["idle"], 1.5, "not loaded on battery")
+        assert d.llmctl("power-event", "on-line").returncode == 0
+        d.wait_state("od", "ready", 15)
+        assert d.service("od")["holds"] == []
+
+
 # --- a real upsd's FSD, which stays after the power returns ---------------------------------
 
 

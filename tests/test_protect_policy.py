@@ -53,6 +53,15 @@ CASES = [
     ("stop in backoff", svc(HOT0, state=State.BACKOFF), "stop",
      Step(critical="stop", critical_gpu=HOT0)),
     ("stopped (failed) already", svc(HOT0, state=State.FAILED), "stop", NOTHING),
+    ("stop, not running (an unloaded on-demand model): held down, not failed",
+     svc(HOT0, state=State.STOPPED, holds=frozenset({"idle"})), "stop",
+     Step(critical="drain-restart", critical_gpu=HOT0)),
+    ("stop, held for a lost GPU and the other critical: held cooling, not started",
+     svc(LOST0, HOT1, state=State.STOPPED, holds=frozenset({"gpu_lost"})), "stop",
+     Step(critical="drain-restart", critical_gpu=HOT1)),
+    ("while a GPU is lost its heat is unknown: nothing lifted",
+     svc(LOST0, state=State.STOPPED, holds=frozenset({"gpu_lost", "cooling"}), paused=True),
+     "pause", NOTHING),
     ("on_critical none", svc(HOT0), "none", NOTHING),
     ("cooled: released and reopened",
      svc(OK0, state=State.STOPPED, holds=frozenset({"cooling"}), paused=True), "pause",
@@ -140,7 +149,13 @@ def test_one_step_brings_it_in_line(view: ServiceView, on_critical: str) -> None
     assert service_step(after, on_critical) == NOTHING, (step, after)
     # what it decides follows from what is: a lost GPU means held, none means not
     assert ("gpu_lost" in after.holds) == any(g.lost for g in view.gpus)
-    if not any(g.critical and not g.lost for g in view.gpus):
+    if not any(g.critical or g.lost for g in view.gpus):
         assert "cooling" not in after.holds and not after.paused
+    about_to_start = on_critical == "stop" and view.state in (State.STOPPED, State.STOPPING) \
+        and not view.holds and not any(g.lost for g in view.gpus)  # failed once it runs
+    if any(g.critical and not g.lost for g in view.gpus) and on_critical != "none" \
+            and not about_to_start:
+        # never left to run (or start) on a critical GPU: paused, held or failed
+        assert after.paused or "cooling" in after.holds or after.state is State.FAILED
     if after.gated:
         assert after.factor == factor_of(view.gpus)

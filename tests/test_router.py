@@ -1040,6 +1040,23 @@ def test_reload_to_always_makes_room_first(tmp_path: Path) -> None:
         assert "updated" in r.stdout and "b" in r.stdout
 
 
+def test_reload_to_always_waits_for_room_however_long_it_takes(tmp_path: Path) -> None:
+    """Made `always` while a pinned model holds the room: not dropped at the queue timeout;
+    it starts once the pinned one is stopped."""
+    doc, client = config(tmp_path, [od("a", 12), od("b", 12, gate={"queue_timeout_s": 0.5})],
+                         total_gib=20)
+    with up(tmp_path, doc, client) as d:
+        assert d.llmctl("start", "a").returncode == 0  # pinned
+        doc["service"][1]["start"] = "always"
+        d.write(doc)
+        assert d.llmctl("reload").returncode == 0
+        stays(lambda: states(d)["b"] == ("stopped", ["idle"]), 1.5, "no room: it waits")
+        assert d.service("b")["on_demand"]["pending"] is True  # still wanted
+        assert d.llmctl("stop", "a").returncode == 0
+        d.wait_state("b", "ready", 15)
+        assert states(d)["b"] == ("ready", [])
+
+
 def test_a_start_that_fails_pins_nothing(tmp_path: Path) -> None:
     doc, client = config(tmp_path, [od("a", 12, idle_stop_s=1.0),
                                     od("b", 12, idle_stop_s=1.0, gate={"queue_timeout_s": 1})],

@@ -53,20 +53,61 @@ def test_drain_restart_and_lost_wait_for_every_gpu_of_the_service(tmp_path: Path
         heat(tmp_path, gpu0={"temperature_c": 70}, gpu1={"temperature_c": 90})
         wait_until(lambda: gpu(d, 0)["thermal_state"] == "ok", 5, what="GPU0 cooled")
         stays(lambda: d.service("a")["state"] == "stopped", 1.5, "not started on a hot GPU1")
-        # the same with lost GPUs: GPU1 then GPU0 drop off; GPU0 comes back first
+        # the same with lost GPUs: GPU1 (critical) then GPU0 drop off; GPU0 comes back first;
+        # the heat of a lost GPU is unknown: the cooling hold stays until it is read again
         heat(tmp_path, gpu0={"temperature_c": 70}, gpu1={"lost": True})
-        wait_until(lambda: d.service("a")["holds"] == ["gpu_lost"], 5, what="held: gpu_lost")
+        wait_until(lambda: d.service("a")["holds"] == ["cooling", "gpu_lost"], 5,
+                   what="held: gpu_lost, and still cooling")
         heat(tmp_path, gpu0={"lost": True}, gpu1={"lost": True})
         wait_until(lambda: gpu(d, 0)["thermal_state"] == "lost", 5, what="GPU0 lost")
         heat(tmp_path, gpu0={"temperature_c": 60}, gpu1={"lost": True})
         wait_until(lambda: gpu(d, 0)["thermal_state"] == "ok", 5, what="GPU0 back")
         stays(lambda: d.service("a")["state"] == "stopped", 1.5, "not started on a lost GPU1")
         r = d.llmctl("start", "a")  # taken, and the operator is told why nothing happens
-        assert r.returncode == 0 and ("a: stopped (held: gpu_lost; starts when released)"
-                                      in r.stdout), (r.stdout, r.stderr)
+        assert r.returncode == 0 and ("a: stopped (held: cooling, gpu_lost; starts when "
+                                      "released)" in r.stdout), (r.stdout, r.stderr)
         heat(tmp_path, gpu0={"temperature_c": 60}, gpu1={"temperature_c": 60})
         d.wait_state("a", "ready", 15)
         assert d.service("a")["holds"] == []
+
+
+def test_a_critical_gpu_lost_and_back_still_hot_starts_nothing(tmp_path: Path) -> None:
+    """Held cooling on a critical GPU; the GPU drops off and comes back as hot: the service is
+    not launched between (the guard waits for a reading of the GPU that came back)."""
+    doc = config(tmp_path, [fake_service("a", free_port(), gpus=[0])],
+                 on_critical="drain-restart")
+    with running(tmp_path, doc) as d:
+        d.wait_state("a", "ready")
+        heat(tmp_path, gpu0={"temperature_c": 95})
+        wait_until(lambda: d.service("a")["holds"] == ["cooling"], 5, what="held: cooling")
+        heat(tmp_path, gpu0={"temperature_c": 95, "lost": True})
+        wait_until(lambda: gpu(d, 0)["thermal_state"] == "lost", 5, what="GPU0 lost")
+        assert d.status()["supervisor"]["mode"] == "throttled"  # lost hot: still throttled
+        heat(tmp_path, gpu0={"temperature_c": 95})
+        wait_until(lambda: gpu(d, 0)["thermal_state"] == "critical", 5, what="back, critical")
+        stays(lambda: d.service("a")["holds"] == ["cooling"]
+              and d.service("a")["state"] == "stopped", 1.5, "held, not started")
+        assert "launched pid" not in d.logtext().split("GPU0 (")[-1]
+        heat(tmp_path, gpu0={"temperature_c": 60})
+        d.wait_state("a", "ready", 15)
+
+
+def test_on_critical_stop_holds_what_is_not_running(tmp_path: Path) -> None:
+    """`stop` fails a running service; one not running (held for a lost GPU) is held cooling
+    instead of being started on the critical GPU and failed."""
+    doc = config(tmp_path, [fake_service("a", free_port(), gpus=[0, 1])], on_critical="stop")
+    with running(tmp_path, doc) as d:
+        d.wait_state("a", "ready")
+        heat(tmp_path, gpu0={"lost": True})
+        wait_until(lambda: d.service("a")["holds"] == ["gpu_lost"], 5, what="held: gpu_lost")
+        heat(tmp_path, gpu0={"lost": True}, gpu1={"temperature_c": 95})
+        wait_until(lambda: d.service("a")["holds"] == ["cooling", "gpu_lost"], 5,
+                   what="held cooling too")
+        heat(tmp_path, gpu0={"temperature_c": 60}, gpu1={"temperature_c": 95})
+        wait_until(lambda: d.service("a")["holds"] == ["cooling"], 5, what="back: cooling")
+        stays(lambda: d.service("a")["state"] == "stopped", 1.5, "not started, not failed")
+        heat(tmp_path, gpu0={"temperature_c": 60}, gpu1={"temperature_c": 60})
+        d.wait_state("a", "ready", 15)
 
 
 def test_a_lowered_limit_comes_back_after_the_gpu_was_lost(tmp_path: Path) -> None:

@@ -3,17 +3,20 @@ the service in line with all of its GPUs at once. No asyncio, no actors: the GPU
 the view (`ServiceView`) from what is (holds, the gate's drain reasons and admission factor,
 the GPUs' levels) and carries the step out through the host actor.
 
-- Held down (`gpu_lost`) while any of its GPUs is lost; released when none is.
+- Held down (`gpu_lost`) while any of its GPUs is lost (or back but not read since: its heat
+  is unknown); released when none is.
 - While any of its (not lost) GPUs is critical (a service held for a lost GPU counts as not
   running), `on_critical` (the service's, or `pause` for
   a gated service and `drain-restart` otherwise):
   - `pause`: the gate closes to new requests (drain reason `thermal`), the service keeps
     running; a service that is not running (or has no gate) is held down instead;
   - `drain-restart`: drained, then held down (`cooling`) until its GPUs cool;
-  - `stop`: drained and stopped as failed, while it is live or in backoff;
+  - `stop`: drained and stopped as failed, while it is live or in backoff; one held down
+    (for a lost GPU, or an on-demand service not loaded) is held `cooling` as well instead,
+    so that it is not started on the GPU when released;
   - `none`: nothing.
-- When none is critical: released from `cooling` and its gate reopened (`thermal` only; an
-  operator's or the power's drain stays).
+- When none is critical and none is lost: released from `cooling` and its gate reopened
+  (`thermal` only; an operator's or the power's drain stays).
 - Its gate's admission factor is the lowest of its GPUs' (the thermal policy's own, per GPU;
   1 for a lost GPU).
 Reading what is, not what was done, makes it converge: a reload that moves a service, an
@@ -81,7 +84,11 @@ def critical_step(view: ServiceView, on_critical: str) -> str | None:
     if on_critical == "none":
         return None
     if on_critical == "stop":
-        return "stop" if view.state in LIVE or view.state is State.BACKOFF else None
+        if view.state in LIVE or view.state is State.BACKOFF:
+            return "stop"
+        if view.state is State.FAILED or not view.holds:
+            return None  # failed already, or about to start (a reset): failed once it runs
+        # held down (a lost GPU, unloaded on demand): held cooling too, not started on it
     if on_critical == "pause" and view.gated and view.state in LIVE:
         return "pause" if not view.paused else None
     # drain-restart, or a pause of a service that is not running (it must not start on a
@@ -101,12 +108,12 @@ def service_step(view: ServiceView, on_critical: str) -> Step:
     if hot:
         # held down for a lost GPU, it is not running: it must not start on the hot one
         # either when the lost one comes back (held `cooling` too, in the same step)
-        action = critical_step(replace(view, state=State.STOPPED) if lost else view,
-                               on_critical)
+        held = replace(view, state=State.STOPPED, holds=view.holds | {HOLD_LOST})
+        action = critical_step(held if lost else view, on_critical)
         if action is not None:
             step["critical"] = action
             step["critical_gpu"] = hot[0]
-    else:
+    elif not lost:  # a lost GPU's heat is unknown: nothing is lifted until it is read again
         if HOLD_COOLING in view.holds:
             step["release_cooling"] = True
         if view.paused:
