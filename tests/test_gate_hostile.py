@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import RawBackend, async_wait_until, free_port
+from helpers import RawBackend, async_stays, async_wait_until, free_port
 from supervisord_llm.config import GateSection, RouterSection, parse_listen
 from supervisord_llm.gate import Gate, GateHost
 
@@ -261,8 +261,7 @@ async def test_trickling_bodies_take_no_admission_slots(
             w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
                     b"Content-Length: 1000\r\n\r\n{")
             tricklers.append((r, w))
-        await asyncio.sleep(0.3)
-        assert env.gate.inflight == 0
+        await async_stays(lambda: env.gate.inflight == 0, 0.3, "a trickler holds a slot")
         status, _ = await get(env.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
                               b"Content-Length: 2\r\n\r\n{}")
         assert status == 200  # not 429: the tricklers hold no slot
