@@ -34,6 +34,7 @@ from .plan import ServicePlan
 from .ports import port_free
 from .spawn import Escapee, LaunchSpec, ServiceProcess, Spawner
 from .states import RUNNING, RestartReason, State
+from .ticks import sleep_to_tick
 
 log = logging.getLogger(__name__)
 
@@ -445,10 +446,13 @@ class ServiceActor:
         self.post(L.Exited(gen, code, proc.group_alive()))
 
     async def _health_loop(self, gen: int, url: str) -> None:
+        """A probe at every multiple of the interval (during start-up: of
+        min(interval_s, 0.5 s)) on the loop's clock: probes start `interval_s` apart, and
+        every service with the same interval is probed in the same pass of the loop."""
         h = self.plan.config.health
         while True:
             starting = self.model.state is State.STARTING
-            await asyncio.sleep(min(h.interval_s, _STARTUP_PROBE_MAX_S) if starting
+            await sleep_to_tick(min(h.interval_s, _STARTUP_PROBE_MAX_S) if starting
                                 else h.interval_s)
             r = await self._prober.probe(url, h.timeout_s)
             self.post(L.Probed(gen, r.ok, r.not_yet, r.kind is ProbeKind.TIMEOUT, r.detail))
