@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ..errors import GpuLostError, SensorError
+from ..ticks import sleep_to_tick
 from .base import GpuBackend, GpuHealth, GpuInfo, GpuReading
 from .poll import CallThread, Snapshot, SourcePoller, close_in_background, close_off_loop
 
@@ -282,7 +283,14 @@ class GpuHub:
         if self._closed:
             return
         try:
-            await asyncio.gather(*(p.poll_once() for p in self._pollers.values()))
+            jobs = [(p, p.begin_poll()) for p in self._pollers.values()]
+            started = {job.future for _p, job in jobs if job is not None}
+            if started:  # one wait for all: no task per GPU
+                await asyncio.wait(started, timeout=self.call_timeout_s)
+            for poller, job in jobs:
+                if job is not None:
+                    poller.end_poll(job)
+                poller.updated()
         finally:
             self._notify()
 
@@ -297,7 +305,9 @@ class GpuHub:
                 while health_due <= started:
                     health_due += self.health_interval_s
             await self.poll_once()
-            await asyncio.sleep(max(0.0, self.poll_interval_s - (self._clock() - started)))
+            if self._clock() - started < self.poll_interval_s:
+                # at the next multiple of the interval: with the health probes' ticks
+                await sleep_to_tick(self.poll_interval_s)
 
     def want_health(self) -> None:
         """Read each GPU's health with its next reading."""

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
@@ -39,7 +41,7 @@ class CallThread:
     must not keep the process from exiting (ThreadPoolExecutor joins its threads at exit)."""
 
     def __init__(self, name: str) -> None:
-        self._q: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None]
+        self._q: queue.SimpleQueue[tuple[Callable[[], Any], _Done] | None]
         self._q = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -49,22 +51,79 @@ class CallThread:
             item = self._q.get()
             if item is None:
                 return
-            fn, fut = item
-            if not fut.set_running_or_notify_cancel():
+            fn, done = item
+            if isinstance(done, concurrent.futures.Future):
+                if not done.set_running_or_notify_cancel():
+                    continue
+                try:
+                    done.set_result(fn())
+                except BaseException as exc:
+                    done.set_exception(exc)
                 continue
             try:
-                fut.set_result(fn())
+                value = fn()
             except BaseException as exc:
-                fut.set_exception(exc)
+                done(False, exc)
+            else:
+                done(True, value)
 
     def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._q.put((fn, fut))
         return fut
 
+    def post(self, fn: Callable[[], Any], done: Callable[[bool, Any], None]) -> None:
+        """Run `fn()`, then `done(True, result)` or `done(False, exception)`, both on this
+        thread (lighter than `submit`: no future to chain to the loop's)."""
+        self._q.put((fn, done))
+
     def close(self) -> None:
         """The thread ends after the call it is running, if any; this never waits."""
         self._q.put(None)
+
+
+_Done = concurrent.futures.Future[Any] | Callable[[bool, Any], None]
+
+
+class _Inbox:
+    """What the sources' threads hand to the loop: the first result of a burst schedules one
+    callback on the loop (one write to its self-pipe, one wake-up), which runs every result
+    that arrived meanwhile. 8 GPUs read at the same tick then cost the loop one wake-up, not
+    one per GPU and a chain of future callbacks each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+
+    def put(self, fn: Callable[..., None], *args: Any) -> None:
+        """From any thread: `fn(*args)` on the loop, soon."""
+        with self._lock:
+            self._items.append((fn, args))
+            if len(self._items) > 1:
+                return  # a callback is scheduled already and has not run yet
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for it now
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for fn, args in items:
+            try:
+                fn(*args)
+            except Exception:  # pragma: no cover - a bug; the other results still go
+                log.exception("sensor result handling failed")
+
+
+_INBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = \
+    weakref.WeakKeyDictionary()
+
+
+def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
+    inbox = _INBOXES.get(loop)
+    if inbox is None:
+        inbox = _INBOXES[loop] = _Inbox(loop)
+    return inbox
 
 
 class SyncSource(Protocol[T_co]):
@@ -184,27 +243,40 @@ class SourcePoller(Generic[T]):
         """Start a read unless one (or a call) is still running; wait for it up to the
         deadline. Never waits longer than `call_timeout_s`."""
         try:
-            await self._poll()
+            job = self.begin_poll()
+            if job is not None:
+                await asyncio.wait({job.future}, timeout=self.call_timeout_s)
+                self.end_poll(job)
         finally:
-            for fn in self._update_listeners:
-                fn()
+            self.updated()
 
-    async def _poll(self) -> None:
+    def begin_poll(self) -> _Job | None:
+        """The first half of `poll_once`, for a caller that polls several sources at once (the
+        GPU hub): start a read, unless one (or a call) is still running; the job, if started.
+        Its result is published as soon as it arrives; after waiting for `job.future` up to
+        `call_timeout_s`, call `end_poll(job)`, then `updated()`."""
         if self._closed:
-            return
+            return None
         self._reap()
         job = self._job
         if job is not None:  # never pile up behind a running job
             if self._clock() - job.started >= self.call_timeout_s:
                 self._overdue(job)
-            return
+            return None
         if self._call_waiting:
-            return  # a call is about to take the thread
-        job = self._start("read", self.source.read)
-        await asyncio.wait({job.future}, timeout=self.call_timeout_s)
+            return None  # a call is about to take the thread
+        return self._start("read", self.source.read)
+
+    def end_poll(self, job: _Job) -> None:
+        """After the wait for `job`: still running is past its deadline."""
         self._reap()
         if self._job is job:
             self._overdue(job)
+
+    def updated(self) -> None:
+        """The end of a poll: the `on_update` listeners."""
+        for fn in self._update_listeners:
+            fn()
 
     async def call(self, fn: Callable[[], R]) -> R:
         """Run `fn()` on this source's thread once no other job is running, and return its
@@ -257,18 +329,36 @@ class SourcePoller(Generic[T]):
     def _start(self, kind: str, fn: Callable[[], Any]) -> _Job:
         if self._async:
             fut: asyncio.Future[Any] = asyncio.ensure_future(fn())
+            job = _Job(kind, self._clock(), fut)
+
+            def done(f: asyncio.Future[Any]) -> None:
+                job.finished = self._clock()
+                _retrieve(f)
+
+            fut.add_done_callback(done)
         else:
             assert self._thread is not None
-            fut = asyncio.wrap_future(self._thread.submit(fn))
-        job = _Job(kind, self._clock(), fut)
-
-        def done(f: asyncio.Future[Any]) -> None:
-            job.finished = self._clock()
-            _retrieve(f)
-
-        fut.add_done_callback(done)
+            loop = asyncio.get_running_loop()
+            job = _Job(kind, self._clock(), loop.create_future())
+            inbox = _inbox(loop)
+            self._thread.post(fn, lambda ok, value: inbox.put(self._finished, job, ok, value))
         self._job = job
         return job
+
+    def _finished(self, job: _Job, ok: bool, value: Any) -> None:
+        """On the loop, a blocking job's outcome: its future resolved and, for a read, its
+        result published at once (not when the poll that started it ends: one GPU that hangs
+        does not hold back the readings of the others)."""
+        job.finished = self._clock()
+        fut = job.future
+        if not fut.done():
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+                fut.exception()  # seen: a call whose caller gave up at the deadline
+        if job.kind == "read":
+            self._reap()
 
     def _reap(self) -> None:
         """Absorb the finished job, if any: a read publishes its result; a call's result went
