@@ -65,21 +65,37 @@ class _ProbeConnection(asyncio.Protocol):
         self._parser: http1.ResponseParser | None = None
         self._done: asyncio.Future[tuple[int, bool]] | None = None
         self._got = False
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
-    def get(self, request: bytes) -> asyncio.Future[tuple[int, bool]]:
+    def get(self, request: bytes, deadline: float) -> asyncio.Future[tuple[int, bool]]:
         """Send the request; the future resolves with (status, reusable) at the response's
-        end, or fails with _Stale (closed before any answer) or ValueError."""
+        end, or fails with _Stale (closed before any answer), ValueError, or TimeoutError at
+        `deadline` (loop time; the connection is closed then). One timer on the loop, not a
+        `timeout()` scope per probe: this is the path every probe takes."""
         assert self.transport is not None
-        self._done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._done = done = loop.create_future()
+        self._timer = loop.call_at(deadline, self._expire)
         self._got = False
         self._body = 0
-        self._parser = http1.ResponseParser(lambda head: None, self._count, self._end)
+        self._parser = http1.ResponseParser(_no_head, self._count, self._end)
         self.transport.write(request)
-        return self._done
+        return done
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._fail(TimeoutError())
+
+    def _answered(self, status: int, keep: bool) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._done is not None and not self._done.done():
+            self._done.set_result((status, keep))
 
     def _count(self, data: bytes) -> None:
         self._body += len(data)
@@ -88,9 +104,8 @@ class _ProbeConnection(asyncio.Protocol):
 
     def _end(self) -> None:
         parser = self._parser
-        if self._done is not None and not self._done.done() and parser is not None \
-                and parser.head is not None:
-            self._done.set_result((parser.head.status, parser.head.keep_alive))
+        if parser is not None and parser.head is not None:
+            self._answered(parser.head.status, parser.head.keep_alive)
 
     def data_received(self, data: bytes) -> None:
         self._got = True
@@ -107,8 +122,7 @@ class _ProbeConnection(asyncio.Protocol):
         parser = self._parser
         head = parser.head if parser is not None else None
         if head is not None and head.framing == "close" and exc is None:
-            if self._done is not None and not self._done.done():
-                self._done.set_result((head.status, False))  # body delimited by the close
+            self._answered(head.status, False)  # the body was delimited by the close
             return
         self._fail(_Stale("connection closed before the answer") if not self._got
                    else ConnectionResetError("connection closed mid-answer"))
@@ -120,8 +134,15 @@ class _ProbeConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.abort()
+
+
+def _no_head(head: http1.ResponseHead) -> None:
+    return None
 
 
 def client_session(limit: int = 0) -> aiohttp.ClientSession:
@@ -196,8 +217,8 @@ class HttpProber:
         except ValueError as exc:
             return ProbeResult(ProbeKind.ERROR, f"bad URL: {exc}")
         try:
-            async with asyncio.timeout(timeout_s):
-                status = await self._get(host, port, request)
+            status = await self._get(host, port, request,
+                                     asyncio.get_running_loop().time() + timeout_s)
         except TimeoutError:
             return ProbeResult(ProbeKind.TIMEOUT, f"no answer within {timeout_s:g} s")
         except ConnectionRefusedError:
@@ -207,16 +228,18 @@ class HttpProber:
             return ProbeResult(ProbeKind.ERROR, f"HTTP probe failed: {detail}")
         return _classify(status)
 
-    async def _get(self, host: str, port: int, request: bytes) -> int:
+    async def _get(self, host: str, port: int, request: bytes, deadline: float) -> int:
+        """The status of one GET; TimeoutError at `deadline` (loop time)."""
         key = (host, port)
         loop = asyncio.get_running_loop()
         for attempt in (0, 1):
             conn = self._idle.pop(key, None)
             reused = conn is not None and not conn.closed
             if conn is None or conn.closed:
-                _t, conn = await loop.create_connection(_ProbeConnection, host, port)
+                async with asyncio.timeout_at(deadline):
+                    _t, conn = await loop.create_connection(_ProbeConnection, host, port)
             try:
-                status, keep = await conn.get(request)
+                status, keep = await conn.get(request, deadline)
             except (_Stale, ConnectionError):
                 conn.close()
                 if reused and attempt == 0:
@@ -263,7 +286,12 @@ class HttpProber:
             self._session = None
 
 
+_OK_200 = ProbeResult(ProbeKind.OK, "HTTP 200")
+
+
 def _classify(status: int) -> ProbeResult:
+    if status == 200:
+        return _OK_200  # immutable: the one every healthy probe returns
     if 200 <= status < 300:
         return ProbeResult(ProbeKind.OK, f"HTTP {status}")
     if status == 503:
