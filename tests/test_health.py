@@ -58,6 +58,24 @@ async def test_statuses_and_keep_alive() -> None:
     await p.close()
 
 
+async def test_a_kept_connection_outlives_its_probes_deadline() -> None:
+    """A probe's deadline is a timer on the connection: once the answer is in, the timer is
+    gone, and the kept connection serves the next probe long after that deadline."""
+    port = free_port()
+    conns: list[int] = []
+    server = await serve(port, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", count=conns)
+    p = HttpProber()
+    url = f"http://127.0.0.1:{port}/health"
+    assert (await p.probe(url, 0.1)).ok
+    await asyncio.sleep(0.3)
+    assert (await p.probe(url, 0.1)).ok
+    assert len(conns) == 1
+    await p.close()
+    await asyncio.sleep(0.05)  # the server's side sees the close and closes too
+    server.close()
+    await server.wait_closed()
+
+
 async def test_chunked_close_delimited_and_errors() -> None:
     p = HttpProber()
     cases = [

@@ -38,7 +38,7 @@ from supervisord_llm.sensors.base import (
     SensorTimeoutError,
 )
 from supervisord_llm.sensors.hub import GpuHub, check_reading
-from supervisord_llm.sensors.poll import Snapshot, SourcePoller
+from supervisord_llm.sensors.poll import Snapshot, SourcePoller, _inbox
 from supervisord_llm.sensors.sim import SimBackend
 
 
@@ -363,6 +363,53 @@ async def test_two_backends_in_one_hub_route_and_isolate() -> None:
     nv.release.set()
     await poll_until(hub, lambda: hub.snapshots()[0].status == "ok", 2)
     await hub.aclose()
+
+
+async def test_a_hung_gpu_does_not_hold_back_the_readings_of_the_others() -> None:
+    """One wait for every GPU's read, but each reading is published as it arrives: the other
+    GPU's fresh reading is seen while the hung one's poll is still waiting for its deadline."""
+    hub, nv, _amd, g0, _g1 = two_vendor_hub(timeout=5.0)
+    await hub.poll_once()
+    before = hub.snapshots()[1].read_at
+    nv.hang.add(g0.uuid)
+    poll = asyncio.create_task(hub.poll_once())
+    await async_wait_until(lambda: hub.snapshots()[1].read_at != before, 2,
+                           what="the answering GPU's reading")
+    assert not poll.done() and hub.snapshots()[1].status == "ok"
+    nv.release.set()
+    await asyncio.wait_for(poll, 5)
+    assert hub.snapshots()[0].status == "ok"
+    await hub.aclose()
+
+
+async def test_results_that_arrive_together_wake_the_loop_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sources' threads hand their results to the loop through one inbox: the first of a
+    burst schedules one callback (one write to the loop's self-pipe), which takes them all."""
+    loop = asyncio.get_running_loop()
+    scheduled: list[object] = []
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any, **kwargs: Any) -> asyncio.Handle:
+        scheduled.append(callback)
+        return call_soon_threadsafe(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    got: list[int] = []
+    inbox = _inbox(loop)
+
+    def send() -> None:
+        for i in range(8):
+            inbox.put(got.append, i)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    sender.join()  # all eight are in before the loop runs again
+    await async_wait_until(lambda: len(got) == 8, 2, what="the results")
+    assert got == list(range(8)) and len(scheduled) == 1
+    inbox.put(got.append, 8)  # a later one: a callback of its own
+    await async_wait_until(lambda: len(got) == 9, 2, what="the next result")
+    assert len(scheduled) == 2
 
 
 async def test_hub_call_runs_on_the_gpu_thread_after_a_read_in_progress() -> None:

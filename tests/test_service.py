@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -26,7 +28,7 @@ from helpers import (
     toml_dumps,
 )
 from supervisord_llm.config import parse_config
-from supervisord_llm.health import HttpProber
+from supervisord_llm.health import HttpProber, ProbeResult
 from supervisord_llm.plan import resolve_plan
 from supervisord_llm.policy.backoff import FLOOR_S
 from supervisord_llm.service import ServiceActor
@@ -84,6 +86,48 @@ async def test_start_loading_then_ready(make: Factory) -> None:
     assert a.start_duration_s is not None and a.start_duration_s >= 0.4
     st = a.status()
     assert st["pid"] and st["health"]["ok"] is True and st["restarts"] == 0
+
+
+async def test_services_are_probed_together_every_interval(spawner: Spawner,
+                                                           prober: HttpProber) -> None:
+    """Probes run on shared ticks: two services with the same interval are probed in the
+    same pass of the loop, at the multiples of the interval, `interval_s` apart."""
+    loop = asyncio.get_running_loop()
+    seen: dict[str, list[float]] = {}
+
+    class Recording:
+        async def probe(self, url: str, timeout_s: float) -> ProbeResult:
+            seen.setdefault(url, []).append(loop.time())
+            return await prober.probe(url, timeout_s)
+
+    ports = [free_port(), free_port()]
+    cfg = parse_config(toml_dumps({"gpu": {"backend": "none"}, "service": [
+        fake_service(f"svc{i}", port, health={"interval_s": 0.2, "timeout_s": 0.2})
+        for i, port in enumerate(ports)]}))
+    actors = [ServiceActor(plan, spawner, Recording()) for plan in resolve_plan(cfg, [])]
+    try:
+        for a in actors:
+            a.run()
+            await a.command("start")
+        for a in actors:
+            await state(a, State.READY)
+        seen.clear()
+        await asyncio.sleep(1.3)
+        a_times, b_times = (seen[f"http://127.0.0.1:{port}/health"] for port in ports)
+        assert len(a_times) >= 4 and abs(len(a_times) - len(b_times)) <= 1
+        # the same pass of the loop: B's probe within microseconds of each of A's
+        assert all(min(abs(ta - tb) for tb in b_times) < 0.01 for ta in a_times[:-1]), \
+            (a_times, b_times)
+        gaps = [t1 - t0 for t0, t1 in itertools.pairwise(a_times)]
+        assert all(0.1 < g < 0.3 for g in gaps), gaps  # 0.2 s apart (a late timer aside)
+        # at (or just after) a multiple of the interval on the loop's clock
+        assert all(((t + 1e-3) / 0.2) % 1 < 0.5 for t in a_times), a_times
+    finally:
+        for a in actors:
+            a.kill_now()
+            with contextlib.suppress(TimeoutError):
+                await a.wait_stopped(5)
+            await a.shutdown()
 
 
 async def test_exit_is_restarted_with_backoff(make: Factory) -> None:
