@@ -88,6 +88,7 @@ class Swapper:
         self._changed_at: dict[str, float] = {}  # GPU uuid -> when a service on it changed
         self._ready_at: dict[str, float] = {}  # service -> when it became ready (residency)
         self._draining: dict[str, str] = {}  # service -> the one it is drained for
+        self._evicting: set[str] = set()  # victims being stopped (until the stop is done)
         self._yielding: set[str] = set()  # those of them whose gates admit no new request
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -418,6 +419,7 @@ class Swapper:
         if plan.ok:
             log.info("%s: making room: stopping %s", name, ", ".join(plan.victims))
             for victim in plan.victims:
+                self._evicting.add(victim)  # freed in the plans that follow: no second victim
                 self._spawn(self._evict(victim, name))
             return
         for victim in plan.drain:
@@ -520,7 +522,8 @@ class Swapper:
             holders.append(R.Holder(
                 name=a.name, need=self.need(a), on_demand=a.cfg.on_demand,
                 exclusive=a.cfg.exclusive, state=a.state.value,
-                going=(a.state is State.STOPPING and not a.up) or a.name in self._draining,
+                going=(a.state is State.STOPPING and not a.up) or a.name in self._draining
+                or a.name in self._evicting,
                 pinned=a.name in self.pinned or a.name in self._pinning,
                 registered=id(a) in registered, busy=busy, acting=id(a) in self._acting,
                 resident_left=self.resident_left(a, now) if a.cfg.on_demand else 0.0,
@@ -612,7 +615,10 @@ class Swapper:
         await self.sup.gates.run(put)
 
     async def _evict(self, name: str, for_whom: str) -> None:
-        await self._stop_idle(name, f"to make room for {for_whom}", swap=True)
+        try:
+            await self._stop_idle(name, f"to make room for {for_whom}", swap=True)
+        finally:
+            self._evicting.discard(name)
 
     async def _stop_idle(self, name: str, why: str, swap: bool) -> None:
         actor = self.sup.actors.get(name)
