@@ -1,0 +1,583 @@
+"""Model keeper: one per model instance, so that a model outlives a restart or a crash of the
+supervisor (docs/design.md, "Models that outlive the supervisor").
+
+    python -I -S _keeper.py --id ID --dir DIR --service NAME --gen N [--grace S]
+        [--unattended S] [--stop-timeout S] [--lease-fd FD] -- ARGV...
+
+It makes itself a child subreaper, starts ARGV (the shim chain and the engine) in a process
+group of its own with its output on a pipe, and then only waits: for the supervisor on a
+control socket (DIR/ctl.sock, SOCK_SEQPACKET, one JSON object per message), for its lease
+(a pipe whose write end only the supervisor, and systemd's fd store, hold) to close, for the
+engine to exit, for SIGTERM. Standard library only and small: it is the one process that must
+not change while a model runs.
+
+The rules (the lease is the only orphan rule):
+- `stop` from the supervisor, or SIGTERM: SIGTERM to the engine's group, SIGKILL to every
+  process it left (its group and every descendant, found through /proc: what a `setsid`
+  escaped with is still below the keeper, its subreaper) after the stop timeout; the exit
+  written to DIR/exit.json; the keeper exits 0.
+- The lease's end (EOF): the grace starts; a new lease (passed with SCM_RIGHTS) ends it; when
+  it runs out, as on `stop`.
+- No supervisor attached for `--unattended` seconds: as on `stop` (heat and power must not go
+  unwatched for long).
+- The engine exits by itself: its status is kept and sent (`exited`); the keeper stays until
+  told to stop (the supervisor decides on a restart).
+- The engine's output: each line, with the service's name in front, to the keeper's own
+  stderr (the journal, or the supervisor's log), never blocking:
+  what a full stderr cannot take is dropped and counted (a line is at most 4000 bytes).
+
+Messages (client -> keeper): `hello {proto: [min, max]}` -> `snapshot`; `lease` (an fd
+attached) -> `ok`; `signal {sig}` -> `ok`; `stop {timeout_s?}` -> `stopped {exit}`, then the
+keeper exits. A keeper that cannot speak any protocol in the client's range answers hello
+with `error {code: "proto", proto}` and then takes only `stop`. Keeper -> client, unasked:
+`exited {exit}`.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+PROTO = 1
+VERSION = "keeper-1"
+PR_SET_CHILD_SUBREAPER = 36
+MAX_MESSAGE = 65536
+MAX_LINE = 4000  # within PIPE_BUF with the name: a line is written whole or not at all
+CTL = "ctl.sock"
+STATE = "state.json"
+EXIT = "exit.json"
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+def _write_json(path: str, doc: dict[str, object]) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def start_ticks(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot): with the pid, who it is."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below `root` (through /proc/PID/task/TID/children)."""
+    out: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children", "rb") as fh:
+                    kids = [int(x) for x in fh.read().split()]
+            except (OSError, ValueError):
+                continue
+            for kid in kids:
+                if kid not in out:
+                    out.append(kid)
+                    todo.append(kid)
+    return out
+
+
+def _parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    if "--" not in argv:
+        raise ValueError("no command (-- ARGV...)")
+    cut = argv.index("--")
+    opts, cmd = argv[:cut], argv[cut + 1:]
+    if not cmd:
+        raise ValueError("an empty command")
+    out: dict[str, str] = {}
+    it = iter(opts)
+    for key in it:
+        if not key.startswith("--"):
+            raise ValueError(f"unexpected {key!r}")
+        try:
+            out[key[2:]] = next(it)
+        except StopIteration:
+            raise ValueError(f"{key} needs a value") from None
+    for need in ("id", "dir", "service", "gen"):
+        if need not in out:
+            raise ValueError(f"--{need} is required")
+    return out, cmd
+
+
+class Keeper:
+    def __init__(self, opts: dict[str, str], cmd: list[str]) -> None:
+        self.id = opts["id"]
+        self.dir = opts["dir"]
+        self.service = opts["service"]
+        self.gen = int(opts["gen"])
+        self.grace_s = float(opts.get("grace", "30"))
+        self.unattended_s = float(opts.get("unattended", "300"))
+        self.stop_timeout_s = float(opts.get("stop-timeout", "10"))
+        lease = opts.get("lease-fd")
+        self.lease: int | None = int(lease) if lease is not None else None
+        self.cmd = cmd
+        self.sel = selectors.DefaultSelector()
+        self.pid = 0
+        self.pgid = 0
+        self.ticks: int | None = None
+        self.exit: dict[str, object] | None = None
+        self.client: socket.socket | None = None
+        self.outdated = False  # the client speaks no protocol of ours: only stop
+        self.grace_until: float | None = None
+        self.alone_since: float | None = _now()  # no client attached since
+        self.stopping_until: float | None = None  # SIGKILL after this
+        self.stop_reply: socket.socket | None = None
+        self.done = False
+        self.dropped = 0  # output lines (or parts) a full stderr could not take
+        self._partial = b""
+        self.out_fd = -1
+
+    # --- start -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        with contextlib.suppress(OSError):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        if self.lease is not None:
+            os.set_inheritable(self.lease, False)  # held by the keeper alone, not the engine
+        self.err = _Err()
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        self.pid = os.posix_spawnp(self.cmd[0], self.cmd, dict(os.environ), setpgroup=0,
+                                   file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull,
+                                                  os.O_RDONLY, 0),
+                                                 (os.POSIX_SPAWN_DUP2, wfd, 1),
+                                                 (os.POSIX_SPAWN_DUP2, wfd, 2)])
+        os.close(wfd)
+        self.pgid = self.pid
+        self.ticks = start_ticks(self.pid)
+        self.out_fd = rfd
+        os.set_blocking(rfd, False)
+        self.sel.register(rfd, selectors.EVENT_READ, "out")
+        path = os.path.join(self.dir, CTL)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(path)
+        os.chmod(path, 0o600)
+        self.listener.listen(4)
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+        if self.lease is not None:
+            os.set_blocking(self.lease, False)
+            self.sel.register(self.lease, selectors.EVENT_READ, "lease")
+        else:
+            self.grace_until = _now() + self.grace_s  # no lease yet: one must come
+        sr, sw = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        signal.set_wakeup_fd(sw)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, lambda *_a: None)
+        self.sel.register(sr, selectors.EVENT_READ, "signal")
+        self._sigfd = sr
+        self._save_state()
+
+    def _save_state(self) -> None:
+        _write_json(os.path.join(self.dir, STATE), {
+            "proto": PROTO, "version": VERSION, "id": self.id, "service": self.service,
+            "gen": self.gen, "keeper_pid": os.getpid(), "keeper_ticks": start_ticks(os.getpid()),
+            "pid": self.pid, "pgid": self.pgid, "ticks": self.ticks})
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        while not self.done:
+            timeout = self._next_deadline()
+            for key, _ev in self.sel.select(timeout):
+                what = key.data
+                if what == "out":
+                    self._output()
+                elif what == "listen":
+                    self._accept()
+                elif what == "client":
+                    self._message()
+                elif what == "lease":
+                    self._lease_readable()
+                elif what == "signal":
+                    self._signals()
+            self._reap()
+            self._timers()
+        return 0
+
+    def _next_deadline(self) -> float | None:
+        now = _now()
+        times = [t for t in (self.grace_until, self.stopping_until) if t is not None]
+        if self.alone_since is not None and self.unattended_s > 0:
+            times.append(self.alone_since + self.unattended_s)
+        if self.stopping_until is not None:
+            times.append(now + 0.05)  # while stopping: look whether everything has gone
+        return max(0.0, min(times) - now) if times else None
+
+    def _timers(self) -> None:
+        now = _now()
+        if self.stopping_until is not None:
+            if self._all_gone():
+                self._finish()
+            elif now >= self.stopping_until:
+                self._kill_all(signal.SIGKILL)
+            return
+        if self.grace_until is not None and now >= self.grace_until:
+            self._log(f"no lease for {self.grace_s:g}s: stopping the model")
+            self.stop(self.stop_timeout_s)
+        elif self.alone_since is not None and self.unattended_s > 0 \
+                and now >= self.alone_since + self.unattended_s:
+            self._log(f"no supervisor for {self.unattended_s:g}s: stopping the model")
+            self.stop(self.stop_timeout_s)
+
+    # --- the engine ---------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.pid and self.exit is None:
+                self.exit = _exit_of(status)
+                if self.stopping_until is None:  # not asked for: say so (a stop's reply does)
+                    self._log(f"engine pid {pid} ended: {self.exit}")
+                    self._send({"op": "exited", "exit": self.exit})
+
+    def _alive(self) -> list[int]:
+        return [p for p in descendants(os.getpid()) if _is_process(p)]
+
+    def _all_gone(self) -> bool:
+        self._reap()
+        return self.exit is not None and not self._alive()
+
+    def _kill_all(self, sig: int) -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(self.pgid, sig)
+        for pid in self._alive():
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+
+    def stop(self, timeout_s: float, reply: socket.socket | None = None) -> None:
+        if reply is not None:
+            self.stop_reply = reply
+        if self.stopping_until is not None:
+            return
+        self.grace_until = None
+        self.alone_since = None
+        self.stopping_until = _now() + max(0.0, timeout_s)
+        self._kill_all(signal.SIGTERM)  # the group, and what escaped it (still below us)
+
+    def _finish(self) -> None:
+        self._drain_output()
+        _write_json(os.path.join(self.dir, EXIT), {"exit": self.exit, "pid": self.pid,
+                                                     "dropped_lines": self.dropped})
+        if self.stop_reply is not None:
+            with contextlib.suppress(OSError):
+                self.stop_reply.send(json.dumps({"op": "stopped", "exit": self.exit}).encode())
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.dir, CTL))
+        self.done = True
+
+    # --- output ----------------------------------------------------------------------------
+
+    def _output(self) -> None:
+        try:
+            data = os.read(self.out_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.sel.unregister(self.out_fd)
+            os.close(self.out_fd)
+            self.out_fd = -1
+            if self._partial:
+                self._line(self._partial)
+                self._partial = b""
+            return
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > MAX_LINE:
+            self._line(self._partial)
+            self._partial = b""
+        for line in lines:
+            self._line(line)
+
+    def _drain_output(self) -> None:
+        """What the engine wrote before it ended (until the pipe is empty or closed)."""
+        for _ in range(64):
+            if self.out_fd < 0:
+                return
+            try:
+                if not select_readable(self.out_fd):
+                    return
+            except OSError:
+                return
+            self._output()
+
+    def _line(self, line: bytes) -> None:
+        text = b"[" + self.service.encode() + b"] " + line[:MAX_LINE].rstrip(b"\r") + b"\n"
+        if not self.err.write(text):
+            self.dropped += 1
+
+    def _log(self, msg: str) -> None:
+        self.err.write(f"llm-supervisor keeper {self.id}: {msg}\n".encode())
+
+    # --- the supervisor ----------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        if self.client is not None:  # a new supervisor takes over from an old connection
+            self._drop_client()
+        conn.setblocking(False)
+        self.client = conn
+        self.outdated = False
+        self.alone_since = None
+        self.sel.register(conn, selectors.EVENT_READ, "client")
+
+    def _drop_client(self) -> None:
+        if self.client is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(self.client)
+        if self.client is not self.stop_reply:
+            self.client.close()
+        self.client = None
+        if self.stopping_until is None:
+            self.alone_since = _now()
+
+    def _send(self, doc: dict[str, object]) -> None:
+        if self.client is None:
+            return
+        with contextlib.suppress(OSError):  # full (a supervisor that does not read), gone
+            self.client.send(json.dumps(doc).encode(), socket.MSG_DONTWAIT)
+
+    def _message(self) -> None:
+        assert self.client is not None
+        fds = array.array("i")
+        try:
+            data, anc, flags, _addr = self.client.recvmsg(
+                MAX_MESSAGE, socket.CMSG_SPACE(4 * fds.itemsize))
+        except BlockingIOError:
+            return
+        except OSError:
+            data, anc, flags = b"", [], 0
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self._drop_client()
+            return
+        try:
+            msg = json.loads(data) if not flags & socket.MSG_TRUNC else None
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+            for fd in fds:
+                os.close(fd)
+            self._send({"op": "error", "code": "bad_request",
+                        "message": "one JSON object with an op per message"})
+            return
+        self._handle(msg, list(fds))
+
+    def _handle(self, msg: dict[str, object], fds: list[int]) -> None:
+        op = msg["op"]
+        if op == "hello":
+            rng = msg.get("proto")
+            ok = isinstance(rng, list) and len(rng) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in rng) \
+                and rng[0] <= PROTO <= rng[1]
+            self.outdated = not ok
+            if not ok:
+                self._send({"op": "error", "code": "proto", "proto": PROTO,
+                            "message": f"this keeper speaks protocol {PROTO} only; it takes "
+                            "only stop"})
+            else:
+                self._send(self.snapshot())
+        elif op == "stop":
+            timeout = msg.get("timeout_s", self.stop_timeout_s)
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                    or not 0 <= timeout <= 86400:
+                timeout = self.stop_timeout_s
+            self.stop(float(timeout), self.client)
+        elif self.outdated:
+            self._send({"op": "error", "code": "proto", "proto": PROTO,
+                        "message": "only stop is taken from a client of another protocol"})
+        elif op == "lease":
+            if len(fds) != 1:
+                self._send({"op": "error", "code": "bad_request",
+                            "message": "lease needs exactly one fd"})
+            else:
+                self._new_lease(fds.pop())
+                self._send({"op": "ok"})
+        elif op == "signal":
+            sig = msg.get("sig")
+            if isinstance(sig, int) and not isinstance(sig, bool) and 0 < sig < 65 \
+                    and self.exit is None:
+                with contextlib.suppress(OSError):
+                    os.killpg(self.pgid, sig)
+                self._send({"op": "ok"})
+            else:
+                self._send({"op": "error", "code": "bad_request",
+                            "message": "signal needs a signal number, and a running engine"})
+        else:
+            self._send({"op": "error", "code": "unsupported", "message": f"unknown op {op!r}"})
+        for fd in fds:
+            os.close(fd)
+
+    def snapshot(self) -> dict[str, object]:
+        return {"op": "snapshot", "proto": PROTO, "version": VERSION, "id": self.id,
+                "service": self.service, "gen": self.gen, "pid": self.pid,
+                "ticks": self.ticks, "keeper_pid": os.getpid(),
+                "state": "stopping" if self.stopping_until is not None else
+                "exited" if self.exit is not None else "running",
+                "exit": self.exit, "lease": self.lease is not None,
+                "dropped_lines": self.dropped}
+
+    # --- the lease ---------------------------------------------------------------------------
+
+    def _new_lease(self, fd: int) -> None:
+        if self.lease is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self.lease)
+            os.close(self.lease)
+        os.set_blocking(fd, False)
+        self.lease = fd
+        self.sel.register(fd, selectors.EVENT_READ, "lease")
+        self.grace_until = None
+
+    def _lease_readable(self) -> None:
+        assert self.lease is not None
+        try:
+            data = os.read(self.lease, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            return  # nothing is ever written; ignored
+        self.sel.unregister(self.lease)
+        os.close(self.lease)
+        self.lease = None
+        if self.stopping_until is None:
+            self.grace_until = _now() + self.grace_s
+            self._log(f"lease ended: stopping the model in {self.grace_s:g}s unless a new "
+                      "lease comes")
+
+    # --- signals -----------------------------------------------------------------------------
+
+    def _signals(self) -> None:
+        try:
+            got = os.read(self._sigfd, 64)
+        except OSError:
+            return
+        for n in got:
+            if n in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                self.stop(self.stop_timeout_s)
+
+
+class _Err:
+    """The keeper's stderr, written without ever blocking. A pipe is opened again through
+    /proc (its own open file description, made non-blocking: the supervisor's and the other
+    keepers' writes to the same pipe stay as they are); a socket (the journal) is sent to with
+    MSG_DONTWAIT; a file or a terminal is written as it is."""
+
+    def __init__(self) -> None:
+        import stat
+
+        self.fd = 2
+        self.sock: socket.socket | None = None
+        try:
+            mode = os.fstat(2).st_mode
+        except OSError:
+            self.fd = -1
+            return
+        if stat.S_ISFIFO(mode):
+            with contextlib.suppress(OSError):
+                self.fd = os.open("/proc/self/fd/2", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        elif stat.S_ISSOCK(mode):
+            with contextlib.suppress(OSError):
+                self.sock = socket.socket(fileno=os.dup(2))
+
+    def write(self, data: bytes) -> bool:
+        """False when it could not be written now (dropped)."""
+        try:
+            if self.sock is not None:
+                self.sock.send(data, socket.MSG_DONTWAIT)
+            elif self.fd >= 0:
+                os.write(self.fd, data)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True  # gone: nobody reads it; not a drop to count
+
+
+def select_readable(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def _is_process(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _exit_of(status: int) -> dict[str, object]:
+    if os.WIFSIGNALED(status):
+        return {"code": None, "signal": os.WTERMSIG(status)}
+    return {"code": os.waitstatus_to_exitcode(status), "signal": None}
+
+
+def main(argv: list[str]) -> int:
+    try:
+        opts, cmd = _parse(argv)
+        keeper = Keeper(opts, cmd)
+    except ValueError as exc:
+        sys.stderr.write(f"llm-supervisor keeper: {exc}\n")
+        return 2
+    try:
+        keeper.start()
+    except OSError as exc:
+        sys.stderr.write(f"llm-supervisor keeper {opts['id']}: cannot start "
+                         f"{cmd[0]!r}: {exc.strerror or exc}\n")
+        if exc.errno in (errno.ENOENT, errno.EACCES):
+            return 127
+        return 1
+    return keeper.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,298 @@
+"""The model keeper (`supervisord_llm/_keeper.py`) as a real process: its control socket, the
+engine's exit kept and sent, the lease and its grace, the unattended limit, SIGTERM, an escaped
+grandchild, hostile messages and an older client, the lease not inherited by the engine, and
+an output that nobody reads."""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import stays, wait_until
+
+KEEPER = str(Path(__file__).resolve().parent.parent / "supervisord_llm" / "_keeper.py")
+SLEEPER = [sys.executable, "-c",
+           "import sys, time; print('hello from the engine', flush=True); time.sleep(600)"]
+
+
+class Keeper:
+    def __init__(self, tmp: Path, cmd: list[str], *, grace: float = 30, unattended: float = 300,
+                 stop_timeout: float = 5, lease: bool = True, stderr: Any = None) -> None:
+        self.dir = tmp / "keep"
+        self.err = tmp / "keeper.err"
+        args = [sys.executable, "-I", "-S", KEEPER, "--id", "k1", "--dir", str(self.dir),
+                "--service", "svc", "--gen", "3", "--grace", str(grace),
+                "--unattended", str(unattended), "--stop-timeout", str(stop_timeout)]
+        fds: list[int] = []
+        self.lease_w: int | None = None
+        self.clients: list[Client] = []
+        if lease:
+            r, self.lease_w = os.pipe()
+            fds = [r]
+            args += ["--lease-fd", str(r)]
+        out = stderr if stderr is not None else open(self.err, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen([*args, "--", *cmd], pass_fds=fds, stdout=out,
+                                     stderr=out, start_new_session=True)
+        if stderr is None:
+            out.close()
+        for fd in fds:
+            os.close(fd)
+        wait_until((self.dir / "ctl.sock").exists, 10, what="the keeper's socket")
+
+    def connect(self) -> Client:
+        c = Client(self.dir / "ctl.sock")
+        self.clients.append(c)
+        return c
+
+    def close_lease(self) -> None:
+        if self.lease_w is not None:
+            os.close(self.lease_w)
+            self.lease_w = None
+
+    def log(self) -> str:
+        return self.err.read_text(errors="replace") if self.err.exists() else ""
+
+    def cleanup(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.close_lease()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Client:
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.settimeout(10)
+        self.sock.connect(str(path))
+
+    def send(self, doc: Any, fds: list[int] | None = None) -> None:
+        data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] \
+            if fds else []
+        self.sock.sendmsg([data], anc)
+
+    def recv(self) -> dict[str, Any]:
+        data = self.sock.recv(65536)
+        assert data, "the keeper closed the connection"
+        doc: dict[str, Any] = json.loads(data)
+        return doc
+
+    def ask(self, doc: Any, fds: list[int] | None = None) -> dict[str, Any]:
+        self.send(doc, fds)
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def keepers(tmp_path: Path) -> Iterator[list[Keeper]]:
+    made: list[Keeper] = []
+    yield made
+    for k in made:
+        k.cleanup()
+
+
+def test_hello_output_and_stop(tmp_path: Path, keepers: list[Keeper]) -> None:
+    k = Keeper(tmp_path, SLEEPER)
+    keepers.append(k)
+    c = k.connect()
+    snap = c.ask({"op": "hello", "proto": [1, 1]})
+    assert snap["op"] == "snapshot" and snap["state"] == "running" and snap["gen"] == 3
+    assert snap["service"] == "svc" and snap["lease"] is True and snap["exit"] is None
+    pid = snap["pid"]
+    assert alive(pid) and os.getpgid(pid) == pid  # a process group of its own
+    state = json.loads((k.dir / "state.json").read_text())
+    assert state["pid"] == pid and state["ticks"] == snap["ticks"]
+    assert state["keeper_pid"] == k.proc.pid
+    wait_until(lambda: "[svc] hello from the engine" in k.log(), 5, what="the engine's line")
+    reply = c.ask({"op": "stop", "timeout_s": 5})
+    assert reply == {"op": "stopped", "exit": {"code": None, "signal": signal.SIGTERM}}
+    assert k.proc.wait(10) == 0 and not alive(pid)
+    assert json.loads((k.dir / "exit.json").read_text())["exit"]["signal"] == signal.SIGTERM
+    assert not (k.dir / "ctl.sock").exists()
+
+
+def test_an_engine_exit_is_kept_and_sent(tmp_path: Path, keepers: list[Keeper]) -> None:
+    k = Keeper(tmp_path, ["sh", "-c", "sleep 600; exit 3"])
+    keepers.append(k)
+    c = k.connect()
+    pid = c.ask({"op": "hello", "proto": [1, 2]})["pid"]
+    assert c.ask({"op": "signal", "sig": signal.SIGTERM}) == {"op": "ok"}  # sh ends on TERM
+    assert c.recv() == {"op": "exited", "exit": {"code": None, "signal": signal.SIGTERM}}
+    assert not alive(pid)
+    stays(lambda: k.proc.poll() is None, 1.0, "the keeper stays after its engine ended")
+    c.close()
+    c = k.connect()  # a new supervisor sees it too
+    snap = c.ask({"op": "hello", "proto": [1, 1]})
+    assert snap["state"] == "exited" and snap["exit"]["signal"] == signal.SIGTERM
+    assert c.ask({"op": "stop"})["op"] == "stopped"
+    assert k.proc.wait(10) == 0
+
+
+def test_the_end_of_the_lease_stops_the_model_after_the_grace(
+        tmp_path: Path, keepers: list[Keeper]) -> None:
+    k = Keeper(tmp_path, SLEEPER, grace=1.0)
+    keepers.append(k)
+    c = k.connect()
+    pid = c.ask({"op": "hello", "proto": [1, 1]})["pid"]
+    t0 = time.monotonic()
+    k.close_lease()
+    assert k.proc.wait(15) == 0
+    assert time.monotonic() - t0 >= 0.9 and not alive(pid)
+    assert "lease ended" in k.log() and "no lease for 1s" in k.log()
+
+
+def test_a_new_lease_within_the_grace_keeps_the_model(tmp_path: Path,
+                                                      keepers: list[Keeper]) -> None:
+    k = Keeper(tmp_path, SLEEPER, grace=1.0)
+    keepers.append(k)
+    k.close_lease()  # the old supervisor is gone
+    c = k.connect()  # the new one comes within the grace with a new lease
+    pid = c.ask({"op": "hello", "proto": [1, 1]})["pid"]
+    r, w = os.pipe()
+    assert c.ask({"op": "lease"}, [r]) == {"op": "ok"}
+    os.close(r)
+    stays(lambda: alive(pid) and k.proc.poll() is None, 2.0, "kept past the grace")
+    os.close(w)  # and this supervisor goes for good
+    assert k.proc.wait(15) == 0 and not alive(pid)
+
+
+def test_a_lease_is_never_inherited_by_the_engine(tmp_path: Path,
+                                                  keepers: list[Keeper]) -> None:
+    k = Keeper(tmp_path, SLEEPER)
+    keepers.append(k)
+    pid = k.connect().ask({"op": "hello", "proto": [1, 1]})["pid"]
+
+    def pipes(p: int) -> set[str]:
+        out = set()
+        for fd in os.listdir(f"/proc/{p}/fd"):
+            try:
+                target = os.readlink(f"/proc/{p}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("pipe:"):
+                out.add(target)
+        return out
+
+    assert k.lease_w is not None
+    lease = os.readlink(f"/proc/self/fd/{k.lease_w}")
+    assert lease in pipes(k.proc.pid)
+    assert lease not in pipes(pid)
+
+
+def test_no_supervisor_for_the_unattended_limit_stops_it(tmp_path: Path,
+                                                         keepers: list[Keeper]) -> None:
+    k = Keeper(tmp_path, SLEEPER, unattended=1.5)
+    keepers.append(k)
+    c = k.connect()
+    pid = c.ask({"op": "hello", "proto": [1, 1]})["pid"]
+    stays(lambda: alive(pid), 2.0, "attached: kept")
+    c.close()
+    assert k.proc.wait(15) == 0 and not alive(pid)
+    assert "no supervisor for 1.5s" in k.log()
+
+
+def test_sigterm_stops_the_model(tmp_path: Path, keepers: list[Keeper]) -> None:
+    k = Keeper(tmp_path, SLEEPER)
+    keepers.append(k)
+    pid = k.connect().ask({"op": "hello", "proto": [1, 1]})["pid"]
+    k.proc.send_signal(signal.SIGTERM)
+    assert k.proc.wait(10) == 0 and not alive(pid)
+
+
+def test_an_escaped_grandchild_is_stopped_too(tmp_path: Path, keepers: list[Keeper]) -> None:
+    pidfile = tmp_path / "grandchild.pid"
+    script = (f"setsid sh -c 'trap \"\" TERM; echo $$ > {pidfile}; while :; do sleep 1; done' "
+              "& exec sleep 600")
+    k = Keeper(tmp_path, ["sh", "-c", script], stop_timeout=0.5)
+    keepers.append(k)
+    c = k.connect()
+    c.ask({"op": "hello", "proto": [1, 1]})
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 5, what="grandchild")
+    grandchild = int(pidfile.read_text())
+    assert os.getsid(grandchild) == grandchild  # out of the engine's group and session
+    assert c.ask({"op": "stop"})["op"] == "stopped"
+    assert k.proc.wait(10) == 0
+    assert not alive(grandchild)
+
+
+def test_hostile_messages_and_an_older_client(tmp_path: Path, keepers: list[Keeper]) -> None:
+    k = Keeper(tmp_path, SLEEPER)
+    keepers.append(k)
+    c = k.connect()
+    assert c.ask(b"\xff not json")["code"] == "bad_request"
+    assert c.ask([1, 2, 3])["code"] == "bad_request"
+    assert c.ask({"op": "launch-missiles"})["code"] == "unsupported"
+    assert c.ask({"op": "signal", "sig": 999})["code"] == "bad_request"
+    r, w = os.pipe()
+    assert c.ask({"op": "lease"}, [r, w])["code"] == "bad_request"  # two fds: refused
+    os.close(r)
+    os.close(w)
+    assert c.ask(b"x" * 200_000)["code"] == "bad_request"  # truncated: refused
+    assert c.ask({"op": "hello", "proto": [1, 1]})["state"] == "running"
+    old = k.connect()  # a newer client takes over; it speaks protocols 5-6 only
+    err = old.ask({"op": "hello", "proto": [5, 6]})
+    assert err["code"] == "proto" and err["proto"] == 1
+    assert old.ask({"op": "signal", "sig": 15})["code"] == "proto"  # only stop
+    assert old.ask({"op": "stop", "timeout_s": "soon"})["op"] == "stopped"  # a bad timeout
+    assert k.proc.wait(10) == 0
+
+
+def test_an_output_nobody_reads_never_blocks_the_engine(tmp_path: Path,
+                                                        keepers: list[Keeper]) -> None:
+    r, w = os.pipe()  # the keeper's stderr: a pipe that is never read
+    try:
+        k = Keeper(tmp_path, [sys.executable, "-c",
+                              "import sys\nfor i in range(50000): print('x' * 100, i)\n"
+                              "sys.stdout.flush()\nimport time; time.sleep(600)"],
+                   stderr=w)
+        keepers.append(k)
+        c = k.connect()
+        snap = c.ask({"op": "hello", "proto": [1, 1]})
+        wait_until(lambda: c.ask({"op": "hello", "proto": [1, 1]})["dropped_lines"] > 40000,
+                   30, interval=0.2, what="lines dropped, the engine not held up")
+        assert alive(snap["pid"])
+        assert c.ask({"op": "stop"})["op"] == "stopped"
+        assert k.proc.wait(10) == 0
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    for args in ([], ["--id", "x", "--", "true"], ["--id", "x", "--dir", "d", "--service",
+                                                   "s", "--gen", "1"]):
+        p = subprocess.run([sys.executable, "-I", "-S", KEEPER, *args], capture_output=True,
+                           text=True, timeout=10, check=False)
+        assert p.returncode == 2 and p.stderr.startswith("llm-supervisor keeper: "), p.stderr
+    p = subprocess.run([sys.executable, "-I", "-S", KEEPER, "--id", "x", "--dir",
+                        str(tmp_path / "k"), "--service", "s", "--gen", "1", "--",
+                        "/nonexistent/engine"], capture_output=True, text=True, timeout=10,
+                       check=False)
+    assert p.returncode == 127 and "cannot start '/nonexistent/engine'" in p.stderr
