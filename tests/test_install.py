@@ -65,6 +65,10 @@ def lab() -> Iterator[Lab]:
     # the accounts install.sh makes: a run that fails before --purge must not leave them
     accounts = [(k, n) for k, n in (("passwd", "llm"), ("group", "llm-admin"), ("group", "llm"))
                 if not _exists(k, n)]
+    # and the directories made outside the lab: the `llm` user's home (useradd --create-home)
+    # and the unit's StateDirectory= (the lab's systemd shares the host's /var/lib)
+    made_dirs = [d for d in (Path("/var/lib/llm"), Path("/var/lib/llm-supervisor"))
+                 if not d.exists()]
     lab.sh("start")
     try:
         # `systemctl enable` writes its links under /etc/systemd/system: in the lab's own
@@ -82,6 +86,8 @@ def lab() -> Iterator[Lab]:
             if _exists(kind, name):
                 subprocess.run(["userdel" if kind == "passwd" else "groupdel", name],
                                capture_output=True, check=False)
+        for d in made_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def paths(lab: Lab) -> dict[str, Path]:
