@@ -152,7 +152,8 @@ async def test_a_client_that_does_not_read_is_not_a_stall(tmp_path: Path) -> Non
                           and "has had nothing from the server" not in d.logtext(), 4,
                           "a client that does not read is no stall")
         assert backend(st["port"], "/_stats")["probes"] == 0
-        writer.close()
+        writer.close()  # and closed now, not when this loop next runs: the daemon's stop
+        await writer.wait_closed()  # would wait for the request (the loop blocked in it)
 
 
 async def test_the_gate_measures_time_to_first_token_and_events_per_second(
