@@ -35,14 +35,14 @@ with `error {code: "proto", proto}` and then takes only `stop`. Keeper -> client
 
 from __future__ import annotations
 
+import _json
+import _signal as signal
+import _socket as socket
 import array
-import contextlib
 import errno
-import json
+import math
 import os
-import selectors
-import signal
-import socket
+import select
 import sys
 import time
 
@@ -60,12 +60,99 @@ def _now() -> float:
     return time.monotonic()
 
 
+# JSON through the C parts of the json module only: `json` itself imports `re`, which would be
+# a third of the keeper's memory
+class _Ctx:
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    memo: dict[str, str] = {}  # noqa: RUF012 - the scanner's, cleared after each parse
+
+    @staticmethod
+    def parse_constant(name: str) -> float:
+        raise ValueError(f"{name} is not JSON")
+
+
+_scan = _json.make_scanner(_Ctx())  # type: ignore[arg-type]  # any object with these fields
+
+
+def loads(data: bytes) -> object:
+    text = data.decode("utf-8")
+    end = len(text)
+    i = 0
+    while i < end and text[i] in " \t\r\n":
+        i += 1
+    try:
+        value, at = _scan(text, i)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    finally:
+        _Ctx.memo.clear()
+    if text[at:].strip(" \t\r\n"):
+        raise ValueError("more after the JSON value")
+    return value
+
+
+def dumps(value: object) -> str:
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return str(_json.encode_basestring_ascii(value))
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else "null"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{dumps(str(k))}: {dumps(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(dumps(v) for v in value) + "]"
+    return dumps(str(value))
+
+
+def _sendable(doc: dict[str, object]) -> bytes:
+    return dumps(doc).encode()
+
+
+class _Poll:
+    """What the keeper waits on (epoll; `selectors` would bring half the standard library)."""
+
+    def __init__(self) -> None:
+        self.ep = select.epoll()
+        self.tags: dict[int, str] = {}
+
+    def add(self, fd: int, tag: str) -> None:
+        self.ep.register(fd, select.EPOLLIN)
+        self.tags[fd] = tag
+
+    def remove(self, fd: int) -> None:
+        if self.tags.pop(fd, None) is not None:
+            try:
+                self.ep.unregister(fd)
+            except OSError:
+                pass
+
+    def wait(self, timeout: float | None) -> list[str]:
+        try:
+            events = self.ep.poll(-1 if timeout is None else timeout)
+        except InterruptedError:
+            return []
+        return [self.tags[fd] for fd, _ev in events if fd in self.tags]
+
+
 def _write_json(path: str, doc: dict[str, object]) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, dumps(doc).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
@@ -135,7 +222,7 @@ class Keeper:
         lease = opts.get("lease-fd")
         self.lease: int | None = int(lease) if lease is not None else None
         self.cmd = cmd
-        self.sel = selectors.DefaultSelector()
+        self.sel = _Poll()
         self.pid = 0
         self.pgid = 0
         self.ticks: int | None = None
@@ -155,10 +242,12 @@ class Keeper:
 
     def start(self) -> None:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        with contextlib.suppress(OSError):
+        try:
             import ctypes
 
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        except OSError:
+            pass
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         if self.lease is not None:
             os.set_inheritable(self.lease, False)  # held by the keeper alone, not the engine
@@ -174,26 +263,28 @@ class Keeper:
         self.ticks = start_ticks(self.pid)
         self.out_fd = rfd
         os.set_blocking(rfd, False)
-        self.sel.register(rfd, selectors.EVENT_READ, "out")
+        self.sel.add(rfd, "out")
         path = os.path.join(self.dir, CTL)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(path)
+        except FileNotFoundError:
+            pass
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.listener.bind(path)
         os.chmod(path, 0o600)
         self.listener.listen(4)
         self.listener.setblocking(False)
-        self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+        self.sel.add(self.listener.fileno(), "listen")
         if self.lease is not None:
             os.set_blocking(self.lease, False)
-            self.sel.register(self.lease, selectors.EVENT_READ, "lease")
+            self.sel.add(self.lease, "lease")
         else:
             self.grace_until = _now() + self.grace_s  # no lease yet: one must come
         sr, sw = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         signal.set_wakeup_fd(sw)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, lambda *_a: None)
-        self.sel.register(sr, selectors.EVENT_READ, "signal")
+        self.sel.add(sr, "signal")
         self._sigfd = sr
         self._save_state()
 
@@ -208,8 +299,7 @@ class Keeper:
     def run(self) -> int:
         while not self.done:
             timeout = self._next_deadline()
-            for key, _ev in self.sel.select(timeout):
-                what = key.data
+            for what in self.sel.wait(timeout):
                 if what == "out":
                     self._output()
                 elif what == "listen":
@@ -273,11 +363,11 @@ class Keeper:
         return self.exit is not None and not self._alive()
 
     def _kill_all(self, sig: int) -> None:
-        with contextlib.suppress(OSError):
-            os.killpg(self.pgid, sig)
-        for pid in self._alive():
-            with contextlib.suppress(OSError):
+        for pid in [-self.pgid, *self._alive()]:
+            try:
                 os.kill(pid, sig)
+            except OSError:
+                pass
 
     def stop(self, timeout_s: float, reply: socket.socket | None = None) -> None:
         if reply is not None:
@@ -294,10 +384,14 @@ class Keeper:
         _write_json(os.path.join(self.dir, EXIT), {"exit": self.exit, "pid": self.pid,
                                                      "dropped_lines": self.dropped})
         if self.stop_reply is not None:
-            with contextlib.suppress(OSError):
-                self.stop_reply.send(json.dumps({"op": "stopped", "exit": self.exit}).encode())
-        with contextlib.suppress(OSError):
+            try:
+                self.stop_reply.send(_sendable({"op": "stopped", "exit": self.exit}))
+            except OSError:
+                pass
+        try:
             os.unlink(os.path.join(self.dir, CTL))
+        except OSError:
+            pass
         self.done = True
 
     # --- output ----------------------------------------------------------------------------
@@ -310,7 +404,7 @@ class Keeper:
         except OSError:
             data = b""
         if not data:
-            self.sel.unregister(self.out_fd)
+            self.sel.remove(self.out_fd)
             os.close(self.out_fd)
             self.out_fd = -1
             if self._partial:
@@ -349,22 +443,22 @@ class Keeper:
 
     def _accept(self) -> None:
         try:
-            conn, _ = self.listener.accept()
+            fd, _addr = self.listener._accept()  # type: ignore[attr-defined]  # _socket's
         except OSError:
             return
+        conn = socket.socket(fileno=fd)
         if self.client is not None:  # a new supervisor takes over from an old connection
             self._drop_client()
         conn.setblocking(False)
         self.client = conn
         self.outdated = False
         self.alone_since = None
-        self.sel.register(conn, selectors.EVENT_READ, "client")
+        self.sel.add(conn.fileno(), "client")
 
     def _drop_client(self) -> None:
         if self.client is None:
             return
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(self.client)
+        self.sel.remove(self.client.fileno())
         if self.client is not self.stop_reply:
             self.client.close()
         self.client = None
@@ -374,8 +468,10 @@ class Keeper:
     def _send(self, doc: dict[str, object]) -> None:
         if self.client is None:
             return
-        with contextlib.suppress(OSError):  # full (a supervisor that does not read), gone
-            self.client.send(json.dumps(doc).encode(), socket.MSG_DONTWAIT)
+        try:
+            self.client.send(_sendable(doc), socket.MSG_DONTWAIT)
+        except OSError:  # full (a supervisor that does not read), or gone
+            pass
 
     def _message(self) -> None:
         assert self.client is not None
@@ -396,7 +492,7 @@ class Keeper:
             self._drop_client()
             return
         try:
-            msg = json.loads(data) if not flags & socket.MSG_TRUNC else None
+            msg = loads(data) if not flags & socket.MSG_TRUNC else None
         except ValueError:
             msg = None
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
@@ -441,8 +537,10 @@ class Keeper:
             sig = msg.get("sig")
             if isinstance(sig, int) and not isinstance(sig, bool) and 0 < sig < 65 \
                     and self.exit is None:
-                with contextlib.suppress(OSError):
+                try:
                     os.killpg(self.pgid, sig)
+                except OSError:
+                    pass
                 self._send({"op": "ok"})
             else:
                 self._send({"op": "error", "code": "bad_request",
@@ -465,12 +563,11 @@ class Keeper:
 
     def _new_lease(self, fd: int) -> None:
         if self.lease is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(self.lease)
+            self.sel.remove(self.lease)
             os.close(self.lease)
         os.set_blocking(fd, False)
         self.lease = fd
-        self.sel.register(fd, selectors.EVENT_READ, "lease")
+        self.sel.add(fd, "lease")
         self.grace_until = None
 
     def _lease_readable(self) -> None:
@@ -483,7 +580,7 @@ class Keeper:
             data = b""
         if data:
             return  # nothing is ever written; ignored
-        self.sel.unregister(self.lease)
+        self.sel.remove(self.lease)
         os.close(self.lease)
         self.lease = None
         if self.stopping_until is None:
@@ -510,7 +607,7 @@ class _Err:
     MSG_DONTWAIT; a file or a terminal is written as it is."""
 
     def __init__(self) -> None:
-        import stat
+        import stat  # small, C
 
         self.fd = 2
         self.sock: socket.socket | None = None
@@ -520,11 +617,15 @@ class _Err:
             self.fd = -1
             return
         if stat.S_ISFIFO(mode):
-            with contextlib.suppress(OSError):
+            try:
                 self.fd = os.open("/proc/self/fd/2", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                pass
         elif stat.S_ISSOCK(mode):
-            with contextlib.suppress(OSError):
+            try:
                 self.sock = socket.socket(fileno=os.dup(2))
+            except OSError:
+                pass
 
     def write(self, data: bytes) -> bool:
         """False when it could not be written now (dropped)."""
@@ -541,8 +642,6 @@ class _Err:
 
 
 def select_readable(fd: int) -> bool:
-    import select
-
     return bool(select.select([fd], [], [], 0)[0])
 
 
