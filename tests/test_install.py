@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_systemd import SDLAB, Lab, _why_not, kill_marked
+from test_systemd import SDLAB, STATE_DIRECTORY, Lab, _why_not, kill_marked
 
 from helpers import FAKE, fake_service, free_port, toml_dumps, wait_until
 
@@ -67,8 +67,7 @@ def lab() -> Iterator[Lab]:
                 if not _exists(k, n)]
     # and the directories made outside the lab: the `llm` user's home (useradd --create-home)
     # and the unit's StateDirectory= (the lab's systemd shares the host's /var/lib)
-    made_dirs = [d for d in (Path("/var/lib/llm"), Path("/var/lib/llm-supervisor"))
-                 if not d.exists()]
+    made_dirs = [d for d in (Path("/var/lib/llm"), STATE_DIRECTORY) if not d.exists()]
     lab.sh("start")
     try:
         # `systemctl enable` writes its links under /etc/systemd/system: in the lab's own

@@ -25,6 +25,9 @@ pytestmark = pytest.mark.e2e
 
 SDLAB = Path(__file__).resolve().parent / "sdlab.sh"
 UNIT = ROOT / "units" / "llm-supervisor.service"
+# the unit's StateDirectory=: the lab's systemd makes it in the host's /var/lib (the lab has a
+# /run of its own, not a /var/lib): a lab removes it afterwards if it was not there before
+STATE_DIRECTORY = Path("/var/lib/llm-supervisor")
 
 
 def _why_not() -> str | None:
@@ -74,6 +77,7 @@ def lab() -> Iterator[Lab]:
     base.mkdir(parents=True)
     lab = Lab(base)
     lab.units.mkdir(parents=True)
+    made = [d for d in (STATE_DIRECTORY,) if not d.exists()]
     lab.sh("start")
     try:
         yield lab
@@ -81,6 +85,8 @@ def lab() -> Iterator[Lab]:
         lab.sh("stop", check=False)
         kill_marked(str(base))
         shutil.rmtree(base, ignore_errors=True)
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def marked(marker: str) -> list[int]:
