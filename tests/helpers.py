@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import math
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from typing import Any
 import psutil
 
 from supervisord_llm import ctl
-from supervisord_llm.ports import pick_free_port
+from supervisord_llm.ports import pick_free_port, port_free
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = str(Path(__file__).resolve().parent / "fakebackend.py")
@@ -30,9 +31,26 @@ SIM_UUID = "GPU-5a1e0000-0000-4000-8000-{:012d}"
 _used_ports: set[int] = set()
 
 
+def _worker_ports() -> range | None:
+    """Under pytest-xdist, this worker's own slice of 20000-32000: two workers never hand out
+    the same port in the moment before its server binds it. None without workers."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2:
+        return None
+    width = 12000 // count
+    start = 20000 + int(worker[2:]) * width
+    return range(start, start + width)
+
+
 def free_port() -> int:
     """A free TCP port below the ephemeral range, not handed out before in this run."""
-    port = pick_free_port(exclude=_used_ports)
+    ports = _worker_ports()
+    if ports is None:
+        port = pick_free_port(exclude=_used_ports)
+    else:
+        candidates = (random.choice(ports) for _ in range(2000))
+        port = next(p for p in candidates if p not in _used_ports and port_free(p))
     _used_ports.add(port)
     return port
 
