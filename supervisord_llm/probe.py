@@ -40,6 +40,7 @@ from .errors import ControlError
 from .health import client_session, read_bounded
 from .logs import LogLimiter
 from .states import RestartReason, State
+from .ticks import sleep_to_tick
 
 if TYPE_CHECKING:
     from .gate.proxy import Gate
@@ -92,12 +93,21 @@ class GenerationProber:
         return st
 
     async def run(self) -> None:
+        """Every TICK_S on the shared ticks while a service has a probe or a gate; asleep
+        (woken by the registry's changes: a reload that adds one) while none has."""
+        changed = asyncio.Event()
+        self.sup.on_change(changed.set)
         while True:
+            if not any(a.cfg.probe is not None or self.sup.gate_of(n) is not None
+                       for n, a in self.sup.actors.items()):
+                changed.clear()
+                await changed.wait()
+                continue
             try:
                 await self.tick()
             except Exception:  # never let the probes die: the next tick tries again
                 self.limiter.exception("tick", "generation probe: tick failed")
-            await asyncio.sleep(TICK_S)
+            await sleep_to_tick(TICK_S)
 
     async def tick(self) -> None:
         now = self._clock()

@@ -23,6 +23,7 @@ from .sensors.hub import GpuHub
 from .service import Counters, Prober, ServiceActor
 from .spawn import Spawner
 from .states import State
+from .ticks import sleep_to_tick
 from .wants import Wants
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class Supervisor:
                     raise
                 errors.append(str(exc))
         self._started = True
-        self.sync_gates()
+        self.changed()  # the gates follow their services; the parts that watch gates look
         return errors
 
     async def remove_gate(self, name: str) -> None:
@@ -331,11 +332,11 @@ class Supervisor:
 
     # --- the loop monitor --------------------------------------------------------------------
 
-    async def monitor_loop(self, interval_s: float = 0.25) -> None:
-        """Measure event-loop lag: how late a timer fires."""
+    async def monitor_loop(self, interval_s: float = 1.0) -> None:
+        """Measure event-loop lag: how late a timer fires. On the shared ticks (it wakes with
+        the GPU polls, not on its own); /healthz calls the loop stale after 5 s."""
+        loop = asyncio.get_running_loop()
         while True:
-            before = self._clock()
-            await asyncio.sleep(interval_s)
-            now = self._clock()
-            self.loop.lag_s = max(0.0, now - before - interval_s)
-            self.loop.last_tick = now
+            when = await sleep_to_tick(interval_s)
+            self.loop.lag_s = max(0.0, loop.time() - when)
+            self.loop.last_tick = self._clock()
