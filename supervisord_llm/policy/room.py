@@ -153,14 +153,15 @@ def plan_room(want: Want, holders: Sequence[Holder]) -> RoomPlan:
     # min_residency_s ago are drained, least recently loaded first
     if all(h.drainable for h in busy):
         drain = list(busy)
+        rest = [h for h in victims if h not in busy]  # each holder's memory counted once
         for h in sorted((h for h in candidates if h not in victims and h.drainable),
                         key=lambda h: h.loaded_at):
-            lack = short(free(victims + drain))
+            lack = short(free(rest + drain))
             if not lack:
                 break
             if lack & set(h.need):
                 drain.append(h)
-        if drain and not short(free(victims + drain)):
+        if drain and not short(free(rest + drain)):
             return RoomPlan(False, [], True, message("held by"), drain=[h.name for h in drain])
     # could the busy ones make room once idle?
     wait = not short(free(victims + [h for h in candidates if h not in victims]))
