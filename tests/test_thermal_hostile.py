@@ -85,6 +85,10 @@ def test_a_critical_gpu_lost_and_back_still_hot_starts_nothing(tmp_path: Path) -
         assert d.status()["supervisor"]["mode"] == "throttled"  # lost hot: still throttled
         heat(tmp_path, gpu0={"temperature_c": 95})
         wait_until(lambda: gpu(d, 0)["thermal_state"] == "critical", 5, what="back, critical")
+        # the guard lets go of gpu_lost once it has acted on that reading (the status may show
+        # the reading first); stopped all the while, cooling holds it from then on
+        wait_until(lambda: (s := d.service("a"))["state"] == "stopped"
+                   and s["holds"] == ["cooling"], 5, what="only cooling holds it")
         stays(lambda: d.service("a")["holds"] == ["cooling"]
               and d.service("a")["state"] == "stopped", 1.5, "held, not started")
         assert "launched pid" not in d.logtext().split("GPU0 (")[-1]
