@@ -221,8 +221,9 @@ class GpuGuard:
                 continue
             reading = self._reading(snap, now)
             back_at = self.unread.get(uuid)
-            if back_at is not None and reading.fresh and snap.read_at is not None \
-                    and snap.read_at > back_at:
+            if back_at is not None:
+                if not (reading.fresh and snap.read_at is not None and snap.read_at > back_at):
+                    continue  # not judged on a reading from before it came back
                 del self.unread[uuid]  # read since it came back: its heat is known again
                 self.lost_hot.discard(uuid)
             lim = self.limits(snap.info)
