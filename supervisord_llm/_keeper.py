@@ -397,12 +397,9 @@ class Keeper:
     # --- output ----------------------------------------------------------------------------
 
     def _output(self) -> None:
-        try:
-            data = os.read(self.out_fd, 65536)
-        except BlockingIOError:
+        data = _read(self.out_fd, 65536)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.sel.remove(self.out_fd)
             os.close(self.out_fd)
@@ -572,12 +569,9 @@ class Keeper:
 
     def _lease_readable(self) -> None:
         assert self.lease is not None
-        try:
-            data = os.read(self.lease, 4096)
-        except BlockingIOError:
+        data = _read(self.lease, 4096)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             return  # nothing is ever written; ignored
         self.sel.remove(self.lease)
@@ -639,6 +633,16 @@ class _Err:
             return False
         except OSError:
             return True  # gone: nobody reads it; not a drop to count
+
+
+def _read(fd: int, size: int) -> bytes | None:
+    """What a non-blocking fd has: None when nothing now, b"" at its end (or an error)."""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def select_readable(fd: int) -> bool:
