@@ -321,6 +321,19 @@ class Daemon:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
+    def crash(self) -> None:
+        """The daemon dies as in a crash, leaving its services behind: frozen first (it
+        replaces a dead orphan guardian at once, and that one would stop the services when
+        the daemon goes), then its guardian killed, then the daemon."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        for p in descendants(self.proc.pid):
+            with contextlib.suppress(OSError):
+                if b"_guardian" in Path(f"/proc/{p}/cmdline").read_bytes():
+                    os.kill(p, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait()
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -308,12 +308,7 @@ def test_leftovers_of_a_crashed_daemon_are_stopped_at_start(tmp_path: Path) -> N
         d.wait_state("alpha", "ready")
         wait_until(pidfile.exists, 5, what="pidfile")
         _main, grandchild = map(int, pidfile.read_text().split())
-        assert d.proc is not None
-        for p in descendants(d.proc.pid):  # the guardian first, then the daemon: both gone
-            if b"_guardian" in Path(f"/proc/{p}/cmdline").read_bytes():
-                os.kill(p, signal.SIGKILL)
-        d.proc.kill()
-        d.proc.wait()
+        d.crash()  # the daemon and its guardian gone, the services left
         d.pids_seen.clear()  # d.stop() must not clean up what the next daemon has to find
         stays(lambda: alive(grandchild), 0.3, "the orphan lives on")  # it would hold the GPU
     finally:

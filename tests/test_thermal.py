@@ -21,7 +21,6 @@ from helpers import (
     NotifyListener,
     async_wait_until,
     base_config,
-    descendants,
     fake_service,
     free_port,
     running,
@@ -121,12 +120,7 @@ def test_limits_restored_at_stop_and_after_a_kill(tmp_path: Path) -> None:
     try:
         d.wait_state("a", "ready")
         wait_until(lambda: limits_file(tmp_path).get(GPU0, 300) <= 240, 10, what="lowered")
-        assert d.proc is not None
-        for p in descendants(d.proc.pid):
-            if b"_guardian" in Path(f"/proc/{p}/cmdline").read_bytes():
-                os.kill(p, signal.SIGKILL)
-        d.proc.kill()
-        d.proc.wait()
+        d.crash()
     finally:
         d.stop()
     lowered = limits_file(tmp_path)[GPU0]
