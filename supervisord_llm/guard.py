@@ -303,6 +303,10 @@ class GpuGuard:
         st = self.states.get(uuid)
         return st is not None and st.level == "critical"
 
+    def _escalated(self, uuid: str) -> bool:
+        st = self.states.get(uuid)
+        return st is not None and st.level == "critical" and st.escalated
+
     # --- the policy's actions, per GPU ----------------------------------------------------------
 
     async def _act(self, snap: GpuSnapshot, lim: T.Limits, state: T.State,
@@ -368,21 +372,18 @@ class GpuGuard:
         return PR.factor_of(view.gpus) if view is not None else 1.0
 
     def _escalate(self, gpu: GpuInfo, critical_for_s: float) -> None:
-        """Paused services on a GPU that stays critical with nothing in flight: something else
-        heats it; they are stopped (held `cooling`) after all."""
-        names = []
-        for name in self.services_on(gpu.uuid):
-            actor, gate = self.sup.actors[name], self.sup.gate_of(name)
-            if gate is not None and THERMAL in gate.drains and "cooling" not in actor.holds \
-                    and name not in self._busy:
-                names.append(name)
+        """A GPU that stays critical with nothing in flight: something else heats it; its
+        paused services are stopped (held `cooling`) after all. The policy's state says so
+        for as long as it stays critical, so `_reconcile` carries it out even for a service
+        whose earlier step is still running now (it is not skipped, only later)."""
+        names = [name for name in self.services_on(gpu.uuid)
+                 if (view := self.view(name)) is not None and view.paused
+                 and PR.HOLD_COOLING not in view.holds]
         if not names:
             return
         log.error("GPU%d critical for %.0f s with nothing in flight: something else heats it; "
                   "stopping %s until it cools", gpu.index, critical_for_s, ", ".join(names))
         self._count(gpu.uuid, "escalate")
-        for name in names:
-            self._start(name, self._drain_and_hold(name))
 
     # --- per service: in line with all of its GPUs ---------------------------------------
 
@@ -396,7 +397,8 @@ class GpuGuard:
         gpus = tuple(PR.GpuView(g.uuid, g.index,
                                 lost=g.uuid in self.lost or g.uuid in self.unread,
                                 critical=self._critical(g.uuid),
-                                factor=self.factors.get(g.uuid, 1.0))
+                                factor=self.factors.get(g.uuid, 1.0),
+                                escalated=self._escalated(g.uuid))
                      for g in actor.plan.gpus)
         return PR.ServiceView(name, actor.state, frozenset(actor.holds), gpus,
                               gated=gate is not None,

@@ -22,6 +22,7 @@ from supervisord_llm.states import State
 OK0, OK1 = GpuView("G0", 0), GpuView("G1", 1)
 HOT0, HOT1 = GpuView("G0", 0, critical=True), GpuView("G1", 1, critical=True)
 LOST0 = GpuView("G0", 0, lost=True)
+ESC0, ESC1 = replace(HOT0, escalated=True), replace(HOT1, escalated=True)
 
 
 def svc(*gpus: GpuView, state: State = State.READY, holds: frozenset[str] = frozenset(),
@@ -39,6 +40,14 @@ CASES = [
     ("critical, gated and running: paused", svc(OK0, HOT1), "pause",
      Step(critical="pause", critical_gpu=HOT1)),
     ("paused already", svc(HOT0, paused=True), "pause", NOTHING),
+    ("paused, and the pause did not cool it (escalated): drained and held down",
+     svc(ESC0, paused=True), "pause", Step(critical="drain-restart", critical_gpu=ESC0)),
+    ("escalated, held cooling already", svc(ESC0, state=State.STOPPED, paused=True,
+                                             holds=frozenset({"cooling"})), "pause", NOTHING),
+    ("escalated while still running unpaused: no pause first, held down",
+     svc(OK0, ESC1), "pause", Step(critical="drain-restart", critical_gpu=ESC1)),
+    ("escalated changes nothing for stop", svc(ESC0), "stop",
+     Step(critical="stop", critical_gpu=ESC0)),
     ("a pause of a service that is not running: held down instead",
      svc(HOT0, state=State.STOPPED), "pause", Step(critical="drain-restart",
                                                    critical_gpu=HOT0)),
@@ -123,7 +132,7 @@ def apply(view: ServiceView, step: Step) -> ServiceView:
 
 
 gpu_st = st.builds(GpuView, st.sampled_from(["G0", "G1", "G2"]), st.integers(0, 2),
-                   lost=st.booleans(), critical=st.booleans(),
+                   lost=st.booleans(), critical=st.booleans(), escalated=st.booleans(),
                    factor=st.sampled_from([1.0, 0.9, 0.5]))
 
 
@@ -157,5 +166,9 @@ def test_one_step_brings_it_in_line(view: ServiceView, on_critical: str) -> None
             and not about_to_start:
         # never left to run (or start) on a critical GPU: paused, held or failed
         assert after.paused or "cooling" in after.holds or after.state is State.FAILED
+    if on_critical in ("pause", "drain-restart") \
+            and any(g.critical and g.escalated and not g.lost for g in view.gpus):
+        # a pause that did not cool it: held down, not merely paused
+        assert "cooling" in after.holds
     if after.gated:
         assert after.factor == factor_of(view.gpus)

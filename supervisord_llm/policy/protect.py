@@ -9,7 +9,9 @@ the GPUs' levels) and carries the step out through the host actor.
   running), `on_critical` (the service's, or `pause` for
   a gated service and `drain-restart` otherwise):
   - `pause`: the gate closes to new requests (drain reason `thermal`), the service keeps
-    running; a service that is not running (or has no gate) is held down instead;
+    running; a service that is not running (or has no gate) is held down instead; once the
+    thermal policy escalates the GPU (critical for `pause_timeout_s` with nothing in flight:
+    something else heats it), `drain-restart` after all, for as long as it stays critical;
   - `drain-restart`: drained, then held down (`cooling`) until its GPUs cool;
   - `stop`: drained and stopped as failed, while it is live or in backoff; one held down
     (for a lost GPU, or an on-demand service not loaded) is held `cooling` as well instead,
@@ -44,6 +46,7 @@ class GpuView:
     lost: bool = False
     critical: bool = False
     factor: float = 1.0  # the thermal policy's admission factor for this GPU
+    escalated: bool = False  # critical with nothing in flight for too long (pause no help)
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,12 @@ def factor_of(gpus: tuple[GpuView, ...]) -> float:
     return min([1.0, *(g.factor for g in gpus if not g.lost)])
 
 
-def critical_step(view: ServiceView, on_critical: str) -> str | None:
-    """What `on_critical` still has to do to a service on a critical GPU, if anything."""
+def critical_step(view: ServiceView, on_critical: str,
+                  escalated: bool = False) -> str | None:
+    """What `on_critical` still has to do to a service on a critical GPU, if anything
+    (`escalated`: a pause did not cool it, so it is drained and held down after all)."""
+    if on_critical == "pause" and escalated:
+        on_critical = "drain-restart"
     if on_critical == "none":
         return None
     if on_critical == "stop":
@@ -109,7 +116,8 @@ def service_step(view: ServiceView, on_critical: str) -> Step:
         # held down for a lost GPU, it is not running: it must not start on the hot one
         # either when the lost one comes back (held `cooling` too, in the same step)
         held = replace(view, state=State.STOPPED, holds=view.holds | {HOLD_LOST})
-        action = critical_step(held if lost else view, on_critical)
+        action = critical_step(held if lost else view, on_critical,
+                               escalated=any(g.escalated for g in hot))
         if action is not None:
             step["critical"] = action
             step["critical_gpu"] = hot[0]
