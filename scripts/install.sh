@@ -4,7 +4,8 @@
 #   scripts/install.sh                  # install or upgrade; idempotent
 #   scripts/install.sh --dry-run        # say what it would do, do nothing
 #   scripts/install.sh --uninstall      # remove it; config and state stay
-#   scripts/install.sh --uninstall --purge   # ... and the config, the state and the users
+#   scripts/install.sh --uninstall --purge   # ... and the config, the state, the users and
+#                                            # the `llm` user's home (/var/lib/llm)
 #
 # What it does, as root:
 #   - a virtual environment under --prefix (/opt/llm-supervisor) with this package, and
@@ -106,7 +107,12 @@ if [ "$UNINSTALL" = 1 ]; then
     [ -e "$ETC/config.toml" ] && run rm -f "$ETC/config.toml"
     if [ "$DRY" = 0 ] && [ -d "$ETC" ] && rmdir "$ETC" 2>/dev/null; then echo "+ rmdir $ETC"; fi
     [ -d /var/lib/llm-supervisor ] && run rm -rf /var/lib/llm-supervisor
-    getent passwd "$USER_NAME" >/dev/null && run userdel "$USER_NAME"
+    if getent passwd "$USER_NAME" >/dev/null; then
+      home=$(getent passwd "$USER_NAME" | cut -d: -f6)
+      run userdel "$USER_NAME"
+      # its home too, when it is the one install.sh made (model caches live there)
+      if [ "$home" = /var/lib/llm ] && [ -d /var/lib/llm ]; then run rm -rf /var/lib/llm; fi
+    fi
     getent group "$GROUP_NAME" >/dev/null && run groupdel "$GROUP_NAME"
   else
     echo "kept: $ETC (config) and /var/lib/llm-supervisor (state); --purge removes them"

@@ -25,6 +25,8 @@ from helpers import FAKE, fake_service, free_port, toml_dumps, wait_until
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "scripts" / "install.sh"
 MEMBER = "llmsup-test-member"
+# what the lab fixture found missing, so made by this test's install (the purge may remove it)
+MADE_HERE: set[str] = set()
 
 if (reason := _why_not()) is not None:
     pytest.skip(reason, allow_module_level=True)
@@ -68,6 +70,8 @@ def lab() -> Iterator[Lab]:
     # and the directories made outside the lab: the `llm` user's home (useradd --create-home)
     # and the unit's StateDirectory= (the lab's systemd shares the host's /var/lib)
     made_dirs = [d for d in (Path("/var/lib/llm"), STATE_DIRECTORY) if not d.exists()]
+    MADE_HERE.clear()
+    MADE_HERE.update([*(f"{k}:{n}" for k, n in accounts), *(str(d) for d in made_dirs)])
     lab.sh("start")
     try:
         # `systemctl enable` writes its links under /etc/systemd/system: in the lab's own
@@ -204,6 +208,18 @@ def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
     assert "kept:" in gone.stdout
     again = install(lab, "--uninstall")  # idempotent
     assert again.returncode == 0, again.stderr
+    # --purge: the config, the state, the users and the `llm` user's home go too (only where
+    # this test made them: on a box with an `llm` user of its own, they are not the test's)
+    ours = {"passwd:llm", "group:llm-admin", "/var/lib/llm", str(STATE_DIRECTORY)}
+    if ours <= MADE_HERE:
+        subprocess.run(["userdel", MEMBER], capture_output=True, check=False)
+        purged = install(lab, "--uninstall", "--purge")
+        assert purged.returncode == 0, purged.stderr
+        assert not (p["etc"] / "config.toml").exists()
+        assert not _exists("passwd", "llm") and not _exists("group", "llm-admin")
+        assert not _exists("group", "llm")
+        assert not Path("/var/lib/llm").exists() and not STATE_DIRECTORY.exists()
+        assert "rm -rf /var/lib/llm\n" in purged.stdout
 
 
 def test_it_never_takes_or_removes_a_directory_it_did_not_make(scratch: Path) -> None:
