@@ -52,6 +52,7 @@ PR_SET_CHILD_SUBREAPER = 36
 MAX_MESSAGE = 65536
 MAX_LINE = 4000  # within PIPE_BUF with the name: a line is written whole or not at all
 CTL = "ctl.sock"
+_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
 STATE = "state.json"
 EXIT = "exit.json"
 
@@ -188,6 +189,35 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def _cpus(text: str) -> set[int]:
+    """A kernel cpulist ("0-3,8")."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+SYS_SET_MEMPOLICY = {"x86_64": 238, "aarch64": 237, "riscv64": 237, "ppc64le": 261,
+                     "ppc64": 261, "s390x": 270}
+
+
+def _bind_memory(libc: object, node: int, warn: object) -> None:  # pragma: no cover - child
+    """set_mempolicy(MPOL_BIND, {node}): the engine's memory on its GPUs' NUMA node."""
+    import ctypes
+
+    nr = SYS_SET_MEMPOLICY.get(os.uname().machine)
+    if nr is None:
+        warn(f"memory binding not supported on {os.uname().machine}")  # type: ignore[operator]
+        return
+    words = node // 64 + 1
+    mask = (ctypes.c_ulong * words)()
+    mask[node // 64] = 1 << (node % 64)
+    if libc.syscall(nr, 2, mask, ctypes.c_ulong(words * 64 + 1)) != 0:  # type: ignore[attr-defined]
+        warn(f"cannot bind memory to node {node}: "  # type: ignore[operator]
+             f"{os.strerror(ctypes.get_errno())}")
+
+
 def _parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     if "--" not in argv:
         raise ValueError("no command (-- ARGV...)")
@@ -221,7 +251,21 @@ class Keeper:
         self.stop_timeout_s = float(opts.get("stop-timeout", "10"))
         lease = opts.get("lease-fd")
         self.lease: int | None = int(lease) if lease is not None else None
+        client = opts.get("client-fd")
+        self._client_fd = int(client) if client is not None else None
+        self.cpus = _cpus(opts["cpus"]) if opts.get("cpus", "-") != "-" else None
+        self.mem_node = int(opts["mem-node"]) if opts.get("mem-node", "-") != "-" else None
+        creds = opts.get("creds", "-")
+        self.creds: tuple[int, int, list[int]] | None = None
+        if creds != "-":
+            uid, gid, groups = creds.split(":")
+            self.creds = (int(uid), int(gid), [int(g) for g in groups.split(",") if g])
+        self.pdeathsig = int(opts.get("pdeathsig", "9"))
+        self.log_format = opts.get("log-format", "plain")
+        if self.log_format not in ("plain", "journal", "text", "json"):
+            raise ValueError(f"--log-format {self.log_format!r}: plain, journal, text or json")
         self.cmd = cmd
+        self.libc: object = None
         self.sel = _Poll()
         self.pid = 0
         self.pgid = 0
@@ -245,33 +289,28 @@ class Keeper:
         try:
             import ctypes
 
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+            self.libc = ctypes.CDLL(None, use_errno=True)
+            self.libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         except OSError:
             pass
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         if self.lease is not None:
             os.set_inheritable(self.lease, False)  # held by the keeper alone, not the engine
         self.err = _Err()
-        rfd, wfd = os.pipe2(os.O_CLOEXEC)
-        self.pid = os.posix_spawnp(self.cmd[0], self.cmd, dict(os.environ), setpgroup=0,
-                                   file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull,
-                                                  os.O_RDONLY, 0),
-                                                 (os.POSIX_SPAWN_DUP2, wfd, 1),
-                                                 (os.POSIX_SPAWN_DUP2, wfd, 2)])
-        os.close(wfd)
-        self.pgid = self.pid
-        self.ticks = start_ticks(self.pid)
-        self.out_fd = rfd
-        os.set_blocking(rfd, False)
-        self.sel.add(rfd, "out")
-        path = os.path.join(self.dir, CTL)
+        # the control socket first: the supervisor may connect as soon as the engine runs.
+        # Bound through /proc/self/fd: a deep DIR would not fit in a socket's 108 bytes
+        dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        path = f"/proc/self/fd/{dirfd}/{CTL}"
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(path)
-        os.chmod(path, 0o600)
+            try:
+                os.unlink(CTL, dir_fd=dirfd)
+            except FileNotFoundError:
+                pass
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.listener.bind(path)
+            os.chmod(CTL, 0o600, dir_fd=dirfd)
+        finally:
+            os.close(dirfd)
         self.listener.listen(4)
         self.listener.setblocking(False)
         self.sel.add(self.listener.fileno(), "listen")
@@ -282,11 +321,106 @@ class Keeper:
             self.grace_until = _now() + self.grace_s  # no lease yet: one must come
         sr, sw = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         signal.set_wakeup_fd(sw)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+        for sig in _HANDLED:
             signal.signal(sig, lambda *_a: None)
         self.sel.add(sr, "signal")
         self._sigfd = sr
+        self._spawn()
+        if self._client_fd is not None:  # the supervisor that started it, connected already
+            fd, self._client_fd = self._client_fd, None
+            self._attach(socket.socket(fileno=fd))
+            self._send({**self.snapshot(), "op": "started"})
+
+    def _spawn(self) -> None:
+        """Start the engine: a fork that does what the exec shim did (a group of its own,
+        stdin /dev/null, output to our pipe, the user switch, the parent-death signal, CPU
+        affinity, NUMA memory binding), then exec. No Python start-up on the way: a
+        relaunch costs a fork."""
+        if self.out_fd >= 0:  # the last run's output: what is left of it, then closed
+            self._drain_output()
+            if self.out_fd >= 0:
+                self.sel.remove(self.out_fd)
+                os.close(self.out_fd)
+                self.out_fd = -1
+        if self._partial:
+            self._line(self._partial)
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        me = os.getpid()
+        # a signal for the engine that comes before its exec must not reach our handlers
+        # (whose wakeup pipe is the keeper's): blocked across the fork, default in the child
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child; it never returns
+                try:
+                    signal.set_wakeup_fd(-1)
+                    # Python ignores SIGPIPE and SIGXFSZ; an ignored signal survives exec
+                    for sig in (*_HANDLED, signal.SIGPIPE, signal.SIGXFSZ):
+                        signal.signal(sig, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+                    os.close(rfd)
+                    self._child(me, wfd)
+                finally:
+                    os._exit(127)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+        os.close(wfd)
+        self.pid = self.pgid = pid
+        try:
+            os.setpgid(pid, pid)  # also in the child: whichever runs first
+        except OSError:
+            pass
+        self.ticks = start_ticks(pid)
+        self.exit = None
+        self.out_fd = rfd
+        self._partial = b""
+        os.set_blocking(rfd, False)
+        self.sel.add(rfd, "out")
         self._save_state()
+
+    def _child(self, keeper: int, out: int) -> None:  # pragma: no cover - in the child
+        os.setpgid(0, 0)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+
+        def warn(msg: str) -> None:
+            os.write(2, f"llm-supervisor keeper: {msg}\n".encode())
+
+        try:  # the supervisor protects itself from the OOM killer; the engine must not
+            with open("/proc/self/oom_score_adj", "r+") as fh:
+                if int(fh.read().strip() or 0) < 0:
+                    fh.seek(0)
+                    fh.write("0")
+        except (OSError, ValueError):
+            pass
+        if self.creds is not None:
+            uid, gid, groups = self.creds
+            try:
+                os.setgroups(groups)
+                os.setgid(gid)
+                os.setuid(uid)
+            except OSError as exc:
+                warn(f"cannot switch to uid {uid} gid {gid}: {exc.strerror}")
+                os._exit(126)
+        libc = self.libc
+        if self.pdeathsig and libc is not None:
+            libc.prctl(1, self.pdeathsig, 0, 0, 0)  # type: ignore[attr-defined]
+        if os.getppid() != keeper:
+            os._exit(1)  # the keeper died before we got here: do not start an orphan
+        if self.cpus is not None:
+            try:
+                os.sched_setaffinity(0, self.cpus)
+            except (OSError, ValueError) as exc:
+                warn(f"cannot set CPU affinity: {exc}")
+        if self.mem_node is not None and libc is not None:
+            _bind_memory(libc, self.mem_node, warn)
+        try:
+            os.execvp(self.cmd[0], self.cmd)  # noqa: S606 - the point of the keeper
+        except OSError as exc:
+            warn(f"cannot execute {self.cmd[0]!r}: {exc.strerror}")
+        os._exit(127)
 
     def _save_state(self) -> None:
         _write_json(os.path.join(self.dir, STATE), {
@@ -352,7 +486,7 @@ class Keeper:
             if pid == self.pid and self.exit is None:
                 self.exit = _exit_of(status)
                 if self.stopping_until is None:  # not asked for: say so (a stop's reply does)
-                    self._log(f"engine pid {pid} ended: {self.exit}")
+                    self._log(f"engine pid {pid} ended: {self.exit}", "info")
                     self._send({"op": "exited", "exit": self.exit})
 
     def _alive(self) -> list[int]:
@@ -429,12 +563,30 @@ class Keeper:
             self._output()
 
     def _line(self, line: bytes) -> None:
-        text = b"[" + self.service.encode() + b"] " + line[:MAX_LINE].rstrip(b"\r") + b"\n"
-        if not self.err.write(text):
+        """One line of the engine's, as the supervisor's own log shows a service's output
+        (`[service] line` at INFO, in its `log_format`)."""
+        body = b"[" + self.service.encode() + b"] " + line[:MAX_LINE].rstrip(b"\r")
+        if not self._emit(body, "info", "supervisord_llm.spawn"):
             self.dropped += 1
 
-    def _log(self, msg: str) -> None:
-        self.err.write(f"llm-supervisor keeper {self.id}: {msg}\n".encode())
+    def _log(self, msg: str, level: str = "warning") -> None:
+        self._emit(f"keeper {self.id} of {self.service}: {msg}".encode(), level,
+                   "supervisord_llm.keeper")
+
+    def _emit(self, body: bytes, level: str, logger: str) -> bool:
+        fmt = self.log_format
+        if fmt == "journal":
+            body = (b"<6>" if level == "info" else b"<4>") + body
+        elif fmt == "text":
+            now = time.time()
+            body = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+                    + f".{int(now % 1 * 1000):03d} {level.upper():<7} ").encode() + body
+        elif fmt == "json":
+            body = dumps({"ts": round(time.time(), 3), "level": level, "logger": logger,
+                          "msg": body.decode("utf-8", "replace")}).encode()
+        elif logger != "supervisord_llm.spawn":
+            body = b"llm-supervisor " + body
+        return self.err.write(body + b"\n")
 
     # --- the supervisor ----------------------------------------------------------------------
 
@@ -443,7 +595,9 @@ class Keeper:
             fd, _addr = self.listener._accept()  # type: ignore[attr-defined]  # _socket's
         except OSError:
             return
-        conn = socket.socket(fileno=fd)
+        self._attach(socket.socket(fileno=fd))
+
+    def _attach(self, conn: socket.socket) -> None:
         if self.client is not None:  # a new supervisor takes over from an old connection
             self._drop_client()
         conn.setblocking(False)
@@ -530,6 +684,22 @@ class Keeper:
             else:
                 self._new_lease(fds.pop())
                 self._send({"op": "ok"})
+        elif op == "run":
+            gen = msg.get("gen")
+            if self.stopping_until is not None or self.exit is None or self._alive() \
+                    or not isinstance(gen, int) or isinstance(gen, bool):
+                self._send({"op": "error", "code": "busy" if isinstance(gen, int) else
+                            "bad_request", "message": "run needs a generation, and the "
+                            "engine and everything it started gone"})
+            else:
+                self.gen = gen
+                try:
+                    self._spawn()
+                except OSError as exc:
+                    self._send({"op": "error", "code": "spawn",
+                                "message": f"cannot fork: {exc.strerror or exc}"})
+                else:
+                    self._send({**self.snapshot(), "op": "started"})
         elif op == "signal":
             sig = msg.get("sig")
             if isinstance(sig, int) and not isinstance(sig, bool) and 0 < sig < 65 \

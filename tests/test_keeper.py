@@ -28,12 +28,14 @@ SLEEPER = [sys.executable, "-c",
 
 class Keeper:
     def __init__(self, tmp: Path, cmd: list[str], *, grace: float = 30, unattended: float = 300,
-                 stop_timeout: float = 5, lease: bool = True, stderr: Any = None) -> None:
+                 stop_timeout: float = 5, lease: bool = True, stderr: Any = None,
+                 extra: tuple[str, ...] = ()) -> None:
         self.dir = tmp / "keep"
         self.err = tmp / "keeper.err"
         args = [sys.executable, "-I", "-S", KEEPER, "--id", "k1", "--dir", str(self.dir),
                 "--service", "svc", "--gen", "3", "--grace", str(grace),
-                "--unattended", str(unattended), "--stop-timeout", str(stop_timeout)]
+                "--unattended", str(unattended), "--stop-timeout", str(stop_timeout),
+                *extra]
         fds: list[int] = []
         self.lease_w: int | None = None
         self.clients: list[Client] = []
@@ -291,8 +293,76 @@ def test_bad_arguments(tmp_path: Path) -> None:
         p = subprocess.run([sys.executable, "-I", "-S", KEEPER, *args], capture_output=True,
                            text=True, timeout=10, check=False)
         assert p.returncode == 2 and p.stderr.startswith("llm-supervisor keeper: "), p.stderr
+    # an engine that cannot be executed is an engine that exited 127 (said on its output);
+    # with no lease and no supervisor the keeper then ends after its grace
     p = subprocess.run([sys.executable, "-I", "-S", KEEPER, "--id", "x", "--dir",
-                        str(tmp_path / "k"), "--service", "s", "--gen", "1", "--",
-                        "/nonexistent/engine"], capture_output=True, text=True, timeout=10,
+                        str(tmp_path / "k"), "--service", "s", "--gen", "1", "--grace", "0.2",
+                        "--", "/nonexistent/engine"], capture_output=True, text=True,
+                       timeout=10, check=False)
+    assert p.returncode == 0, p.stderr
+    assert "[s] llm-supervisor keeper: cannot execute '/nonexistent/engine'" in p.stderr
+    assert json.loads((tmp_path / "k" / "exit.json").read_text())["exit"]["code"] == 127
+    p = subprocess.run([sys.executable, "-I", "-S", KEEPER, "--id", "x", "--dir",
+                        str(tmp_path / "k"), "--service", "s", "--gen", "1", "--log-format",
+                        "xml", "--", "true"], capture_output=True, text=True, timeout=10,
                        check=False)
-    assert p.returncode == 127 and "cannot start '/nonexistent/engine'" in p.stderr
+    assert p.returncode == 2 and "--log-format 'xml'" in p.stderr
+
+
+def test_a_relaunch_is_a_fork_of_the_keeper(tmp_path: Path, keepers: list[Keeper]) -> None:
+    """`run` starts the engine again (after it ended, and everything it started with it),
+    with the CPUs and output format it was given; its SIGPIPE is the default again."""
+    script = ('printf "run "; grep -E "^(SigIgn|Cpus_allowed_list)" /proc/self/status'
+              ' | tr "\\n\\t" "  "; echo; exit 5')
+    k = Keeper(tmp_path, ["sh", "-c", script], extra=("--cpus", "0", "--log-format", "json"))
+    keepers.append(k)
+    c = k.connect()
+    snap = c.ask({"op": "hello", "proto": [1, 1]})
+    if snap["state"] == "running":
+        assert c.recv()["op"] == "exited"
+    first = snap["pid"]
+    assert c.ask({"op": "run"})["code"] == "bad_request"  # no generation
+    started = c.ask({"op": "run", "gen": 4})
+    assert started["op"] == "started" and started["gen"] == 4 and started["pid"] != first
+    assert c.recv() == {"op": "exited", "exit": {"code": 5, "signal": None}}
+    wait_until(lambda: k.log().count('"msg": "[svc] run') == 2, 10, what="two runs")
+    for line in k.log().splitlines():
+        doc = json.loads(line)  # every line the keeper writes is one JSON object
+        if doc["msg"].startswith("[svc] run"):
+            assert doc["level"] == "info", doc
+            assert "SigIgn: 0000000000000000 Cpus_allowed_list: 0 " in doc["msg"], doc
+    state = json.loads((k.dir / "state.json").read_text())
+    assert state["pid"] == started["pid"] and state["gen"] == 4
+    assert c.ask({"op": "stop"})["op"] == "stopped"
+
+
+def test_a_busy_keeper_refuses_run(tmp_path: Path, keepers: list[Keeper]) -> None:
+    k = Keeper(tmp_path, SLEEPER)
+    keepers.append(k)
+    c = k.connect()
+    pid = c.ask({"op": "hello", "proto": [1, 1]})["pid"]
+    assert c.ask({"op": "run", "gen": 4})["code"] == "busy"
+    assert alive(pid)
+
+
+def test_the_supervisor_that_starts_it_is_attached_from_the_start(tmp_path: Path) -> None:
+    """--client-fd: one end of a socket pair is the first client; `started` comes unasked."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.settimeout(10)
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", KEEPER, "--id", "k", "--dir", str(tmp_path / "k"),
+         "--service", "svc", "--gen", "1", "--client-fd", str(theirs.fileno()), "--",
+         *SLEEPER], pass_fds=[theirs.fileno()], stderr=subprocess.DEVNULL)
+    theirs.close()
+    try:
+        started = json.loads(ours.recv(65536))
+        assert started["op"] == "started" and alive(started["pid"])
+        assert started["keeper_pid"] == proc.pid and not started["lease"]
+        ours.send(json.dumps({"op": "stop", "timeout_s": 5}).encode())
+        assert json.loads(ours.recv(65536))["op"] == "stopped"
+        assert proc.wait(10) == 0 and not alive(started["pid"])
+    finally:
+        ours.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
