@@ -50,7 +50,8 @@ PROTO = 1
 VERSION = "keeper-1"
 PR_SET_CHILD_SUBREAPER = 36
 MAX_MESSAGE = 65536
-MAX_LINE = 4000  # within PIPE_BUF with the name: a line is written whole or not at all
+MAX_LINE = 3800  # within PIPE_BUF with the name: a line is written whole or not at all
+PIPE_BUF = 4096
 CTL = "ctl.sock"
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
 STATE = "state.json"
@@ -295,6 +296,7 @@ class Keeper:
         self.done = False
         self.dropped = 0  # output lines (or parts) a full stderr could not take
         self._partial = b""
+        self._skipping = False
         self.out_fd = -1
 
     # --- start -------------------------------------------------------------------------------
@@ -509,6 +511,27 @@ class Keeper:
         self._reap()
         return self.exit is not None and not self._alive()
 
+    def _signal_group(self, sig: int) -> int:
+        """The engine's process group: while its leader lives, by its id; after, each of our
+        descendants still in it (the id may not name it any more)."""
+        if self.pgid <= 0:
+            return 0
+        if self.exit is None:
+            try:
+                os.killpg(self.pgid, sig)
+                return 1
+            except OSError:
+                return 0
+        n = 0
+        for pid in self._alive():
+            try:
+                if os.getpgid(pid) == self.pgid:
+                    os.kill(pid, sig)
+                    n += 1
+            except OSError:
+                pass
+        return n
+
     def _kill_all(self, sig: int) -> None:
         for pid in [-self.pgid, *self._alive()]:
             try:
@@ -557,11 +580,16 @@ class Keeper:
             return
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
-        if len(self._partial) > MAX_LINE:
-            self._line(self._partial)
-            self._partial = b""
         for line in lines:
+            if self._skipping:  # the rest of a line already written cut
+                self._skipping = False
+                continue
             self._line(line)
+        if len(self._partial) > MAX_LINE:
+            if not self._skipping:
+                self._line(self._partial, cut=True)
+                self._skipping = True
+            self._partial = b""
 
     def _drain_output(self) -> None:
         """What the engine wrote before it ended (until the pipe is empty or closed)."""
@@ -575,10 +603,15 @@ class Keeper:
                 return
             self._output()
 
-    def _line(self, line: bytes) -> None:
+    def _line(self, line: bytes, cut: bool = False) -> None:
         """One line of the engine's, as the supervisor's own log shows a service's output
-        (`[service] line` at INFO, in its `log_format`)."""
-        body = b"[" + self.service.encode() + b"] " + line[:MAX_LINE].rstrip(b"\r")
+        (`[service] line` at INFO, in its `log_format`); one longer than MAX_LINE is cut."""
+        if len(line) > MAX_LINE:
+            line, cut = line[:MAX_LINE], True
+            while line and (line[-1] & 0xC0) == 0x80:  # not inside a UTF-8 sequence
+                line = line[:-1]
+        body = b"[" + self.service.encode() + b"] " + line.rstrip(b"\r") + \
+            (b" [line cut]" if cut else b"")
         if not self._emit(body, "info", "supervisord_llm.spawn"):
             self.dropped += 1
 
@@ -595,8 +628,13 @@ class Keeper:
             body = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
                     + f".{int(now % 1 * 1000):03d} {level.upper():<7} ").encode() + body
         elif fmt == "json":
-            body = dumps({"ts": round(time.time(), 3), "level": level, "logger": logger,
-                          "msg": body.decode("utf-8", "replace")}).encode()
+            msg = body.decode("utf-8", "replace")
+            while True:  # escapes may make it longer than a pipe takes whole
+                body = dumps({"ts": round(time.time(), 3), "level": level, "logger": logger,
+                              "msg": msg}).encode()
+                if len(body) < PIPE_BUF or not msg:
+                    break
+                msg = msg[:len(msg) // 2] + " [line cut]"
         elif logger != "supervisord_llm.spawn":
             body = b"llm-supervisor " + body
         return self.err.write(body + b"\n")
@@ -715,16 +753,11 @@ class Keeper:
                     self._send({**self.snapshot(), "op": "started"})
         elif op == "signal":
             sig = msg.get("sig")
-            if isinstance(sig, int) and not isinstance(sig, bool) and 0 < sig < 65 \
-                    and self.exit is None:
-                try:
-                    os.killpg(self.pgid, sig)
-                except OSError:
-                    pass
-                self._send({"op": "ok"})
+            if isinstance(sig, int) and not isinstance(sig, bool) and 0 < sig < 65:
+                self._send({"op": "ok", "signalled": self._signal_group(sig)})
             else:
                 self._send({"op": "error", "code": "bad_request",
-                            "message": "signal needs a signal number, and a running engine"})
+                            "message": "signal needs a signal number"})
         else:
             self._send({"op": "error", "code": "unsupported", "message": f"unknown op {op!r}"})
         for fd in fds:

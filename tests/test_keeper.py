@@ -145,7 +145,7 @@ def test_an_engine_exit_is_kept_and_sent(tmp_path: Path, keepers: list[Keeper]) 
     keepers.append(k)
     c = k.connect()
     pid = c.ask({"op": "hello", "proto": [1, 2]})["pid"]
-    assert c.ask({"op": "signal", "sig": signal.SIGTERM}) == {"op": "ok"}  # sh ends on TERM
+    assert c.ask({"op": "signal", "sig": signal.SIGTERM}) == {"op": "ok", "signalled": 1}  # sh ends
     assert c.recv() == {"op": "exited", "exit": {"code": None, "signal": signal.SIGTERM}}
     assert not alive(pid)
     stays(lambda: k.proc.poll() is None, 1.0, "the keeper stays after its engine ended")
@@ -366,3 +366,21 @@ def test_the_supervisor_that_starts_it_is_attached_from_the_start(tmp_path: Path
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_the_group_is_signalled_after_its_leader_ended(tmp_path: Path,
+                                                       keepers: list[Keeper]) -> None:
+    """What the engine left in its group is still reached by `signal` (the lifecycle stops
+    it before anything else); a line longer than the limit is written cut, the rest skipped."""
+    k = Keeper(tmp_path, ["sh", "-c", "printf '%010000d\\n' 0; echo next; sleep 600 & exit 0"])
+    keepers.append(k)
+    c = k.connect()
+    snap = c.ask({"op": "hello", "proto": [1, 1]})
+    if snap["state"] == "running":
+        assert c.recv()["op"] == "exited"
+    wait_until(lambda: "[svc] next" in k.log(), 10, what="the lines")
+    assert c.ask({"op": "signal", "sig": signal.SIGTERM}) == {"op": "ok", "signalled": 1}
+    wait_until(lambda: c.ask({"op": "signal", "sig": signal.SIGCONT})["signalled"] == 0, 10,
+               what="the group gone")
+    cut = [line for line in k.log().splitlines() if line.startswith("[svc] 000")]
+    assert len(cut) == 1 and cut[0] == "[svc] " + "0" * 3800 + " [line cut]"
