@@ -347,7 +347,7 @@ class Keeper:
             self._send({**self.snapshot(), "op": "started"})
 
     def _spawn(self) -> None:
-        """Start the engine: a fork that does what the exec shim did (a group of its own,
+        """Start the engine: a fork that does what the exec shim did (a session of its own,
         stdin /dev/null, output to our pipe, the user switch, the parent-death signal, CPU
         affinity, NUMA memory binding), then exec. No Python start-up on the way: a
         relaunch costs a fork."""
@@ -380,11 +380,7 @@ class Keeper:
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         os.close(wfd)
-        self.pid = self.pgid = pid
-        try:
-            os.setpgid(pid, pid)  # also in the child: whichever runs first
-        except OSError:
-            pass
+        self.pid = self.pgid = pid  # the child makes itself a session (and group) leader
         self.ticks = start_ticks(pid)
         self.exit = None
         self.out_fd = rfd
@@ -394,7 +390,7 @@ class Keeper:
         self._save_state()
 
     def _child(self, keeper: int, out: int) -> None:  # pragma: no cover - in the child
-        os.setpgid(0, 0)
+        os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out, 1)
@@ -501,8 +497,10 @@ class Keeper:
             if pid == self.pid and self.exit is None:
                 self.exit = _exit_of(status)
                 if self.stopping_until is None:  # not asked for: say so (a stop's reply does)
-                    self._log(f"engine pid {pid} ended: {self.exit}", "info")
-                    self._send({"op": "exited", "exit": self.exit})
+                    if self.client is None:  # (an attached supervisor says it itself)
+                        self._log(f"engine pid {pid} ended ({_describe(self.exit)}) while no "
+                                  "supervisor was attached")
+                    self._send({"op": "exited", "exit": self.exit, "pid": pid})
 
     def _alive(self) -> list[int]:
         return [p for p in descendants(os.getpid()) if _is_process(p)]
@@ -737,11 +735,16 @@ class Keeper:
                 self._send({"op": "ok"})
         elif op == "run":
             gen = msg.get("gen")
-            if self.stopping_until is not None or self.exit is None or self._alive() \
-                    or not isinstance(gen, int) or isinstance(gen, bool):
-                self._send({"op": "error", "code": "busy" if isinstance(gen, int) else
-                            "bad_request", "message": "run needs a generation, and the "
-                            "engine and everything it started gone"})
+            left = self._alive() if self.exit is not None else []
+            if not isinstance(gen, int) or isinstance(gen, bool):
+                self._send({"op": "error", "code": "bad_request",
+                            "message": "run needs a generation (gen)"})
+            elif self.stopping_until is not None or self.exit is None or left:
+                self._send({"op": "error", "code": "busy", "message":
+                            "stopping" if self.stopping_until is not None else
+                            "the engine runs" if self.exit is None else
+                            f"{len(left)} process(es) of the last run still there "
+                            f"(pid {', '.join(map(str, left[:5]))})"})
             else:
                 self.gen = gen
                 try:
@@ -872,6 +875,10 @@ def _is_process(pid: int) -> bool:
             return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return False
+
+
+def _describe(exit: dict[str, object]) -> str:
+    return f"killed by signal {exit['signal']}" if exit.get("signal") else f"exit {exit['code']}"
 
 
 def _exit_of(status: int) -> dict[str, object]:

@@ -35,7 +35,8 @@ from . import protocol as P
 from .config import Checkpoint
 from .errors import ControlError
 from .health import client_session, read_bounded
-from .spawn import MARK_INSTANCE, MARK_SERVICE, ExitProtocol, Spawner
+from .procs import MARK_INSTANCE, MARK_SERVICE, ExitProtocol
+from .spawn import Spawner
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor

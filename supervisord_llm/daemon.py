@@ -210,7 +210,9 @@ class Daemon:
         except BaseException:
             await disc.aclose()
             raise
-        spawner = Spawner(cfg.supervisor.state_dir)
+        spawner = Spawner(cfg.supervisor.state_dir, adopt_grace_s=cfg.supervisor.adopt_grace_s,
+                          unattended_limit_s=cfg.supervisor.unattended_limit_s,
+                          log_format=cfg.supervisor.log_format)
         hub = disc.hub(cfg.gpu.poll_interval_s, cfg.gpu.call_timeout_s,
                        health_interval_s=cfg.gpu.health_interval_s)
         events: GpuEvents | None = None
@@ -224,6 +226,7 @@ class Daemon:
                 max((s.stop.timeout_s for s in cfg.services), default=10.0))
             if found:
                 log.warning("stopped processes left by an earlier run: %s", ", ".join(found))
+            adoptable = await spawner.adopt()  # the models an earlier daemon left running
             await spawner.start()
             # the parts, each given what it needs; the record of them goes to status,
             # metrics and the control commands
@@ -275,7 +278,11 @@ class Daemon:
             hub.on_update(self._schedule_status)
             hub.on_update(guard.poke)
             self._start_watchdog()
-            await sup.start_all(hold="powered_down" if low_at_start else None)
+            adopted = await sup.start_all(hold="powered_down" if low_at_start else None,
+                                          adoptable=adoptable)
+            if adopted:
+                self._tasks.append(loop.create_task(sup.time_reattach(adopted),
+                                                    name="reattach"))
             self._last_status = status_line(parts)
             self._status_mode = host.mode.value
             self.notifier.ready(self._last_status)

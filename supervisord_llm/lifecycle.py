@@ -145,6 +145,15 @@ class Launched:
 
 
 @dataclass(frozen=True)
+class Adopted:
+    """A running instance an earlier daemon launched (kept by its keeper) is this service's
+    launch `gen` now: wanted up, as it runs (an on-demand model's `idle` hold goes: it is
+    loaded); starting until its first health check confirms it."""
+
+    gen: int
+
+
+@dataclass(frozen=True)
 class Exited:
     gen: int
     code: int
@@ -175,7 +184,7 @@ class TimerFired:
 
 
 Event = (Start | Stop | Release | StopFailed | Restart | Reset | Drain | Resume | Kill
-         | Launched | Exited | Reaped | Probed | TimerFired)
+         | Launched | Adopted | Exited | Reaped | Probed | TimerFired)
 
 
 # --- actions --------------------------------------------------------------------------------
@@ -504,6 +513,14 @@ def decide(model: Model, event: Event, rules: Rules, now: float, rand: float) ->
     elif isinstance(event, Launched):
         if event.gen == m.gen and m.state is State.STARTING:
             _launched(st, event)
+    elif isinstance(event, Adopted):
+        if m.state is State.STOPPED and not m.running:
+            st.set(wanted=True, holds=m.holds - {"idle", "operator"}, gen=event.gen,
+                   running=True, exited=False, killing=False, failures=0, pending=None,
+                   then_start=False, fail_after=None, backoff_until=None, failed_reason=None,
+                   launched_at=now)
+            st.go(State.STARTING, "adopted: it kept running while no supervisor was there")
+            _launched(st, Launched(event.gen))
     elif isinstance(event, Exited):
         if event.gen == m.gen and m.running and not m.exited:
             _exited(st, event)

@@ -66,6 +66,13 @@ class SupervisorCollector(Collector):
         yield CounterMetricFamily("llm_supervisor_sd_notify_dropped",
                                   "sd_notify messages that could not be delivered to systemd",
                                   value=self.notifier.dropped if self.notifier else 0)
+        yield CounterMetricFamily("llm_supervisor_adoptions",
+                                  "Model instances adopted from an earlier supervisor at start",
+                                  value=sup.spawner.keepers.adoptions)
+        if sup.reattach_s is not None:
+            yield GaugeMetricFamily("llm_supervisor_reattach_seconds",
+                                    "From this supervisor's start until every model it "
+                                    "adopted was ready", value=sup.reattach_s)
         errs = CounterMetricFamily("llm_supervisor_sensor_errors", "Failed sensor reads",
                                    labels=["sensor"])
         for sensor, n in sorted(sup.hub.errors_total.items()):

@@ -41,9 +41,9 @@ from .errors import ControlError
 from .logs import LogLimiter
 from .modes import Mode
 from .policy import power as P
+from .procs import read_boot_id
 from .sensors.nut import NutSource, UpsReading
 from .sensors.poll import SourcePoller
-from .spawn import read_boot_id
 from .statefile import Damaged, read_json, write_json
 from .states import State
 

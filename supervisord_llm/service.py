@@ -30,9 +30,11 @@ from typing import Any, Protocol
 from . import lifecycle as L
 from .errors import SpawnError
 from .health import ProbeKind, ProbeResult
+from .keep import digest
 from .plan import ServicePlan
 from .ports import port_free
-from .spawn import Escapee, LaunchSpec, ServiceProcess, Spawner
+from .procs import Escapee
+from .spawn import KeptProcess, LaunchSpec, Spawner
 from .states import RUNNING, RestartReason, State
 from .ticks import sleep_to_tick
 
@@ -69,6 +71,13 @@ class _Found:
 class _Timer:
     token: int
     kind: str
+
+
+@dataclass
+class _Adopt:
+    proc: KeptProcess
+    gen: int
+    reply: asyncio.Future[int]
 
 
 @dataclass
@@ -152,10 +161,12 @@ class ServiceActor:
         self._clock = clock
         self._rng = rng or random.Random()
         self.model = L.Model(wanted=wanted, holds=holds)
-        self.proc: ServiceProcess | None = None
+        self.proc: KeptProcess | None = None
+        self.adopted = False  # the current launch is one an earlier daemon made
         self.health = HealthStatus()
         self.start_duration_s: float | None = None
-        self._events: asyncio.Queue[_Command | _Found | _Timer | L.Event] = asyncio.Queue()
+        self._events: asyncio.Queue[_Command | _Adopt | _Found | _Timer | L.Event] = \
+            asyncio.Queue()
         self._waiters: list[Waiter] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_token = 0
@@ -229,6 +240,13 @@ class ServiceActor:
         """An operator's command by name (start, stop, restart, reset, drain, resume)."""
         return await self.send(COMMANDS[kind]())
 
+    def adopt(self, proc: KeptProcess, gen: int) -> asyncio.Future[int]:
+        """Take over a running instance an earlier daemon launched (before `run()`'s first
+        start, instead of launching): it is this service's launch `gen` from now on."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._events.put_nowait(_Adopt(proc, gen, fut))
+        return fut
+
     def post(self, event: L.Event) -> None:
         self._events.put_nowait(event)
 
@@ -296,6 +314,7 @@ class ServiceActor:
                           if m.state is State.BACKOFF and m.backoff_until is not None else None),
             "failed_reason": self.failed_reason,
             "escaped": sorted(pid for pid, e in self._all_escaped() if e.alive()),
+            "adopted": self.adopted and self.proc is not None,
         }
 
     def _all_escaped(self) -> list[tuple[int, Escapee]]:
@@ -328,6 +347,8 @@ class ServiceActor:
                         await self._step(L.TimerFired(item.kind))
                 elif isinstance(item, _Found):
                     await self._found(item)
+                elif isinstance(item, _Adopt):
+                    await self._adopt(item)
                 else:
                     await self._step(item)
         finally:
@@ -382,8 +403,10 @@ class ServiceActor:
                 self._spawn_task(self._reap(action.gen, self.proc), "reap")
         elif isinstance(action, L.Finish):
             if self.proc is not None:
-                self.proc.release()
+                # its keeper stays for the relaunch that follows (a fork there), or goes
+                self.proc.release(keep=self.model.state in (State.STARTING, State.BACKOFF))
             self.proc = None
+            self.adopted = False
             self.health = HealthStatus()
         elif isinstance(action, L.CountRestart):
             self.counters.restart(action.reason)
@@ -398,6 +421,8 @@ class ServiceActor:
     def _transitioned(self, t: L.Transition) -> None:
         if t.new is State.READY and t.old is State.STARTING and self.model.launched_at:
             self.start_duration_s = self._clock() - self.model.launched_at
+        if t.new in (State.STOPPED, State.FAILED) and self.proc is None:
+            self._spawner.retire(self.name)  # no relaunch soon: its idle keeper goes
         level = logging.WARNING if t.new in (State.BACKOFF, State.FAILED) else logging.INFO
         log.log(level, "%s: %s -> %s (%s)", self.name, t.old, t.new, t.why)
         self._on_change(self)
@@ -418,15 +443,7 @@ class ServiceActor:
         if self.port is not None and not port_free(self.port):
             # a server that cannot bind would pass its health check against the stranger
             return L.Launched(gen, f"port {self.port} is in use by another process")
-        plan = self.plan
-        spec = LaunchSpec(
-            service=self.name,
-            argv=plan.argv(self.port),
-            env=plan.environment(self._base_env, self.port),
-            cpus=plan.cpus,
-            mem_node=plan.numa_node if plan.bind_memory else None,
-            user=plan.config.user,
-        )
+        spec = self.launch_spec(gen)
         try:
             proc = await self._spawner.launch(spec)
         except SpawnError as exc:
@@ -437,11 +454,33 @@ class ServiceActor:
             return L.Launched(gen, f"cannot launch: {exc.strerror or exc}")
         self.proc = proc
         log.info("%s: launched pid %d%s", self.name, proc.pid,
-                 f" on {','.join(f'GPU{g.index}' for g in plan.gpus)}" if plan.gpus else "")
+                 f" on {','.join(f'GPU{g.index}' for g in self.plan.gpus)}"
+                 if self.plan.gpus else "")
         self._spawn_task(self._watch(gen, proc), "watch")
         return L.Launched(gen)
 
-    async def _watch(self, gen: int, proc: ServiceProcess) -> None:
+    def launch_spec(self, gen: int, port: int | None = None) -> LaunchSpec:
+        plan, port = self.plan, self.port if port is None else port
+        argv, cpus = plan.argv(port), plan.cpus
+        mem = plan.numa_node if plan.bind_memory else None
+        return LaunchSpec(
+            service=self.name, argv=argv, env=plan.environment(self._base_env, port),
+            cpus=cpus, mem_node=mem, user=plan.config.user, gen=gen, port=port,
+            stop_timeout_s=plan.config.stop.timeout_s,
+            digest=digest(argv, plan.environment({}, port), cpus, mem, plan.config.user))
+
+    async def _adopt(self, item: _Adopt) -> None:
+        self.proc = item.proc
+        self.adopted = True
+        self.health = HealthStatus()
+        self._spawn_task(self._watch(item.gen, item.proc), "watch")
+        log.info("%s: adopted pid %d (launch %d, port %s), running since an earlier "
+                 "supervisor", self.name, item.proc.pid, item.gen, self.port)
+        await self._step(L.Adopted(item.gen))
+        if not item.reply.done():
+            item.reply.set_result(self.model.gen)
+
+    async def _watch(self, gen: int, proc: KeptProcess) -> None:
         code = await proc.wait()  # the exit itself, even while escaped processes hold the pipe
         self.post(L.Exited(gen, code, proc.group_alive()))
 
@@ -466,7 +505,7 @@ class ServiceActor:
             self._health_task.cancel()
             self._health_task = None
 
-    async def _reap(self, gen: int, proc: ServiceProcess) -> None:
+    async def _reap(self, gen: int, proc: KeptProcess) -> None:
         """Once the main process has exited: until its group is empty and the escaped processes
         being stopped are gone, then look (off the loop) for processes that escaped it."""
         while proc.group_alive() or proc.escapees_alive():  # noqa: ASYNC110 - no event for it

@@ -8,10 +8,11 @@ stop) belong to the host actor (`host.py`), which is the only one that changes t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .config import Config
@@ -21,7 +22,7 @@ from .lifecycle import Drain, Resume, Stop
 from .plan import ServicePlan
 from .sensors.hub import GpuHub
 from .service import Counters, Prober, ServiceActor
-from .spawn import Spawner
+from .spawn import Adoptable, Spawner
 from .states import State
 from .ticks import sleep_to_tick
 from .wants import Wants
@@ -75,6 +76,18 @@ def closed_why(actor: ServiceActor | None) -> str:
     return "closed"
 
 
+def _process_age_s() -> float | None:
+    """Seconds since this process started (its start time in /proc), or None."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            ticks = int(fh.read().rpartition(b")")[2].split()[19])
+        with open("/proc/uptime", "rb") as fh:
+            uptime = float(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
 def initial_holds(plan: ServicePlan) -> frozenset[str]:
     """An on-demand service starts held `idle`: its first request loads it."""
     return frozenset({"idle"}) if plan.config.on_demand else frozenset()
@@ -115,6 +128,7 @@ class Supervisor:
         self._demand_pushed: dict[str, tuple[bool, float]] = {}
         self._router_pushed: tuple[tuple[str, str, str], ...] | None = None
         self._started = False  # the first start_gates() has run
+        self.reattach_s: float | None = None  # start -> every adopted service ready
         self._listeners: list[Callable[[], None]] = []
         for plan in plans:
             self.actors[plan.name] = self.make_actor(plan, holds=initial_holds(plan))
@@ -255,15 +269,49 @@ class Supervisor:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    async def start_all(self, hold: str | None = None) -> None:
+    async def start_all(self, hold: str | None = None,
+                        adoptable: Sequence[Adoptable] = ()) -> list[str]:
         """Launch every service in config order (not waiting for the models to load); with
-        `hold`, they are wanted up but held down for it (the UPS on low battery at start)."""
+        `hold`, they are wanted up but held down for it (the UPS on low battery at start).
+        A service whose instance an earlier daemon left running (`adoptable`, launched just
+        as this configuration would launch it) adopts it instead of launching; the others
+        are stopped first (a service removed or changed: its GPU memory is needed). Returns
+        the services adopted."""
+        chosen: dict[str, Adoptable] = {}
+        extra: list[Adoptable] = []
+        for item in sorted(adoptable, key=lambda i: -i.gen):
+            actor = self.actors.get(item.record.service)
+            if actor is None or item.record.service in chosen or item.record.digest != \
+                    actor.launch_spec(item.gen, item.record.port).digest:
+                extra.append(item)
+            else:
+                chosen[item.record.service] = item
+        for item in extra:
+            log.warning("%s: an earlier supervisor's instance (pid %d) is not what this "
+                        "configuration launches (%s): stopping it", item.record.service,
+                        item.proc.pid, "not configured" if item.record.service not in
+                        self.actors else "its launch changed" if item.record.service
+                        not in chosen else "a second instance")
+        await asyncio.gather(*(self.spawner.keepers.stop_adoptable(
+            item, self.actors[item.record.service].cfg.stop.timeout_s
+            if item.record.service in self.actors else 30.0) for item in extra))
         for actor in list(self.actors.values()):
+            took = chosen.get(actor.name)
+            if took is not None:
+                actor.port = took.record.port
+                self.spawner.keepers.adopted(took, actor.launch_spec(took.gen))
+                if not actor.alive:
+                    actor.run()
+                await actor.adopt(took.proc, took.gen)
+                if hold is not None:
+                    await actor.send(Stop(hold))
+                continue
             if not actor.alive:
                 actor.run()
             if hold is not None:
                 await actor.send(Stop(hold))
             await actor.command("start")
+        return list(chosen)
 
     async def stop_actor(self, actor: ServiceActor, *, remove: bool = False) -> None:
         """Stop a service and wait until it is gone (SIGKILL if it outlives its stop timeout
@@ -282,6 +330,23 @@ class Supervisor:
                               actor.name)
         if remove:
             await actor.shutdown()
+
+    async def time_reattach(self, names: list[str], limit_s: float = 600.0) -> None:
+        """How long from the daemon's start until every adopted service was ready again
+        (`reattach_s`; logged). Services that leave adoption otherwise (held, failed) end
+        the wait for them."""
+        t0 = time.monotonic()
+        waits = [self.actors[n].wait_for(lambda a: a.state is not State.STARTING, limit_s)
+                 for n in names if n in self.actors]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.gather(*waits)
+        since_start = _process_age_s()
+        self.reattach_s = since_start if since_start is not None else time.monotonic() - t0
+        ready = [n for n in names if n in self.actors
+                 and self.actors[n].state in (State.READY, State.DRAINING)]
+        log.info("re-attached to %d model(s) an earlier supervisor left (%s ready) %.0f ms "
+                 "after the start", len(names), ", ".join(ready) or "none",
+                 self.reattach_s * 1000)
 
     def kill_all(self) -> None:
         """Fast stop (second SIGTERM): SIGKILL every process group now."""

@@ -165,8 +165,9 @@ def fake_service(name: str, port: int, *knobs: str, gpus: list[Any] | None = Non
 def base_config(tmp: Path, services: list[dict[str, Any]], gpus: int = 2,
                 metrics: bool = True, **extra: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
+        # a model left by a daemon killed in a test goes 10 s after (unless one adopts it)
         "supervisor": {"control_socket": str(tmp / "ctl.sock"), "state_dir": str(tmp / "state"),
-                       "log_format": "text"},
+                       "log_format": "text", "adopt_grace_s": 10},
         "metrics": {"listen": f"127.0.0.1:{free_port()}" if metrics else ""},
         "gpu": {"backend": "sim", "poll_interval_s": 0.2, "sim_state_file": str(tmp / "sim.json"),
                 "sim": sim_gpus(gpus)},

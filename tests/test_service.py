@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 
 from helpers import (
@@ -270,7 +272,7 @@ async def test_escaped_child_holding_the_pipe_does_not_wedge_the_service(
             os.kill(escaped, signal.SIGKILL)
 
 
-async def test_escaped_child_not_proven_ours_is_reported_and_left_alone(
+async def test_escaped_child_without_the_marker_is_stopped_by_its_keeper(
         make: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
     pidfile = tmp_path / "pids"
@@ -287,11 +289,13 @@ async def test_escaped_child_not_proven_ours_is_reported_and_left_alone(
             os.kill(main, signal.SIGKILL)
             await async_wait_until(lambda: a.gen == 2 and a.state is State.READY, 10,
                                    what="the restart")
-        assert alive(escaped)  # never signalled: nothing proves it is ours
-        assert a.status()["escaped"] == [escaped]
-        assert f"process {escaped} (" in caplog.text and "not proven ours" in caplog.text
+        # no marker, but still below the keeper (its subreaper): ours by descent, so the
+        # relaunch gets a new keeper and the old one stops it with itself
+        assert f"{escaped})" in caplog.text and "still there" in caplog.text
+        await async_wait_until(lambda: not alive(escaped), 10, what="the escapee stopped")
     finally:
-        os.kill(escaped, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.kill(escaped, signal.SIGKILL)
         # the restarted instance made an escapee of its own: the test leaves none behind
         with contextlib.suppress(AssertionError):
             await async_wait_until(lambda: int(pidfile.read_text().split()[0]) != main, 10,
@@ -433,58 +437,35 @@ async def test_launched_process_is_pinned(spawner: Spawner, prober: HttpProber) 
         await a.shutdown()
 
 
-def test_parent_death_signal_kills_the_service(tmp_path: Path) -> None:
-    """A parent that dies by SIGKILL takes its service with it (PR_SET_PDEATHSIG in the
-    shim), even without the guardian."""
-    import subprocess
+async def test_a_keeper_killed_takes_its_engine_with_it(spawner: Spawner) -> None:
+    """The engine's parent is its keeper: a keeper that dies by SIGKILL takes its engine with
+    it (the parent-death signal), and the exit is seen as a kill."""
+    from supervisord_llm.spawn import LaunchSpec
 
-    pidfile = tmp_path / "pid"
-    code = f"""
-import asyncio, sys
-sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-from supervisord_llm.spawn import Spawner, LaunchSpec
-async def main():
-    sp = Spawner(None, use_guardian=False)
-    p = await sp.launch(LaunchSpec("x", ("/bin/sleep", "60"), {{"PATH": "/bin:/usr/bin"}}))
-    open({str(pidfile)!r}, "w").write(str(p.pid))
-    await asyncio.sleep(60)
-asyncio.run(main())
-"""
-    parent = subprocess.Popen([sys.executable, "-c", code])
-    try:
-        deadline = time.monotonic() + 10
-        while not (pidfile.exists() and pidfile.read_text()):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        child = int(pidfile.read_text())
-        deadline = time.monotonic() + 5
-        while not exec_done(child, "/bin/sleep"):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        parent.kill()
-        parent.wait()
-        deadline = time.monotonic() + 2
-        while alive(child):
-            assert time.monotonic() < deadline, "service outlived its parent"
-            time.sleep(0.02)
-    finally:
-        parent.kill()
+    proc = await spawner.launch(LaunchSpec("x", ("/bin/sleep", "60"), {"PATH": "/bin:/usr/bin"}))
+    await async_wait_until(lambda: exec_done(proc.pid, "/bin/sleep"), 5, what="exec")
+    assert psutil.Process(proc.pid).ppid() == proc.keeper_pid
+    os.kill(proc.keeper_pid, signal.SIGKILL)
+    async with asyncio.timeout(5):
+        assert await proc.wait() == -signal.SIGKILL
+    await async_wait_until(lambda: not alive(proc.pid), 2, what="the engine gone")
 
 
 async def test_guardian_kills_groups_when_its_pipe_closes(tmp_path: Path) -> None:
-    from supervisord_llm.spawn import LaunchSpec
-
+    """The guardian holds the daemon's own helpers (checkpoint hooks): when the daemon goes,
+    however it ends, they go."""
     sp = Spawner(tmp_path, use_guardian=True)
     await sp.start()
-    proc = await sp.launch(LaunchSpec("x", (sys.executable, FAKE, "--port", str(free_port()),
-                                            "--ignore-term"), dict(os.environ)))
+    helper = subprocess.Popen([sys.executable, FAKE, "--port", str(free_port()),
+                               "--ignore-term"], start_new_session=True)
+    sp.track_group(helper.pid)
     guardian = sp.guardian_pid()
     assert guardian is not None
     # what a SIGKILL of the daemon does to the pipe: the write end closes
     assert sp._guardian_fd is not None
     os.close(sp._guardian_fd)
     sp._guardian_fd = None
-    await async_wait_until(lambda: not alive(proc.pid), 3, what="guardian kill")
+    await async_wait_until(lambda: helper.poll() is not None, 3, what="guardian kill")
     await sp.close()
 
 
@@ -524,11 +505,10 @@ async def test_service_runs_as_its_user_without_inheriting_oom_protection(
 
 
 async def test_a_killed_guardian_is_replaced(tmp_path: Path) -> None:
-    from supervisord_llm.spawn import LaunchSpec
-
     sp = Spawner(tmp_path, use_guardian=True)
     await sp.start()
-    proc = await sp.launch(LaunchSpec("x", ("/bin/sleep", "60"), {"PATH": "/bin:/usr/bin"}))
+    helper = subprocess.Popen(["/bin/sleep", "60"], start_new_session=True)
+    sp.track_group(helper.pid)
     first = sp.guardian_pid()
     assert first is not None
     os.kill(first, signal.SIGKILL)
@@ -538,7 +518,7 @@ async def test_a_killed_guardian_is_replaced(tmp_path: Path) -> None:
     assert sp._guardian_fd is not None
     os.close(sp._guardian_fd)
     sp._guardian_fd = None
-    await async_wait_until(lambda: not alive(proc.pid), 3, what="guardian kill")
+    await async_wait_until(lambda: helper.poll() is not None, 3, what="guardian kill")
     await sp.close()
 
 

@@ -207,8 +207,14 @@ def _supervisor(root: Table) -> SupervisorSection:
     elif not t.failed("state_dir") and (why := state_dir_problem(state_dir)) is not None:
         t.error("state_dir", why)
     log_format = t.string("log_format", d.log_format, choices=LOG_FORMATS)
+    grace = t.number("adopt_grace_s", d.adopt_grace_s, minimum=0, maximum=86400)
+    unattended = t.number("unattended_limit_s", d.unattended_limit_s, above=0, maximum=86400)
+    if not t.failed("adopt_grace_s") and not t.failed("unattended_limit_s") \
+            and unattended < grace:
+        t.error("unattended_limit_s", f"must be at least adopt_grace_s ({grace:g}): a model "
+                "left without a supervisor is stopped after the shorter of the two")
     t.finish()
-    return SupervisorSection(sock, group, state_dir, log_format)
+    return SupervisorSection(sock, group, state_dir, log_format, grace, unattended)
 
 
 def state_dir_problem(path: str) -> str | None:

@@ -44,6 +44,10 @@ class SupervisorSection:
     control_group: str | None = None
     state_dir: str = DEFAULT_STATE_DIR
     log_format: LogFormat = "journal"
+    # models outlive the daemon: how long a keeper waits for a daemon to come back, and how
+    # long a model may run with no daemon attached at all
+    adopt_grace_s: float = 30.0
+    unattended_limit_s: float = 300.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,765 @@
+"""Keepers, the daemon's side: launching a model through its keeper (`_keeper.py`), talking
+to it, relaunching it, and adopting the keepers a previous daemon left (docs/design.md,
+"Models that outlive the supervisor").
+
+- One keeper per model instance, in `state_dir/keep/ID/` (`ID` is `service-XXXXXXXX`): its
+  control socket, its own `state.json` and `exit.json`, and our `launch.json` (what was
+  launched: the service, the port, the instance's marker and a digest of the launch, so that
+  a later daemon adopts only what its configuration would launch the same way).
+- The daemon holds the write end of each keeper's lease (a pipe); nothing else does (made
+  close-on-exec, never passed on). When the daemon ends without stopping its models, every
+  lease ends: each keeper waits `adopt_grace_s` for a new daemon, then stops its model.
+- A relaunch (a crash, a health restart) goes to the same keeper (`run`: a fork there, no
+  Python start-up) when what is launched is the same; otherwise a new keeper.
+- Each engine carries the launch marker with the keeper's id as its instance, never the
+  daemon's: the daemon's orphan guardian and the start-up sweep (which stop what carries
+  the daemon's own marker) leave kept models alone.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import procs as P
+from .errors import SpawnError
+from .logs import LogLimiter
+
+log = logging.getLogger("supervisord_llm.spawn")
+
+_PKG = Path(__file__).resolve().parent
+PROTO = (1, 1)  # the keeper protocols this daemon speaks
+_MAX_MESSAGE = 65536
+_ASK_TIMEOUT_S = 5.0
+_START_TIMEOUT_S = 10.0
+_CONNECT_TIMEOUT_S = 0.5
+# the keeper runs from its compiled module (the package's __pycache__), not as a script: a
+# script is compiled at every start, which costs two megabytes of the keeper's memory
+_START = ("import sys; sys.path[:0] = [{pkg!r}]; import _keeper; "
+          "sys.exit(_keeper.main(sys.argv[1:]))")
+LAUNCH = "launch.json"
+
+
+class KeeperGone(Exception):
+    pass
+
+
+class Spec(Protocol):
+    """What is launched (spawn.LaunchSpec)."""
+
+    @property
+    def service(self) -> str: ...
+    @property
+    def argv(self) -> tuple[str, ...]: ...
+    @property
+    def cpus(self) -> tuple[int, ...] | None: ...
+    @property
+    def mem_node(self) -> int | None: ...
+    @property
+    def gen(self) -> int: ...
+    @property
+    def port(self) -> int | None: ...
+    @property
+    def stop_timeout_s(self) -> float: ...
+    @property
+    def digest(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class KeptLaunch:
+    """What a keeper was started with (its `launch.json`)."""
+
+    keeper_id: str
+    service: str
+    port: int | None
+    digest: str
+    launch_id: str
+
+    def doc(self) -> dict[str, Any]:
+        return {"keeper_id": self.keeper_id, "service": self.service, "port": self.port,
+                "digest": self.digest, "launch": self.launch_id}
+
+    @classmethod
+    def from_doc(cls, doc: object) -> KeptLaunch | None:
+        if not isinstance(doc, dict):
+            return None
+        try:
+            port = doc["port"]
+            if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
+                return None
+            return cls(str(doc["keeper_id"]), str(doc["service"]), port, str(doc["digest"]),
+                       str(doc["launch"]))
+        except KeyError:
+            return None
+
+
+def digest(argv: tuple[str, ...], env: dict[str, str], cpus: tuple[int, ...] | None,
+           mem_node: int | None, user: str | None) -> str:
+    """What makes two launches the same (the service's own settings, not the daemon's
+    environment, which changes from one start to the next)."""
+    doc = json.dumps([list(argv), sorted(env.items()), list(cpus or ()), mem_node, user])
+    return hashlib.sha256(doc.encode()).hexdigest()[:32]
+
+
+class Link:
+    """The daemon's end of one keeper's control socket (SOCK_SEQPACKET, one JSON object per
+    message), read on the loop. Replies come in the order of the requests; `exited` comes
+    unasked and goes to `on_event`."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.name = name
+        self._handler: Callable[[dict[str, Any]], None] | None = None
+        self._events: list[dict[str, Any]] = []  # until there is a handler
+        self._replies: deque[asyncio.Future[dict[str, Any]]] = deque()
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        for _ in range(64):
+            try:
+                data = self.sock.recv(_MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.close()
+                return
+            try:
+                doc = json.loads(data)
+            except ValueError:
+                doc = None
+            if not isinstance(doc, dict):
+                log.warning("keeper %s: unreadable message ignored", self.name)
+                continue
+            if doc.get("op") == "exited":
+                self._event(doc)
+                continue
+            while self._replies:
+                fut = self._replies.popleft()
+                if not fut.done():
+                    fut.set_result(doc)
+                    break
+            else:
+                self._event(doc)
+
+    def _event(self, doc: dict[str, Any]) -> None:
+        if self._handler is None:
+            if len(self._events) < 64:
+                self._events.append(doc)
+            return
+        self._handler(doc)
+
+    def on_event(self, handler: Callable[[dict[str, Any]], None]) -> None:
+        """Where unasked messages go (those that came before are handed on now)."""
+        self._handler = handler
+        events, self._events = self._events, []
+        for doc in events:
+            handler(doc)
+
+    def expect(self) -> asyncio.Future[dict[str, Any]]:
+        """A slot for the next message that is not an event (a reply, `started`)."""
+        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        if self.closed.done():
+            fut.set_exception(KeeperGone(f"keeper {self.name} is gone"))
+        else:
+            self._replies.append(fut)
+        return fut
+
+    def send(self, doc: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+        if self.closed.done():
+            raise KeeperGone(f"keeper {self.name} is gone")
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] \
+            if fds else []
+        try:
+            self.sock.sendmsg([json.dumps(doc).encode()], anc)
+        except OSError as exc:  # full (a keeper that does not read) or gone
+            raise KeeperGone(f"keeper {self.name}: {exc.strerror or exc}") from None
+
+    async def ask(self, doc: dict[str, Any], fds: tuple[int, ...] = (),
+                  timeout_s: float = _ASK_TIMEOUT_S) -> dict[str, Any]:
+        fut = self.expect()
+        try:
+            self.send(doc, fds)
+        except KeeperGone:
+            fut.cancel()
+            raise
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            raise KeeperGone(f"keeper {self.name} did not answer {doc.get('op')} within "
+                             f"{timeout_s:g} s") from None
+
+    def close(self) -> None:
+        if self.closed.done():
+            return
+        self.closed.set_result(None)
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        while self._replies:
+            fut = self._replies.popleft()
+            if not fut.done():
+                fut.set_exception(KeeperGone(f"keeper {self.name} is gone"))
+                fut.exception()  # retrieved: nobody may wait for it any more
+
+
+def _code(exit_doc: object) -> int:
+    """A keeper's exit record as a returncode (negative: the signal)."""
+    if isinstance(exit_doc, dict):
+        sig, code = exit_doc.get("signal"), exit_doc.get("code")
+        if isinstance(sig, int) and not isinstance(sig, bool):
+            return -sig
+        if isinstance(code, int) and not isinstance(code, bool):
+            return code
+    return 255
+
+
+class KeptProcess:
+    """A model instance that runs under its keeper: what the service actor sees of a launch
+    (its pid and group, its exit when it happens, the processes that escaped its group)."""
+
+    def __init__(self, keepers: Keepers, spec: Spec, record: KeptLaunch, link: Link,
+                 snap: dict[str, Any], *, keeper_pid: int, adopted: bool) -> None:
+        self.spec = spec
+        self.record = record
+        self.keeper_id = record.keeper_id
+        self.launch_id = record.launch_id
+        self.port = record.port
+        self.adopted = adopted
+        self.link = link
+        self.keeper_pid = keeper_pid
+        self.escapees: dict[int, P.Escapee] = {}
+        self.log_task: asyncio.Task[None] | None = None
+        self._keepers = keepers
+        self._released = False
+        self._early: dict[int, int] = {}
+        self._new_run(snap)
+        link.on_event(self._event)
+        link.closed.add_done_callback(lambda _f: self._keeper_gone())
+
+    def _new_run(self, snap: dict[str, Any]) -> None:
+        self.pid = int(snap.get("pid") or 0)
+        self.pgid = self.pid
+        ticks = snap.get("ticks")
+        self.start_ticks = ticks if isinstance(ticks, int) else 0
+        self.create_time = _create_time(self.pid)
+        self.launched_at = time.monotonic()
+        self.gen = snap.get("gen")
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        early = self._early.pop(self.pid, None)  # its exit came with the reply that started it
+        if snap.get("state") == "exited":
+            self._exited.set_result(_code(snap.get("exit")))
+        elif early is not None:
+            self._exited.set_result(early)
+        self._early.clear()
+
+    def _event(self, doc: dict[str, Any]) -> None:
+        if doc.get("op") != "exited":
+            return
+        pid = doc.get("pid")
+        if isinstance(pid, int) and pid != self.pid:
+            self._early[pid] = _code(doc.get("exit"))  # a run not known here yet
+        elif not self._exited.done():
+            self._exited.set_result(_code(doc.get("exit")))
+
+    def _keeper_gone(self) -> None:
+        """The keeper ended (killed): its engine got the parent-death signal."""
+        if not self._exited.done():
+            if not self._released and not self._keepers.closing:
+                log.error("%s: its keeper (pid %d) ended while the model ran",
+                          self.spec.service, self.keeper_pid)
+            self._exited.set_result(-int(signal.SIGKILL))
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exited.result() if self._exited.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def signal_group(self, sig: int) -> bool:
+        """Signal the whole group (through the keeper, its parent: it knows the group even
+        after its leader ended); False if nothing of it is left."""
+        if self._released or not self.group_alive():
+            return False
+        try:
+            self.link.send({"op": "signal", "sig": int(sig)})
+        except KeeperGone:
+            return False
+        self.link.expect()  # its `ok`, read and dropped
+        return True
+
+    def group_alive(self) -> bool:
+        if self._released or self.pgid <= 0:
+            return False
+        try:
+            os.killpg(self.pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    async def find_escaped(self) -> list[P.Escapee]:
+        found = await asyncio.to_thread(
+            P.scan_escaped, self.keeper_id, self.spec.service, self.launch_id,
+            pgid=self.pgid, since_ticks=self.start_ticks, pipe_link=None)
+        for esc in found:
+            known = self.escapees.get(esc.pid)
+            if known is not None and known.alive():
+                esc.close()
+                continue
+            if known is not None:
+                known.close()
+            self.escapees[esc.pid] = esc
+        return [self.escapees[e.pid] for e in found]
+
+    def signal_escapees(self, sig: int, only_new: bool = False) -> int:
+        n = 0
+        for esc in self.escapees.values():
+            if (not only_new or not esc.signalled) and esc.alive() and esc.signal(sig):
+                n += 1
+        return n
+
+    def escapees_alive(self) -> bool:
+        return any(e.alive() for e in self.escapees.values())
+
+    def close_output(self) -> None:
+        """The output never comes through the daemon: nothing to close."""
+
+    def release(self, keep: bool = False) -> None:
+        """The run is over (group and escapees gone). With `keep`, the keeper stays for a
+        relaunch of the same launch; otherwise it is told to exit."""
+        if self._released:
+            return
+        self._released = True
+        for esc in self.escapees.values():
+            esc.close()
+        self.escapees.clear()
+        self._keepers.released(self, keep)
+
+    async def relaunch(self, gen: int) -> None:
+        """The same launch again in the same keeper (a fork there)."""
+        reply = await self.link.ask({"op": "run", "gen": gen})
+        if reply.get("op") != "started":
+            raise KeeperGone(str(reply.get("message") or reply))
+        self._released = False
+        self.adopted = False
+        self._new_run(reply)
+
+
+def _create_time(pid: int) -> float:
+    try:
+        import psutil
+
+        return float(psutil.Process(pid).create_time())
+    except Exception:
+        return 0.0
+
+
+@dataclass
+class _Keeper:
+    """A keeper of ours: its process, its lease's write end, its link."""
+
+    record: KeptLaunch
+    dir: Path
+    pid: int
+    pidfd: int | None
+    lease_w: int | None
+    link: Link
+    proc: KeptProcess | None = None
+    child: bool = False  # our child (to be reaped), not one adopted from an earlier daemon
+    gone: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop()
+                                       .create_future())
+
+
+@dataclass(frozen=True)
+class Adoptable:
+    """A keeper an earlier daemon left whose model still runs."""
+
+    proc: KeptProcess
+    record: KeptLaunch
+    gen: int
+
+
+class Keepers:
+    """Every keeper of this daemon: launched, idle between two runs of a launch, adopted."""
+
+    def __init__(self, base: Path | None, *, grace_s: float = 30.0,
+                 unattended_s: float = 300.0, log_format: str = "plain",
+                 output_fd: int = 2) -> None:
+        self.base = base
+        self.grace_s = grace_s
+        self.unattended_s = unattended_s
+        self.log_format = log_format
+        self.output_fd = output_fd
+        self._own_tmp: Path | None = None
+        self._all: dict[str, _Keeper] = {}
+        self._idle: dict[str, _Keeper] = {}  # service -> a keeper kept for a relaunch
+        self.limiter = LogLimiter(__name__)
+        self.adoptions = 0
+        self.closing = False
+
+    def _dir(self) -> Path:
+        if self.base is None:
+            if self._own_tmp is None:
+                import tempfile
+
+                self._own_tmp = Path(tempfile.mkdtemp(prefix="llm-supervisor-keep-"))
+            return self._own_tmp
+        self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self.base
+
+    # --- launching -------------------------------------------------------------------------
+
+    async def launch(self, spec: Spec, env: dict[str, str], creds: str,
+                     marker: Callable[[str, str], dict[str, str]]) -> KeptProcess:
+        """Run `spec` under a keeper: the idle one of the same launch (a relaunch), else a
+        new one. `marker(keeper_id, launch_id)` gives the launch marker's variables."""
+        record_digest, gen, port = spec.digest or repr(spec.argv), spec.gen, spec.port
+        stop_timeout_s = spec.stop_timeout_s
+        idle = self._idle.pop(spec.service, None)
+        if idle is not None and idle.proc is not None and not idle.gone.done() \
+                and idle.record.digest == record_digest and idle.record.port == port:
+            try:
+                await idle.proc.relaunch(gen)
+                return idle.proc
+            except KeeperGone as exc:
+                log.warning("%s: relaunch in its keeper failed (%s); starting a new one",
+                            spec.service, exc)
+                await self._stop_keeper(idle, 0.0)
+        elif idle is not None:
+            await self._stop_keeper(idle, 0.0)
+        keeper_id = f"{spec.service}-{secrets.token_hex(4)}"
+        record = KeptLaunch(keeper_id, spec.service, port, record_digest, "1")
+        kdir = self._dir() / keeper_id
+        kdir.mkdir(mode=0o700)
+        (kdir / LAUNCH).write_text(json.dumps(record.doc()))
+        env = {**env, **marker(keeper_id, record.launch_id)}
+        cpus = ",".join(str(c) for c in spec.cpus) if spec.cpus else "-"
+        mem = str(spec.mem_node) if spec.mem_node is not None else "-"
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        lease_r, lease_w = os.pipe()
+        link = Link(ours, keeper_id)
+        started = link.expect()
+        try:
+            args = [sys.executable, "-I", "-S", "-c", _START.format(pkg=str(_PKG)),
+                    "--id", keeper_id, "--dir", str(kdir), "--service", spec.service,
+                    "--gen", str(gen), "--grace", f"{self.grace_s:g}",
+                    "--unattended", f"{self.unattended_s:g}",
+                    "--stop-timeout", f"{stop_timeout_s:g}", "--lease-fd", "3",
+                    "--client-fd", "4", "--cpus", cpus, "--mem-node", mem, "--creds", creds,
+                    "--log-format", self.log_format, "--", *spec.argv]
+            pid = _spawn_keeper(args, env, lease_r, theirs.fileno(), self.output_fd)
+        except OSError as exc:
+            link.close()
+            os.close(lease_w)
+            shutil.rmtree(kdir, ignore_errors=True)
+            raise SpawnError(f"cannot start the keeper of {spec.service}: "
+                             f"{exc.strerror or exc}") from None
+        finally:
+            os.close(lease_r)
+            theirs.close()
+        k = _Keeper(record, kdir, pid, P.pidfd(pid), lease_w, link, child=True)
+        self._watch(k)
+        try:
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                snap = await asyncio.shield(started)
+        except (TimeoutError, KeeperGone):
+            await self._stop_keeper(k, 0.0)
+            raise SpawnError(f"the keeper of {spec.service} did not start (see its "
+                             "output above)") from None
+        proc = KeptProcess(self, spec, record, link, snap, keeper_pid=pid, adopted=False)
+        k.proc = proc
+        return proc
+
+    def _watch(self, k: _Keeper) -> None:
+        self._all[k.record.keeper_id] = k
+        loop = asyncio.get_running_loop()
+        if k.pidfd is None:
+            k.gone.set_result(None)
+            return
+
+        def ended() -> None:
+            loop.remove_reader(k.pidfd)  # type: ignore[arg-type]
+            if k.child:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(k.pid, os.WNOHANG)
+            os.close(k.pidfd)  # type: ignore[arg-type]
+            k.pidfd = None
+            self._forget(k)
+            if not k.gone.done():
+                k.gone.set_result(None)
+
+        loop.add_reader(k.pidfd, ended)
+
+    def _forget(self, k: _Keeper) -> None:
+        if self._all.get(k.record.keeper_id) is k:
+            del self._all[k.record.keeper_id]
+        if self._idle.get(k.record.service) is k:
+            del self._idle[k.record.service]
+        if k.lease_w is not None:
+            os.close(k.lease_w)
+            k.lease_w = None
+        k.link.close()
+        shutil.rmtree(k.dir, ignore_errors=True)
+
+    def released(self, proc: KeptProcess, keep: bool) -> None:
+        k = self._all.get(proc.keeper_id)
+        if k is None:
+            return
+        if keep and k.proc is proc and not k.gone.done():
+            old = self._idle.pop(proc.spec.service, None)
+            self._idle[proc.spec.service] = k
+            if old is not None and old is not k:
+                asyncio.get_running_loop().create_task(self._stop_keeper(old, 0.0))
+            return
+        asyncio.get_running_loop().create_task(self._stop_keeper(k, 0.0))
+
+    def retire(self, service: str) -> None:
+        """The service will not be launched again soon: its idle keeper goes."""
+        k = self._idle.pop(service, None)
+        if k is not None:
+            asyncio.get_running_loop().create_task(self._stop_keeper(k, 0.0))
+
+    async def _stop_keeper(self, k: _Keeper, timeout_s: float) -> None:
+        """Tell a keeper to stop (its model, if any, first) and wait until it is gone; one
+        that does not answer is killed."""
+        with contextlib.suppress(KeeperGone):
+            k.link.send({"op": "stop", "timeout_s": timeout_s})
+        try:
+            async with asyncio.timeout(timeout_s + 5.0):
+                await asyncio.shield(k.gone)
+        except TimeoutError:
+            log.error("keeper %s (pid %d) did not stop: killing it", k.record.keeper_id, k.pid)
+            self._kill(k)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await asyncio.shield(k.gone)
+
+    def _kill(self, k: _Keeper) -> None:
+        if k.pidfd is not None:
+            P.send(k.pidfd, signal.SIGKILL)
+
+    # --- adopting --------------------------------------------------------------------------
+
+    async def adopt(self) -> list[Adoptable]:
+        """The keepers an earlier daemon left: each is connected to and given a lease. Those
+        whose model still runs are returned (for the actors to adopt, or to stop); those
+        that do not answer are killed with what they kept; those whose model ended are
+        told to exit."""
+        if self.base is None or not self.base.is_dir():
+            return []
+        found: list[Adoptable] = []
+        for kdir in sorted(await asyncio.to_thread(_dirs, self.base)):
+            try:
+                got = await self._adopt_one(kdir)
+            except Exception:  # one broken keeper never stops the start
+                self.limiter.exception(f"adopt-{kdir.name}", "keeper %s: not adopted",
+                                       kdir.name)
+                continue
+            if got is not None:
+                found.append(got)
+        return found
+
+    async def _adopt_one(self, kdir: Path) -> Adoptable | None:
+        record = KeptLaunch.from_doc(await asyncio.to_thread(_read_json, kdir / LAUNCH))
+        state = await asyncio.to_thread(_read_json, kdir / "state.json")
+        keeper_pid = state.get("keeper_pid") if isinstance(state, dict) else None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)
+        try:
+            dirfd = os.open(kdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                async with asyncio.timeout(_CONNECT_TIMEOUT_S):
+                    await asyncio.get_running_loop().sock_connect(
+                        sock, f"/proc/self/fd/{dirfd}/ctl.sock")
+            finally:
+                os.close(dirfd)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            await self._dead_keeper(kdir, record, keeper_pid, str(exc) or "no answer")
+            return None
+        link = Link(sock, kdir.name)
+        try:
+            snap = await link.ask({"op": "hello", "proto": list(PROTO)},
+                                  timeout_s=_CONNECT_TIMEOUT_S * 2)
+        except KeeperGone as exc:
+            link.close()
+            await self._dead_keeper(kdir, record, keeper_pid, str(exc))
+            return None
+        pid = snap.get("keeper_pid")
+        if snap.get("op") != "snapshot" or record is None or not isinstance(pid, int) \
+                or record.keeper_id != kdir.name:
+            why = snap.get("message") if snap.get("op") == "error" else "an unknown launch"
+            log.warning("keeper %s: %s; stopping it and its model", kdir.name, why)
+            with contextlib.suppress(KeeperGone):
+                await link.ask({"op": "stop"}, timeout_s=60.0)
+            link.close()
+            await asyncio.to_thread(shutil.rmtree, kdir, True)
+            return None
+        lease_r, lease_w = os.pipe()
+        try:
+            await link.ask({"op": "lease"}, fds=(lease_r,))
+        except KeeperGone:
+            os.close(lease_w)
+            link.close()
+            return None
+        finally:
+            os.close(lease_r)
+        k = _Keeper(record, kdir, pid, P.pidfd(pid), lease_w, link)
+        self._watch(k)
+        gen = snap.get("gen")
+        proc = KeptProcess(self, _AdoptedSpec(record.service), record, link, snap,
+                           keeper_pid=pid, adopted=True)
+        k.proc = proc
+        if snap.get("state") != "running":  # its model ended while no daemon was there
+            log.info("keeper %s: its model ended (%s); not adopted", kdir.name,
+                     snap.get("exit"))
+            await self._stop_keeper(k, 0.0)
+            return None
+        return Adoptable(proc, record, gen if isinstance(gen, int) else 0)
+
+    async def _dead_keeper(self, kdir: Path, record: KeptLaunch | None, keeper_pid: object,
+                           why: str) -> None:
+        """A keeper that does not answer: kill it if it is still there (proven a keeper by
+        its command line), and whatever carries its marker; forget it."""
+        if isinstance(keeper_pid, int) and not isinstance(keeper_pid, bool) and keeper_pid > 1:
+            fd = P.pidfd(keeper_pid)
+            if fd is not None:
+                try:
+                    if "_keeper" in P.cmdline(keeper_pid) and kdir.name in P.cmdline(keeper_pid):
+                        log.warning("keeper %s (pid %d) does not answer (%s): killing it",
+                                    kdir.name, keeper_pid, why)
+                        P.send(fd, signal.SIGKILL)
+                finally:
+                    os.close(fd)
+        scan = await asyncio.to_thread(P.scan_leftovers, kdir.name, {})
+        if scan.ours:
+            log.warning("stopping %d process(es) left by keeper %s", len(scan.ours), kdir.name)
+        try:
+            await P.stop_pidfds([left.pidfd for left in scan.ours], 5.0)
+        finally:
+            for left in scan.ours:
+                os.close(left.pidfd)
+        await asyncio.to_thread(shutil.rmtree, kdir, True)
+
+    def adopted(self, item: Adoptable, spec: Spec) -> None:
+        """An actor took the adopted instance: it now has its launch spec."""
+        item.proc.spec = spec
+        self.adoptions += 1
+
+    async def stop_adoptable(self, item: Adoptable, timeout_s: float) -> None:
+        k = self._all.get(item.record.keeper_id)
+        if k is not None:
+            await self._stop_keeper(k, timeout_s)
+
+    # --- the end ---------------------------------------------------------------------------
+
+    def keeper_pids(self) -> list[int]:
+        return [k.pid for k in self._all.values()]
+
+    def kill_all(self) -> None:
+        """Fast stop: SIGKILL every keeper's model (the keepers then exit when told)."""
+        for k in list(self._all.values()):
+            with contextlib.suppress(KeeperGone):
+                k.link.send({"op": "signal", "sig": int(signal.SIGKILL)})
+
+    async def close(self, handover: bool = False) -> None:
+        """Stop every keeper (their models are stopped already; a model still running is
+        stopped by its keeper) and wait until they are gone; with `handover`, leave them:
+        their leases end, and each waits `adopt_grace_s` for the next daemon."""
+        self.closing = True
+        keepers = list(self._all.values())
+        if not handover:
+            await asyncio.gather(*(self._stop_keeper(k, 10.0) for k in keepers))
+        for k in keepers:
+            if k.lease_w is not None:
+                os.close(k.lease_w)
+                k.lease_w = None
+            k.link.close()
+            if k.pidfd is not None:
+                with contextlib.suppress(ValueError, OSError):
+                    asyncio.get_running_loop().remove_reader(k.pidfd)
+                os.close(k.pidfd)
+                k.pidfd = None
+        self._all.clear()
+        self._idle.clear()
+        if self._own_tmp is not None and not handover:
+            shutil.rmtree(self._own_tmp, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _AdoptedSpec:
+    """The launch spec of an adopted instance until its actor gives the real one."""
+
+    service: str
+    argv: tuple[str, ...] = ()
+    cpus: tuple[int, ...] | None = None
+    mem_node: int | None = None
+    gen: int = 0
+    port: int | None = None
+    stop_timeout_s: float = 10.0
+    digest: str = ""
+
+
+def _spawn_keeper(args: list[str], env: dict[str, str], lease_r: int, client: int,
+                  output_fd: int) -> int:
+    """posix_spawn the keeper in a session of its own: stdin /dev/null, stdout and stderr the
+    output (the journal, or the daemon's stderr), the lease's read end as fd 3 and its end of
+    the socket pair as fd 4 (dup2 clears close-on-exec on the copy only)."""
+    moved: list[int] = []
+    try:
+        # a source already at 3 or 4 would be overwritten (or keep its close-on-exec): move it
+        if lease_r in (3, 4):
+            lease_r = os.dup(lease_r)
+            moved.append(lease_r)
+        if client in (3, 4):
+            client = os.dup(client)
+            moved.append(client)
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, output_fd, 1)]
+        if output_fd != 2:
+            actions.append((os.POSIX_SPAWN_DUP2, output_fd, 2))
+        actions += [(os.POSIX_SPAWN_DUP2, lease_r, 3), (os.POSIX_SPAWN_DUP2, client, 4)]
+        return os.posix_spawn(sys.executable, args, env, file_actions=actions, setsid=True)
+    finally:
+        for fd in moved:
+            os.close(fd)
+
+
+def _dirs(base: Path) -> list[Path]:
+    try:
+        return [p for p in base.iterdir() if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return []
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        if path.stat().st_size > _MAX_MESSAGE:
+            return None
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
