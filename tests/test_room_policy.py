@@ -50,6 +50,10 @@ CASES: list[Case] = [
     ("busy and loaded long enough: drained", want(20),
      [holder("busy", 10, busy=True, in_flight=2)], False, [], True, ["busy"],
      "2 request(s) in flight"),
+    ("two exclusive holders, one busy: it drains, the idle one goes at the next look "
+     "(found by the property below)", want(0),
+     [holder("x", 0, exclusive=True, busy=True), holder("y", 6, exclusive=True)],
+     False, [], True, ["x"], "held by"),
     ("busy within min_residency_s: wait, no drain", want(20),
      [holder("busy", 10, busy=True, resident_left=30.0, min_residency_s=60.0)],
      False, [], True, [], "kept 30 s more by min_residency_s = 60"),
@@ -164,7 +168,11 @@ def test_a_plan_is_safe_and_sufficient(w: Want, holders: list[Holder]) -> None:
         if w.exclusive:
             assert all(h in freed for h in on_gpus)
     elif plan.drain:
-        assert plan.wait and not lacks(w, holders, going + [by_name[n] for n in plan.drain])
+        # once the drained ones are gone, what is idle is stopped at the next look (another
+        # exclusive holder, say): it fits then
+        idle = [h for h in on_gpus if h.evictable and h.victim_now and not h.going]
+        assert plan.wait and not lacks(w, holders,
+                                       going + [by_name[n] for n in plan.drain] + idle)
     if not plan.ok:
         assert plan.message.startswith("no room for want")
     # an always, pinned or swapping holder on a reserved GPU blocks it
