@@ -295,6 +295,7 @@ class Keeper:
         self.stop_reply: socket.socket | None = None
         self.done = False
         self.dropped = 0  # output lines (or parts) a full stderr could not take
+        self._unsaid = 0  # dropped since the last notice
         self._partial = b""
         self._skipping = False
         self.out_fd = -1
@@ -610,8 +611,18 @@ class Keeper:
                 line = line[:-1]
         body = b"[" + self.service.encode() + b"] " + line.rstrip(b"\r") + \
             (b" [line cut]" if cut else b"")
+        if self._unsaid:  # said once it takes lines again, before the next one
+            n = self._unsaid
+            if not self._emit(f"keeper {self.id} of {self.service}: {n} log "
+                              f"line{'s' if n != 1 else ''} dropped: the journal did not keep "
+                              "up".encode(), "warning", "supervisord_llm.keeper"):
+                self.dropped += 1
+                self._unsaid += 1
+                return
+            self._unsaid = 0
         if not self._emit(body, "info", "supervisord_llm.spawn"):
             self.dropped += 1
+            self._unsaid += 1
 
     def _log(self, msg: str, level: str = "warning") -> None:
         self._emit(f"keeper {self.id} of {self.service}: {msg}".encode(), level,
@@ -634,7 +645,7 @@ class Keeper:
                     break
                 msg = msg[:len(msg) // 2] + " [line cut]"
         elif logger != "supervisord_llm.spawn":
-            body = b"llm-supervisor " + body
+            body = b"llm-supervisor " + body  # (plain: the keeper's own lines say whose)
         return self.err.write(body + b"\n")
 
     # --- the supervisor ----------------------------------------------------------------------

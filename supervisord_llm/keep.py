@@ -428,7 +428,10 @@ class Keepers:
 
                 self._own_tmp = Path(tempfile.mkdtemp(prefix="llm-supervisor-keep-"))
             return self._own_tmp
-        self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.base.parent.is_dir():  # the state directory, removed under us
+            self.base.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            log.warning("state directory %s was missing: created it again", self.base.parent)
+        self.base.mkdir(mode=0o700, exist_ok=True)
         return self.base
 
     # --- launching -------------------------------------------------------------------------
