@@ -251,27 +251,43 @@ def test_reload_restarts_only_changed_services(tmp_path: Path) -> None:
         assert [s["name"] for s in d.status()["services"]] == ["alpha", "beta"]
 
 
-def test_sigkill_of_the_daemon_leaves_no_orphans(tmp_path: Path) -> None:
-    """Grandchildren that ignore SIGTERM included, checked within 2 s."""
+def test_a_daemon_killed_for_good_leaves_nothing_after_the_grace(tmp_path: Path) -> None:
+    """kill -9 and never restarted: the models outlive it for `adopt_grace_s` (a new daemon
+    would adopt them), then their keepers stop them, grandchildren that ignore SIGTERM
+    included, within the grace plus the stop timeout."""
     doc = base_config(tmp_path, [
         fake_service("alpha", free_port(), "--grandchild", "--pidfile", str(tmp_path / "a.pid")),
         fake_service("beta", free_port(), "--grandchild", "--ignore-term",
-                     "--pidfile", str(tmp_path / "b.pid")),
+                     "--pidfile", str(tmp_path / "b.pid"), stop={"timeout_s": 1}),
     ])
+    doc["supervisor"]["adopt_grace_s"] = 1
     with running(tmp_path, doc) as d:
         d.wait_state("alpha", "ready")
         d.wait_state("beta", "ready")
         assert d.proc is not None
         procs = descendants(d.proc.pid)
         for f in ("a.pid", "b.pid"):
+            wait_until((tmp_path / f).exists, 5, what=f)
             procs += [int(p) for p in (tmp_path / f).read_text().split()]
-        assert len(set(procs)) >= 5  # guardian, 2 services, 2 grandchildren
+        assert len(set(procs)) >= 7  # guardian, 2 keepers, 2 services, 2 grandchildren
+        kept = [p for p in procs if p not in guardians(procs)]
         d.proc.kill()
         d.proc.wait()
         t0 = time.monotonic()
-        wait_until(lambda: not any(alive(p) for p in procs), 2.0,
+        stays(lambda: all(alive(p) for p in kept), 0.5,
+              f"the models outlive the daemon: {[(p, alive(p)) for p in kept]}")
+        wait_until(lambda: not any(alive(p) for p in procs), 10.0,
                    what=f"no survivors among {procs}")
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 1 + 1 + 3  # the grace, the stop timeout, slack
+
+
+def guardians(pids: list[int]) -> set[int]:
+    out = set()
+    for p in pids:
+        with contextlib.suppress(OSError):
+            if b"_guardian" in Path(f"/proc/{p}/cmdline").read_bytes():
+                out.add(p)
+    return out
 
 
 def test_graceful_stop_in_reverse_order_and_fast_second_signal(tmp_path: Path) -> None:
@@ -299,24 +315,33 @@ def test_graceful_stop_in_reverse_order_and_fast_second_signal(tmp_path: Path) -
         wait_until(lambda: not any(alive(p) for p in procs), 2, what="fast stop")
 
 
-def test_leftovers_of_a_crashed_daemon_are_stopped_at_start(tmp_path: Path) -> None:
+def test_the_next_daemon_adopts_what_a_crashed_one_left(tmp_path: Path) -> None:
+    """A crash (the daemon and its guardian killed): the next daemon, started within the
+    grace, adopts the running model: same pid, same grandchild, `adopted` in status; its
+    stop then stops them."""
     pidfile = tmp_path / "a.pid"
     doc = base_config(tmp_path, [fake_service("alpha", free_port(), "--grandchild",
                                               "--pidfile", str(pidfile))])
     d = Daemon(tmp_path, doc).start()
     try:
-        d.wait_state("alpha", "ready")
+        first = d.wait_state("alpha", "ready")
+        assert first["adopted"] is False
         wait_until(pidfile.exists, 5, what="pidfile")
-        _main, grandchild = map(int, pidfile.read_text().split())
+        main, grandchild = map(int, pidfile.read_text().split())
+        assert first["pid"] == main
         d.crash()  # the daemon and its guardian gone, the services left
         d.pids_seen.clear()  # d.stop() must not clean up what the next daemon has to find
-        stays(lambda: alive(grandchild), 0.3, "the orphan lives on")  # it would hold the GPU
+        stays(lambda: alive(grandchild) and alive(main), 0.3, "the model lives on")
     finally:
         d.stop()
     with running(tmp_path, doc) as d2:
-        wait_until(lambda: "left by an earlier run" in d2.logtext(), 5, what="the sweep")
-        assert not alive(grandchild)
-        d2.wait_state("alpha", "ready")
+        svc = d2.wait_state("alpha", "ready")
+        assert svc["pid"] == main and svc["adopted"] is True and svc["restarts"] == 0
+        assert "alpha: adopted pid" in d2.logtext()
+        assert alive(grandchild)
+        d2.signal(signal.SIGTERM)
+        assert d2.wait(20) == 0
+    assert not alive(main) and not alive(grandchild)
 
 
 def http_get(url: str) -> tuple[int, str]:
