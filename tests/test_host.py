@@ -46,13 +46,16 @@ def gated(name: str, *knobs: str, **gate: Any) -> dict[str, Any]:
 
 def processes_of(service: str) -> list[int]:
     """Live processes of this test run whose environment carries the launch marker of
-    `service` (other daemons on this machine may run services of the same name)."""
+    `service` (other daemons on this machine may run services of the same name); not the
+    keepers, which carry it too."""
     out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             env = Path(f"/proc/{name}/environ").read_bytes()
+            if b"_keeper" in Path(f"/proc/{name}/cmdline").read_bytes():
+                continue
         except OSError:
             continue
         if f"LLM_SUPERVISOR_SERVICE={service}\0".encode() in env and TAG.encode() in env \
