@@ -29,8 +29,10 @@ The rules (the lease is the only orphan rule):
 Messages (client -> keeper): `hello {proto: [min, max]}` -> `snapshot`; `lease` (an fd
 attached) -> `ok`; `signal {sig}` -> `ok`; `stop {timeout_s?}` -> `stopped {exit}`, then the
 keeper exits. A keeper that cannot speak any protocol in the client's range answers hello
-with `error {code: "proto", proto}` and then takes only `stop`. Keeper -> client, unasked:
-`exited {exit}`.
+with `error {code: "proto", proto}` and then takes only `stop` and `lease` (the two every
+protocol keeps: a later supervisor can always keep an older keeper's model and stop it).
+`run {gen}` starts the engine again once it and everything it started are gone -> `started`.
+Keeper -> client, unasked: `exited {exit, pid}` (and `started`, with --client-fd).
 """
 
 from __future__ import annotations
@@ -288,7 +290,7 @@ class Keeper:
         self.ticks: int | None = None
         self.exit: dict[str, object] | None = None
         self.client: socket.socket | None = None
-        self.outdated = False  # the client speaks no protocol of ours: only stop
+        self.outdated = False  # the client speaks no protocol of ours: stop and lease
         self.grace_until: float | None = None
         self.alone_since: float | None = _now()  # no client attached since
         self.stopping_until: float | None = None  # SIGKILL after this
@@ -725,7 +727,7 @@ class Keeper:
             if not ok:
                 self._send({"op": "error", "code": "proto", "proto": PROTO,
                             "message": f"this keeper speaks protocol {PROTO} only; it takes "
-                            "only stop"})
+                            "only stop and lease"})
             else:
                 self._send(self.snapshot())
         elif op == "stop":
@@ -734,9 +736,10 @@ class Keeper:
                     or not 0 <= timeout <= 86400:
                 timeout = self.stop_timeout_s
             self.stop(float(timeout), self.client)
-        elif self.outdated:
+        elif self.outdated and op != "lease":  # stop and lease: every protocol's
             self._send({"op": "error", "code": "proto", "proto": PROTO,
-                        "message": "only stop is taken from a client of another protocol"})
+                        "message": "only stop and lease are taken from a client of another "
+                        "protocol"})
         elif op == "lease":
             if len(fds) != 1:
                 self._send({"op": "error", "code": "bad_request",

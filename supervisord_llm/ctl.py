@@ -410,6 +410,11 @@ def _parser() -> argparse.ArgumentParser:
     rst = sub.add_parser("reset", help="clear failed and start again")
     rst.add_argument("services", nargs="+", metavar="SERVICE")
     sub.add_parser("reload", help="re-read the config; restart only what changed")
+    sub.add_parser("handover", help="exit the daemon and leave the models running for the "
+                   "next one (an upgrade without systemd)",
+                   description="The daemon exits; each model keeps running under its keeper "
+                   "and is adopted by the next llm-supervisor started with the same config "
+                   "within [supervisor] adopt_grace_s (else it is stopped).")
     cp = sub.add_parser("checkpoint", help="run the checkpoint hooks now")
     cp.add_argument("name", nargs="?", help="only this hook (default: all, in order)")
     pe = sub.add_parser("power-event", help="a power event (for upsmon NOTIFYCMD)",
@@ -490,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(render_status(data) + "\n")
     elif cmd == "power-event":
         sys.stdout.write(render_power_event(data) + "\n")
+    elif cmd == "handover":
+        models = data.get("models", []) if isinstance(data, dict) else []
+        sys.stdout.write(f"handed over: the daemon exits; {len(models)} model(s) keep running "
+                         f"({', '.join(models) or 'none'}) until the next llm-supervisor "
+                         "adopts them (within adopt_grace_s)\n")
     elif cmd == "checkpoint":
         sys.stdout.write(render_checkpoints(data) + "\n")
         if isinstance(data, dict) and data.get("ok") is False:

@@ -307,8 +307,10 @@ class Daemon:
             if web is not None:
                 await web.close()
             await prober.close()
+            handover = self.host is not None and self.host.handing_over
+            spawner.handover = handover  # the keepers stay, and the power limits (adopted)
             await spawner.close()
-            if self.parts is not None:
+            if self.parts is not None and not handover:
                 await self.parts.guard.restore_all()
             if events is not None:
                 await events.aclose()  # before nvmlShutdown: no thread may wait in NVML
@@ -329,7 +331,10 @@ class Daemon:
                                              return_when=asyncio.FIRST_COMPLETED)
                 if stopped in done:
                     sig_wait.cancel()
-                    log.info("all services stopped; exiting")
+                    if host.handing_over:
+                        log.info("handed over; exiting")
+                    else:
+                        log.info("all services stopped; exiting")
                     return
                 what = sig_wait.result()
                 if what == "term":

@@ -95,6 +95,7 @@ class Host:
         self._queue: asyncio.Queue[_Cmd] = asyncio.Queue()
         self._shutdown: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
+        self.handing_over = False  # `llmctl handover`: exit, leaving the models running
         self._listeners: list[Callable[[], None]] = []
 
     def on_change(self, fn: Callable[[], None]) -> None:
@@ -390,6 +391,29 @@ class Host:
             fn()
 
     # --- stopping ------------------------------------------------------------------------------
+
+    def handover(self) -> dict[str, Any]:
+        """`llmctl handover`: the daemon exits and leaves every model running under its
+        keeper for the next daemon (an upgrade without systemd), which adopts them within
+        `adopt_grace_s`. Refused while something else is under way (a stop, a reload, a
+        swap, a power-down): what it does would be cut in half."""
+        if self._shutdown is not None or self.handing_over:
+            raise ControlError(P.FAILED, "the daemon is stopping already")
+        busy = [op.describe() for op in self.ops.values() if not op.task.done()]
+        if busy:
+            raise ControlError(P.FAILED, f"{', '.join(busy)} in progress: hand over once it "
+                               "is done")
+        if self._power_mode is not None:
+            raise ControlError(P.FAILED, f"power: {self._power_mode.value}: hand over once "
+                               "the power is back on line")
+        self.handing_over = True
+        running = sorted(a.name for a in self.sup.all_actors() if a.proc is not None)
+        log.warning("handing over: exiting and leaving %d model(s) to the next supervisor "
+                    "(%s); they stop unless one starts within adopt_grace_s", len(running),
+                    ", ".join(running) or "none")
+        # the answer goes out first; then the main loop ends, stopping nothing
+        asyncio.get_running_loop().call_later(0.2, self.stopped.set)
+        return {"handover": True, "models": running}
 
     def shutdown(self, fast: bool = False) -> None:
         """From the signal loop: a graceful stop, or (again, or `fast`) SIGKILL everything."""

@@ -240,7 +240,8 @@ class KeptProcess:
     (its pid and group, its exit when it happens, the processes that escaped its group)."""
 
     def __init__(self, keepers: Keepers, spec: Spec, record: KeptLaunch, link: Link,
-                 snap: dict[str, Any], *, keeper_pid: int, adopted: bool) -> None:
+                 snap: dict[str, Any], *, keeper_pid: int, adopted: bool,
+                 outdated: bool = False) -> None:
         self.spec = spec
         self.record = record
         self.keeper_id = record.keeper_id
@@ -254,9 +255,15 @@ class KeptProcess:
         self._keepers = keepers
         self._released = False
         self._early: dict[int, int] = {}
+        # a keeper of another protocol: only `stop` (its `exited` is not ours to read; the
+        # engine's end is seen through a pidfd, its status from the stop's reply if any)
+        self.outdated = outdated
+        self._stop_sent = False
         self._new_run(snap)
         link.on_event(self._event)
         link.closed.add_done_callback(lambda _f: self._keeper_gone())
+        if outdated:
+            self._watch_engine()
 
     def _new_run(self, snap: dict[str, Any]) -> None:
         self.pid = int(snap.get("pid") or 0)
@@ -274,7 +281,25 @@ class KeptProcess:
             self._exited.set_result(early)
         self._early.clear()
 
+    def _watch_engine(self) -> None:
+        fd = P.pidfd(self.pid)
+        if fd is None:
+            if not self._exited.done():
+                self._exited.set_result(255)
+            return
+        loop = asyncio.get_running_loop()
+
+        def ended() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            if not self._exited.done():
+                self._exited.set_result(255)  # its status is the outdated keeper's
+
+        loop.add_reader(fd, ended)
+
     def _event(self, doc: dict[str, Any]) -> None:
+        if self.outdated:
+            return
         if doc.get("op") != "exited":
             return
         pid = doc.get("pid")
@@ -303,11 +328,38 @@ class KeptProcess:
         after its leader ended); False if nothing of it is left."""
         if self._released or not self.group_alive():
             return False
+        if self.outdated:
+            return self._signal_outdated(sig)
         try:
             self.link.send({"op": "signal", "sig": int(sig)})
         except KeeperGone:
             return False
         self.link.expect()  # its `ok`, read and dropped
+        return True
+
+    def _signal_outdated(self, sig: int) -> bool:
+        """An outdated keeper takes only `stop` (TERM, then KILL after the timeout, itself);
+        a SIGKILL goes to the group directly, the engine proven by its start time."""
+        if sig == signal.SIGKILL:
+            st = P.stat(self.pid)
+            if st is not None and st.start_ticks == self.start_ticks:
+                with contextlib.suppress(OSError):
+                    os.killpg(self.pgid, signal.SIGKILL)
+            return True
+        if sig in (signal.SIGCONT, 0) or self._stop_sent:
+            return True
+        self._stop_sent = True
+        try:
+            self.link.send({"op": "stop", "timeout_s": self.spec.stop_timeout_s})
+        except KeeperGone:
+            return False
+        reply = self.link.expect()
+
+        def stopped(fut: asyncio.Future[dict[str, Any]]) -> None:
+            if not fut.cancelled() and fut.exception() is None and not self._exited.done():
+                self._exited.set_result(_code(fut.result().get("exit")))
+
+        reply.add_done_callback(stopped)
         return True
 
     def group_alive(self) -> bool:
@@ -532,7 +584,7 @@ class Keepers:
         k = self._all.get(proc.keeper_id)
         if k is None:
             return
-        if keep and k.proc is proc and not k.gone.done():
+        if keep and k.proc is proc and not k.gone.done() and not proc.outdated:
             old = self._idle.pop(proc.spec.service, None)
             self._idle[proc.spec.service] = k
             if old is not None and old is not k:
@@ -612,6 +664,9 @@ class Keepers:
             link.close()
             await self._dead_keeper(kdir, record, keeper_pid, str(exc))
             return None
+        if snap.get("op") == "error" and snap.get("code") == "proto" and record is not None \
+                and isinstance(state, dict):
+            return await self._adopt_outdated(kdir, record, state, link, snap.get("proto"))
         pid = snap.get("keeper_pid")
         if snap.get("op") != "snapshot" or record is None or not isinstance(pid, int) \
                 or record.keeper_id != kdir.name:
@@ -642,6 +697,47 @@ class Keepers:
                      snap.get("exit"))
             await self._stop_keeper(k, 0.0)
             return None
+        return Adoptable(proc, record, gen if isinstance(gen, int) else 0)
+
+    async def _adopt_outdated(self, kdir: Path, record: KeptLaunch, state: dict[str, Any],
+                              link: Link, proto: object) -> Adoptable | None:
+        """A keeper of another protocol (a release apart): its model keeps serving, under a
+        new lease; the keeper is only ever told to stop (the two operations every protocol
+        keeps), and shown `outdated`. Its engine is proven by the pid and start time its
+        state file recorded."""
+        pid, ticks, keeper_pid = state.get("pid"), state.get("ticks"), state.get("keeper_pid")
+        st = P.stat(pid) if isinstance(pid, int) and not isinstance(pid, bool) else None
+        if st is None or st.start_ticks != ticks or not isinstance(keeper_pid, int):
+            log.warning("keeper %s speaks protocol %s and its model cannot be proven from its "
+                        "state file: stopping it", kdir.name, proto)
+            with contextlib.suppress(KeeperGone):
+                await link.ask({"op": "stop"}, timeout_s=60.0)
+            link.close()
+            await asyncio.to_thread(shutil.rmtree, kdir, True)
+            return None
+        assert isinstance(pid, int)
+        lease_r, lease_w = os.pipe()
+        try:
+            reply = await link.ask({"op": "lease"}, fds=(lease_r,))
+        except KeeperGone:
+            os.close(lease_w)
+            link.close()
+            return None
+        finally:
+            os.close(lease_r)
+        if reply.get("op") != "ok":
+            log.warning("keeper %s (protocol %s) refused a lease: its model stops after its "
+                        "grace", kdir.name, proto)
+        log.warning("keeper %s speaks protocol %s, not %d-%d: its model is adopted as it "
+                    "runs (outdated: it can only be stopped; a restart gets a new keeper)",
+                    kdir.name, proto, *PROTO)
+        k = _Keeper(record, kdir, keeper_pid, P.pidfd(keeper_pid), lease_w, link)
+        self._watch(k)
+        gen = state.get("gen")
+        snap = {"pid": pid, "ticks": ticks, "gen": gen, "state": "running"}
+        proc = KeptProcess(self, _AdoptedSpec(record.service), record, link, snap,
+                           keeper_pid=keeper_pid, adopted=True, outdated=True)
+        k.proc = proc
         return Adoptable(proc, record, gen if isinstance(gen, int) else 0)
 
     async def _dead_keeper(self, kdir: Path, record: KeptLaunch | None, keeper_pid: object,

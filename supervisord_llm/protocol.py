@@ -18,7 +18,7 @@ MAX_MESSAGE: Final = 64 * 1024
 
 COMMANDS: Final = frozenset({
     "status", "start", "stop", "restart", "reset", "reload", "drain", "resume", "swap",
-    "checkpoint", "power-event",
+    "checkpoint", "power-event", "handover",
 })
 MUTATING: Final = COMMANDS - {"status"}
 MAX_TIMEOUT_S: Final = 86400.0
@@ -37,6 +37,7 @@ ARGS: Final[dict[str, frozenset[str]]] = {
     "reload": frozenset(),
     "checkpoint": frozenset({"name"}),
     "power-event": frozenset({"event", "force"}),
+    "handover": frozenset(),
 }
 
 # error codes

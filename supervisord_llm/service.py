@@ -133,6 +133,19 @@ def rules_of(plan: ServicePlan) -> L.Rules:
     )
 
 
+def launch_spec(plan: ServicePlan, gen: int, port: int | None,
+                base_env: Mapping[str, str]) -> LaunchSpec:
+    """What launching the service on `port` runs; its digest names the launch (the same for
+    two daemons with the same service configuration, whatever their own environment)."""
+    argv, cpus = plan.argv(port), plan.cpus
+    mem = plan.numa_node if plan.bind_memory else None
+    return LaunchSpec(
+        service=plan.config.name, argv=argv, env=plan.environment(base_env, port), cpus=cpus,
+        mem_node=mem, user=plan.config.user, gen=gen, port=port,
+        stop_timeout_s=plan.config.stop.timeout_s,
+        digest=digest(argv, plan.environment({}, port), cpus, mem, plan.config.user))
+
+
 class ServiceActor:
     def __init__(
         self,
@@ -315,6 +328,8 @@ class ServiceActor:
             "failed_reason": self.failed_reason,
             "escaped": sorted(pid for pid, e in self._all_escaped() if e.alive()),
             "adopted": self.adopted and self.proc is not None,
+            # kept by a keeper of another protocol (a release apart): it can only be stopped
+            "outdated": self.proc is not None and self.proc.outdated,
         }
 
     def _all_escaped(self) -> list[tuple[int, Escapee]]:
@@ -460,14 +475,8 @@ class ServiceActor:
         return L.Launched(gen)
 
     def launch_spec(self, gen: int, port: int | None = None) -> LaunchSpec:
-        plan, port = self.plan, self.port if port is None else port
-        argv, cpus = plan.argv(port), plan.cpus
-        mem = plan.numa_node if plan.bind_memory else None
-        return LaunchSpec(
-            service=self.name, argv=argv, env=plan.environment(self._base_env, port),
-            cpus=cpus, mem_node=mem, user=plan.config.user, gen=gen, port=port,
-            stop_timeout_s=plan.config.stop.timeout_s,
-            digest=digest(argv, plan.environment({}, port), cpus, mem, plan.config.user))
+        return launch_spec(self.plan, gen, self.port if port is None else port,
+                           self._base_env)
 
     async def _adopt(self, item: _Adopt) -> None:
         self.proc = item.proc

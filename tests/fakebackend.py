@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--exit-after", type=float, default=None)
     ap.add_argument("--exit-code", type=int, default=1)
     ap.add_argument("--pidfile", default=None)
+    ap.add_argument("--starts", default=None)  # a file: one line (the pid) per start
     ap.add_argument("--no-listen", action="store_true")
     ap.add_argument("--sim-memory", nargs=3, default=None)
     ap.add_argument("--sim-memory-no-pid", action="store_true")
@@ -196,6 +197,9 @@ def main() -> None:
         })
 
     async def run() -> None:
+        if a.starts:
+            with open(a.starts, "a") as fh:
+                fh.write(f"{os.getpid()}\n")
         if a.exit_after is not None:
             asyncio.get_running_loop().call_later(a.exit_after, os._exit, a.exit_code)
         if a.no_listen:

@@ -262,7 +262,11 @@ def test_hostile_messages_and_an_older_client(tmp_path: Path, keepers: list[Keep
     old = k.connect()  # a newer client takes over; it speaks protocols 5-6 only
     err = old.ask({"op": "hello", "proto": [5, 6]})
     assert err["code"] == "proto" and err["proto"] == 1
-    assert old.ask({"op": "signal", "sig": 15})["code"] == "proto"  # only stop
+    assert old.ask({"op": "signal", "sig": 15})["code"] == "proto"  # only stop and lease
+    r, w = os.pipe()
+    assert old.ask({"op": "lease"}, [r]) == {"op": "ok"}  # every protocol keeps its model
+    os.close(r)
+    os.close(w)
     assert old.ask({"op": "stop", "timeout_s": "soon"})["op"] == "stopped"  # a bad timeout
     assert k.proc.wait(10) == 0
 

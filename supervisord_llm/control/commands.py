@@ -201,6 +201,9 @@ class Commands:
     async def cmd_reload(self, a: P.Args) -> Any:
         return await self.host.reload()
 
+    async def cmd_handover(self, a: P.Args) -> Any:
+        return self.host.handover()
+
     async def cmd_checkpoint(self, a: P.Args) -> Any:
         power = self.parts.power
         if not power.checkpoints.hooks:

@@ -1,0 +1,292 @@
+"""Models outlive the supervisor (issue: a restart, an upgrade or a crash of the daemon reloads
+no model), with the real daemon and fake engines that count their own starts: kill -9 under
+streaming load, a watchdog-like kill (SIGABRT), a daemon that never comes back, a hand-over,
+a stop that leaves nothing, a changed config, lease hygiene, a keeper of another protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from helpers import (
+    Daemon,
+    alive,
+    base_config,
+    fake_service,
+    free_port,
+    running,
+    stays,
+    toml_dumps,
+    wait_until,
+)
+from supervisord_llm import keep
+from supervisord_llm.config import parse_config
+from supervisord_llm.plan import resolve_plan
+from supervisord_llm.service import launch_spec
+from supervisord_llm.spawn import Spawner
+
+ROOT = Path(__file__).resolve().parent.parent
+KEEPER = ROOT / "supervisord_llm" / "_keeper.py"
+
+
+def counted(tmp: Path, name: str, *knobs: str, **extra: Any) -> dict[str, Any]:
+    return fake_service(name, free_port(), "--starts", str(tmp / f"{name}.starts"), *knobs,
+                        **extra)
+
+
+def starts(tmp: Path, name: str) -> list[int]:
+    path = tmp / f"{name}.starts"
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def keepers_of(state: Path) -> list[int]:
+    out = []
+    for f in (state / "keep").glob("*/state.json"):
+        try:
+            out.append(int(json.loads(f.read_text())["keeper_pid"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return out
+
+
+class Streams:
+    """SSE streams straight to an engine (not through the daemon): they see whatever the
+    daemon's end does to the model."""
+
+    def __init__(self, port: int, n: int, tokens: int, delay: float) -> None:
+        self.done = 0
+        self.cut = 0
+        self._threads = [threading.Thread(target=self._one, args=(port, tokens, delay),
+                                          daemon=True) for _ in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _one(self, port: int, tokens: int, delay: float) -> None:
+        body = json.dumps({"model": "fake", "stream": True, "max_tokens": tokens,
+                           "fake_token_delay_s": delay}).encode()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Type: application/json\r\nConnection: close\r\n"
+                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            if b"data: [DONE]" in data:
+                self.done += 1
+            else:
+                self.cut += 1
+        except OSError:
+            self.cut += 1
+
+    def join(self, timeout: float) -> None:
+        for t in self._threads:
+            t.join(timeout)
+
+
+def test_kill_9_under_streaming_load_reloads_no_model(tmp_path: Path) -> None:
+    """kill -9 of the daemon while 16 streams run on each model: no stream is cut, no model
+    restarts (same pid, one start each), and the next daemon shows both adopted and ready."""
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha"), counted(tmp_path, "beta")])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        a, b = d.wait_state("alpha", "ready"), d.wait_state("beta", "ready")
+        streams = [Streams(s["port"], 16, 40, 0.05) for s in (a, b)]
+        time.sleep(0.5)
+        d.crash()
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    with running(tmp_path, doc) as d2:
+        for name, before in (("alpha", a), ("beta", b)):
+            svc = d2.wait_state(name, "ready")
+            assert svc["pid"] == before["pid"] and svc["adopted"] is True, svc
+            assert starts(tmp_path, name) == [before["pid"]]
+        for s in streams:
+            s.join(30)
+            assert (s.done, s.cut) == (16, 0)
+        status = d2.call("status")
+        assert [x["adopted"] for x in status["services"]] == [True, True]
+        url = f"http://{doc['metrics']['listen']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - loopback
+            metrics = r.read().decode()
+        assert "llm_supervisor_adoptions_total 2.0" in metrics
+        reattach = [float(line.split()[1]) for line in metrics.splitlines()
+                    if line.startswith("llm_supervisor_reattach_seconds ")]
+        assert len(reattach) == 1 and 0 < reattach[0] < 30
+
+
+def test_a_watchdog_kill_reloads_no_model(tmp_path: Path) -> None:
+    """SIGABRT (what systemd's watchdog sends) is a crash like any other."""
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha")])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        pid = d.wait_state("alpha", "ready")["pid"]
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGABRT)
+        d.proc.wait(10)
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    with running(tmp_path, doc) as d2:
+        svc = d2.wait_state("alpha", "ready")
+        assert svc["pid"] == pid and svc["adopted"] and starts(tmp_path, "alpha") == [pid]
+
+
+def test_handover_leaves_the_models_to_the_next_daemon(tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha")])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        pid = d.wait_state("alpha", "ready")["pid"]
+        r = d.llmctl("handover")
+        assert r.returncode == 0 and "handed over" in r.stdout and "alpha" in r.stdout, r
+        assert d.wait(15) == 0
+        assert alive(pid)
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    with running(tmp_path, doc) as d2:
+        svc = d2.wait_state("alpha", "ready")
+        assert svc["pid"] == pid and svc["adopted"] and starts(tmp_path, "alpha") == [pid]
+        # a hand-over is refused while something runs that it would cut in half
+        r = d2.llmctl("power-event", "on-battery")
+        assert r.returncode == 0
+        r = d2.llmctl("handover")
+        assert r.returncode == 1 and "power" in r.stderr, r
+
+
+def test_sigterm_stops_every_model_and_leaves_nothing(tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha", "--grandchild", "--ignore-term",
+                                         stop={"timeout_s": 1}),
+                                 counted(tmp_path, "beta")])
+    with running(tmp_path, doc) as d:
+        d.wait_state("alpha", "ready")
+        d.wait_state("beta", "ready")
+        assert d.proc is not None
+        procs = [p.pid for p in psutil.Process(d.proc.pid).children(recursive=True)]
+        d.signal(signal.SIGTERM)
+        assert d.wait(20) == 0
+        # when the daemon has exited, nothing of it is left: keepers, models, grandchildren
+        assert [p for p in procs if alive(p)] == []
+        assert keepers_of(tmp_path / "state") == []
+
+
+def test_a_changed_launch_is_not_adopted(tmp_path: Path) -> None:
+    """The config changed between the two daemons: the old instance is stopped first (its
+    GPU memory is needed), the new one launched."""
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha")])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        pid = d.wait_state("alpha", "ready")["pid"]
+        d.crash()
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    doc["service"][0]["env"] = {"NEW": "1"}
+    with running(tmp_path, doc) as d2:
+        svc = d2.wait_state("alpha", "ready")
+        assert svc["pid"] != pid and not svc["adopted"]
+        assert not alive(pid)
+        assert "its launch changed" in d2.logtext()
+
+
+def test_the_lease_is_held_by_the_daemon_alone(tmp_path: Path) -> None:
+    """Each keeper's lease is a pipe whose write end only the daemon holds: no model, no
+    keeper, no helper inherits it (else a model would outlive a daemon gone for good)."""
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha", "--grandchild"),
+                                 counted(tmp_path, "beta")])
+    with running(tmp_path, doc) as d:
+        d.wait_state("alpha", "ready")
+        d.wait_state("beta", "ready")
+        assert d.proc is not None
+        daemon = d.proc.pid
+        leases = []
+        for keeper in keepers_of(tmp_path / "state"):
+            leases.append(os.readlink(f"/proc/{keeper}/fd/3"))
+        assert len(leases) == 2 and all(x.startswith("pipe:") for x in leases)
+        holders: dict[str, set[int]] = {x: set() for x in leases}
+        for pid in psutil.pids():
+            try:
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with_link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if with_link in holders:
+                        holders[with_link].add(pid)
+            except OSError:
+                continue
+        keepers = set(keepers_of(tmp_path / "state"))
+        for lease, pids in holders.items():
+            assert pids - keepers == {daemon}, (lease, pids)
+
+
+def test_a_keeper_of_another_protocol_keeps_serving_and_can_be_stopped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keeper a release apart (its protocol not ours), launched as that release's daemon
+    would: its model is adopted as it runs, shown outdated, stopped on request (the one
+    thing every protocol takes); the restart gets a keeper of ours."""
+    old_pkg = tmp_path / "old"
+    old_pkg.mkdir()
+    text = KEEPER.read_text().replace("\nPROTO = 1\n", "\nPROTO = 7\n")
+    assert "PROTO = 7" in text
+    (old_pkg / "_keeper.py").write_text(text)
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha")])
+    plan = resolve_plan(parse_config(toml_dumps(doc)), [])[0]
+    monkeypatch.setattr(keep, "_PKG", old_pkg)
+
+    async def older_release() -> int:
+        sp = Spawner(tmp_path / "state", use_guardian=False)
+        proc = await sp.launch(launch_spec(plan, 1, plan.config.port, dict(os.environ)))
+        sp.handover = True
+        await sp.close()
+        return proc.pid
+
+    pid = asyncio.run(older_release())
+    monkeypatch.undo()
+    try:
+        with running(tmp_path, doc) as d:
+            svc = d.wait_state("alpha", "ready")
+            assert svc["pid"] == pid and svc["adopted"] and svc["outdated"], svc
+            assert "speaks protocol 7" in d.logtext()
+            r = d.llmctl("restart", "alpha")
+            assert r.returncode == 0, r.stderr
+            svc = d.wait_state("alpha", "ready")
+            assert svc["pid"] != pid and not svc["outdated"] and not alive(pid)
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_daemon_gone_for_good_with_an_escaped_grandchild(tmp_path: Path) -> None:
+    """A grandchild that left the group and the session (setsid) and ignores SIGTERM is
+    still below its keeper: stopped with the model when no daemon comes back."""
+    pidfile = tmp_path / "pids"
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha", "--escape", "--ignore-term",
+                                         "--pidfile", str(pidfile), stop={"timeout_s": 1})])
+    doc["supervisor"]["adopt_grace_s"] = 1
+    d = Daemon(tmp_path, doc).start()
+    try:
+        d.wait_state("alpha", "ready")
+        wait_until(pidfile.exists, 5, what="pidfile")
+        main, _gc, escaped = map(int, pidfile.read_text().split())
+        assert os.getsid(escaped) != os.getsid(main)
+        keeper_pids = keepers_of(tmp_path / "state")
+        assert len(keeper_pids) == 1
+        d.crash()
+        d.pids_seen.clear()
+        stays(lambda: alive(escaped), 0.3, "the model outlives the daemon for the grace")
+        wait_until(lambda: not alive(main) and not alive(escaped), 10,
+                   what="the model and its escaped grandchild gone")
+        wait_until(lambda: not any(alive(p) for p in keeper_pids), 10, what="its keeper gone")
+    finally:
+        d.stop()
