@@ -120,7 +120,7 @@ def test_kill_9_under_streaming_load_reloads_no_model(tmp_path: Path) -> None:
         status = d2.call("status")
         assert [x["adopted"] for x in status["services"]] == [True, True]
         url = f"http://{doc['metrics']['listen']}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=10) as r:
             metrics = r.read().decode()
         assert "llm_supervisor_adoptions_total 2.0" in metrics
         reattach = [float(line.split()[1]) for line in metrics.splitlines()
