@@ -253,7 +253,8 @@ class Daemon:
                 await web.start()
             await sup.start_gates()
             await hub.poll_once()
-            await guard.restore_leftovers()  # what an earlier run lowered and did not restore
+            # what an earlier run lowered and did not restore (taken over, with its models)
+            await guard.restore_leftovers(adopt=bool(adoptable))
             events.start()
             low_at_start = await power.first_reading()
             gen_probes, swapper = parts.probes, parts.swapper

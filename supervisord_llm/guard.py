@@ -639,11 +639,14 @@ class GpuGuard:
                 "critical_c": lim.critical_c, "resume_c": lim.resume_c},
         }
 
-    async def restore_leftovers(self) -> None:
+    async def restore_leftovers(self, adopt: bool = False) -> None:
         """At start: limits an earlier run lowered and could not restore (it was killed). One
         whose GPU is not here now stays recorded for the run that finds it again. A record
         that cannot be trusted (damaged by a crash or a hand) sends every GPU it may concern
-        back to the board's own default limit, and is said once, naming the file."""
+        back to the board's own default limit, and is said once, naming the file. With
+        `adopt` (models the earlier run left were adopted: the heat that lowered the limits
+        is still there), a limit the board still shows as the earlier run set it is taken
+        over by the policy as it stands, not restored and lowered again."""
         loaded = await self.store.load()
         self.store.entries = dict(loaded.entries)
         by_uuid = {g.uuid: g for g in self.hub.gpus}
@@ -657,10 +660,34 @@ class GpuGuard:
                 log.warning("power limit of %s (%g W) left lowered by an earlier run: that GPU "
                             "is not here; kept, to restore when it is", uuid, entry["before"])
                 continue
+            if adopt and await self._adopt_limit(gpu, entry):
+                continue
             await self._restore(gpu, "left lowered by an earlier run")
             changed = True
         if changed:  # the policy must see the restored limits as the boards' own, not the
             await self.hub.poll_once()  # lowered ones the first poll read
+
+    async def _adopt_limit(self, gpu: GpuInfo, entry: dict[str, Any]) -> bool:
+        """The policy's state as the earlier run left it: the board's own limit to come back
+        to, the steps that make the limit it shows, the admission factor they mean; it steps
+        on from there (up, one step an interval, once the GPU is cool)."""
+        lim = self.limits(gpu)
+        ours = self.store.ours(gpu.uuid)
+        now = await self._board_limit(gpu)
+        if lim is None or now is None or not ours or abs(now - ours[-1]) >= 1.0 \
+                or lim.step_w <= 0:
+            return False
+        before = float(entry["before"])
+        steps = max(0, round((before - now) / lim.step_w))
+        state = T.State(steps=steps, original_w=before, applied_w=now,
+                        last_step=self._clock())
+        self.states[gpu.uuid] = state
+        self.targets[gpu.uuid] = now
+        self.factors[gpu.uuid] = state.factor(lim)
+        log.info("GPU%d: power limit %g W (the board's %g W) as the earlier supervisor left "
+                 "it, with the models it ran: taken over, %d step(s) down", gpu.index, now,
+                 before, steps)
+        return True
 
     async def _distrust(self, loaded: Loaded, by_uuid: dict[str, GpuInfo]) -> None:
         """The GPUs whose record is damaged (all, when the file as a whole is) go back to the

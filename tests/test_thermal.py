@@ -24,6 +24,7 @@ from helpers import (
     fake_service,
     free_port,
     running,
+    stays,
     wait_until,
 )
 
@@ -129,6 +130,38 @@ def test_limits_restored_at_stop_and_after_a_kill(tmp_path: Path) -> None:
     with running(tmp_path, doc) as d2:
         wait_until(lambda: limits_file(tmp_path)[GPU0] == 300, 10, what="restored at start")
         wait_until(lambda: "left lowered by an earlier run" in d2.logtext(), 5, what="logged")
+
+
+def test_a_limit_is_taken_over_with_the_models_not_restored_and_lowered_again(
+        tmp_path: Path) -> None:
+    """The daemon killed while the heat holds a GPU's limit down, its model left running:
+    the next daemon adopts the model and takes the limit over as it stands (the GPU is
+    still hot: restoring it would put the full power back on a hot board for a while); the
+    admission stays lowered; once cool, the limit comes back up step by step."""
+    svc = fake_service("a", free_port(), gpus=[0],
+                       gate={"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 10})
+    doc = config(tmp_path, [svc])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        pid = d.wait_state("a", "ready")["pid"]
+        heat(tmp_path, gpu0={"temperature_c": 86})
+        wait_until(lambda: limits_file(tmp_path).get(GPU0, 300) <= 240, 10, what="lowered")
+        d.crash()
+        d.pids_seen.clear()  # the model stays for the next daemon
+    finally:
+        d.stop()
+    lowered = limits_file(tmp_path)[GPU0]
+    with running(tmp_path, doc) as d2:
+        svc2 = d2.wait_state("a", "ready")
+        assert svc2["pid"] == pid and svc2["adopted"]
+        stays(lambda: limits_file(tmp_path)[GPU0] <= lowered, 1.0,
+              "never back to the board's limit while hot")
+        assert "taken over" in d2.logtext()
+        assert "left lowered by an earlier run" not in d2.logtext()
+        assert d2.service("a")["max_concurrency"] < 10  # the admission as it was
+        heat(tmp_path, gpu0={"temperature_c": 40})
+        wait_until(lambda: limits_file(tmp_path)[GPU0] == 300, 20, what="back up when cool")
+        assert d2.service("a")["max_concurrency"] == 10
 
 
 async def test_critical_pause_loses_no_admitted_request(tmp_path: Path) -> None:
