@@ -3,10 +3,11 @@ its replacement, with backoff_initial_s = 0, over N kills (median and p99).
 
     .venv/bin/python bench/restart_latency.py [--kills 50]
 
-The service actor runs in this process with the real spawner (exec shim, process group,
-guardian) and a real child (/bin/sleep). Each kill is SIGKILL at t0; `launch` is when the
-actor calls the spawner for the replacement, `spawned` when the shim process exists
-(fork + exec of the shim done), `exec` when the real command has replaced the shim.
+The service actor runs in this process with the real spawner (the model's keeper, its
+process group, the guardian) and a real child (/bin/sleep). Each kill is SIGKILL at t0; the
+keeper reaps it and tells the actor, which decides on the restart; `launch` is when the actor
+calls the spawner for the replacement, `started` when the keeper has answered (a fork in the
+same keeper: no Python start-up), `exec` when the real command has replaced the fork.
 
 Each process is killed only once it has run FAST_RUN_S (1 s): the restart policy puts a floor
 of 1 s under the delay of a service whose runs keep ending sooner (policy/backoff.py), and this
@@ -33,7 +34,7 @@ from supervisord_llm.health import HttpProber
 from supervisord_llm.plan import resolve_plan
 from supervisord_llm.policy.backoff import FAST_RUN_S
 from supervisord_llm.service import ServiceActor
-from supervisord_llm.spawn import LaunchSpec, ServiceProcess, Spawner
+from supervisord_llm.spawn import KeptProcess, LaunchSpec, Spawner
 from supervisord_llm.states import State
 
 CONFIG = """
@@ -58,7 +59,7 @@ class TimedSpawner(Spawner):
         self.calls: list[float] = []
         self.returns: list[float] = []
 
-    async def launch(self, spec: LaunchSpec) -> ServiceProcess:
+    async def launch(self, spec: LaunchSpec) -> KeptProcess:
         self.calls.append(time.monotonic())
         proc = await super().launch(spec)
         self.returns.append(time.monotonic())
@@ -117,7 +118,7 @@ async def run(kills: int) -> None:
         await prober.close()
     print(f"{kills} kills, backoff_initial_s = 0")
     for name, values in (("exit -> launch (supervisor reaction)", launch),
-                         ("exit -> shim process running", spawned),
+                         ("exit -> relaunched (keeper answered)", spawned),
                          ("exit -> real command exec'd", execd)):
         ms = [v * 1000 for v in values]
         print(f"{name:40s} median {statistics.median(ms):6.2f} ms   p99 {pct(ms, 99):6.2f} ms"
