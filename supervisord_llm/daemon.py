@@ -30,6 +30,7 @@ from .errors import ConfigError, ControlError, StartupError
 from .guard import GpuGuard, LimitStore
 from .health import HttpProber
 from .host import Host
+from .ledger import Decisions, Ledger
 from .parts import Parts
 from .plan import ServicePlan, resolve_plan
 from .power import PowerController
@@ -189,6 +190,7 @@ class Daemon:
         self._watchdog_warned = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._lock_fd = -1
+        self.ledger = Ledger(None)  # the operator's decisions, kept across a restart
         self.clock = time.monotonic
 
     def load(self) -> Config:
@@ -207,6 +209,7 @@ class Daemon:
         try:
             plans = await asyncio.to_thread(resolve_plan, cfg, self.gpus)
             self._lock_fd = lock_state_dir(cfg.supervisor.state_dir)
+            self.ledger = Ledger(cfg.supervisor.state_dir)
         except BaseException:
             await disc.aclose()
             raise
@@ -227,6 +230,7 @@ class Daemon:
             if found:
                 log.warning("stopped processes left by an earlier run: %s", ", ".join(found))
             adoptable = await spawner.adopt()  # the models an earlier daemon left running
+            decisions = await self.ledger.load()  # the operator's stops, drains and pins
             await spawner.start()
             # the parts, each given what it needs; the record of them goes to status,
             # metrics and the control commands
@@ -280,7 +284,10 @@ class Daemon:
             hub.on_update(guard.poke)
             self._start_watchdog()
             adopted = await sup.start_all(hold="powered_down" if low_at_start else None,
-                                          adoptable=adoptable)
+                                          adoptable=adoptable,
+                                          held={n for n, d in decisions.items() if d.held})
+            await self._reapply(parts, decisions, adopted)
+            sup.on_change(lambda: self.ledger.record(decisions_of(parts)))
             if adopted:
                 self._tasks.append(loop.create_task(sup.time_reattach(adopted),
                                                     name="reattach"))
@@ -308,6 +315,7 @@ class Daemon:
             if web is not None:
                 await web.close()
             await prober.close()
+            await self.ledger.flush()
             handover = self.host is not None and self.host.handing_over
             spawner.handover = handover  # the keepers stay, and the power limits (adopted)
             await spawner.close()
@@ -383,6 +391,33 @@ class Daemon:
             self._status_sent_at = asyncio.get_running_loop().time()
             self.notifier.status(line)
 
+    async def _reapply(self, parts: Parts, decisions: dict[str, Decisions],
+                       adopted: list[str]) -> None:
+        """The operator's drains and pins from before the restart (their stops are holds
+        the services started with)."""
+        sup, loop = parts.sup, asyncio.get_running_loop()
+        drained = [n for n, d in decisions.items() if d.drained and sup.gate_of(n) is not None]
+        if drained:
+            log.info("drained by the operator before the restart, drained again: %s",
+                     ", ".join(drained))
+            await parts.host.drain(drained, "operator", 0.0)
+        pinned = [n for n, d in decisions.items() if d.pinned and n in sup.actors
+                  and sup.actors[n].cfg.on_demand and not d.held]
+        for name in pinned:
+            if name in adopted:
+                parts.swapper.pinned.add(name)
+            else:  # it was not running: loaded and pinned again, as `llmctl start` would
+                self._tasks.append(loop.create_task(self._pin_again(parts, name),
+                                                    name=f"pin-{name}"))
+        self.ledger.record(decisions_of(parts))
+
+    async def _pin_again(self, parts: Parts, name: str) -> None:
+        try:
+            await parts.swapper.start([name])
+        except ControlError as exc:
+            log.warning("%s: pinned before the restart, not loaded again: %s", name,
+                        exc.message)
+
     async def _guard_state_dir(self, state_dir: str, spawner: Spawner) -> None:
         """A state directory removed while the daemon runs (an operator's `rm -rf`) takes the
         lock file with it: another daemon could then take the directory and sweep our
@@ -390,6 +425,8 @@ class Daemon:
         taken again (with the process record) if it is gone."""
         while True:
             await asyncio.sleep(STATE_DIR_CHECK_S)
+            if self.parts is not None:  # what a drain or a pin changed without a transition
+                self.ledger.record(decisions_of(self.parts))
             if await asyncio.to_thread(_lock_intact, state_dir, self._lock_fd):
                 continue
             try:
@@ -486,6 +523,17 @@ class Daemon:
             return await commands.dispatch(req, peer)
 
         return dispatch
+
+
+def decisions_of(parts: Parts) -> dict[str, Decisions]:
+    """The operator's decisions as they stand, per service (for the ledger)."""
+    out = {}
+    for name, actor in parts.sup.actors.items():
+        gate = parts.sup.gate_of(name)
+        out[name] = Decisions(held="operator" in actor.holds,
+                              drained=gate is not None and "operator" in gate.drains,
+                              pinned=name in parts.swapper.pinned)
+    return out
 
 
 def run(config_path: str, overrides: Overrides) -> int:

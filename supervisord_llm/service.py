@@ -24,7 +24,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from . import lifecycle as L
@@ -252,6 +252,13 @@ class ServiceActor:
     async def command(self, kind: str) -> int:
         """An operator's command by name (start, stop, restart, reset, drain, resume)."""
         return await self.send(COMMANDS[kind]())
+
+    def preset(self, *, wanted: bool, holds: frozenset[str]) -> None:
+        """Before `run()`: what it starts with (the operator's hold kept across a restart of
+        the daemon: wanted up, held `operator`, as `llmctl stop` leaves it)."""
+        if self.alive:
+            raise RuntimeError(f"{self.name}: preset after the actor started")
+        self.model = replace(self.model, wanted=wanted, holds=holds)
 
     def adopt(self, proc: KeptProcess, gen: int) -> asyncio.Future[int]:
         """Take over a running instance an earlier daemon launched (before `run()`'s first

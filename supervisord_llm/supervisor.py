@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from .config import Config
@@ -270,13 +270,15 @@ class Supervisor:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start_all(self, hold: str | None = None,
-                        adoptable: Sequence[Adoptable] = ()) -> list[str]:
+                        adoptable: Sequence[Adoptable] = (),
+                        held: Collection[str] = ()) -> list[str]:
         """Launch every service in config order (not waiting for the models to load); with
         `hold`, they are wanted up but held down for it (the UPS on low battery at start).
         A service whose instance an earlier daemon left running (`adoptable`, launched just
         as this configuration would launch it) adopts it instead of launching; the others
-        are stopped first (a service removed or changed: its GPU memory is needed). Returns
-        the services adopted."""
+        are stopped first (a service removed or changed: its GPU memory is needed). `held`:
+        services the operator had stopped before the daemon restarted (`llmctl stop`): they
+        stay held, unless they run (adopted: what runs wins). Returns the services adopted."""
         chosen: dict[str, Adoptable] = {}
         extra: list[Adoptable] = []
         for item in sorted(adoptable, key=lambda i: -i.gen):
@@ -303,6 +305,14 @@ class Supervisor:
                 if not actor.alive:
                     actor.run()
                 await actor.adopt(took.proc, took.gen)
+                if hold is not None:
+                    await actor.send(Stop(hold))
+                continue
+            if actor.name in held and not actor.alive:
+                actor.preset(wanted=True, holds=actor.holds | {"operator"})
+                log.info("%s: held by the operator (llmctl stop) before the restart: stays "
+                         "down until `llmctl start %s`", actor.name, actor.name)
+                actor.run()
                 if hold is not None:
                     await actor.send(Stop(hold))
                 continue

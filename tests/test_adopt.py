@@ -26,6 +26,7 @@ from helpers import (
     base_config,
     fake_service,
     free_port,
+    gated,
     running,
     stays,
     toml_dumps,
@@ -290,3 +291,44 @@ def test_a_daemon_gone_for_good_with_an_escaped_grandchild(tmp_path: Path) -> No
         wait_until(lambda: not any(alive(p) for p in keeper_pids), 10, what="its keeper gone")
     finally:
         d.stop()
+
+
+def test_the_operators_stops_drains_and_pins_survive_a_crash(tmp_path: Path) -> None:
+    """What the operator decided holds across a crash of the daemon: a stopped service stays
+    down, a drained gate stays closed, a pinned on-demand model stays pinned (adopted, not
+    reloaded)."""
+    doc = base_config(tmp_path, [
+        counted(tmp_path, "stopped"),
+        gated("drained", "--starts", str(tmp_path / "drained.starts")),
+        gated("pinned", "--starts", str(tmp_path / "pinned.starts"),
+              service={"start": "on-demand"}),
+    ])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        d.wait_state("stopped", "ready")
+        d.wait_state("drained", "ready")
+        assert d.llmctl("stop", "stopped").returncode == 0
+        assert d.llmctl("drain", "drained").returncode == 0
+        r = d.llmctl("start", "pinned")
+        assert r.returncode == 0, r.stderr
+        pinned = d.wait_state("pinned", "ready")
+        assert pinned["on_demand"]["pinned"] is True
+        wait_until(lambda: json.loads((tmp_path / "state" / "services.json").read_text())
+                   ["services"].get("pinned", {}).get("pinned"), 10, what="the ledger")
+        d.crash()
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    with running(tmp_path, doc) as d2:
+        s = d2.wait_state("pinned", "ready")
+        assert s["adopted"] and s["on_demand"]["pinned"] is True
+        assert starts(tmp_path, "pinned") == [pinned["pid"]]
+        s = d2.wait_state("drained", "draining")
+        assert s["adopted"] and s["gate"] != "open"
+        stays(lambda: d2.service("stopped")["state"] == "stopped", 1.0, "it stays down")
+        assert d2.service("stopped")["holds"] == ["operator"]
+        assert len(starts(tmp_path, "stopped")) == 1
+        assert d2.llmctl("start", "stopped").returncode == 0
+        d2.wait_state("stopped", "ready")
+        assert d2.llmctl("resume", "drained").returncode == 0
+        d2.wait_state("drained", "ready")
