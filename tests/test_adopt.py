@@ -332,3 +332,31 @@ def test_the_operators_stops_drains_and_pins_survive_a_crash(tmp_path: Path) -> 
         d2.wait_state("stopped", "ready")
         assert d2.llmctl("resume", "drained").returncode == 0
         d2.wait_state("drained", "ready")
+
+
+def test_a_broken_config_at_the_restart_leaves_nothing_after_the_grace(tmp_path: Path) -> None:
+    """An upgrade that broke the config: the new daemon exits 1 and adopts nothing; the
+    models the old one left stop after adopt_grace_s (plus their stop timeout)."""
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha", "--ignore-term",
+                                         stop={"timeout_s": 1})])
+    doc["supervisor"]["adopt_grace_s"] = 2
+    d = Daemon(tmp_path, doc).start()
+    try:
+        pid = d.wait_state("alpha", "ready")["pid"]
+        keepers = keepers_of(tmp_path / "state")
+        d.crash()
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    broken = Daemon(tmp_path, doc)
+    broken.config.write_text("[supervisor\n")
+    broken.start(wait=False)
+    try:
+        assert broken.wait(20) == 1
+    finally:
+        broken.stop()
+    assert alive(pid)  # within the grace still
+    t0 = time.monotonic()
+    wait_until(lambda: not alive(pid) and not any(alive(k) for k in keepers), 10,
+               what="the model and its keeper gone")
+    assert time.monotonic() - t0 < 2 + 1 + 3
