@@ -385,7 +385,11 @@ async def test_xid_79_then_gpu_is_lost_is_one_lost(tmp_path: Path) -> None:
     gpus = b.discover()
     uuid = gpus[0].uuid
     got: list[GpuEvent] = []
-    events = GpuEvents(gpus, got.append, sources=[NvmlXidSource(b, gpus, wait_ms=20)])
+    # retry_s short: the wait after the GpuIsLost comes at once (with the default 5 s, a
+    # loaded machine let the GpuIsLost wait pass before the test looked, and the next one
+    # came only after the test's own 5 s)
+    events = GpuEvents(gpus, got.append, sources=[NvmlXidSource(b, gpus, wait_ms=20,
+                                                                retry_s=0.01)])
     events.start()
     try:
         await async_wait_until(lambda: nv.waits >= 1, 5, what="the first Xid wait")
