@@ -363,6 +363,7 @@ class Keeper:
         if self._partial:
             self._line(self._partial)
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
         me = os.getpid()
         # a signal for the engine that comes before its exec must not reach our handlers
         # (whose wakeup pipe is the keeper's): blocked across the fork, default in the child
@@ -371,6 +372,9 @@ class Keeper:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child; it never returns
                 try:
+                    os.setsid()  # its own session and group, before anyone signals it
+                    os.close(sync_r)
+                    os.close(sync_w)  # the keeper goes on: the group is there
                     signal.set_wakeup_fd(-1)
                     # Python ignores SIGPIPE and SIGXFSZ; an ignored signal survives exec
                     for sig in (*_HANDLED, signal.SIGPIPE, signal.SIGXFSZ):
@@ -382,6 +386,12 @@ class Keeper:
                     os._exit(127)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+        os.close(sync_w)
+        try:
+            os.read(sync_r, 1)  # EOF once the child has its group (or has died)
+        except OSError:
+            pass
+        os.close(sync_r)
         os.close(wfd)
         self.pid = self.pgid = pid  # the child makes itself a session (and group) leader
         self.ticks = start_ticks(pid)
@@ -393,7 +403,6 @@ class Keeper:
         self._save_state()
 
     def _child(self, keeper: int, out: int) -> None:  # pragma: no cover - in the child
-        os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out, 1)

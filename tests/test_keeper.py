@@ -83,6 +83,7 @@ class Client:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(10)
         self.sock.connect(str(path))
+        self.events: list[dict[str, Any]] = []
 
     def send(self, doc: Any, fds: list[int] | None = None) -> None:
         data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
@@ -90,15 +91,25 @@ class Client:
             if fds else []
         self.sock.sendmsg([data], anc)
 
+    def ask(self, doc: Any, fds: list[int] | None = None) -> dict[str, Any]:
+        """The reply (an `exited` the keeper sent meanwhile, unasked, is kept for recv)."""
+        self.send(doc, fds)
+        while True:
+            got = self._read()
+            if got.get("op") != "exited" or (isinstance(doc, dict) and doc.get("op") == "stop"):
+                return got
+            self.events.append(got)
+
     def recv(self) -> dict[str, Any]:
+        if self.events:
+            return self.events.pop(0)
+        return self._read()
+
+    def _read(self) -> dict[str, Any]:
         data = self.sock.recv(65536)
         assert data, "the keeper closed the connection"
         doc: dict[str, Any] = json.loads(data)
         return doc
-
-    def ask(self, doc: Any, fds: list[int] | None = None) -> dict[str, Any]:
-        self.send(doc, fds)
-        return self.recv()
 
     def close(self) -> None:
         self.sock.close()
