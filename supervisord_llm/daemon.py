@@ -44,7 +44,7 @@ from .sensors.udev import UdevSource
 from .spawn import Spawner
 from .status import status_line
 from .supervisor import Supervisor
-from .systemd import Notifier
+from .systemd import Notifier, Systemd, can_run_units, job_of, listen_fds, own_unit
 from .web import MetricsServer
 
 log = logging.getLogger("llm-supervisor")
@@ -191,6 +191,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._lock_fd = -1
         self.ledger = Ledger(None)  # the operator's decisions, kept across a restart
+        self.unit: str | None = None  # our systemd unit, when run as one
         self.clock = time.monotonic
 
     def load(self) -> Config:
@@ -213,9 +214,15 @@ class Daemon:
         except BaseException:
             await disc.aclose()
             raise
+        # under systemd: the keepers in transient units, their leases in the fd store
+        self.unit = own_unit()
+        systemd = Systemd(self.notifier, listen_fds()) if can_run_units() else None
+        if self.unit is not None and systemd is None:
+            log.warning("running as %s without systemd-run (or not as root): the models run "
+                        "in its cgroup, and a restart of the unit restarts them", self.unit)
         spawner = Spawner(cfg.supervisor.state_dir, adopt_grace_s=cfg.supervisor.adopt_grace_s,
                           unattended_limit_s=cfg.supervisor.unattended_limit_s,
-                          log_format=cfg.supervisor.log_format)
+                          log_format=cfg.supervisor.log_format, systemd=systemd)
         hub = disc.hub(cfg.gpu.poll_interval_s, cfg.gpu.call_timeout_s,
                        health_interval_s=cfg.gpu.health_interval_s)
         events: GpuEvents | None = None
@@ -230,6 +237,9 @@ class Daemon:
             if found:
                 log.warning("stopped processes left by an earlier run: %s", ", ".join(found))
             adoptable = await spawner.adopt()  # the models an earlier daemon left running
+            if systemd is not None and (gone := systemd.leftover()):
+                log.info("dropped %d lease(s) of keepers gone meanwhile from the fd store",
+                         len(gone))
             decisions = await self.ledger.load()  # the operator's stops, drains and pins
             await spawner.start()
             # the parts, each given what it needs; the record of them goes to status,
@@ -238,6 +248,7 @@ class Daemon:
             self.sup = sup
             host = Host(sup, self._load_for_reload, self._reloading)
             self.host = host
+            host.under_systemd = self.unit is not None
             guard = GpuGuard(sup, host, hub, cfg.thermal, LimitStore(cfg.supervisor.state_dir),
                              clock=self.clock)
             events = GpuEvents(self.gpus, guard.on_gpu_event, hub=hub,
@@ -346,6 +357,14 @@ class Daemon:
                         log.info("all services stopped; exiting")
                     return
                 what = sig_wait.result()
+                if what == "term" and host.mode.value != "shutting_down" \
+                        and self.unit is not None and await self._restarting():
+                    # `systemctl restart`: the models stay with their keepers (the leases in
+                    # the fd store); the next start adopts them
+                    log.info("%s is being restarted: exiting, the models stay for the next "
+                             "start", self.unit)
+                    host.handing_over = True
+                    return
                 if what == "term":
                     if host.mode.value != "shutting_down":
                         log.info("stopping: services in reverse order (again to stop at once)")
@@ -355,6 +374,13 @@ class Daemon:
                     asyncio.get_running_loop().create_task(self._sighup(host))
         finally:
             stopped.cancel()
+
+    async def _restarting(self) -> bool:
+        """Whether the SIGTERM is a restart of our unit (`systemctl list-jobs`), with the
+        keepers out of its cgroup: only then do the models stay."""
+        if self.unit is None or self.sup is None or self.sup.spawner.keepers.systemd is None:
+            return False
+        return await job_of(self.unit) in ("restart", "try-restart", "reload-or-restart")
 
     async def _sighup(self, host: Host) -> None:
         try:

@@ -96,6 +96,7 @@ class Host:
         self._shutdown: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
         self.handing_over = False  # `llmctl handover`: exit, leaving the models running
+        self.under_systemd = False  # a unit: `systemctl restart` hands over, not llmctl
         self._listeners: list[Callable[[], None]] = []
 
     def on_change(self, fn: Callable[[], None]) -> None:
@@ -399,6 +400,10 @@ class Host:
         swap, a power-down): what it does would be cut in half."""
         if self._shutdown is not None or self.handing_over:
             raise ControlError(P.FAILED, "the daemon is stopping already")
+        if self.under_systemd:
+            raise ControlError(P.FAILED, "running under systemd: `systemctl restart "
+                               "llm-supervisor` leaves the models to the next start (an exit "
+                               "now would stop the unit, and with it the models)")
         busy = [op.describe() for op in self.ops.values() if not op.task.done()]
         if busy:
             raise ControlError(P.FAILED, f"{', '.join(busy)} in progress: hand over once it "

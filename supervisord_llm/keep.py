@@ -460,8 +460,12 @@ class Keepers:
 
     def __init__(self, base: Path | None, *, grace_s: float = 30.0,
                  unattended_s: float = 300.0, log_format: str = "plain",
-                 output_fd: int = 2) -> None:
+                 output_fd: int = 2, systemd: SystemdHooks | None = None) -> None:
         self.base = base
+        # under systemd: each keeper in a transient unit of its own (out of the daemon's
+        # cgroup, which a restart of the daemon's unit ends), each lease's write end also in
+        # the daemon's file descriptor store (so that a restart never ends a lease)
+        self.systemd = systemd
         self.grace_s = grace_s
         self.unattended_s = unattended_s
         self.log_format = log_format
@@ -514,18 +518,20 @@ class Keepers:
         env = {**env, **marker(keeper_id, record.launch_id)}
         cpus = ",".join(str(c) for c in spec.cpus) if spec.cpus else "-"
         mem = str(spec.mem_node) if spec.mem_node is not None else "-"
+        keeper_args = ["--id", keeper_id, "--dir", str(kdir), "--service", spec.service,
+                       "--gen", str(gen), "--grace", f"{self.grace_s:g}",
+                       "--unattended", f"{self.unattended_s:g}",
+                       "--stop-timeout", f"{stop_timeout_s:g}", "--cpus", cpus,
+                       "--mem-node", mem, "--creds", creds, "--log-format", self.log_format]
+        if self.systemd is not None:
+            return await self._launch_unit(spec, record, kdir, keeper_args, env)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         lease_r, lease_w = os.pipe()
         link = Link(ours, keeper_id)
         started = link.expect()
         try:
             args = [sys.executable, "-I", "-S", "-c", _START.format(pkg=str(_PKG)),
-                    "--id", keeper_id, "--dir", str(kdir), "--service", spec.service,
-                    "--gen", str(gen), "--grace", f"{self.grace_s:g}",
-                    "--unattended", f"{self.unattended_s:g}",
-                    "--stop-timeout", f"{stop_timeout_s:g}", "--lease-fd", "3",
-                    "--client-fd", "4", "--cpus", cpus, "--mem-node", mem, "--creds", creds,
-                    "--log-format", self.log_format, "--", *spec.argv]
+                    *keeper_args, "--lease-fd", "3", "--client-fd", "4", "--", *spec.argv]
             pid = _spawn_keeper(args, env, lease_r, theirs.fileno(), self.output_fd)
         except OSError as exc:
             link.close()
@@ -548,6 +554,92 @@ class Keepers:
         proc = KeptProcess(self, spec, record, link, snap, keeper_pid=pid, adopted=False)
         k.proc = proc
         return proc
+
+    async def _launch_unit(self, spec: Spec, record: KeptLaunch, kdir: Path,
+                           keeper_args: list[str], env: dict[str, str]) -> KeptProcess:
+        """Under systemd: the keeper in a transient unit of its own (started by PID 1: it
+        inherits nothing of ours), then connected to through its socket and given its lease
+        (parked in the file descriptor store too)."""
+        assert self.systemd is not None
+        unit = unit_of(record.keeper_id)
+        args = [sys.executable, "-I", "-S", "-c", _START.format(pkg=str(_PKG)), *keeper_args,
+                "--", *spec.argv]
+        try:
+            await self.systemd.start_unit(unit, f"llm-supervisor keeper of {spec.service}",
+                                          args, env, spec.stop_timeout_s)
+        except SpawnError:
+            shutil.rmtree(kdir, ignore_errors=True)
+            raise
+        try:
+            link, snap = await self._connect(kdir, _START_TIMEOUT_S)
+        except KeeperGone as exc:
+            await self.systemd.stop_unit(unit)
+            shutil.rmtree(kdir, ignore_errors=True)
+            raise SpawnError(f"the keeper of {spec.service} did not start ({exc}; "
+                             f"`journalctl -u {unit}`)") from None
+        pid = snap.get("keeper_pid")
+        if snap.get("op") != "snapshot" or not isinstance(pid, int):
+            link.close()
+            await self.systemd.stop_unit(unit)
+            raise SpawnError(f"the keeper of {spec.service} answered {snap.get('op')!r}")
+        lease_w = await self._give_lease(link, record.keeper_id)
+        k = _Keeper(record, kdir, pid, P.pidfd(pid), lease_w, link)
+        self._watch(k)
+        proc = KeptProcess(self, spec, record, link, snap, keeper_pid=pid, adopted=False)
+        k.proc = proc
+        return proc
+
+    async def _connect(self, kdir: Path, timeout_s: float) -> tuple[Link, dict[str, Any]]:
+        """Connect to a keeper's socket (waiting up to `timeout_s` for it to appear) and say
+        hello: its snapshot (or its `error proto`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.setblocking(False)
+            try:
+                dirfd = os.open(kdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    async with asyncio.timeout(_CONNECT_TIMEOUT_S):
+                        await loop.sock_connect(sock, f"/proc/self/fd/{dirfd}/ctl.sock")
+                finally:
+                    os.close(dirfd)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                sock.close()
+                if loop.time() >= deadline:
+                    raise KeeperGone(f"no socket: {exc.strerror}") from None
+                await asyncio.sleep(0.005)
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                raise KeeperGone(str(exc) or "no answer") from None
+        link = Link(sock, kdir.name)
+        try:
+            snap = await link.ask({"op": "hello", "proto": list(PROTO)},
+                                  timeout_s=_CONNECT_TIMEOUT_S * 2)
+        except KeeperGone:
+            link.close()
+            raise
+        return link, snap
+
+    async def _give_lease(self, link: Link, keeper_id: str) -> int:
+        """A new lease: its read end to the keeper, its write end kept (and, under systemd,
+        parked in the fd store). Raises KeeperGone."""
+        lease_r, lease_w = os.pipe()
+        try:
+            reply = await link.ask({"op": "lease"}, fds=(lease_r,))
+        except KeeperGone:
+            os.close(lease_w)
+            raise
+        finally:
+            os.close(lease_r)
+        if reply.get("op") != "ok":
+            log.warning("keeper %s refused a lease (%s): its model stops after its grace",
+                        keeper_id, reply.get("message"))
+        if self.systemd is not None:
+            self.systemd.forget(lease_name(keeper_id))  # one lease per keeper in the store
+            self.systemd.store(lease_w, lease_name(keeper_id))
+        return lease_w
 
     def _watch(self, k: _Keeper) -> None:
         self._all[k.record.keeper_id] = k
@@ -577,6 +669,8 @@ class Keepers:
         if k.lease_w is not None:
             os.close(k.lease_w)
             k.lease_w = None
+            if self.systemd is not None:
+                self.systemd.forget(lease_name(k.record.keeper_id))
         k.link.close()
         shutil.rmtree(k.dir, ignore_errors=True)
 
@@ -642,26 +736,9 @@ class Keepers:
         record = KeptLaunch.from_doc(await asyncio.to_thread(_read_json, kdir / LAUNCH))
         state = await asyncio.to_thread(_read_json, kdir / "state.json")
         keeper_pid = state.get("keeper_pid") if isinstance(state, dict) else None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sock.setblocking(False)
         try:
-            dirfd = os.open(kdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                async with asyncio.timeout(_CONNECT_TIMEOUT_S):
-                    await asyncio.get_running_loop().sock_connect(
-                        sock, f"/proc/self/fd/{dirfd}/ctl.sock")
-            finally:
-                os.close(dirfd)
-        except (OSError, TimeoutError) as exc:
-            sock.close()
-            await self._dead_keeper(kdir, record, keeper_pid, str(exc) or "no answer")
-            return None
-        link = Link(sock, kdir.name)
-        try:
-            snap = await link.ask({"op": "hello", "proto": list(PROTO)},
-                                  timeout_s=_CONNECT_TIMEOUT_S * 2)
+            link, snap = await self._connect(kdir, 0.0)
         except KeeperGone as exc:
-            link.close()
             await self._dead_keeper(kdir, record, keeper_pid, str(exc))
             return None
         if snap.get("op") == "error" and snap.get("code") == "proto" and record is not None \
@@ -677,15 +754,16 @@ class Keepers:
             link.close()
             await asyncio.to_thread(shutil.rmtree, kdir, True)
             return None
-        lease_r, lease_w = os.pipe()
-        try:
-            await link.ask({"op": "lease"}, fds=(lease_r,))
-        except KeeperGone:
-            os.close(lease_w)
-            link.close()
-            return None
-        finally:
-            os.close(lease_r)
+        lease_w = self.systemd.take(lease_name(record.keeper_id)) \
+            if self.systemd is not None else None
+        if lease_w is None or not snap.get("lease"):  # (a restart under systemd keeps it)
+            if lease_w is not None:
+                os.close(lease_w)
+            try:
+                lease_w = await self._give_lease(link, record.keeper_id)
+            except KeeperGone:
+                link.close()
+                return None
         k = _Keeper(record, kdir, pid, P.pidfd(pid), lease_w, link)
         self._watch(k)
         gen = snap.get("gen")
@@ -716,18 +794,14 @@ class Keepers:
             await asyncio.to_thread(shutil.rmtree, kdir, True)
             return None
         assert isinstance(pid, int)
-        lease_r, lease_w = os.pipe()
-        try:
-            reply = await link.ask({"op": "lease"}, fds=(lease_r,))
-        except KeeperGone:
-            os.close(lease_w)
-            link.close()
-            return None
-        finally:
-            os.close(lease_r)
-        if reply.get("op") != "ok":
-            log.warning("keeper %s (protocol %s) refused a lease: its model stops after its "
-                        "grace", kdir.name, proto)
+        lease_w = self.systemd.take(lease_name(record.keeper_id)) \
+            if self.systemd is not None else None
+        if lease_w is None:
+            try:
+                lease_w = await self._give_lease(link, record.keeper_id)
+            except KeeperGone:
+                link.close()
+                return None
         log.warning("keeper %s speaks protocol %s, not %d-%d: its model is adopted as it "
                     "runs (outdated: it can only be stopped; a restart gets a new keeper)",
                     kdir.name, proto, *PROTO)
@@ -754,6 +828,12 @@ class Keepers:
                         P.send(fd, signal.SIGKILL)
                 finally:
                     os.close(fd)
+        if self.systemd is not None:
+            fd = self.systemd.take(lease_name(kdir.name))
+            if fd is not None:
+                os.close(fd)
+                self.systemd.forget(lease_name(kdir.name))
+            await self.systemd.stop_unit(unit_of(kdir.name))
         scan = await asyncio.to_thread(P.scan_leftovers, kdir.name, {})
         if scan.ours:
             log.warning("stopping %d process(es) left by keeper %s", len(scan.ours), kdir.name)
@@ -821,6 +901,32 @@ class _AdoptedSpec:
     port: int | None = None
     stop_timeout_s: float = 10.0
     digest: str = ""
+
+
+def lease_name(keeper_id: str) -> str:
+    """Its lease's name in systemd's file descriptor store."""
+    return f"lease-{keeper_id}"
+
+
+def unit_of(keeper_id: str) -> str:
+    """A keeper's transient unit (only the id's random part: any service name is valid in a
+    config, not every one in a unit name)."""
+    return f"llm-keep-{keeper_id.rpartition('-')[2]}.service"
+
+
+class SystemdHooks(Protocol):
+    """What the keepers need of systemd (systemd.py's `Systemd`)."""
+
+    async def start_unit(self, unit: str, description: str, argv: list[str],
+                         env: dict[str, str], stop_timeout_s: float) -> None: ...
+
+    async def stop_unit(self, unit: str) -> None: ...
+
+    def store(self, fd: int, name: str) -> None: ...
+
+    def take(self, name: str) -> int | None: ...
+
+    def forget(self, name: str) -> None: ...
 
 
 def _spawn_keeper(args: list[str], env: dict[str, str], lease_r: int, client: int,

@@ -37,7 +37,7 @@ from typing import Any
 from . import procs as P
 from .config import read_config_file
 from .errors import ConfigError, SpawnError, StartupError
-from .keep import Adoptable, Keepers, KeptProcess
+from .keep import Adoptable, Keepers, KeptProcess, SystemdHooks
 from .procs import MARK_INSTANCE, MARK_LAUNCH, MARK_SERVICE, read_boot_id
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Spawner:
     def __init__(self, state_dir: str | Path | None, use_guardian: bool = True,
                  instance_id: str | None = None, *, adopt_grace_s: float = 30.0,
                  unattended_limit_s: float = 300.0, log_format: str = "plain",
-                 output_fd: int = 2) -> None:
+                 output_fd: int = 2, systemd: SystemdHooks | None = None) -> None:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.use_guardian = use_guardian
         self.instance_id = instance_id or secrets.token_hex(8)
@@ -78,7 +78,7 @@ class Spawner:
         # journal), never through the daemon
         self.keepers = Keepers(self.state_dir / "keep" if self.state_dir is not None else None,
                                grace_s=adopt_grace_s, unattended_s=unattended_limit_s,
-                               log_format=log_format, output_fd=output_fd)
+                               log_format=log_format, output_fd=output_fd, systemd=systemd)
         self._tracked: set[int] = set()  # helpers' groups, for the guardian
         self._launches = 0
         self._guardian: asyncio.subprocess.Process | None = None

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from helpers import ROOT, fake_service, free_port, toml_dumps, wait_until
+from helpers import ROOT, alive, fake_service, free_port, toml_dumps, wait_until
 from supervisord_llm import ctl
 
 pytestmark = pytest.mark.e2e
@@ -122,11 +122,11 @@ def kill_marked(marker: str) -> None:
             os.kill(pid, 9)
 
 
-def install(lab: Lab, services: int = 2) -> dict[str, Any]:
+def install(lab: Lab, services: int = 2, grace_s: float = 30) -> dict[str, Any]:
     tmp = lab.base
     doc: dict[str, Any] = {
         "supervisor": {"control_socket": str(tmp / "ctl.sock"), "state_dir": str(tmp / "state"),
-                       "log_format": "journal"},
+                       "log_format": "journal", "adopt_grace_s": grace_s},
         "metrics": {"listen": ""},
         "gpu": {"backend": "none"},
         "service": [fake_service(f"svc{i}", free_port(), "--grandchild", "--ignore-term",
@@ -203,8 +203,11 @@ def test_blocked_loop_gets_the_daemon_restarted_by_the_watchdog(lab: Lab) -> Non
     after = wait_until(lambda: (d := socket_status(doc)) and all(
         s["state"] == "ready" for s in d["services"]) and d, 20, what="services back")
     assert after["supervisor"]["pid"] != before["supervisor"]["pid"]
-    assert not old_pids & {s["pid"] for s in after["services"]}
+    # the models outlived the killed daemon (their keepers are units of their own): adopted
+    assert old_pids == {s["pid"] for s in after["services"]}
+    assert all(s["adopted"] for s in after["services"])
     lab.ctl("stop", "llm-supervisor.service")
+    wait_until(lambda: not keep_units(lab), 10, what="no keeper unit left")
 
 
 def test_systemctl_stop_leaves_no_service_process(lab: Lab) -> None:
@@ -215,21 +218,90 @@ def test_systemctl_stop_leaves_no_service_process(lab: Lab) -> None:
     for i in range(2):
         wait_until((lab.base / f"svc{i}.pid").exists, 5, what="pidfile")
     procs = marked(str(lab.base))
-    assert len(procs) >= 5  # daemon, two services, two grandchildren
+    assert len(procs) >= 7  # daemon, two keepers, two services, two grandchildren
     in_unit = unit_procs(lab)
-    assert len(in_unit) >= 6  # and the guardian
+    # the daemon and its guardian; the models are not in its cgroup: a unit each
+    in_cmds = [Path(f"/proc/{p}/cmdline").read_bytes() for p in in_unit
+               if Path(f"/proc/{p}").exists()]
+    assert not [c for c in in_cmds if b"fakebackend" in c or b"_keeper" in c], in_cmds
+    assert any(b"_guardian" in c for c in in_cmds), in_cmds
+    assert len(keep_units(lab)) == 2
     # OOMScoreAdjust=-500 protects the supervisor (where this sandbox lets systemd set it);
     # its services reset theirs to 0
     adj = {pid: Path(f"/proc/{pid}/oom_score_adj").read_text().strip() for pid in procs}
     cmds = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in procs}
-    daemon = [p for p in procs if b"supervisord_llm" in cmds[p]]
+    daemon = [p for p in procs if b"-m\0supervisord_llm" in cmds[p]]
     assert len(daemon) == 1
     if adj[daemon[0]] == "-500":
         assert all(adj[p] == "0" for p in procs if b"fakebackend" in cmds[p]), adj
     lab.ctl("stop", "llm-supervisor.service")
     assert lab.show()["ActiveState"] in ("inactive", "failed")
+    # when `systemctl stop` returns, nothing is left: no model, no keeper, no keeper unit
+    assert not [p for p in procs if alive(p)], describe(lab)
+    assert not keep_units(lab)
     wait_until(lambda: not marked(str(lab.base)) and not unit_procs(lab), 5,
                what=f"no process left: {describe(lab)}")
+
+
+def keep_units(lab: Lab) -> list[str]:
+    out = lab.ctl("list-units", "--all", "--no-legend", "--plain", "llm-keep-*")
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def test_the_models_outlive_a_restart_and_a_kill_of_the_daemon(lab: Lab) -> None:
+    """`systemctl restart` and kill -9 of the daemon (Restart=on-failure): the models keep
+    their pids (their keepers are units of their own, their leases in the daemon's fd
+    store), the next daemon adopts them; `systemctl stop` then leaves nothing."""
+    doc = install(lab)
+    lab.ctl("start", "llm-supervisor.service")
+    before = wait_until(lambda: (d := socket_status(doc)) and all(
+        s["state"] == "ready" for s in d["services"]) and d, 20, what="services ready")
+    pids = {s["pid"] for s in before["services"]}
+    assert lab.ctl("show", "-p", "NFileDescriptorStore", "--value",
+                   "llm-supervisor.service").strip() == "2"
+    lab.ctl("restart", "llm-supervisor.service")
+    after = wait_until(lambda: (d := socket_status(doc)) and d["supervisor"]["pid"] !=
+                       before["supervisor"]["pid"] and all(
+                           s["state"] == "ready" and s["adopted"] for s in d["services"])
+                       and d, 20, what=f"adopted after the restart ({describe(lab)})")
+    assert {s["pid"] for s in after["services"]} == pids
+    main = int(lab.show()["MainPID"])
+    inner_kill(lab, main)
+    again = wait_until(lambda: (d := socket_status(doc)) and d["supervisor"]["pid"] !=
+                       after["supervisor"]["pid"] and all(
+                           s["state"] == "ready" and s["adopted"] for s in d["services"])
+                       and d, 20, what=f"adopted after a kill ({describe(lab)})")
+    assert {s["pid"] for s in again["services"]} == pids
+    assert lab.ctl("show", "-p", "NFileDescriptorStore", "--value",
+                   "llm-supervisor.service").strip() == "2"
+    lab.ctl("stop", "llm-supervisor.service")
+    assert not keep_units(lab)
+    wait_until(lambda: not marked(str(lab.base)), 5, what=f"nothing left: {describe(lab)}")
+
+
+def test_a_broken_config_at_the_restart_stops_the_models_after_the_grace(lab: Lab) -> None:
+    """The upgrade broke the config: the new daemon exits 1, the unit fails, systemd closes
+    its fd store, every lease ends; the models stop after adopt_grace_s."""
+    doc = install(lab, grace_s=2)
+    lab.ctl("start", "llm-supervisor.service")
+    wait_until(lambda: (d := socket_status(doc)) and all(
+        s["state"] == "ready" for s in d["services"]), 20, what="services ready")
+    (lab.base / "config.toml").write_text("[supervisor\n")
+    lab.ctl("restart", "llm-supervisor.service", check=False)
+    wait_until(lambda: lab.show()["ActiveState"] == "failed", 10, what="the unit failed")
+    t0 = time.monotonic()
+    wait_until(lambda: not marked(str(lab.base)) and not keep_units(lab), 15,
+               what=f"the models gone ({describe(lab)})")
+    assert time.monotonic() - t0 < 2 + 1 + 8
+    lab.ctl("reset-failed", "llm-supervisor.service", check=False)
+
+
+def inner_kill(lab: Lab, pid_in_lab: int) -> None:
+    """kill -9 of a process by its pid in the lab's pid namespace."""
+    unshare = int((lab.dir / "unshare.pid").read_text())
+    inner = int(Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split()[0])
+    subprocess.run(["nsenter", "-t", str(inner), "-m", "-p", "--", "kill", "-9",
+                    str(pid_in_lab)], check=True, capture_output=True)
 
 
 def unit_procs(lab: Lab) -> list[int]:
