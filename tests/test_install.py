@@ -6,6 +6,7 @@ a running supervisor, uninstall (config and state kept), and the --dry-run and -
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -91,6 +92,14 @@ def lab() -> Iterator[Lab]:
                                capture_output=True, check=False)
         for d in made_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def status_json(lab: Lab, ctl: str) -> dict[str, Any] | None:
+    r = in_lab(lab, ctl, "--json", "status")
+    if r.returncode != 0:
+        return None
+    doc: dict[str, Any] = json.loads(r.stdout)
+    return doc
 
 
 def paths(lab: Lab) -> dict[str, Path]:
@@ -185,8 +194,12 @@ def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
     stranger = in_lab(lab, ctl, "status", user="nobody")
     assert stranger.returncode in (3, 4), (stranger.stdout, stranger.stderr)
     assert "permission" in stranger.stderr.lower()
-    # an upgrade over the running one: it keeps running (the old code) until a restart
+    # an upgrade over the running one: it keeps running (the old code) until a restart,
+    # which reloads no model: the new daemon adopts them (same pids)
     pid = lab.show()["MainPID"]
+    models = wait_until(lambda: (st := status_json(lab, ctl)) and all(
+        x["state"] == "ready" for x in st["services"]) and
+        {x["name"]: x["pid"] for x in st["services"]}, 30, what="the models ready")
     again = install(lab)
     assert again.returncode == 0, again.stderr
     assert "running the previous version" in again.stdout
@@ -195,9 +208,14 @@ def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
     assert again.returncode == 0, again.stderr
     wait_until(lambda: lab.show().get("ActiveState") == "active"
                and lab.show()["MainPID"] != pid, 60)
-    wait_until(lambda: "svc0" in in_lab(lab, ctl, "status").stdout, 30)
+    after = wait_until(lambda: (st := status_json(lab, ctl)) and all(
+        x["state"] == "ready" and x["adopted"] for x in st["services"]) and st, 30,
+        what="the models adopted after the upgrade")
+    assert {x["name"]: x["pid"] for x in after["services"]} == models
     lab.ctl("stop", "llm-supervisor.service")
     assert lab.show()["ActiveState"] == "inactive"
+    # a stop leaves nothing: no keeper unit
+    assert not lab.ctl("list-units", "--all", "--no-legend", "--plain", "llm-keep-*").strip()
     # uninstall: gone, but the config and the state stay
     gone = install(lab, "--uninstall")
     assert gone.returncode == 0, gone.stderr
