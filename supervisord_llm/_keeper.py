@@ -24,13 +24,15 @@ The rules (the lease is the only orphan rule):
   told to stop (the supervisor decides on a restart).
 - The engine's output: each line, with the service's name in front, to the keeper's own
   stderr (the journal, or the supervisor's log), never blocking:
-  what a full stderr cannot take is dropped and counted (a line is at most 4000 bytes).
+  what a full stderr cannot take is dropped and counted (a line is at most 3800 bytes).
 
-Messages (client -> keeper): `hello {proto: [min, max]}` -> `snapshot`; `lease` (an fd
+Messages (client -> keeper): `ping` -> `pong` (a supervisor says it is there: with no word
+for `--unattended` seconds, attached or not, the model is stopped);
+`hello {proto: [min, max]}` -> `snapshot`; `lease` (an fd
 attached) -> `ok`; `signal {sig}` -> `ok`; `stop {timeout_s?}` -> `stopped {exit}`, then the
 keeper exits. A keeper that cannot speak any protocol in the client's range answers hello
-with `error {code: "proto", proto}` and then takes only `stop` and `lease` (the two every
-protocol keeps: a later supervisor can always keep an older keeper's model and stop it).
+with `error {code: "proto", proto}` and then takes only `stop`, `lease` and `ping` (what
+every protocol keeps: a later supervisor can always keep an older keeper's model and stop it).
 `run {gen}` starts the engine again once it and everything it started are gone -> `started`.
 Keeper -> client, unasked: `exited {exit, pid}` (and `started`, with --client-fd).
 """
@@ -292,7 +294,9 @@ class Keeper:
         self.client: socket.socket | None = None
         self.outdated = False  # the client speaks no protocol of ours: stop and lease
         self.grace_until: float | None = None
-        self.alone_since: float | None = _now()  # no client attached since
+        # no word from a supervisor since (attached or not: a supervisor that is frozen, or
+        # stopped with SIGSTOP, watches nothing either); every message counts, `ping` too
+        self.alone_since: float | None = _now()
         self.stopping_until: float | None = None  # SIGKILL after this
         self.stop_reply: socket.socket | None = None
         self.done = False
@@ -493,7 +497,8 @@ class Keeper:
             self.stop(self.stop_timeout_s)
         elif self.alone_since is not None and self.unattended_s > 0 \
                 and now >= self.alone_since + self.unattended_s:
-            self._log(f"no supervisor for {self.unattended_s:g}s: stopping the model")
+            self._log(f"no word from a supervisor for {self.unattended_s:g}s: stopping the "
+                      "model (its heat and power unwatched)")
             self.stop(self.stop_timeout_s)
 
     # --- the engine ---------------------------------------------------------------------
@@ -674,7 +679,8 @@ class Keeper:
         conn.setblocking(False)
         self.client = conn
         self.outdated = False
-        self.alone_since = None
+        if self.stopping_until is None:
+            self.alone_since = _now()
         self.sel.add(conn.fileno(), "client")
 
     def _drop_client(self) -> None:
@@ -684,8 +690,6 @@ class Keeper:
         if self.client is not self.stop_reply:
             self.client.close()
         self.client = None
-        if self.stopping_until is None:
-            self.alone_since = _now()
 
     def _send(self, doc: dict[str, object]) -> None:
         if self.client is None:
@@ -727,7 +731,11 @@ class Keeper:
 
     def _handle(self, msg: dict[str, object], fds: list[int]) -> None:
         op = msg["op"]
-        if op == "hello":
+        if self.stopping_until is None:
+            self.alone_since = _now()  # a word from the supervisor
+        if op == "ping":
+            self._send({"op": "pong"})
+        elif op == "hello":
             rng = msg.get("proto")
             ok = isinstance(rng, list) and len(rng) == 2 and all(
                 isinstance(x, int) and not isinstance(x, bool) for x in rng) \

@@ -856,6 +856,18 @@ class Keepers:
 
     # --- the end ---------------------------------------------------------------------------
 
+    async def heartbeat(self) -> None:
+        """A word to every keeper now and then (`ping`): a keeper that hears nothing from a
+        supervisor for `unattended_s` stops its model, attached or not (a frozen daemon
+        watches nothing)."""
+        period = max(0.5, min(30.0, self.unattended_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            for k in list(self._all.values()):
+                with contextlib.suppress(KeeperGone):
+                    k.link.send({"op": "ping"})
+                    k.link.expect()  # its pong, read and dropped
+
     def keeper_pids(self) -> list[int]:
         return [k.pid for k in self._all.values()]
 

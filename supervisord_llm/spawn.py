@@ -86,6 +86,7 @@ class Spawner:
         self._guardian_watch: asyncio.Task[None] | None = None
         self._closing = False
         self.handover = False  # at close: leave the models to the next daemon
+        self._heartbeat: asyncio.Task[None] | None = None
         # the record: one writer task, the latest state wins, writes never go backwards
         self._state_seq = 0
         self._state_next: tuple[int, str] | None = None
@@ -97,6 +98,8 @@ class Spawner:
 
     async def start(self) -> None:
         self._save_state()  # this run, on record (a later start tells it was ours)
+        self._heartbeat = asyncio.get_running_loop().create_task(self.keepers.heartbeat(),
+                                                                 name="keeper-heartbeat")
         if self.use_guardian:
             await self._start_guardian()
 
@@ -163,6 +166,8 @@ class Spawner:
         last record, then stop the guardian cleanly: groups still registered, and processes
         still carrying this run's marker, are killed by it."""
         self._closing = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         await self.keepers.close(handover=self.handover)
         await self.flush_state()
         if self._guardian_fd is not None:

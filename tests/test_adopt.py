@@ -360,3 +360,24 @@ def test_a_broken_config_at_the_restart_leaves_nothing_after_the_grace(tmp_path:
     wait_until(lambda: not alive(pid) and not any(alive(k) for k in keepers), 10,
                what="the model and its keeper gone")
     assert time.monotonic() - t0 < 2 + 1 + 3
+
+
+def test_a_frozen_daemon_leaves_its_models_unattended_no_longer_than_the_limit(
+        tmp_path: Path) -> None:
+    """The daemon stopped (SIGSTOP) but not dead: its leases stay, so only the silence
+    counts. With no word from it for unattended_limit_s the keepers stop the models; a
+    daemon that talks (its heartbeat) keeps them."""
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha")])
+    doc["supervisor"].update({"adopt_grace_s": 1, "unattended_limit_s": 2})
+    with running(tmp_path, doc) as d:
+        pid = d.wait_state("alpha", "ready")["pid"]
+        stays(lambda: alive(pid), 3.0, "a daemon that talks keeps its models")
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            wait_until(lambda: not alive(pid), 10, what="the model stopped")
+            assert time.monotonic() - t0 >= 1.0
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        assert "no word from a supervisor for 2s" in d.logtext()
