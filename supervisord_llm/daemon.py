@@ -271,7 +271,7 @@ class Daemon:
             # what an earlier run lowered and did not restore (taken over, with its models)
             await guard.restore_leftovers(adopt=bool(adoptable))
             events.start()
-            low_at_start = await power.first_reading()
+            low_at_start = await power.first_reading(adopting=bool(adoptable))
             gen_probes, swapper = parts.probes, parts.swapper
             loop = asyncio.get_running_loop()
             for sig, what in ((signal.SIGTERM, "term"), (signal.SIGINT, "term"),

@@ -163,13 +163,19 @@ class PowerController:
         return P.Limits(c.on_battery_grace_s, c.low_runtime_s, c.low_charge_pct,
                         c.deadtime_s, c.restart_on_power_return, c.fsd_stale_s)
 
-    async def first_reading(self) -> bool:
+    async def first_reading(self, adopting: bool = False) -> bool:
         """At start, before the services: what an earlier run of this boot recorded, then one
         poll. True when the services must start held `powered_down` (and come up when the
         power returns): the UPS is on battery (or low, or FSD) now, or, with no UPS to poll
         (`source = "none"`), the last run was on battery or powered down and no on-line event
         has come since."""
         recorded = await self._load_record()
+        if adopting and recorded is not None and recorded.phase in ("on_battery",
+                                                                    "powering_down"):
+            # the models an earlier daemon left run: its sequence goes on (the grace over
+            # again from now, or, if it was powering down, the power-down at once)
+            await self._continue(recorded)
+            return False
         if self.poller is None:
             if recorded is not None and recorded.phase in HELD_PHASES:
                 why = (f"the last run of this boot recorded {recorded.phase.replace('_', ' ')}"
@@ -200,6 +206,23 @@ class PowerController:
             return True
         await self._save_record()
         return False
+
+    async def _continue(self, was: P.State) -> None:
+        """A power episode an earlier daemon was in the middle of, with its models adopted:
+        on battery, the grace starts over (the earlier run's clock is not ours); powering
+        down, the power-down goes on at once (drain, checkpoints, stop), from the start of
+        its steps: what was done already (a drained gate, a checkpoint) is done again."""
+        now = self._clock()
+        since = now - self.cfg.on_battery_grace_s if was.phase == "powering_down" else now
+        self.state = P.State(phase="on_battery", believed=was.believed, on_battery_since=since,
+                             alerted=True, forced=was.forced, override=was.override)
+        log.warning("power: the last run of this boot was %s, and its models were adopted: %s",
+                    was.phase.replace("_", " "), "the power-down goes on now"
+                    if was.phase == "powering_down" else
+                    f"on battery, the grace ({self.cfg.on_battery_grace_s:g} s) runs again")
+        self._mode(Mode.ON_BATTERY, f"{was.phase.replace('_', ' ')} before the restart")
+        self._set_ceiling(self.cfg.on_battery_power_fraction, "on battery")
+        self._arm_grace()
 
     def _hold_at_start(self, was: P.State, why: str, *, on_line: bool) -> None:
         believed = "on_battery" if was.believed == "on_battery" else "low_battery"

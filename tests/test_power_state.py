@@ -86,6 +86,33 @@ def test_a_daemon_killed_while_powered_down_comes_back_held(tmp_path: Path) -> N
         d.stop()
 
 
+def test_a_daemon_killed_on_battery_with_its_models_goes_on_with_the_episode(
+        tmp_path: Path) -> None:
+    """Killed during the grace, its model left running: the next daemon adopts the model and
+    goes on with the episode (on battery, the ceiling on, the grace again), not a hold at
+    start that would stop the model without a drain; a low battery then powers down."""
+    doc = none_config(tmp_path, on_battery_grace_s=600)
+    d = Daemon(tmp_path, doc).start()
+    try:
+        pid = d.wait_state("chat", "ready")["pid"]
+        assert d.llmctl("power-event", "on-battery").returncode == 0
+        wait_until(lambda: json.loads((tmp_path / "state" / "power_state.json").read_text())
+                   ["phase"] == "on_battery", 5, what="recorded")
+        d.crash()
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    with running(tmp_path, doc) as d2:
+        svc = d2.wait_state("chat", "ready")
+        assert svc["pid"] == pid and svc["adopted"]
+        assert mode(d2) == "on_battery"
+        assert "its models were adopted" in d2.logtext()
+        wait_until(lambda: limits(tmp_path)[0] < 300.0, 10, what="the battery ceiling")
+        assert d2.llmctl("power-event", "low-battery").returncode == 0
+        wait_until(lambda: mode(d2) == "powered_down", 15, what="powered down")
+        assert d2.service("chat")["holds"] == ["powered_down"]
+
+
 def test_a_reload_during_the_grace_applies_the_new_grace(tmp_path: Path) -> None:
     doc = none_config(tmp_path, on_battery_grace_s=600)
     with running(tmp_path, doc) as d:
