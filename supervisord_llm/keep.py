@@ -475,6 +475,7 @@ class Keepers:
         self._idle: dict[str, _Keeper] = {}  # service -> a keeper kept for a relaunch
         self.limiter = LogLimiter(__name__)
         self.adoptions = 0
+        self._dead: list[tuple[Path, bool]] = []  # keepers found dead at the adoption
         self.closing = False
 
     def _dir(self) -> Path:
@@ -721,6 +722,7 @@ class Keepers:
         if self.base is None or not self.base.is_dir():
             return []
         found: list[Adoptable] = []
+        self._dead = []
         for kdir in sorted(await asyncio.to_thread(_dirs, self.base)):
             try:
                 got = await self._adopt_one(kdir)
@@ -730,6 +732,7 @@ class Keepers:
                 continue
             if got is not None:
                 found.append(got)
+        await self._bury(self._dead)
         return found
 
     async def _adopt_one(self, kdir: Path) -> Adoptable | None:
@@ -816,33 +819,48 @@ class Keepers:
 
     async def _dead_keeper(self, kdir: Path, record: KeptLaunch | None, keeper_pid: object,
                            why: str) -> None:
-        """A keeper that does not answer: kill it if it is still there (proven a keeper by
-        its command line), and whatever carries its marker; forget it."""
+        """A keeper that does not answer: killed if it is still there (proven a keeper by its
+        command line); what carries its marker, and its directory, go with the others at the
+        end of the adoption (one pass over /proc for all of them)."""
+        real = False
         if isinstance(keeper_pid, int) and not isinstance(keeper_pid, bool) and keeper_pid > 1:
             fd = P.pidfd(keeper_pid)
             if fd is not None:
                 try:
-                    if "_keeper" in P.cmdline(keeper_pid) and kdir.name in P.cmdline(keeper_pid):
+                    cmd = P.cmdline(keeper_pid)
+                    if "_keeper" in cmd and kdir.name in cmd:
+                        real = True
                         log.warning("keeper %s (pid %d) does not answer (%s): killing it",
                                     kdir.name, keeper_pid, why)
                         P.send(fd, signal.SIGKILL)
                 finally:
                     os.close(fd)
+        self._dead.append((kdir, real or record is not None))
+
+    async def _bury(self, dead: list[tuple[Path, bool]]) -> None:
+        if not dead:
+            return
+        names = {kdir.name for kdir, _ in dead}
         if self.systemd is not None:
-            fd = self.systemd.take(lease_name(kdir.name))
-            if fd is not None:
-                os.close(fd)
-                self.systemd.forget(lease_name(kdir.name))
-            await self.systemd.stop_unit(unit_of(kdir.name))
-        scan = await asyncio.to_thread(P.scan_leftovers, kdir.name, {})
-        if scan.ours:
-            log.warning("stopping %d process(es) left by keeper %s", len(scan.ours), kdir.name)
+            for name in names:
+                fd = self.systemd.take(lease_name(name))
+                if fd is not None:
+                    os.close(fd)
+                    self.systemd.forget(lease_name(name))
+            for kdir, real in dead:
+                if real:  # (a directory that was never a keeper's has no unit)
+                    await self.systemd.stop_unit(unit_of(kdir.name))
+        left = await asyncio.to_thread(P.scan_marked, names)
+        if left:
+            log.warning("stopping %d process(es) left by keepers that did not answer: %s",
+                        len(left), ", ".join(sorted({x.service for x in left})))
         try:
-            await P.stop_pidfds([left.pidfd for left in scan.ours], 5.0)
+            await P.stop_pidfds([x.pidfd for x in left], 5.0)
         finally:
-            for left in scan.ours:
-                os.close(left.pidfd)
-        await asyncio.to_thread(shutil.rmtree, kdir, True)
+            for x in left:
+                os.close(x.pidfd)
+        for kdir, _ in dead:
+            await asyncio.to_thread(shutil.rmtree, kdir, True)
 
     def adopted(self, item: Adoptable, spec: Spec) -> None:
         """An actor took the adopted instance: it now has its launch spec."""

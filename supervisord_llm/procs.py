@@ -194,6 +194,29 @@ class LeftoverScan:
     strangers: list[tuple[int, int, str, str]] = field(default_factory=list)  # pid pgid cmd why
 
 
+def scan_marked(instances: set[str]) -> list[Leftover]:
+    """Processes anywhere whose marker names one of `instances` (dead keepers' ids), each
+    with a pidfd opened before the check. One pass over /proc for all of them."""
+    me = os.getpid()
+    out: list[Leftover] = []
+    for pid in pids():
+        if pid == me:
+            continue
+        st = stat(pid)
+        if st is None or st.state in ("Z", "X"):
+            continue
+        fd = pidfd(pid)
+        if fd is None:
+            continue
+        mark = marker(pid)
+        if mark is not None and mark.get(MARK_INSTANCE) in instances:
+            out.append(Leftover(pid, st.pgid, mark.get(MARK_SERVICE) or "?", cmdline(pid), fd,
+                                False))
+        else:
+            os.close(fd)
+    return out
+
+
 def scan_leftovers(instance: str, groups: dict[int, str]) -> LeftoverScan:
     """Processes of the recorded groups, and processes anywhere that carry the recorded
     instance id. Ours: the environment carries the instance id. Blocking: run it in a thread."""
