@@ -11,7 +11,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,11 +194,10 @@ class LeftoverScan:
     strangers: list[tuple[int, int, str, str]] = field(default_factory=list)  # pid pgid cmd why
 
 
-def scan_marked(instances: set[str]) -> list[Leftover]:
-    """Processes anywhere whose marker names one of `instances` (dead keepers' ids), each
-    with a pidfd opened before the check. One pass over /proc for all of them."""
+def _marked() -> Iterator[tuple[int, Stat, int, dict[str, str] | None]]:
+    """Every live process but this one: its pid, stat, a pidfd opened before its marker was
+    read (the caller closes it), its marker (None: unreadable)."""
     me = os.getpid()
-    out: list[Leftover] = []
     for pid in pids():
         if pid == me:
             continue
@@ -206,9 +205,15 @@ def scan_marked(instances: set[str]) -> list[Leftover]:
         if st is None or st.state in ("Z", "X"):
             continue
         fd = pidfd(pid)
-        if fd is None:
-            continue
-        mark = marker(pid)
+        if fd is not None:
+            yield pid, st, fd, marker(pid)
+
+
+def scan_marked(instances: set[str]) -> list[Leftover]:
+    """Processes anywhere whose marker names one of `instances` (dead keepers' ids), each
+    with a pidfd opened before the check. One pass over /proc for all of them."""
+    out: list[Leftover] = []
+    for pid, st, fd, mark in _marked():
         if mark is not None and mark.get(MARK_INSTANCE) in instances:
             out.append(Leftover(pid, st.pgid, mark.get(MARK_SERVICE) or "?", cmdline(pid), fd,
                                 False))
@@ -220,18 +225,8 @@ def scan_marked(instances: set[str]) -> list[Leftover]:
 def scan_leftovers(instance: str, groups: dict[int, str]) -> LeftoverScan:
     """Processes of the recorded groups, and processes anywhere that carry the recorded
     instance id. Ours: the environment carries the instance id. Blocking: run it in a thread."""
-    me = os.getpid()
     scan = LeftoverScan()
-    for pid in pids():
-        if pid == me:
-            continue
-        st = stat(pid)
-        if st is None or st.state in ("Z", "X"):
-            continue
-        fd = pidfd(pid)
-        if fd is None:
-            continue
-        mark = marker(pid)
+    for pid, st, fd, mark in _marked():
         in_group = st.pgid in groups
         if mark is not None and mark.get(MARK_INSTANCE) == instance:
             service = mark.get(MARK_SERVICE) or groups.get(st.pgid, "?")

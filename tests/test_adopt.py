@@ -62,6 +62,19 @@ def keepers_of(state: Path) -> list[int]:
     return out
 
 
+def crashed(tmp: Path, doc: dict[str, Any], service: str = "alpha") -> int:
+    """A daemon that runs `service` and then dies as in a crash (its guardian too), its
+    model left for the next one: the model's pid."""
+    d = Daemon(tmp, doc).start()
+    try:
+        pid = int(d.wait_state(service, "ready")["pid"])
+        d.crash()
+        d.pids_seen.clear()  # d.stop() must not clean up what the next daemon is to find
+    finally:
+        d.stop()
+    return pid
+
+
 class Streams:
     """SSE streams straight to an engine (not through the daemon): they see whatever the
     daemon's end does to the model."""
@@ -141,9 +154,13 @@ def test_a_watchdog_kill_reloads_no_model(tmp_path: Path) -> None:
         d.pids_seen.clear()
     finally:
         d.stop()
-    with running(tmp_path, doc) as d2:
+    assert_adopted(tmp_path, doc, pid)
+
+
+def assert_adopted(tmp: Path, doc: dict[str, Any], pid: int) -> None:
+    with running(tmp, doc) as d2:
         svc = d2.wait_state("alpha", "ready")
-        assert svc["pid"] == pid and svc["adopted"] and starts(tmp_path, "alpha") == [pid]
+        assert svc["pid"] == pid and svc["adopted"] and starts(tmp, "alpha") == [pid]
 
 
 def test_handover_leaves_the_models_to_the_next_daemon(tmp_path: Path) -> None:
@@ -188,13 +205,7 @@ def test_a_changed_launch_is_not_adopted(tmp_path: Path) -> None:
     """The config changed between the two daemons: the old instance is stopped first (its
     GPU memory is needed), the new one launched."""
     doc = base_config(tmp_path, [counted(tmp_path, "alpha")])
-    d = Daemon(tmp_path, doc).start()
-    try:
-        pid = d.wait_state("alpha", "ready")["pid"]
-        d.crash()
-        d.pids_seen.clear()
-    finally:
-        d.stop()
+    pid = crashed(tmp_path, doc)
     doc["service"][0]["env"] = {"NEW": "1"}
     with running(tmp_path, doc) as d2:
         svc = d2.wait_state("alpha", "ready")
