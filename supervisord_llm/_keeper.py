@@ -34,6 +34,8 @@ keeper exits. A keeper that cannot speak any protocol in the client's range answ
 with `error {code: "proto", proto}` and then takes only `stop`, `lease` and `ping` (what
 every protocol keeps: a later supervisor can always keep an older keeper's model and stop it).
 `run {gen}` starts the engine again once it and everything it started are gone -> `started`.
+`settings {grace_s?, unattended_s?, stop_timeout_s?}` -> `ok` (a new supervisor's values).
+One supervisor at a time: a connection while one is attached gets `error busy` and is closed.
 Keeper -> client, unasked: `exited {exit, pid}` (and `started`, with --client-fd).
 """
 
@@ -321,19 +323,23 @@ class Keeper:
         self.err = _Err()
         # the control socket first: the supervisor may connect as soon as the engine runs.
         # Bound through /proc/self/fd: a deep DIR would not fit in a socket's 108 bytes
+        # bound and listening under another name, then renamed: the path never names a
+        # socket that refuses connections
         dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        path = f"/proc/self/fd/{dirfd}/{CTL}"
+        tmp = f"{CTL}.{os.getpid()}"
         try:
-            try:
-                os.unlink(CTL, dir_fd=dirfd)
-            except FileNotFoundError:
-                pass
+            for name in (CTL, tmp):
+                try:
+                    os.unlink(name, dir_fd=dirfd)
+                except FileNotFoundError:
+                    pass
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            self.listener.bind(path)
-            os.chmod(CTL, 0o600, dir_fd=dirfd)
+            self.listener.bind(f"/proc/self/fd/{dirfd}/{tmp}")
+            os.chmod(tmp, 0o600, dir_fd=dirfd)
+            self.listener.listen(4)
+            os.rename(tmp, CTL, src_dir_fd=dirfd, dst_dir_fd=dirfd)
         finally:
             os.close(dirfd)
-        self.listener.listen(4)
         self.listener.setblocking(False)
         self.sel.add(self.listener.fileno(), "listen")
         if self.lease is not None:
@@ -350,6 +356,7 @@ class Keeper:
         self._spawn()
         if self._client_fd is not None:  # the supervisor that started it, connected already
             fd, self._client_fd = self._client_fd, None
+            os.set_inheritable(fd, False)  # never the engine's: it is the supervisor's line
             self._attach(socket.socket(fileno=fd))
             self._send({**self.snapshot(), "op": "started"})
 
@@ -450,10 +457,14 @@ class Keeper:
         os._exit(127)
 
     def _save_state(self) -> None:
-        _write_json(os.path.join(self.dir, STATE), {
-            "proto": PROTO, "version": VERSION, "id": self.id, "service": self.service,
-            "gen": self.gen, "keeper_pid": os.getpid(), "keeper_ticks": start_ticks(os.getpid()),
-            "pid": self.pid, "pgid": self.pgid, "ticks": self.ticks})
+        try:
+            _write_json(os.path.join(self.dir, STATE), {
+                "proto": PROTO, "version": VERSION, "id": self.id, "service": self.service,
+                "gen": self.gen, "keeper_pid": os.getpid(),
+                "keeper_ticks": start_ticks(os.getpid()), "dir": self.dir,
+                "pid": self.pid, "pgid": self.pgid, "ticks": self.ticks})
+        except OSError as exc:  # its directory removed under it: it keeps the model all the same
+            self._log(f"state not recorded: {exc.strerror or exc}")
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -566,8 +577,11 @@ class Keeper:
 
     def _finish(self) -> None:
         self._drain_output()
-        _write_json(os.path.join(self.dir, EXIT), {"exit": self.exit, "pid": self.pid,
-                                                     "dropped_lines": self.dropped})
+        try:
+            _write_json(os.path.join(self.dir, EXIT), {"exit": self.exit, "pid": self.pid,
+                                                         "dropped_lines": self.dropped})
+        except OSError as exc:  # its directory removed under it: the end all the same
+            self._log(f"exit not recorded: {exc.strerror or exc}")
         if self.stop_reply is not None:
             try:
                 self.stop_reply.send(_sendable({"op": "stopped", "exit": self.exit}))
@@ -671,10 +685,33 @@ class Keeper:
             fd, _addr = self.listener._accept()  # type: ignore[attr-defined]  # _socket's
         except OSError:
             return
-        self._attach(socket.socket(fileno=fd))
+        conn = socket.socket(fileno=fd)
+        if self.client is not None and self._client_alive():
+            # one supervisor at a time: a second connection (a stray `socat`, a probe, a
+            # second daemon on a copied state directory) must not take the keeper from the
+            # one attached
+            try:
+                conn.send(_sendable({"op": "error", "code": "busy", "message":
+                                     "a supervisor is attached to this keeper"}),
+                          socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            conn.close()
+            return
+        self._attach(conn)
+
+    def _client_alive(self) -> bool:
+        """The attached client has not gone (its end not closed, even if unread yet)."""
+        assert self.client is not None
+        try:
+            return self.client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
 
     def _attach(self, conn: socket.socket) -> None:
-        if self.client is not None:  # a new supervisor takes over from an old connection
+        if self.client is not None:  # an old connection whose supervisor has gone
             self._drop_client()
         conn.setblocking(False)
         self.client = conn
@@ -719,7 +756,7 @@ class Keeper:
             return
         try:
             msg = loads(data) if not flags & socket.MSG_TRUNC else None
-        except ValueError:
+        except (ValueError, RecursionError):  # (a deeply nested one)
             msg = None
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
             for fd in fds:
@@ -764,6 +801,15 @@ class Keeper:
             else:
                 self._new_lease(fds.pop())
                 self._send({"op": "ok"})
+        elif op == "settings":
+            # a new supervisor's [supervisor] and stop timeout apply to what it adopted
+            for key, attr in (("grace_s", "grace_s"), ("unattended_s", "unattended_s"),
+                              ("stop_timeout_s", "stop_timeout_s")):
+                value = msg.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and 0 <= value <= 86400 and math.isfinite(value):
+                    setattr(self, attr, float(value))
+            self._send({"op": "ok"})
         elif op == "run":
             gen = msg.get("gen")
             left = self._alive() if self.exit is not None else []

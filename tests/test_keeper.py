@@ -276,8 +276,14 @@ def test_hostile_messages_and_an_older_client(tmp_path: Path, keepers: list[Keep
     os.close(r)
     os.close(w)
     assert c.ask(b"x" * 200_000)["code"] == "bad_request"  # truncated: refused
+    assert c.ask(b'{"op": "ping", "x": ' + b"[" * 50_000)["code"] == "bad_request"  # deep
     assert c.ask({"op": "hello", "proto": [1, 1]})["state"] == "running"
-    old = k.connect()  # a newer client takes over; it speaks protocols 5-6 only
+    intruder = k.connect()  # one supervisor at a time: a second connection is refused
+    assert intruder.recv()["code"] == "busy"
+    assert intruder.sock.recv(100) == b""  # and closed
+    assert c.ask({"op": "ping"}) == {"op": "pong"}  # the first one is still attached
+    c.close()
+    old = k.connect()  # a newer client once the first has gone; it speaks protocols 5-6 only
     err = old.ask({"op": "hello", "proto": [5, 6]})
     assert err["code"] == "proto" and err["proto"] == 1
     assert old.ask({"op": "signal", "sig": 15})["code"] == "proto"  # only stop and lease
