@@ -318,8 +318,11 @@ class Keeper:
         except OSError:
             pass
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        # held by the keeper alone, never the engine's (set before the engine's fork)
         if self.lease is not None:
-            os.set_inheritable(self.lease, False)  # held by the keeper alone, not the engine
+            os.set_inheritable(self.lease, False)
+        if self._client_fd is not None:
+            os.set_inheritable(self._client_fd, False)
         self.err = _Err()
         # the control socket first: the supervisor may connect as soon as the engine runs.
         # Bound through /proc/self/fd: a deep DIR would not fit in a socket's 108 bytes
@@ -356,7 +359,6 @@ class Keeper:
         self._spawn()
         if self._client_fd is not None:  # the supervisor that started it, connected already
             fd, self._client_fd = self._client_fd, None
-            os.set_inheritable(fd, False)  # never the engine's: it is the supervisor's line
             self._attach(socket.socket(fileno=fd))
             self._send({**self.snapshot(), "op": "started"})
 
@@ -850,7 +852,8 @@ class Keeper:
                 "state": "stopping" if self.stopping_until is not None else
                 "exited" if self.exit is not None else "running",
                 "exit": self.exit, "lease": self.lease is not None,
-                "dropped_lines": self.dropped}
+                "dropped_lines": self.dropped, "grace_s": self.grace_s,
+                "unattended_s": self.unattended_s, "stop_timeout_s": self.stop_timeout_s}
 
     # --- the lease ---------------------------------------------------------------------------
 

@@ -230,6 +230,13 @@ class Daemon:
         control: ControlServer | None = None
         web: MetricsServer | None = None
         try:
+            # a SIGTERM during the start-up (the adoption of an earlier daemon's models) is a
+            # stop like any other, handled once the start is done: not the default's death,
+            # which would leave the models to their grace
+            loop = asyncio.get_running_loop()
+            for sig, what in ((signal.SIGTERM, "term"), (signal.SIGINT, "term"),
+                              (signal.SIGHUP, "hup")):
+                loop.add_signal_handler(sig, self._signals.put_nowait, what)
             # another daemon on this socket: refuse before the sweep can touch its services
             await ControlServer(cfg.supervisor.control_socket, None, _never).check_free()
             found = await spawner.reap_leftovers(
@@ -274,9 +281,6 @@ class Daemon:
             low_at_start = await power.first_reading(adopting=bool(adoptable))
             gen_probes, swapper = parts.probes, parts.swapper
             loop = asyncio.get_running_loop()
-            for sig, what in ((signal.SIGTERM, "term"), (signal.SIGINT, "term"),
-                              (signal.SIGHUP, "hup")):
-                loop.add_signal_handler(sig, self._signals.put_nowait, what)
             self._tasks = [
                 loop.create_task(hub.run(), name="gpu-hub"),
                 loop.create_task(sup.monitor_loop(), name="loop-monitor"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -40,15 +41,18 @@ from typing import Any, Protocol
 from . import procs as P
 from .errors import SpawnError
 from .logs import LogLimiter
+from .statefile import Damaged, read_json
 
 log = logging.getLogger("supervisord_llm.spawn")
 
 _PKG = Path(__file__).resolve().parent
+_LIMITER = LogLimiter(__name__)
 PROTO = (1, 1)  # the keeper protocols this daemon speaks
 _MAX_MESSAGE = 65536
 _ASK_TIMEOUT_S = 5.0
 _START_TIMEOUT_S = 10.0
 _CONNECT_TIMEOUT_S = 0.5
+_HELLO_TIMEOUT_S = 3.0  # a keeper slow on a loaded box is not taken for dead at once
 # the keeper runs from its compiled module (the package's __pycache__), not as a script: a
 # script is compiled at every start, which costs two megabytes of the keeper's memory
 _START = ("import sys; sys.path[:0] = [{pkg!r}]; import _keeper; "
@@ -146,10 +150,11 @@ class Link:
                 return
             try:
                 doc = json.loads(data)
-            except ValueError:
+            except (ValueError, RecursionError):
                 doc = None
             if not isinstance(doc, dict):
-                log.warning("keeper %s: unreadable message ignored", self.name)
+                _LIMITER.warning(f"unreadable-{self.name}", "keeper %s: unreadable message "
+                                 "ignored", self.name)
                 continue
             if doc.get("op") == "exited":
                 self._event(doc)
@@ -330,21 +335,34 @@ class KeptProcess:
             return False
         if self.outdated:
             return self._signal_outdated(sig)
+        if sig == signal.SIGKILL:
+            self.kill_group()  # not only through the keeper: it may be frozen
         try:
             self.link.send({"op": "signal", "sig": int(sig)})
         except KeeperGone:
-            return False
+            # the keeper is gone (killed): what it left in the group is signalled from here
+            if sig != signal.SIGKILL:
+                with contextlib.suppress(OSError):
+                    os.killpg(self.pgid, sig)
+            return True
         self.link.expect()  # its `ok`, read and dropped
         return True
+
+    def kill_group(self) -> None:
+        """SIGKILL to the engine's group from the daemon itself: while its leader lives, only
+        when the pid is still the one launched (its start time)."""
+        if self.returncode is None:
+            st = P.stat(self.pid)
+            if st is None or st.start_ticks != self.start_ticks:
+                return
+        with contextlib.suppress(OSError):
+            os.killpg(self.pgid, signal.SIGKILL)
 
     def _signal_outdated(self, sig: int) -> bool:
         """An outdated keeper takes only `stop` (TERM, then KILL after the timeout, itself);
         a SIGKILL goes to the group directly, the engine proven by its start time."""
         if sig == signal.SIGKILL:
-            st = P.stat(self.pid)
-            if st is not None and st.start_ticks == self.start_ticks:
-                with contextlib.suppress(OSError):
-                    os.killpg(self.pgid, signal.SIGKILL)
+            self.kill_group()
             return True
         if sig in (signal.SIGCONT, 0) or self._stop_sent:
             return True
@@ -442,6 +460,7 @@ class _Keeper:
     link: Link
     proc: KeptProcess | None = None
     child: bool = False  # our child (to be reaped), not one adopted from an earlier daemon
+    heard: float = field(default_factory=lambda: asyncio.get_running_loop().time())
     gone: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop()
                                        .create_future())
 
@@ -617,7 +636,7 @@ class Keepers:
         link = Link(sock, kdir.name)
         try:
             snap = await link.ask({"op": "hello", "proto": list(PROTO)},
-                                  timeout_s=_CONNECT_TIMEOUT_S * 2)
+                                  timeout_s=_HELLO_TIMEOUT_S)
         except KeeperGone:
             link.close()
             raise
@@ -744,6 +763,11 @@ class Keepers:
         except KeeperGone as exc:
             await self._dead_keeper(kdir, record, keeper_pid, str(exc))
             return None
+        if snap.get("op") == "error" and snap.get("code") == "busy":
+            log.error("keeper %s is attached to another supervisor (%s): left alone",
+                      kdir.name, snap.get("message"))
+            link.close()
+            return None
         if snap.get("op") == "error" and snap.get("code") == "proto" and record is not None \
                 and isinstance(state, dict):
             return await self._adopt_outdated(kdir, record, state, link, snap.get("proto"))
@@ -769,6 +793,7 @@ class Keepers:
                 return None
         k = _Keeper(record, kdir, pid, P.pidfd(pid), lease_w, link)
         self._watch(k)
+        self._settings(k)  # this daemon's grace and unattended limit, not the earlier one's
         gen = snap.get("gen")
         proc = KeptProcess(self, _AdoptedSpec(record.service), record, link, snap,
                            keeper_pid=pid, adopted=True)
@@ -827,8 +852,9 @@ class Keepers:
             fd = P.pidfd(keeper_pid)
             if fd is not None:
                 try:
-                    cmd = P.cmdline(keeper_pid)
-                    if "_keeper" in cmd and kdir.name in cmd:
+                    # ours: a keeper of this very directory (a copy of a state directory
+                    # names the keepers of another one)
+                    if keeper_args(keeper_pid).get("dir") == str(kdir):
                         real = True
                         log.warning("keeper %s (pid %d) does not answer (%s): killing it",
                                     kdir.name, keeper_pid, why)
@@ -841,6 +867,15 @@ class Keepers:
         if not dead:
             return
         names = {kdir.name for kdir, _ in dead}
+        # a keeper of the same id alive with another directory (this state directory is a
+        # copy): neither it nor what carries its marker is ours
+        elsewhere = {kid for kid, kdir in (await asyncio.to_thread(live_keepers)).items()
+                     if kid in names and kdir != str(self.base / kid if self.base else "")}
+        for kid in sorted(elsewhere):
+            log.warning("keeper %s runs for another state directory: left alone (only this "
+                        "directory's record of it is removed)", kid)
+        names -= elsewhere
+        dead = [(kdir, real and kdir.name in names) for kdir, real in dead]
         if self.systemd is not None:
             for name in names:
                 fd = self.systemd.take(lease_name(name))
@@ -850,7 +885,7 @@ class Keepers:
             for kdir, real in dead:
                 if real:  # (a directory that was never a keeper's has no unit)
                     await self.systemd.stop_unit(unit_of(kdir.name))
-        left = await asyncio.to_thread(P.scan_marked, names)
+        left = await asyncio.to_thread(P.scan_marked, names) if names else []
         if left:
             log.warning("stopping %d process(es) left by keepers that did not answer: %s",
                         len(left), ", ".join(sorted({x.service for x in left})))
@@ -863,9 +898,22 @@ class Keepers:
             await asyncio.to_thread(shutil.rmtree, kdir, True)
 
     def adopted(self, item: Adoptable, spec: Spec) -> None:
-        """An actor took the adopted instance: it now has its launch spec."""
+        """An actor took the adopted instance: it now has its launch spec (and its keeper
+        this configuration's stop timeout)."""
         item.proc.spec = spec
         self.adoptions += 1
+        k = self._all.get(item.record.keeper_id)
+        if k is not None and not item.proc.outdated:
+            self._settings(k, spec.stop_timeout_s)
+
+    def _settings(self, k: _Keeper, stop_timeout_s: float | None = None) -> None:
+        doc: dict[str, Any] = {"op": "settings", "grace_s": self.grace_s,
+                               "unattended_s": self.unattended_s}
+        if stop_timeout_s is not None:
+            doc["stop_timeout_s"] = stop_timeout_s
+        with contextlib.suppress(KeeperGone):
+            k.link.send(doc)
+            k.link.expect()  # its ok, read and dropped
 
     async def stop_adoptable(self, item: Adoptable, timeout_s: float) -> None:
         k = self._all.get(item.record.keeper_id)
@@ -881,10 +929,27 @@ class Keepers:
         period = max(0.5, min(30.0, self.unattended_s / 4))
         while True:
             await asyncio.sleep(period)
+            now = asyncio.get_running_loop().time()
             for k in list(self._all.values()):
+                if k.proc is not None and k.proc.outdated:
+                    continue  # (it may not know ping)
+                if now - k.heard > max(3 * period, 15.0) and not k.gone.done():
+                    # a keeper that stopped answering (frozen): its model cannot be stopped
+                    # through it, so it goes, its model with it (the parent-death signal)
+                    log.error("keeper %s (pid %d) has not answered for %.0f s: killing it",
+                              k.record.keeper_id, k.pid, now - k.heard)
+                    self._kill(k)
+                    if k.proc is not None:
+                        k.proc.kill_group()
+                    continue
                 with contextlib.suppress(KeeperGone):
                     k.link.send({"op": "ping"})
-                    k.link.expect()  # its pong, read and dropped
+                    k.link.expect().add_done_callback(functools.partial(self._heard, k))
+
+    @staticmethod
+    def _heard(k: _Keeper, fut: asyncio.Future[dict[str, Any]]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            k.heard = asyncio.get_running_loop().time()
 
     def keeper_pids(self) -> list[int]:
         return [k.pid for k in self._all.values()]
@@ -931,6 +996,35 @@ class _AdoptedSpec:
     port: int | None = None
     stop_timeout_s: float = 10.0
     digest: str = ""
+
+
+def keeper_args(pid: int) -> dict[str, str]:
+    """A keeper's options (`--id`, `--dir`, ...) from its command line; empty if the process
+    is not a keeper."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read(1 << 16).decode("utf-8", "replace").split("\0")
+    except OSError:
+        return {}
+    if not any("_keeper" in a for a in argv[:6]):  # (python -I -S -c "...import _keeper")
+        return {}
+    out: dict[str, str] = {}
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg.startswith("--") and i + 1 < len(argv):
+            out.setdefault(arg[2:], argv[i + 1])
+    return out
+
+
+def live_keepers() -> dict[str, str]:
+    """Every keeper running on this machine: its id -> its directory. Blocking."""
+    out: dict[str, str] = {}
+    for pid in P.pids():
+        args = keeper_args(pid)
+        if "id" in args and "dir" in args:
+            out[args["id"]] = args["dir"]
+    return out
 
 
 def lease_name(keeper_id: str) -> str:
@@ -992,9 +1086,9 @@ def _dirs(base: Path) -> list[Path]:
 
 
 def _read_json(path: Path) -> Any:
+    """A keeper's file, read like any state file (a regular file, no symlink, bounded, not
+    waited on); None when it is missing or cannot be trusted."""
     try:
-        if path.stat().st_size > _MAX_MESSAGE:
-            return None
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json(path, _MAX_MESSAGE)
+    except Damaged:
         return None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .logs import LogLimiter
 from .procs import read_boot_id
 from .statefile import Damaged, read_json, write_json
 
@@ -46,6 +47,7 @@ class Ledger:
         self._written: dict[str, Decisions] | None = None
         self._next: dict[str, Decisions] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._limiter = LogLimiter(__name__)
 
     async def load(self) -> dict[str, Decisions]:
         if self.path is None:
@@ -95,7 +97,8 @@ class Ledger:
             try:
                 await asyncio.to_thread(write_json, self.path, body)
             except OSError as exc:
-                log.error("cannot record the operator's decisions in %s: %s", self.path, exc)
+                self._limiter.error("write", "cannot record the operator's decisions in %s: "
+                                    "%s", self.path, exc)
                 return
             self._written = doc
 

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -392,3 +393,114 @@ def test_a_frozen_daemon_leaves_its_models_unattended_no_longer_than_the_limit(
         finally:
             d.proc.send_signal(signal.SIGCONT)
         assert "no word from a supervisor for 2s" in d.logtext()
+
+
+def test_a_keeper_killed_under_a_running_daemon(tmp_path: Path) -> None:
+    """kill -9 of a model's keeper while the daemon runs: the engine dies with it (the
+    parent-death signal), what it left (a grandchild ignoring SIGTERM, an escapee with the
+    marker) is stopped from the daemon, and the service is launched again under a new
+    keeper."""
+    pidfile = tmp_path / "pids"
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha", "--grandchild", "--escape",
+                                         "--ignore-term", "--pidfile", str(pidfile),
+                                         stop={"timeout_s": 1})])
+    with running(tmp_path, doc) as d:
+        first = d.wait_state("alpha", "ready")["pid"]
+        wait_until(pidfile.exists, 5, what="pidfile")
+        main, grandchild, escaped = map(int, pidfile.read_text().split())
+        pidfile.unlink()
+        (keeper,) = keepers_of(tmp_path / "state")
+        os.kill(keeper, signal.SIGKILL)
+        try:
+            wait_until(lambda: (s := d.service("alpha"))["state"] == "ready"
+                       and s["pid"] != first, 20, what="alpha back under a new keeper")
+            wait_until(lambda: not alive(grandchild) and not alive(escaped), 10,
+                       what="what the dead keeper's engine left, stopped")
+            assert not alive(main) and len(starts(tmp_path, "alpha")) == 2
+            assert "its keeper" in d.logtext() and "ended while the model ran" in d.logtext()
+        finally:
+            for pid in (grandchild, escaped):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_a_stray_connection_to_a_keeper_changes_nothing(tmp_path: Path) -> None:
+    """A second client (a probe, `socat`) is refused: the daemon stays attached, its
+    heartbeat goes on, and it still stops its model."""
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha")])
+    doc["supervisor"].update({"adopt_grace_s": 1, "unattended_limit_s": 2})
+    with running(tmp_path, doc) as d:
+        pid = d.wait_state("alpha", "ready")["pid"]
+        (sock_path,) = (tmp_path / "state" / "keep").glob("*/ctl.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(5)
+            s.connect(str(sock_path))
+            assert json.loads(s.recv(65536))["code"] == "busy"
+        stays(lambda: alive(pid), 4.0, "the model kept (the daemon still talks to it)")
+        r = d.llmctl("restart", "alpha")
+        assert r.returncode == 0, r.stderr
+        assert d.service("alpha")["pid"] != pid and not alive(pid)
+
+
+def test_nothing_of_the_daemons_line_reaches_the_engine(tmp_path: Path) -> None:
+    """The engine holds no socket of its keeper's (its line to the daemon) and no lease."""
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha")])
+    with running(tmp_path, doc) as d:
+        pid = d.wait_state("alpha", "ready")["pid"]
+        (keeper,) = keepers_of(tmp_path / "state")
+
+        def links(p: int) -> set[str]:
+            out = set()
+            for fd in os.listdir(f"/proc/{p}/fd"):
+                with contextlib.suppress(OSError):
+                    out.add(os.readlink(f"/proc/{p}/fd/{fd}"))
+            return out
+
+        shared = {x for x in links(keeper) & links(pid)
+                  if x.startswith(("socket:", "pipe:"))}
+        # (the engine's stdout and stderr are the keeper's output pipe: one shared pipe)
+        out_pipe = {os.readlink(f"/proc/{pid}/fd/1")}
+        assert shared <= out_pipe, shared
+
+
+def test_hostile_files_in_the_keepers_directory_do_not_stop_the_start(
+        tmp_path: Path) -> None:
+    """A FIFO, a symlink to /dev/zero, garbage: not read (the start never waits on them,
+    nor reads a device), buried; the services start."""
+    keep_dir = tmp_path / "state" / "keep"
+    for i, kind in enumerate(("fifo", "device", "deep")):
+        kd = keep_dir / f"alpha-0000000{i}"
+        kd.mkdir(parents=True)
+        for f in (kd / "launch.json", kd / "state.json"):
+            if kind == "fifo":
+                os.mkfifo(f)
+            elif kind == "device":
+                f.symlink_to("/dev/zero")
+            else:
+                f.write_text("[" * 100_000)
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha")])
+    with running(tmp_path, doc) as d:
+        d.wait_state("alpha", "ready")
+        # the three buried, the one keeper of the service there
+        assert [p.name for p in keep_dir.iterdir()] == [
+            p.name for p in keep_dir.iterdir() if (p / "ctl.sock").exists()]
+        assert len(list(keep_dir.iterdir())) == 1
+
+
+def test_a_copy_of_the_state_directory_never_touches_the_models_of_the_original(
+        tmp_path: Path) -> None:
+    prod, test = tmp_path / "prod", tmp_path / "test"
+    prod.mkdir()
+    test.mkdir()
+    doc = base_config(prod, [counted(prod, "alpha")])
+    with running(prod, doc) as d:
+        pid = d.wait_state("alpha", "ready")["pid"]
+        shutil.copytree(prod / "state", test / "state", symlinks=True,
+                        ignore=shutil.ignore_patterns("ctl.sock*", "*.lock", "lock"))
+        (test / "state" / "processes.json").unlink(missing_ok=True)
+        other = base_config(test, [counted(test, "beta")])
+        with running(test, other) as t:
+            t.wait_state("beta", "ready")
+            assert "runs for another state directory" in t.logtext()
+        assert alive(pid) and d.service("alpha")["pid"] == pid
+        assert d.service("alpha")["restarts"] == 0

@@ -251,6 +251,7 @@ async def test_a_second_spawner_adopts_what_the_first_left(tmp_path: Path) -> No
         assert item.record.port == 1234 and item.record.digest == "dd" and item.proc.adopted
         snap = await item.proc.link.ask({"op": "hello", "proto": [1, 1]})
         assert snap["lease"] is True  # the new lease came
+        assert snap["grace_s"] == 30.0  # this spawner's, not the first one's (20)
     finally:
         await second.close()
     assert not alive(pid) and not alive(keeper)
