@@ -32,7 +32,14 @@ BENCHES: list[tuple[str, list[str], list[str], list[tuple[str, str, str, str, Ch
     ("restart_latency", ["bench/restart_latency.py"], ["bench/restart_latency.py"], [
         ("exit -> relaunch (median)", r"exit -> launch \(supervisor reaction\)\s+median\s+"
          r"([\d.]+) ms", "ms", "<= 50",
-         lambda v: v <= 50)]),
+         lambda v: v <= 50),
+        ("exit -> the new engine exec'd (median)", r"exit -> real command exec'd\s+median\s+"
+         r"([\d.]+) ms", "ms", "<= 20", lambda v: v <= 20)]),
+    ("reattach", ["bench/reattach.py", "--kills", "20"], ["bench/reattach.py", "--kills", "5"], [
+        ("kill -9 -> every model adopted (p99)", r"ready\+adopted in llmctl status: p50\s+\d+"
+         r" ms\s+p99\s+(\d+) ms", "ms", "<= 1000", lambda v: v <= 1000),
+        ("a keeper's memory (VmRSS)", r"VmRSS ([\d.]+) MB", "MB", "<= 12",
+         lambda v: v <= 12)]),
     ("gate_latency", ["bench/gate_latency.py", "--rounds", "3"],
      ["bench/gate_latency.py", "--rounds", "1"], [
         ("gate CPU per request", r"per request gate ([\d.]+) us", "us", "report", lambda v: True),
