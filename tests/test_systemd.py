@@ -313,3 +313,30 @@ def unit_procs(lab: Lab) -> list[int]:
         return [int(p) for p in (path / "cgroup.procs").read_text().split()]
     except OSError:
         return []
+
+
+def test_the_start_limit_hit_stops_the_models_after_the_grace(lab: Lab) -> None:
+    """A daemon that keeps dying: systemd gives up (start-limit-hit), closes the unit's fd
+    store, and with it every lease: the models go after adopt_grace_s."""
+    doc = install(lab, grace_s=2)
+    lab.ctl("start", "llm-supervisor.service")
+    wait_until(lambda: (d := socket_status(doc)) and all(
+        s["state"] == "ready" for s in d["services"]), 20, what="services ready")
+    for _ in range(12):  # more than StartLimitBurst (5 in 10 s by default)
+        show = lab.show()
+        if show["ActiveState"] == "failed" and int(show["NRestarts"]) >= 5:
+            break
+        main = int(show["MainPID"])
+        if main:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                inner_kill(lab, main)
+        time.sleep(0.4)
+    # (systemd 252 leaves Result at the last failure's, `signal`): failed, and no more
+    # restarts coming
+    wait_until(lambda: (sh := lab.show())["ActiveState"] == "failed"
+               and int(sh["NRestarts"]) >= 5, 15, what=f"start-limit-hit ({lab.show()})")
+    time.sleep(1.0)
+    assert lab.show()["ActiveState"] == "failed" and lab.show()["MainPID"] == "0"
+    wait_until(lambda: not marked(str(lab.base)) and not keep_units(lab), 15,
+               what=f"the models gone ({describe(lab)})")
+    lab.ctl("reset-failed", "llm-supervisor.service", check=False)
