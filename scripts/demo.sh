@@ -2,7 +2,8 @@
 # A self-contained demo, no GPU needed: llm-supervisor with two simulated GPUs supervising
 # real llama.cpp model servers (generated tiny models). It shows `llmctl status`, a chat
 # completion through the request gate, two models on demand behind one OpenAI endpoint (the
-# router) swapping on a GPU too small for both, a crash (kill -9) and the automatic restart, a hot
+# router) swapping on a GPU too small for both, a crash (kill -9) and the automatic restart, the
+# supervisor itself killed (its models adopted by the next one), a hot
 # swap and a drain, a hot GPU, a power cut on a real NUT server (upsd + dummy-ups) and the
 # return of the power, then stops cleanly. With --keep it leaves the supervisor
 # running for you to explore.
@@ -222,6 +223,7 @@ say "llm-supervisor --check (the resolved plan)"
 say "starting llm-supervisor (log: demo-run/daemon.log)"
 "$LLM" --config "$RUN/config.toml" >"$RUN/daemon.log" 2>&1 &
 echo $! > "$RUN/daemon.pid"
+disown  # (its kill -9 below is the demo's, not news for the shell)
 cleanup() {
   if [ "$KEEP" = 0 ] && kill -0 "$(cat "$RUN/daemon.pid")" 2>/dev/null; then
     kill "$(cat "$RUN/daemon.pid")"
@@ -273,6 +275,19 @@ kill -9 "$PID"
 sleep 0.3
 ready
 "${CTL[@]}" status chat | sed -n '3,4p'
+
+say "kill -9 of llm-supervisor itself: the models keep running; a new one adopts them"
+pids() { "${CTL[@]}" --json status | .venv/bin/python -c 'import json,sys
+print(" ".join("%s=%s" % (s["name"], s["pid"]) for s in json.load(sys.stdin)["services"] if s["pid"]))'; }
+echo "  before: $(pids)"
+kill -9 "$(cat "$RUN/daemon.pid")"
+sleep 0.2
+"$LLM" --config "$RUN/config.toml" >>"$RUN/daemon.log" 2>&1 &
+echo $! > "$RUN/daemon.pid"
+disown
+ready
+echo "  after:  $(pids)   (the same: adopted, no model reloaded)"
+grep -E "re-attached to" "$RUN/daemon.log" | tail -1 | sed 's/^/  /'
 
 say "llmctl swap chat: a second instance, the gate switches to it, the old one stops"
 "${CTL[@]}" swap chat
