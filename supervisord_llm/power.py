@@ -103,6 +103,9 @@ class PowerController:
         self.events: dict[str, int] = {}  # power_events_total{event}
         self.sequence: list[Step] = []  # the last power-down's steps
         self.sequence_reason: str | None = None
+        self.steps_done: list[str] = []  # of the power-down under way (recorded)
+        self._recorded_steps: list[str] = []  # what an earlier run recorded done
+        self._resumed_done: set[str] = set()  # steps not done again (a resumed power-down)
         self.ceiling: float | None = None
         self.limiter = LogLimiter(__name__)
         self._lock = asyncio.Lock()
@@ -214,6 +217,8 @@ class PowerController:
         its steps: what was done already (a drained gate, a checkpoint) is done again."""
         now = self._clock()
         since = now - self.cfg.on_battery_grace_s if was.phase == "powering_down" else now
+        if was.phase == "powering_down":
+            self._resumed_done = set(self._recorded_steps)
         self.state = P.State(phase="on_battery", believed=was.believed, on_battery_since=since,
                              alerted=True, forced=was.forced, override=was.override)
         log.warning("power: the last run of this boot was %s, and its models were adopted: %s",
@@ -258,6 +263,9 @@ class PowerController:
             log.warning("power: %s is not a power state record: ignored", path)
             return None
         st, boot_id = record
+        steps = doc.get("steps_done") if isinstance(doc, dict) else None
+        self._recorded_steps = [x for x in steps if isinstance(x, str)][:16] \
+            if isinstance(steps, list) else []
         if boot_id != self._boot_id or self._boot_id is None:
             if st.phase in HELD_PHASES:
                 log.warning("power: the last run recorded %s, but the machine has restarted "
@@ -273,7 +281,8 @@ class PowerController:
 
     def _save_soon(self) -> None:
         """Record the phase and the latches when they changed (off the loop, atomically)."""
-        key = (self.state.phase, self.state.believed, self.state.forced, self.state.override)
+        key = (self.state.phase, self.state.believed, self.state.forced, self.state.override,
+               tuple(self.steps_done))
         if self.record_path is None or key == self._recorded:
             return
         self._recorded = key
@@ -288,10 +297,11 @@ class PowerController:
         try:
             async with self._record_lock:  # the state as it is when its turn comes: the
                 st = self.state             # last writer writes the latest, never an older one
-                self._recorded = (st.phase, st.believed, st.forced, st.override)
+                done = tuple(self.steps_done) if st.phase == "powering_down" else ()
+                self._recorded = (st.phase, st.believed, st.forced, st.override, done)
                 doc = {"boot_id": self._boot_id, "phase": st.phase, "believed": st.believed,
                        "forced": st.forced, "override": st.override,
-                       "written": round(time.time(), 3)}
+                       "steps_done": list(done), "written": round(time.time(), 3)}
                 await asyncio.to_thread(write_json, path, doc)
         except OSError as exc:
             self.limiter.error("record", "power: cannot record the power state in %s: %s",
@@ -533,6 +543,7 @@ class PowerController:
         log.error("power: powering down: %s", action.reason)
         self.sequence_reason = action.reason
         self.sequence = []
+        self.steps_done = []
         self._mode(Mode.POWERING_DOWN, action.reason)
         try:
             self._task = await self.host.power_down(lambda: self._sequence(runtime))
@@ -559,13 +570,18 @@ class PowerController:
                     log.warning("power: drain: still in flight after %.1f s: %s", budget,
                                 ", ".join(f"{n} {c}" for n, c in left.items()))
             self._end(step)
-            # 2. checkpoints
-            if self.checkpoints.hooks:
+            # 2. checkpoints (not again when they ran before a restart of the daemon)
+            if self.checkpoints.hooks and "checkpoint" in self._resumed_done:
+                step = self._step("checkpoint", "done before the restart of the supervisor: "
+                                  "not run again")
+                self._end(step)
+            elif self.checkpoints.hooks:
                 step = self._step("checkpoint", _count_of(len(self.checkpoints.hooks), "hook"))
                 results = await self.checkpoints.run(None, "power-down")
                 bad = [r.name for r in results if r.result != "ok"]
                 step.detail += f"; failed: {', '.join(bad)}" if bad else "; all done"
                 self._end(step)
+            self._resumed_done = set()  # (once: a later power-down runs them)
             # 3. stop (no cancel from here on: power back restarts them afterwards)
             self.state = P.commit(self.state)
             step = self._step("stop", f"{_count_of(len(sup.actors), 'service')}, up to "
@@ -651,6 +667,8 @@ class PowerController:
 
     def _end(self, step: Step) -> None:
         step.duration_s = self._clock() - step.started
+        self.steps_done.append(step.name)
+        self._save_soon()  # a restart in the middle goes on from here
         log.warning("power: step %s done in %.2f s%s", step.name, step.duration_s,
                     f" ({step.detail})" if step.detail else "")
         self.host.changed()

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from nutserver import NutServer, require_nut
 
@@ -18,6 +19,8 @@ from helpers import (
     SIM_UUID,
     Daemon,
     base_config,
+    fake_service,
+    free_port,
     gated,
     running,
     stays,
@@ -323,3 +326,39 @@ def test_one_bad_entry_loses_none_of_the_good_ones(tmp_path: Path) -> None:
         assert "has a damaged entry for " + GPU0 in d.logtext()
         left = json.loads((state / "power_limits.json").read_text())
         assert list(left) == [absent] and left[absent] == {"before": 350.0, "set": [300.0]}
+
+
+def test_a_power_down_cut_by_a_crash_goes_on_from_its_recorded_step(tmp_path: Path) -> None:
+    """Killed in the middle of the power-down (its checkpoint done, the stop under way: the
+    model ignores SIGTERM), the model left: the next daemon adopts it and goes on; the
+    checkpoint is not run again; the model is stopped and held."""
+    runs = tmp_path / "checkpoint.runs"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\necho run >> {runs}\n")
+    hook.chmod(0o755)
+    doc = base_config(tmp_path, [fake_service("chat", free_port(), "--ignore-term", gpus=[0],
+                                              stop={"timeout_s": 30})],
+                      gpus=2, power={"source": "none", "drain_timeout_s": 1,
+                                     "stop_timeout_s": 30, "on_battery_grace_s": 600},
+                      checkpoint=[{"name": "store", "kind": "command",
+                                   "command": [str(hook)], "timeout_s": 10}])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        pid = d.wait_state("chat", "ready")["pid"]
+        assert d.llmctl("power-event", "on-battery").returncode == 0
+        assert d.llmctl("power-event", "low-battery").returncode == 0
+        wait_until(lambda: json.loads((tmp_path / "state" / "power_state.json").read_text())
+                   .get("steps_done") == ["drain", "checkpoint"], 15, what="checkpoint done")
+        wait_until(lambda: d.service("chat")["state"] == "stopping", 10, what="stopping")
+        d.crash()
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    assert runs.read_text().count("run") == 1
+    doc["service"][0]["stop"] = {"timeout_s": 1}  # (the next daemon's: the kill comes sooner)
+    with running(tmp_path, doc) as d2:
+        wait_until(lambda: mode(d2) == "powered_down", 30, what="powered down")
+        assert d2.service("chat")["holds"] == ["powered_down"]
+        assert "not run again" in d2.logtext()
+    assert runs.read_text().count("run") == 1
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
