@@ -1,5 +1,5 @@
 """`python -m supervisord_llm`: the daemon."""
 
-from .cli import daemon_main
+from .entry import main
 
-raise SystemExit(daemon_main())
+raise SystemExit(main())

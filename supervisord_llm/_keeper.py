@@ -35,7 +35,8 @@ with `error {code: "proto", proto}` and then takes only `stop`, `lease` and `pin
 every protocol keeps: a later supervisor can always keep an older keeper's model and stop it).
 `run {gen}` starts the engine again once it and everything it started are gone -> `started`.
 `settings {grace_s?, unattended_s?, stop_timeout_s?}` -> `ok` (a new supervisor's values).
-One supervisor at a time: a connection while one is attached gets `error busy` and is closed.
+One supervisor at a time: a connection while one that said hello is attached gets
+`error busy` and is closed (one that never said hello is replaced).
 Keeper -> client, unasked: `exited {exit, pid}` (and `started`, with --client-fd).
 """
 
@@ -294,6 +295,7 @@ class Keeper:
         self.ticks: int | None = None
         self.exit: dict[str, object] | None = None
         self.client: socket.socket | None = None
+        self.client_known = False  # the client said hello (or started the keeper)
         self.outdated = False  # the client speaks no protocol of ours: stop and lease
         self.grace_until: float | None = None
         # no word from a supervisor since (attached or not: a supervisor that is frozen, or
@@ -359,7 +361,7 @@ class Keeper:
         self._spawn()
         if self._client_fd is not None:  # the supervisor that started it, connected already
             fd, self._client_fd = self._client_fd, None
-            self._attach(socket.socket(fileno=fd))
+            self._attach(socket.socket(fileno=fd), known=True)
             self._send({**self.snapshot(), "op": "started"})
 
     def _spawn(self) -> None:
@@ -688,7 +690,7 @@ class Keeper:
         except OSError:
             return
         conn = socket.socket(fileno=fd)
-        if self.client is not None and self._client_alive():
+        if self.client is not None and self.client_known and self._client_alive():
             # one supervisor at a time: a second connection (a stray `socat`, a probe, a
             # second daemon on a copied state directory) must not take the keeper from the
             # one attached
@@ -712,11 +714,14 @@ class Keeper:
         except OSError:
             return False
 
-    def _attach(self, conn: socket.socket) -> None:
-        if self.client is not None:  # an old connection whose supervisor has gone
+    def _attach(self, conn: socket.socket, known: bool = False) -> None:
+        if self.client is not None:  # gone, or one that never said hello: replaced
             self._drop_client()
         conn.setblocking(False)
         self.client = conn
+        # a supervisor: it said hello (or started this keeper); until then, a connection
+        # (a stray probe left open) does not keep a supervisor out
+        self.client_known = known
         self.outdated = False
         if self.stopping_until is None:
             self.alone_since = _now()
@@ -775,6 +780,7 @@ class Keeper:
         if op == "ping":
             self._send({"op": "pong"})
         elif op == "hello":
+            self.client_known = True
             rng = msg.get("proto")
             ok = isinstance(rng, list) and len(rng) == 2 and all(
                 isinstance(x, int) and not isinstance(x, bool) for x in rng) \
@@ -858,6 +864,7 @@ class Keeper:
     # --- the lease ---------------------------------------------------------------------------
 
     def _new_lease(self, fd: int) -> None:
+        os.set_inheritable(fd, False)  # (an fd from SCM_RIGHTS is inheritable): not the engine's
         if self.lease is not None:
             self.sel.remove(self.lease)
             os.close(self.lease)

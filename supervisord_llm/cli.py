@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from . import __version__
@@ -15,6 +16,7 @@ from .errors import ConfigError, StartupError
 from .logs import setup_logging
 from .plan import render_plan, resolve_plan
 from .sensors.discovery import Discovery
+from .systemd import STOP_SIGNALS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,6 +93,7 @@ def daemon_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = Overrides(args.control_socket, args.state_dir, args.log_format)
     if args.check:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # (Ctrl-C stops a check)
         return check(args.config, overrides)
     # The log format comes from the config; read it first, report config errors plainly.
     from .config import load_config

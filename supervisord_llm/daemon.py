@@ -44,7 +44,15 @@ from .sensors.udev import UdevSource
 from .spawn import Spawner
 from .status import status_line
 from .supervisor import Supervisor
-from .systemd import Notifier, Systemd, can_run_units, job_of, listen_fds, own_unit
+from .systemd import (
+    STOP_SIGNALS,
+    Notifier,
+    Systemd,
+    can_run_units,
+    job_of,
+    listen_fds,
+    own_unit,
+)
 from .web import MetricsServer
 
 log = logging.getLogger("llm-supervisor")
@@ -237,6 +245,8 @@ class Daemon:
             for sig, what in ((signal.SIGTERM, "term"), (signal.SIGINT, "term"),
                               (signal.SIGHUP, "hup")):
                 loop.add_signal_handler(sig, self._signals.put_nowait, what)
+            # blocked since the entry point: what came meanwhile is delivered now, to these
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             # another daemon on this socket: refuse before the sweep can touch its services
             await ControlServer(cfg.supervisor.control_socket, None, _never).check_free()
             found = await spawner.reap_leftovers(
@@ -550,7 +560,15 @@ class Daemon:
                     log.warning("test hook: blocking the event loop for %g s", seconds)
                     time.sleep(float(seconds))  # noqa: ASYNC251 - the point of the hook
                     return {"blocked_s": seconds}
-            return await commands.dispatch(req, peer)
+            try:
+                return await commands.dispatch(req, peer)
+            finally:
+                if req.cmd in ("start", "stop", "drain", "resume", "reset") \
+                        and self.parts is not None:
+                    # the operator's decision is on disk when llmctl returns: a crash right
+                    # after it keeps it
+                    self.ledger.record(decisions_of(self.parts))
+                    await self.ledger.flush()
 
         return dispatch
 

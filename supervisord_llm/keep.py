@@ -53,6 +53,7 @@ _ASK_TIMEOUT_S = 5.0
 _START_TIMEOUT_S = 10.0
 _CONNECT_TIMEOUT_S = 0.5
 _HELLO_TIMEOUT_S = 3.0  # a keeper slow on a loaded box is not taken for dead at once
+_KILL_ANSWER_S = 5.0  # a keeper that has not answered a kill within this is killed
 # the keeper runs from its compiled module (the package's __pycache__), not as a script: a
 # script is compiled at every start, which costs two megabytes of the keeper's memory
 _START = ("import sys; sys.path[:0] = [{pkg!r}]; import _keeper; "
@@ -316,7 +317,8 @@ class KeptProcess:
     def _keeper_gone(self) -> None:
         """The keeper ended (killed): its engine got the parent-death signal."""
         if not self._exited.done():
-            if not self._released and not self._keepers.closing:
+            if not self._released and not self._keepers.closing \
+                    and not self._keepers.ending(self.keeper_id):
                 log.error("%s: its keeper (pid %d) ended while the model ran",
                           self.spec.service, self.keeper_pid)
             self._exited.set_result(-int(signal.SIGKILL))
@@ -345,7 +347,13 @@ class KeptProcess:
                 with contextlib.suppress(OSError):
                     os.killpg(self.pgid, sig)
             return True
-        self.link.expect()  # its `ok`, read and dropped
+        reply = self.link.expect()  # its `ok`, read and dropped
+        if sig == signal.SIGKILL:
+            # a keeper that does not answer a kill is frozen: the engine it cannot reap
+            # would stay a zombie in the group (the stop would wait for the heartbeat)
+            asyncio.get_running_loop().call_later(
+                _KILL_ANSWER_S, lambda: None if reply.done() else
+                self._keepers.kill_keeper(self.keeper_id, "does not answer a kill"))
         return True
 
     def kill_group(self) -> None:
@@ -495,6 +503,7 @@ class Keepers:
         self.limiter = LogLimiter(__name__)
         self.adoptions = 0
         self._dead: list[tuple[Path, bool]] = []  # keepers found dead at the adoption
+        self._ending: set[str] = set()  # keepers the daemon stopped or killed itself
         self.closing = False
 
     def _dir(self) -> Path:
@@ -682,6 +691,7 @@ class Keepers:
         loop.add_reader(k.pidfd, ended)
 
     def _forget(self, k: _Keeper) -> None:
+        self._ending.discard(k.record.keeper_id)
         if self._all.get(k.record.keeper_id) is k:
             del self._all[k.record.keeper_id]
         if self._idle.get(k.record.service) is k:
@@ -715,6 +725,7 @@ class Keepers:
     async def _stop_keeper(self, k: _Keeper, timeout_s: float) -> None:
         """Tell a keeper to stop (its model, if any, first) and wait until it is gone; one
         that does not answer is killed."""
+        self._ending.add(k.record.keeper_id)
         with contextlib.suppress(KeeperGone):
             k.link.send({"op": "stop", "timeout_s": timeout_s})
         try:
@@ -728,8 +739,20 @@ class Keepers:
                     await asyncio.shield(k.gone)
 
     def _kill(self, k: _Keeper) -> None:
+        self._ending.add(k.record.keeper_id)
         if k.pidfd is not None:
             P.send(k.pidfd, signal.SIGKILL)
+
+    def kill_keeper(self, keeper_id: str, why: str) -> None:
+        k = self._all.get(keeper_id)
+        if k is not None and not k.gone.done():
+            log.error("keeper %s (pid %d) %s: killing it (its model with it)", keeper_id,
+                      k.pid, why)
+            self._kill(k)
+
+    def ending(self, keeper_id: str) -> bool:
+        """Whether the daemon itself ended this keeper (stopped or killed it)."""
+        return keeper_id in self._ending
 
     # --- adopting --------------------------------------------------------------------------
 
@@ -758,11 +781,23 @@ class Keepers:
         record = KeptLaunch.from_doc(await asyncio.to_thread(_read_json, kdir / LAUNCH))
         state = await asyncio.to_thread(_read_json, kdir / "state.json")
         keeper_pid = state.get("keeper_pid") if isinstance(state, dict) else None
-        try:
-            link, snap = await self._connect(kdir, 0.0)
-        except KeeperGone as exc:
-            await self._dead_keeper(kdir, record, keeper_pid, str(exc))
-            return None
+        for attempt in range(4):
+            try:
+                link, snap = await self._connect(kdir, 0.0)
+            except KeeperGone as exc:
+                # a keeper that lives (a stray connection in its way, a slow box) is asked
+                # again before it is taken for dead
+                if attempt < 3 and isinstance(keeper_pid, int) \
+                        and keeper_args(keeper_pid).get("dir") == str(kdir):
+                    await asyncio.sleep(0.3)
+                    continue
+                await self._dead_keeper(kdir, record, keeper_pid, str(exc))
+                return None
+            if snap.get("code") == "busy" and attempt < 3:
+                link.close()
+                await asyncio.sleep(0.3)
+                continue
+            break
         if snap.get("op") == "error" and snap.get("code") == "busy":
             log.error("keeper %s is attached to another supervisor (%s): left alone",
                       kdir.name, snap.get("message"))
@@ -1072,7 +1107,9 @@ def _spawn_keeper(args: list[str], env: dict[str, str], lease_r: int, client: in
         if output_fd != 2:
             actions.append((os.POSIX_SPAWN_DUP2, output_fd, 2))
         actions += [(os.POSIX_SPAWN_DUP2, lease_r, 3), (os.POSIX_SPAWN_DUP2, client, 4)]
-        return os.posix_spawn(sys.executable, args, env, file_actions=actions, setsid=True)
+        # (no signal blocked in the keeper, whatever the spawning thread had blocked)
+        return os.posix_spawn(sys.executable, args, env, file_actions=actions, setsid=True,
+                              setsigmask=())
     finally:
         for fd in moved:
             os.close(fd)

@@ -76,6 +76,16 @@ def closed_why(actor: ServiceActor | None) -> str:
     return "closed"
 
 
+def _port_allowed(actor: ServiceActor, port: int | None) -> bool:
+    """Whether an instance on `port` is this service's as configured: its port, its gate's
+    swap port, or (a gated service without one: the hot swap picks a free port) any."""
+    cfg = actor.cfg
+    if port == cfg.port:
+        return True
+    gate = cfg.gate
+    return gate is not None and (gate.swap_port is None or port == gate.swap_port)
+
+
 def _process_age_s() -> float | None:
     """Seconds since this process started (its start time in /proc), or None."""
     try:
@@ -280,23 +290,28 @@ class Supervisor:
         services the operator had stopped before the daemon restarted (`llmctl stop`): they
         stay held, unless they run (adopted: what runs wins). Returns the services adopted."""
         chosen: dict[str, Adoptable] = {}
-        extra: list[Adoptable] = []
-        for item in sorted(adoptable, key=lambda i: -i.gen):
+        extra: list[tuple[Adoptable, str]] = []
+        # the oldest instance of a service first: in the middle of a hot swap the one that
+        # was serving (loaded for sure), not the replacement that may still be loading
+        for item in sorted(adoptable, key=lambda i: i.proc.start_ticks):
             actor = self.actors.get(item.record.service)
-            if actor is None or item.record.service in chosen or item.record.digest != \
-                    actor.launch_spec(item.gen, item.record.port).digest:
-                extra.append(item)
-            else:
+            why = "not configured" if actor is None else \
+                "a second instance" if item.record.service in chosen else \
+                "its launch changed" if item.record.digest != actor.launch_spec(
+                    item.gen, item.record.port).digest else \
+                f"its port changed ({item.record.port})" if not _port_allowed(
+                    actor, item.record.port) else None
+            if why is None:
                 chosen[item.record.service] = item
-        for item in extra:
+            else:
+                extra.append((item, why))
+        for item, why in extra:
             log.warning("%s: an earlier supervisor's instance (pid %d) is not what this "
                         "configuration launches (%s): stopping it", item.record.service,
-                        item.proc.pid, "not configured" if item.record.service not in
-                        self.actors else "its launch changed" if item.record.service
-                        not in chosen else "a second instance")
+                        item.proc.pid, why)
         await asyncio.gather(*(self.spawner.keepers.stop_adoptable(
             item, self.actors[item.record.service].cfg.stop.timeout_s
-            if item.record.service in self.actors else 30.0) for item in extra))
+            if item.record.service in self.actors else 30.0) for item, _ in extra))
         for actor in list(self.actors.values()):
             took = chosen.get(actor.name)
             if took is not None:
@@ -305,6 +320,10 @@ class Supervisor:
                 if not actor.alive:
                     actor.run()
                 await actor.adopt(took.proc, took.gen)
+                if actor.name in held:  # the operator's stop was under way: it goes on
+                    log.info("%s: held by the operator (llmctl stop) before the restart: "
+                             "stopping it", actor.name)
+                    await actor.send(Stop("operator"))
                 if hold is not None:
                     await actor.send(Stop(hold))
                 continue

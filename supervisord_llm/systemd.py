@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -24,6 +25,10 @@ from pathlib import Path
 from .logs import LogLimiter
 
 log = logging.getLogger(__name__)
+
+# the daemon's stop and reload signals: blocked from its entry point (entry.py) until the
+# event loop's handlers are in place
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Notifier:

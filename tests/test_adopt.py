@@ -12,6 +12,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -504,3 +506,95 @@ def test_a_copy_of_the_state_directory_never_touches_the_models_of_the_original(
             assert "runs for another state directory" in t.logtext()
         assert alive(pid) and d.service("alpha")["pid"] == pid
         assert d.service("alpha")["restarts"] == 0
+
+
+def test_a_sigterm_during_the_start_up_is_a_stop(tmp_path: Path) -> None:
+    """SIGTERM while the new daemon still imports or adopts: blocked until its handlers are
+    in place, then a stop like any other (exit 0, the adopted model stopped), never the
+    default's death that would leave the model to its grace."""
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha")])
+    pid = crashed(tmp_path, doc)
+    d = Daemon(tmp_path, doc)
+    d.start(wait=False)
+    try:
+        time.sleep(0.15)  # (in its imports, on this machine)
+        d.signal(signal.SIGTERM)
+        assert d.wait(30) == 0, d.logtext()[-2000:]
+    finally:
+        d.stop()
+    assert not alive(pid)
+    assert keepers_of(tmp_path / "state") == []
+
+
+def test_a_port_changed_between_daemons_is_a_changed_launch(tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha")])
+    pid = crashed(tmp_path, doc)
+    doc["service"][0]["port"] = free_port()
+    with running(tmp_path, doc) as d:
+        svc = d.wait_state("alpha", "ready")
+        assert svc["port"] == doc["service"][0]["port"] and not svc["adopted"]
+        assert not alive(pid) and "its port changed" in d.logtext()
+
+
+def test_the_operators_stop_under_way_at_a_crash_goes_on(tmp_path: Path) -> None:
+    """`llmctl stop` of a model slow to stop, and the daemon killed before it stopped: the
+    next daemon adopts it and stops it (the stop was recorded before llmctl returned)."""
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha", "--ignore-term",
+                                         stop={"timeout_s": 5})])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        pid = d.wait_state("alpha", "ready")["pid"]
+        assert d.llmctl("stop", "--no-wait", "alpha").returncode == 0
+        d.crash()
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    assert alive(pid)
+    with running(tmp_path, doc) as d2:
+        wait_until(lambda: d2.service("alpha")["state"] == "stopped", 20, what="stopped")
+        assert d2.service("alpha")["holds"] == ["operator"] and not alive(pid)
+
+
+def test_a_stop_with_a_frozen_keeper_ends(tmp_path: Path) -> None:
+    """A keeper frozen (SIGSTOP) when its model is stopped: the kill at the stop deadline goes
+    to the group from the daemon, and the keeper that does not answer it is killed, so the
+    stop ends a few seconds after its deadline, not at the heartbeat's."""
+    doc = base_config(tmp_path, [counted(tmp_path, "alpha", stop={"timeout_s": 1})])
+    with running(tmp_path, doc) as d:
+        pid = d.wait_state("alpha", "ready")["pid"]
+        (keeper,) = keepers_of(tmp_path / "state")
+        os.kill(keeper, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            r = d.llmctl("stop", "alpha", timeout=60)
+            wait_until(lambda: d.service("alpha")["state"] == "stopped", 20, what="stopped")
+            assert time.monotonic() - t0 < 1 + 5 + 5, r.stdout + r.stderr
+            assert not alive(pid) and not alive(keeper)
+        finally:
+            with contextlib.suppress(OSError):
+                os.kill(keeper, signal.SIGKILL)
+
+
+def test_a_crash_in_the_middle_of_a_hot_swap_keeps_the_serving_instance(
+        tmp_path: Path) -> None:
+    """Two instances of a service at the crash (the serving one, a replacement still
+    loading): the next daemon adopts the one that served (the older), not the newcomer."""
+    doc = base_config(tmp_path, [gated("alpha", "--load-s", "4",
+                                       service={"health": {"startup_timeout_s": 30}})])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        pid = d.wait_state("alpha", "ready", 30)["pid"]
+        swap = subprocess.Popen([sys.executable, "-m", "supervisord_llm.ctl", "--socket",
+                                 d.socket, "swap", "alpha"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        wait_until(lambda: len(keepers_of(tmp_path / "state")) == 2, 10,
+                   what="the replacement started")
+        d.crash()
+        d.pids_seen.clear()
+        swap.wait(30)
+    finally:
+        d.stop()
+    with running(tmp_path, doc) as d2:
+        svc = d2.wait_state("alpha", "ready", 10)
+        assert svc["pid"] == pid and svc["adopted"]
+        assert "a second instance" in d2.logtext()

@@ -283,9 +283,11 @@ def test_hostile_messages_and_an_older_client(tmp_path: Path, keepers: list[Keep
     assert intruder.sock.recv(100) == b""  # and closed
     assert c.ask({"op": "ping"}) == {"op": "pong"}  # the first one is still attached
     c.close()
+    stray = k.connect()  # a connection that never says hello keeps no supervisor out
     old = k.connect()  # a newer client once the first has gone; it speaks protocols 5-6 only
     err = old.ask({"op": "hello", "proto": [5, 6]})
     assert err["code"] == "proto" and err["proto"] == 1
+    assert stray.sock.recv(100) == b""  # replaced
     assert old.ask({"op": "signal", "sig": 15})["code"] == "proto"  # only stop and lease
     r, w = os.pipe()
     assert old.ask({"op": "lease"}, [r]) == {"op": "ok"}  # every protocol keeps its model
@@ -415,3 +417,28 @@ def test_the_group_is_signalled_after_its_leader_ended(tmp_path: Path,
                what="the group gone")
     cut = [line for line in k.log().splitlines() if line.startswith("[svc] 000")]
     assert len(cut) == 1 and cut[0] == "[svc] " + "0" * 3800 + " [line cut]"
+
+
+def test_a_lease_given_later_is_not_inherited_by_a_relaunch(tmp_path: Path,
+                                                          keepers: list[Keeper]) -> None:
+    """A lease that comes over the socket (a new supervisor's, SCM_RIGHTS: inheritable as
+    received) is the keeper's alone: the engine it relaunches does not get it."""
+    k = Keeper(tmp_path, ["sh", "-c", "exec sleep 600"], lease=False)
+    keepers.append(k)
+    c = k.connect()
+    c.ask({"op": "hello", "proto": [1, 1]})
+    r, w = os.pipe()
+    try:
+        assert c.ask({"op": "lease"}, [r]) == {"op": "ok"}
+        lease = f"pipe:[{os.fstat(r).st_ino}]"
+        first = c.ask({"op": "signal", "sig": signal.SIGKILL})
+        assert first["op"] == "ok"
+        assert c.recv()["op"] == "exited"
+        started = c.ask({"op": "run", "gen": 2})
+        wait_until(lambda: alive(started["pid"]), 5, what="the relaunch")
+        fds = [os.readlink(f"/proc/{started['pid']}/fd/{fd}")
+               for fd in os.listdir(f"/proc/{started['pid']}/fd")]
+        assert lease not in fds, fds
+    finally:
+        os.close(r)
+        os.close(w)
