@@ -190,6 +190,7 @@ class Daemon:
         self.parts: Parts | None = None  # once every part is built
         self.notifier = Notifier()
         self._signals: asyncio.Queue[str] = asyncio.Queue()
+        self._last_signal = "a signal"  # (which one: said in the log)
         self._status_pending = False
         self._last_status = ""
         self._status_mode = ""
@@ -244,7 +245,7 @@ class Daemon:
             loop = asyncio.get_running_loop()
             for sig, what in ((signal.SIGTERM, "term"), (signal.SIGINT, "term"),
                               (signal.SIGHUP, "hup")):
-                loop.add_signal_handler(sig, self._signals.put_nowait, what)
+                loop.add_signal_handler(sig, self._signal, what, sig)
             # blocked since the entry point: what came meanwhile is delivered now, to these
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             # another daemon on this socket: refuse before the sweep can touch its services
@@ -381,13 +382,18 @@ class Daemon:
                     return
                 if what == "term":
                     if host.mode.value != "shutting_down":
-                        log.info("stopping: services in reverse order (again to stop at once)")
+                        log.info("stopping (%s): services in reverse order (again to stop at "
+                                 "once)", self._last_signal)
                         self.notifier.stopping("stopping services")
                     host.shutdown(fast=host.mode.value == "shutting_down")
                 elif what == "hup":
                     asyncio.get_running_loop().create_task(self._sighup(host))
         finally:
             stopped.cancel()
+
+    def _signal(self, what: str, sig: int) -> None:
+        self._last_signal = signal.Signals(sig).name
+        self._signals.put_nowait(what)
 
     async def _restarting(self) -> bool:
         """Whether the SIGTERM is a restart of our unit (`systemctl list-jobs`), with the
