@@ -226,8 +226,10 @@ class Soak:
                 self.faults[kind] -= 1  # nothing running to kill: not a fault
             else:
                 self.touch(name, kind)
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
+                fd = _ours(pid, name)
+                if fd is not None:
+                    _send(fd, signal.SIGKILL)
+                    os.close(fd)
         elif kind == "sigstop":
             pid = self.pid_of(d, name)
             if not pid:
@@ -235,9 +237,10 @@ class Soak:
             else:
                 hold = self.rng.uniform(0.5, 3.0)
                 self.touch(name, kind, hold)
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGSTOP)
-                loop.call_later(hold, lambda: _cont(pid))
+                fd = _ours(pid, name)
+                if fd is not None:
+                    _send(fd, signal.SIGSTOP)
+                    loop.call_later(hold, lambda: _cont(fd))
         elif kind in ("health_fail", "gen_hang"):
             port = self.doc_port(name)
             key = "health_status" if kind == "health_fail" else "gen_hang"
@@ -409,9 +412,32 @@ class Soak:
         return True
 
 
-def _cont(pid: int) -> None:
+def _ours(pid: int, name: str) -> int | None:
+    """A pidfd of `pid` if it is still this soak's service `name` (its launch marker), read
+    after the pidfd was opened: a pid read from status a moment ago may be a stranger's now
+    (another suite's daemon on this machine), and a stranger is never signalled."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        env = []
+    if f"LLM_SUPERVISOR_SERVICE={name}".encode() not in env:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _send(fd: int, sig: int) -> None:
     with contextlib.suppress(OSError):
-        os.kill(pid, signal.SIGCONT)
+        signal.pidfd_send_signal(fd, sig)
+
+
+def _cont(fd: int) -> None:
+    _send(fd, signal.SIGCONT)
+    os.close(fd)
 
 
 async def _ctl(port: int, key: str, value: str) -> None:
