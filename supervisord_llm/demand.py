@@ -406,6 +406,10 @@ class Swapper:
             return
         if actor.state is not State.STOPPED or id(actor) in self._acting or self._busy_op(name):
             return  # being unloaded (or an operation on it runs): once that is over
+        if not actor.model.wanted:
+            # not started yet (a request that came while the daemon starts its services):
+            # released now, it would not launch, and its gate would say "stopped"
+            return
         if p.force and self.host.mode is Mode.ON_BATTERY:
             return  # made `always` by a reload: not loaded onto the battery (as if added)
         gate = self.sup.gate_of(name)

@@ -598,3 +598,38 @@ def test_a_crash_in_the_middle_of_a_hot_swap_keeps_the_serving_instance(
         svc = d2.wait_state("alpha", "ready", 10)
         assert svc["pid"] == pid and svc["adopted"]
         assert "a second instance" in d2.logtext()
+
+
+def test_a_request_that_comes_while_the_daemon_starts_is_served(tmp_path: Path) -> None:
+    """The router and the gates listen before every service has been started: a request for
+    an on-demand model that comes in that moment waits and is served (it was answered 503
+    "stopped": its hold released before the service was wanted, the launch never came)."""
+    rport = free_port()
+    # three services launched first, in config order: the start takes a while before
+    # `lazy` is reached
+    doc = base_config(tmp_path, [*(counted(tmp_path, f"s{i}") for i in range(3)),
+                                 gated("lazy", service={"start": "on-demand",
+                                                        "models": ["lazy-model"]})],
+                      router={"listen": f"127.0.0.1:{rport}"})
+    d = Daemon(tmp_path, doc)
+    d.start(wait=False)
+    try:
+        body = json.dumps({"model": "lazy-model", "messages": [], "max_tokens": 1}).encode()
+        deadline = time.monotonic() + 30
+        while True:  # the first moment the router takes a connection
+            try:
+                s = socket.create_connection(("127.0.0.1", rport), timeout=30)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the router never listened"
+                time.sleep(0.002)
+        with s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      b"application/json\r\nConnection: close\r\nContent-Length: "
+                      + str(len(body)).encode() + b"\r\n\r\n" + body)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200"), data[:300]
+    finally:
+        d.stop()
