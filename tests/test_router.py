@@ -913,7 +913,9 @@ def test_the_real_figure_is_learned_and_used(tmp_path: Path, per_process: bool) 
         assert svc["on_demand"]["learned_bytes"] == {uuid: 5 * GIB}
         assert svc["on_demand"]["vram_bytes"] == {uuid: 5 * GIB}  # the larger of the two
         how = "per process" if per_process else "growth of the GPU's used memory"
-        assert f"a: uses 5.0 GiB on GPU {uuid} ({how})" in d.logtext()
+        # (the log is written by its own thread: the line may come a moment after status)
+        wait_until(lambda: f"a: uses 5.0 GiB on GPU {uuid} ({how})" in d.logtext(), 10,
+                   what="the learned figure logged")
         assert client.chat("model-b")[0] == 200
         assert states(d)["a"] == ("stopped", ["idle"])
         assert "a: stopping to make room for b" in d.logtext()
