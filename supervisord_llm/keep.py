@@ -504,6 +504,7 @@ class Keepers:
         self.adoptions = 0
         self._dead: list[tuple[Path, bool]] = []  # keepers found dead at the adoption
         self._ending: set[str] = set()  # keepers the daemon stopped or killed itself
+        self._removing: set[asyncio.Future[None]] = set()  # directories being removed
         self.closing = False
 
     def _dir(self) -> Path:
@@ -518,6 +519,19 @@ class Keepers:
             log.warning("state directory %s was missing: created it again", self.base.parent)
         self.base.mkdir(mode=0o700, exist_ok=True)
         return self.base
+
+    def _remove(self, path: Path) -> None:
+        """A keeper's directory removed off the loop (`close` waits for it)."""
+        fut = asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, path, True)
+        self._removing.add(fut)
+        fut.add_done_callback(self._removing.discard)
+
+    def _prepare(self, record: KeptLaunch) -> Path:
+        """A new keeper's directory, with our record of its launch. Blocking."""
+        kdir = self._dir() / record.keeper_id
+        kdir.mkdir(mode=0o700)
+        (kdir / LAUNCH).write_text(json.dumps(record.doc()))
+        return kdir
 
     # --- launching -------------------------------------------------------------------------
 
@@ -541,9 +555,7 @@ class Keepers:
             await self._stop_keeper(idle, 0.0)
         keeper_id = f"{spec.service}-{secrets.token_hex(4)}"
         record = KeptLaunch(keeper_id, spec.service, port, record_digest, "1")
-        kdir = self._dir() / keeper_id
-        kdir.mkdir(mode=0o700)
-        (kdir / LAUNCH).write_text(json.dumps(record.doc()))
+        kdir = await asyncio.to_thread(self._prepare, record)  # (file system: off the loop)
         env = {**env, **marker(keeper_id, record.launch_id)}
         cpus = ",".join(str(c) for c in spec.cpus) if spec.cpus else "-"
         mem = str(spec.mem_node) if spec.mem_node is not None else "-"
@@ -565,7 +577,7 @@ class Keepers:
         except OSError as exc:
             link.close()
             os.close(lease_w)
-            shutil.rmtree(kdir, ignore_errors=True)
+            self._remove(kdir)
             raise SpawnError(f"cannot start the keeper of {spec.service}: "
                              f"{exc.strerror or exc}") from None
         finally:
@@ -597,13 +609,13 @@ class Keepers:
             await self.systemd.start_unit(unit, f"llm-supervisor keeper of {spec.service}",
                                           args, env, spec.stop_timeout_s)
         except SpawnError:
-            shutil.rmtree(kdir, ignore_errors=True)
+            self._remove(kdir)
             raise
         try:
             link, snap = await self._connect(kdir, _START_TIMEOUT_S)
         except KeeperGone as exc:
             await self.systemd.stop_unit(unit)
-            shutil.rmtree(kdir, ignore_errors=True)
+            self._remove(kdir)
             raise SpawnError(f"the keeper of {spec.service} did not start ({exc}; "
                              f"`journalctl -u {unit}`)") from None
         pid = snap.get("keeper_pid")
@@ -702,7 +714,7 @@ class Keepers:
             if self.systemd is not None:
                 self.systemd.forget(lease_name(k.record.keeper_id))
         k.link.close()
-        shutil.rmtree(k.dir, ignore_errors=True)
+        self._remove(k.dir)
 
     def released(self, proc: KeptProcess, keep: bool) -> None:
         k = self._all.get(proc.keeper_id)
@@ -1015,6 +1027,8 @@ class Keepers:
                 k.pidfd = None
         self._all.clear()
         self._idle.clear()
+        if self._removing:
+            await asyncio.gather(*self._removing)
         if self._own_tmp is not None and not handover:
             shutil.rmtree(self._own_tmp, ignore_errors=True)
 

@@ -435,7 +435,9 @@ def test_a_lease_given_later_is_not_inherited_by_a_relaunch(tmp_path: Path,
         assert first["op"] == "ok"
         assert c.recv()["op"] == "exited"
         started = c.ask({"op": "run", "gen": 2})
-        wait_until(lambda: alive(started["pid"]), 5, what="the relaunch")
+        # (before its exec the fork still holds the keeper's fds, close-on-exec ones too)
+        wait_until(lambda: Path(f"/proc/{started['pid']}/cmdline").read_bytes()
+                   .startswith(b"sleep"), 5, what="the relaunch exec'd")
         fds = [os.readlink(f"/proc/{started['pid']}/fd/{fd}")
                for fd in os.listdir(f"/proc/{started['pid']}/fd")]
         assert lease not in fds, fds
