@@ -27,6 +27,7 @@ from .config import Config, load_config, one_line, state_dir_problem
 from .control import Commands, ControlServer, Peer
 from .demand import Swapper
 from .errors import ConfigError, ControlError, StartupError
+from .front.client import FrontClient
 from .guard import GpuGuard, LimitStore
 from .health import HttpProber
 from .host import Host
@@ -262,7 +263,11 @@ class Daemon:
             await spawner.start()
             # the parts, each given what it needs; the record of them goes to status,
             # metrics and the control commands
-            sup = Supervisor(cfg, plans, hub, spawner, prober)
+            sup = Supervisor(cfg, plans, hub, spawner, prober, front=lambda: FrontClient(
+                Path(cfg.supervisor.state_dir) / "front",
+                grace_s=cfg.supervisor.adopt_grace_s,
+                unattended_s=cfg.supervisor.unattended_limit_s,
+                log_format=cfg.supervisor.log_format))
             self.sup = sup
             host = Host(sup, self._load_for_reload, self._reloading)
             self.host = host
@@ -312,6 +317,7 @@ class Daemon:
             adopted = await sup.start_all(hold="powered_down" if low_at_start else None,
                                           adoptable=adoptable,
                                           held={n for n, d in decisions.items() if d.held})
+            sup.release_upstreams()  # (a front an earlier daemon left: it followed them)
             await self._reapply(parts, decisions, adopted)
             sup.on_change(lambda: self.ledger.record(decisions_of(parts)))
             if adopted:
@@ -335,7 +341,8 @@ class Daemon:
                 await self.parts.probes.close()
                 await self.parts.swapper.close()
             if self.sup is not None:
-                await self.sup.close()
+                await self.sup.close(
+                    handover=self.host is not None and self.host.handing_over)
             if control is not None:
                 await control.close()
             if web is not None:

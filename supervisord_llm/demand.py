@@ -479,7 +479,7 @@ class Swapper:
 
     def _idle(self, actor: ServiceActor) -> bool:
         gate = self.sup.gate_of(actor.name)
-        busy = gate is not None and (gate.active or gate.admission.inflight
+        busy = gate is not None and (gate.active or gate.inflight
                                      or self.wants.waits(actor.name))
         return actor.state is State.READY and not busy and id(actor) not in self._acting
 
@@ -522,7 +522,7 @@ class Swapper:
                 continue
             gate = self.sup.gate_of(a.name)
             waiting = self.wants.waiting.get(a.name, 0)
-            busy = gate is not None and bool(gate.active or gate.admission.inflight or waiting)
+            busy = gate is not None and bool(gate.active or gate.inflight or waiting)
             holders.append(R.Holder(
                 name=a.name, need=self.need(a), on_demand=a.cfg.on_demand,
                 exclusive=a.cfg.exclusive, state=a.state.value,
@@ -543,13 +543,9 @@ class Swapper:
 
     async def _retire(self, name: str, drain: bool = False) -> bool:
         gate = self.sup.gate_of(name)
-        if gate is None or self.sup.gates is None:
+        if gate is None:
             return True
-
-        async def attempt() -> bool:
-            return bool(gate.retire(drain))
-
-        return await self.sup.gates.submit(attempt())
+        return await gate.retire(drain)
 
     async def _drain_out(self, name: str, for_whom: str) -> None:
         """The fairness rule: `name` (busy, loaded at least its min_residency_s ago) makes

@@ -403,7 +403,7 @@ class GpuGuard:
         return PR.ServiceView(name, actor.state, frozenset(actor.holds), gpus,
                               gated=gate is not None,
                               paused=gate is not None and THERMAL in gate.drains,
-                              factor=gate.admission.factor if gate is not None else None)
+                              factor=gate.factor if gate is not None else None)
 
     def throttled(self, name: str) -> bool:
         """Whether the heat holds the service back: one of its GPUs throttled or critical

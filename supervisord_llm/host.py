@@ -295,12 +295,18 @@ class Host:
 
     async def _wait_idle(self, gates: list[tuple[str, Any]], timeout_s: float) -> dict[str, int]:
         assert self.sup.gates is not None
-        waits = [self.sup.gates.submit(gate.wait_idle(gate.is_idle)) for _n, gate in gates]
+        waits = {name: asyncio.ensure_future(gate.wait_idle(timeout_s=timeout_s))
+                 for name, gate in gates}
         if waits:
-            _done, pending = await asyncio.wait(waits, timeout=timeout_s)
-            for fut in pending:
-                fut.cancel()
-        return {name: gate.inflight for name, gate in gates if gate.inflight}
+            await asyncio.wait(waits.values(), timeout=timeout_s + 1)
+        left = [(name, gate) for name, gate in gates
+                if not (waits[name].done() and not waits[name].cancelled()
+                        and waits[name].exception() is None and waits[name].result())]
+        for fut in waits.values():
+            fut.cancel()
+        if left:
+            await self.sup.gates.refresh()
+        return {name: max(1, gate.inflight) for name, gate in left}
 
     # --- long operations -------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from .states import RestartReason, State
 from .ticks import sleep_to_tick
 
 if TYPE_CHECKING:
-    from .gate.proxy import Gate
+    from .front.client import RemoteGate as Gate
     from .host import Host
     from .service import ServiceActor
     from .supervisor import Supervisor
@@ -53,10 +53,6 @@ log = logging.getLogger(__name__)
 MAX_ANSWER = 1024 * 1024
 TICK_S = 0.5
 STALL_PROBE = ProbeSection()  # for a gated service without [service.probe]
-
-
-async def _stalled_for(gate: Gate, port: int) -> float | None:
-    return gate.stalled_for(port)  # on the gate's loop: its requests are its own
 
 
 @dataclass
@@ -160,7 +156,7 @@ class GenerationProber:
         limit = actor.cfg.gate.stall_timeout_s
         if st.stall_probe_at is not None and now - st.stall_probe_at < limit:
             return False
-        silent = await self.sup.gates.submit(_stalled_for(gate, actor.port))
+        silent = await gate.stalled_for(actor.port)
         if silent is None or silent < limit:
             return False
         st.stall_probe_at = now

@@ -7,7 +7,6 @@ cancelled or fail. Every instance they create is in the registry (`sup.extra`, s
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -99,11 +98,11 @@ async def swap(sup: Supervisor, name: str, plan: ServicePlan | None,
     drain_s = new_gcfg.drain_timeout_s
     try:
         try:
-            await asyncio.wait_for(sup.gates.submit(
-                gate.wait_idle(lambda: gate.by_upstream.get(old_up, 0) == 0)), drain_s)
+            if not await gate.wait_idle(port=old_up[1], timeout_s=drain_s):
+                raise TimeoutError
         except TimeoutError:
-            log.warning("%s: hot swap: %d requests still on the old instance after %g s; "
-                        "stopping it", name, gate.by_upstream.get(old_up, 0), drain_s)
+            log.warning("%s: hot swap: requests still on the old instance after %g s; "
+                        "stopping it", name, drain_s)
         await sup.stop_actor(old, remove=True)
     finally:
         if sup.extra.get(name, (None, None))[1] is old:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .config import Config
 from .errors import ControlError, StartupError
-from .gate import Gate, GateHost
+from .front.client import FrontClient, RemoteGate
 from .lifecycle import Drain, Resume, Stop
 from .plan import ServicePlan
 from .sensors.hub import GpuHub
@@ -114,10 +114,15 @@ class Supervisor:
         *,
         base_env: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        gates: GateHost | None = None,
+        front: Callable[[], FrontClient] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.gates = gates
+        # the front process (gates and router), made when the first gate or the router is
+        self.gates: FrontClient | None = None
+        self._make_front = front or (lambda: FrontClient(None))
+        # a front an earlier daemon left serves on: its upstreams are not touched until the
+        # services it serves are adopted (or not)
+        self._hold_upstreams = False
         self.hub = hub
         self.spawner = spawner
         self.prober = prober
@@ -169,31 +174,74 @@ class Supervisor:
 
     # --- gates -------------------------------------------------------------------------------
 
-    def gate_of(self, name: str) -> Gate | None:
+    def gate_of(self, name: str) -> RemoteGate | None:
         return None if self.gates is None else self.gates.gates.get(name)
+
+    def _front(self) -> FrontClient:
+        if self.gates is None:
+            front = self._make_front()
+            front.on_ask = self._ask
+            front.on_waiting = self.wants.set_waiting
+            self.gates = front
+        return self.gates
+
+    def _ask(self, name: str, model: str | None) -> None:
+        self.wants.ask(name, model)
+
+    async def _take_over_front(self) -> None:
+        """At the first start: the front an earlier daemon left (if any) becomes ours; its
+        gates that are no longer configured close; the drain reasons of the earlier daemon
+        go, but the operator's (the ledger has them too); a new front if there was none and
+        one is needed."""
+        wanted = {a.name for a in self.actors.values() if a.cfg.gate is not None}
+        front = self._front()
+        if not wanted and self.cfg.router is None:
+            if await front.stop_leftover():
+                log.info("front: the front process an earlier daemon left was stopped (no "
+                         "gate or router configured now)")
+            self.gates = None
+            return
+        await front.start()
+        if not front.adopted:
+            return
+        self._hold_upstreams = True
+        for name in list(front.gates):
+            if name not in wanted:
+                await front.remove(name)
+        for gate in front.gates.values():
+            if gate.drains - {"operator"}:
+                gate.drains &= {"operator"}
+                gate.set_drains()
+        if self.cfg.router is None and front.router is not None:
+            await front.set_router(None)
+
+    def release_upstreams(self) -> None:
+        """The adoption is over: the gates follow their services from now on."""
+        if self._hold_upstreams:
+            self._hold_upstreams = False
+            self.changed()
 
     async def start_gates(self) -> list[str]:
         """Bind every configured gate that is not bound yet (closed until its service is
         ready). At start a gate that cannot bind is fatal (StartupError); `errors` collects
         them instead (a reload), one line each."""
         errors: list[str] = []
+        if not self._started:
+            await self._take_over_front()
         for actor in self.actors.values():
-            if actor.cfg.gate is not None and self.gate_of(actor.name) is None:
-                if self.gates is None:
-                    self.gates = GateHost()
+            if actor.cfg.gate is not None and (self.gate_of(actor.name) is None
+                                               or not self._started):
                 try:
-                    await self.gates.add(actor.name, actor.cfg.gate)
+                    await self._front().add(actor.name, actor.cfg.gate)
                 except StartupError as exc:
                     if not self._started:
                         raise
                     errors.append(str(exc))
         if self.cfg.router is not None or (self.gates is not None and self.gates.router):
             # after the gates, with the catalogue: its first request finds every model
-            if self.gates is None:
-                self.gates = GateHost()
             entries = self.model_entries()
             try:
-                await self.gates.set_router(
+                await self._front().set_router(
                     self.cfg.router, ({str(e["id"]): str(e["service"]) for e in entries},
                                       entries))
                 self._router_pushed = None
@@ -221,6 +269,11 @@ class Supervisor:
             return None
         if actor.state is State.READY or (actor.state is State.DRAINING and not backup):
             return ("127.0.0.1", actor.port)
+        if actor.state is State.STARTING and actor.adopted and actor.proc is not None \
+                and not backup:
+            # adopted, its first health check not done yet: it served a moment ago (the front
+            # kept serving it while no daemon was there), and goes on
+            return ("127.0.0.1", actor.port)
         return None
 
     def sync_gates(self) -> None:
@@ -235,13 +288,14 @@ class Supervisor:
             demand = (actor.cfg.on_demand, actor.cfg.health.startup_timeout_s)
             if self._demand_pushed.get(name) != demand:
                 self._demand_pushed[name] = demand
-                self.gates.call(gate.set_demand, demand[0], demand[1],
-                                self.wants.ask_threadsafe, self.wants.waiting_threadsafe)
+                gate.set_demand(demand[0], demand[1])
+            if self._hold_upstreams:
+                continue
             wanted = (self._upstream(name), self._upstream(actor.cfg.gate.backup, backup=True),
                       closed_why(actor))
             if self._pushed.get(name) != wanted:
                 self._pushed[name] = wanted
-                self.gates.call(gate.set_upstreams, *wanted)
+                gate.set_upstreams(*wanted)
             # the service's state follows its gate: draining while any drain reason holds
             if actor.state is State.READY and gate.drains:
                 actor.post(Drain())
@@ -269,13 +323,13 @@ class Supervisor:
         key = tuple((str(e["id"]), str(e["service"]), str(e["state"])) for e in entries)
         if self._router_pushed != key:
             self._router_pushed = key
-            assert self.gates is not None
-            self.gates.call(router.set_catalog, routes, entries)
+            router.set_catalog(routes, entries)
 
     async def gates_settled(self) -> None:
-        """Until every change pushed to the gates so far has been applied on the gate loop."""
+        """Until every change pushed to the gates so far has been applied by the front (and
+        their counters read afresh)."""
         if self.gates is not None and self.gates.gates:
-            await self.gates.run(lambda: None)
+            await self.gates.refresh()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -383,11 +437,12 @@ class Supervisor:
             actor.kill_now()
         self.spawner.kill_all()
 
-    async def close(self) -> None:
+    async def close(self, handover: bool = False) -> None:
+        """`handover`: the front serves on for the next daemon."""
         for actor in self.all_actors():
             await actor.shutdown()
         if self.gates is not None:
-            await self.gates.close()
+            await self.gates.close(handover=handover)
 
     def all_actors(self) -> list[ServiceActor]:
         return [*self.actors.values(), *(a for _role, a in self.extra.values())]

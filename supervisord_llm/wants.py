@@ -66,7 +66,7 @@ class Wants:
 
     def waiting_threadsafe(self, name: str, count: int) -> None:
         """`count` requests now wait in `name`'s gate for it to load."""
-        self._call(self._set_waiting, name, count)
+        self._call(self.set_waiting, name, count)
 
     def _call(self, fn: Callable[..., object], *args: object) -> None:
         loop = self._loop
@@ -74,7 +74,8 @@ class Wants:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(fn, *args)
 
-    def _set_waiting(self, name: str, count: int) -> None:
+    def set_waiting(self, name: str, count: int) -> None:
+        """`count` requests now wait in `name`'s gate for it to load."""
         if count:
             self.waiting[name] = count
         else:

@@ -84,6 +84,8 @@ class MetricsServer:
                           [(b"Allow", b"GET, HEAD")])
             return False
         if path == b"/metrics":
+            if self.sup.gates is not None:
+                await self.sup.gates.refresh()
             writer.simple(200, render(self.registry), content_type=CONTENT_TYPE.encode())
         elif path == b"/healthz":
             healthy, body = self.healthz()

@@ -86,6 +86,8 @@ class Commands:
     # --- the commands ----------------------------------------------------------------------------
 
     async def cmd_status(self, a: P.Args) -> Any:
+        if self.parts.sup.gates is not None:
+            await self.parts.sup.gates.refresh()
         return status(self.parts, self._clock(), a.service)
 
     async def cmd_start(self, a: P.Args) -> Any:

@@ -670,25 +670,13 @@ class Listener:
 
     def bind(self) -> None:
         """Bind every address `host` resolves to (like asyncio.create_server); OSError out."""
-        infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        seen = set()
-        try:
-            for family, stype, proto, _name, addr in infos:
-                if (family, addr) in seen:
-                    continue
-                seen.add((family, addr))
-                sock = socket.socket(family, stype, proto)
-                self._socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(addr)
-                sock.listen(self.backlog)
-                sock.setblocking(False)
-        except OSError:
-            self._close_socks()
-            raise
+        self._socks = bind_sockets(self.host, self.port, self.backlog)
+
+    def use(self, socks: list[socket.socket]) -> None:
+        """Listen on sockets bound elsewhere (the daemon binds, the front serves)."""
+        for sock in socks:
+            sock.setblocking(False)
+        self._socks = list(socks)
 
     def start(self) -> None:
         self._accepting = False
@@ -792,6 +780,42 @@ class Listener:
                     conn.abort()
         for task in list(self.tasks):
             task.cancel()
+
+
+def bind_sockets(host: str, port: int, backlog: int = 1024) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to (like asyncio.create_server);
+    OSError out (none left open)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    seen = set()
+    socks: list[socket.socket] = []
+    try:
+        for family, stype, proto, _name, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, stype, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def serve_sockets(handler: Handler, socks: list[socket.socket], backlog: int = 1024
+                  ) -> Listener:
+    """A started listener for `handler` on sockets bound elsewhere."""
+    host, port = socks[0].getsockname()[:2]
+    listener = Listener(handler, host, port, backlog)
+    listener.use(socks)
+    listener.start()
+    return listener
 
 
 def open_listener(handler: Handler, host: str, port: int, what: str,

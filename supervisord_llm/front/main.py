@@ -1,0 +1,585 @@
+"""The front process: every gate and the router, on an event loop of their own (uvloop where it
+is installed), apart from the daemon. It serves listening sockets the daemon bound and handed
+over, and is driven over its control socket (`wire`); it outlives the daemon (a restart, a
+crash, an upgrade) and keeps every stream going meanwhile.
+
+- One daemon at a time talks to it: `hello` gets a snapshot of every gate (settings, drain
+  reasons, upstreams, what waits for a cold start); the daemon then sets what it decides.
+- The lease is a pipe whose write end the daemon holds (as the keepers' is). At its end of
+  file (the daemon exited) a grace period starts; a new lease ends it. When the grace runs out,
+  or no daemon has spoken for `unattended` seconds, the front stops: it stops accepting,
+  lets what is in flight finish for a few seconds and exits.
+- What it says unasked: `state` (each gate's requests inside, waiting, idle clock; sent when
+  it changed, at most every PUSH_S, and at once when an on-demand gate's waiters change),
+  `ask` (a request wants an on-demand service loaded) and `waiting`.
+
+Run as `python -P -m supervisord_llm.front --dir DIR ...` by the daemon (`client.FrontClient`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from ..config import GateSection, RouterSection
+from ..gate.proxy import Gate, Histogram
+from ..gate.router import Router
+from ..gate.server import Listener, serve_sockets
+from ..gate.upstream import UpstreamPool
+from ..logs import LogLimiter, setup_logging
+from . import docs
+from .wire import Channel, ChannelClosed, close_fds
+
+log = logging.getLogger("supervisord_llm.front")
+
+PROTO: Final = 1
+CTL: Final = "ctl.sock"
+PUSH_S: Final = 0.2
+REMOVE_GRACE_S: Final = 10.0  # requests in progress on a gate being removed or moved
+STOP_GRACE_S: Final = 5.0  # in flight when the front stops for good (its models stop too)
+
+
+def hist_doc(h: Histogram) -> list[Any]:
+    buckets, total, count = h.snapshot()
+    return [buckets, total, count]
+
+
+class Front:
+    def __init__(self, directory: Path, grace_s: float, unattended_s: float) -> None:
+        self.dir = directory
+        self.grace_s = grace_s
+        self.unattended_s = unattended_s
+        self.limiter = LogLimiter("supervisord_llm.gate")
+        self.pool = UpstreamPool()
+        self.gates: dict[str, Gate] = {}
+        self.listeners: dict[str, Listener] = {}
+        self.router: Router | None = None
+        self.router_listener: Listener | None = None
+        self.client: Channel | None = None
+        self.greeted = False  # the client said hello
+        self.lease_fd: int | None = None
+        self.lease_lost_at: float | None = None
+        self.last_word = time.monotonic()  # the last message of a daemon
+        self.done = asyncio.Event()
+        self._sent: dict[str, tuple[Any, ...]] = {}
+        self._push_soon = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.stopping = False
+        self.ctl_ino: int | None = None
+
+    # --- the control socket ------------------------------------------------------------------
+
+    async def serve(self, client_fd: int | None, lease_fd: int | None) -> None:
+        loop = asyncio.get_running_loop()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        tmp = self.dir / f".{CTL}.{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        server.bind(str(tmp))
+        os.chmod(tmp, 0o600)
+        server.listen(8)
+        os.replace(tmp, self.dir / CTL)
+        self.ctl_ino = os.stat(self.dir / CTL).st_ino
+        server.setblocking(False)
+        loop.add_reader(server.fileno(), self._accept, server)
+        if lease_fd is not None:
+            self._lease(lease_fd)
+        if client_fd is not None:
+            self._attach(socket.socket(fileno=client_fd))
+        self._spawn(self._tick())
+        await self.done.wait()
+        loop.remove_reader(server.fileno())
+        server.close()
+
+    def _accept(self, server: socket.socket) -> None:
+        try:
+            sock, _ = server.accept()
+        except OSError:
+            return
+        if self.client is not None and self.greeted and not self.client.closed:
+            # one daemon at a time: a second one is told so and dropped
+            ch = Channel(sock, "second daemon")
+
+            def refuse(doc: dict[str, Any], fds: list[int]) -> None:
+                close_fds(fds)
+                ch.answer(doc, {"op": "error", "code": "busy",
+                                "message": "another llm-supervisor is attached"})
+                ch.close()
+
+            ch.on_message = refuse
+            return
+        if self.client is not None:
+            self.client.close()
+        self._attach(sock)
+
+    def _attach(self, sock: socket.socket) -> None:
+        self.greeted = False
+        ch = Channel(sock, "daemon")
+        ch.on_message = lambda doc, fds: self._message(ch, doc, fds)
+        ch.on_close = lambda: self._detached(ch)
+        self.client = ch
+
+    def _detached(self, ch: Channel) -> None:
+        if self.client is ch:
+            self.client = None
+            self.greeted = False
+            self.last_word = time.monotonic()
+
+    def _send(self, doc: dict[str, Any]) -> None:
+        ch = self.client
+        if ch is not None and self.greeted:
+            with contextlib.suppress(ChannelClosed, ValueError):
+                ch.send(doc)
+
+    # --- the lease ---------------------------------------------------------------------------
+
+    def _lease(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        if self.lease_fd is not None:
+            loop.remove_reader(self.lease_fd)
+            os.close(self.lease_fd)
+        os.set_blocking(fd, False)
+        self.lease_fd = fd
+        self.lease_lost_at = None
+        loop.add_reader(fd, self._lease_readable)
+
+    def _lease_readable(self) -> None:
+        assert self.lease_fd is not None
+        try:
+            data = os.read(self.lease_fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            return
+        asyncio.get_running_loop().remove_reader(self.lease_fd)
+        os.close(self.lease_fd)
+        self.lease_fd = None
+        self.lease_lost_at = time.monotonic()
+        log.info("front: the daemon's lease ended; serving on for %g s, until a daemon comes "
+                 "back", self.grace_s)
+
+    async def _tick(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(PUSH_S)
+            now = time.monotonic()
+            if self.lease_lost_at is not None and now - self.lease_lost_at >= self.grace_s:
+                log.warning("front: no daemon came back within %g s: stopping", self.grace_s)
+                self._spawn(self.stop(STOP_GRACE_S))
+                return
+            if self.client is None and now - self.last_word >= self.unattended_s:
+                log.warning("front: no daemon for %g s: stopping", self.unattended_s)
+                self._spawn(self.stop(STOP_GRACE_S))
+                return
+            self._push()
+
+    # --- what the daemon asks -----------------------------------------------------------------
+
+    def _message(self, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+        self.last_word = time.monotonic()
+        op = doc.get("op")
+        try:
+            if op == "hello":
+                close_fds(fds)
+                self.greeted = True
+                self._sent.clear()
+                ch.answer(doc, self.snapshot())
+                for gate in self.gates.values():  # waiters ask the new daemon again
+                    gate.set_unloading(gate.unloading)
+                    gate._demanded = 0.0
+                    gate._wake_cold()
+                return
+            if not self.greeted and op != "ping":
+                close_fds(fds)
+                ch.answer(doc, {"op": "error", "code": "hello", "message": "hello first"})
+                return
+            handler = _HANDLERS.get(str(op))
+            if handler is None:
+                close_fds(fds)
+                ch.answer(doc, {"op": "error", "code": "op", "message": f"unknown op {op!r}"})
+                return
+            handler(self, ch, doc, fds)
+        except (ValueError, KeyError, TypeError) as exc:
+            close_fds(fds)
+            ch.answer(doc, {"op": "error", "code": "bad", "message": str(exc)})
+
+    def snapshot(self) -> dict[str, Any]:
+        gates = {}
+        for name, g in self.gates.items():
+            gates[name] = {
+                "cfg": docs.to_doc(g.cfg), "drains": sorted(g.drains),
+                "factor": g.admission.factor, "listening": name in self.listeners,
+                "upstream": g.upstream, "backup": g.backup, "closed_why": g.closed_why,
+                "on_demand": g.on_demand, "unloading": g.unloading, "yielding": g.yielding,
+                "cold_message": g.cold_message, **self._light(g)}
+        router = None
+        if self.router is not None:
+            router = {"cfg": docs.to_doc(self.router.cfg),
+                      "listening": self.router_listener is not None}
+        return {"op": "snapshot", "proto": PROTO, "pid": os.getpid(), "gates": gates,
+                "router": router, "grace_s": self.grace_s, "unattended_s": self.unattended_s}
+
+    def _light(self, g: Gate) -> dict[str, Any]:
+        return {"active": g.active, "inflight": g.inflight, "queued": g.queued,
+                "limit": g.limit, "last_active": g.last_active, "cold_waiting": g.cold_waiting,
+                "last_ok": g.last_ok, "unloading": g.unloading, "yielding": g.yielding}
+
+    def _push(self) -> None:
+        self._push_soon = False
+        if self.client is None or not self.greeted:
+            self._sent.clear()
+            return
+        changed = {}
+        for name, g in self.gates.items():
+            light = self._light(g)
+            key = tuple(light.values())
+            if self._sent.get(name) != key:
+                self._sent[name] = key
+                changed[name] = light
+        if changed:
+            self._send({"op": "state", "gates": changed})
+
+    def push_soon(self) -> None:
+        if not self._push_soon:
+            self._push_soon = True
+            asyncio.get_running_loop().call_soon(self._push)
+
+    # gate callbacks (on this loop)
+    def _ask(self, name: str, model: str | None) -> None:
+        self._send({"op": "ask", "name": name, "model": model})
+
+    def _waiting(self, name: str, count: int) -> None:
+        self._send({"op": "waiting", "name": name, "count": count})
+        self.push_soon()
+
+    # --- gates --------------------------------------------------------------------------------
+
+    def set_gate(self, name: str, cfg: GateSection, socks: list[socket.socket] | None) -> None:
+        gate = self.gates.get(name)
+        if gate is None:
+            gate = Gate(name, cfg, self.pool, self.limiter)
+            gate.set_demand(False, 900.0, self._ask, self._waiting)
+            self.gates[name] = gate
+        else:
+            gate.reconfigure(cfg)
+        if socks is not None or cfg.listen is None:
+            old = self.listeners.pop(name, None)
+            if socks:
+                self.listeners[name] = serve_sockets(gate, socks)
+            if old is not None:
+                self._spawn(old.close(REMOVE_GRACE_S))
+        self.push_soon()
+
+    async def remove_gate(self, name: str, grace_s: float) -> None:
+        listener = self.listeners.pop(name, None)
+        gate = self.gates.pop(name, None)
+        self._sent.pop(name, None)
+        if listener is not None:
+            await listener.close(grace_s)
+        elif gate is not None:  # behind the router only: its requests finish
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await gate.wait_idle(gate.is_idle)
+
+    def set_router(self, cfg: RouterSection | None, socks: list[socket.socket] | None) -> None:
+        old = self.router_listener
+        if cfg is None:
+            self.router = None
+            self.router_listener = None
+            if old is not None:
+                self._spawn(old.close(REMOVE_GRACE_S))
+            return
+        if self.router is None:
+            self.router = Router(cfg, self.gates, self.limiter)
+        self.router.reconfigure(cfg)
+        if socks:
+            self.router_listener = serve_sockets(self.router, socks)
+            if old is not None:
+                self._spawn(old.close(REMOVE_GRACE_S))
+
+    def stats(self) -> dict[str, Any]:
+        gates = {}
+        for name, g in self.gates.items():
+            st = g.stats
+            gates[name] = {
+                "requests": dict(st.requests), "rejected": dict(st.rejected),
+                "duration": hist_doc(st.duration), "ttfb": hist_doc(st.ttfb),
+                "ttft": hist_doc(st.ttft), "event_rate": hist_doc(st.event_rate),
+                "models": {m: {"requests": dict(ms.requests), "ttft": hist_doc(ms.ttft)}
+                           for m, ms in g.models.items()},
+                **self._light(g)}
+        router = None
+        if self.router is not None:
+            router = {"rejected": dict(self.router.stats.rejected),
+                      "requests": dict(self.router.stats.requests)}
+        return {"op": "stats", "gates": gates, "router": router}
+
+    def listener_fds(self) -> tuple[list[list[Any]], list[int]]:
+        keys: list[list[Any]] = []
+        fds: list[int] = []
+        for name, listener in self.listeners.items():
+            socks = listener._socks
+            keys.append([name, len(socks)])
+            fds.extend(s.fileno() for s in socks)
+        if self.router_listener is not None:
+            socks = self.router_listener._socks
+            keys.append([None, len(socks)])
+            fds.extend(s.fileno() for s in socks)
+        return keys, fds
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting everywhere, let what is in flight finish for `grace_s`, exit."""
+        if self.stopping:
+            return
+        self.stopping = True
+        waits = []
+        if self.router_listener is not None:
+            waits.append(self.router_listener.close(grace_s))
+            self.router_listener = None
+        for name in list(self.gates):
+            waits.append(self.remove_gate(name, grace_s))
+        await asyncio.gather(*waits, return_exceptions=True)
+        self.pool.close()
+        self.done.set()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+# --- handlers: (front, channel, request, fds) -------------------------------------------------
+
+
+def _socks(fds: list[int]) -> list[socket.socket]:
+    return [socket.socket(fileno=fd) for fd in fds]
+
+
+def _gate(f: Front, doc: dict[str, Any]) -> Gate:
+    name = doc["name"]
+    gate = f.gates.get(name) if isinstance(name, str) else None
+    if gate is None:
+        raise KeyError(f"no gate {name!r}")
+    return gate
+
+
+def _op_ping(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    close_fds(fds)
+    ch.answer(doc, {"op": "pong"})
+
+
+def _op_lease(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    if len(fds) != 1:
+        close_fds(fds)
+        raise ValueError("a lease is one file descriptor")
+    f._lease(fds[0])
+    ch.answer(doc, {"op": "ok"})
+
+
+def _op_gate(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    name = doc["name"]
+    if not isinstance(name, str) or not name:
+        close_fds(fds)
+        raise ValueError("bad gate name")
+    try:
+        cfg = docs.from_doc(GateSection, doc["cfg"])
+    except (ValueError, KeyError):
+        close_fds(fds)
+        raise
+    f.set_gate(name, cfg, _socks(fds) if fds else None)
+    ch.answer(doc, {"op": "ok"})
+
+
+def _op_remove(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    close_fds(fds)
+    name = doc["name"]
+    grace = float(doc.get("grace_s", REMOVE_GRACE_S))
+
+    async def run() -> None:
+        await f.remove_gate(name, grace)
+        ch.answer(doc, {"op": "ok"})
+
+    f._spawn(run())
+
+
+def _op_set(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    close_fds(fds)
+    gate = _gate(f, doc)
+    if "upstreams" in doc:
+        up, backup, why = doc["upstreams"]
+        gate.set_upstreams((str(up[0]), int(up[1])) if up else None,
+                           (str(backup[0]), int(backup[1])) if backup else None, str(why))
+    if "demand" in doc:
+        on_demand, timeout = doc["demand"]
+        gate.set_demand(bool(on_demand), float(timeout), f._ask, f._waiting)
+    if "drains" in doc:
+        drains = {str(r) for r in doc["drains"]}
+        for reason in gate.drains - drains:
+            gate.resume(reason)
+        for reason in drains - gate.drains:
+            gate.drain(reason)
+    if "factor" in doc:
+        gate.set_limit_factor(float(doc["factor"]))
+    if "cold_message" in doc:
+        message = doc["cold_message"]
+        gate.set_cold_message(None if message is None else str(message))
+    if "yielding" in doc:
+        gate.set_yielding(bool(doc["yielding"]))
+    if "unloading" in doc:
+        gate.set_unloading(bool(doc["unloading"]))
+    f.push_soon()
+    ch.answer(doc, {"op": "ok"})
+
+
+def _op_router(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    cfg = None
+    if doc.get("cfg") is not None:
+        try:
+            cfg = docs.from_doc(RouterSection, doc["cfg"])
+        except ValueError:
+            close_fds(fds)
+            raise
+    f.set_router(cfg, _socks(fds) if fds else None)
+    if "catalog" in doc and f.router is not None:
+        routes, entries = doc["catalog"]
+        f.router.set_catalog(dict(routes), list(entries))
+    ch.answer(doc, {"op": "ok"})
+
+
+def _op_catalog(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    close_fds(fds)
+    if f.router is not None:
+        f.router.set_catalog(dict(doc["routes"]), list(doc["entries"]))
+    ch.answer(doc, {"op": "ok"})
+
+
+def _op_retire(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    close_fds(fds)
+    gate = f.gates.get(str(doc.get("name")))
+    ok = gate.retire(bool(doc.get("drain"))) if gate is not None else True
+    ch.answer(doc, {"op": "retired", "ok": ok,
+                    **(f._light(gate) if gate is not None else {})})
+    f.push_soon()
+
+
+def _op_wait_idle(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    close_fds(fds)
+    gate = f.gates.get(str(doc.get("name")))
+    if gate is None:
+        ch.answer(doc, {"op": "idle", "idle": True})
+        return
+    port = doc.get("port")
+    timeout = float(doc.get("timeout_s", 3600.0))
+    g = gate
+
+    def idle() -> bool:
+        if isinstance(port, int):
+            return not any(n for up, n in g.by_upstream.items() if up[1] == port)
+        return g.is_idle()
+
+    async def run() -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await g.wait_idle(idle)
+        except TimeoutError:
+            ch.answer(doc, {"op": "idle", "idle": False})
+        else:
+            ch.answer(doc, {"op": "idle", "idle": True})
+
+    f._spawn(run())
+
+
+def _op_stalled(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    close_fds(fds)
+    gate = _gate(f, doc)
+    ch.answer(doc, {"op": "stalled", "value": gate.stalled_for(int(doc["port"]))})
+
+
+def _op_stats(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    close_fds(fds)
+    ch.answer(doc, f.stats())
+
+
+def _op_listeners(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    close_fds(fds)
+    keys, mine = f.listener_fds()
+    ch.answer(doc, {"op": "listeners", "keys": keys}, mine)
+
+
+def _op_stop(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    close_fds(fds)
+
+    async def run() -> None:
+        await f.stop(float(doc.get("grace_s", STOP_GRACE_S)))
+        ch.answer(doc, {"op": "stopped"})
+
+    f._spawn(run())
+
+
+def _op_settings(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    close_fds(fds)
+    f.grace_s = float(doc.get("grace_s", f.grace_s))
+    f.unattended_s = float(doc.get("unattended_s", f.unattended_s))
+    ch.answer(doc, {"op": "ok"})
+
+
+_HANDLERS: Final = {
+    "ping": _op_ping, "lease": _op_lease, "gate": _op_gate, "remove": _op_remove,
+    "set": _op_set, "router": _op_router, "catalog": _op_catalog, "retire": _op_retire,
+    "wait_idle": _op_wait_idle, "stalled_for": _op_stalled, "stats": _op_stats,
+    "listeners": _op_listeners, "stop": _op_stop, "settings": _op_settings,
+}
+
+
+# --- the program --------------------------------------------------------------------------------
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="llm-supervisor-front")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--grace", type=float, default=30.0)
+    p.add_argument("--unattended", type=float, default=300.0)
+    p.add_argument("--lease-fd", type=int)
+    p.add_argument("--client-fd", type=int)
+    p.add_argument("--log-format", default="plain")
+    return p.parse_args(argv)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.log_format)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    front = Front(Path(args.dir), args.grace, args.unattended)
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    loop.add_signal_handler(signal.SIGTERM, lambda: front._spawn(front.stop(STOP_GRACE_S)))
+    try:
+        loop.run_until_complete(front.serve(args.client_fd, args.lease_fd))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(front.dir / CTL).st_ino == front.ctl_ino:  # not a successor's
+                (front.dir / CTL).unlink()
+        loop.close()
+    return 0
