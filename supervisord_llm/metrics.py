@@ -73,6 +73,14 @@ class SupervisorCollector(Collector):
             yield GaugeMetricFamily("llm_supervisor_reattach_seconds",
                                     "From this supervisor's start until every model it "
                                     "adopted was ready", value=sup.reattach_s)
+        front = sup.gates
+        if front is not None:
+            yield CounterMetricFamily("llm_supervisor_front_restarts",
+                                      "Times the front process (gates and router) died and "
+                                      "was started again", value=front.restarts)
+            yield CounterMetricFamily("llm_supervisor_front_cut_requests",
+                                      "Requests in flight in a front process that died",
+                                      value=front.cut_requests)
         errs = CounterMetricFamily("llm_supervisor_sensor_errors", "Failed sensor reads",
                                    labels=["sensor"])
         for sensor, n in sorted(sup.hub.errors_total.items()):

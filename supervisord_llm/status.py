@@ -170,11 +170,21 @@ def status(parts: Parts, now: float, service: str | None = None) -> dict[str, An
         },
         "services": [service_status(parts, a, now) for a in actors],
         "router": {"listen": str(sup.cfg.router.listen)} if sup.cfg.router else None,
+        "front": front_status(parts),
         "models": models_status(parts) if service is None else [
             m for m in models_status(parts) if m["service"] == service],
         "gpus": [gpu_status(parts, s, now) for s in sup.hub.snapshots()],
         "power": parts.power.status(now),
     }
+
+
+def front_status(parts: Parts) -> dict[str, Any] | None:
+    """The front process (gates and router): None when no gate or router is configured."""
+    front = parts.sup.gates
+    if front is None:
+        return None
+    return {"pid": front.pid, "attached": front.attached, "adopted": front.adopted,
+            "restarts": front.restarts, "cut_requests": front.cut_requests}
 
 
 def status_line(parts: Parts) -> str:

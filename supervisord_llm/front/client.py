@@ -304,6 +304,10 @@ class FrontClient:
     def pid(self) -> int | None:
         return self._pid
 
+    @property
+    def attached(self) -> bool:
+        return self._ch is not None
+
     async def start(self) -> None:
         """Attach to a front: the one an earlier daemon left (its gates become ours), else a
         new one. StartupError if none can be started."""

@@ -1,0 +1,253 @@
+"""The front process (issue: streams outlive the supervisor): the gates and the router in a
+process of their own, with the real daemon and fake engines. kill -9 of the daemon under 64
+streams cuts none and new requests are served in the gap; a hand-over keeps it; kill -9 of
+the front cuts only its own streams and refuses no connection; a daemon gone for good takes
+the front with it after the grace; a stop leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from helpers import Daemon, alive, base_config, free_port, gated, running, wait_until
+
+
+def with_router(tmp: Path, services: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    doc = base_config(tmp, services, **extra)
+    doc["router"] = {"listen": f"127.0.0.1:{free_port()}"}
+    return doc
+
+
+def gate_port(doc: dict[str, Any], name: str) -> int:
+    for svc in doc["service"]:
+        if svc["name"] == name:
+            return int(svc["gate"]["listen"].rsplit(":", 1)[1])
+    raise KeyError(name)
+
+
+def router_port(doc: dict[str, Any]) -> int:
+    return int(doc["router"]["listen"].rsplit(":", 1)[1])
+
+
+def post(port: int, body: dict[str, Any], timeout: float = 30) -> bytes:
+    """One request on its own connection (Connection: close): the whole answer."""
+    raw = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Type: application/json\r\nConnection: close\r\n"
+                  + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+class Streams:
+    """SSE streams through a gate or the router, each on a thread: done (ended with [DONE])
+    or cut."""
+
+    def __init__(self, port: int, n: int, tokens: int, delay: float,
+                 model: str | None = None) -> None:
+        self.done = 0
+        self.cut = 0
+        self.started = threading.Event()
+        body: dict[str, Any] = {"stream": True, "max_tokens": tokens,
+                                "fake_token_delay_s": delay,
+                                "messages": [{"role": "user", "content": "hi"}]}
+        if model is not None:
+            body["model"] = model
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._one, args=(port, body), daemon=True)
+                         for _ in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _one(self, port: int, body: dict[str, Any]) -> None:
+        try:
+            ok = b"data: [DONE]" in post(port, body)
+        except OSError:
+            ok = False
+        with self._lock:
+            if ok:
+                self.done += 1
+            else:
+                self.cut += 1
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+def front_pid(d: Daemon) -> int:
+    front = d.status()["front"]
+    assert front is not None and front["pid"], front
+    return int(front["pid"])
+
+
+def inflight(d: Daemon, name: str) -> int:
+    return int(d.service(name)["inflight"])
+
+
+def test_kill_9_of_the_daemon_under_64_streams_cuts_none(tmp_path: Path) -> None:
+    """64 streams through two gates and the router; kill -9 of the daemon: every stream ends
+    with [DONE]; requests sent while no daemon runs are answered by the models up; the next
+    daemon re-attaches to the same front and drains as before."""
+    doc = with_router(tmp_path, [gated("alpha", service={"models": ["m-alpha"]},
+                                       max_concurrency=64),
+                                 gated("beta", service={"models": ["m-beta"]},
+                                       max_concurrency=64)])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        a = d.wait_state("alpha", "ready")
+        b = d.wait_state("beta", "ready")
+        fpid = front_pid(d)
+        streams = [Streams(gate_port(doc, "alpha"), 16, 60, 0.05),
+                   Streams(gate_port(doc, "beta"), 16, 60, 0.05),
+                   Streams(router_port(doc), 16, 60, 0.05, "m-alpha"),
+                   Streams(router_port(doc), 16, 60, 0.05, "m-beta")]
+        wait_until(lambda: inflight(d, "alpha") + inflight(d, "beta") == 64, 10,
+                   what="64 streams in flight")
+        d.crash()
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    # no daemon: the front serves the models that are up
+    for port, model in ((gate_port(doc, "alpha"), None), (router_port(doc), "m-beta")):
+        for _ in range(5):
+            body: dict[str, Any] = {"max_tokens": 2}
+            if model:
+                body["model"] = model
+            assert post(port, body, 10).startswith(b"HTTP/1.1 200"), "served in the gap"
+    with running(tmp_path, doc) as d2:
+        assert d2.wait_state("alpha", "ready")["pid"] == a["pid"]
+        assert d2.wait_state("beta", "ready")["pid"] == b["pid"]
+        front = d2.status()["front"]
+        assert front["pid"] == fpid and front["adopted"] is True, front
+        for s in streams:
+            s.join(30)
+        assert [(s.done, s.cut) for s in streams] == [(16, 0)] * 4
+        # once the daemon is back, a drain works as before
+        r = d2.llmctl("drain", "alpha", "--timeout", "10")
+        assert r.returncode == 0 and "0 in flight" in r.stdout, r
+        answer = post(gate_port(doc, "alpha"), {"max_tokens": 2}, 10)
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+        assert d2.llmctl("resume", "alpha").returncode == 0
+        wait_until(lambda: post(gate_port(doc, "alpha"), {"max_tokens": 2}, 10)
+                   .startswith(b"HTTP/1.1 200"), 5, what="open again")
+
+
+def test_a_handover_keeps_the_front_and_its_streams(tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [gated("alpha")])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        d.wait_state("alpha", "ready")
+        fpid = front_pid(d)
+        streams = Streams(gate_port(doc, "alpha"), 8, 40, 0.05)
+        wait_until(lambda: inflight(d, "alpha") == 8, 10, what="8 in flight")
+        r = d.llmctl("handover")
+        assert r.returncode == 0, r
+        assert d.wait(15) == 0
+        assert alive(fpid)
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    with running(tmp_path, doc) as d2:
+        d2.wait_state("alpha", "ready")
+        assert d2.status()["front"]["pid"] == fpid
+        streams.join(30)
+        assert (streams.done, streams.cut) == (8, 0)
+
+
+def test_kill_9_of_the_front_cuts_only_its_streams_and_refuses_nothing(tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [gated("alpha", "--starts", str(tmp_path / "alpha.starts"))])
+    with running(tmp_path, doc) as d:
+        pid = d.wait_state("alpha", "ready")["pid"]
+        fpid = front_pid(d)
+        port = gate_port(doc, "alpha")
+        streams = Streams(port, 4, 200, 0.05)
+        wait_until(lambda: inflight(d, "alpha") == 4, 10, what="4 in flight")
+        refused: list[str] = []
+        answered: list[float] = []
+        stop = threading.Event()
+
+        def knock() -> None:  # new connections all along: none may be refused
+            while not stop.is_set():
+                try:
+                    if post(port, {"max_tokens": 1}, 10).startswith(b"HTTP/1.1 200"):
+                        answered.append(time.monotonic())
+                except ConnectionRefusedError as exc:
+                    refused.append(str(exc))
+                except OSError:
+                    pass  # a connection the dying front had accepted: cut, not refused
+                time.sleep(0.01)
+
+        knocker = threading.Thread(target=knock, daemon=True)
+        knocker.start()
+        time.sleep(0.3)
+        os.kill(fpid, signal.SIGKILL)
+        killed = time.monotonic()
+        streams.join(20)
+        wait_until(lambda: answered and answered[-1] > killed, 10, what="answered again")
+        stop.set()
+        knocker.join(15)
+        assert refused == []
+        assert (streams.done, streams.cut) == (0, 4)
+        front = d.status()["front"]
+        assert front["pid"] != fpid and front["restarts"] == 1, front
+        assert front["cut_requests"] >= 4, front
+        svc = d.service("alpha")
+        assert svc["pid"] == pid and svc["state"] == "ready"  # no model touched
+        assert (tmp_path / "alpha.starts").read_text().split() == [str(pid)]
+        assert "front process" in d.logtext() and "were cut" in d.logtext()
+        url = f"http://{doc['metrics']['listen']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            metrics = r.read().decode()
+        assert "llm_supervisor_front_restarts_total 1.0" in metrics
+
+
+def test_a_daemon_gone_for_good_takes_the_front_after_the_grace(tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [gated("alpha")])
+    doc["supervisor"]["adopt_grace_s"] = 1
+    d = Daemon(tmp_path, doc).start()
+    try:
+        d.wait_state("alpha", "ready")
+        fpid = front_pid(d)
+        d.crash()
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    assert alive(fpid)
+    wait_until(lambda: not alive(fpid), 15, what="the front gone after the grace")
+    try:
+        post(gate_port(doc, "alpha"), {"max_tokens": 1}, 2)
+        raise AssertionError("the gate still answers")
+    except ConnectionRefusedError:
+        pass
+    assert not (tmp_path / "state" / "front" / "ctl.sock").exists()
+
+
+def test_a_stop_stops_the_front(tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [gated("alpha")])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        d.wait_state("alpha", "ready")
+        fpid = front_pid(d)
+        d.signal(signal.SIGTERM)
+        assert d.wait(30) == 0
+        assert not alive(fpid)
+    finally:
+        d.stop()
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{gate_port(doc, 'alpha')}/health", timeout=2)
+        raise AssertionError("the gate still answers")
+    except (urllib.error.URLError, ConnectionError):
+        pass
