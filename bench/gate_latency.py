@@ -9,8 +9,10 @@ the rounds. The measuring client runs pinned to one core (`taskset -c 1`). Measu
 - SSE streams, 1 and 64 concurrent: per-chunk latency (the backend stamps each chunk with
   CLOCK_MONOTONIC; the client subtracts on receipt), time to first byte;
 - at saturation: requests/s (wrk, 64 connections) and chunks/s (64 streams, no gap);
-- the gate's CPU time per request and per chunk (the daemon's CPU over the saturation runs,
-  the gate being the only busy part of it), and nginx's (its worker's).
+- the gate's CPU time per request and per chunk (the front process's CPU over the
+  saturation runs), and nginx's (its worker's);
+- the daemon's event-loop lag while the gate is flooded (the largest `loop_lag_s` in
+  `llmctl status`, read every 0.2 s): the flood runs in the front, not in the daemon.
 Prints a table; docs/performance.md records it.
 """
 
@@ -32,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from helpers import Daemon, free_port, wait_until
+from supervisord_llm import ctl
 
 HERE = Path(__file__).resolve().parent
 TICK = os.sysconf("SC_CLK_TCK")
@@ -244,7 +247,9 @@ def main() -> None:
                 ["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True,
                 check=False).stdout.split()]
             targets = {"direct": backend, "gate": gate_port, "nginx": nginx_port}
-            cpu_pids = {"gate": [daemon.proc.pid], "nginx": nginx_workers}
+            front = daemon.status()["front"]
+            cpu_pids = {"gate": [int(front["pid"])], "nginx": nginx_workers}
+            lags: list[float] = []
             phases = [("small1", 3000), ("small64", 12800), ("sse1", 1000), ("sse64", 200)]
             results: dict[tuple[str, str], list[dict[str, Any]]] = {}
             for _round in range(a.rounds):
@@ -254,7 +259,10 @@ def main() -> None:
                 for name, port in targets.items():
                     pids = cpu_pids.get(name, [])
                     c0 = cpu_of(pids)
-                    rps = wrk(port)
+                    with LagWatch(daemon) as watch:
+                        rps = wrk(port)
+                    if name == "gate":
+                        lags.append(watch.max_lag)
                     c1 = cpu_of(pids)
                     sat = run_client(port, "sse_sat", 2000)
                     c2 = cpu_of(pids)
@@ -268,6 +276,36 @@ def main() -> None:
             nginx.wait(10)
             daemon.stop()
     report(results, a.rounds)
+    print(f"{'daemon loop lag':28s} max {max(lags) * 1000:.2f} ms while the gate was "
+          "flooded (wrk, 64 connections)")
+
+
+class LagWatch:
+    """The daemon's loop lag, read from its status every 0.2 s on a thread."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        import threading
+
+        self.daemon = daemon
+        self.max_lag = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                lag = float(self.daemon.status()["supervisor"]["loop_lag_s"])
+            except (OSError, ValueError, KeyError, ctl.CtlError):
+                continue  # a missed sample is no result
+            self.max_lag = max(self.max_lag, lag)
+
+    def __enter__(self) -> LagWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def med(rows: list[dict[str, Any]], key: str) -> float:
