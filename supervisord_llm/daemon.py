@@ -267,7 +267,8 @@ class Daemon:
                 Path(cfg.supervisor.state_dir) / "front",
                 grace_s=cfg.supervisor.adopt_grace_s,
                 unattended_s=cfg.supervisor.unattended_limit_s,
-                log_format=cfg.supervisor.log_format))
+                log_format=cfg.supervisor.log_format, systemd=systemd,
+                memory_max_mb=cfg.supervisor.front_memory_max_mb))
             self.sup = sup
             host = Host(sup, self._load_for_reload, self._reloading)
             self.host = host

@@ -1091,7 +1091,8 @@ class SystemdHooks(Protocol):
     """What the keepers need of systemd (systemd.py's `Systemd`)."""
 
     async def start_unit(self, unit: str, description: str, argv: list[str],
-                         env: dict[str, str], stop_timeout_s: float) -> None: ...
+                         env: dict[str, str], stop_timeout_s: float, *,
+                         properties: tuple[str, ...] = ()) -> None: ...
 
     async def stop_unit(self, unit: str) -> None: ...
 

@@ -212,6 +212,8 @@ async def job_of(unit: str, timeout_s: float = 1.0) -> str | None:
     return None
 
 
+FRONT_LEASE = "front-lease"  # the front process's lease, in the daemon's fd store
+
 # environment a transient unit gets from systemd itself, never from us
 _OWN_ENV = ("INVOCATION_ID", "JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
             "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "MANAGERPID", "SYSTEMD_EXEC_PID")
@@ -224,7 +226,7 @@ class Systemd:
     def __init__(self, notifier: Notifier, stored: dict[str, list[int]]) -> None:
         self.notifier = notifier
         self._stored = {name: list(fds) for name, fds in stored.items()
-                        if name.startswith("lease-")}
+                        if name.startswith("lease-") or name == FRONT_LEASE}
 
     def store(self, fd: int, name: str) -> None:
         if not self.notifier.store_fd(fd, name):
@@ -246,7 +248,7 @@ class Systemd:
 
     def leftover(self) -> list[str]:
         """Leases in the store that no keeper claimed (its directory gone): dropped."""
-        names = list(self._stored)
+        names = [n for n in self._stored if n.startswith("lease-")]
         for name in names:
             for fd in self._stored.pop(name):
                 os.close(fd)
@@ -254,7 +256,8 @@ class Systemd:
         return names
 
     async def start_unit(self, unit: str, description: str, argv: list[str],
-                         env: dict[str, str], stop_timeout_s: float) -> None:
+                         env: dict[str, str], stop_timeout_s: float, *,
+                         properties: tuple[str, ...] = ()) -> None:
         from .errors import SpawnError
 
         args = ["systemd-run", "--quiet", "--collect", "--no-block", f"--unit={unit}",
@@ -262,6 +265,8 @@ class Systemd:
                 "-p", "KillMode=mixed", "-p", f"TimeoutStopSec={stop_timeout_s + 30:g}s",
                 "-p", "LimitNOFILE=65536", "-p", "SyslogIdentifier=llm-supervisor",
                 "-p", "OOMScoreAdjust=0"]
+        for prop in properties:  # after the defaults: the last assignment holds
+            args += ["-p", prop]
         for key, value in env.items():
             if key in _OWN_ENV or "\n" in value or "=" in key or not key:
                 continue

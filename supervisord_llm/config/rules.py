@@ -213,8 +213,10 @@ def _supervisor(root: Table) -> SupervisorSection:
             and unattended < grace:
         t.error("unattended_limit_s", f"must be at least adopt_grace_s ({grace:g}): a model "
                 "left without a supervisor is stopped after the shorter of the two")
+    front_mb = int(t.number("front_memory_max_mb", d.front_memory_max_mb, integer=True,
+                            minimum=64, maximum=1024 * 1024))
     t.finish()
-    return SupervisorSection(sock, group, state_dir, log_format, grace, unattended)
+    return SupervisorSection(sock, group, state_dir, log_format, grace, unattended, front_mb)
 
 
 def state_dir_problem(path: str) -> str | None:

@@ -48,6 +48,8 @@ class SupervisorSection:
     # long a model may run with no daemon attached at all
     adopt_grace_s: float = 30.0
     unattended_limit_s: float = 300.0
+    # under systemd: the front process's MemoryMax= (a runaway costs a front restart)
+    front_memory_max_mb: int = 2048
 
 
 @dataclass(frozen=True)

@@ -26,16 +26,20 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from .. import procs as P
 from ..config import GateSection, RouterSection
 from ..errors import StartupError
 from ..gate.server import bind_sockets
 from ..logs import LogLimiter
+from ..systemd import FRONT_LEASE
 from . import docs
 from .main import CTL, PROTO
 from .wire import Channel, ChannelClosed, close_fds
+
+if TYPE_CHECKING:
+    from ..keep import SystemdHooks
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +266,15 @@ class FrontClient:
                  unattended_s: float = 300.0, log_format: str = "plain",
                  output_fd: int = 2,
                  on_ask: Callable[[str, str | None], None] | None = None,
-                 on_waiting: Callable[[str, int], None] | None = None) -> None:
+                 on_waiting: Callable[[str, int], None] | None = None,
+                 systemd: SystemdHooks | None = None, memory_max_mb: int = 2048) -> None:
         self.base = base
+        # under systemd: the front in a transient unit of its own (out of the daemon's cgroup,
+        # which a restart of the daemon's unit ends; with its own MemoryMax=), its lease's
+        # write end parked in the daemon's file descriptor store
+        self.systemd = systemd
+        self.memory_max_mb = memory_max_mb
+        self._unit: str | None = None
         self.grace_s = grace_s
         self.unattended_s = unattended_s
         self.log_format = log_format
@@ -370,6 +381,7 @@ class FrontClient:
         self._pid, self._pidfd = pid, P.pidfd(pid)
         self._watch()
         lease_r, self._lease_w = os.pipe()
+        self._park_lease()
         try:
             await ch.ask({"op": "lease"}, fds=(lease_r,))
             await ch.ask({"op": "settings", "grace_s": self.grace_s,
@@ -421,12 +433,87 @@ class FrontClient:
             with contextlib.suppress(ValueError):
                 self.router = self._router(docs.from_doc(RouterSection, router.get("cfg")))
 
+    def _park_lease(self) -> None:
+        """Under systemd: our lease's write end in the daemon's fd store (a restart of the
+        daemon's unit keeps it; the earlier daemon's copy goes)."""
+        if self.systemd is None or self._lease_w is None:
+            return
+        old = self.systemd.take(FRONT_LEASE)
+        if old is not None:
+            os.close(old)
+        self.systemd.forget(FRONT_LEASE)
+        self.systemd.store(self._lease_w, FRONT_LEASE)
+
+    def _args(self, d: Path) -> list[str]:
+        return [sys.executable, "-P", "-m", "supervisord_llm.front", "--dir", str(d),
+                "--grace", f"{self.grace_s:g}", "--unattended", f"{self.unattended_s:g}",
+                "--log-format", self.log_format]
+
+    async def _launch_unit(self, d: Path) -> None:
+        """Under systemd: the front in a transient unit, connected to through its socket."""
+        assert self.systemd is not None
+        import secrets
+
+        from ..errors import SpawnError
+
+        unit = f"llm-front-{secrets.token_hex(4)}.service"
+        with contextlib.suppress(OSError):
+            (d / CTL).unlink()  # a dead front's: the new one's is the one to wait for
+        try:
+            await self.systemd.start_unit(
+                unit, "llm-supervisor front process (gates and router)", self._args(d),
+                dict(os.environ), CLOSE_GRACE_S + 5,
+                properties=(f"MemoryMax={self.memory_max_mb}M", "OOMScoreAdjust=300"))
+        except SpawnError as exc:
+            raise StartupError(f"cannot start the front process: {exc}") from None
+        self._unit = unit
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT_S
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.setblocking(False)
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await loop.sock_connect(sock, str(d / CTL))
+                break
+            except (FileNotFoundError, ConnectionRefusedError, TimeoutError):
+                sock.close()
+                if loop.time() >= deadline:
+                    await self.systemd.stop_unit(unit)
+                    raise StartupError(f"the front process did not start (`journalctl -u "
+                                       f"{unit}`)") from None
+                await asyncio.sleep(0.01)
+        pid = _peer_pid(sock)
+        if pid is None or not _is_front(pid, d):
+            sock.close()
+            await self.systemd.stop_unit(unit)
+            raise StartupError(f"{d / CTL} is served by another process (pid {pid})")
+        self._pid, self._pidfd = pid, P.pidfd(pid)
+        self._watch()
+        ch = self._channel(sock)
+        lease_r, self._lease_w = os.pipe()
+        try:
+            snap, _ = await ch.ask({"op": "hello", "proto": PROTO}, timeout_s=START_TIMEOUT_S)
+            if snap.get("op") != "snapshot":
+                raise StartupError(f"the front process answered {snap.get('op')!r}")
+            await ch.ask({"op": "lease"}, fds=(lease_r,))
+        except (ChannelClosed, TimeoutError):
+            ch.close()
+            self._kill()
+            raise StartupError(f"the front process did not answer (`journalctl -u {unit}`)"
+                               ) from None
+        finally:
+            os.close(lease_r)
+        self._park_lease()
+        self._attached(ch)
+
     async def _launch(self, d: Path) -> None:
+        if self.systemd is not None:
+            await self._launch_unit(d)
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         lease_r, lease_w = os.pipe()
-        args = [sys.executable, "-P", "-m", "supervisord_llm.front", "--dir", str(d),
-                "--grace", f"{self.grace_s:g}", "--unattended", f"{self.unattended_s:g}",
-                "--lease-fd", "3", "--client-fd", "4", "--log-format", self.log_format]
+        args = [*self._args(d), "--lease-fd", "3", "--client-fd", "4"]
         try:
             from ..keep import _spawn_keeper
 
@@ -509,9 +596,7 @@ class FrontClient:
         log.error("front: the front process (pid %s) is gone; %d request(s) in flight there "
                   "were cut; starting it again with the same listeners", self._pid, cut)
         self._kill()
-        if self._lease_w is not None:
-            os.close(self._lease_w)
-            self._lease_w = None
+        self._drop_lease()
         self._starting = asyncio.get_running_loop().create_task(self._relaunch())
 
     async def _relaunch(self) -> None:
@@ -560,6 +645,13 @@ class FrontClient:
                     ch.close()
             except ChannelClosed:
                 pass
+
+    def _drop_lease(self) -> None:
+        if self._lease_w is not None:
+            os.close(self._lease_w)
+            self._lease_w = None
+        if self.systemd is not None:
+            self.systemd.forget(FRONT_LEASE)
 
     def _fds(self, key: str | None) -> list[int]:
         return [s.fileno() for s in self._socks.get(key, [])]
@@ -766,9 +858,12 @@ class FrontClient:
             for sock in socks:
                 sock.close()
         self._socks.clear()
-        if self._lease_w is not None:
-            os.close(self._lease_w)
-            self._lease_w = None
+        if handover:
+            if self._lease_w is not None:  # (under systemd, its copy in the store stays)
+                os.close(self._lease_w)
+                self._lease_w = None
+        else:
+            self._drop_lease()
         if self._own_tmp is not None:
             import shutil
 

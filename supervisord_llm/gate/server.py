@@ -29,7 +29,7 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 import httptools
 
@@ -314,7 +314,7 @@ class ClientConnection(asyncio.Protocol):
     # --- asyncio ------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast("asyncio.Transport", transport)  # (uvloop's are not subclasses)
         self.transport = transport
         transport.set_write_buffer_limits(high=SEND_BUFFER)
         sock = transport.get_extra_info("socket")

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from ..http1 import ParseError, ResponseHead, ResponseParser
 
@@ -47,7 +47,7 @@ class UpstreamConnection(asyncio.Protocol):
     # --- asyncio callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast("asyncio.Transport", transport)  # (uvloop's are not subclasses)
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
