@@ -251,3 +251,68 @@ def test_a_stop_stops_the_front(tmp_path: Path) -> None:
         raise AssertionError("the gate still answers")
     except (urllib.error.URLError, ConnectionError):
         pass
+
+
+def test_an_upgraded_front_takes_the_sockets_over_and_the_old_one_drains(
+        tmp_path: Path) -> None:
+    """A daemon of a new build finds the front of the old build: a new front takes the
+    listening sockets and the gates' state over, the old one finishes its streams and exits;
+    no connection refused, no stream cut."""
+    doc = with_router(tmp_path, [gated("alpha", service={"models": ["m-alpha"]})])
+    old_build = {"LLM_SUPERVISOR_TEST_HOOKS": "1", "LLM_SUPERVISOR_TEST_FRONT_BUILD": "old"}
+    d = Daemon(tmp_path, doc, env=old_build).start()
+    try:
+        pid = d.wait_state("alpha", "ready")["pid"]
+        fpid = front_pid(d)
+        streams = [Streams(gate_port(doc, "alpha"), 4, 60, 0.05),
+                   Streams(router_port(doc), 4, 60, 0.05, "m-alpha")]
+        wait_until(lambda: inflight(d, "alpha") == 8, 10, what="8 in flight")
+        r = d.llmctl("handover")
+        assert r.returncode == 0, r
+        assert d.wait(15) == 0
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    refused: list[str] = []
+    failed: list[str] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def knock() -> None:
+        while not stop.is_set():
+            for port, model in ((gate_port(doc, "alpha"), None), (router_port(doc), "m-alpha")):
+                body: dict[str, Any] = {"max_tokens": 1}
+                if model:
+                    body["model"] = model
+                try:
+                    answer = post(port, body, 10)
+                except ConnectionRefusedError as exc:
+                    refused.append(str(exc))
+                    continue
+                except OSError as exc:
+                    failed.append(f"{port}: {exc}")
+                    continue
+                if answer.startswith(b"HTTP/1.1 200"):
+                    answered[0] += 1
+                else:
+                    failed.append(f"{port}: {answer[:100]!r}")
+            time.sleep(0.01)
+
+    knocker = threading.Thread(target=knock, daemon=True)
+    knocker.start()
+    try:
+        with running(tmp_path, doc) as d2:
+            assert d2.wait_state("alpha", "ready")["pid"] == pid
+            wait_until(lambda: d2.status()["front"]["pid"] != fpid, 10, what="a new front")
+            for s in streams:
+                s.join(30)
+            assert [(s.done, s.cut) for s in streams] == [(4, 0), (4, 0)]
+            wait_until(lambda: not alive(fpid), 10, what="the old front gone once drained")
+            assert "upgrading it by a hand-over" in d2.logtext()
+            seen = answered[0]
+            wait_until(lambda: answered[0] > seen + 4, 10, what="served by the new front")
+            stop.set()
+            knocker.join(15)
+    finally:
+        stop.set()
+    assert refused == [] and failed == []

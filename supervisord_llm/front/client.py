@@ -35,7 +35,7 @@ from ..gate.server import bind_sockets
 from ..logs import LogLimiter
 from ..systemd import FRONT_LEASE
 from . import docs
-from .main import CTL, PROTO
+from .main import BUILD, CTL, PROTO
 from .wire import Channel, ChannelClosed, close_fds
 
 if TYPE_CHECKING:
@@ -299,6 +299,9 @@ class FrontClient:
         self.closing = False
         self.adopted = False  # the front an earlier daemon left was taken over
         self.restarts = 0  # fronts launched again after a crash
+        self.upgrades = 0  # fronts of another build replaced by a hand-over
+        self._old: set[Channel] = set()  # fronts handing over: they finish what they serve
+        self._retiring: set[asyncio.Task[None]] = set()
         self.cut_requests = 0  # requests in flight in fronts that died
 
     # --- the process --------------------------------------------------------------------------
@@ -397,7 +400,51 @@ class FrontClient:
         log.info("front: re-attached to the front process (pid %d), %d gate(s)%s", pid,
                  len(self.gates), " and the router" if self.router is not None else "")
         self._attached(ch)
+        if snap.get("build") != BUILD:
+            await self._upgrade(d, str(snap.get("build")))
         return True
+
+    async def _upgrade(self, d: Path, was: str) -> None:
+        """A front of another build (an upgrade of llm-supervisor): a new one takes the
+        listening sockets and every gate's state over; the old one stops accepting, lets its
+        requests finish (at most the longest drain_timeout_s) and exits. Both accept from the
+        same sockets meanwhile: no connection is refused, no stream cut."""
+        old, old_pid = self._ch, self._pid
+        assert old is not None
+        log.info("front: pid %s runs build %s, this is %s: upgrading it by a hand-over",
+                 old_pid, was, BUILD)
+        old.on_message = lambda _doc, fds: close_fds(fds)
+        old.on_close = lambda: None
+        self._ch, self._up = None, None
+        self._old.add(old)
+        if self._lease_w is not None:  # the new front gets a lease of its own
+            os.close(self._lease_w)
+            self._lease_w = None
+        try:
+            await self._launch(d)
+            await self._replay()
+        except BaseException:
+            self._old.discard(old)  # the old one serves on
+            self._ch = old
+            raise
+        self.upgrades += 1
+        grace = max((g.cfg.drain_timeout_s for g in self.gates.values()), default=60.0)
+        log.info("front: pid %s serves now; pid %s finishes what it serves (at most %g s)",
+                 self._pid, old_pid, grace)
+
+        async def retire() -> None:
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await old.ask({"op": "stop", "grace_s": grace}, timeout_s=grace + 5)
+            except ChannelClosed:
+                pass
+            finally:
+                old.close()
+                self._old.discard(old)
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _take_listeners(self, reply: dict[str, Any], fds: list[int]) -> None:
         socks = [socket.socket(fileno=fd) for fd in fds]
@@ -681,10 +728,10 @@ class FrontClient:
     def send(self, doc: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
         """Tell the front (nothing while it is being started again: the state is replayed
         then)."""
-        ch = self._ch
-        if ch is not None:
-            with contextlib.suppress(ChannelClosed):
-                ch.send(doc, fds)
+        for ch in (self._ch, *self._old):  # (a front handing over hears it too: what
+            if ch is not None:  # waits there for a cold start is served there)
+                with contextlib.suppress(ChannelClosed, ValueError):
+                    ch.send(doc, fds)
 
     async def ask(self, doc: dict[str, Any], fds: list[int] | tuple[int, ...] = (),
                   timeout_s: float | None = 30.0, raise_closed: bool = False
@@ -843,6 +890,16 @@ class FrontClient:
             self._starting.cancel()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        if self._old and not handover:  # fronts still handing over: their requests get the
+            # same grace as the current one's
+            async def stop_old(old: Channel) -> None:
+                with contextlib.suppress(ChannelClosed, TimeoutError):
+                    await old.ask({"op": "stop", "grace_s": CLOSE_GRACE_S},
+                                  timeout_s=CLOSE_GRACE_S + 3)
+
+            await asyncio.gather(*(stop_old(old) for old in list(self._old)))
+        for task in list(self._retiring):
+            task.cancel()
         ch = self._ch
         if handover:
             if ch is not None:

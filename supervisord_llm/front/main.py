@@ -42,6 +42,31 @@ from .wire import Channel, ChannelClosed, close_fds
 log = logging.getLogger("supervisord_llm.front")
 
 PROTO: Final = 1
+_TEST_BUILD_ENV: Final = "LLM_SUPERVISOR_TEST_FRONT_BUILD"  # with LLM_SUPERVISOR_TEST_HOOKS=1
+
+
+def _build() -> str:
+    """What this front's code is: the release and a digest of the modules the front runs (an
+    upgrade of any of them is a new build, which the daemon upgrades to by a hand-over)."""
+    import hashlib
+
+    from .. import __version__
+
+    if os.environ.get("LLM_SUPERVISOR_TEST_HOOKS") == "1" and os.environ.get(_TEST_BUILD_ENV):
+        return os.environ[_TEST_BUILD_ENV]
+    pkg = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    files = [*sorted((pkg / "front").glob("*.py")), *sorted((pkg / "gate").glob("*.py")),
+             pkg / "http1.py", pkg / "logs.py", pkg / "config" / "schema.py"]
+    for path in files:
+        try:
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+        except OSError:
+            h.update(path.name.encode() + b"\0?")
+    return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+BUILD: Final = _build()
 CTL: Final = "ctl.sock"
 PUSH_S: Final = 0.2
 REMOVE_GRACE_S: Final = 10.0  # requests in progress on a gate being removed or moved
@@ -226,7 +251,8 @@ class Front:
         if self.router is not None:
             router = {"cfg": docs.to_doc(self.router.cfg),
                       "listening": self.router_listener is not None}
-        return {"op": "snapshot", "proto": PROTO, "pid": os.getpid(), "gates": gates,
+        return {"op": "snapshot", "proto": PROTO, "build": BUILD, "pid": os.getpid(),
+                "gates": gates,
                 "router": router, "grace_s": self.grace_s, "unattended_s": self.unattended_s}
 
     def _light(self, g: Gate) -> dict[str, Any]:
@@ -338,8 +364,15 @@ class Front:
         return keys, fds
 
     async def stop(self, grace_s: float) -> None:
-        """Stop accepting everywhere, let what is in flight finish for `grace_s`, exit."""
+        """Stop accepting everywhere, let what is in flight finish for `grace_s`, exit (a
+        second, shorter stop shortens the wait)."""
         if self.stopping:
+            try:
+                async with asyncio.timeout(grace_s):
+                    await self.done.wait()
+            except TimeoutError:
+                log.warning("front: stopping now, with requests still in flight")
+                self.done.set()
             return
         self.stopping = True
         waits = []

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 BODY_BUFFER: Final = 64 * 1024  # request body bytes held before reading from the client stops
 SEND_BUFFER: Final = 64 * 1024  # response bytes held for a client before the upstream pauses
 PIPELINE_MAX: Final = 8  # requests queued behind the one being answered, on one connection
+FRESH_GRACE_S: Final = 1.0  # a listener closing: a new connection's first request may come
 _ACCEPT_BATCH: Final = 32
 _ACCEPT_RETRY_S: Final = (0.1, 2.0)
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -310,6 +311,9 @@ class ClientConnection(asyncio.Protocol):
         # set by the proxy while an upstream response streams to this client
         self.on_writable: Callable[[bool], None] | None = None
         self.writing_paused = False
+        self._requests = 0  # requests begun on this connection
+        self._close_after = False  # the listener closed: close after the request under way
+        self._fresh_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio ------------------------------------------------------------------------------
 
@@ -398,6 +402,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._priming:
             return
+        self._requests += 1
         self._in_head = True
         self._url = b""
         self._headers = []
@@ -478,7 +483,7 @@ class ClientConnection(asyncio.Protocol):
         if self.gone:
             return
         if not keep or not req.keep_alive or not req.body.complete or self._eof \
-                or self._closing:
+                or self._closing or self._close_after:
             self.close()
             return
         if self._pipeline:
@@ -567,9 +572,23 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
     def close_when_idle(self) -> None:
-        """The listener is closing: finish the request in progress, then close."""
+        """The listener is closing: finish the request in progress, then close. A connection
+        accepted a moment before, whose first request (or the head under way) has not been
+        read yet, gets FRESH_GRACE_S for it: it is answered, not cut (the listening socket
+        lives on in a front that takes over, and the client did nothing wrong)."""
+        if self._active is None and not self._closing and self.transport is not None \
+                and (self._requests == 0 or self._in_head):
+            self._close_after = True
+            self._fresh_timer = asyncio.get_running_loop().call_later(
+                FRESH_GRACE_S, self._fresh_expired)
+            return
         self._closing = True
         if self._active is None:
+            self.close()
+
+    def _fresh_expired(self) -> None:
+        self._fresh_timer = None
+        if self._active is None and not self._pipeline:
             self.close()
 
     # --- flow control and timers ---------------------------------------------------------
@@ -645,6 +664,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _cancel_timers(self) -> None:
         self._cancel_header_timer()
+        if self._fresh_timer is not None:
+            self._fresh_timer.cancel()
+            self._fresh_timer = None
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
