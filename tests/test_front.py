@@ -6,10 +6,8 @@ the front with it after the grace; a stop leaves nothing."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.error
@@ -17,7 +15,17 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from helpers import Daemon, alive, base_config, free_port, gated, running, wait_until
+from helpers import (
+    Daemon,
+    Streams,
+    alive,
+    base_config,
+    free_port,
+    gated,
+    post,
+    running,
+    wait_until,
+)
 
 
 def with_router(tmp: Path, services: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -35,56 +43,6 @@ def gate_port(doc: dict[str, Any], name: str) -> int:
 
 def router_port(doc: dict[str, Any]) -> int:
     return int(doc["router"]["listen"].rsplit(":", 1)[1])
-
-
-def post(port: int, body: dict[str, Any], timeout: float = 30) -> bytes:
-    """One request on its own connection (Connection: close): the whole answer."""
-    raw = json.dumps(body).encode()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                  b"Content-Type: application/json\r\nConnection: close\r\n"
-                  + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return data
-
-
-class Streams:
-    """SSE streams through a gate or the router, each on a thread: done (ended with [DONE])
-    or cut."""
-
-    def __init__(self, port: int, n: int, tokens: int, delay: float,
-                 model: str | None = None) -> None:
-        self.done = 0
-        self.cut = 0
-        self.started = threading.Event()
-        body: dict[str, Any] = {"stream": True, "max_tokens": tokens,
-                                "fake_token_delay_s": delay,
-                                "messages": [{"role": "user", "content": "hi"}]}
-        if model is not None:
-            body["model"] = model
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._one, args=(port, body), daemon=True)
-                         for _ in range(n)]
-        for t in self._threads:
-            t.start()
-
-    def _one(self, port: int, body: dict[str, Any]) -> None:
-        try:
-            ok = b"data: [DONE]" in post(port, body)
-        except OSError:
-            ok = False
-        with self._lock:
-            if ok:
-                self.done += 1
-            else:
-                self.cut += 1
-
-    def join(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def front_pid(d: Daemon) -> int:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,16 @@ from typing import Any
 
 import pytest
 
-from helpers import ROOT, alive, fake_service, free_port, toml_dumps, wait_until
+from helpers import (
+    ROOT,
+    Streams,
+    alive,
+    fake_service,
+    free_port,
+    post,
+    toml_dumps,
+    wait_until,
+)
 from supervisord_llm import ctl
 
 pytestmark = pytest.mark.e2e
@@ -122,16 +133,19 @@ def kill_marked(marker: str) -> None:
             os.kill(pid, 9)
 
 
-def install(lab: Lab, services: int = 2, grace_s: float = 30) -> dict[str, Any]:
+def install(lab: Lab, services: int = 2, grace_s: float = 30,
+            service: list[dict[str, Any]] | None = None,
+            **supervisor: Any) -> dict[str, Any]:
     tmp = lab.base
     doc: dict[str, Any] = {
         "supervisor": {"control_socket": str(tmp / "ctl.sock"), "state_dir": str(tmp / "state"),
-                       "log_format": "journal", "adopt_grace_s": grace_s},
+                       "log_format": "journal", "adopt_grace_s": grace_s, **supervisor},
         "metrics": {"listen": ""},
         "gpu": {"backend": "none"},
-        "service": [fake_service(f"svc{i}", free_port(), "--grandchild", "--ignore-term",
-                                 "--pidfile", str(tmp / f"svc{i}.pid"), stop={"timeout_s": 1})
-                    for i in range(services)],
+        "service": service or [
+            fake_service(f"svc{i}", free_port(), "--grandchild", "--ignore-term",
+                         "--pidfile", str(tmp / f"svc{i}.pid"), stop={"timeout_s": 1})
+            for i in range(services)],
     }
     (tmp / "config.toml").write_text(toml_dumps(doc))
     unit = UNIT.read_text().replace(
@@ -340,3 +354,84 @@ def test_the_start_limit_hit_stops_the_models_after_the_grace(lab: Lab) -> None:
     wait_until(lambda: not marked(str(lab.base)) and not keep_units(lab), 15,
                what=f"the models gone ({describe(lab)})")
     lab.ctl("reset-failed", "llm-supervisor.service", check=False)
+
+
+def front_units(lab: Lab) -> list[str]:
+    out = lab.ctl("list-units", "--all", "--no-legend", "--plain", "llm-front-*")
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def gated_service(tmp: Path, *knobs: str, **gate: Any) -> tuple[dict[str, Any], int]:
+    port = free_port()
+    svc = fake_service("svc0", free_port(), *knobs, stop={"timeout_s": 1},
+                       gate={"listen": f"127.0.0.1:{port}", "max_concurrency": 64, **gate})
+    return svc, port
+
+
+def test_streams_outlive_a_restart_of_the_daemon(lab: Lab) -> None:
+    """`systemctl restart llm-supervisor` under 16 streams through the gate: none is cut (the
+    front is a unit of its own, its lease in the daemon's fd store); the next daemon
+    re-attaches to the same front; `systemctl stop` then leaves no front unit."""
+    svc, port = gated_service(lab.base)
+    doc = install(lab, service=[svc])
+    lab.ctl("start", "llm-supervisor.service")
+    before = wait_until(lambda: (d := socket_status(doc)) and d["services"][0]["state"] ==
+                        "ready" and d, 20, what=f"ready ({describe(lab)})")
+    front = before["front"]
+    assert front["pid"] and len(front_units(lab)) == 1, (front, front_units(lab))
+    streams = Streams(port, 16, 60, 0.05)
+    wait_until(lambda: (d := socket_status(doc)) and d["services"][0]["inflight"] == 16, 10,
+               what="16 in flight")
+    lab.ctl("restart", "llm-supervisor.service")
+    after = wait_until(lambda: (d := socket_status(doc)) and d["supervisor"]["pid"] !=
+                       before["supervisor"]["pid"] and d["services"][0]["state"] == "ready"
+                       and d, 20, what=f"back after the restart ({describe(lab)})")
+    assert after["front"]["pid"] == front["pid"] and after["front"]["adopted"], after["front"]
+    streams.join(30)
+    assert (streams.done, streams.cut) == (16, 0)
+    assert post(port, {"max_tokens": 1}, 10).startswith(b"HTTP/1.1 200")
+    lab.ctl("stop", "llm-supervisor.service")
+    wait_until(lambda: not front_units(lab), 10, what="no front unit left")
+    wait_until(lambda: not marked(str(lab.base)), 5, what=f"nothing left: {describe(lab)}")
+
+
+def test_a_memory_runaway_costs_a_front_restart_not_the_daemon(lab: Lab) -> None:
+    """Clients that never read a close-delimited body push the front past its MemoryMax=
+    (front_memory_max_mb): the kernel ends the front, the daemon starts it again with the
+    same listening socket; the daemon and the model are untouched."""
+    flood = str(Path(__file__).resolve().parent / "floodbackend.py")
+    port = free_port()
+    svc = fake_service("svc0", free_port(), stop={"timeout_s": 1},
+                       gate={"listen": f"127.0.0.1:{port}", "max_concurrency": 1024,
+                             "max_connections": 4096, "send_timeout_s": 600})
+    svc["command"] = [sys.executable, flood, "--port", "{port}"]
+    doc = install(lab, service=[svc], front_memory_max_mb=64)
+    lab.ctl("start", "llm-supervisor.service")
+    before = wait_until(lambda: (d := socket_status(doc)) and d["services"][0]["state"] ==
+                        "ready" and d, 20, what=f"ready ({describe(lab)})")
+    hogs: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            d = socket_status(doc)
+            if d is not None and d["front"]["restarts"] >= 1:
+                break
+            for _ in range(50):  # each asks for an endless body and reads none of it
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")
+                hogs.append(s)
+            time.sleep(0.5)
+    finally:
+        for s in hogs:
+            s.close()
+    after = wait_until(lambda: (d := socket_status(doc)) and d["front"]["restarts"] >= 1
+                       and d["front"]["attached"] and d, 30,
+                       what=f"the front started again ({describe(lab)})")
+    assert after["supervisor"]["pid"] == before["supervisor"]["pid"]  # the daemon stays
+    assert after["services"][0]["pid"] == before["services"][0]["pid"]  # so does the model
+    assert after["front"]["pid"] != before["front"]["pid"]
+    wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/ok", timeout=5)
+               .status == 200, 10, what="served again")
+    lab.ctl("stop", "llm-supervisor.service")
+    wait_until(lambda: not front_units(lab), 10, what="no front unit left")
