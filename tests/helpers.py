@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -561,3 +561,30 @@ class Streams:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+
+
+@contextlib.asynccontextmanager
+async def front_host() -> AsyncIterator[Any]:
+    """A front process driven as the daemon drives it (no daemon: the test is the daemon),
+    its gates' counters and statistics read afresh every 50 ms."""
+    import tempfile
+
+    from supervisord_llm.front.client import FrontClient
+
+    log = tempfile.NamedTemporaryFile(prefix="llm-front-", suffix=".log")  # noqa: SIM115
+    host = FrontClient(None, output_fd=log.fileno(), log_format="text")
+    host.test_log = Path(log.name)  # type: ignore[attr-defined]
+    await host.start()
+
+    async def refresh() -> None:
+        while True:
+            await host.refresh()
+            await asyncio.sleep(0.05)
+
+    task = asyncio.get_running_loop().create_task(refresh())
+    try:
+        yield host
+    finally:
+        task.cancel()
+        await host.close()
+        log.close()

@@ -1,39 +1,47 @@
-"""The gate's own upstream client, in process, against servers that send exactly what a test
-needs: chunk frames with extensions and trailers, close-delimited bodies, large bodies read
-slowly (back-pressure), chunked uploads, HTTP/1.0 clients, and a server that drops idle
-keep-alive connections."""
+"""The gate's own upstream client, in the front process and in process, against servers that
+send exactly what a test needs: chunk frames with extensions and trailers, close-delimited
+bodies, large bodies read slowly (back-pressure), chunked uploads, HTTP/1.0 clients, and a
+server that drops idle keep-alive connections."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
 
-from helpers import RawBackend, async_wait_until, free_port, read_request
+from helpers import RawBackend, async_wait_until, free_port, front_host, read_request
 from supervisord_llm.config import GateSection, parse_listen
-from supervisord_llm.gate import Gate, GateHost
+from supervisord_llm.gate import GateHost
 
 
-@pytest.fixture
-async def gate_host() -> AsyncIterator[tuple[GateHost, Callable[[int], Awaitable[str]]]]:
-    host = GateHost()
+@pytest.fixture(params=["front", "in-process"])
+async def gate_host(request: pytest.FixtureRequest
+                    ) -> AsyncIterator[tuple[Any, Callable[[int], Awaitable[str]]]]:
+    """Gates in the front process (as the daemon runs them), and on a loop of this process."""
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "front":
+            host: Any = await stack.enter_async_context(front_host())
+        else:
+            host = GateHost()
+            stack.push_async_callback(host.close)
 
-    async def make(port: int) -> str:
-        listen = parse_listen(f"127.0.0.1:{free_port()}")
-        gate: Gate = await host.add(f"g{port}", GateSection(listen))
-        host.call(gate.set_upstreams, ("127.0.0.1", port), None)
-        await async_wait_until(lambda: gate.state == "open", 2, what="gate open")
-        return f"127.0.0.1:{listen.port}"
+        async def make(port: int) -> str:
+            listen = parse_listen(f"127.0.0.1:{free_port()}")
+            gate = await host.add(f"g{port}", GateSection(listen))
+            host.call(gate.set_upstreams, ("127.0.0.1", port), None)
+            await async_wait_until(lambda: gate.state == "open", 2, what="gate open")
+            return f"127.0.0.1:{listen.port}"
 
-    yield host, make
-    await host.close()
+        yield host, make
 
 
-async def test_chunk_frames_extensions_and_trailers(gate_host: tuple[GateHost, Callable[[int],
+async def test_chunk_frames_extensions_and_trailers(gate_host: tuple[Any, Callable[[int],
                                                     Awaitable[str]]]) -> None:
     _host, make = gate_host
 
@@ -56,7 +64,7 @@ async def test_chunk_frames_extensions_and_trailers(gate_host: tuple[GateHost, C
         assert backend.connections == 1
 
 
-async def test_close_delimited_body(gate_host: tuple[GateHost, Callable[[int],
+async def test_close_delimited_body(gate_host: tuple[Any, Callable[[int],
                                    Awaitable[str]]]) -> None:
     _host, make = gate_host
 
@@ -75,7 +83,7 @@ async def test_close_delimited_body(gate_host: tuple[GateHost, Callable[[int],
             assert await r.read() == b"part0;part1;part2;part3;part4;"
 
 
-async def test_large_body_to_a_slow_client(gate_host: tuple[GateHost, Callable[[int],
+async def test_large_body_to_a_slow_client(gate_host: tuple[Any, Callable[[int],
                                           Awaitable[str]]]) -> None:
     """Back-pressure: the upstream is paused while the client does not read."""
     _host, make = gate_host
@@ -102,7 +110,7 @@ async def test_large_body_to_a_slow_client(gate_host: tuple[GateHost, Callable[[
         writer.close()
 
 
-async def test_chunked_upload_and_http10_client(gate_host: tuple[GateHost, Callable[[int],
+async def test_chunked_upload_and_http10_client(gate_host: tuple[Any, Callable[[int],
                                                Awaitable[str]]]) -> None:
     _host, make = gate_host
     seen: list[bytes] = []
@@ -135,7 +143,7 @@ async def test_chunked_upload_and_http10_client(gate_host: tuple[GateHost, Calla
         writer.close()
 
 
-async def test_server_dropping_idle_connections(gate_host: tuple[GateHost, Callable[[int],
+async def test_server_dropping_idle_connections(gate_host: tuple[Any, Callable[[int],
                                                Awaitable[str]]]) -> None:
     """A kept connection the server closed is never used for the next request."""
     _host, make = gate_host
@@ -156,7 +164,7 @@ async def test_server_dropping_idle_connections(gate_host: tuple[GateHost, Calla
         assert backend.connections == 5
 
 
-async def test_interim_responses_are_skipped(gate_host: tuple[GateHost, Callable[[int],
+async def test_interim_responses_are_skipped(gate_host: tuple[Any, Callable[[int],
                                             Awaitable[str]]]) -> None:
     _host, make = gate_host
 

@@ -110,6 +110,7 @@ class RemoteGate:
         self.limit = cfg.max_concurrency
         self.last_active = time.monotonic()
         self.cold_waiting = 0
+        self.connections = 0  # client connections open on its own listener
         self.last_ok: tuple[Upstream, float] | None = None
         self.stats = StatsView()
         self.models: dict[str, ModelView] = {}
@@ -202,7 +203,7 @@ class RemoteGate:
     # --- from the front -----------------------------------------------------------------------
 
     def light(self, doc: dict[str, Any]) -> None:
-        for key in ("active", "inflight", "queued", "limit", "cold_waiting"):
+        for key in ("active", "inflight", "queued", "limit", "cold_waiting", "connections"):
             value = doc.get(key)
             if isinstance(value, int):
                 setattr(self, key, value)

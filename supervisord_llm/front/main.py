@@ -256,7 +256,9 @@ class Front:
                 "router": router, "grace_s": self.grace_s, "unattended_s": self.unattended_s}
 
     def _light(self, g: Gate) -> dict[str, Any]:
-        return {"active": g.active, "inflight": g.inflight, "queued": g.queued,
+        listener = self.listeners.get(g.name)
+        return {"connections": len(listener.connections) if listener is not None else 0,
+                "active": g.active, "inflight": g.inflight, "queued": g.queued,
                 "limit": g.limit, "last_active": g.last_active, "cold_waiting": g.cold_waiting,
                 "last_ok": g.last_ok, "unloading": g.unloading, "yielding": g.yielding}
 
