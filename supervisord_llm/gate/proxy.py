@@ -582,11 +582,9 @@ class Gate:
             for attempt in (0, 1):
                 up = await self.pool.acquire(*target, fresh=attempt > 0)
                 head_fut = up.request(self._request_head(req, conn, target, length),
-                                      head_request=head_request)
+                                      head_request=head_request, body=held)
                 try:
-                    if held:
-                        await up.send(held)
-                    elif held is None:
+                    if held is None:
                         await self._send_body(req, up)
                     head = await head_fut
                     break
@@ -604,11 +602,13 @@ class Gate:
                 writer.start(head.status, head.reason,
                              http1.end_to_end(head.headers, _TO_CLIENT_DROP),
                              int(cl) if cl is not None and cl.isdigit() else None,
-                             body_allowed=False)
+                             body_allowed=False, hold=True)
             else:
+                # held: it goes out with the body bytes already read (one write), or alone
+                # right after start_body below
                 writer.start(head.status, head.reason,
                              http1.end_to_end(head.headers, _TO_CLIENT_DROP),
-                             head.length if head.framing == "length" else None)
+                             head.length if head.framing == "length" else None, hold=True)
             self.stats.ttfb.observe(time.perf_counter() - started)
             stream = up
             flow.last = time.monotonic()  # the head came
@@ -643,6 +643,7 @@ class Gate:
                 _write(data)
 
             done = up.start_body(sink)
+            writer.flush()  # (no body bytes yet: the head goes alone, now)
             if conn.writing_paused:
                 flow.paused = True
                 up.pause()

@@ -235,9 +235,12 @@ class ResponseWriter:
         self.no_body = req.method == b"HEAD"
         self.sent_body = b""  # the last bytes sent, to know where an SSE event ends
         self.event_stream = False
+        self._held: bytes | None = None  # the head, sent with the first body bytes
 
     def start(self, status: int, reason: bytes, headers: http1.Headers,
-              length: int | None, *, body_allowed: bool = True) -> None:
+              length: int | None, *, body_allowed: bool = True, hold: bool = False) -> None:
+        """The response head; `hold`: kept until the first body bytes, `finish` or `flush`,
+        to go out in one write with them (one system call for a small response)."""
         self.status = status
         out = list(headers)
         if not self.req.body.complete:
@@ -258,17 +261,35 @@ class ResponseWriter:
         ctype = http1.header(headers, b"content-type") or b""
         self.event_stream = ctype.lower().startswith(b"text/event-stream")
         self.started = True
-        self.conn.write(http1.encode_head(b"HTTP/1.1 %d %s" % (status, reason or b""), out))
+        head = http1.encode_head(b"HTTP/1.1 %d %s" % (status, reason or b""), out)
+        if hold:
+            self._held = head
+        else:
+            self.conn.write(head)
+
+    def flush(self) -> None:
+        """Send a held head now."""
+        if self._held is not None:
+            self.conn.write(self._held)
+            self._held = None
 
     def write(self, data: bytes) -> None:
         if not data or self.no_body:
             return
         self.sent_body = data[-2:]
-        self.conn.write(http1.chunk(data) if self.chunked else data)
+        framed = http1.chunk(data) if self.chunked else data
+        if self._held is not None:
+            framed = self._held + framed
+            self._held = None
+        self.conn.write(framed)
 
     def finish(self) -> None:
-        if self.chunked and not self.finished:
-            self.conn.write(http1.LAST_CHUNK)
+        last = http1.LAST_CHUNK if self.chunked and not self.finished else b""
+        if self._held is not None:
+            last = self._held + last
+            self._held = None
+        if last:
+            self.conn.write(last)
         self.finished = True
 
     def simple(self, status: int, body: bytes, headers: http1.Headers | None = None,
@@ -276,9 +297,10 @@ class ResponseWriter:
         """A whole response of the server's own (errors, metrics)."""
         hdrs = [(b"Content-Type", content_type), (b"Cache-Control", b"no-store"),
                 *(headers or [])]
-        self.start(status, http1.REASONS.get(status, b""), hdrs, len(body))
-        if not self.no_body:
-            self.conn.write(body)
+        self.start(status, http1.REASONS.get(status, b""), hdrs, len(body), hold=True)
+        if not self.no_body and body:
+            self.write(body)
+        self.flush()
         self.finished = True
 
 

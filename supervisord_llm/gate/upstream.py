@@ -43,6 +43,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._ended = False
         self._can_write = asyncio.Event()
         self._can_write.set()
+        self._reading_paused = False  # (pause/resume only on a change: each is a syscall)
 
     # --- asyncio callbacks ------------------------------------------------------------------
 
@@ -70,6 +71,9 @@ class UpstreamConnection(asyncio.Protocol):
             parser.feed(data)
         except ParseError as exc:
             self._fail(UpstreamError(str(exc)))
+            return
+        if self._sink is None and parser.head is not None and not self._ended:
+            self.pause()  # a body beyond this read waits until the client's response starts
 
     def eof_received(self) -> bool | None:
         return None  # close: connection_lost follows
@@ -94,8 +98,6 @@ class UpstreamConnection(asyncio.Protocol):
         fut = self._head_fut
         if fut is not None and not fut.done():
             fut.set_result(head)
-        if self.transport is not None and self._sink is None:
-            self.transport.pause_reading()  # until the client's response has started
 
     def _on_body(self, data: bytes) -> None:
         if self._sink is not None:
@@ -110,8 +112,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- the request ---------------------------------------------------------------------
 
-    def request(self, head: bytes, *, head_request: bool) -> asyncio.Future[ResponseHead]:
-        """Send a request head; the future resolves with the response head."""
+    def request(self, head: bytes, *, head_request: bool,
+                body: bytes | None = None) -> asyncio.Future[ResponseHead]:
+        """Send a request head (and `body`, a whole one held: in the same write); the future
+        resolves with the response head."""
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self._head_fut = loop.create_future()
@@ -122,8 +126,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self._parser = ResponseParser(self._on_head, self._on_body, self._on_end,
                                       head_request=head_request)
-        self.transport.resume_reading()  # paused at the previous head (no-op if it was not)
-        self.transport.write(head)
+        self._reading(True)  # paused at the previous head (if it was)
+        self.transport.write(head + body if body else head)
         return self._head_fut
 
     async def send(self, data: bytes) -> None:
@@ -144,17 +148,25 @@ class UpstreamConnection(asyncio.Protocol):
             sink(data)
         if self._ended:
             self._finish()
-        elif self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        else:
+            self._reading(True)
         return self._done
 
-    def pause(self) -> None:
-        if self.transport is not None and not self.closed:
+    def _reading(self, on: bool) -> None:
+        if self.transport is None or self.closed or self._reading_paused != on:
+            return
+        self._reading_paused = not on
+        if on:
+            self.transport.resume_reading()
+        else:
             self.transport.pause_reading()
 
+    def pause(self) -> None:
+        self._reading(False)
+
     def resume(self) -> None:
-        if self.transport is not None and not self.closed and self._sink is not None:
-            self.transport.resume_reading()
+        if self._sink is not None:
+            self._reading(True)
 
     def cancel(self, exc: BaseException) -> None:
         """The client went away: end the wait with `exc` and drop the connection."""
