@@ -680,16 +680,20 @@ class FrontClient:
                            raise_closed=True)
 
     async def _beat(self) -> None:
+        """A ping every HEARTBEAT_S (a quarter of unattended_limit_s when that is shorter:
+        the front stops when it hears nothing for that long); a front that does not answer
+        three in a row is killed (and started again)."""
+        every = min(HEARTBEAT_S, self.unattended_s / 4)
         while not self.closing:
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(every)
             ch = self._ch
             if ch is None:
                 continue
             try:
-                await ch.ask({"op": "ping"}, timeout_s=HEARTBEAT_S * 3)
+                await ch.ask({"op": "ping"}, timeout_s=max(every * 3, 1.0))
             except TimeoutError:
                 if self._ch is ch:
-                    log.error("front: no answer for %g s: killing it", HEARTBEAT_S * 3)
+                    log.error("front: no answer for %g s: killing it", max(every * 3, 1.0))
                     ch.close()
             except ChannelClosed:
                 pass

@@ -202,8 +202,11 @@ class Front:
                 log.warning("front: no daemon came back within %g s: stopping", self.grace_s)
                 self._spawn(self.stop(STOP_GRACE_S))
                 return
-            if self.client is None and now - self.last_word >= self.unattended_s:
-                log.warning("front: no daemon for %g s: stopping", self.unattended_s)
+            if now - self.last_word >= self.unattended_s:
+                # none attached, or one that says nothing (frozen): the daemon pings every
+                # few seconds while it is well
+                log.warning("front: no word from a daemon for %g s: stopping",
+                            self.unattended_s)
                 self._spawn(self.stop(STOP_GRACE_S))
                 return
             self._push()
