@@ -306,7 +306,7 @@ class Host:
             fut.cancel()
         if left:
             await self.sup.gates.refresh()
-        return {name: max(1, gate.inflight) for name, gate in left}
+        return {name: gate.inflight for name, gate in left if gate.inflight}
 
     # --- long operations -------------------------------------------------------------------
 

@@ -288,4 +288,4 @@ async def _reconcile_gates(sup: Supervisor, old: dict[str, GateSection | None],
             log.info("%s: gate %s closed", name,
                      (was.listen or "(router only)") if was else "-")
             await sup.remove_gate(name)
-    res.warnings += await sup.start_gates()
+    res.warnings += await sup.start_gates()  # (it settles the listening sockets)

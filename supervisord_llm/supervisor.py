@@ -123,6 +123,7 @@ class Supervisor:
         # a front an earlier daemon left serves on: its upstreams are not touched until the
         # services it serves are adopted (or not)
         self._hold_upstreams = False
+        self._retiring: dict[asyncio.Task[None], Adoptable] = {}  # earlier instances finishing
         self.hub = hub
         self.spawner = spawner
         self.prober = prober
@@ -206,8 +207,8 @@ class Supervisor:
             return
         self._hold_upstreams = True
         for name in list(front.gates):
-            if name not in wanted:
-                await front.remove(name)
+            if name not in wanted:  # its requests finish meanwhile (the start goes on)
+                await front.remove(name, front.gates[name].cfg.drain_timeout_s, wait=False)
         for gate in front.gates.values():
             if gate.drains - {"operator"}:
                 gate.drains &= {"operator"}
@@ -250,6 +251,8 @@ class Supervisor:
                     raise
                 errors.append(str(exc))
         self._started = True
+        if self.gates is not None:
+            self.gates.settle()
         self.changed()  # the gates follow their services; the parts that watch gates look
         return errors
 
@@ -270,11 +273,16 @@ class Supervisor:
         if actor.state is State.READY or (actor.state is State.DRAINING and not backup):
             return ("127.0.0.1", actor.port)
         if actor.state is State.STARTING and actor.adopted and actor.proc is not None \
-                and not backup:
-            # adopted, its first health check not done yet: it served a moment ago (the front
-            # kept serving it while no daemon was there), and goes on
+                and not backup and self._serving(name, actor.port):
+            # adopted, its first health check not done yet, and the front served it while no
+            # daemon was there: it goes on (one that was still loading stays closed)
             return ("127.0.0.1", actor.port)
         return None
+
+    def _serving(self, name: str | None, port: int | None) -> bool:
+        """The gate of `name` sends its requests to `port` now."""
+        gate = self.gate_of(name) if name else None
+        return gate is not None and gate.upstream is not None and gate.upstream[1] == port
 
     def sync_gates(self) -> None:
         """Point each gate at its service while it is ready (and at its backup's); tell the
@@ -347,7 +355,9 @@ class Supervisor:
         extra: list[tuple[Adoptable, str]] = []
         # the oldest instance of a service first: in the middle of a hot swap the one that
         # was serving (loaded for sure), not the replacement that may still be loading
-        for item in sorted(adoptable, key=lambda i: i.proc.start_ticks):
+        # (unless the front an earlier daemon left serves another: after a swap's switch)
+        for item in sorted(adoptable, key=lambda i: (
+                not self._serving(i.record.service, i.record.port), i.proc.start_ticks)):
             actor = self.actors.get(item.record.service)
             why = "not configured" if actor is None else \
                 "a second instance" if item.record.service in chosen else \
@@ -363,9 +373,17 @@ class Supervisor:
             log.warning("%s: an earlier supervisor's instance (pid %d) is not what this "
                         "configuration launches (%s): stopping it", item.record.service,
                         item.proc.pid, why)
+        later = [(item, why) for item, why in extra if why == "a second instance"
+                 and self.gate_of(item.record.service) is not None]
         await asyncio.gather(*(self.spawner.keepers.stop_adoptable(
             item, self.actors[item.record.service].cfg.stop.timeout_s
-            if item.record.service in self.actors else 30.0) for item, _ in extra))
+            if item.record.service in self.actors else 30.0) for item, why in extra
+            if (item, why) not in later))
+        for item, _why in later:  # the other instance of a hot swap: what it still serves
+            # through the gate finishes first (at most drain_timeout_s), as in the swap
+            task = asyncio.get_running_loop().create_task(self._retire_extra(item))
+            self._retiring[task] = item
+            task.add_done_callback(lambda t: self._retiring.pop(t, None))
         for actor in list(self.actors.values()):
             took = chosen.get(actor.name)
             if took is not None:
@@ -395,6 +413,13 @@ class Supervisor:
                 await actor.send(Stop(hold))
             await actor.command("start")
         return list(chosen)
+
+    async def _retire_extra(self, item: Adoptable) -> None:
+        actor = self.actors[item.record.service]
+        gate = self.gate_of(item.record.service)
+        if gate is not None and actor.cfg.gate is not None and item.record.port is not None:
+            await gate.wait_idle(port=item.record.port, timeout_s=actor.cfg.gate.drain_timeout_s)
+        await self.spawner.keepers.stop_adoptable(item, actor.cfg.stop.timeout_s)
 
     async def stop_actor(self, actor: ServiceActor, *, remove: bool = False) -> None:
         """Stop a service and wait until it is gone (SIGKILL if it outlives its stop timeout
@@ -439,6 +464,10 @@ class Supervisor:
 
     async def close(self, handover: bool = False) -> None:
         """`handover`: the front serves on for the next daemon."""
+        for task, item in list(self._retiring.items()):  # stopped now, with the rest
+            task.cancel()
+            if not handover:
+                await self.spawner.keepers.stop_adoptable(item, 2.0)
         for actor in self.all_actors():
             await actor.shutdown()
         if self.gates is not None:

@@ -6,8 +6,11 @@ the front with it after the grace; a stop leaves nothing."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -43,6 +46,10 @@ def gate_port(doc: dict[str, Any], name: str) -> int:
 
 def router_port(doc: dict[str, Any]) -> int:
     return int(doc["router"]["listen"].rsplit(":", 1)[1])
+
+
+def gone(pid: int) -> bool:
+    return not alive(pid)
 
 
 def front_pid(d: Daemon) -> int:
@@ -274,3 +281,118 @@ def test_an_upgraded_front_takes_the_sockets_over_and_the_old_one_drains(
     finally:
         stop.set()
     assert refused == [] and failed == []
+
+
+def test_gates_that_trade_ports_across_a_restart(tmp_path: Path) -> None:
+    """The next daemon's config swaps the two gates' ports: each takes the other's socket
+    over (no bind conflict with the front that holds both), and both serve."""
+    doc = base_config(tmp_path, [gated("a"), gated("b")])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        d.wait_state("a", "ready")
+        d.wait_state("b", "ready")
+        assert d.llmctl("handover").returncode == 0
+        assert d.wait(15) == 0
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    a, b = doc["service"][0]["gate"]["listen"], doc["service"][1]["gate"]["listen"]
+    doc["service"][0]["gate"]["listen"], doc["service"][1]["gate"]["listen"] = b, a
+    with running(tmp_path, doc) as d2:
+        pa, pb = (d2.wait_state(n, "ready")["port"] for n in ("a", "b"))
+
+        def served_by(gate: str, port: int) -> bool:
+            with urllib.request.urlopen(f"http://{gate}/echo", timeout=5) as r:
+                return bool(r.headers["X-Backend-Port"] == str(port))
+
+        wait_until(lambda: served_by(b, pa) and served_by(a, pb), 10,
+                   what="each gate on the other's port")
+
+
+def test_kill_9_during_a_swap_keeps_what_the_gate_serves(tmp_path: Path) -> None:
+    """kill -9 of the daemon after a hot swap switched the gate: the next daemon keeps the
+    instance the gate serves (the replacement), lets the old one finish its streams, then
+    stops it; no stream is cut."""
+    doc = base_config(tmp_path, [gated("a", max_concurrency=32)])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        first = d.wait_state("a", "ready")["pid"]
+        old = Streams(gate_port(doc, "a"), 3, 80, 0.05)
+        wait_until(lambda: inflight(d, "a") == 3, 10, what="3 in flight")
+        swap = threading.Thread(target=lambda: d.llmctl("swap", "a"), daemon=True)
+        swap.start()
+        wait_until(lambda: (d.service("a").get("swap") or {}).get("role") == "retiring", 20,
+                   what="switched")
+        second = d.service("a")["pid"]
+        new = Streams(gate_port(doc, "a"), 3, 80, 0.05)
+        wait_until(lambda: inflight(d, "a") == 6, 10, what="6 in flight")
+        d.crash()
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    with running(tmp_path, doc) as d2:
+        assert d2.wait_state("a", "ready")["pid"] == second
+        for s in (old, new):
+            s.join(30)
+        assert [(s.done, s.cut) for s in (old, new)] == [(3, 0), (3, 0)]
+        wait_until(lambda: not alive(first), 15, what="the old instance stopped")
+
+
+def test_a_hung_front_or_a_stray_hello_does_not_stop_the_next_daemon(
+        tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [gated("a")])
+    for how in ("hung", "stray hello"):
+        d = Daemon(tmp_path, doc).start()
+        try:
+            d.wait_state("a", "ready")
+            fpid = front_pid(d)
+            stray = None
+            if how == "hung":
+                os.kill(fpid, signal.SIGSTOP)
+            d.crash()
+            d.pids_seen.clear()
+            if how == "stray hello":
+                stray = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                stray.connect(str(tmp_path / "state" / "front" / "ctl.sock"))
+                stray.send(json.dumps({"op": "hello", "id": 1}).encode())
+                assert json.loads(stray.recv(1 << 20))["op"] == "snapshot"
+        finally:
+            d.stop()
+        try:
+            with running(tmp_path, doc) as d2:
+                d2.wait_state("a", "ready")
+                front = d2.status()["front"]
+                assert (front["pid"] != fpid) == (how == "hung"), (how, front)
+                assert post(gate_port(doc, "a"), {"max_tokens": 1}, 10).startswith(
+                    b"HTTP/1.1 200")
+        finally:
+            if stray is not None:
+                stray.close()
+        wait_until(functools.partial(gone, fpid), 10, what="the earlier front gone")
+
+
+def test_a_cold_start_waiter_cut_by_a_front_crash_waits_no_more(tmp_path: Path) -> None:
+    svc = gated("y", "--load-s", "3", queue_timeout_s=60,
+                service={"models": ["my"], "start": "on-demand", "idle_stop_s": 2})
+    doc = with_router(tmp_path, [svc])
+    with running(tmp_path, doc) as d:
+        wait_until(lambda: d.status()["front"]["attached"], 10, what="the front")
+        socket.create_connection(("127.0.0.1", router_port(doc)), timeout=5).close()
+        waiter = Streams(router_port(doc), 1, 2, 0.0, "my")
+        wait_until(lambda: d.service("y")["on_demand"]["waiting"] == 1, 10, what="waiting")
+        os.kill(front_pid(d), signal.SIGKILL)
+        waiter.join(10)
+        assert waiter.cut == 1
+        wait_until(lambda: d.service("y")["on_demand"]["waiting"] == 0, 10,
+                   what="the waiter forgotten")
+        assert d.status()["front"]["cut_requests"] >= 1
+
+
+def test_a_deep_state_directory(tmp_path: Path) -> None:
+    """A state directory deeper than a Unix socket address may be (108 bytes)."""
+    deep = tmp_path / ("x" * 90) / "state"
+    doc = base_config(tmp_path, [gated("a")])
+    doc["supervisor"]["state_dir"] = str(deep)
+    with running(tmp_path, doc) as d:
+        d.wait_state("a", "ready")
+        assert post(gate_port(doc, "a"), {"max_tokens": 1}, 10).startswith(b"HTTP/1.1 200")

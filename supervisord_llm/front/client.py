@@ -52,6 +52,7 @@ CLOSE_GRACE_S: Final = 2.0  # at a stop (the gates were drained before)
 RELAUNCH_BACKOFF_S: Final = (0.0, 0.5, 1.0, 2.0, 5.0)
 HEARTBEAT_S: Final = 5.0
 REFRESH_TIMEOUT_S: Final = 2.0
+HELLO_TIMEOUT_S: Final = 3.0  # a front that takes longer is taken for hung
 
 
 class Hist:
@@ -176,6 +177,8 @@ class RemoteGate:
 
     async def retire(self, drain: bool = False) -> bool:
         """Out of service if nothing is inside (decided in the front); True if retired."""
+        if self.front.old_inside(self.name):
+            return False  # a front handing over still serves some of its requests
         reply = await self.front.ask({"op": "retire", "name": self.name, "drain": drain})
         if reply is None:
             return False
@@ -189,8 +192,12 @@ class RemoteGate:
         doc: dict[str, Any] = {"op": "wait_idle", "name": self.name, "timeout_s": timeout_s}
         if port is not None:
             doc["port"] = port
-        reply = await self.front.ask(doc, timeout_s=timeout_s + 5)
-        return reply is not None and bool(reply.get("idle"))
+        waits = [self.front.ask(doc, timeout_s=timeout_s + 5),
+                 *(self.front.ask_old(ch, doc, timeout_s + 5) for ch in list(self.front._old))]
+        replies = await asyncio.gather(*waits)
+        # no answer: that front is gone (what it served is cut) or hung (killed by the
+        # heartbeat): nothing of it is in flight any more
+        return all(r is None or bool(r.get("idle")) for r in replies)
 
     async def stalled_for(self, port: int) -> float | None:
         reply = await self.front.ask({"op": "stalled_for", "name": self.name, "port": port})
@@ -286,6 +293,7 @@ class FrontClient:
         self.router: RemoteRouter | None = None
         self.limiter = LogLimiter(__name__)
         self._socks: dict[str | None, list[socket.socket]] = {}  # our copies of the listeners
+        self._loose: list[socket.socket] = []  # given up, until settle()
         self._ch: Channel | None = None
         self._pid: int | None = None
         self._pidfd: int | None = None
@@ -302,6 +310,7 @@ class FrontClient:
         self.restarts = 0  # fronts launched again after a crash
         self.upgrades = 0  # fronts of another build replaced by a hand-over
         self._old: set[Channel] = set()  # fronts handing over: they finish what they serve
+        self._old_light: dict[Channel, dict[str, int]] = {}  # their requests inside, by gate
         self._retiring: set[asyncio.Task[None]] = set()
         self.cut_requests = 0  # requests in flight in fronts that died
 
@@ -355,14 +364,9 @@ class FrontClient:
         path = d / CTL
         if not path.exists():
             return False
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sock.setblocking(False)
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                await loop.sock_connect(sock, str(path))
+            sock = await _connect(d)
         except (OSError, TimeoutError):
-            sock.close()
             with contextlib.suppress(OSError):
                 path.unlink()  # a front that is gone
             return False
@@ -374,13 +378,16 @@ class FrontClient:
             return False
         ch = self._channel(sock)
         try:
-            snap, _ = await ch.ask({"op": "hello", "proto": PROTO}, timeout_s=START_TIMEOUT_S)
+            snap, _ = await ch.ask({"op": "hello", "proto": PROTO}, timeout_s=HELLO_TIMEOUT_S)
         except (ChannelClosed, TimeoutError):
-            ch.close()
-            return False
+            snap = {"op": "no answer"}
         if snap.get("op") != "snapshot":
-            log.warning("front (pid %d) did not take us: %s", pid, snap.get("message"))
+            # hung, or broken: it goes (the sockets it holds are freed for a new one)
+            log.warning("front: pid %d answered %s: killing it, starting a new one", pid,
+                        snap.get("message") or snap.get("op"))
+            ch.on_close = lambda: None
             ch.close()
+            await _kill_and_wait(pid, 5.0)
             return False
         self._pid, self._pidfd = pid, P.pidfd(pid)
         self._watch()
@@ -414,20 +421,37 @@ class FrontClient:
         assert old is not None
         log.info("front: pid %s runs build %s, this is %s: upgrading it by a hand-over",
                  old_pid, was, BUILD)
-        old.on_message = lambda _doc, fds: close_fds(fds)
-        old.on_close = lambda: None
-        self._ch, self._up = None, None
+        kept = (old_pid, self._pidfd, self._gone, self._lease_w, old.on_message, old.on_close)
+        old.on_message = lambda doc, fds: self._old_event(old, doc, fds)
+
+        def old_closed() -> None:
+            self._old_light.pop(old, None)
+
+        old.on_close = old_closed
+        self._old_light[old] = {name: g.active for name, g in self.gates.items()}
+        self._ch, self._up, self._lease_w = None, None, None
         self._old.add(old)
-        if self._lease_w is not None:  # the new front gets a lease of its own
-            os.close(self._lease_w)
-            self._lease_w = None
         try:
             await self._launch(d)
             await self._replay()
-        except BaseException:
-            self._old.discard(old)  # the old one serves on
-            self._ch = old
-            raise
+        except (StartupError, ChannelClosed, TimeoutError) as exc:
+            # the old one serves on (its lease was kept until the new one was up)
+            log.error("front: the new front did not start (%s): the front of build %s serves "
+                      "on", exc, was)
+            if self._ch is not None:
+                self._ch.on_close = lambda: None
+                self._ch.close()
+            self._kill()
+            self._drop_lease()
+            self._old.discard(old)
+            self._old_light.pop(old, None)
+            (self._pid, self._pidfd, self._gone, self._lease_w, old.on_message,
+             old.on_close) = kept
+            self._park_lease()
+            self._attached(old)
+            return
+        if kept[3] is not None:  # the old front's lease: it ends now (its stop follows)
+            os.close(kept[3])
         self.upgrades += 1
         grace = max((g.cfg.drain_timeout_s for g in self.gates.values()), default=60.0)
         log.info("front: pid %s serves now; pid %s finishes what it serves (at most %g s)",
@@ -481,6 +505,22 @@ class FrontClient:
             with contextlib.suppress(ValueError):
                 self.router = self._router(docs.from_doc(RouterSection, router.get("cfg")))
 
+    def _old_event(self, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+        """From a front handing over: what it still has inside, by gate (the rest of what it
+        says is the current front's to say)."""
+        close_fds(fds)
+        gates = doc.get("gates") if doc.get("op") == "state" else None
+        if not isinstance(gates, dict):
+            return
+        light = self._old_light.setdefault(ch, {})
+        for name, doc_ in gates.items():
+            if isinstance(doc_, dict) and isinstance(doc_.get("active"), int):
+                light[str(name)] = doc_["active"]
+
+    def old_inside(self, name: str) -> int:
+        """Requests of gate `name` still inside fronts that hand over."""
+        return sum(light.get(name, 0) for light in self._old_light.values())
+
     def _park_lease(self) -> None:
         """Under systemd: our lease's write end in the daemon's fd store (a restart of the
         daemon's unit keeps it; the earlier daemon's copy goes)."""
@@ -518,14 +558,10 @@ class FrontClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT_S
         while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            sock.setblocking(False)
             try:
-                async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                    await loop.sock_connect(sock, str(d / CTL))
+                sock = await _connect(d)
                 break
             except (FileNotFoundError, ConnectionRefusedError, TimeoutError):
-                sock.close()
                 if loop.time() >= deadline:
                     await self.systemd.stop_unit(unit)
                     raise StartupError(f"the front process did not start (`journalctl -u "
@@ -639,11 +675,18 @@ class FrontClient:
         self._up = None
         if self.closing:
             return
-        cut = sum(g.inflight for g in self.gates.values())
+        cut = sum(g.active for g in self.gates.values())  # (waiting for a cold start too)
         self.cut_requests += cut
-        log.error("front: the front process (pid %s) is gone; %d request(s) in flight there "
-                  "were cut; starting it again with the same listeners", self._pid, cut)
+        log.error("front: the front process (pid %s) is gone; %d request(s) in it were cut; "
+                  "starting it again with the same listeners", self._pid, cut)
         self._kill()
+        self._pid = None
+        for name, g in self.gates.items():  # what waited there waits no more
+            g.active = g.inflight = g.queued = g.connections = 0
+            if g.cold_waiting:
+                g.cold_waiting = 0
+                if self.on_waiting is not None:
+                    self.on_waiting(name, 0)
         self._drop_lease()
         self._starting = asyncio.get_running_loop().create_task(self._relaunch())
 
@@ -730,6 +773,16 @@ class FrontClient:
                 if self.on_waiting is not None:
                     self.on_waiting(name, count)
 
+    async def ask_old(self, ch: Channel, doc: dict[str, Any],
+                      timeout_s: float) -> dict[str, Any] | None:
+        """Ask a front that hands over (None once it is gone)."""
+        try:
+            reply, fds = await ch.ask(doc, timeout_s=timeout_s)
+        except (ChannelClosed, TimeoutError):
+            return None
+        close_fds(fds)
+        return reply
+
     def send(self, doc: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
         """Tell the front (nothing while it is being started again: the state is replayed
         then)."""
@@ -752,6 +805,12 @@ class FrontClient:
         except ChannelClosed:
             if raise_closed:
                 raise
+            return None
+        except TimeoutError:
+            if raise_closed:
+                raise
+            self.limiter.warning(f"timeout-{doc.get('op')}", "front: no answer to %s within "
+                                 "%g s", doc.get("op"), timeout_s)
             return None
         close_fds(rfds)
         if reply.get("op") == "error":
@@ -782,12 +841,7 @@ class FrontClient:
         await asyncio.shield(self._refreshing)
 
     async def _refresh(self) -> None:
-        try:
-            reply = await self.ask({"op": "stats"}, timeout_s=REFRESH_TIMEOUT_S)
-        except TimeoutError:
-            self.limiter.warning("refresh", "front: no statistics within %g s",
-                                 REFRESH_TIMEOUT_S)
-            return
+        reply = await self.ask({"op": "stats"}, timeout_s=REFRESH_TIMEOUT_S)
         if reply is None:
             return
         gates = reply.get("gates")
@@ -801,19 +855,51 @@ class FrontClient:
             self.router.stats.requests = _counts(router.get("requests"))
 
     def _bind(self, key: str | None, host: str, port: int, what: str) -> list[int]:
-        try:
-            socks = bind_sockets(host, port)
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {what}: {exc.strerror or exc}") from None
+        """Listening sockets for `key` at host:port: ours already if we hold that address
+        (another gate's, or one just given up: gates that trade ports in a reload or across
+        a restart), else bound now (StartupError if it cannot be)."""
+        socks = self._take_held(host, port)
+        if socks is None:
+            try:
+                socks = bind_sockets(host, port)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {what}: {exc.strerror or exc}"
+                                   ) from None
         old = self._socks.pop(key, [])
         self._socks[key] = socks
         self._retire_socks(old)
         return [s.fileno() for s in socks]
 
+    def _take_held(self, host: str, port: int) -> list[socket.socket] | None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except OSError:
+            return None
+        want = {(family, addr[:2]) for family, _t, _p, _n, addr in infos}
+        for key, socks in [*self._socks.items(), ("", self._loose)]:
+            try:
+                have = {(s.family, s.getsockname()[:2]) for s in socks}
+            except OSError:
+                continue
+            if socks and have == want:
+                if socks is self._loose:
+                    self._loose = []
+                else:
+                    del self._socks[key]
+                return socks
+        return None
+
     def _retire_socks(self, socks: list[socket.socket]) -> None:
-        """Our copies of listeners the front no longer serves (it finishes their requests)."""
-        for sock in socks:
+        """Our copies of listeners the front no longer serves (it finishes their requests):
+        kept until `settle()`, for a gate that takes the address over meanwhile."""
+        self._loose.extend(socks)
+
+    def settle(self) -> None:
+        """A reconfiguration is over: the listening sockets no gate took over are closed."""
+        for sock in self._loose:
             sock.close()
+        self._loose = []
 
     async def add(self, name: str, cfg: GateSection) -> RemoteGate:
         await self.start()
@@ -880,11 +966,17 @@ class FrontClient:
             doc["catalog"] = [catalog[0], catalog[1]]
         await self.ask(doc, fds=fds)
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str, grace_s: float = REMOVE_GRACE_S,
+                     wait: bool = True) -> None:
+        """Close a gate: it stops accepting, its requests get `grace_s`; `wait`: until then
+        (else the front answers when it is done, and nobody waits)."""
         self.gates.pop(name, None)
         self._retire_socks(self._socks.pop(name, []))
-        await self.ask({"op": "remove", "name": name, "grace_s": REMOVE_GRACE_S},
-                       timeout_s=REMOVE_GRACE_S + 5)
+        doc = {"op": "remove", "name": name, "grace_s": grace_s}
+        if wait:
+            await self.ask(doc, timeout_s=grace_s + 5)
+        else:
+            self.send(doc)
 
     async def close(self, handover: bool = False) -> None:
         """Stop the front (it stops accepting; what is in flight gets CLOSE_GRACE_S), or with
@@ -920,6 +1012,7 @@ class FrontClient:
             for sock in socks:
                 sock.close()
         self._socks.clear()
+        self.settle()
         if handover:
             if self._lease_w is not None:  # (under systemd, its copy in the store stays)
                 os.close(self._lease_w)
@@ -944,6 +1037,47 @@ class FrontClient:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await gone.wait()
+
+
+async def _connect(d: Path) -> socket.socket:
+    """A connection to the front's socket in `d` (through /proc/self/fd: a directory deeper
+    than a socket address may be works); OSError or TimeoutError."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.setblocking(False)
+    try:
+        dirfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await loop.sock_connect(sock, f"/proc/self/fd/{dirfd}/{CTL}")
+        finally:
+            os.close(dirfd)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _kill_and_wait(pid: int, timeout_s: float) -> None:
+    fd = P.pidfd(pid)
+    if fd is None:
+        return
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+
+    def ended() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(fd, ended)
+    try:
+        P.send(fd, 9)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await gone
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 def _peer_pid(sock: socket.socket) -> int | None:

@@ -69,6 +69,8 @@ def _build() -> str:
 BUILD: Final = _build()
 CTL: Final = "ctl.sock"
 PUSH_S: Final = 0.2
+PENDING_S: Final = 10.0  # a connection that does not say hello within this is closed
+MAX_PENDING: Final = 8
 REMOVE_GRACE_S: Final = 10.0  # requests in progress on a gate being removed or moved
 STOP_GRACE_S: Final = 5.0  # in flight when the front stops for good (its models stop too)
 
@@ -90,6 +92,7 @@ class Front:
         self.router: Router | None = None
         self.router_listener: Listener | None = None
         self.client: Channel | None = None
+        self._pending: list[Channel] = []  # connections that have not said hello
         self.greeted = False  # the client said hello
         self.lease_fd: int | None = None
         self.lease_lost_at: float | None = None
@@ -100,20 +103,24 @@ class Front:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
         self.ctl_ino: int | None = None
+        self.dirfd: int | None = None
 
     # --- the control socket ------------------------------------------------------------------
 
     async def serve(self, client_fd: int | None, lease_fd: int | None) -> None:
         loop = asyncio.get_running_loop()
         server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        tmp = self.dir / f".{CTL}.{os.getpid()}"
+        # bound through /proc/self/fd: a state directory deeper than a socket address may be
+        # (108 bytes) works, as for the keepers
+        self.dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        tmp = f".{CTL}.{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        server.bind(str(tmp))
-        os.chmod(tmp, 0o600)
+            os.unlink(tmp, dir_fd=self.dirfd)
+        server.bind(f"/proc/self/fd/{self.dirfd}/{tmp}")
+        os.chmod(tmp, 0o600, dir_fd=self.dirfd)
         server.listen(8)
-        os.replace(tmp, self.dir / CTL)
-        self.ctl_ino = os.stat(self.dir / CTL).st_ino
+        os.replace(tmp, CTL, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
+        self.ctl_ino = os.stat(CTL, dir_fd=self.dirfd).st_ino
         server.setblocking(False)
         loop.add_reader(server.fileno(), self._accept, server)
         if lease_fd is not None:
@@ -130,30 +137,25 @@ class Front:
             sock, _ = server.accept()
         except OSError:
             return
-        if self.client is not None and self.greeted and not self.client.closed:
-            # one daemon at a time: a second one is told so and dropped
-            ch = Channel(sock, "second daemon")
-
-            def refuse(doc: dict[str, Any], fds: list[int]) -> None:
-                close_fds(fds)
-                ch.answer(doc, {"op": "error", "code": "busy",
-                                "message": "another llm-supervisor is attached"})
-                ch.close()
-
-            ch.on_message = refuse
-            return
-        if self.client is not None:
-            self.client.close()
         self._attach(sock)
 
     def _attach(self, sock: socket.socket) -> None:
-        self.greeted = False
+        """A connection: the daemon once it says hello (the last one to say it: a daemon
+        that comes back replaces one that is gone, or hung; the state directory's lock keeps
+        two live daemons apart). Until then it may only ping; one that says nothing for
+        PENDING_S is closed, and at most MAX_PENDING wait."""
+        while len(self._pending) >= MAX_PENDING:
+            self._pending.pop(0).close()
         ch = Channel(sock, "daemon")
         ch.on_message = lambda doc, fds: self._message(ch, doc, fds)
         ch.on_close = lambda: self._detached(ch)
-        self.client = ch
+        self._pending.append(ch)
+        asyncio.get_running_loop().call_later(
+            PENDING_S, lambda: ch.close() if ch in self._pending else None)
 
     def _detached(self, ch: Channel) -> None:
+        if ch in self._pending:
+            self._pending.remove(ch)
         if self.client is ch:
             self.client = None
             self.greeted = False
@@ -214,8 +216,15 @@ class Front:
     # --- what the daemon asks -----------------------------------------------------------------
 
     def _message(self, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
-        self.last_word = time.monotonic()
         op = doc.get("op")
+        if ch is not self.client and op == "hello":
+            old, self.client = self.client, ch
+            self._pending.remove(ch)
+            if old is not None:
+                log.info("front: a daemon said hello: it replaces the one attached before")
+                old.close()
+        if ch is self.client:
+            self.last_word = time.monotonic()
         try:
             if op == "hello":
                 close_fds(fds)
@@ -227,7 +236,7 @@ class Front:
                     gate._demanded = 0.0
                     gate._wake_cold()
                 return
-            if not self.greeted and op != "ping":
+            if (ch is not self.client or not self.greeted) and op != "ping":
                 close_fds(fds)
                 ch.answer(doc, {"op": "error", "code": "hello", "message": "hello first"})
                 return
@@ -616,8 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loop.run_until_complete(front.serve(args.client_fd, args.lease_fd))
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(front.dir / CTL).st_ino == front.ctl_ino:  # not a successor's
-                (front.dir / CTL).unlink()
+        if front.dirfd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(CTL, dir_fd=front.dirfd).st_ino == front.ctl_ino:  # not a successor's
+                    os.unlink(CTL, dir_fd=front.dirfd)
         loop.close()
     return 0
