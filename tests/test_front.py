@@ -396,3 +396,62 @@ def test_a_deep_state_directory(tmp_path: Path) -> None:
     with running(tmp_path, doc) as d:
         d.wait_state("a", "ready")
         assert post(gate_port(doc, "a"), {"max_tokens": 1}, 10).startswith(b"HTTP/1.1 200")
+
+
+def test_an_upgrade_whose_new_front_cannot_start_leaves_the_old_one_serving(
+        tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [gated("a")])
+    old_build = {"LLM_SUPERVISOR_TEST_HOOKS": "1", "LLM_SUPERVISOR_TEST_FRONT_BUILD": "old"}
+    d = Daemon(tmp_path, doc, env=old_build).start()
+    try:
+        d.wait_state("a", "ready")
+        fpid = front_pid(d)
+        streams = Streams(gate_port(doc, "a"), 4, 60, 0.05)
+        wait_until(lambda: inflight(d, "a") == 4, 10, what="4 in flight")
+        assert d.llmctl("handover").returncode == 0
+        assert d.wait(15) == 0
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    # the new build's front dies at its start
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "sitecustomize.py").write_text(
+        "import os\n"
+        "if b'supervisord_llm.front' in open('/proc/self/cmdline', 'rb').read():\n"
+        "    os._exit(1)\n")
+    path = os.pathsep.join(p for p in (str(broken), os.environ.get("PYTHONPATH")) if p)
+    with running(tmp_path, doc, env={"PYTHONPATH": path}) as d2:
+        d2.wait_state("a", "ready")
+        wait_until(lambda: "did not start" in d2.logtext(), 15, what="the failed upgrade")
+        assert d2.status()["front"]["pid"] == fpid
+        streams.join(30)
+        assert (streams.done, streams.cut) == (4, 0)
+        assert post(gate_port(doc, "a"), {"max_tokens": 1}, 10).startswith(b"HTTP/1.1 200")
+
+
+def test_a_stop_during_an_upgrade_waits_for_the_old_fronts_streams(tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [gated("a")])
+    old_build = {"LLM_SUPERVISOR_TEST_HOOKS": "1", "LLM_SUPERVISOR_TEST_FRONT_BUILD": "old"}
+    d = Daemon(tmp_path, doc, env=old_build).start()
+    try:
+        d.wait_state("a", "ready")
+        fpid = front_pid(d)
+        streams = Streams(gate_port(doc, "a"), 2, 80, 0.05)
+        wait_until(lambda: inflight(d, "a") == 2, 10, what="2 in flight")
+        assert d.llmctl("handover").returncode == 0
+        assert d.wait(15) == 0
+        d.pids_seen.clear()
+    finally:
+        d.stop()
+    d2 = Daemon(tmp_path, doc).start()
+    try:
+        d2.wait_state("a", "ready")
+        wait_until(lambda: d2.status()["front"]["pid"] != fpid, 10, what="upgraded")
+        d2.signal(signal.SIGTERM)
+        assert d2.wait(30) == 0
+    finally:
+        d2.stop()
+    streams.join(10)
+    assert (streams.done, streams.cut) == (2, 0)
+    assert gone(fpid)

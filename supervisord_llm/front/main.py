@@ -393,11 +393,23 @@ class Front:
         if self.router_listener is not None:
             waits.append(self.router_listener.close(grace_s))
             self.router_listener = None
-        for name in list(self.gates):
-            waits.append(self.remove_gate(name, grace_s))
+        # the gates stay (a daemon may still ask whether they are idle) while their
+        # listeners close and what is in them finishes
+        for name, gate in self.gates.items():
+            listener = self.listeners.pop(name, None)
+            if listener is not None:
+                waits.append(listener.close(grace_s))
+            else:
+                waits.append(self._idle_within(gate, grace_s))
         await asyncio.gather(*waits, return_exceptions=True)
         self.pool.close()
         self.done.set()
+
+    @staticmethod
+    async def _idle_within(gate: Gate, grace_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                await gate.wait_idle(gate.is_idle)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
