@@ -147,7 +147,10 @@ async def test_health_poll_is_slower_and_does_not_delay_reads() -> None:
     assert reads >= 4 * 6, (reads, board.healths[0])
     health_times = board.healths[0]
     gaps = [b - a for a, b in itertools.pairwise(health_times)]
-    assert min(gaps) >= 0.2, gaps  # the slower interval
+    # the slower interval, on its ticks: no more polls than ticks in the time they took (a
+    # poll that a loaded machine made late is followed by one on the next tick, which may
+    # come at once: the schedule does not drift)
+    assert len(gaps) <= (health_times[-1] - health_times[0]) / 0.25 + 1, gaps
     read_times = board.reads[0]
     read_gaps = [b - a for a, b in itertools.pairwise(read_times)]
     # no read waited for a health call: each tick reads on time (generous bound for a
