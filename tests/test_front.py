@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -455,3 +456,46 @@ def test_a_stop_during_an_upgrade_waits_for_the_old_fronts_streams(tmp_path: Pat
     streams.join(10)
     assert (streams.done, streams.cut) == (2, 0)
     assert gone(fpid)
+
+
+def test_a_memory_runaway_costs_a_front_restart_not_the_daemon(tmp_path: Path) -> None:
+    """Clients that never read a close-delimited body push the front past
+    front_memory_max_mb: it exits, the daemon starts it again with the same listening socket;
+    the daemon and the model are untouched. (Under systemd the unit's MemoryMax= is the
+    kernel's backstop; this lab's cgroups do not enforce it.)"""
+    flood = str(Path(__file__).resolve().parent / "floodbackend.py")
+    port = free_port()
+    svc = gated("a", max_concurrency=1024, max_connections=4096, send_timeout_s=600)
+    svc["command"] = [sys.executable, flood, "--port", "{port}"]
+    svc["gate"]["listen"] = f"127.0.0.1:{port}"
+    doc = base_config(tmp_path, [svc])
+    doc["supervisor"]["front_memory_max_mb"] = 80
+    with running(tmp_path, doc) as d:
+        before = d.wait_state("a", "ready")
+        fpid = front_pid(d)
+        daemon_pid = d.status()["supervisor"]["pid"]
+        hogs: list[socket.socket] = []
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and alive(fpid):
+                for _ in range(25):  # each asks for an endless body and reads none of it
+                    try:
+                        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                    except OSError:
+                        break
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    s.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")
+                    hogs.append(s)
+                time.sleep(0.2)
+        finally:
+            for s in hogs:
+                s.close()
+        assert not alive(fpid), f"the front held {len(hogs)} non-reading clients"
+        after = wait_until(lambda: (st := d.status())["front"]["attached"]
+                           and st["front"]["pid"] != fpid and st, 15, what="a new front")
+        assert after["front"]["restarts"] == 1
+        assert after["supervisor"]["pid"] == daemon_pid  # the daemon stays
+        assert d.service("a")["pid"] == before["pid"]  # the model stays
+        assert "over front_memory_max_mb" in d.logtext()
+        wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/ok", timeout=5)
+                   .status == 200, 10, what="served again")

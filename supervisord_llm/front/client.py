@@ -535,7 +535,7 @@ class FrontClient:
     def _args(self, d: Path) -> list[str]:
         return [sys.executable, "-P", "-m", "supervisord_llm.front", "--dir", str(d),
                 "--grace", f"{self.grace_s:g}", "--unattended", f"{self.unattended_s:g}",
-                "--log-format", self.log_format]
+                "--log-format", self.log_format, "--memory-max-mb", str(self.memory_max_mb)]
 
     async def _launch_unit(self, d: Path) -> None:
         """Under systemd: the front in a transient unit, connected to through its socket."""
@@ -551,7 +551,9 @@ class FrontClient:
             await self.systemd.start_unit(
                 unit, "llm-supervisor front process (gates and router)", self._args(d),
                 dict(os.environ), CLOSE_GRACE_S + 5,
-                properties=(f"MemoryMax={self.memory_max_mb}M", "OOMScoreAdjust=300"))
+                # the front exits itself at memory_max_mb; the kernel's limit is a backstop
+                properties=(f"MemoryMax={self.memory_max_mb * 5 // 4}M",
+                            "OOMScoreAdjust=300"))
         except SpawnError as exc:
             raise StartupError(f"cannot start the front process: {exc}") from None
         self._unit = unit

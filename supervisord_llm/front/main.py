@@ -35,7 +35,7 @@ from ..gate.proxy import Gate, Histogram
 from ..gate.router import Router
 from ..gate.server import Listener, serve_sockets
 from ..gate.upstream import UpstreamPool
-from ..logs import LogLimiter, setup_logging
+from ..logs import LogLimiter, pipeline, setup_logging
 from . import docs
 from .wire import Channel, ChannelClosed, close_fds
 
@@ -81,8 +81,10 @@ def hist_doc(h: Histogram) -> list[Any]:
 
 
 class Front:
-    def __init__(self, directory: Path, grace_s: float, unattended_s: float) -> None:
+    def __init__(self, directory: Path, grace_s: float, unattended_s: float,
+                 memory_max_mb: int | None = None) -> None:
         self.dir = directory
+        self.memory_max_mb = memory_max_mb
         self.grace_s = grace_s
         self.unattended_s = unattended_s
         self.limiter = LogLimiter("supervisord_llm.gate")
@@ -212,6 +214,27 @@ class Front:
                 self._spawn(self.stop(STOP_GRACE_S))
                 return
             self._push()
+            self._check_memory()
+
+    def _check_memory(self) -> None:
+        """Over `memory_max_mb` resident: exit (what it holds is cut; the daemon starts a new
+        front at once, with the same sockets). Under systemd, MemoryMax= above it is the
+        kernel's backstop."""
+        if self.memory_max_mb is None:
+            return
+        try:
+            with open("/proc/self/statm", "rb") as fh:
+                rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return
+        if rss > self.memory_max_mb * 1024 * 1024:
+            log.error("front: %d MB resident, over front_memory_max_mb (%d): exiting; the "
+                      "daemon starts a new front (the requests in this one are cut)",
+                      rss // (1024 * 1024), self.memory_max_mb)
+            pipe = pipeline()
+            if pipe is not None:
+                pipe.flush(1.0)
+            os._exit(3)
 
     # --- what the daemon asks -----------------------------------------------------------------
 
@@ -612,6 +635,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lease-fd", type=int)
     p.add_argument("--client-fd", type=int)
     p.add_argument("--log-format", default="plain")
+    p.add_argument("--memory-max-mb", type=int)
     return p.parse_args(argv)
 
 
@@ -630,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    front = Front(Path(args.dir), args.grace, args.unattended)
+    front = Front(Path(args.dir), args.grace, args.unattended, args.memory_max_mb)
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     loop.add_signal_handler(signal.SIGTERM, lambda: front._spawn(front.stop(STOP_GRACE_S)))
