@@ -76,8 +76,8 @@ class SupervisorCollector(Collector):
         front = sup.gates
         if front is not None:
             yield CounterMetricFamily("llm_supervisor_front_restarts",
-                                      "Times the front process (gates and router) died and "
-                                      "was started again", value=front.restarts)
+                                      "Times the front process (gates and router) died (a "
+                                      "new one is started at once)", value=front.restarts)
             yield CounterMetricFamily("llm_supervisor_front_cut_requests",
                                       "Requests in flight in a front process that died",
                                       value=front.cut_requests)

@@ -679,6 +679,7 @@ class FrontClient:
             return
         cut = sum(g.active for g in self.gates.values())  # (waiting for a cold start too)
         self.cut_requests += cut
+        self.restarts += 1  # (counted at once: the new front follows)
         log.error("front: the front process (pid %s) is gone; %d request(s) in it were cut; "
                   "starting it again with the same listeners", self._pid, cut)
         self._kill()
@@ -702,7 +703,6 @@ class FrontClient:
             try:
                 await self._launch(self._dir())
                 await self._replay()
-                self.restarts += 1
                 log.info("front: started again (pid %s)", self._pid)
                 return
             except (StartupError, ChannelClosed, TimeoutError) as exc:
