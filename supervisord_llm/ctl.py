@@ -153,6 +153,17 @@ def render_status(data: dict[str, Any]) -> str:
                f"{_dur(s.get('uptime_s'))}  mode {s.get('mode')}  config {s.get('config_path')}")
     for op in s.get("operations") or []:
         out.append(f"in progress: {op}")
+    front = data.get("front")
+    if isinstance(front, dict):
+        bits = [f"front (gates and router) pid {front.get('pid') or '-'}"]
+        if not front.get("attached"):
+            bits.append("NOT ATTACHED (being started again)")
+        if front.get("adopted"):
+            bits.append("taken over from an earlier supervisor")
+        if front.get("restarts"):
+            bits.append(f"started again {front['restarts']} time(s), "
+                        f"{front.get('cut_requests', 0)} request(s) cut")
+        out.append(", ".join(bits))
     services = data.get("services", [])
     gpu_index = {g["uuid"]: g["index"] for g in data.get("gpus", [])}
     if services:

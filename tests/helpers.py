@@ -532,9 +532,9 @@ class Streams:
 
     def __init__(self, port: int, n: int, tokens: int, delay: float,
                  model: str | None = None) -> None:
+        self.n = n
         self.done = 0
         self.cut = 0
-        self.started = threading.Event()
         body: dict[str, Any] = {"stream": True, "max_tokens": tokens,
                                 "fake_token_delay_s": delay,
                                 "messages": [{"role": "user", "content": "hi"}]}

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 
 from helpers import (
     Daemon,
+    Streams,
     alive,
     base_config,
     fake_service,
@@ -78,41 +78,6 @@ def crashed(tmp: Path, doc: dict[str, Any], service: str = "alpha") -> int:
     return pid
 
 
-class Streams:
-    """SSE streams straight to an engine (not through the daemon): they see whatever the
-    daemon's end does to the model."""
-
-    def __init__(self, port: int, n: int, tokens: int, delay: float) -> None:
-        self.done = 0
-        self.cut = 0
-        self._threads = [threading.Thread(target=self._one, args=(port, tokens, delay),
-                                          daemon=True) for _ in range(n)]
-        for t in self._threads:
-            t.start()
-
-    def _one(self, port: int, tokens: int, delay: float) -> None:
-        body = json.dumps({"model": "fake", "stream": True, "max_tokens": tokens,
-                           "fake_token_delay_s": delay}).encode()
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                          b"Content-Type: application/json\r\nConnection: close\r\n"
-                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-            if b"data: [DONE]" in data:
-                self.done += 1
-            else:
-                self.cut += 1
-        except OSError:
-            self.cut += 1
-
-    def join(self, timeout: float) -> None:
-        for t in self._threads:
-            t.join(timeout)
-
-
 def test_kill_9_under_streaming_load_reloads_no_model(tmp_path: Path) -> None:
     """kill -9 of the daemon while 16 streams run on each model: no stream is cut, no model
     restarts (same pid, one start each), and the next daemon shows both adopted and ready."""
@@ -120,7 +85,7 @@ def test_kill_9_under_streaming_load_reloads_no_model(tmp_path: Path) -> None:
     d = Daemon(tmp_path, doc).start()
     try:
         a, b = d.wait_state("alpha", "ready"), d.wait_state("beta", "ready")
-        streams = [Streams(s["port"], 16, 40, 0.05) for s in (a, b)]
+        streams = [Streams(s["port"], 16, 40, 0.05, "fake") for s in (a, b)]  # to the engines
         time.sleep(0.5)
         d.crash()
         d.pids_seen.clear()

@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -219,26 +220,39 @@ def test_a_stop_stops_the_front(tmp_path: Path) -> None:
         pass
 
 
-def test_an_upgraded_front_takes_the_sockets_over_and_the_old_one_drains(
-        tmp_path: Path) -> None:
-    """A daemon of a new build finds the front of the old build: a new front takes the
-    listening sockets and the gates' state over, the old one finishes its streams and exits;
-    no connection refused, no stream cut."""
-    doc = with_router(tmp_path, [gated("alpha", service={"models": ["m-alpha"]})])
-    old_build = {"LLM_SUPERVISOR_TEST_HOOKS": "1", "LLM_SUPERVISOR_TEST_FRONT_BUILD": "old"}
-    d = Daemon(tmp_path, doc, env=old_build).start()
+OLD_BUILD = {"LLM_SUPERVISOR_TEST_HOOKS": "1", "LLM_SUPERVISOR_TEST_FRONT_BUILD": "old"}
+
+
+def old_front_handed_over(tmp: Path, doc: dict[str, Any],
+                          streams: Callable[[], list[Streams]],
+                          service: str) -> tuple[int, list[Streams]]:
+    """A daemon whose front says it is of an older build, `streams()` started through it and
+    in flight, then `llmctl handover`: the front's pid and the streams."""
+    d = Daemon(tmp, doc, env=OLD_BUILD).start()
     try:
-        pid = d.wait_state("alpha", "ready")["pid"]
+        d.wait_state(service, "ready")
         fpid = front_pid(d)
-        streams = [Streams(gate_port(doc, "alpha"), 4, 60, 0.05),
-                   Streams(router_port(doc), 4, 60, 0.05, "m-alpha")]
-        wait_until(lambda: inflight(d, "alpha") == 8, 10, what="8 in flight")
+        running_streams = streams()
+        n = sum(s.n for s in running_streams)
+        wait_until(lambda: inflight(d, service) == n, 10, what=f"{n} in flight")
         r = d.llmctl("handover")
         assert r.returncode == 0, r
         assert d.wait(15) == 0
         d.pids_seen.clear()
     finally:
         d.stop()
+    return fpid, running_streams
+
+
+def test_an_upgraded_front_takes_the_sockets_over_and_the_old_one_drains(
+        tmp_path: Path) -> None:
+    """A daemon of a new build finds the front of the old build: a new front takes the
+    listening sockets and the gates' state over, the old one finishes its streams and exits;
+    no connection refused, no stream cut."""
+    doc = with_router(tmp_path, [gated("alpha", service={"models": ["m-alpha"]})])
+    fpid, streams = old_front_handed_over(
+        tmp_path, doc, lambda: [Streams(gate_port(doc, "alpha"), 4, 60, 0.05),
+                                Streams(router_port(doc), 4, 60, 0.05, "m-alpha")], "alpha")
     refused: list[str] = []
     failed: list[str] = []
     answered = [0]
@@ -268,7 +282,7 @@ def test_an_upgraded_front_takes_the_sockets_over_and_the_old_one_drains(
     knocker.start()
     try:
         with running(tmp_path, doc) as d2:
-            assert d2.wait_state("alpha", "ready")["pid"] == pid
+            assert d2.wait_state("alpha", "ready")["adopted"] is True  # the model stayed
             wait_until(lambda: d2.status()["front"]["pid"] != fpid, 10, what="a new front")
             for s in streams:
                 s.join(30)
@@ -402,18 +416,8 @@ def test_a_deep_state_directory(tmp_path: Path) -> None:
 def test_an_upgrade_whose_new_front_cannot_start_leaves_the_old_one_serving(
         tmp_path: Path) -> None:
     doc = base_config(tmp_path, [gated("a")])
-    old_build = {"LLM_SUPERVISOR_TEST_HOOKS": "1", "LLM_SUPERVISOR_TEST_FRONT_BUILD": "old"}
-    d = Daemon(tmp_path, doc, env=old_build).start()
-    try:
-        d.wait_state("a", "ready")
-        fpid = front_pid(d)
-        streams = Streams(gate_port(doc, "a"), 4, 60, 0.05)
-        wait_until(lambda: inflight(d, "a") == 4, 10, what="4 in flight")
-        assert d.llmctl("handover").returncode == 0
-        assert d.wait(15) == 0
-        d.pids_seen.clear()
-    finally:
-        d.stop()
+    fpid, (streams,) = old_front_handed_over(
+        tmp_path, doc, lambda: [Streams(gate_port(doc, "a"), 4, 60, 0.05)], "a")
     # the new build's front dies at its start
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -433,18 +437,8 @@ def test_an_upgrade_whose_new_front_cannot_start_leaves_the_old_one_serving(
 
 def test_a_stop_during_an_upgrade_waits_for_the_old_fronts_streams(tmp_path: Path) -> None:
     doc = base_config(tmp_path, [gated("a")])
-    old_build = {"LLM_SUPERVISOR_TEST_HOOKS": "1", "LLM_SUPERVISOR_TEST_FRONT_BUILD": "old"}
-    d = Daemon(tmp_path, doc, env=old_build).start()
-    try:
-        d.wait_state("a", "ready")
-        fpid = front_pid(d)
-        streams = Streams(gate_port(doc, "a"), 2, 80, 0.05)
-        wait_until(lambda: inflight(d, "a") == 2, 10, what="2 in flight")
-        assert d.llmctl("handover").returncode == 0
-        assert d.wait(15) == 0
-        d.pids_seen.clear()
-    finally:
-        d.stop()
+    fpid, (streams,) = old_front_handed_over(
+        tmp_path, doc, lambda: [Streams(gate_port(doc, "a"), 2, 80, 0.05)], "a")
     d2 = Daemon(tmp_path, doc).start()
     try:
         d2.wait_state("a", "ready")
@@ -502,3 +496,14 @@ def test_a_memory_runaway_costs_a_front_restart_not_the_daemon(tmp_path: Path) -
         assert "over front_memory_max_mb" in d.logtext()
         wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/ok", timeout=5)
                    .status == 200, 10, what="served again")
+
+
+def test_the_status_text_shows_the_front() -> None:
+    from supervisord_llm import ctl
+
+    text = ctl.render_status({"supervisor": {}, "front": {
+        "pid": 42, "attached": True, "adopted": True, "restarts": 2, "cut_requests": 5}})
+    assert "front (gates and router) pid 42" in text
+    assert "taken over" in text and "started again 2 time(s), 5 request(s) cut" in text
+    text = ctl.render_status({"supervisor": {}, "front": {"pid": None, "attached": False}})
+    assert "NOT ATTACHED" in text
