@@ -233,7 +233,7 @@ class Supervisor:
             if actor.cfg.gate is not None and (self.gate_of(actor.name) is None
                                                or not self._started):
                 try:
-                    await self._front().add(actor.name, actor.cfg.gate)
+                    await self._front().add(actor.name, actor.cfg.gate, self._prepare)
                 except StartupError as exc:
                     if not self._started:
                         raise
@@ -278,6 +278,20 @@ class Supervisor:
             # daemon was there: it goes on (one that was still loading stays closed)
             return ("127.0.0.1", actor.port)
         return None
+
+    def _prepare(self, gate: RemoteGate) -> None:
+        """A new gate's first state, set before it listens (a request in the first moment is
+        then told the truth: an on-demand service's waits for its load, not 503 'closed')."""
+        actor = self.actors.get(gate.name)
+        if actor is None or actor.cfg.gate is None:
+            return
+        gate.on_demand = actor.cfg.on_demand
+        gate.startup_timeout_s = actor.cfg.health.startup_timeout_s
+        self._demand_pushed[gate.name] = (gate.on_demand, gate.startup_timeout_s)
+        wanted = (self._upstream(gate.name),
+                  self._upstream(actor.cfg.gate.backup, backup=True), closed_why(actor))
+        gate.upstream, gate.backup, gate.closed_why = wanted
+        self._pushed[gate.name] = wanted
 
     def _serving(self, name: str | None, port: int | None) -> bool:
         """The gate of `name` sends its requests to `port` now."""

@@ -903,7 +903,10 @@ class FrontClient:
             sock.close()
         self._loose = []
 
-    async def add(self, name: str, cfg: GateSection) -> RemoteGate:
+    async def add(self, name: str, cfg: GateSection,
+                  prepare: Callable[[RemoteGate], None] | None = None) -> RemoteGate:
+        """A gate; `prepare` sets the daemon's first decisions on it (upstreams, on-demand),
+        which the front puts in force before its listener takes a connection."""
         await self.start()
         g = self.gates.get(name)
         if g is not None:  # kept from the front an earlier daemon left
@@ -914,8 +917,11 @@ class FrontClient:
             fds = self._bind(name, cfg.listen.host, cfg.listen.port,
                              f"{name}'s gate {cfg.listen}")
         g = RemoteGate(self, name, cfg)
+        if prepare is not None:
+            prepare(g)
         self.gates[name] = g
-        await self.ask({"op": "gate", "name": name, "cfg": docs.to_doc(cfg)}, fds=fds)
+        await self.ask({"op": "gate", "name": name, "cfg": docs.to_doc(cfg),
+                        "state": g.full_state()}, fds=fds)
         return g
 
     async def rebind(self, name: str, cfg: GateSection) -> None:

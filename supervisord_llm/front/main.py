@@ -327,7 +327,10 @@ class Front:
 
     # --- gates --------------------------------------------------------------------------------
 
-    def set_gate(self, name: str, cfg: GateSection, socks: list[socket.socket] | None) -> None:
+    def set_gate(self, name: str, cfg: GateSection, socks: list[socket.socket] | None,
+                 state: dict[str, Any] | None = None) -> None:
+        """Add or change a gate; `state` (the daemon's decisions: upstreams, on-demand
+        settings, drains...) is in force before its listener takes a connection."""
         gate = self.gates.get(name)
         if gate is None:
             gate = Gate(name, cfg, self.pool, self.limiter)
@@ -335,6 +338,8 @@ class Front:
             self.gates[name] = gate
         else:
             gate.reconfigure(cfg)
+        if state:
+            _apply(self, gate, state)
         if socks is not None or cfg.listen is None:
             old = self.listeners.pop(name, None)
             if socks:
@@ -479,7 +484,9 @@ def _op_gate(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None
     except (ValueError, KeyError):
         close_fds(fds)
         raise
-    f.set_gate(name, cfg, _socks(fds) if fds else None)
+    state = doc.get("state")
+    f.set_gate(name, cfg, _socks(fds) if fds else None,
+               state if isinstance(state, dict) else None)
     ch.answer(doc, {"op": "ok"})
 
 
@@ -497,7 +504,13 @@ def _op_remove(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> No
 
 def _op_set(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
     close_fds(fds)
-    gate = _gate(f, doc)
+    _apply(f, _gate(f, doc), doc)
+    f.push_soon()
+    ch.answer(doc, {"op": "ok"})
+
+
+def _apply(f: Front, gate: Gate, doc: dict[str, Any]) -> None:
+    """The daemon's decisions for a gate (the fields of `set`)."""
     if "upstreams" in doc:
         up, backup, why = doc["upstreams"]
         gate.set_upstreams((str(up[0]), int(up[1])) if up else None,
@@ -520,8 +533,6 @@ def _op_set(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
         gate.set_yielding(bool(doc["yielding"]))
     if "unloading" in doc:
         gate.set_unloading(bool(doc["unloading"]))
-    f.push_soon()
-    ch.answer(doc, {"op": "ok"})
 
 
 def _op_router(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
