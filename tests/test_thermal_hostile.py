@@ -128,7 +128,10 @@ def test_a_lowered_limit_comes_back_after_the_gpu_was_lost(tmp_path: Path) -> No
                    == {}, 5, what="record cleared")
         # lost again while throttled, and back hot: the steps start again from 300 W
         heat(tmp_path, gpu0={"temperature_c": 86})
-        wait_until(lambda: limits_file(tmp_path).get(GPU0) == 240, 10, what="240 W again")
+        # (240 W, or further down: a step refused while the previous call still ran is taken
+        # at the next evaluation, from where the heat is then)
+        wait_until(lambda: limits_file(tmp_path).get(GPU0, 300) <= 240, 10,
+                   what="240 W again, or lower")
         heat(tmp_path, gpu0={"lost": True})
         wait_until(lambda: gpu(d)["thermal_state"] == "lost", 5, what="lost")
         heat(tmp_path, gpu0={"temperature_c": 86})
