@@ -636,23 +636,14 @@ class Keepers:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            sock.setblocking(False)
             try:
-                dirfd = os.open(kdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    async with asyncio.timeout(_CONNECT_TIMEOUT_S):
-                        await loop.sock_connect(sock, f"/proc/self/fd/{dirfd}/ctl.sock")
-                finally:
-                    os.close(dirfd)
+                sock = await P.connect_in(kdir, "ctl.sock", _CONNECT_TIMEOUT_S)
                 break
             except (FileNotFoundError, ConnectionRefusedError) as exc:
-                sock.close()
                 if loop.time() >= deadline:
                     raise KeeperGone(f"no socket: {exc.strerror}") from None
                 await asyncio.sleep(0.005)
             except (OSError, TimeoutError) as exc:
-                sock.close()
                 raise KeeperGone(str(exc) or "no answer") from None
         link = Link(sock, kdir.name)
         try:

@@ -10,6 +10,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -288,3 +289,23 @@ class ExitProtocol(asyncio.subprocess.SubprocessStreamProtocol):
         super().process_exited()
         if not self.exited.done():
             self.exited.set_result(code if code is not None else 255)
+
+
+async def connect_in(directory: Path, name: str, timeout_s: float) -> socket.socket:
+    """A SOCK_SEQPACKET connection to the socket `name` in `directory`, reached through
+    /proc/self/fd (a directory deeper than a socket address may be, 108 bytes, works);
+    OSError (FileNotFoundError, ConnectionRefusedError: none listens there) or TimeoutError."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.setblocking(False)
+    try:
+        dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await loop.sock_connect(sock, f"/proc/self/fd/{dirfd}/{name}")
+        finally:
+            os.close(dirfd)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

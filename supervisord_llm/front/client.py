@@ -365,7 +365,7 @@ class FrontClient:
         if not path.exists():
             return False
         try:
-            sock = await _connect(d)
+            sock = await P.connect_in(d, CTL, CONNECT_TIMEOUT_S)
         except (OSError, TimeoutError):
             with contextlib.suppress(OSError):
                 path.unlink()  # a front that is gone
@@ -561,7 +561,7 @@ class FrontClient:
         deadline = loop.time() + START_TIMEOUT_S
         while True:
             try:
-                sock = await _connect(d)
+                sock = await P.connect_in(d, CTL, CONNECT_TIMEOUT_S)
                 break
             except (FileNotFoundError, ConnectionRefusedError, TimeoutError):
                 if loop.time() >= deadline:
@@ -1045,25 +1045,6 @@ class FrontClient:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await gone.wait()
-
-
-async def _connect(d: Path) -> socket.socket:
-    """A connection to the front's socket in `d` (through /proc/self/fd: a directory deeper
-    than a socket address may be works); OSError or TimeoutError."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.setblocking(False)
-    try:
-        dirfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                await loop.sock_connect(sock, f"/proc/self/fd/{dirfd}/{CTL}")
-        finally:
-            os.close(dirfd)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 async def _kill_and_wait(pid: int, timeout_s: float) -> None:

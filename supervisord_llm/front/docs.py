@@ -13,8 +13,7 @@ T = TypeVar("T", GateSection, RouterSection)
 
 
 def to_doc(cfg: GateSection | RouterSection) -> dict[str, Any]:
-    doc = dataclasses.asdict(cfg)
-    return doc
+    return dataclasses.asdict(cfg)
 
 
 def from_doc(kind: type[T], doc: object) -> T:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..config import GateSection, RouterSection
+from ..gate.host import finish_gate
 from ..gate.proxy import Gate, Histogram
 from ..gate.router import Router
 from ..gate.server import Listener, serve_sockets
@@ -255,9 +256,7 @@ class Front:
                 self._sent.clear()
                 ch.answer(doc, self.snapshot())
                 for gate in self.gates.values():  # waiters ask the new daemon again
-                    gate.set_unloading(gate.unloading)
-                    gate._demanded = 0.0
-                    gate._wake_cold()
+                    gate.ask_again()
                 return
             if (ch is not self.client or not self.greeted) and op != "ping":
                 close_fds(fds)
@@ -349,15 +348,8 @@ class Front:
         self.push_soon()
 
     async def remove_gate(self, name: str, grace_s: float) -> None:
-        listener = self.listeners.pop(name, None)
-        gate = self.gates.pop(name, None)
         self._sent.pop(name, None)
-        if listener is not None:
-            await listener.close(grace_s)
-        elif gate is not None:  # behind the router only: its requests finish
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace_s):
-                    await gate.wait_idle(gate.is_idle)
+        await finish_gate(self.gates.pop(name, None), self.listeners.pop(name, None), grace_s)
 
     def set_router(self, cfg: RouterSection | None, socks: list[socket.socket] | None) -> None:
         old = self.router_listener
@@ -423,21 +415,11 @@ class Front:
             self.router_listener = None
         # the gates stay (a daemon may still ask whether they are idle) while their
         # listeners close and what is in them finishes
-        for name, gate in self.gates.items():
-            listener = self.listeners.pop(name, None)
-            if listener is not None:
-                waits.append(listener.close(grace_s))
-            else:
-                waits.append(self._idle_within(gate, grace_s))
+        waits += [finish_gate(gate, self.listeners.pop(name, None), grace_s)
+                  for name, gate in self.gates.items()]
         await asyncio.gather(*waits, return_exceptions=True)
         self.pool.close()
         self.done.set()
-
-    @staticmethod
-    async def _idle_within(gate: Gate, grace_s: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace_s):
-                await gate.wait_idle(gate.is_idle)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

@@ -25,6 +25,17 @@ REMOVE_GRACE_S: Final = 10.0  # requests in progress on a gate being removed
 CLOSE_GRACE_S: Final = 2.0  # at exit (the gates were drained before)
 
 
+async def finish_gate(gate: Gate | None, listener: Listener | None, grace_s: float) -> None:
+    """A gate being closed: its listener stops accepting and what it serves finishes (or, a
+    gate behind the router only, its requests), for at most `grace_s`."""
+    if listener is not None:
+        await listener.close(grace_s)
+    elif gate is not None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                await gate.wait_idle(gate.is_idle)
+
+
 class GateHost:
     def __init__(self) -> None:
         self.gates: dict[str, Gate] = {}
@@ -147,14 +158,7 @@ class GateHost:
         await self.submit(self._remove(name, REMOVE_GRACE_S))
 
     async def _remove(self, name: str, grace_s: float) -> None:
-        listener = self._listeners.pop(name, None)
-        gate = self.gates.pop(name, None)
-        if listener is not None:
-            await listener.close(grace_s)
-        elif gate is not None:  # behind the router only: its requests finish
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace_s):
-                    await gate.wait_idle(gate.is_idle)
+        await finish_gate(self.gates.pop(name, None), self._listeners.pop(name, None), grace_s)
 
     async def close(self) -> None:
         if self._loop is None:

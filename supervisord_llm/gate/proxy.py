@@ -311,6 +311,12 @@ class Gate:
         self.cold_message = message
         self._wake_cold()
 
+    def ask_again(self) -> None:
+        """Requests waiting for a cold start ask for it again at once (a new daemon, which has
+        not heard them yet)."""
+        self._demanded = 0.0
+        self._wake_cold()
+
     @property
     def cold_waiting(self) -> int:
         return len(self._cold)
