@@ -72,8 +72,8 @@ def test_a_daemon_killed_while_powered_down_comes_back_held(tmp_path: Path) -> N
         assert d.llmctl("power-event", "on-battery").returncode == 0
         assert d.llmctl("power-event", "low-battery").returncode == 0
         wait_until(lambda: mode(d) == "powered_down", 10, what="powered down")
-        wait_until(lambda: json.loads((tmp_path / "state" / "power_state.json").read_text())
-                   ["phase"] == "powered_down", 5, what="recorded")
+        wait_until(lambda: power_state(tmp_path)
+                   .get("phase") == "powered_down", 5, what="recorded")
         kill9(d)
         d = Daemon(tmp_path, doc).start()
         wait_until(lambda: mode(d) == "powered_down", 10, what="held at start")
@@ -83,8 +83,8 @@ def test_a_daemon_killed_while_powered_down_comes_back_held(tmp_path: Path) -> N
         assert d.llmctl("power-event", "on-line").returncode == 0
         d.wait_state("chat", "ready", 15)
         assert mode(d) == "normal"
-        wait_until(lambda: json.loads((tmp_path / "state" / "power_state.json").read_text())
-                   ["phase"] == "online", 5, what="recorded online")
+        wait_until(lambda: power_state(tmp_path)
+                   .get("phase") == "online", 5, what="recorded online")
     finally:
         d.stop()
 
@@ -99,8 +99,8 @@ def test_a_daemon_killed_on_battery_with_its_models_goes_on_with_the_episode(
     try:
         pid = d.wait_state("chat", "ready")["pid"]
         assert d.llmctl("power-event", "on-battery").returncode == 0
-        wait_until(lambda: json.loads((tmp_path / "state" / "power_state.json").read_text())
-                   ["phase"] == "on_battery", 5, what="recorded")
+        wait_until(lambda: power_state(tmp_path)
+                   .get("phase") == "on_battery", 5, what="recorded")
         d.crash()
         d.pids_seen.clear()
     finally:
@@ -347,7 +347,7 @@ def test_a_power_down_cut_by_a_crash_goes_on_from_its_recorded_step(tmp_path: Pa
         pid = d.wait_state("chat", "ready")["pid"]
         assert d.llmctl("power-event", "on-battery").returncode == 0
         assert d.llmctl("power-event", "low-battery").returncode == 0
-        wait_until(lambda: json.loads((tmp_path / "state" / "power_state.json").read_text())
+        wait_until(lambda: power_state(tmp_path)
                    .get("steps_done") == ["drain", "checkpoint"], 15, what="checkpoint done")
         wait_until(lambda: d.service("chat")["state"] == "stopping", 10, what="stopping")
         d.crash()
@@ -362,3 +362,14 @@ def test_a_power_down_cut_by_a_crash_goes_on_from_its_recorded_step(tmp_path: Pa
         assert "not run again" in d2.logtext()
     assert runs.read_text().count("run") == 1
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def power_state(tmp: Path) -> dict[str, Any]:
+    """The daemon's power state file; empty until it is first written (a wait reads it
+    before the daemon has: a loaded run found none yet)."""
+    path = tmp / "state" / "power_state.json"
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return doc
