@@ -82,7 +82,7 @@ class _ProbeConnection(asyncio.Protocol):
         self._timer = loop.call_at(deadline, self._expire)
         self._got = False
         self._body = 0
-        self._parser = http1.ResponseParser(_no_head, self._count, self._end)
+        self._parser = http1.ResponseParser(None, self._count, self._end)
         self.transport.write(request)
         return done
 
@@ -139,10 +139,6 @@ class _ProbeConnection(asyncio.Protocol):
             self._timer = None
         if self.transport is not None:
             self.transport.abort()
-
-
-def _no_head(head: http1.ResponseHead) -> None:
-    return None
 
 
 def client_session(limit: int = 0) -> aiohttp.ClientSession:

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple, Protocol
 
 import httptools
 
@@ -51,24 +50,36 @@ class Upgrade(ParseError):
         self.offset = offset
 
 
+class HeadState(Protocol):
+    in_head: bool  # the parser is inside a head (set by its llhttp callbacks)
+
+
+LLHTTP_ERRORS: Final = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+
+
 def feed(parser: httptools.HttpRequestParser | httptools.HttpResponseParser, data: bytes,
-         limit: HeadLimit, in_head: Callable[[], bool]) -> None:
+         limit: HeadLimit, state: HeadState) -> None:
     """Feed llhttp; count the bytes of a head that spans feeds; ParseError on anything wrong
     (a callback's own ParseError passes through)."""
-    was_in_head = in_head()
+    was_in_head = state.in_head
     try:
         parser.feed_data(data)
-        if was_in_head and in_head():
-            limit.fed(len(data))
-    except httptools.HttpParserUpgrade as exc:
-        raise Upgrade(int(exc.args[0]) if exc.args else len(data)) from None
-    except httptools.HttpParserCallbackError as exc:
+    except LLHTTP_ERRORS as exc:
+        raise feed_error(exc, data) from None
+    if was_in_head and state.in_head:
+        limit.fed(len(data))
+
+
+def feed_error(exc: Exception, data: bytes) -> ParseError:
+    """What an error out of llhttp's `feed_data(data)` means (a callback's own ParseError
+    passes through)."""
+    if isinstance(exc, httptools.HttpParserUpgrade):
+        return Upgrade(int(exc.args[0]) if exc.args else len(data))
+    if isinstance(exc, httptools.HttpParserCallbackError):
         cause = exc.__context__
         if isinstance(cause, ParseError):
-            raise cause from None
-        raise ParseError(f"invalid HTTP: {exc}") from None
-    except httptools.HttpParserError as exc:
-        raise ParseError(f"invalid HTTP: {exc}") from None
+            return cause
+    return ParseError(f"invalid HTTP: {exc}")
 
 
 class HeadLimit:
@@ -98,11 +109,19 @@ class HeadLimit:
         if self.size > MAX_HEAD:
             raise ParseError(f"head larger than {MAX_HEAD // 1024} KiB", 431)
 
+    def refuse(self) -> None:
+        """Raise the ParseError for a head over the limits (counted by the caller)."""
+        if self.count > MAX_HEADERS:
+            raise ParseError(f"more than {MAX_HEADERS} header lines", 431)
+        raise ParseError(f"head larger than {MAX_HEAD // 1024} KiB", 431)
+
     def header(self, name: bytes, value: bytes) -> None:
         self.count += 1
         if self.count > MAX_HEADERS:
             raise ParseError(f"more than {MAX_HEADERS} header lines", 431)
-        self.part(len(name) + len(value) + 4)
+        self.parsed += len(name) + len(value) + 4
+        if self.parsed > MAX_HEAD:
+            raise ParseError(f"head larger than {MAX_HEAD // 1024} KiB", 431)
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -115,9 +134,20 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
 
 def end_to_end(headers: Headers, also_drop: frozenset[bytes] = frozenset()) -> Headers:
     """The headers a proxy passes on: without hop-by-hop ones, those named in `Connection`,
-    and `also_drop`."""
-    drop = HOP_BY_HOP | also_drop | connection_tokens(headers)
-    return [(k, v) for k, v in headers if k.lower() not in drop]
+    and `also_drop` (lowercase names)."""
+    drop = HOP_BY_HOP | also_drop if also_drop else HOP_BY_HOP
+    out = []
+    named = False
+    for k, v in headers:
+        name = k.lower()
+        if name in drop:
+            named = named or name == b"connection"
+            continue
+        out.append((k, v))
+    if named:  # (rare) the headers `Connection` names are hop-by-hop too
+        tokens = connection_tokens(headers)
+        out = [(k, v) for k, v in out if k.lower() not in tokens]
+    return out
 
 
 def header(headers: Headers, name: bytes) -> bytes | None:
@@ -165,8 +195,7 @@ def error_body(message: str, kind: str, code: str) -> bytes:
 # --- responses -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ResponseHead:
+class ResponseHead(NamedTuple):
     status: int
     reason: bytes
     headers: Headers
@@ -184,7 +213,8 @@ class ResponseParser:
     dropped. `feed` raises ParseError on anything invalid.
     """
 
-    def __init__(self, on_head: Callable[[ResponseHead], None], on_body: Callable[[bytes], None],
+    def __init__(self, on_head: Callable[[ResponseHead], None] | None,
+                 on_body: Callable[[bytes], None],
                  on_end: Callable[[], None], *, head_request: bool = False) -> None:
         self._on_head = on_head
         self._on_body = on_body
@@ -194,18 +224,40 @@ class ResponseParser:
         self._limit = HeadLimit()
         self._reason = b""
         self._headers: Headers = []
-        self._in_head = True
+        self.in_head = True
         self._interim = False
         self.head: ResponseHead | None = None
         self.done = False
         self._progress = False
         self._framing = 0
 
+    def again(self) -> bool:
+        """Ready for the next response on the same connection (llhttp goes on from the end
+        of the last one); False where a new parser is needed (the last response is not
+        complete, or answered a HEAD: llhttp did not know it had no body)."""
+        if not self.done or self._head_request:
+            return False
+        self._reason = b""
+        self._headers = []
+        self.in_head = True
+        self._interim = False
+        self.head = None
+        self.done = False
+        self._framing = 0
+        self._limit.reset()
+        return True
+
     def feed(self, data: bytes) -> None:
         self._progress = False
+        was_in_head = self.in_head
         try:
-            feed(self._parser, data, self._limit, lambda: self._in_head)
-            if not self._in_head and not self._progress:
+            try:
+                self._parser.feed_data(data)
+            except LLHTTP_ERRORS as exc:
+                raise feed_error(exc, data) from None
+            if was_in_head and self.in_head:
+                self._limit.fed(len(data))
+            if not self.in_head and not self._progress:
                 # neither body bytes nor the end of a chunk: framing (chunk-size lines,
                 # extensions, trailers) that llhttp would go on parsing for ever
                 self._framing += len(data)
@@ -223,7 +275,9 @@ class ResponseParser:
     # llhttp callbacks
 
     def on_message_begin(self) -> None:
-        self._in_head = True
+        if self.done:  # a second response in the same read: nobody asked for it
+            raise ParseError("the server sent more than its response")
+        self.in_head = True
         self._reason = b""
         self._headers = []
 
@@ -232,12 +286,16 @@ class ResponseParser:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:  # after the body: a trailer, never passed on
-            self._limit.header(name, value)
+        if self.in_head:  # after the body: a trailer, never passed on
+            limit = self._limit
+            limit.count += 1
+            limit.parsed += len(name) + len(value) + 4
+            if limit.count > MAX_HEADERS or limit.parsed > MAX_HEAD:
+                limit.refuse()
             self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self.in_head = False
         status = self._parser.get_status_code()
         if not 100 <= status <= 599:  # llhttp takes any three digits
             raise ParseError(f"invalid status code {status}")
@@ -249,15 +307,22 @@ class ResponseParser:
             return
         headers = self._headers
         length: int | None = None
+        chunked = False
+        cl = None
         for k, v in headers:
-            if k.lower() == b"transfer-encoding" and v.strip().lower() != b"chunked":
-                # gzip, chunked: the gate would pass gzip bytes as if they were the body
-                raise ParseError(f"unsupported Transfer-Encoding {v[:40]!r}")
+            name = k.lower()
+            if name == b"transfer-encoding":
+                if v.strip().lower() != b"chunked":
+                    # gzip, chunked: the gate would pass gzip bytes as if they were the body
+                    raise ParseError(f"unsupported Transfer-Encoding {v[:40]!r}")
+                chunked = True
+            elif name == b"content-length" and cl is None:
+                cl = v
         if status in (204, 304) or self._head_request:
             framing = "none"
-        elif is_chunked(headers):
+        elif chunked:
             framing = "chunked"
-        elif (cl := header(headers, b"content-length")) is not None:
+        elif cl is not None:
             framing, length = "length", int(cl)  # llhttp has checked it
         else:
             framing = "close"
@@ -265,7 +330,8 @@ class ResponseParser:
         if self._head_request:
             keep = False  # llhttp would wait for the body a HEAD response does not have
         self.head = ResponseHead(status, self._reason, headers, framing, length, keep)
-        self._on_head(self.head)
+        if self._on_head is not None:
+            self._on_head(self.head)
         if framing == "none" or (framing == "length" and length == 0):
             self._end()
 

@@ -14,8 +14,9 @@ import ipaddress
 import json
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import aiohttp
@@ -74,6 +75,10 @@ class MetricsServer:
 
     def count(self, code: int) -> None:
         return None
+
+    def begin(self, req: Request, conn: ClientConnection
+              ) -> Coroutine[Any, Any, bool] | None:
+        return self.handle(req, conn)
 
     async def handle(self, req: Request, conn: ClientConnection) -> bool:
         writer = ResponseWriter(conn, req)

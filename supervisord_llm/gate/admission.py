@@ -27,14 +27,11 @@ class Admission:
     def __init__(self, max_concurrency: int, max_queue: int, queue_timeout_s: float) -> None:
         self.configured = max_concurrency
         self.factor = 1.0
+        self.limit = max(1, max_concurrency)  # configured x factor (kept: read per request)
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
         self.inflight = 0
         self._queue: deque[asyncio.Future[None]] = deque()
-
-    @property
-    def limit(self) -> int:
-        return max(1, math.floor(self.configured * self.factor))
 
     @property
     def queued(self) -> int:
@@ -42,12 +39,14 @@ class Admission:
 
     def configure(self, max_concurrency: int, max_queue: int, queue_timeout_s: float) -> None:
         self.configured = max_concurrency
+        self.limit = max(1, math.floor(self.configured * self.factor))
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
         self._hand_out()
 
     def set_factor(self, factor: float) -> None:
         self.factor = min(1.0, max(0.0, factor))
+        self.limit = max(1, math.floor(self.configured * self.factor))
         self._hand_out()
 
     async def acquire(self) -> None:

@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import re
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from .. import http1
 from ..config import GateSection
+from ..http1 import ResponseHead
 from ..logs import LogLimiter
 from .admission import Admission, Rejected
 from .server import (
@@ -56,6 +56,8 @@ DRAIN_REASONS: Final = ("operator", "swap", "thermal", "power", "shutdown", "sto
 _TO_UPSTREAM_DROP: Final = frozenset({b"host", b"content-length", b"expect",
                                       b"x-forwarded-for"})
 _TO_CLIENT_DROP: Final = frozenset({b"content-length"})
+_UP_DROP: Final = http1.HOP_BY_HOP | _TO_UPSTREAM_DROP
+_DOWN_DROP: Final = http1.HOP_BY_HOP | _TO_CLIENT_DROP
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 Upstream = tuple[str, int]
@@ -68,18 +70,16 @@ class Histogram:
         self.bounds = bounds
         self._counts = [0] * (len(bounds) + 1)
         self._sum = 0.0
-        self._lock = threading.Lock()
 
     def observe(self, value: float) -> None:
-        i = bisect.bisect_left(self.bounds, value)
-        with self._lock:
-            self._counts[i] += 1
-            self._sum += value
+        # no lock (every request passes here): a reader on another thread copies the counts
+        # in one step; at worst its sum is one observation apart from its counts
+        self._counts[bisect.bisect_left(self.bounds, value)] += 1
+        self._sum += value
 
     def snapshot(self) -> tuple[list[tuple[str, float]], float, int]:
         """Cumulative buckets as Prometheus wants them, the sum and the count."""
-        with self._lock:
-            counts, total = list(self._counts), self._sum
+        counts, total = list(self._counts), self._sum
         out, running = [], 0
         for bound, n in zip((*self.bounds, float("inf")), counts, strict=True):
             running += n
@@ -115,17 +115,6 @@ class ModelStats:
     def count(self, code: int) -> None:
         key = str(code)
         self.requests[key] = self.requests.get(key, 0) + 1
-
-
-@dataclass(eq=False)
-class _Flow:
-    """One request being proxied: when its upstream last sent something."""
-
-    last: float
-    target: Upstream
-    paused: bool = False
-    started: float = 0.0
-    post: bool = False  # generation requests are POSTs; the stall check counts only them
 
 
 class _Events:
@@ -191,7 +180,7 @@ class Gate:
         # the primary upstream's last sign of generating (a complete 2xx answer, or a byte of
         # one), and when (monotonic): the generation probe's evidence
         self.last_ok: tuple[Upstream, float] | None = None
-        self._flows: set[_Flow] = set()  # requests being proxied, for the stall detection
+        self._flows: set[_Exchange] = set()  # requests being proxied (the stall check)
         # per upstream port (monotonic): its last head or byte, and the first request sent
         # to it since then: silence is measured from the later of the two, so clients that
         # give up and retry are no progress
@@ -217,6 +206,7 @@ class Gate:
         # again at most every DEMAND_EVERY_S while requests come, which keeps the demand alive
         self._demanded = 0.0
         self.models: dict[str, ModelStats] = {}
+        self._hosts: dict[Upstream, bytes] = {}  # the Host line for each upstream
 
     # --- state (called on the gate loop) ------------------------------------------------------
 
@@ -411,6 +401,8 @@ class Gate:
                 self._idle.remove(entry)
 
     def _wake_idle(self) -> None:
+        if not self._idle:
+            return
         for predicate, fut in list(self._idle):
             if not fut.done() and predicate():
                 fut.set_result(None)
@@ -426,20 +418,70 @@ class Gate:
             return self.upstream
         return self.backup
 
+    def begin(self, req: Request, conn: ClientConnection,
+              model: str | None = None) -> Coroutine[Any, Any, bool] | None:
+        """Answer one request (`model`: the one the router found in it). The common case
+        (the whole body here, the gate open or a backup up, a free slot) goes on at once,
+        driven by callbacks (no task): None, and `conn.finished` is called at its end.
+        Anything that must wait (a cold start, the body, the queue) is the coroutine
+        returned, to run as a task: True at its end if the connection may serve another."""
+        admission = self.admission
+        if not req.body.complete or admission._queue or admission.inflight >= admission.limit:
+            return self.handle(req, conn, model)
+        target = self.upstream
+        if target is None or self.drains or self.on_demand or self.unloading or self.yielding:
+            cold = self._is_cold()  # (the plain case is above: open, always loaded)
+            if cold and self.backup is None:
+                return self.handle(req, conn, model)
+            target = self._target()
+            if target is None:
+                return self.handle(req, conn, model)
+            if cold:
+                self._ask(model)  # the backup serves meanwhile; the model loads
+        admission.inflight += 1
+        started = time.perf_counter()
+        self.active += 1
+        now = self.last_active = time.monotonic()
+        ex = _Exchange(self, req, conn, writer=ResponseWriter(conn, req), target=target,
+                       started=started, now=now, waited=0.0,
+                       stats=self._model_stats(model) if model is not None else None,
+                       fut=None)
+        conn.on_gone = ex
+        try:
+            ex.start()
+        except Exception:
+            ex._crash()
+        return None
+
+    def _model_stats(self, model: str | None) -> ModelStats | None:
+        if model is None:
+            return None
+        stats = self.models.get(model)
+        if stats is None:
+            stats = self.models[model] = ModelStats()
+        return stats
+
+    def _ended(self, code: int, started: float, stats: ModelStats | None) -> None:
+        """A request is out of the gate (answered, refused, or its client gone)."""
+        self.active -= 1
+        self.last_active = time.monotonic()
+        if not self.active and self.on_demand:
+            self._report()  # idle now: it may make room, its idle timer runs
+        self.stats.count(code)
+        if stats is not None:
+            stats.count(code)
+        self.stats.duration.observe(time.perf_counter() - started)
+
     async def handle(self, req: Request, conn: ClientConnection,
                      model: str | None = None) -> bool:
-        """Answer one request (`model`: the one the router found in it); True if the
-        connection may serve another."""
+        """Answer one request the slow way (see `begin`); True if the connection may serve
+        another."""
         started = time.perf_counter()
         writer = ResponseWriter(conn, req)
         code = 499
         self.active += 1
         self.last_active = time.monotonic()
-        stats = None
-        if model is not None:
-            stats = self.models.get(model)
-            if stats is None:
-                stats = self.models[model] = ModelStats()
+        stats = self._model_stats(model)
         try:
             code = await self._serve(req, conn, writer, started, stats=stats, model=model)
         except (ClientGone, asyncio.CancelledError):
@@ -462,14 +504,7 @@ class Gate:
                 writer.simple(exc.status, http1.error_body(exc.message, kind, exc.code))
             return False
         finally:
-            self.active -= 1
-            self.last_active = time.monotonic()
-            if not self.active and self.on_demand:
-                self._report()  # idle now: it may make room, its idle timer runs
-            self.stats.count(code)
-            if stats is not None:
-                stats.count(code)
-            self.stats.duration.observe(time.perf_counter() - started)
+            self._ended(code, started, stats)
         return writer.finished and writer.keep_alive
 
     async def _serve(self, req: Request, conn: ClientConnection, writer: ResponseWriter,
@@ -500,22 +535,31 @@ class Gate:
             break
         else:
             return self._reject(writer, 503, self.state)
-        try:
-            target = self._target()
-            if target is None:  # the state changed while this request waited
-                return self._reject(writer, 503, self.state)
-            self.by_upstream[target] = self.by_upstream.get(target, 0) + 1
-            try:
-                return await self._proxy(req, conn, writer, target, started, stats=stats)
-            finally:
-                left = self.by_upstream[target] - 1
-                if left:
-                    self.by_upstream[target] = left
-                else:
-                    del self.by_upstream[target]
-        finally:
+        target = self._target()
+        if target is None:  # the state changed while this request waited
             self.admission.release()
             self._wake_idle()
+            return self._reject(writer, 503, self.state)
+        # the exchange holds the slot from here, and gives it back at its end
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        ex = _Exchange(self, req, conn, writer=writer, target=target, started=started,
+                       now=time.monotonic(), waited=max(0.0, time.perf_counter() - started),
+                       stats=stats, fut=fut)
+        try:
+            if ex.held is not None:
+                ex.start()
+            else:
+                try:
+                    up = await self.pool.acquire(*target)
+                except UpstreamError as exc:
+                    ex.failed(exc)
+                else:
+                    ex.go(up)
+                    await ex.send_body()
+            return await fut
+        except BaseException:
+            ex.abandon()  # the client left, or its body failed: the exchange ends here
+            raise
 
     def _reject(self, writer: ResponseWriter, status: int, reason: str) -> int:
         self.stats.reject(reason)
@@ -541,21 +585,48 @@ class Gate:
 
     def _request_head(self, req: Request, conn: ClientConnection, target: Upstream,
                       length: int | None) -> bytes:
-        headers = http1.end_to_end(req.headers, _TO_UPSTREAM_DROP)
-        headers.insert(0, (b"Host", f"{target[0]}:{target[1]}".encode()))
+        host = self._hosts.get(target)
+        if host is None:
+            host = self._hosts[target] = b"Host: %s:%d" % (target[0].encode(), target[1])
+            if len(self._hosts) > 8:  # instances come and go: keep a few
+                self._hosts = {target: host}
+        lines = [req.method + b" " + req.target + b" HTTP/1.1", host]
+        prior = b""
+        for k, v in req.headers:
+            name = k.lower()
+            if name in _UP_DROP:
+                if name == b"x-forwarded-for":
+                    prior = prior + b", " + v if prior else v
+                elif name == b"connection":  # (rare) what it names is hop-by-hop too
+                    return self._request_head_named(req, conn, target, length)
+                continue
+            lines.append(k + b": " + v)
+        return self._head_end(req, conn, lines, prior, length)
+
+    def _request_head_named(self, req: Request, conn: ClientConnection, target: Upstream,
+                            length: int | None) -> bytes:
+        lines = [req.method + b" " + req.target + b" HTTP/1.1",
+                 b"Host: %s:%d" % (target[0].encode(), target[1])]
+        lines += [k + b": " + v for k, v in http1.end_to_end(req.headers, _TO_UPSTREAM_DROP)]
         prior = b", ".join(v for k, v in req.headers if k.lower() == b"x-forwarded-for")
+        return self._head_end(req, conn, lines, prior, length)
+
+    @staticmethod
+    def _head_end(req: Request, conn: ClientConnection, lines: list[bytes], prior: bytes,
+                  length: int | None) -> bytes:
         if conn.peer:
-            peer = conn.peer.encode()
-            headers.append((b"X-Forwarded-For", prior + b", " + peer if prior else peer))
+            peer = conn.peer_bytes
+            lines.append(b"X-Forwarded-For: " + (prior + b", " + peer if prior else peer))
         elif prior:
-            headers.append((b"X-Forwarded-For", prior))
+            lines.append(b"X-Forwarded-For: " + prior)
         if length is not None:
-            headers.append((b"Content-Length", b"%d" % length))
+            lines.append(b"Content-Length: %d" % length)
         elif req.chunked:
-            headers.append((b"Transfer-Encoding", b"chunked"))
+            lines.append(b"Transfer-Encoding: chunked")
         elif req.content_length is not None:
-            headers.append((b"Content-Length", b"%d" % req.content_length))
-        return http1.encode_head(req.method + b" " + req.target + b" HTTP/1.1", headers)
+            lines.append(b"Content-Length: %d" % req.content_length)
+        lines.append(b"\r\n")
+        return b"\r\n".join(lines)
 
     async def _send_body(self, req: Request, up: UpstreamConnection) -> None:
         """Stream a body that did not fit the buffer: as the client sends it."""
@@ -566,122 +637,6 @@ class Gate:
             data = await req.body.read(timeout)
         if req.chunked:
             await up.send(http1.LAST_CHUNK)
-
-    async def _proxy(self, req: Request, conn: ClientConnection, writer: ResponseWriter,
-                     target: Upstream, started: float, *,
-                     stats: ModelStats | None = None) -> int:
-        held: bytes | None = None
-        if req.body.complete:  # the whole body is here: sent with its length, retryable
-            held = req.body.take()
-        length = len(held) if held is not None and (
-            req.chunked or req.content_length is not None) else None
-        head_request = req.method == b"HEAD"
-        up: UpstreamConnection | None = None
-        perf_at_start = time.perf_counter()
-        flow = _Flow(time.monotonic(), target, post=req.method == b"POST")
-        flow.started = flow.last
-        port = target[1]
-        if flow.post and self._asked.get(port, 0.0) <= self._heard.get(port, 0.0):
-            self._asked[port] = flow.started  # the first request since it last answered
-        self._flows.add(flow)
-        try:
-            for attempt in (0, 1):
-                up = await self.pool.acquire(*target, fresh=attempt > 0)
-                head_fut = up.request(self._request_head(req, conn, target, length),
-                                      head_request=head_request, body=held)
-                try:
-                    if held is None:
-                        await self._send_body(req, up)
-                    head = await head_fut
-                    break
-                except UpstreamError:
-                    # a kept-alive connection the server had just closed: once more, anew
-                    retry = up.reused and not up.got_bytes and held is not None and attempt == 0
-                    up.close()
-                    up = None
-                    if not retry:
-                        raise
-            assert up is not None
-            if head_request or head.framing == "none":
-                cl = http1.header(head.headers, b"content-length") \
-                    if head_request and head.status != 204 else None  # never on a 204
-                writer.start(head.status, head.reason,
-                             http1.end_to_end(head.headers, _TO_CLIENT_DROP),
-                             int(cl) if cl is not None and cl.isdigit() else None,
-                             body_allowed=False, hold=True)
-            else:
-                # held: it goes out with the body bytes already read (one write), or alone
-                # right after start_body below
-                writer.start(head.status, head.reason,
-                             http1.end_to_end(head.headers, _TO_CLIENT_DROP),
-                             head.length if head.framing == "length" else None, hold=True)
-            self.stats.ttfb.observe(time.perf_counter() - started)
-            stream = up
-            flow.last = time.monotonic()  # the head came
-            if flow.post:  # a GET answered says nothing of the engine's slots
-                self._heard[target[1]] = flow.last
-
-            def writable(ok: bool) -> None:
-                # a client that does not read pauses the server: that is no stall
-                flow.paused = not ok
-                flow.last = time.monotonic()
-                if ok:
-                    stream.resume()
-                else:
-                    stream.pause()
-
-            conn.on_writable = writable
-            # generation is a POST answered 2xx (a GET of /health or /v1/models through the
-            # gate says nothing of the engine's slots)
-            generating = 200 <= head.status < 300 and target == self.upstream \
-                and req.method == b"POST"
-
-            sse = _Events() if writer.event_stream and generating else None
-
-            def sink(data: bytes, _write: Callable[[bytes], None] = writer.write) -> None:
-                flow.last = now = time.monotonic()
-                if flow.post:
-                    self._heard[target[1]] = now
-                if generating:
-                    self.last_ok = (target, now)  # it generates: bytes flow
-                    if sse is not None:
-                        sse.feed(data, now)
-                _write(data)
-
-            done = up.start_body(sink)
-            writer.flush()  # (no body bytes yet: the head goes alone, now)
-            if conn.writing_paused:
-                flow.paused = True
-                up.pause()
-            await done
-            up = None  # complete: the connection went back to the pool (or closed)
-            writer.finish()
-            if sse is not None and sse.first is not None:
-                self.stats.ttft.observe(sse.first - flow.started)
-                if stats is not None:  # from the request's arrival: a cold start's load counts
-                    stats.ttft.observe(sse.first - flow.started
-                                       + max(0.0, perf_at_start - started))
-                if sse.count >= 2 and sse.last > sse.first:
-                    self.stats.event_rate.observe((sse.count - 1) / (sse.last - sse.first))
-            if generating:
-                # read by the generation probe on the daemon's loop: one tuple, one store
-                self.last_ok = (target, time.monotonic())
-            return head.status
-        except UpstreamError as exc:
-            if writer.started:
-                self._cut(conn, writer, exc)
-                return 502
-            return self._bad_gateway(writer, target, exc)
-        finally:
-            self._flows.discard(flow)
-            if len(self._asked) > 8:  # instances come and go (swaps): keep the live ones
-                live = {t[1] for t in (self.upstream, self.backup) if t is not None}
-                live |= {f.target[1] for f in self._flows}
-                for gone in [p for p in self._asked if p not in live]:
-                    self._asked.pop(gone, None)
-                    self._heard.pop(gone, None)
-            if up is not None:  # mid-request: the server must see the end of it
-                up.close()
 
     def stalled_for(self, port: int) -> float | None:
         """With requests in flight to the upstream on `port`: how long it has sent nothing
@@ -726,3 +681,294 @@ class Gate:
             # it before that request is even read
             return
         conn.abort()
+
+
+def _client_lines(headers: http1.Headers) -> tuple[list[bytes], bytes]:
+    """A response's header lines as passed on to the client, and its Content-Type."""
+    lines = []
+    ctype = b""
+    for k, v in headers:  # (one pass: this is every response's path)
+        name = k.lower()
+        if name in _DOWN_DROP:
+            if name == b"connection":  # (rare) what it names is hop-by-hop too
+                ctype = http1.header(headers, b"content-type") or b""
+                return [k + b": " + v for k, v in http1.end_to_end(
+                    headers, _TO_CLIENT_DROP)], ctype
+            continue
+        if name == b"content-type":
+            ctype = v
+        lines.append(k + b": " + v)
+    return lines, ctype
+
+
+class _Exchange:
+    """One admitted request proxied to one upstream, from the request head sent to the last
+    byte of the answer, driven by the upstream connection's callbacks (`Receiver`): no task,
+    no future per step. It holds the request's admission slot and gives it back at its end.
+
+    Begun by `Gate.begin` (`fut` None: at its end the gate's count is closed and the client's
+    connection told, `conn.finished`), or by the slow path (`Gate._serve`, which waits on
+    `fut` for the status and closes the count itself)."""
+
+    # what most exchanges never change (class defaults: fewer stores per request)
+    up: UpstreamConnection | None = None
+    attempt = 0
+    sending = False  # the slow path streams the body: a head that comes waits
+    head: ResponseHead | None = None
+    error: UpstreamError | None = None
+    connecting: asyncio.Task[None] | None = None
+    done = False
+    paused = False  # the client does not read: the upstream waits (no stall)
+    status = 502
+    generating = False
+    sse: _Events | None = None
+
+    def __init__(self, gate: Gate, req: Request, conn: ClientConnection, *,
+                 writer: ResponseWriter, target: Upstream, started: float, now: float,
+                 waited: float, stats: ModelStats | None,
+                 fut: asyncio.Future[int] | None) -> None:
+        self.gate = gate
+        self.req = req
+        self.conn = conn
+        self.writer = writer
+        self.target = target
+        self.started = started  # (perf_counter) the request's arrival at the gate
+        self.stats = stats
+        self.fut = fut
+        body = req.body
+        held = self.held = body.take() if body.complete else None
+        # the whole body here: sent with its length (retryable)
+        self.length = len(held) if held is not None and (
+            req.chunked or req.content_length is not None) else None
+        method = req.method
+        self.head_request = method == b"HEAD"
+        self.post = post = method == b"POST"  # generation requests: the stall check counts these
+        self.started_at = now  # (monotonic) when it was admitted
+        self.waited = waited  # from its arrival until then
+        port = target[1]
+        if post and gate._asked.get(port, 0.0) <= gate._heard.get(port, 0.0):
+            gate._asked[port] = now  # the first request since it last answered
+        gate._flows.add(self)
+        by = gate.by_upstream
+        by[target] = by.get(target, 0) + 1
+
+    # --- the request ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Send the request (its whole body held) on an idle connection, or a new one."""
+        up = self.gate.pool.take(*self.target)
+        if up is None:
+            self._connect(fresh=False)
+        else:
+            self.go(up)
+
+    def go(self, up: UpstreamConnection) -> None:
+        self.up = up
+        gate = self.gate
+        up.request(gate._request_head(self.req, self.conn, self.target, self.length), self,
+                   head_request=self.head_request, body=self.held)
+
+    def _connect(self, fresh: bool) -> None:
+        self.connecting = asyncio.get_running_loop().create_task(self._connecting(fresh))
+
+    async def _connecting(self, fresh: bool) -> None:
+        try:
+            up = await self.gate.pool.acquire(*self.target, fresh=fresh)
+        except UpstreamError as exc:
+            self.connecting = None
+            self.failed(exc)
+            return
+        self.connecting = None
+        if self.done:
+            up.close()
+            return
+        try:
+            self.go(up)
+        except Exception:
+            self._crash()
+
+    async def send_body(self) -> None:
+        """The slow path: stream a body that did not fit the buffer, as the client sends it
+        (the client's errors out: the caller abandons the exchange)."""
+        up = self.up
+        assert up is not None
+        self.sending = True
+        try:
+            await self.gate._send_body(self.req, up)
+        except UpstreamError as exc:
+            self.sending = False
+            self.failed(self.error or exc)
+            return
+        finally:
+            self.sending = False
+        if self.error is not None:
+            self.failed(self.error)
+        elif self.head is not None:
+            self._respond(self.head)
+        # else the head comes later (on_head)
+
+    # --- the upstream's answer (Receiver) --------------------------------------------------
+
+    def on_head(self, head: ResponseHead) -> None:
+        if self.sending:
+            self.head = head  # answered before its body was sent: after it
+            return
+        try:
+            self._respond(head)
+        except Exception:
+            self._crash()
+
+    def _respond(self, head: ResponseHead) -> None:
+        gate, writer, up, target = self.gate, self.writer, self.up, self.target
+        assert up is not None
+        lines, ctype = _client_lines(head.headers)
+        if self.head_request or head.framing == "none":
+            cl = http1.header(head.headers, b"content-length") \
+                if self.head_request and head.status != 204 else None  # never on a 204
+            writer.start_lines(head.status, head.reason, lines, ctype,
+                               int(cl) if cl is not None and cl.isdigit() else None,
+                               body_allowed=False, hold=True)
+        else:
+            # held: it goes out with the body bytes already read (one write), or alone
+            # right after start_body below
+            writer.start_lines(head.status, head.reason, lines, ctype,
+                               head.length if head.framing == "length" else None, hold=True)
+        gate.stats.ttfb.observe(time.perf_counter() - self.started)
+        self.status = head.status
+        if self.post:  # a GET answered says nothing of the engine's slots
+            gate._heard[target[1]] = time.monotonic()
+        self.conn.on_writable = self._writable
+        # generation is a POST answered 2xx (a GET of /health or /v1/models through the gate
+        # says nothing of the engine's slots)
+        self.generating = 200 <= head.status < 300 and target == gate.upstream and self.post
+        if self.generating and writer.event_stream:
+            self.sse = _Events()
+        up.start_body(self._sink if self.post else writer.write)  # (may end it, now)
+        if not self.done:
+            writer.flush()  # (no body bytes yet: the head goes alone, now)
+            if self.conn.writing_paused:
+                self.paused = True
+                up.pause()
+
+    def _sink(self, data: bytes) -> None:
+        now = time.monotonic()
+        self.gate._heard[self.target[1]] = now
+        if self.generating:
+            self.gate.last_ok = (self.target, now)  # it generates: bytes flow
+            if self.sse is not None:
+                self.sse.feed(data, now)
+        self.writer.write(data)
+
+    def _writable(self, ok: bool) -> None:
+        # a client that does not read pauses the server: that is no stall
+        self.paused = not ok
+        up = self.up
+        if up is not None:
+            if ok:
+                up.resume()
+            else:
+                up.pause()
+
+    def on_end(self) -> None:
+        self.up = None  # back in the pool, or closed
+        try:
+            self.writer.finish()
+            gate, sse = self.gate, self.sse
+            if sse is not None and sse.first is not None:
+                gate.stats.ttft.observe(sse.first - self.started_at)
+                if self.stats is not None:  # from the request's arrival: a cold start counts
+                    self.stats.ttft.observe(sse.first - self.started_at + self.waited)
+                if sse.count >= 2 and sse.last > sse.first:
+                    gate.stats.event_rate.observe((sse.count - 1) / (sse.last - sse.first))
+            if self.generating:
+                # read by the generation probe on the daemon's loop: one tuple, one store
+                gate.last_ok = (self.target, time.monotonic())
+        except Exception:
+            self._crash()
+            return
+        self._end(self.status)
+
+    def on_error(self, exc: UpstreamError) -> None:
+        if self.sending:
+            self.error = exc  # the sender stops at its next write, and says so
+            return
+        try:
+            self.failed(exc)
+        except Exception:
+            self._crash()
+
+    def failed(self, exc: UpstreamError) -> None:
+        """The upstream failed: a request whose answer has begun is cut; one not yet
+        answered is tried once more on a new connection if a kept-alive one turned out
+        closed before answering anything; else 502."""
+        up, self.up = self.up, None
+        gate, writer = self.gate, self.writer
+        if up is not None:
+            up.close()
+        if self.done:
+            return
+        if writer.started:
+            gate._cut(self.conn, writer, exc)
+            self._end(502)
+            return
+        if up is not None and up.reused and not up.got_bytes and self.held is not None \
+                and self.attempt == 0:
+            # a kept-alive connection the server had just closed: once more, anew
+            self.attempt = 1
+            self._connect(fresh=True)
+            return
+        self._end(gate._bad_gateway(writer, self.target, exc))
+
+    # --- the end ---------------------------------------------------------------------------
+
+    def client_gone(self) -> None:
+        """The client left (its connection is lost): the upstream is dropped, the slot
+        freed."""
+        self.abandon()
+
+    def abandon(self) -> None:
+        """The request ends here without its answer (the client left; its body failed)."""
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        self._end(499)
+
+    def _crash(self) -> None:
+        """A bug of ours on the way: logged, the client's connection dropped."""
+        self.gate.limiter.exception("handler", "%s gate: internal error handling a request",
+                                    self.gate.name)
+        if not self.done:
+            self.conn.abort()
+            self._end(500)
+
+    def _end(self, code: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        gate = self.gate
+        up, self.up = self.up, None
+        if up is not None:  # mid-request: the server must see the end of it
+            up.close()
+        gate._flows.discard(self)
+        if len(gate._asked) > 8:  # instances come and go (swaps): keep the live ones
+            live = {t[1] for t in (gate.upstream, gate.backup) if t is not None}
+            live |= {f.target[1] for f in gate._flows}
+            for gone in [p for p in gate._asked if p not in live]:
+                gate._asked.pop(gone, None)
+                gate._heard.pop(gone, None)
+        target = self.target
+        left = gate.by_upstream[target] - 1
+        if left:
+            gate.by_upstream[target] = left
+        else:
+            del gate.by_upstream[target]
+        gate.admission.release()
+        gate._wake_idle()
+        fut = self.fut
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(code)
+            return
+        gate._ended(code, self.started, self.stats)
+        writer = self.writer
+        self.conn.finished(writer.finished and writer.keep_alive)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
 from .. import http1
@@ -317,6 +318,43 @@ class Router:
 
     # --- a request ------------------------------------------------------------------------
 
+    def begin(self, req: Request, conn: ClientConnection
+              ) -> Coroutine[Any, Any, bool] | None:
+        """A small body that came whole (the common case) is routed at once, and the gate
+        goes on by callbacks where it can; anything else is the coroutine `handle`."""
+        body = req.body
+        if req.method != b"POST" or not body.complete or not 0 < body.buffered <= SMALL_BODY:
+            return self.handle(req, conn)
+        held = body.take()
+        try:
+            model = model_of_small(held)
+        except BodyRefused as exc:
+            keep = self._own(ResponseWriter(conn, req), exc.status, exc.code, exc.message)
+            conn.finished(keep)
+            return None
+        gate = self._gate_of(model)
+        if gate is None:
+            conn.finished(self._no_gate(ResponseWriter(conn, req), model))
+            return None
+        body.unread(held)
+        return gate.begin(req, conn, model)
+
+    def _gate_of(self, model: str) -> Gate | None:
+        service = self.routes.get(model)
+        return self.gates.get(service) if service is not None else None
+
+    def _no_gate(self, writer: ResponseWriter, model: str) -> bool:
+        service = self.routes.get(model)
+        if service is None:
+            known = ", ".join(sorted(self.routes)) or "none"
+            shown = model if len(model) <= 80 else model[:80] + "..."
+            return self._own(writer, 404, "model_not_found",
+                             f"the model {json.dumps(shown)} does not exist; known "
+                             f"models: {known}")
+        return self._own(writer, 503, "service_unavailable",
+                         f"{service} (serving {model}) is being removed; retry shortly",
+                         [(b"Retry-After", b"5")])
+
     async def handle(self, req: Request, conn: ClientConnection) -> bool:
         if req.method != b"POST":
             writer = ResponseWriter(conn, req)
@@ -344,19 +382,9 @@ class Router:
         except ClientGone:
             self.count(499)
             return False
-        service = self.routes.get(model)
-        gate = self.gates.get(service) if service is not None else None
+        gate = self._gate_of(model)
         if gate is None:
-            writer = ResponseWriter(conn, req)
-            if service is None:
-                known = ", ".join(sorted(self.routes)) or "none"
-                shown = model if len(model) <= 80 else model[:80] + "..."
-                return self._own(writer, 404, "model_not_found",
-                                 f"the model {json.dumps(shown)} does not exist; known "
-                                 f"models: {known}")
-            return self._own(writer, 503, "service_unavailable",
-                             f"{service} (serving {model}) is being removed; retry shortly",
-                             [(b"Retry-After", b"5")])
+            return self._no_gate(ResponseWriter(conn, req), model)
         req.body.unread(held)
         return await gate.handle(req, conn, model)
 

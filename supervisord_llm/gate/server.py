@@ -27,9 +27,9 @@ import errno
 import logging
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Final, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import httptools
 
@@ -90,6 +90,12 @@ class Limits(Protocol):
     def max_connections(self) -> int: ...
 
 
+class Gone(Protocol):
+    """A request answered by callbacks, told if its client leaves before the answer ends."""
+
+    def client_gone(self) -> None: ...
+
+
 class Handler(Protocol):
     """What a connection hands each request to (a gate; the metrics endpoint)."""
 
@@ -99,7 +105,12 @@ class Handler(Protocol):
     @property
     def cfg(self) -> Limits: ...
 
-    def handle(self, req: Request, conn: ClientConnection) -> Awaitable[bool]: ...
+    def begin(self, req: Request, conn: ClientConnection
+              ) -> Coroutine[Any, Any, bool] | None:
+        """Answer `req`: None when answered by callbacks (the handler calls
+        `conn.finished(keep)` at its end, and sets `conn.on_gone` to hear of the client
+        leaving), else the coroutine that answers it (run as a task; True if the connection
+        may serve another request)."""
 
     def count(self, code: int) -> None: ...
 
@@ -110,15 +121,16 @@ class RequestBody:
     `check`, when set, sees every chunk as it arrives, before anyone can take it; a
     BodyRefused from it fails the body (the router's scan for a second `model`)."""
 
+    buffered = 0
+    received = 0
+    _error: BaseException | None = None
+    _waiter: asyncio.Future[None] | None = None
+    check: Callable[[bytes], None] | None = None
+
     def __init__(self, conn: ClientConnection, expected: bool) -> None:
         self._conn = conn
         self._chunks: deque[bytes] = deque()
-        self.buffered = 0
-        self.received = 0
         self.complete = not expected
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self.check: Callable[[bytes], None] | None = None
 
     def feed(self, data: bytes) -> None:
         if self._error is not None:
@@ -224,44 +236,54 @@ class ResponseWriter:
     """Writes one response to the client: the head, then the body framed for this client
     (Content-Length, chunked for HTTP/1.1, or close-delimited for HTTP/1.0)."""
 
+    status = 0
+    started = False
+    finished = False
+    chunked = False
+    sent_body = b""  # the last bytes sent, to know where an SSE event ends
+    event_stream = False
+    _held: bytes | None = None  # the head, sent with the first body bytes
+
     def __init__(self, conn: ClientConnection, req: Request) -> None:
         self.conn = conn
         self.req = req
-        self.status = 0
-        self.started = False
-        self.finished = False
-        self.chunked = False
         self.keep_alive = req.keep_alive
         self.no_body = req.method == b"HEAD"
-        self.sent_body = b""  # the last bytes sent, to know where an SSE event ends
-        self.event_stream = False
-        self._held: bytes | None = None  # the head, sent with the first body bytes
 
     def start(self, status: int, reason: bytes, headers: http1.Headers,
               length: int | None, *, body_allowed: bool = True, hold: bool = False) -> None:
         """The response head; `hold`: kept until the first body bytes, `finish` or `flush`,
         to go out in one write with them (one system call for a small response)."""
+        ctype = http1.header(headers, b"content-type") or b""
+        self.start_lines(status, reason, [k + b": " + v for k, v in headers], ctype, length,
+                         body_allowed=body_allowed, hold=hold)
+
+    def start_lines(self, status: int, reason: bytes, lines: list[bytes], ctype: bytes,
+                    length: int | None, *, body_allowed: bool = True,
+                    hold: bool = False) -> None:
+        """`start` with the header lines made (`Name: value`; `lines` is taken) and the
+        Content-Type found."""
         self.status = status
-        out = list(headers)
+        lines.insert(0, b"HTTP/1.1 %d %s" % (status, reason or b""))
         if not self.req.body.complete:
             self.keep_alive = False  # answered before the whole body came: it ends here
         if not body_allowed:
             self.no_body = True
             if length is not None:
-                out.append((b"Content-Length", b"%d" % length))
+                lines.append(b"Content-Length: %d" % length)
         elif length is not None:
-            out.append((b"Content-Length", b"%d" % length))
+            lines.append(b"Content-Length: %d" % length)
         elif self.req.version == "1.1":
             self.chunked = True
-            out.append((b"Transfer-Encoding", b"chunked"))
+            lines.append(b"Transfer-Encoding: chunked")
         else:
             self.keep_alive = False  # an HTTP/1.0 client reads the body up to the close
         if not self.keep_alive:
-            out.append((b"Connection", b"close"))
-        ctype = http1.header(headers, b"content-type") or b""
-        self.event_stream = ctype.lower().startswith(b"text/event-stream")
+            lines.append(b"Connection: close")
+        self.event_stream = ctype[:17].lower() == b"text/event-stream"
         self.started = True
-        head = http1.encode_head(b"HTTP/1.1 %d %s" % (status, reason or b""), out)
+        lines.append(b"\r\n")
+        head = b"\r\n".join(lines)
         if hold:
             self._held = head
         else:
@@ -310,16 +332,22 @@ class ClientConnection(asyncio.Protocol):
         self.handler = listener.handler
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
+        self.peer_bytes = b""
         self._parser = httptools.HttpRequestParser(self)
         self._limit = http1.HeadLimit()
-        self._in_head = False
+        self.in_head = False
         self._url = b""
         self._headers: http1.Headers = []
         self._parsing: Request | None = None  # the request whose body is arriving
         self._active: Request | None = None
         self._pipeline: deque[Request] = deque()
         self._paused: set[str] = set()
+        self._loop = asyncio.get_running_loop()
+        # the header timeout: a timer runs while a head is awaited; a request that begins
+        # only clears the deadline, and the timer, when it fires, re-arms for a later one
+        # (no timer call per request on a busy keep-alive connection)
         self._timer: asyncio.TimerHandle | None = None
+        self._head_deadline: float | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._send_mark = 0
         self._eof = False
@@ -330,6 +358,9 @@ class ClientConnection(asyncio.Protocol):
         self._priming = False  # a made-up head that puts a new parser inside a body
         self.gone = False
         self._task: asyncio.Task[None] | None = None
+        self._begin: Request | None = None  # its head came: begun once the read is parsed
+        # set by a handler answering by callbacks: told if the client leaves first
+        self.on_gone: Gone | None = None
         # set by the proxy while an upstream response streams to this client
         self.on_writable: Callable[[bool], None] | None = None
         self.writing_paused = False
@@ -350,6 +381,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer = str(peer[0])
+            self.peer_bytes = self.peer.encode()
         self.listener.opened(self)
         self._arm_header_timer()
 
@@ -364,6 +396,9 @@ class ClientConnection(asyncio.Protocol):
         self._pipeline.clear()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the handler sees CancelledError: slot freed, upstream closed
+        gone_hook, self.on_gone = self.on_gone, None
+        if gone_hook is not None:
+            gone_hook.client_gone()  # the same, for a request answered by callbacks
         self.listener.closed(self)
 
     def eof_received(self) -> bool:
@@ -375,18 +410,31 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
-        while data and not (self._closing or self._halted):
-            try:
-                http1.feed(self._parser, data, self._limit, lambda: self._in_head)
-                return
-            except http1.Upgrade as exc:
-                data = data[exc.offset:]  # the rest is HTTP/1.1 still: the body, if any, first
-                self._not_upgraded()
-            except _Stop:
-                return
-            except http1.ParseError as exc:
-                self._refuse(exc.status, str(exc))
-                return
+        try:
+            while data and not (self._closing or self._halted):
+                try:
+                    was_in_head = self.in_head
+                    try:
+                        self._parser.feed_data(data)
+                    except http1.LLHTTP_ERRORS as exc:
+                        raise http1.feed_error(exc, data) from None
+                    if was_in_head and self.in_head:
+                        self._limit.fed(len(data))  # a head that spans reads
+                    return
+                except http1.Upgrade as exc:
+                    data = data[exc.offset:]  # the rest is HTTP/1.1 still: the body first
+                    self._not_upgraded()
+                except _Stop:
+                    return
+                except http1.ParseError as exc:
+                    self._refuse(exc.status, str(exc))
+                    return
+        finally:
+            # a request whose head came in this read begins now, outside llhttp's callbacks,
+            # with as much of its body as the read held (often all of it: no wait for it)
+            req, self._begin = self._begin, None
+            if req is not None and not self.gone:
+                self._start(req)
 
     def _not_upgraded(self) -> None:
         """llhttp stopped after the head of a request asking for a protocol upgrade, and skipped
@@ -425,10 +473,11 @@ class ClientConnection(asyncio.Protocol):
         if self._priming:
             return
         self._requests += 1
-        self._in_head = True
+        self.in_head = True
         self._url = b""
         self._headers = []
-        self._limit.reset()
+        limit = self._limit
+        limit.size = limit.parsed = limit.count = 0
 
     def on_url(self, url: bytes) -> None:
         if self._priming:
@@ -437,23 +486,35 @@ class ClientConnection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:  # trailers of a chunked body are dropped here
-            self._limit.header(name, value)
+        if self.in_head:  # trailers of a chunked body are dropped here
+            limit = self._limit
+            limit.count += 1
+            limit.parsed += len(name) + len(value) + 4
+            if limit.count > http1.MAX_HEADERS or limit.parsed > http1.MAX_HEAD:
+                limit.refuse()
             self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self._priming:
             return  # the made-up head: the body that follows is the upgrading request's
-        self._in_head = False
+        self.in_head = False
         p = self._parser
         if p.should_upgrade() and p.get_method() == b"CONNECT":
             raise http1.ParseError("CONNECT is not supported", 501)
         headers = self._headers
-        chunked = http1.is_chunked(headers)
-        cl = http1.header(headers, b"content-length")
+        chunked = expect = False
+        cl = None
+        for k, v in headers:  # (one pass: this is every request's path)
+            name = k.lower()
+            if name == b"content-length":
+                if cl is None:
+                    cl = v
+            elif name == b"transfer-encoding":
+                chunked = chunked or v.lower().rstrip().endswith(b"chunked")
+            elif name == b"expect":
+                expect = expect or v.lower() == b"100-continue"
         length = int(cl) if cl is not None and not chunked else None
         body = RequestBody(self, expected=chunked or bool(length))
-        expect = (http1.header(headers, b"expect") or b"").lower() == b"100-continue"
         req = Request(p.get_method(), self._url, p.get_http_version(), headers,
                       p.should_keep_alive(), body, chunked, length, expect)
         if self._active is not None and len(self._pipeline) >= PIPELINE_MAX:
@@ -464,7 +525,8 @@ class ClientConnection(asyncio.Protocol):
         self._parsing = req
         if self._active is None:
             self._cancel_header_timer()
-            self._start(req)
+            self._active = req
+            self._begin = req  # begun once this read is parsed (data_received)
         else:
             # pipelined: runs after the current one. Reading goes on (bounded), so that a
             # client that leaves is seen: a paused socket would not tell us.
@@ -486,23 +548,39 @@ class ClientConnection(asyncio.Protocol):
 
     def _start(self, req: Request) -> None:
         self._active = req
-        task = asyncio.get_running_loop().create_task(self._run(req))
+        try:
+            coro = self.handler.begin(req, self)
+        except Exception:
+            self.handler.limiter.exception(
+                "handler", "%s gate: internal error handling a request", self.handler.name)
+            self.abort()
+            return
+        if coro is None:
+            return  # answered by callbacks: `finished` follows
+        task = self._loop.create_task(self._run(coro))
         self._task = task
         self.listener.tasks.add(task)
         task.add_done_callback(self.listener.tasks.discard)
 
-    async def _run(self, req: Request) -> None:
+    async def _run(self, coro: Coroutine[Any, Any, bool]) -> None:
         keep = False
         try:
-            keep = await self.handler.handle(req, self)
+            keep = await coro
         except Exception:
             self.handler.limiter.exception(
                 "handler", "%s gate: internal error handling a request", self.handler.name)
-        finally:
-            self.on_writable = None
-        self._active = None
         self._task = None
-        if self.gone:
+        self.finished(keep)
+
+    def finished(self, keep: bool) -> None:
+        """The request being answered has its answer (`keep`: the connection may serve
+        another): the next one pipelined begins, or the connection waits for one, or
+        closes."""
+        req = self._active
+        self.on_writable = None
+        self.on_gone = None
+        self._active = None
+        if self.gone or req is None:
             return
         if not keep or not req.keep_alive or not req.body.complete or self._eof \
                 or self._closing or self._close_after:
@@ -599,7 +677,7 @@ class ClientConnection(asyncio.Protocol):
         read yet, gets FRESH_GRACE_S for it: it is answered, not cut (the listening socket
         lives on in a front that takes over, and the client did nothing wrong)."""
         if self._active is None and not self._closing and self.transport is not None \
-                and (self._requests == 0 or self._in_head):
+                and (self._requests == 0 or self.in_head):
             self._close_after = True
             self._fresh_timer = asyncio.get_running_loop().call_later(
                 FRESH_GRACE_S, self._fresh_expired)
@@ -638,20 +716,23 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _arm_header_timer(self) -> None:
-        self._cancel_header_timer()
-        self._timer = asyncio.get_running_loop().call_later(
-            self.handler.cfg.header_timeout_s, self._header_timeout)
+        loop = self._loop
+        deadline = self._head_deadline = loop.time() + self.handler.cfg.header_timeout_s
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._header_timeout)
 
     def _cancel_header_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._head_deadline = None
 
     def _header_timeout(self) -> None:
         self._timer = None
-        if self._active is not None:
+        deadline = self._head_deadline
+        if deadline is None or self._active is not None:
             return
-        if self._in_head:  # a request had begun: tell the client why
+        if self._loop.time() < deadline:  # a request came and went since: a later deadline
+            self._timer = self._loop.call_at(deadline, self._header_timeout)
+            return
+        if self.in_head:  # a request had begun: tell the client why
             self.handler.limiter.info("header_timeout", "%s gate: %s did not send a request "
                                       "head within %g s; closing", self.handler.name,
                                       self.peer or "?", self.handler.cfg.header_timeout_s)
@@ -685,7 +766,10 @@ class ClientConnection(asyncio.Protocol):
         self.abort()
 
     def _cancel_timers(self) -> None:
-        self._cancel_header_timer()
+        self._head_deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._fresh_timer is not None:
             self._fresh_timer.cancel()
             self._fresh_timer = None
