@@ -282,7 +282,10 @@ class ResponseParser:
         self._headers = []
 
     def on_status(self, reason: bytes) -> None:
-        self._limit.part(len(reason))
+        limit = self._limit
+        limit.parsed += len(reason)
+        if limit.parsed > MAX_HEAD:
+            limit.refuse()
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:

@@ -969,3 +969,51 @@ def _reader_of(data: bytes) -> asyncio.StreamReader:
     reader.feed_data(data)
     reader.feed_eof()
     return reader
+
+
+async def test_the_header_timeout_counts_from_the_last_answer(
+        gate_env: Callable[..., Awaitable[Env]]) -> None:
+    """A keep-alive connection busy for longer than header_timeout_s is not cut; once idle,
+    it is closed header_timeout_s after its last answer, not before."""
+    async with RawBackend(ok_backend) as backend:
+        env = await gate_env(backend.port, header_timeout_s=0.6)
+        reader, writer = await connect(env.port)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:  # busy for 2.5 timeouts, one request at a time
+            writer.write(b"GET /x HTTP/1.1\r\nHost: g\r\n\r\n")
+            head = await asyncio.wait_for(read_head(reader), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            await reader.readexactly(2)
+            last = time.monotonic()
+            await asyncio.sleep(0.1)
+        closed = asyncio.ensure_future(reader.read())
+        await asyncio.sleep(0.3)  # half the timeout after the last answer: still open
+        assert not closed.done()
+        assert await asyncio.wait_for(closed, 10) == b""  # then closed, silently
+        assert time.monotonic() - last >= 0.55
+        writer.close()
+
+
+async def test_a_kept_connection_closed_at_the_next_request_is_retried_anew(
+        gate_env: Callable[..., Awaitable[Env]]) -> None:
+    """The server closes a kept-alive connection as the next request arrives on it, before
+    answering anything: the gate sends the request again on a new connection (once)."""
+    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_head(reader)  # the next request on it: dropped unanswered
+
+    async with RawBackend(once) as backend:
+        env = await gate_env(backend.port)
+        reader, writer = await connect(env.port)
+        for _ in range(3):
+            writer.write(b"POST /x HTTP/1.1\r\nHost: g\r\nContent-Length: 2\r\n\r\n{}")
+            head = await asyncio.wait_for(read_head(reader), 5)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            await reader.readexactly(2)
+        assert backend.connections == 3
+        await async_wait_until(lambda: env.gate.inflight == 0
+                               and env.gate.stats.requests == {"200": 3}, 5,
+                               what="three answered, slots freed")
+        writer.close()

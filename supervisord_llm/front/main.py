@@ -321,8 +321,10 @@ class Front:
         self._send({"op": "ask", "name": name, "model": model})
 
     def _waiting(self, name: str, count: int) -> None:
+        # the gates' state first: the daemon decides on `waiting` (an idle gate may be
+        # stopped, its idle clock runs) with what it knows of them, which must be now's
+        self._push()
         self._send({"op": "waiting", "name": name, "count": count})
-        self.push_soon()
 
     # --- gates --------------------------------------------------------------------------------
 

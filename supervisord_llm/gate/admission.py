@@ -78,7 +78,8 @@ class Admission:
 
     def release(self) -> None:
         self.inflight -= 1
-        self._hand_out()
+        if self._queue:
+            self._hand_out()
 
     def reject_waiting(self, reason: str) -> None:
         """Everyone in the queue re-decides now (the gate closed: backup, or 503)."""

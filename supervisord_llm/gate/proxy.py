@@ -61,6 +61,7 @@ _DOWN_DROP: Final = http1.HOP_BY_HOP | _TO_CLIENT_DROP
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 Upstream = tuple[str, int]
+_CODE_KEYS: Final = {code: str(code) for code in range(100, 600)}
 
 
 class Histogram:
@@ -98,7 +99,7 @@ class GateStats:
     event_rate: Histogram = field(default_factory=lambda: Histogram(RATE_BUCKETS))
 
     def count(self, code: int) -> None:
-        key = str(code)
+        key = _CODE_KEYS.get(code) or str(code)
         self.requests[key] = self.requests.get(key, 0) + 1
 
     def reject(self, reason: str) -> None:
@@ -837,7 +838,7 @@ class _Exchange:
         self.status = head.status
         if self.post:  # a GET answered says nothing of the engine's slots
             gate._heard[target[1]] = time.monotonic()
-        self.conn.on_writable = self._writable
+        self.conn.on_writable = self
         # generation is a POST answered 2xx (a GET of /health or /v1/models through the gate
         # says nothing of the engine's slots)
         self.generating = 200 <= head.status < 300 and target == gate.upstream and self.post
@@ -859,7 +860,7 @@ class _Exchange:
                 self.sse.feed(data, now)
         self.writer.write(data)
 
-    def _writable(self, ok: bool) -> None:
+    def writable(self, ok: bool) -> None:
         # a client that does not read pauses the server: that is no stall
         self.paused = not ok
         up = self.up
@@ -963,7 +964,8 @@ class _Exchange:
         else:
             del gate.by_upstream[target]
         gate.admission.release()
-        gate._wake_idle()
+        if gate._idle:
+            gate._wake_idle()
         fut = self.fut
         if fut is not None:
             if not fut.done():

@@ -90,6 +90,13 @@ class Limits(Protocol):
     def max_connections(self) -> int: ...
 
 
+class Writable(Protocol):
+    """A response streaming to a client: told when the client's connection can take more
+    (True) or cannot (False: its upstream waits)."""
+
+    def writable(self, ok: bool) -> None: ...
+
+
 class Gone(Protocol):
     """A request answered by callbacks, told if its client leaves before the answer ends."""
 
@@ -362,7 +369,7 @@ class ClientConnection(asyncio.Protocol):
         # set by a handler answering by callbacks: told if the client leaves first
         self.on_gone: Gone | None = None
         # set by the proxy while an upstream response streams to this client
-        self.on_writable: Callable[[bool], None] | None = None
+        self.on_writable: Writable | None = None
         self.writing_paused = False
         self._requests = 0  # requests begun on this connection
         self._close_after = False  # the listener closed: close after the request under way
@@ -456,7 +463,7 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.writing_paused = True
         if self.on_writable is not None:
-            self.on_writable(False)
+            self.on_writable.writable(False)
         self._arm_send_timer()
 
     def resume_writing(self) -> None:
@@ -465,7 +472,7 @@ class ClientConnection(asyncio.Protocol):
             self._send_timer.cancel()
             self._send_timer = None
         if self.on_writable is not None:
-            self.on_writable(True)
+            self.on_writable.writable(True)
 
     # --- llhttp callbacks ---------------------------------------------------------------------
 
@@ -482,7 +489,10 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         if self._priming:
             return
-        self._limit.part(len(url))
+        limit = self._limit
+        limit.parsed += len(url)
+        if limit.parsed > http1.MAX_HEAD:
+            limit.refuse()
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -499,7 +509,8 @@ class ClientConnection(asyncio.Protocol):
             return  # the made-up head: the body that follows is the upgrading request's
         self.in_head = False
         p = self._parser
-        if p.should_upgrade() and p.get_method() == b"CONNECT":
+        upgrade = p.should_upgrade()
+        if upgrade and p.get_method() == b"CONNECT":
             raise http1.ParseError("CONNECT is not supported", 501)
         headers = self._headers
         chunked = expect = False
@@ -520,7 +531,7 @@ class ClientConnection(asyncio.Protocol):
         if self._active is not None and len(self._pipeline) >= PIPELINE_MAX:
             self._overflow(f"more than {PIPELINE_MAX} requests pipelined")
             raise _Stop  # nothing after it is parsed
-        if p.should_upgrade():
+        if upgrade:
             self._upgrading = req  # its body, if any, is read by the next parser
         self._parsing = req
         if self._active is None:

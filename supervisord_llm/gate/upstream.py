@@ -231,9 +231,10 @@ class UpstreamPool:
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def take(self, host: str, port: int) -> UpstreamConnection | None:
         """A recent idle connection to (host, port) (`reused` set), or None."""
