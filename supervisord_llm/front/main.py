@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -653,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     loop.add_signal_handler(signal.SIGTERM, lambda: front._spawn(front.stop(STOP_GRACE_S)))
+    # what is alive now (modules, the program) lives as long as the process: the cyclic
+    # collector need not go over it again at every full collection under a flood
+    gc.collect()
+    gc.freeze()
     try:
         loop.run_until_complete(front.serve(args.client_fd, args.lease_fd))
     finally:

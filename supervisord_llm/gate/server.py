@@ -157,7 +157,8 @@ class RequestBody:
 
     def end(self) -> None:
         self.complete = True
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def fail(self, exc: BaseException) -> None:
         """The body will not come whole: whoever reads it gets `exc` at once, and what is
@@ -535,7 +536,7 @@ class ClientConnection(asyncio.Protocol):
             self._upgrading = req  # its body, if any, is read by the next parser
         self._parsing = req
         if self._active is None:
-            self._cancel_header_timer()
+            self._head_deadline = None  # (the header timer: a head came)
             self._active = req
             self._begin = req  # begun once this read is parsed (data_received)
         else:
