@@ -24,6 +24,7 @@ from helpers import (
     Daemon,
     Streams,
     alive,
+    async_wait_until,
     base_config,
     free_port,
     gated,
@@ -507,3 +508,42 @@ def test_the_status_text_shows_the_front() -> None:
     assert "taken over" in text and "started again 2 time(s), 5 request(s) cut" in text
     text = ctl.render_status({"supervisor": {}, "front": {"pid": None, "attached": False}})
     assert "NOT ATTACHED" in text
+
+
+async def test_a_gate_going_idle_again_and_again_tells_the_daemon_at_most_every_100_ms(
+        tmp_path: Path) -> None:
+    """One client, one request after the other, to an on-demand model: each answer leaves
+    the gate idle. The daemon hears of it at most every IDLE_TELL_S (the last time always,
+    after the gates' state); requests waiting for a load are told at once."""
+    import asyncio
+
+    from supervisord_llm.config import GateSection
+    from supervisord_llm.front import main as front_main
+    from supervisord_llm.gate.proxy import Gate
+
+    sent: list[dict[str, Any]] = []
+
+    class Wire:
+        def send(self, doc: dict[str, Any]) -> None:
+            sent.append(doc)
+
+    f = front_main.Front(tmp_path, 10.0, 10.0)
+    f.client = Wire()  # type: ignore[assignment]
+    f.greeted = True
+    f.gates["g"] = Gate("g", GateSection(None), f.pool)
+    for _ in range(50):  # 50 idle transitions within a few ms
+        f._waiting("g", 0)
+    waits = [d for d in sent if d["op"] == "waiting"]
+    assert len(waits) == 1  # the first at once, the rest later
+    f._waiting("g", 2)  # requests waiting for a load: at once
+    f._waiting("g", 0)  # and the end of the wait too (the last told was not 0)
+    waits = [d for d in sent if d["op"] == "waiting"]
+    assert [d["count"] for d in waits] == [0, 2, 0]
+    f._waiting("g", 0)  # idle again at once: later, with what is true then
+    f._waiting("g", 0)
+    await async_wait_until(lambda: len([d for d in sent if d["op"] == "waiting"]) == 4, 5,
+                           what="the last idle told")
+    await asyncio.sleep(front_main.IDLE_TELL_S * 2)
+    ops = [d["op"] for d in sent]
+    assert ops.count("waiting") == 4  # once, not twice
+    assert ops[0] == "state"  # the gates' state first (then only when it changed)

@@ -20,6 +20,9 @@ from hypothesis import strategies as st
 from helpers import RawBackend, async_stays, async_wait_until, free_port, front_host
 from supervisord_llm.config import GateSection, RouterSection, parse_listen
 from supervisord_llm.gate import GateHost
+from supervisord_llm.gate.proxy import Gate
+from supervisord_llm.gate.server import ClientConnection, Listener
+from supervisord_llm.gate.upstream import UpstreamConnection, UpstreamPool
 
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:
@@ -1017,3 +1020,124 @@ async def test_a_kept_connection_closed_at_the_next_request_is_retried_anew(
                                and env.gate.stats.requests == {"200": 3}, 5,
                                what="three answered, slots freed")
         writer.close()
+
+
+async def test_a_large_body_that_came_with_its_head_leaves_the_connection_read(
+        gate_env: Callable[..., Awaitable[Env]]) -> None:
+    """A body over the gate's buffer that arrives in the read of its head filled the buffer
+    and paused reading, and its end did not resume it: the next request on the connection
+    was never read (nginx in front got a reset after header_timeout_s), and a client that
+    left during the answer was not seen."""
+    hung = asyncio.Event()
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_head(reader)
+            n = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]) \
+                if b"content-length:" in head.lower() else 0
+            await reader.readexactly(n)
+            if head.startswith(b"POST /hang"):
+                hung.set()
+                await asyncio.sleep(30)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (
+                len(str(n)), n))
+            await writer.drain()
+
+    async with RawBackend(backend) as be:
+        env = await gate_env(be.port)
+        reader, writer = await connect(env.port)
+        body = b"a" * 70000
+        writer.write(b"POST /big HTTP/1.1\r\nHost: g\r\nContent-Length: 70000\r\n\r\n" + body)
+        head = await asyncio.wait_for(read_head(reader), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert await reader.readexactly(5) == b"70000"
+        writer.write(b"GET /after HTTP/1.1\r\nHost: g\r\n\r\n")  # read at once, answered
+        head = await asyncio.wait_for(read_head(reader), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        await reader.readexactly(1)
+        # the same body to an upstream that hangs; the client leaves: seen, slot freed
+        writer.write(b"POST /hang HTTP/1.1\r\nHost: g\r\nContent-Length: 70000\r\n\r\n" + body)
+        await asyncio.wait_for(hung.wait(), 5)
+        writer.close()
+        await async_wait_until(lambda: env.gate.inflight == 0
+                               and env.gate.stats.requests.get("499") == 1, 5,
+                               what="the client's leaving seen, its slot freed")
+
+
+async def test_pipelined_requests_of_a_client_that_leaves_are_counted(
+        gate_env: Callable[..., Awaitable[Env]]) -> None:
+    """Every request is counted once: those queued behind the one in progress when the
+    client leaves count as 499 too."""
+    started = asyncio.Event()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        started.set()
+        await asyncio.sleep(30)
+
+    async with RawBackend(hang) as backend:
+        env = await gate_env(backend.port)
+        _reader, writer = await connect(env.port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: g\r\n\r\n" * 4)
+        await asyncio.wait_for(started.wait(), 5)
+        writer.transport.abort()
+        await async_wait_until(lambda: env.gate.inflight == 0
+                               and env.gate.stats.requests == {"499": 4}, 5,
+                               what="four requests, each counted 499")
+
+
+class _Collect:
+    """A transport that keeps what is written (the gate's connections without a kernel)."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, key: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if key == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+async def test_a_request_whose_client_leaves_before_its_task_begins_is_counted() -> None:
+    """The answer to a pipelined request and the client's reset come in one turn of the
+    loop: the next request's task (its body is still coming) is cancelled before it begins.
+    Its coroutine is closed (no "never awaited"), and it is counted 499."""
+    pool = UpstreamPool()
+    gate = Gate("g", GateSection(None), pool)
+    gate.set_upstreams(("127.0.0.1", 9), None)
+    conn = ClientConnection(Listener(gate, "127.0.0.1", 0))
+    client = _Collect()
+    conn.connection_made(client)  # type: ignore[arg-type]
+    up = UpstreamConnection(pool, ("127.0.0.1", 9))
+    upstream = _Collect()
+    up.connection_made(upstream)  # type: ignore[arg-type]
+    pool.release(up)
+    conn.data_received(b"GET /a HTTP/1.1\r\nHost: g\r\n\r\n"
+                       b"POST /b HTTP/1.1\r\nHost: g\r\nContent-Length: 10\r\n\r\n12345")
+    assert upstream.out and upstream.out[-1].startswith(b"GET /a ")  # by callbacks, at once
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # the next one's task
+    assert client.out[-1].endswith(b"\r\n\r\nok")
+    conn.connection_lost(ConnectionResetError())  # in the same turn of the loop
+    await async_wait_until(lambda: gate.stats.requests == {"200": 1, "499": 1}, 5,
+                           what="the second request counted 499")
+    assert gate.inflight == 0 and gate.active == 0

@@ -71,6 +71,9 @@ def _build() -> str:
 BUILD: Final = _build()
 CTL: Final = "ctl.sock"
 PUSH_S: Final = 0.2
+# a gate that goes idle again and again (one client, one request after the other) tells the
+# daemon at most this often; requests waiting for a load are told at once
+IDLE_TELL_S: Final = 0.1
 PENDING_S: Final = 10.0  # a connection that does not say hello within this is closed
 MAX_PENDING: Final = 8
 REMOVE_GRACE_S: Final = 10.0  # requests in progress on a gate being removed or moved
@@ -104,6 +107,8 @@ class Front:
         self.done = asyncio.Event()
         self._sent: dict[str, tuple[Any, ...]] = {}
         self._push_soon = False
+        self._told: dict[str, tuple[float, int]] = {}  # gate -> (when, count) last `waiting`
+        self._tell_later: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
         self.ctl_ino: int | None = None
@@ -322,6 +327,26 @@ class Front:
         self._send({"op": "ask", "name": name, "model": model})
 
     def _waiting(self, name: str, count: int) -> None:
+        now = time.monotonic()
+        when, told = self._told.get(name, (0.0, -1))
+        if count == 0 and told == 0 and now - when < IDLE_TELL_S:
+            if name not in self._tell_later:  # idle again, soon after the last time: later
+                self._tell_later[name] = asyncio.get_running_loop().call_later(
+                    when + IDLE_TELL_S - now, self._tell_idle, name)
+            return
+        self._tell(name, count, now)
+
+    def _tell_idle(self, name: str) -> None:
+        self._tell_later.pop(name, None)
+        gate = self.gates.get(name)
+        if gate is not None:
+            self._tell(name, gate.cold_waiting, time.monotonic())
+
+    def _tell(self, name: str, count: int, now: float) -> None:
+        later = self._tell_later.pop(name, None)
+        if later is not None:
+            later.cancel()
+        self._told[name] = (now, count)
         # the gates' state first: the daemon decides on `waiting` (an idle gate may be
         # stopped, its idle clock runs) with what it knows of them, which must be now's
         self._push()
@@ -352,6 +377,10 @@ class Front:
 
     async def remove_gate(self, name: str, grace_s: float) -> None:
         self._sent.pop(name, None)
+        later = self._tell_later.pop(name, None)
+        if later is not None:
+            later.cancel()
+        self._told.pop(name, None)
         await finish_gate(self.gates.pop(name, None), self.listeners.pop(name, None), grace_s)
 
     def set_router(self, cfg: RouterSection | None, socks: list[socket.socket] | None) -> None:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
+import inspect
 import logging
 import socket
 from collections import deque
@@ -157,6 +159,10 @@ class RequestBody:
 
     def end(self) -> None:
         self.complete = True
+        # reading goes on: the body held is bounded now, and a client that leaves, or sends
+        # its next request, must be seen (it may have filled the buffer in the read that
+        # ended the body, which paused reading)
+        self._conn.resume_reading("body")
         if self._waiter is not None:
             self._wake()
 
@@ -208,8 +214,7 @@ class RequestBody:
         data = b"".join(self._chunks)
         self._chunks.clear()
         self.buffered = 0
-        if not self.complete:
-            self._conn.resume_reading("body")
+        self._conn.resume_reading("body")
         return data
 
     async def read(self, timeout_s: float) -> bytes:
@@ -401,6 +406,7 @@ class ClientConnection(asyncio.Protocol):
             self._parsing.body.fail(gone)
         for req in self._pipeline:
             req.body.fail(gone)
+            self.handler.count(499)  # its client left before its turn came
         self._pipeline.clear()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the handler sees CancelledError: slot freed, upstream closed
@@ -573,6 +579,14 @@ class ClientConnection(asyncio.Protocol):
         self._task = task
         self.listener.tasks.add(task)
         task.add_done_callback(self.listener.tasks.discard)
+        task.add_done_callback(functools.partial(self._never_ran, coro))
+
+    def _never_ran(self, coro: Coroutine[Any, Any, bool], _task: object) -> None:
+        """The task ended before it began (its client left in the same turn of the loop):
+        the handler never saw the request; it is counted here, as its client's leaving."""
+        if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+            coro.close()
+            self.handler.count(499)
 
     async def _run(self, coro: Coroutine[Any, Any, bool]) -> None:
         keep = False
