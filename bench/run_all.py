@@ -45,6 +45,9 @@ BENCHES: list[tuple[str, list[str], list[str], list[tuple[str, str, str, str, Ch
         ("gate CPU per request", r"per request gate ([\d.]+) us", "us", "report", lambda v: True),
         ("gate requests/s at saturation", r"req/s direct \d+\s+gate (\d+)", "req/s", "report",
          lambda v: True)]),
+    ("gate_python", ["bench/gate_python.py"], ["bench/gate_python.py", "--rounds", "3"], [
+        ("gate Python per small request (no kernel)", r"per small request: ([\d.]+) us", "us",
+         "report", lambda v: True)]),
     ("gate_flood", ["bench/gate_flood.py"], ["bench/gate_flood.py"], [
         ("watchdog gap while flooded (max)",
          r"watchdog ping gap \(ms\)\s+[\d.]+ /\s+[\d.]+\s+[\d.]+ /\s+([\d.]+)", "ms", "< 1000",
