@@ -19,64 +19,17 @@ import asyncio
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 REQ = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: bench\r\n\r\n"
 RESP = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n"
         b'{"ok":true}')
 
 
-class Collect:
-    """A transport that keeps what is written."""
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def get_extra_info(self, key: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if key == "peername" else default
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def set_write_buffer_limits(self, high: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
-
-
 async def measure(n: int, rounds: int, turns: int) -> float:
-    from supervisord_llm.config import GateSection
-    from supervisord_llm.gate.proxy import Gate
-    from supervisord_llm.gate.server import ClientConnection, Listener
-    from supervisord_llm.gate.upstream import UpstreamConnection, UpstreamPool
+    from collect import Wired
 
-    pool = UpstreamPool()
-    gate = Gate("bench", GateSection(None, max_concurrency=1024, max_queue=1024), pool)
-    gate.set_upstreams(("127.0.0.1", 9), None)
-    conn = ClientConnection(Listener(gate, "127.0.0.1", 0))
-    client = Collect()
-    conn.connection_made(client)  # type: ignore[arg-type]
-    up = UpstreamConnection(pool, ("127.0.0.1", 9))
-    upstream = Collect()
-    up.connection_made(upstream)  # type: ignore[arg-type]
-    pool.release(up)
+    w = Wired(max_concurrency=1024, max_queue=1024)
+    conn, up, client, upstream = w.conn, w.up, w.client, w.upstream
 
     async def one() -> None:
         conn.data_received(REQ)
@@ -111,6 +64,7 @@ def main() -> None:
     ap.add_argument("--src", type=Path, default=Path(__file__).resolve().parent.parent)
     a = ap.parse_args()
     sys.path.insert(0, str(a.src.resolve()))
+    sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
     import uvloop
 
     best = uvloop.run(measure(a.n, a.rounds, a.turns))

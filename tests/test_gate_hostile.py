@@ -17,12 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from collect import Wired
 from helpers import RawBackend, async_stays, async_wait_until, free_port, front_host
 from supervisord_llm.config import GateSection, RouterSection, parse_listen
 from supervisord_llm.gate import GateHost
-from supervisord_llm.gate.proxy import Gate
-from supervisord_llm.gate.server import ClientConnection, Listener
-from supervisord_llm.gate.upstream import UpstreamConnection, UpstreamPool
 
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:
@@ -1086,52 +1084,12 @@ async def test_pipelined_requests_of_a_client_that_leaves_are_counted(
                                what="four requests, each counted 499")
 
 
-class _Collect:
-    """A transport that keeps what is written (the gate's connections without a kernel)."""
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def get_extra_info(self, key: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if key == "peername" else default
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def set_write_buffer_limits(self, high: int | None = None) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
-
-
 async def test_a_request_whose_client_leaves_before_its_task_begins_is_counted() -> None:
     """The answer to a pipelined request and the client's reset come in one turn of the
     loop: the next request's task (its body is still coming) is cancelled before it begins.
     Its coroutine is closed (no "never awaited"), and it is counted 499."""
-    pool = UpstreamPool()
-    gate = Gate("g", GateSection(None), pool)
-    gate.set_upstreams(("127.0.0.1", 9), None)
-    conn = ClientConnection(Listener(gate, "127.0.0.1", 0))
-    client = _Collect()
-    conn.connection_made(client)  # type: ignore[arg-type]
-    up = UpstreamConnection(pool, ("127.0.0.1", 9))
-    upstream = _Collect()
-    up.connection_made(upstream)  # type: ignore[arg-type]
-    pool.release(up)
+    w = Wired()
+    gate, conn, up, client, upstream = w.gate, w.conn, w.up, w.client, w.upstream
     conn.data_received(b"GET /a HTTP/1.1\r\nHost: g\r\n\r\n"
                        b"POST /b HTTP/1.1\r\nHost: g\r\nContent-Length: 10\r\n\r\n12345")
     assert upstream.out and upstream.out[-1].startswith(b"GET /a ")  # by callbacks, at once
