@@ -777,7 +777,7 @@ class _Exchange:
             up = await self.gate.pool.acquire(*self.target, fresh=fresh)
         except UpstreamError as exc:
             self.connecting = None
-            self.failed(exc)
+            self.on_error(exc)
             return
         self.connecting = None
         if self.done:
