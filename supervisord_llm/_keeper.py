@@ -391,9 +391,16 @@ class Keeper:
                     os.close(sync_r)
                     os.close(sync_w)  # the keeper goes on: the group is there
                     signal.set_wakeup_fd(-1)
-                    # Python ignores SIGPIPE and SIGXFSZ; an ignored signal survives exec
-                    for sig in (*_HANDLED, signal.SIGPIPE, signal.SIGXFSZ):
-                        signal.signal(sig, signal.SIG_DFL)
+                    # every disposition back to the default, as systemd gives a service:
+                    # Python ignores SIGPIPE and SIGXFSZ, a shell that started us without
+                    # job control SIGINT and SIGQUIT, nohup SIGHUP; an ignored signal
+                    # survives exec
+                    for sig in signal.valid_signals():
+                        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                            try:
+                                signal.signal(sig, signal.SIG_DFL)
+                            except (OSError, ValueError):
+                                pass  # (one the C library keeps for itself)
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
                     os.close(rfd)
                     self._child(me, wfd)

@@ -444,3 +444,16 @@ def test_a_lease_given_later_is_not_inherited_by_a_relaunch(tmp_path: Path,
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_signals_ignored_where_the_keeper_started_are_not_the_engines(tmp_path: Path) -> None:
+    """A supervisor started by hand from a script (`cmd &` ignores SIGINT and SIGQUIT, nohup
+    SIGHUP): its engines start with every signal at its default, as under systemd."""
+    keeper = [sys.executable, "-I", "-S", KEEPER, "--id", "x", "--dir", str(tmp_path / "k"),
+              "--service", "s", "--gen", "1", "--grace", "0.2", "--",
+              "grep", "^SigIgn", "/proc/self/status"]
+    # the shell's ignored signals survive its exec of the keeper
+    p = subprocess.run(["sh", "-c", 'trap "" INT QUIT HUP USR2; exec "$@"', "sh", *keeper],
+                       capture_output=True, text=True, timeout=10, check=False)
+    assert p.returncode == 0, p.stderr
+    assert "[s] SigIgn:\t0000000000000000" in p.stderr, p.stderr

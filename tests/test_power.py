@@ -456,12 +456,13 @@ def test_one_server_ignoring_sigterm_does_not_cost_the_others_their_clean_stop(
     doc = base_config(tmp_path, [
         fake_service("first", free_port()),
         fake_service("last", free_port(), "--ignore-term", stop={"timeout_s": 30})],
-        gpus=1, power={"source": "none", "stop_timeout_s": 3})
+        # (8 s: `first` has half of it for its clean exit, also on a loaded machine)
+        gpus=1, power={"source": "none", "stop_timeout_s": 8})
     with running(tmp_path, doc) as d:
         d.wait_state("first", "ready")
         d.wait_state("last", "ready")
         assert d.llmctl("power-event", "low-battery").returncode == 0
-        wait_until(lambda: mode(d) == "powered_down", 15, what="powered down")
+        wait_until(lambda: mode(d) == "powered_down", 25, what="powered down")
         steps = power(d)["power_down"]["steps"]
-        assert "killed after 3 s: last" in steps[-1]["detail"], steps
+        assert "killed after 8 s: last" in steps[-1]["detail"], steps
         assert "first: stopping -> stopped (process exit 0)" in d.logtext()
