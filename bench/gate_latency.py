@@ -342,6 +342,22 @@ def report(results: dict[tuple[str, str], list[dict[str, Any]]], rounds: int) ->
           f"{med(sat['gate'], 'cpu_chunk_us'):.1f} us, nginx "
           f"{med(sat['nginx'], 'cpu_chunk_us'):.1f} us")
 
+    def added(phase: str, name: str) -> float:
+        return med(results[(phase, name)], "p99") - med(results[(phase, "direct")], "p99")
+
+    # the front's targets (the gate against nginx in this run)
+    ratios = [
+        ("requests/s", med(sat["gate"], "rps") / med(sat["nginx"], "rps"), ">= 0.5"),
+        ("CPU per request", med(sat["gate"], "cpu_req_us") / med(sat["nginx"], "cpu_req_us"),
+         "<= 3"),
+        ("p99 added, 64 clients", added("small64", "gate") / max(added("small64", "nginx"),
+                                                                   1e-6), "<= 2"),
+        ("ttfb, 64 streams", med(results[("sse64", "gate")], "ttfb")
+         / med(results[("sse64", "nginx")], "ttfb"), "<= 2"),
+    ]
+    print(f"{'gate / nginx':28s} " + "  ".join(f"{what} {value:.2f}x ({target})"
+                                              for what, value, target in ratios))
+
 
 if __name__ == "__main__":
     main()

@@ -44,7 +44,15 @@ BENCHES: list[tuple[str, list[str], list[str], list[tuple[str, str, str, str, Ch
      ["bench/gate_latency.py", "--rounds", "1"], [
         ("gate CPU per request", r"per request gate ([\d.]+) us", "us", "report", lambda v: True),
         ("gate requests/s at saturation", r"req/s direct \d+\s+gate (\d+)", "req/s", "report",
-         lambda v: True)]),
+         lambda v: True),
+        ("gate / nginx, requests/s", r"requests/s ([\d.]+)x", "x", ">= 0.5",
+         lambda v: v >= 0.5),
+        ("gate / nginx, CPU per request", r"CPU per request ([\d.]+)x", "x", "<= 3",
+         lambda v: v <= 3),
+        ("gate / nginx, p99 added at 64 clients", r"p99 added, 64 clients ([\d.]+)x", "x",
+         "<= 2", lambda v: v <= 2),
+        ("gate / nginx, time to first byte at 64 streams", r"ttfb, 64 streams ([\d.]+)x", "x",
+         "<= 2", lambda v: v <= 2)]),
     ("gate_python", ["bench/gate_python.py"], ["bench/gate_python.py", "--rounds", "3"], [
         ("gate Python per small request (no kernel)", r"per small request: ([\d.]+) us", "us",
          "report", lambda v: True)]),
