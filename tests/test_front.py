@@ -278,7 +278,7 @@ def test_an_upgraded_front_takes_the_sockets_over_and_the_old_one_drains(
                 if answer.startswith(b"HTTP/1.1 200"):
                     answered[0] += 1
                 else:
-                    failed.append(f"{port}: {answer[:100]!r}")
+                    failed.append(f"{port}: {answer[:400]!r}")
             time.sleep(0.01)
 
     knocker = threading.Thread(target=knock, daemon=True)

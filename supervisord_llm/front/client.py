@@ -715,9 +715,11 @@ class FrontClient:
         for name, g in self.gates.items():
             g.unloading = g.yielding = False
             g.active = g.inflight = g.queued = g.cold_waiting = 0
-            await self.ask({"op": "gate", "name": name, "cfg": docs.to_doc(g.cfg)},
-                           fds=self._fds(name), raise_closed=True)
-            await self.ask({"op": "set", "name": name, **g.full_state()}, raise_closed=True)
+            # the state goes with the sockets: in force before the new front's listener takes
+            # a connection (a handover shares the sockets with the old front: a request the
+            # new one took before a separate `set` got 503 "not ready")
+            await self.ask({"op": "gate", "name": name, "cfg": docs.to_doc(g.cfg),
+                            "state": g.full_state()}, fds=self._fds(name), raise_closed=True)
         if self.router is not None:
             routes, entries = self.router.catalog
             await self.ask({"op": "router", "cfg": docs.to_doc(self.router.cfg),
