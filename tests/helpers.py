@@ -243,10 +243,8 @@ class Daemon:
     """llm-supervisor as a real process, on a config written under `tmp`."""
 
     def __init__(self, tmp: Path, doc: dict[str, Any], env: Mapping[str, str] | None = None,
-                 nofile: int | str | None = None, stdio: int | None = None, *,
-                 wrap: list[str] | None = None) -> None:
+                 nofile: int | str | None = None, stdio: int | None = None) -> None:
         self.tmp = tmp
-        self.wrap = wrap or []  # a command that execs the daemon (argv appended)
         self.nofile = nofile  # RLIMIT_NOFILE of the daemon, to run it out of descriptors
         self.stdio = stdio  # an fd (a pipe) for the daemon's stdout and stderr, not the log file
         self.doc = doc
@@ -267,7 +265,6 @@ class Daemon:
         argv = [sys.executable, "-m", "supervisord_llm", "--config", str(self.config)]
         if self.nofile is not None:
             argv = ["prlimit", f"--nofile={self.nofile}", "--", *argv]
-        argv = [*self.wrap, *argv]
         out = self._logfh if self.stdio is None else self.stdio
         self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                      env=self.env, cwd=str(self.tmp))

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Daemon, base_config, fake_service, free_port, stays, wait_until
+from helpers import stays, wait_until
 
 KEEPER = str(Path(__file__).resolve().parent.parent / "supervisord_llm" / "_keeper.py")
 SLEEPER = [sys.executable, "-c",
@@ -457,19 +457,3 @@ def test_signals_ignored_where_the_keeper_started_are_not_the_engines(tmp_path: 
                        capture_output=True, text=True, timeout=10, check=False)
     assert p.returncode == 0, p.stderr
     assert "[s] SigIgn:\t0000000000000000" in p.stderr, p.stderr
-
-
-def test_the_daemon_starts_from_default_signals(tmp_path: Path) -> None:
-    """A daemon started by a shell that ignores signals puts them back (entry.py), so that
-    the front, the keepers and the hooks it starts do not inherit them; Python's own SIGPIPE
-    and SIGXFSZ stay ignored in it (its children get them back)."""
-    d = Daemon(tmp_path, base_config(tmp_path, [fake_service("svc", free_port())], gpus=0),
-               wrap=["sh", "-c", 'trap "" INT QUIT HUP USR2; exec "$@"', "sh"]).start()
-    try:
-        assert d.proc is not None
-        status = Path(f"/proc/{d.proc.pid}/status").read_text()
-        ignored = int(next(x for x in status.splitlines() if x.startswith("SigIgn")).split()[1],
-                      16)
-        assert ignored == (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1)), status
-    finally:
-        d.stop()
