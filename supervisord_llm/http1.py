@@ -54,9 +54,6 @@ class HeadState(Protocol):
     in_head: bool  # the parser is inside a head (set by its llhttp callbacks)
 
 
-LLHTTP_ERRORS: Final = (httptools.HttpParserError, httptools.HttpParserUpgrade)
-
-
 def feed(parser: httptools.HttpRequestParser | httptools.HttpResponseParser, data: bytes,
          limit: HeadLimit, state: HeadState) -> None:
     """Feed llhttp; count the bytes of a head that spans feeds; ParseError on anything wrong
@@ -64,22 +61,17 @@ def feed(parser: httptools.HttpRequestParser | httptools.HttpResponseParser, dat
     was_in_head = state.in_head
     try:
         parser.feed_data(data)
-    except LLHTTP_ERRORS as exc:
-        raise feed_error(exc, data) from None
-    if was_in_head and state.in_head:
-        limit.fed(len(data))
-
-
-def feed_error(exc: Exception, data: bytes) -> ParseError:
-    """What an error out of llhttp's `feed_data(data)` means (a callback's own ParseError
-    passes through)."""
-    if isinstance(exc, httptools.HttpParserUpgrade):
-        return Upgrade(int(exc.args[0]) if exc.args else len(data))
-    if isinstance(exc, httptools.HttpParserCallbackError):
+    except httptools.HttpParserUpgrade as exc:
+        raise Upgrade(int(exc.args[0]) if exc.args else len(data)) from None
+    except httptools.HttpParserCallbackError as exc:
         cause = exc.__context__
         if isinstance(cause, ParseError):
-            return cause
-    return ParseError(f"invalid HTTP: {exc}")
+            raise cause from None
+        raise ParseError(f"invalid HTTP: {exc}") from None
+    except httptools.HttpParserError as exc:
+        raise ParseError(f"invalid HTTP: {exc}") from None
+    if was_in_head and state.in_head:
+        limit.fed(len(data))
 
 
 class HeadLimit:
@@ -108,12 +100,6 @@ class HeadLimit:
         self.size += n
         if self.size > MAX_HEAD:
             raise ParseError(f"head larger than {MAX_HEAD // 1024} KiB", 431)
-
-    def refuse(self) -> None:
-        """Raise the ParseError for a head over the limits (counted by the caller)."""
-        if self.count > MAX_HEADERS:
-            raise ParseError(f"more than {MAX_HEADERS} header lines", 431)
-        raise ParseError(f"head larger than {MAX_HEAD // 1024} KiB", 431)
 
     def header(self, name: bytes, value: bytes) -> None:
         self.count += 1
@@ -249,14 +235,8 @@ class ResponseParser:
 
     def feed(self, data: bytes) -> None:
         self._progress = False
-        was_in_head = self.in_head
         try:
-            try:
-                self._parser.feed_data(data)
-            except LLHTTP_ERRORS as exc:
-                raise feed_error(exc, data) from None
-            if was_in_head and self.in_head:
-                self._limit.fed(len(data))
+            feed(self._parser, data, self._limit, self)
             if not self.in_head and not self._progress:
                 # neither body bytes nor the end of a chunk: framing (chunk-size lines,
                 # extensions, trailers) that llhttp would go on parsing for ever
@@ -282,19 +262,12 @@ class ResponseParser:
         self._headers = []
 
     def on_status(self, reason: bytes) -> None:
-        limit = self._limit
-        limit.parsed += len(reason)
-        if limit.parsed > MAX_HEAD:
-            limit.refuse()
+        self._limit.part(len(reason))
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_head:  # after the body: a trailer, never passed on
-            limit = self._limit
-            limit.count += 1
-            limit.parsed += len(name) + len(value) + 4
-            if limit.count > MAX_HEADERS or limit.parsed > MAX_HEAD:
-                limit.refuse()
+            self._limit.header(name, value)
             self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:

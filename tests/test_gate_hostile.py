@@ -1099,3 +1099,14 @@ async def test_a_request_whose_client_leaves_before_its_task_begins_is_counted()
     await async_wait_until(lambda: gate.stats.requests == {"200": 1, "499": 1}, 5,
                            what="the second request counted 499")
     assert gate.inflight == 0 and gate.active == 0
+
+
+async def test_headers_named_in_connection_stay_with_the_hop() -> None:
+    """What `Connection` names is hop-by-hop too, wherever it comes in the head; the client's
+    X-Forwarded-For is kept, with the peer added."""
+    w = Wired()
+    w.conn.data_received(b"GET /a HTTP/1.1\r\nHost: g\r\nX-Secret: 1\r\nX-Forwarded-For: 10.0.0.9"
+                         b"\r\nConnection: keep-alive, X-Secret\r\nX-Kept: 2\r\n\r\n")
+    head = w.upstream.out[-1].lower()
+    assert b"x-secret" not in head and b"connection:" not in head, head
+    assert b"x-kept: 2\r\n" in head and b"x-forwarded-for: 10.0.0.9, 127.0.0.1\r\n" in head

@@ -445,8 +445,7 @@ class Gate:
         now = self.last_active = time.monotonic()
         ex = _Exchange(self, req, conn, writer=ResponseWriter(conn, req), target=target,
                        started=started, now=now, waited=0.0,
-                       stats=self._model_stats(model) if model is not None else None,
-                       fut=None)
+                       stats=self._model_stats(model), fut=None)
         conn.on_gone = ex
         try:
             ex.start()
@@ -599,15 +598,15 @@ class Gate:
                 if name == b"x-forwarded-for":
                     prior = prior + b", " + v if prior else v
                 elif name == b"connection":  # (rare) what it names is hop-by-hop too
-                    return self._request_head_named(req, conn, target, length)
+                    return self._request_head_named(req, conn, lines[:2], length)
                 continue
             lines.append(k + b": " + v)
         return self._head_end(req, conn, lines, prior, length)
 
-    def _request_head_named(self, req: Request, conn: ClientConnection, target: Upstream,
+    def _request_head_named(self, req: Request, conn: ClientConnection, lines: list[bytes],
                             length: int | None) -> bytes:
-        lines = [req.method + b" " + req.target + b" HTTP/1.1",
-                 b"Host: %s:%d" % (target[0].encode(), target[1])]
+        """`_request_head` for a request whose `Connection` names headers (`lines`: the
+        request line and the Host line)."""
         lines += [k + b": " + v for k, v in http1.end_to_end(req.headers, _TO_UPSTREAM_DROP)]
         prior = b", ".join(v for k, v in req.headers if k.lower() == b"x-forwarded-for")
         return self._head_end(req, conn, lines, prior, length)
@@ -800,8 +799,10 @@ class _Exchange:
             self.sending = False
             self.failed(self.error or exc)
             return
-        finally:
-            self.sending = False
+        except BaseException:
+            self.sending = False  # (the caller abandons the exchange)
+            raise
+        self.sending = False
         if self.error is not None:
             self.failed(self.error)
         elif self.head is not None:
@@ -922,17 +923,15 @@ class _Exchange:
 
     # --- the end ---------------------------------------------------------------------------
 
-    def client_gone(self) -> None:
-        """The client left (its connection is lost): the upstream is dropped, the slot
-        freed."""
-        self.abandon()
-
     def abandon(self) -> None:
-        """The request ends here without its answer (the client left; its body failed)."""
+        """The request ends here without its answer (the client left; its body failed):
+        the upstream is dropped, the slot freed."""
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
         self._end(499)
+
+    client_gone = abandon  # (`Gone`: the client's connection is lost)
 
     def _crash(self) -> None:
         """A bug of ours on the way: logged, the client's connection dropped."""
@@ -964,8 +963,7 @@ class _Exchange:
         else:
             del gate.by_upstream[target]
         gate.admission.release()
-        if gate._idle:
-            gate._wake_idle()
+        gate._wake_idle()
         fut = self.fut
         if fut is not None:
             if not fut.done():

@@ -427,13 +427,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             while data and not (self._closing or self._halted):
                 try:
-                    was_in_head = self.in_head
-                    try:
-                        self._parser.feed_data(data)
-                    except http1.LLHTTP_ERRORS as exc:
-                        raise http1.feed_error(exc, data) from None
-                    if was_in_head and self.in_head:
-                        self._limit.fed(len(data))  # a head that spans reads
+                    http1.feed(self._parser, data, self._limit, self)
                     return
                 except http1.Upgrade as exc:
                     data = data[exc.offset:]  # the rest is HTTP/1.1 still: the body first
@@ -490,25 +484,17 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = True
         self._url = b""
         self._headers = []
-        limit = self._limit
-        limit.size = limit.parsed = limit.count = 0
+        self._limit.reset()
 
     def on_url(self, url: bytes) -> None:
         if self._priming:
             return
-        limit = self._limit
-        limit.parsed += len(url)
-        if limit.parsed > http1.MAX_HEAD:
-            limit.refuse()
+        self._limit.part(len(url))
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_head:  # trailers of a chunked body are dropped here
-            limit = self._limit
-            limit.count += 1
-            limit.parsed += len(name) + len(value) + 4
-            if limit.count > http1.MAX_HEADERS or limit.parsed > http1.MAX_HEAD:
-                limit.refuse()
+            self._limit.header(name, value)
             self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
