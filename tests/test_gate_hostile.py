@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -21,6 +23,7 @@ from collect import Wired
 from helpers import RawBackend, async_stays, async_wait_until, free_port, front_host
 from supervisord_llm.config import GateSection, RouterSection, parse_listen
 from supervisord_llm.gate import GateHost
+from supervisord_llm.gate.server import FRESH_GRACE_S
 
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:
@@ -1110,3 +1113,73 @@ async def test_headers_named_in_connection_stay_with_the_hop() -> None:
     head = w.upstream.out[-1].lower()
     assert b"x-secret" not in head and b"connection:" not in head, head
     assert b"x-kept: 2\r\n" in head and b"x-forwarded-for: 10.0.0.9, 127.0.0.1\r\n" in head
+
+
+
+def test_a_request_that_came_while_the_loop_was_busy_is_answered_at_a_close() -> None:
+    """The listener closes (a hand-over to a new front): a connection accepted a moment
+    before gets a grace for its first request. On a loaded machine the request came in time
+    but the front's loop (uvloop: its timers run before its reads in a turn), busy, ran the
+    grace's timer first: the connection was closed over the unread request, and the client
+    got a reset. Now the request is answered, and told it is the last on the connection."""
+    import uvloop
+
+    from supervisord_llm.gate.proxy import Gate
+    from supervisord_llm.gate.server import open_listener
+    from supervisord_llm.gate.upstream import UpstreamPool
+
+    port = free_port()
+    up: dict[str, Any] = {}
+    ready, busy = threading.Event(), threading.Event()
+    poke, poked = socket.socketpair()
+
+    async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def front() -> None:
+        loop = up["loop"] = asyncio.get_running_loop()
+        up["stop"] = stop = asyncio.Event()
+        async with RawBackend(ok) as backend:
+            pool = UpstreamPool()
+            gate = Gate("g", GateSection(None), pool)
+            gate.set_upstreams(("127.0.0.1", backend.port), None)
+            listener = up["listener"] = open_listener(gate, "127.0.0.1", port, "the gate")
+
+            def close_then_busy() -> None:
+                # in a read callback, as on a busy loop: the timers run next, then the reads
+                loop.remove_reader(poked.fileno())
+                for conn in list(listener.connections):
+                    conn.close_when_idle()  # what the listener's close does to each
+                busy.set()
+                time.sleep(FRESH_GRACE_S + 0.5)  # the request comes meanwhile, unread
+
+            loop.add_reader(poked.fileno(), close_then_busy)
+            ready.set()
+            await stop.wait()
+            await listener.close(1.0)
+            pool.close()
+
+    thread = threading.Thread(target=uvloop.run, args=(front(),))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        with poke, poked, socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            deadline = time.monotonic() + 5
+            while not up["listener"].connections:
+                assert time.monotonic() < deadline, "not accepted"
+                time.sleep(0.01)
+            poke.send(b"!")
+            assert busy.wait(5)
+            client.sendall(b"GET /x HTTP/1.1\r\nHost: g\r\n\r\n")
+            answer = b""
+            while chunk := client.recv(4096):  # a reset raises here
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert b"connection: close" in answer.lower()  # the last: the listener is closing
+        assert answer.endswith(b"\r\n\r\nok")
+    finally:
+        up["loop"].call_soon_threadsafe(up["stop"].set)
+        thread.join(10)

@@ -24,10 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
 import inspect
 import logging
 import socket
+import sys
+import termios
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -278,8 +281,9 @@ class ResponseWriter:
         Content-Type found."""
         self.status = status
         lines.insert(0, b"HTTP/1.1 %d %s" % (status, reason or b""))
-        if not self.req.body.complete:
-            self.keep_alive = False  # answered before the whole body came: it ends here
+        if not self.req.body.complete or self.conn.last:
+            # answered before the whole body came, or the listener closes: it ends here
+            self.keep_alive = False
         if not body_allowed:
             self.no_body = True
             if length is not None:
@@ -379,6 +383,7 @@ class ClientConnection(asyncio.Protocol):
         self.writing_paused = False
         self._requests = 0  # requests begun on this connection
         self._close_after = False  # the listener closed: close after the request under way
+        self.last = False  # the listener closes: the answer under way or next is the last
         self._fresh_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio ------------------------------------------------------------------------------
@@ -690,18 +695,35 @@ class ClientConnection(asyncio.Protocol):
         lives on in a front that takes over, and the client did nothing wrong)."""
         if self._active is None and not self._closing and self.transport is not None \
                 and (self._requests == 0 or self.in_head):
-            self._close_after = True
-            self._fresh_timer = asyncio.get_running_loop().call_later(
-                FRESH_GRACE_S, self._fresh_expired)
+            self._close_after = self.last = True
+            self._fresh_timer = self._loop.call_later(FRESH_GRACE_S, self._fresh_expired)
             return
-        self._closing = True
+        self._closing = self.last = True
         if self._active is None:
             self.close()
 
     def _fresh_expired(self) -> None:
         self._fresh_timer = None
-        if self._active is None and not self._pipeline:
-            self.close()
+        if self._active is not None or self._pipeline or self._closing:
+            return
+        if self.in_head or self._unread():
+            # its request is under way, or came and is not read yet (a busy loop runs its
+            # timers before its reads; closing over unread bytes would send a reset): it is
+            # answered; the header timeout bounds a head that does not come whole
+            self._fresh_timer = self._loop.call_later(FRESH_GRACE_S, self._fresh_expired)
+            return
+        self.close()
+
+    def _unread(self) -> bool:
+        """Bytes from the client wait in the socket, not yet read."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            count = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return False
+        return int.from_bytes(count, sys.byteorder, signed=True) > 0
 
     # --- flow control and timers ---------------------------------------------------------
 
