@@ -272,6 +272,13 @@ class Daemon:
             wait_until(self._answers, 20, what=f"control socket (log: {self.logtext()[-2000:]})")
         return self
 
+    def wait_ready(self, timeout: float = 30) -> Daemon:
+        """Until the daemon has started (or adopted) its services: its control socket answers
+        before, with each service as it was before the start (stopped, no holds)."""
+        wait_until(lambda: "llm-supervisor ready" in self.logtext(), timeout,
+                   what=f"the daemon ready (log: {self.logtext()[-2000:]})")
+        return self
+
     def _answers(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:

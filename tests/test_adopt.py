@@ -299,6 +299,7 @@ def test_the_operators_stops_drains_and_pins_survive_a_crash(tmp_path: Path) -> 
     finally:
         d.stop()
     with running(tmp_path, doc) as d2:
+        d2.wait_ready()
         s = d2.wait_state("pinned", "ready")
         assert s["adopted"] and s["on_demand"]["pinned"] is True
         assert starts(tmp_path, "pinned") == [pinned["pid"]]
@@ -516,6 +517,7 @@ def test_the_operators_stop_under_way_at_a_crash_goes_on(tmp_path: Path) -> None
         d.stop()
     assert alive(pid)
     with running(tmp_path, doc) as d2:
+        d2.wait_ready()  # (before, alpha shows as stopped: not started yet)
         wait_until(lambda: d2.service("alpha")["state"] == "stopped", 20, what="stopped")
         assert d2.service("alpha")["holds"] == ["operator"] and not alive(pid)
 
