@@ -592,7 +592,7 @@ def _op_wait_idle(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) ->
 
     def idle() -> bool:
         if isinstance(port, int):
-            return not any(n for up, n in g.by_upstream.items() if up[1] == port)
+            return not g.inside(port)
         return g.is_idle()
 
     async def run() -> None:

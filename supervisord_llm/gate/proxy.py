@@ -176,7 +176,6 @@ class Gate:
         self.upstream: Upstream | None = None
         self.backup: Upstream | None = None
         self.closed_why = "closed"  # closed | stopped | held | failed
-        self.by_upstream: dict[Upstream, int] = {}
         self.stats = GateStats()
         # the primary upstream's last sign of generating (a complete 2xx answer, or a byte of
         # one), and when (monotonic): the generation probe's evidence
@@ -269,7 +268,7 @@ class Gate:
         if drain and not self.unloading:
             self.yielding = True
             if self.backup is not None:  # new requests go to the backup meanwhile
-                inside = self.by_upstream.get(self.upstream, 0) if self.upstream else 0
+                inside = self.inside(self.upstream[1]) if self.upstream else 0
             else:
                 inside = self.active - len(self._cold)  # in flight, or on their way
             if inside:
@@ -385,6 +384,11 @@ class Gate:
             self.admission.reject_waiting(self.state)
         self._wake_idle()
         self._wake_cold()
+
+    def inside(self, port: int) -> int:
+        """Requests being proxied to the upstream on `port` (counted when asked: a drain or an
+        idle check, not every request)."""
+        return sum(1 for f in self._flows if f.target[1] == port)
 
     def is_idle(self) -> bool:
         return self.inflight == 0 and not self._cold
@@ -749,8 +753,6 @@ class _Exchange:
         if post and gate._asked.get(port, 0.0) <= gate._heard.get(port, 0.0):
             gate._asked[port] = now  # the first request since it last answered
         gate._flows.add(self)
-        by = gate.by_upstream
-        by[target] = by.get(target, 0) + 1
 
     # --- the request ---------------------------------------------------------------------
 
@@ -956,12 +958,6 @@ class _Exchange:
             for gone in [p for p in gate._asked if p not in live]:
                 gate._asked.pop(gone, None)
                 gate._heard.pop(gone, None)
-        target = self.target
-        left = gate.by_upstream[target] - 1
-        if left:
-            gate.by_upstream[target] = left
-        else:
-            del gate.by_upstream[target]
         gate.admission.release()
         gate._wake_idle()
         fut = self.fut

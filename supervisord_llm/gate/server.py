@@ -235,6 +235,40 @@ class RequestBody:
         return data
 
 
+class _NoBody(RequestBody):
+    """The body of a request without one (no Content-Length, no Transfer-Encoding): complete,
+    empty, and shared by every such request (nothing is ever held in it; most requests are
+    these, and this is their path)."""
+
+    def __init__(self) -> None:  # (no connection: nothing here ever pauses reading)
+        self.complete = True
+
+    def feed(self, data: bytes) -> None:
+        raise AssertionError("a request without a body got body bytes")
+
+    def end(self) -> None:
+        pass
+
+    def fail(self, exc: BaseException) -> None:
+        pass  # complete: nothing to fail
+
+    async def fill(self, limit: int, timeout_s: float) -> None:
+        pass
+
+    def unread(self, data: bytes) -> None:
+        if data:
+            raise AssertionError("bytes put back into a request without a body")
+
+    def take(self) -> bytes:
+        return b""
+
+    async def read(self, timeout_s: float) -> bytes:
+        return b""
+
+
+NO_BODY: Final = _NoBody()
+
+
 @dataclass(slots=True)
 class Request:
     method: bytes
@@ -523,7 +557,7 @@ class ClientConnection(asyncio.Protocol):
             elif name == b"expect":
                 expect = expect or v.lower() == b"100-continue"
         length = int(cl) if cl is not None and not chunked else None
-        body = RequestBody(self, expected=chunked or bool(length))
+        body = RequestBody(self, expected=True) if chunked or length else NO_BODY
         req = Request(p.get_method(), self._url, p.get_http_version(), headers,
                       p.should_keep_alive(), body, chunked, length, expect)
         if self._active is not None and len(self._pipeline) >= PIPELINE_MAX:
