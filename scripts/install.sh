@@ -134,6 +134,18 @@ if ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
     die "python3's venv module is missing (the python3-venv package)"
   fi
 fi
+# a C compiler and Python's headers: the request path (the gates, the router) is compiled
+# (mypyc, at the pip install below); without them it runs as pure Python, about 3x the CPU
+# per request
+if ! command -v gcc >/dev/null || ! "$PY" -c 'import os, sys, sysconfig; sys.exit(not
+    os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+  if command -v apt-get >/dev/null; then
+    run apt-get install -y -q --no-install-recommends gcc python3-dev || \
+      echo "note: gcc or python3-dev could not be installed: the request path will run as pure Python"
+  else
+    echo "note: no gcc or no Python headers: the request path will run as pure Python"
+  fi
+fi
 
 if [ -f "$PREFIX/$MARK" ]; then
   echo "upgrading the virtual environment $PREFIX"
@@ -148,9 +160,11 @@ PIP=(pip install --quiet --disable-pip-version-check)
 BUILD=$(mktemp -d); trap 'rm -rf "$BUILD"' EXIT
 if [ "$DRY" = 0 ]; then
   (cd "$SRC" && tar --exclude=./.venv --exclude=./.git --exclude=./build --exclude=./demo-run \
-    -cf - .) | tar -C "$BUILD" -xf -
+    --exclude='*.so' --exclude=./supervisord_llm/_native.json -cf - .) | tar -C "$BUILD" -xf -
 fi
 run "$PREFIX/bin/python" -m "${PIP[@]}" --upgrade "$BUILD"
+[ "$DRY" = 1 ] || echo "request path: $("$PREFIX/bin/python" -c \
+  'from supervisord_llm import native as n; print(n.WHY)')"
 run mkdir -p "$BINDIR"
 for b in llm-supervisor llmctl; do
   run ln -sfn "$PREFIX/bin/$b" "$BINDIR/$b"

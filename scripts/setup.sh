@@ -5,7 +5,9 @@
 #     front of the gates in tests and benchmarks), wrk (load generator), nut-server and
 #     nut-client (a real upsd + dummy-ups for the power tests and the demo) and redis-server
 #     (a real checkpoint target), prometheus (for promtool);
-#   - a virtual environment in .venv with the project and its test dependencies;
+#   - a virtual environment in .venv with the project and its test dependencies, and the
+#     request path (the gate, the router) compiled in place with mypyc (setup.py; again
+#     whenever its sources change: supervisord_llm/native.py);
 #   - llama.cpp's llama-server, built once and cached (scripts/build-llama-server.sh).
 # Prints nothing on stdout but the llama-server path; progress goes to stderr.
 set -euo pipefail
@@ -24,6 +26,9 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   command -v promtool >/dev/null || apt_need+=(prometheus)  # promtool checks engine metrics
   command -v "$PY" >/dev/null || apt_need+=(python3)
   "$PY" -c 'import ensurepip, venv' 2>/dev/null || apt_need+=(python3-venv)
+  # Python's headers, to compile the request path
+  "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(
+    sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null || apt_need+=(python3-dev)
   if [ ${#apt_need[@]} -gt 0 ]; then
     echo "setup: apt-get install ${apt_need[*]}" >&2
     # another apt (unattended-upgrades, a second setup) may hold the locks: wait for it, up to
@@ -50,11 +55,23 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv" >&2
   "$PY" -m venv .venv >&2
 fi
-stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)
+stamp=.venv/.installed-$(cat pyproject.toml setup.py | sha256sum | cut -c1-16)
 if [ ! -e "$stamp" ]; then
   echo "setup: pip install -e .[test]" >&2
   .venv/bin/python -m pip install -q --upgrade pip >&2
-  .venv/bin/python -m pip install -q -e '.[test]' >&2
+  # (editable, pure Python: compiled in place below, where the tests and the demo run it)
+  LLM_SUPERVISOR_COMPILE=0 .venv/bin/python -m pip install -q -e '.[test]' >&2
   rm -f .venv/.installed-* && touch "$stamp"
+fi
+compiled() {
+  env -u LLM_SUPERVISOR_PURE .venv/bin/python -c \
+    'from supervisord_llm import native as n; raise SystemExit(not n.COMPILED)' 2>/dev/null
+}
+if ! compiled; then
+  echo "setup: compiling the request path (mypyc, about half a minute)" >&2
+  .venv/bin/python setup.py -q build_ext --inplace >&2
+  compiled || echo "setup: the request path was not compiled; it runs as pure Python:" \
+    "$(env -u LLM_SUPERVISOR_PURE .venv/bin/python -c \
+       'from supervisord_llm import native as n; print(n.WHY)')" >&2
 fi
 PYTHON=.venv/bin/python scripts/build-llama-server.sh

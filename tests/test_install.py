@@ -166,6 +166,7 @@ def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "configuration" in r.stdout and ": ok" in r.stdout
     assert "keeping" in r.stdout and "never overwritten" in r.stdout
+    assert "request path: compiled (mypyc)" in r.stdout  # built by pip from the copy
     for b in ("llm-supervisor", "llmctl"):
         assert os.readlink(p["bindir"] / b) == str(p["prefix"] / "bin" / b)
     unit = (p["unit_dir"] / "llm-supervisor.service").read_text()

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
+from .. import native
 from ..config import GateSection, RouterSection
 from ..gate.host import finish_gate
 from ..gate.proxy import Gate, Histogram
@@ -682,6 +683,10 @@ def main(argv: list[str] | None = None) -> int:
     front = Front(Path(args.dir), args.grace, args.unattended, args.memory_max_mb)
     loop = _new_loop()
     asyncio.set_event_loop(loop)
+    if native.COMPILED:
+        log.info("front: the request path is compiled; event loop %s", type(loop).__module__)
+    else:  # the same behaviour, about 3x the CPU per request (docs/performance.md)
+        log.warning("front: the request path runs as pure Python: %s", native.WHY)
     loop.add_signal_handler(signal.SIGTERM, lambda: front._spawn(front.stop(STOP_GRACE_S)))
     # what is alive now (modules, the program) lives as long as the process: the cyclic
     # collector need not go over it again at every full collection under a flood

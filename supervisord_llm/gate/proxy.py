@@ -39,13 +39,14 @@ from .server import (
 )
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
-DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                           60.0, 120.0, 300.0)
-TTFB_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                       10.0, 30.0)
+# (typed: mypyc, which compiles this module, leaves a Final tuple of floats unset otherwise)
+DURATION_BUCKETS: Final[tuple[float, ...]] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TTFB_BUCKETS: Final[tuple[float, ...]] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _EOL: Final = re.compile(rb"\r\n|\r|\n")
-RATE_BUCKETS: Final = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0,
-                       1000.0)
+RATE_BUCKETS: Final[tuple[float, ...]] = (
+    1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0, 1000.0)
 RETRY_AFTER: Final = {"closed": b"5", "stopped": b"5", "draining": b"10", "queue_full": b"1",
                       "queue_timeout": b"1", "no_room": b"10", "cold_timeout": b"10"}
 # why a gate of an on-demand service is closed when a request makes it start (or waits):
@@ -490,22 +491,23 @@ class Gate:
             code = await self._serve(req, conn, writer, started, stats=stats, model=model)
         except (ClientGone, asyncio.CancelledError):
             code = 499  # the client went away
-        except BodyTimeout as exc:
+        except BodyTimeout as slow:  # (a name per except: mypyc types it once)
             code = 408
             self.limiter.info("body_timeout", "%s gate: %s: %s", self.name,
-                              conn.peer or "?", exc)
+                              conn.peer or "?", slow)
             if not writer.started:
-                writer.simple(408, http1.error_body(str(exc), "invalid_request_error",
+                writer.simple(408, http1.error_body(str(slow), "invalid_request_error",
                                                     "request_timeout"))
             return False
-        except BodyRefused as exc:
+        except BodyRefused as refused:
             # a bad chunk size, or the router's check of the body: the upstream (if it was
             # reached) never got the whole body, and its connection is closed
-            code = exc.status
-            self.stats.reject(exc.code)
+            code = refused.status
+            self.stats.reject(refused.code)
             if not writer.started:
-                kind = "invalid_request_error" if exc.status < 500 else "server_error"
-                writer.simple(exc.status, http1.error_body(exc.message, kind, exc.code))
+                kind = "invalid_request_error" if refused.status < 500 else "server_error"
+                writer.simple(refused.status, http1.error_body(refused.message, kind,
+                                                               refused.code))
             return False
         finally:
             self._ended(code, started, stats)
@@ -532,9 +534,9 @@ class Gate:
                 return self._reject(writer, 503, self.state)
             try:
                 await self.admission.acquire()
-            except Rejected as exc:
-                if exc.reason in ("queue_full", "queue_timeout"):
-                    return self._reject(writer, 429, exc.reason)
+            except Rejected as rejected:  # (a name per except: mypyc types it once)
+                if rejected.reason in ("queue_full", "queue_timeout"):
+                    return self._reject(writer, 429, rejected.reason)
                 continue  # drained or closed while queued: decide again (backup, or 503)
             break
         else:
@@ -933,7 +935,8 @@ class _Exchange:
             self.connecting = None
         self._end(499)
 
-    client_gone = abandon  # (`Gone`: the client's connection is lost)
+    def client_gone(self) -> None:  # (`Gone`: the client's connection is lost)
+        self.abandon()
 
     def _crash(self) -> None:
         """A bug of ours on the way: logged, the client's connection dropped."""

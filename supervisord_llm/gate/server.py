@@ -26,7 +26,6 @@ import contextlib
 import errno
 import fcntl
 import functools
-import inspect
 import logging
 import socket
 import sys
@@ -49,7 +48,7 @@ SEND_BUFFER: Final = 64 * 1024  # response bytes held for a client before the up
 PIPELINE_MAX: Final = 8  # requests queued behind the one being answered, on one connection
 FRESH_GRACE_S: Final = 1.0  # a listener closing: a new connection's first request may come
 _ACCEPT_BATCH: Final = 32
-_ACCEPT_RETRY_S: Final = (0.1, 2.0)
+_ACCEPT_RETRY_S: Final[tuple[float, ...]] = (0.1, 2.0)
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -473,8 +472,8 @@ class ClientConnection(asyncio.Protocol):
                     self._not_upgraded()
                 except _Stop:
                     return
-                except http1.ParseError as exc:
-                    self._refuse(exc.status, str(exc))
+                except http1.ParseError as bad:  # (a name per except: mypyc types it once)
+                    self._refuse(bad.status, str(bad))
                     return
         finally:
             # a request whose head came in this read begins now, outside llhttp's callbacks,
@@ -600,20 +599,23 @@ class ClientConnection(asyncio.Protocol):
             return
         if coro is None:
             return  # answered by callbacks: `finished` follows
-        task = self._loop.create_task(self._run(coro))
+        began = [False]  # (a compiled coroutine has no state to ask: the task says it began)
+        task = self._loop.create_task(self._run(coro, began))
         self._task = task
         self.listener.tasks.add(task)
         task.add_done_callback(self.listener.tasks.discard)
-        task.add_done_callback(functools.partial(self._never_ran, coro))
+        task.add_done_callback(functools.partial(self._never_ran, coro, began))
 
-    def _never_ran(self, coro: Coroutine[Any, Any, bool], _task: object) -> None:
+    def _never_ran(self, coro: Coroutine[Any, Any, bool], began: list[bool],
+                   _task: object) -> None:
         """The task ended before it began (its client left in the same turn of the loop):
         the handler never saw the request; it is counted here, as its client's leaving."""
-        if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
-            coro.close()
+        if not began[0]:
+            coro.close()  # (never awaited: closed, so that it is not warned about)
             self.handler.count(499)
 
-    async def _run(self, coro: Coroutine[Any, Any, bool]) -> None:
+    async def _run(self, coro: Coroutine[Any, Any, bool], began: list[bool]) -> None:
+        began[0] = True
         keep = False
         try:
             keep = await coro
