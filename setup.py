@@ -72,6 +72,10 @@ def _extensions() -> list[Any]:
     os.chdir(HERE)  # mypyc names modules by their paths from here
     try:
         exts: list[Any] = mypycify(_sources(), opt_level="3", group_name=GROUP)
+    except (Exception, SystemExit) as exc:  # its type check failed: pure Python, said loudly
+        print(f"llm-supervisor: mypyc could not compile the request path ({exc}): it stays "
+              "pure Python", file=sys.stderr)
+        return []
     finally:
         os.chdir(old)
     return exts

@@ -13,7 +13,9 @@ the rounds. The measuring client runs pinned to one core (`taskset -c 1`). Measu
   saturation runs), and nginx's (its worker's);
 - the daemon's event-loop lag while the gate is flooded (the largest `loop_lag_s` in
   `llmctl status`, read every 0.2 s): the flood runs in the front, not in the daemon.
-Prints a table; docs/performance.md records it.
+Prints a table; docs/performance.md records it. The front runs the request path as the
+package loads it (compiled, or from source: the first line says which); `LLM_SUPERVISOR_PURE=1`
+measures the source.
 """
 
 from __future__ import annotations
@@ -314,7 +316,9 @@ def med(rows: list[dict[str, Any]], key: str) -> float:
 
 def report(results: dict[tuple[str, str], list[dict[str, Any]]], rounds: int) -> None:
     names = ("direct", "gate", "nginx")
-    print(f"medians over {rounds} rounds; latencies in ms; 'added' = proxy - direct")
+    from supervisord_llm import native  # (the front runs what this process would import)
+    print(f"medians over {rounds} rounds; latencies in ms; 'added' = proxy - direct; "
+          f"the request path: {native.WHY}")
     for phase, title in (("small1", "small request, 1 client"),
                          ("small64", "small request, 64 clients"),
                          ("sse1", "SSE chunk, 1 stream"), ("sse64", "SSE chunk, 64 streams")):

@@ -9,7 +9,8 @@ to the upstream connection; the figure is CPU time (process) per request, the be
 `--turns N` lets the loop turn N times after each half (what a request path with tasks needs
 to go on; 4 + 4 is enough for the task-based path this replaced); `--src TREE` measures the
 gate of another source tree (a `git worktree` of an older commit), for a before/after with
-the same harness and the same `--turns`.
+the same harness and the same `--turns`. It measures the request path as it loads (compiled,
+or from source: supervisord_llm/native.py, printed); `LLM_SUPERVISOR_PURE=1` for the source.
 """
 
 from __future__ import annotations
@@ -68,8 +69,11 @@ def main() -> None:
     import uvloop
 
     best = uvloop.run(measure(a.n, a.rounds, a.turns))
+    from supervisord_llm import native
+
     print(f"gate, Python per small request: {best * 1e6:.1f} us "
-          f"(fake transports, {a.turns} loop turns after each half, best of {a.rounds})")
+          f"(fake transports, {a.turns} loop turns after each half, best of {a.rounds}; "
+          f"{native.WHY})")
 
 
 if __name__ == "__main__":

@@ -389,7 +389,11 @@ class Gate:
     def inside(self, port: int) -> int:
         """Requests being proxied to the upstream on `port` (counted when asked: a drain or an
         idle check, not every request)."""
-        return sum(1 for f in self._flows if f.target[1] == port)
+        n = 0
+        for f in self._flows:
+            if f.target[1] == port:
+                n += 1
+        return n
 
     def is_idle(self) -> bool:
         return self.inflight == 0 and not self._cold
@@ -614,7 +618,7 @@ class Gate:
         """`_request_head` for a request whose `Connection` names headers (`lines`: the
         request line and the Host line)."""
         lines += [k + b": " + v for k, v in http1.end_to_end(req.headers, _TO_UPSTREAM_DROP)]
-        prior = b", ".join(v for k, v in req.headers if k.lower() == b"x-forwarded-for")
+        prior = b", ".join([v for k, v in req.headers if k.lower() == b"x-forwarded-for"])
         return self._head_end(req, conn, lines, prior, length)
 
     @staticmethod
