@@ -218,10 +218,13 @@ class UpstreamPool:
     those idle for longer than `idle_s` (a timer per connection would be two timer calls per
     request); none older is ever handed out."""
 
-    def __init__(self, max_idle: int = 256, idle_s: float = 2.0) -> None:
-        # idle_s stays under the keep-alive timeouts of the servers behind the gate (uvicorn,
-        # which vLLM uses, closes idle connections after 5 s): a pooled connection is never
-        # one the server is closing at that moment.
+    def __init__(self, max_idle: int = 256, idle_s: float = 4.0) -> None:
+        # idle_s stays under the keep-alive timeouts of the servers behind the gate (5 s:
+        # uvicorn's, which vLLM and SGLang use, and llama-server's): a pooled connection is
+        # not one the server is closing at that moment (and a request whose whole body is
+        # held is sent again on a new connection if it was: `_Exchange.failed`). Longer is
+        # fewer connects in a burst after a pause (2 s before: most of 64 streams opened
+        # after a 2-second lull connected anew).
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
         self.max_idle = max_idle
