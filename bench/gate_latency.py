@@ -193,8 +193,11 @@ http {{
     client_body_temp_path {tmp}/body;
     proxy_temp_path {tmp}/proxy;
     keepalive_requests 1000000;
+    # idle upstream connections kept 4 s, as the gate keeps them (under the 5 s keep-alive of
+    # the engines behind it: past it, a request races the engine's close; nginx's default
+    # is 60 s, which only a server without an idle timeout, like this backend, allows)
     upstream backend {{ server 127.0.0.1:{backend}; keepalive 128;
-                        keepalive_requests 1000000; }}
+                        keepalive_requests 1000000; keepalive_timeout 4s; }}
     server {{
         listen 127.0.0.1:{listen} backlog=1024;
         location / {{
