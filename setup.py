@@ -53,10 +53,14 @@ class OptionalBuildExt(build_ext):
                   "the compiled one.", file=sys.stderr)
             return
         if self.extensions:
+            built = {ext.name: Path(self.get_ext_fullpath(ext.name)) for ext in self.extensions}
             manifest.parent.mkdir(parents=True, exist_ok=True)
-            manifest.write_text(json.dumps({"modules": {
-                m: hashlib.sha256(Path(HERE, src).read_bytes()).hexdigest()
-                for m, src in zip(MODULES, _sources(), strict=True)}}, indent=1) + "\n")
+            manifest.write_text(json.dumps({
+                # what each was compiled from, and each file as built (name, size)
+                "modules": {m: hashlib.sha256(Path(HERE, src).read_bytes()).hexdigest()
+                            for m, src in zip(MODULES, _sources(), strict=True)},
+                "compiled": {name: [path.name, path.stat().st_size]
+                             for name, path in built.items()}}, indent=1) + "\n")
 
 
 def _extensions() -> list[Any]:

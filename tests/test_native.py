@@ -93,27 +93,78 @@ def test_a_source_edited_since_the_compile_loads_all_from_source(copy: Path) -> 
     assert all(f.endswith(".py") and f.startswith(str(copy)) for f in doc["files"].values())
 
 
-@pytest.mark.parametrize("case", ["pure", "no manifest", "bad manifest", "a module missing",
-                                  "the shared library missing"])
+WAYS = {
+    "pure": "LLM_SUPERVISOR_PURE is set",
+    "no manifest": "not compiled",
+    "bad manifest": "_native.json unreadable (",
+    "a manifest nested too deeply": "_native.json unreadable (nested too deeply)",
+    "a manifest of the wrong shape": "no `modules` and `compiled` tables",
+    "a FIFO for a manifest": "_native.json unreadable (not a regular file)",
+    "a module missing": "supervisord_llm.gate.admission is not compiled",
+    "a directory for a module": "supervisord_llm.http1 is not compiled",
+    "the shared library missing": "supervisord_llm._compiled__mypyc is not compiled",
+    "a truncated module": "router.",  # ... is not the file that was built
+    "a truncated shared library": "_compiled__mypyc.",
+    "a module copied over another": "upstream.",
+}
+
+
+@pytest.mark.parametrize("case", list(WAYS))
 def test_the_other_ways_to_pure_python(copy: Path, case: str) -> None:
+    """Never a crash (a truncated library is a SIGBUS when loaded; a manifest nested deep a
+    RecursionError; a FIFO would block the import for ever), never a mix: all from source,
+    and the reason said."""
     pkg = copy / "supervisord_llm"
+    manifest = pkg / native.MANIFEST
     env = {}
+
+    def so(pattern: str, where: Path = pkg / "gate") -> Path:
+        return next(where.glob(pattern))
+
     if case == "pure":
         env["LLM_SUPERVISOR_PURE"] = "1"
     elif case == "no manifest":
-        (pkg / native.MANIFEST).unlink()
+        manifest.unlink()
     elif case == "bad manifest":
-        (pkg / native.MANIFEST).write_text("{\"modules\": [")
+        manifest.write_text("{\"modules\": [")
+    elif case == "a manifest nested too deeply":
+        manifest.write_text("[" * 200_000 + "]" * 200_000)
+    elif case == "a manifest of the wrong shape":
+        manifest.write_text("{\"modules\": []}")
+    elif case == "a FIFO for a manifest":
+        manifest.unlink()
+        os.mkfifo(manifest)
     elif case == "a module missing":
-        next((pkg / "gate").glob("admission.*.so")).unlink()
+        so("admission.*.so").unlink()
+    elif case == "a directory for a module":
+        lib = so("http1.*.so", pkg)
+        lib.unlink()
+        lib.mkdir()
+    elif case == "the shared library missing":
+        so("_compiled__mypyc.*.so", pkg).unlink()
+    elif case == "a truncated module":
+        lib = so("router.*.so")
+        lib.write_bytes(lib.read_bytes()[:4096])
+    elif case == "a truncated shared library":
+        lib = so("_compiled__mypyc.*.so", pkg)
+        lib.write_bytes(lib.read_bytes()[:100_000])
     else:
-        next(pkg.glob("_compiled__mypyc.*.so")).unlink()
+        shutil.copy(so("admission.*.so"), so("upstream.*.so"))
     doc = probe(copy, **env)
     assert doc["compiled"] is False
-    assert {"pure": "LLM_SUPERVISOR_PURE is set",
-            "no manifest": "not compiled",
-            "bad manifest": "_native.json unreadable",
-            "a module missing": "supervisord_llm.gate.admission is not compiled",
-            "the shared library missing": "supervisord_llm._compiled__mypyc is not compiled",
-            }[case] in doc["why"]
+    assert WAYS[case] in doc["why"], doc["why"]
+    if case.startswith(("a truncated", "a module copied")):
+        assert doc["why"].endswith("is not the file that was built")
     assert all(f.endswith(".py") for f in doc["files"].values())
+
+
+def test_a_source_missing_is_said_not_run_compiled_unchecked(copy: Path) -> None:
+    """A compiled module whose source is gone cannot be checked: it is not loaded, and the
+    import says what is missing."""
+    (copy / "supervisord_llm" / "gate" / "upstream.py").unlink()
+    clean = {k: v for k, v in os.environ.items() if k != "LLM_SUPERVISOR_PURE"}
+    r = subprocess.run([sys.executable, "-c", "import supervisord_llm.gate.proxy"], cwd=copy,
+                       capture_output=True, text=True, timeout=60, check=False,
+                       env={**clean, "PYTHONPATH": str(copy)})
+    assert r.returncode == 1
+    assert "supervisord_llm.gate.upstream: its source" in r.stderr and "reinstall" in r.stderr
