@@ -184,6 +184,27 @@ def test_kill_9_of_the_front_cuts_only_its_streams_and_refuses_nothing(tmp_path:
         assert "llm_supervisor_front_restarts_total 1.0" in metrics
 
 
+def test_a_front_stopped_by_sigterm_finishes_its_streams_and_counts_none_cut(
+        tmp_path: Path) -> None:
+    """SIGTERM to the front (by hand, or its unit stopped alone): its streams finish, and it
+    tells the daemon so before it exits; the daemon counted the streams of its last report
+    as cut (seen: 1 cut, logged at ERROR, for a stream that ended with [DONE])."""
+    doc = base_config(tmp_path, [gated("alpha")])
+    with running(tmp_path, doc) as d:
+        d.wait_state("alpha", "ready")
+        fpid = front_pid(d)
+        streams = Streams(gate_port(doc, "alpha"), 2, 20, 0.05)
+        wait_until(lambda: inflight(d, "alpha") == 2, 10, what="2 in flight")
+        os.kill(fpid, signal.SIGTERM)
+        streams.join(20)
+        assert (streams.done, streams.cut) == (2, 0)
+        wait_until(lambda: d.status()["front"]["pid"] not in (None, fpid), 15,
+                   what="a new front")
+        front = d.status()["front"]
+        assert front["restarts"] == 1 and front["cut_requests"] == 0, front
+        assert "0 request(s) in it were cut" in d.logtext()
+
+
 def test_a_daemon_gone_for_good_takes_the_front_after_the_grace(tmp_path: Path) -> None:
     doc = base_config(tmp_path, [gated("alpha")])
     doc["supervisor"]["adopt_grace_s"] = 1

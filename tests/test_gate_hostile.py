@@ -622,6 +622,41 @@ async def test_other_transfer_codings_and_a_closed_gate_with_expect(
         writer.close()
 
 
+@pytest.mark.parametrize(("te", "status"), [
+    (b"gzip", 501), (b"chunked;a=b", 501), (b"gzip, chunked", 501), (b"identity", 501),
+    # chunked twice: llhttp refuses it as malformed
+    (b"chunked, chunked", 400), (b"chunked\r\nTransfer-Encoding: chunked", 400)])
+async def test_a_request_in_another_transfer_coding_is_refused_and_never_goes_up(
+        gate_env: Callable[..., Awaitable[Env]], te: bytes, status: int) -> None:
+    """Only `chunked` (once) frames a request body here. Another coding left the body's
+    length unknown: the request went up without its body, then llhttp refused the body
+    (or, with `gzip, chunked`, the coded bytes went up as if they were the body)."""
+    seen: list[bytes] = []
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            seen.append(await read_head(reader))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with RawBackend(backend) as be:
+        env = await gate_env(be.port)
+        reader, writer = await connect(env.port)
+        writer.write(b"POST /x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: " + te +
+                     b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        head = await asyncio.wait_for(read_head(reader), 5)
+        assert head.startswith(b"HTTP/1.1 %d" % status), head
+        n = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = json.loads(await reader.readexactly(n))
+        assert body["error"]["code"] == ("not_implemented" if status == 501 else "bad_request")
+        assert "Transfer-Encoding" in body["error"]["message"]
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # then closed
+        writer.close()
+        await async_stays(lambda: not seen, 0.3, "nothing reached the server")
+        status, _ = await get(env.port)  # the gate serves on
+        assert status == 200
+
+
 async def test_a_pipelining_client_that_leaves_is_seen(
         gate_env: Callable[..., Awaitable[Env]]) -> None:
     """A second request pipelined behind one the model is thinking about, then FIN: the gate

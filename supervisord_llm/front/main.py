@@ -139,6 +139,9 @@ class Front:
             self._attach(socket.socket(fileno=client_fd))
         self._spawn(self._tick())
         await self.done.wait()
+        # what it ends with (stopped: nothing in flight, what finished finished): the daemon
+        # counts as cut what its last word said was in flight
+        self._push()
         loop.remove_reader(server.fileno())
         server.close()
 

@@ -552,7 +552,14 @@ class ClientConnection(asyncio.Protocol):
                 if cl is None:
                     cl = v
             elif name == b"transfer-encoding":
-                chunked = chunked or v.lower().rstrip().endswith(b"chunked")
+                # chunked, once, and nothing else: another coding (gzip, chunked with
+                # parameters) leaves the body's length unknown, or would pass coded bytes on
+                # as the body (RFC 9112 6.1: 501)
+                if chunked or v.strip().lower() != b"chunked":
+                    raise http1.ParseError(
+                        f"unsupported Transfer-Encoding {v[:40].decode(errors='replace')!r}"
+                        " (only chunked is)", 501)
+                chunked = True
             elif name == b"expect":
                 expect = expect or v.lower() == b"100-continue"
         length = int(cl) if cl is not None and not chunked else None
