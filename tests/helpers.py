@@ -581,7 +581,12 @@ async def front_host() -> AsyncIterator[Any]:
     log = tempfile.NamedTemporaryFile(prefix="llm-front-", suffix=".log")  # noqa: SIM115
     host = FrontClient(None, output_fd=log.fileno(), log_format="text")
     host.test_log = Path(log.name)  # type: ignore[attr-defined]
-    await host.start()
+    try:
+        await host.start()
+    except BaseException:  # (its directory under /tmp goes with it)
+        await host.close()
+        log.close()
+        raise
 
     async def refresh() -> None:
         while True:
