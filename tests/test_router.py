@@ -186,6 +186,29 @@ def test_bad_bodies_are_named(body: bytes, code: str) -> None:
     assert exc2.value.code == code
 
 
+@pytest.mark.parametrize("escape", [rb"\u00e9", rb"\ud83d\ude00"])
+def test_the_longest_model_counts_characters_written_any_way(escape: bytes) -> None:
+    """A model of MODEL_MAX characters, each escaped: taken by the scan (a large body) as by
+    json (a small one); one more character is refused by both. The scan capped the raw bytes
+    at 4 per character: 400 for a large body where a small one was routed."""
+    from supervisord_llm.gate.router import MODEL_MAX
+
+    for n, ok in ((MODEL_MAX, True), (MODEL_MAX + 1, False)):
+        body = b'{"model": "' + escape * n + b'", "x": 1}'
+        for step in (7, 1000, len(body)):
+            if ok:
+                assert len(scan(body, step) or "") == n
+            else:
+                with pytest.raises(BadBody) as exc:
+                    scan(body, step)
+                assert exc.value.code == "invalid_model"
+        if ok:
+            assert len(model_of_small(body)) == n
+        else:
+            with pytest.raises(BadBody):
+                model_of_small(body)
+
+
 def test_escaped_keys_and_quotes_inside_strings() -> None:
     body = rb'{"messages": [{"content": "a \"model\": \"evil\" \\"}], "\u006dodel": "real"}'
     for step in (1, 2, 5, 1000):

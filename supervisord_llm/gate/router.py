@@ -41,6 +41,9 @@ from .server import (
 HELD_MAX: Final = 256 * 1024 * 1024  # counted twice over: a copy is made along the way
 SMALL_BODY: Final = 4096  # a whole body this small is parsed by json (C) instead of scanned
 MODEL_MAX: Final = 256
+# the longest MODEL_MAX characters can be written in JSON (each a \\uXXXX\\uXXXX pair): the
+# scan keeps that much of a `model` string, decodes it, and counts characters, as json does
+_MODEL_RAW_MAX: Final = 12 * MODEL_MAX
 # The scan passes over most of a body in C, with possessive regexes (no backtracking): each
 # stops where the bytes at hand end or where Python must look (a bracket that changes the
 # depth, a top-level key that may be `model`, a string that goes on in the next read).
@@ -195,7 +198,7 @@ class ModelScan:
         partial = self._partial
         if self._in == _SKIP or partial is None:
             return
-        if len(partial) + end - start > (KEY_MAX - 2 if self._in == _KEY else 4 * MODEL_MAX):
+        if len(partial) + end - start > (KEY_MAX - 2 if self._in == _KEY else _MODEL_RAW_MAX):
             if self._in == _VALUE:
                 raise BadBody(400, "invalid_model", f"`model` is longer than {MODEL_MAX} "
                               "characters")
@@ -235,6 +238,9 @@ class ModelScan:
             raise BadBody(400, "invalid_body", "the request body is not valid JSON") from None
         if not isinstance(value, str) or not value:
             raise BadBody(400, "invalid_model", "`model` must be a non-empty string")
+        if len(value) > MODEL_MAX:
+            raise BadBody(400, "invalid_model", f"`model` is longer than {MODEL_MAX} "
+                          "characters")
         return value
 
 
@@ -425,10 +431,7 @@ class Router:
                     body.check = scan.feed  # from now on each read is scanned as it arrives
                 del data
                 model = scan.model
-                if model is not None:
-                    if len(model) > MODEL_MAX:
-                        raise BadBody(400, "invalid_model", f"`model` is longer than "
-                                      f"{MODEL_MAX} characters")
+                if model is not None:  # (its length checked: ModelScan._model)
                     if body.complete and not scan.done:
                         raise BadBody(400, "invalid_body", "the request body is not complete "
                                       "JSON")
