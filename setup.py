@@ -9,8 +9,9 @@ A checkout compiles in place (scripts/setup.sh does): python setup.py build_ext 
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -21,14 +22,24 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
-# the list of modules, from native.py alone (standard library only: nothing else is imported)
-_spec = importlib.util.spec_from_file_location("_native_list", HERE / "supervisord_llm/native.py")
-assert _spec is not None and _spec.loader is not None
-_native = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_native)
-MODULES: tuple[str, ...] = _native.MODULES
-MANIFEST: str = _native.MANIFEST
-GROUP: str = _native.GROUP
+
+
+def _native_constants() -> dict[str, Any]:
+    """The literal constants of supervisord_llm/native.py (read, not run: importing it
+    decides how the package loads, which is no business of the build)."""
+    out: dict[str, Any] = {}
+    for node in ast.parse((HERE / "supervisord_llm" / "native.py").read_text()).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and node.value is not None:
+            with contextlib.suppress(ValueError):  # (not a literal: not one of these)
+                out[node.target.id] = ast.literal_eval(node.value)
+    return out
+
+
+_NATIVE = _native_constants()
+MODULES: tuple[str, ...] = _NATIVE["MODULES"]
+MANIFEST: str = _NATIVE["MANIFEST"]
+GROUP: str = _NATIVE["GROUP"]
 # the commands that build extensions (pip also runs this file for metadata: no compile then)
 _BUILDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"}
 
