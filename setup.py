@@ -67,10 +67,12 @@ class OptionalBuildExt(build_ext):
             built = {ext.name: Path(self.get_ext_fullpath(ext.name)) for ext in self.extensions}
             manifest.parent.mkdir(parents=True, exist_ok=True)
             manifest.write_text(json.dumps({
-                # what each was compiled from, and each file as built (name, size)
+                # what each was compiled from, and each file as built: its name, and its
+                # SHA-256 (a module's: small, and all of a size) or its size (the library)
                 "modules": {m: hashlib.sha256(Path(HERE, src).read_bytes()).hexdigest()
                             for m, src in zip(MODULES, _sources(), strict=True)},
-                "compiled": {name: [path.name, path.stat().st_size]
+                "compiled": {name: [path.name, hashlib.sha256(path.read_bytes()).hexdigest()
+                                    if name in MODULES else path.stat().st_size]
                              for name, path in built.items()}}, indent=1) + "\n")
 
 

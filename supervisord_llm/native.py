@@ -6,9 +6,11 @@ checkout): the same code, about three times less CPU per request. The build writ
 package the compiled modules are used only if every one of them is there and was built from
 the source beside it; otherwise (no compiler at install, a source edited since, or
 `LLM_SUPERVISOR_PURE=1`) all of them load from source, never a mix (compiled modules call
-each other natively), and `WHY` says why. The manifest also holds the name and size of each
-compiled file as built: a truncated or swapped one (a full disk at install, a copy gone
-wrong) would crash the process when loaded, so it is not loaded.
+each other natively), and `WHY` says why. The manifest also holds each compiled file as
+built: the SHA-256 of each module's (small: the code is in the library they share) and the
+size of the shared library (a hash of its megabytes would slow every start of llmctl): a
+truncated or swapped one (a full disk at install, a copy gone wrong) would crash the process
+when loaded, so it is not loaded.
 
 Standard library only: imported before anything else of the package.
 """
@@ -100,7 +102,8 @@ def decide() -> tuple[bool, str]:
         if path is None:
             return False, f"{module} is not compiled"
         try:
-            if files.get(module) != [path.name, path.stat().st_size]:
+            mark = path.stat().st_size if module not in MODULES else digest(path)
+            if files.get(module) != [path.name, mark]:
                 return False, f"{path.name} is not the file that was built"
             if module in MODULES and sources.get(module) != digest(source_of(module)):
                 return False, f"{module} changed since it was compiled"

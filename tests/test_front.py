@@ -573,3 +573,29 @@ async def test_a_gate_going_idle_again_and_again_tells_the_daemon_at_most_every_
     ops = [d["op"] for d in sent]
     assert ops.count("waiting") == 4  # once, not twice
     assert ops[0] == "state"  # the gates' state first (then only when it changed)
+
+
+async def test_a_daemon_that_takes_a_front_over_gets_its_routers_catalogue(
+        tmp_path: Path) -> None:
+    """The next daemon (a restart, an upgrade) reads the router's catalogue back from the front
+    it finds, so that a new front it hands the sockets to knows every model from its first
+    request: the catalogue came only later, with the daemon's own start of the gates, and a
+    request in between got 404 "known models: none" (seen in the upgrade test)."""
+    from supervisord_llm.config import RouterSection, parse_listen
+    from supervisord_llm.front.client import FrontClient
+
+    routes = {"m-alpha": "alpha"}
+    entries: list[dict[str, object]] = [{"id": "m-alpha", "object": "model",
+                                         "service": "alpha"}]
+    first = FrontClient(tmp_path / "front")
+    second = FrontClient(tmp_path / "front")
+    try:
+        await first.set_router(RouterSection(parse_listen(f"127.0.0.1:{free_port()}")),
+                               (routes, entries))
+        await first.close(handover=True)  # the daemon goes; the front serves on
+        await second.start()
+        assert second.router is not None
+        assert second.router.catalog == (routes, entries)
+    finally:
+        await second.close()
+        await first.close()

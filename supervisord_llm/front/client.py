@@ -504,6 +504,11 @@ class FrontClient:
         if isinstance(router, dict):
             with contextlib.suppress(ValueError):
                 self.router = self._router(docs.from_doc(RouterSection, router.get("cfg")))
+            catalog = router.get("catalog")  # (handed on to a new front with the sockets)
+            if self.router is not None and isinstance(catalog, list) and len(catalog) == 2 \
+                    and isinstance(catalog[0], dict) and isinstance(catalog[1], list):
+                self.router.catalog = ({str(k): str(v) for k, v in catalog[0].items()},
+                                       [e for e in catalog[1] if isinstance(e, dict)])
 
     def _old_event(self, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
         """From a front handing over: what it still has inside, by gate (the rest of what it

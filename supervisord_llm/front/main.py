@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
@@ -293,8 +294,13 @@ class Front:
                 "cold_message": g.cold_message, **self._light(g)}
         router = None
         if self.router is not None:
+            # its catalogue too: a daemon that hands this front over to a new one passes it
+            # on with the router's sockets (the new front's router knows every model from
+            # its first request, before the daemon has pushed its own)
             router = {"cfg": docs.to_doc(self.router.cfg),
-                      "listening": self.router_listener is not None}
+                      "listening": self.router_listener is not None,
+                      "catalog": [self.router.routes,
+                                  [json.loads(e) for e in self.router.entries.values()]]}
         return {"op": "snapshot", "proto": PROTO, "build": BUILD, "pid": os.getpid(),
                 "gates": gates,
                 "router": router, "grace_s": self.grace_s, "unattended_s": self.unattended_s}
