@@ -1218,3 +1218,58 @@ def test_a_request_that_came_while_the_loop_was_busy_is_answered_at_a_close() ->
     finally:
         up["loop"].call_soon_threadsafe(up["stop"].set)
         thread.join(10)
+
+
+def test_a_connection_accepted_as_the_listener_closes_is_answered() -> None:
+    """A connection accepted a moment before the listener closed, its transport made after
+    (uvloop makes it in a task): it was closed at once, over the request that had come, and
+    the client got a reset (seen as the upgrade test's other reset); the close did not wait
+    for it either. Now it gets the grace of the others, and its request is answered."""
+    import uvloop
+
+    from supervisord_llm.gate.proxy import Gate
+    from supervisord_llm.gate.server import open_listener
+    from supervisord_llm.gate.upstream import UpstreamPool
+
+    port = free_port()
+    up: dict[str, Any] = {}
+    ready, sent = threading.Event(), threading.Event()
+
+    async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def front() -> None:
+        loop = asyncio.get_running_loop()
+        async with RawBackend(ok) as backend:
+            pool = UpstreamPool()
+            gate = Gate("g", GateSection(None), pool)
+            gate.set_upstreams(("127.0.0.1", backend.port), None)
+            listener = open_listener(gate, "127.0.0.1", port, "the gate")
+            listener._pause_accepting()  # the client waits in the backlog meanwhile
+            sock = listener._socks[0]
+            ready.set()
+            await loop.run_in_executor(None, sent.wait, 10)
+            listener._accept(sock)  # accepted: its transport is made by a task, later
+            up["pending"] = listener._pending
+            await listener.close(5.0)  # in the same turn: before the transport is made
+            pool.close()
+
+    thread = threading.Thread(target=uvloop.run, args=(front(),))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"GET /x HTTP/1.1\r\nHost: g\r\n\r\n")
+            sent.set()
+            answer = b""
+            while chunk := client.recv(4096):  # a reset raises here
+                answer += chunk
+        assert up["pending"] == 1
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert b"connection: close" in answer.lower() and answer.endswith(b"\r\n\r\nok")
+    finally:
+        sent.set()
+        thread.join(10)

@@ -940,6 +940,7 @@ class Listener:
         finally:
             self._pending -= 1
             self._maybe_resume()
+            self._maybe_all_closed()
 
     def _after_retry(self) -> None:
         self._retry = None
@@ -948,13 +949,19 @@ class Listener:
     def opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
         if self._closed:
-            conn.close()
+            # accepted before the listener closed, its transport made after: like the others,
+            # its first request is answered (closed at once, over a request that had come,
+            # the client got a reset)
+            conn.close_when_idle()
 
     def closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
-        if not self.connections and self._all_closed is not None:
-            self._all_closed.set()
+        self._maybe_all_closed()
         self._maybe_resume()
+
+    def _maybe_all_closed(self) -> None:
+        if not self.connections and not self._pending and self._all_closed is not None:
+            self._all_closed.set()
 
     def _maybe_resume(self) -> None:
         if (not self._accepting and self._retry is None and not self._closed
@@ -976,7 +983,7 @@ class Listener:
         self._all_closed = asyncio.Event()
         for conn in list(self.connections):
             conn.close_when_idle()
-        if self.connections:
+        if self.connections or self._pending:  # (those accepted: their transports to come)
             try:
                 async with asyncio.timeout(grace_s):
                     await self._all_closed.wait()
