@@ -1151,6 +1151,14 @@ async def test_headers_named_in_connection_stay_with_the_hop() -> None:
 
 
 
+async def answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A backend that answers every request on its connection with 200 "ok"."""
+    while True:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+
 def test_a_request_that_came_while_the_loop_was_busy_is_answered_at_a_close() -> None:
     """The listener closes (a hand-over to a new front): a connection accepted a moment
     before gets a grace for its first request. On a loaded machine the request came in time
@@ -1168,16 +1176,10 @@ def test_a_request_that_came_while_the_loop_was_busy_is_answered_at_a_close() ->
     ready, busy = threading.Event(), threading.Event()
     poke, poked = socket.socketpair()
 
-    async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_head(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
     async def front() -> None:
         loop = up["loop"] = asyncio.get_running_loop()
         up["stop"] = stop = asyncio.Event()
-        async with RawBackend(ok) as backend:
+        async with RawBackend(answer_ok) as backend:
             pool = UpstreamPool()
             gate = Gate("g", GateSection(None), pool)
             gate.set_upstreams(("127.0.0.1", backend.port), None)
@@ -1235,15 +1237,9 @@ def test_a_connection_accepted_as_the_listener_closes_is_answered() -> None:
     up: dict[str, Any] = {}
     ready, sent = threading.Event(), threading.Event()
 
-    async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_head(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
     async def front() -> None:
         loop = asyncio.get_running_loop()
-        async with RawBackend(ok) as backend:
+        async with RawBackend(answer_ok) as backend:
             pool = UpstreamPool()
             gate = Gate("g", GateSection(None), pool)
             gate.set_upstreams(("127.0.0.1", backend.port), None)
