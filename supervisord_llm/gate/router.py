@@ -41,7 +41,7 @@ from .server import (
 HELD_MAX: Final = 256 * 1024 * 1024  # counted twice over: a copy is made along the way
 SMALL_BODY: Final = 4096  # a whole body this small is parsed by json (C) instead of scanned
 MODEL_MAX: Final = 256
-# the longest MODEL_MAX characters can be written in JSON (each a \\uXXXX\\uXXXX pair): the
+# the longest MODEL_MAX characters can be written in JSON (each a \uXXXX\uXXXX pair): the
 # scan keeps that much of a `model` string, decodes it, and counts characters, as json does
 _MODEL_RAW_MAX: Final = 12 * MODEL_MAX
 # The scan passes over most of a body in C, with possessive regexes (no backtracking): each
