@@ -15,6 +15,7 @@ from .rules import (
     state_dir_problem,
 )
 from .schema import (
+    API_PATHS,
     CHECKPOINT_KINDS,
     DEFAULT_CONFIG_PATH,
     DEFAULT_CONTROL_SOCKET,
@@ -28,6 +29,8 @@ from .schema import (
     RESTART_POLICIES,
     START_MODES,
     VENDORS,
+    AuditSection,
+    AuthSection,
     Checkpoint,
     CheckpointKind,
     Config,
@@ -55,6 +58,7 @@ from .schema import (
 )
 
 __all__ = [
+    "API_PATHS",
     "CHECKPOINT_KINDS",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_CONTROL_SOCKET",
@@ -71,6 +75,8 @@ __all__ = [
     "RESTART_POLICIES",
     "START_MODES",
     "VENDORS",
+    "AuditSection",
+    "AuthSection",
     "Checkpoint",
     "CheckpointKind",
     "Config",

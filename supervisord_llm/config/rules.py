@@ -6,6 +6,7 @@ unknown GPU in `service[i].gpus`) are made by `plan.resolve_plan`, in the same f
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import errno
 import ipaddress
 import itertools
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
+from ..errors import ConfigError
 from .reader import (
     MISSING,
     Table,
@@ -32,6 +34,7 @@ from .reader import (
     type_name,
 )
 from .schema import (
+    API_PATHS,
     CHECKPOINT_KINDS,
     DEFAULT_METRICS_LISTEN,
     GPU_BACKENDS,
@@ -43,6 +46,8 @@ from .schema import (
     RESTART_POLICIES,
     START_MODES,
     UPS_RE,
+    AuditSection,
+    AuthSection,
     Checkpoint,
     CheckpointKind,
     Config,
@@ -603,11 +608,46 @@ def _gate(t: Table | None, has_router: bool) -> GateSection | None:
     max_conn = t.number("max_connections", 1024, integer=True, minimum=1, maximum=1_000_000)
     drain_t = t.number("drain_timeout_s", 60.0, minimum=0, maximum=86400)
     stall_t = t.number("stall_timeout_s", 300.0, minimum=1, maximum=86400)
+    paths = _allow_paths(t)
+    per_client = _per_client(t, max_conn)
     t.finish()
     if listen is None and (text is not None or not has_router):
         return None
     return GateSection(listen, conc, queue, backup, swap_port, qt, header_t, body_t, send_t,
-                       max_conn, drain_t, stall_t)
+                       max_conn, drain_t, stall_t, paths, per_client)
+
+
+_PATH_RE: Final = re.compile(r"^/[\x21-\x7e]{0,255}$")
+
+
+def _allow_paths(t: Table) -> tuple[str, ...]:
+    """Paths forwarded beside the API's (API_PATHS): exact, or a prefix ending in `*`."""
+    paths = t.string_list("allow_paths", ())
+    if not isinstance(paths, tuple):
+        return ()
+    good = []
+    for i, path in enumerate(paths):
+        where = f"{t.key_path('allow_paths')}[{i}]"
+        if not _PATH_RE.match(path) or any(c in path for c in "?#\\"):
+            t.problems.append(f"{where}: must be a path from `/` (no spaces, `?`, `#`), at most "
+                              f"256 characters; a trailing `*` matches a prefix (got "
+                              f"{short(path)})")
+        elif "*" in path[:-1]:
+            t.problems.append(f"{where}: `*` goes only at the end (a prefix): {short(path)}")
+        elif any(seg in (".", "..") for seg in path.rstrip("*").split("/")) or "%" in path:
+            t.problems.append(f"{where}: no `.`/`..` segments or %-escapes: {short(path)}")
+        elif path not in API_PATHS:
+            good.append(path)
+    return tuple(dict.fromkeys(good))
+
+
+def _per_client(t: Table, max_conn: int) -> int | None:
+    value = t.number("max_connections_per_client", None, integer=True, minimum=1,
+                     maximum=1_000_000)
+    if value is not None and not t.failed("max_connections") and value > max_conn:
+        t.error("max_connections_per_client", f"must be <= max_connections ({max_conn})")
+        return None
+    return int(value) if value is not None else None
 
 
 def _probe(t: Table | None, has_port: bool) -> ProbeSection | None:
@@ -855,10 +895,75 @@ def _router(root: Table) -> RouterSection | None:
                         maximum=1_000_000)
     max_body = t.number("max_body_bytes", d.max_body_bytes, integer=True, minimum=1024,
                         maximum=256 * 1024 * 1024)
+    paths = _allow_paths(t)
+    per_client = _per_client(t, max_conn)
     t.finish()
     if listen is None:
         return None
-    return RouterSection(listen, header_t, body_t, send_t, max_conn, max_body)
+    return RouterSection(listen, header_t, body_t, send_t, max_conn, max_body, paths,
+                         per_client)
+
+
+def _auth(root: Table) -> AuthSection | None:
+    t = root.table("auth")
+    if t is None:
+        return None
+    path = t.string("keys_file")
+    if isinstance(path, str) and not os.path.isabs(path):
+        t.error("keys_file", f"must be an absolute path (got {short(path)})")
+    t.finish()
+    if not isinstance(path, str) or t.failed("keys_file"):
+        return None
+    from ..keys import load_keys  # (the keys file is read with the config: --check too)
+
+    try:
+        load_keys(path)
+    except ConfigError as exc:
+        root.problems.extend(f"auth.keys_file: {p}" for p in exc.problems)
+    return AuthSection(path)
+
+
+def _audit(root: Table) -> AuditSection | None:
+    t = root.table("audit")
+    if t is None:
+        return None
+    path = t.string("path")
+    if isinstance(path, str) and path != "journal":
+        if not os.path.isabs(path):
+            t.error("path", f'must be an absolute path, or "journal" (got {short(path)})')
+        elif os.path.isdir(path):
+            t.error("path", f"{short(path)} is a directory; name a file in it")
+        elif not os.path.isdir(os.path.dirname(path)):
+            t.error("path", f"its directory {short(os.path.dirname(path))} does not exist")
+    t.finish()
+    if not isinstance(path, str) or t.failed("path"):
+        return None
+    return AuditSection(path)
+
+
+def _exposed(cfg: Config) -> list[str]:
+    """Listeners beyond loopback without [auth]: loud warnings."""
+    if cfg.auth is not None:
+        return []
+    out = []
+    where = [("router.listen", cfg.router.listen)] if cfg.router is not None else []
+    where += [(f"service {s.name}: gate.listen", s.gate.listen) for s in cfg.services
+              if s.gate is not None and s.gate.listen is not None]
+    for name, listen in where:
+        if not _loopback(listen.host):
+            out.append(f"{name} = {str(listen)!r} listens beyond loopback and there is no "
+                       "[auth]: anyone who can reach it uses every model with no key. Add "
+                       "[auth] keys_file (docs/security.md), or listen on 127.0.0.1")
+    return out
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: whatever it resolves to
 
 
 def _error_paths(problems: list[str]) -> set[str]:
@@ -975,13 +1080,18 @@ def build_config(doc: Mapping[str, Any], path: str | None = None) -> Config:
     checkpoints = [(i, c) for i, c in enumerate(map(_checkpoint,
                                                     root.array_of_tables("checkpoint"))) if c]
     router = _router(root)
+    auth = _auth(root)
+    audit = _audit(root)
     has_router = root.has("router")
     services = [(i, s) for i, s in enumerate(
         _service(t, warnings, has_router) for t in root.array_of_tables("service")) if s]
     root.finish()
     cfg = Config(supervisor, metrics, gpu, thermal, power, tuple(c for _, c in checkpoints),
-                 tuple(s for _, s in services), router, path,
+                 tuple(s for _, s in services), router, auth, audit, path,
                  tuple(one_line(w) for w in warnings))
+    exposed = _exposed(cfg)
+    if exposed:
+        cfg = dataclasses.replace(cfg, warnings=(*cfg.warnings, *exposed))
     _cross_checks(cfg, services, checkpoints, _declared_names(doc), problems)
     if problems:
         raise config_error(problems)

@@ -36,6 +36,13 @@ CHECKPOINT_KINDS: Final[tuple[str, ...]] = get_args(CheckpointKind)
 PROBE_KINDS: Final[tuple[str, ...]] = get_args(ProbeKind)
 PROBE_ENDPOINTS: Final[tuple[str, ...]] = get_args(ProbeEndpoint)
 START_MODES: Final[tuple[str, ...]] = get_args(StartMode)
+# what the router and the gates forward (exact paths; a trailing `*` matches a prefix): the
+# OpenAI API and what engines serve to its clients. Anything else (an engine's admin and
+# debug endpoints: /slots, /metrics, /reset_prefix_cache, /sleep...) is answered 404.
+API_PATHS: Final[tuple[str, ...]] = (
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
+    "/v1/models/*", "/v1/responses", "/v1/rerank", "/v1/score", "/v1/audio/transcriptions",
+    "/v1/audio/translations", "/tokenize", "/detokenize", "/health")
 GIB: Final = 1024**3  # vram_gb counts GiB, as GPU makers and nvidia-smi do ("96 GB" cards)
 
 @dataclass(frozen=True)
@@ -227,6 +234,8 @@ class GateSection:
     drain_timeout_s: float = 60.0  # llmctl drain's default wait; a swap's old instance; stop
     # every in-flight request silent from the upstream this long, then a failed probe: hung
     stall_timeout_s: float = 300.0
+    allow_paths: tuple[str, ...] = ()  # forwarded beside API_PATHS
+    max_connections_per_client: int | None = None  # per client address (None: no limit)
 
 
 @dataclass(frozen=True)
@@ -269,6 +278,22 @@ class RouterSection:
     max_connections: int = 1024
     # how much of a request body is read to find its `model` (the rest streams through)
     max_body_bytes: int = 8 * 1024 * 1024
+    allow_paths: tuple[str, ...] = ()  # forwarded beside API_PATHS
+    max_connections_per_client: int | None = None  # per client address (None: no limit)
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    """API keys for the router and every gate's own listener (`keys.py`)."""
+
+    keys_file: str
+
+
+@dataclass(frozen=True)
+class AuditSection:
+    """One JSON line per request: to a file (reopened on SIGHUP), or to the journal."""
+
+    path: str  # a file, or "journal"
 
 
 @dataclass(frozen=True)
@@ -281,6 +306,8 @@ class Config:
     checkpoints: tuple[Checkpoint, ...] = ()
     services: tuple[ServiceConfig, ...] = ()
     router: RouterSection | None = None
+    auth: AuthSection | None = None
+    audit: AuditSection | None = None
     path: str | None = field(default=None, compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 

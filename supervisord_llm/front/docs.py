@@ -34,6 +34,11 @@ def from_doc(kind: type[T], doc: object) -> T:
                 raise ValueError("settings: bad listen")
             values[key] = Listen(value["host"], value["port"])
             continue
+        if isinstance(value, list):  # (a tuple of strings: allow_paths)
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError(f"settings: bad {key}")
+            values[key] = tuple(value)
+            continue
         if value is not None and not isinstance(value, (int, float, str, bool)):
             raise ValueError(f"settings: bad {key}")
         values[key] = value
