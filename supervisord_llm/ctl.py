@@ -435,6 +435,28 @@ def _parser() -> argparse.ArgumentParser:
     pe.add_argument("--force", action="store_true",
                     help="with on-line: the operator says the power is back, whatever upsd "
                     "or an FSD says (an override, shown in status and logged)")
+    key = sub.add_parser("key", help="API keys: new, revoke, rotate, list",
+                         description="API keys of [auth] keys_file, changed live (no restart, "
+                         "no stream cut).")
+    ks = key.add_subparsers(dest="key_command", metavar="ACTION", parser_class=_Parser)
+    ks.required = True
+    kn = ks.add_parser("new", help="make a key: its secret is printed once")
+    kn.add_argument("id", metavar="ID")
+    kn.add_argument("--models", nargs="+", metavar="MODEL", default=None,
+                    help="the models it may use (default: all)")
+    kn.add_argument("--rpm", type=int, metavar="N", help="requests per minute at most")
+    kn.add_argument("--tpm", type=int, metavar="N", help="tokens per minute at most")
+    kn.add_argument("--concurrency", type=int, metavar="N", help="requests at once at most")
+    kn.add_argument("--expires", metavar="WHEN",
+                    help="a date-time with its offset (2027-01-01T00:00:00Z), a date, or a "
+                    "duration from now (30d, 12h)")
+    kr = ks.add_parser("revoke", help="remove a key: its next request is refused")
+    kr.add_argument("id", metavar="ID")
+    kt = ks.add_parser("rotate", help="a new secret for a key (printed once)")
+    kt.add_argument("id", metavar="ID")
+    kt.add_argument("--overlap", metavar="DURATION", default="1h",
+                    help="how long the old secret stays valid (default 1h; 0: not at all)")
+    ks.add_parser("list", help="ids, models, limits, last use, requests and tokens")
     return p
 
 
@@ -487,7 +509,73 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any], float | Non
                      else {"event": args.event}), 60.0
     if cmd == "checkpoint":  # the daemon bounds it (each hook's timeout_s)
         return cmd, ({"name": args.name} if args.name else {}), None
+    if cmd == "key":
+        return _key_request(args)
     return cmd, {}, None
+
+
+def _key_request(args: argparse.Namespace) -> tuple[str, dict[str, Any], float | None]:
+    action: str = args.key_command
+    if action == "list":
+        return "key-list", {}, 30.0
+    req: dict[str, Any] = {"id": args.id}
+    if action == "new":
+        if args.models is not None:
+            req["models"] = args.models
+        for name in ("rpm", "tpm", "concurrency"):
+            value = getattr(args, name)
+            if value is not None:
+                if not 0 < value <= 1_000_000_000:
+                    raise CtlError(EXIT_USAGE, f"key new: --{name} must be a whole number "
+                                   "from 1")
+                req[name] = value
+        if args.expires is not None:
+            req["expires"] = args.expires
+    elif action == "rotate":
+        from .keys import parse_duration
+
+        try:
+            req["overlap_s"] = parse_duration(args.overlap)
+        except ValueError as exc:
+            raise CtlError(EXIT_USAGE, f"key rotate: --overlap: {exc}") from None
+    return "key-" + action, req, 60.0
+
+
+def _when(ts: Any) -> str:
+    if not isinstance(ts, (int, float)) or not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
+
+
+def render_keys(data: Any) -> str:
+    if not isinstance(data, dict):
+        return str(data)
+    if not data.get("auth"):
+        return "no [auth] keys_file in the config: the router and the gates take no keys"
+    rows = [["ID", "MODELS", "RPM", "TPM", "CONC", "EXPIRES", "LAST USE", "REQUESTS",
+             "TOKENS"]]
+    for k in data.get("keys") or []:
+        tokens = "-"
+        if isinstance(k.get("prompt_tokens"), int):
+            tokens = f"{k['prompt_tokens']}+{k.get('completion_tokens') or 0}"
+        rows.append([str(k.get("id")), ",".join(k.get("models") or []),
+                     str(k.get("rpm") or "-"), str(k.get("tpm") or "-"),
+                     str(k.get("concurrency") or "-"), _when(k.get("expires")),
+                     _when(k.get("last_used")), str(k.get("requests", "-")), tokens])
+    return f"keys file: {data.get('keys_file')}\n" + _table(rows)
+
+
+def render_key(cmd: str, data: Any) -> str:
+    if not isinstance(data, dict):
+        return str(data)
+    if cmd == "key-revoke":
+        return f"key {data.get('id')}: revoked (its next request is refused)"
+    lines = [f"key {data.get('id')}: " + ("made" if cmd == "key-new" else "rotated"),
+             f"secret: {data.get('secret')}",
+             "(shown once: it is not kept; clients send `Authorization: Bearer <secret>`)"]
+    if cmd == "key-rotate" and data.get("previous_until"):
+        lines.append(f"the old secret stays valid until {_when(data['previous_until'])}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -511,6 +599,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"handed over: the daemon exits; {len(models)} model(s) keep running "
                          f"({', '.join(models) or 'none'}) until the next llm-supervisor "
                          "adopts them (within adopt_grace_s)\n")
+    elif cmd == "key-list":
+        sys.stdout.write(render_keys(data) + "\n")
+    elif cmd.startswith("key-"):
+        sys.stdout.write(render_key(cmd, data) + "\n")
     elif cmd == "checkpoint":
         sys.stdout.write(render_checkpoints(data) + "\n")
         if isinstance(data, dict) and data.get("ok") is False:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol as P
+from .access import Access
 from .checkpoints import CheckpointRunner
 from .config import Config, load_config, one_line, state_dir_problem
 from .control import Commands, ControlServer, Peer
@@ -203,6 +204,7 @@ class Daemon:
         self.ledger = Ledger(None)  # the operator's decisions, kept across a restart
         self.unit: str | None = None  # our systemd unit, when run as one
         self.clock = time.monotonic
+        self.access: Access | None = None
 
     def load(self) -> Config:
         return apply_overrides(load_config(self.config_path), self.overrides)
@@ -270,6 +272,10 @@ class Daemon:
                 log_format=cfg.supervisor.log_format, systemd=systemd,
                 memory_max_mb=cfg.supervisor.front_memory_max_mb))
             self.sup = sup
+            access = Access(sup.set_door)
+            self.access = access
+            await asyncio.to_thread(access.load, cfg)  # ConfigError: a broken keys file
+            sup.door = access.doc()
             host = Host(sup, self._load_for_reload, self._reloading)
             self.host = host
             host.under_systemd = self.unit is not None
@@ -281,7 +287,7 @@ class Daemon:
                                     set_ceiling=guard.set_ceiling, recheck=guard.poke,
                                     clock=self.clock)
             parts = Parts(sup, host, guard, power, GenerationProber(sup, host, clock=self.clock),
-                          events, Swapper(sup, host, clock=self.clock))
+                          events, Swapper(sup, host, clock=self.clock), access)
             self.parts = parts
             control = ControlServer(cfg.supervisor.control_socket,
                                     cfg.supervisor.control_group,
@@ -530,9 +536,13 @@ class Daemon:
     async def _load_for_reload(self) -> tuple[Config, list[ServicePlan]]:
         """Read and validate the config off the loop. Any failure keeps the running config:
         it is logged (briefly) and raised as ControlError."""
+        if self.access is not None:  # the audit file again, whatever the config (logrotate)
+            await self.access.push()
         try:
             cfg = await asyncio.wait_for(asyncio.to_thread(self.load), RELOAD_READ_TIMEOUT_S)
             plans: list[ServicePlan] = await asyncio.to_thread(resolve_plan, cfg, self.gpus)
+            if self.access is not None:  # the keys file read again (a hand edit)
+                await asyncio.to_thread(self.access.load, cfg)
         except ConfigError as exc:
             for problem in exc.problems[:RELOAD_PROBLEMS_SHOWN]:
                 log.error("reload: %s", problem)
@@ -560,6 +570,9 @@ class Daemon:
         for warning in cfg.warnings:
             log.warning("config: %s", warning)
         self.cfg = cfg
+        if self.access is not None:
+            await self.access.push()
+            log.info("reload: %s", self.access.summary())
         return cfg, plans
 
     def _dispatch_with_hooks(self, commands: Commands) -> Any:

@@ -40,7 +40,7 @@ _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w
 MAX_KEYS: Final = 10_000
 MAX_MODELS: Final = 1_000
 MAX_LIMIT: Final = 1_000_000_000
-SECRET_PREFIX: Final = "sk-llm-"
+SECRET_PREFIX: Final = "sk-llm-"  # noqa: S105 (the start of every secret made)
 
 
 @dataclass(frozen=True)
@@ -310,10 +310,11 @@ def rotate_key(keys: tuple[ApiKey, ...], key_id: str, digest: str, overlap_s: fl
     for k in keys:
         if k.id == key_id:
             found = True
-            k = replace(k, sha256=digest,
-                        previous_sha256=k.sha256 if overlap_s > 0 else None,
-                        previous_until=now + overlap_s if overlap_s > 0 else None)
-        out.append(k)
+            out.append(replace(k, sha256=digest,
+                               previous_sha256=k.sha256 if overlap_s > 0 else None,
+                               previous_until=now + overlap_s if overlap_s > 0 else None))
+        else:
+            out.append(k)
     if not found:
         raise ValueError(f"no key {key_id!r} (`llmctl key list` shows them)")
     return tuple(out)

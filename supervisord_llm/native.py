@@ -33,6 +33,7 @@ from typing import Final
 MODULES: Final = (
     "supervisord_llm.http1",
     "supervisord_llm.gate.admission",
+    "supervisord_llm.gate.door",
     "supervisord_llm.gate.upstream",
     "supervisord_llm.gate.server",
     "supervisord_llm.gate.proxy",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .access import Access
 from .demand import Swapper
 from .guard import GpuGuard
 from .host import Host
@@ -24,3 +25,4 @@ class Parts:
     probes: GenerationProber  # generation probes
     events: GpuEvents  # Xids, udev
     swapper: Swapper  # models on demand
+    access: Access  # API keys and the audit log (the front door's settings)

@@ -18,7 +18,7 @@ MAX_MESSAGE: Final = 64 * 1024
 
 COMMANDS: Final = frozenset({
     "status", "start", "stop", "restart", "reset", "reload", "drain", "resume", "swap",
-    "checkpoint", "power-event", "handover",
+    "checkpoint", "power-event", "handover", "key-new", "key-revoke", "key-rotate", "key-list",
 })
 MUTATING: Final = COMMANDS - {"status"}
 MAX_TIMEOUT_S: Final = 86400.0
@@ -38,7 +38,14 @@ ARGS: Final[dict[str, frozenset[str]]] = {
     "checkpoint": frozenset({"name"}),
     "power-event": frozenset({"event", "force"}),
     "handover": frozenset(),
+    "key-new": frozenset({"id", "models", "rpm", "tpm", "concurrency", "expires"}),
+    "key-revoke": frozenset({"id"}),
+    "key-rotate": frozenset({"id", "overlap_s"}),
+    "key-list": frozenset(),
 }
+KEY_ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz" "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                "0123456789_.@-")
+MAX_OVERLAP_S: Final = 365 * 86400.0
 
 # error codes
 BAD_REQUEST: Final = "bad_request"
@@ -79,6 +86,13 @@ class Args:
     event: str | None = None
     force: bool = False  # power-event on-line: the operator's override
     name: str | None = None  # checkpoint: the one hook to run
+    key_id: str | None = None  # key-*: the key's id
+    models: tuple[str, ...] = ("*",)  # key-new
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    expires: str | None = None  # key-new: a date-time, a date or a duration (the daemon's)
+    overlap_s: float = 3600.0  # key-rotate: how long the old secret stays valid
 
 
 def _short(value: object) -> str:
@@ -150,12 +164,51 @@ def parse_args(cmd: str, args: dict[str, Any]) -> Args:
             raise ProtocolError("args.force goes with the on-line event only (the operator "
                                 "says the power is back)")
         out["force"] = force
+    if cmd.startswith("key-") and cmd != "key-list":
+        _key_args(cmd, args, out)
     if cmd == "checkpoint" and args.get("name") is not None:
         value = args["name"]
         if not isinstance(value, str) or not value or len(value) > 256:
             raise ProtocolError(f"args.name must be a checkpoint name, not {_short(value)}")
         out["name"] = value
     return Args(**out)
+
+
+def _key_args(cmd: str, args: dict[str, Any], out: dict[str, Any]) -> None:
+    value = args.get("id")
+    if not isinstance(value, str) or not 0 < len(value) <= 64 \
+            or not set(value) <= KEY_ID_CHARS or not value[0].isalnum():
+        raise ProtocolError(f"args.id must be a key id (1-64 letters, digits, '_', '.', '@', "
+                            f"'-', from a letter or digit), not {_short(value)}")
+    out["key_id"] = value
+    if "models" in args:
+        raw = args["models"]
+        if not isinstance(raw, list) or not raw or len(raw) > 1000 or not all(
+                isinstance(m, str) and 0 < len(m) <= 256 for m in raw):
+            raise ProtocolError(f"args.models must be a list of model names (or [\"*\"]), "
+                                f"not {_short(raw)}")
+        out["models"] = tuple(dict.fromkeys(raw))
+    for key in ("rpm", "tpm", "concurrency"):
+        if args.get(key) is not None:
+            value = args[key]
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not 0 < value <= 1_000_000_000:
+                raise ProtocolError(f"args.{key} must be a whole number from 1, not "
+                                    f"{_short(value)}")
+            out[key] = value
+    if args.get("expires") is not None:
+        value = args["expires"]
+        if not isinstance(value, str) or not 0 < len(value) <= 64:
+            raise ProtocolError(f"args.expires must be a date-time, a date or a duration, not "
+                                f"{_short(value)}")
+        out["expires"] = value
+    if "overlap_s" in args:
+        value = args["overlap_s"]
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or not 0 <= value <= MAX_OVERLAP_S):
+            raise ProtocolError(f"args.overlap_s must be a number of seconds in [0, "
+                                f"{MAX_OVERLAP_S:g}], not {_short(value)}")
+        out["overlap_s"] = float(value)
 
 
 def _valid_id(value: object) -> bool:

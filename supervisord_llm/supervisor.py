@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .config import Config
 from .errors import ControlError, StartupError
@@ -146,6 +147,8 @@ class Supervisor:
         self._started = False  # the first start_gates() has run
         self.reattach_s: float | None = None  # start -> every adopted service ready
         self._listeners: list[Callable[[], None]] = []
+        # the front door (keys, audit), as `access.Access` makes it: every front is told it
+        self.door: dict[str, Any] = {"keys": None, "audit": None}
         for plan in plans:
             self.actors[plan.name] = self.make_actor(plan, holds=initial_holds(plan))
 
@@ -183,8 +186,15 @@ class Supervisor:
             front = self._make_front()
             front.on_ask = self._ask
             front.on_waiting = self.wants.set_waiting
+            front.door = self.door
             self.gates = front
         return self.gates
+
+    async def set_door(self, doc: dict[str, Any]) -> None:
+        """Keys and audit settings: in force in the front (if there is one) on return."""
+        self.door = doc
+        if self.gates is not None:
+            await self.gates.set_door(doc)
 
     def _ask(self, name: str, model: str | None) -> None:
         self.wants.ask(name, model)

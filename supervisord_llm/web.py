@@ -54,6 +54,7 @@ class MetricsLimits:
     body_timeout_s: float = 10.0
     send_timeout_s: float = 30.0
     max_connections: int = 64  # Prometheus needs one; beyond, they wait in the backlog
+    max_connections_per_client: int | None = None
 
 
 class MetricsServer:

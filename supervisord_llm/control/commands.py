@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .. import keys as K
 from .. import lifecycle as L
 from .. import protocol as P
-from ..errors import ControlError
+from ..errors import ConfigError, ControlError
 from ..parts import Parts
 from ..states import RestartReason, State
 from ..status import status
@@ -219,3 +220,80 @@ class Commands:
     async def cmd_power_event(self, a: P.Args) -> Any:
         assert a.event is not None  # parse_args requires it
         return await self.parts.power.event(a.event, a.force)
+
+    # --- API keys ------------------------------------------------------------------------------
+
+    async def _keys(self, fn: Any) -> tuple[K.ApiKey, ...]:
+        try:
+            result: tuple[K.ApiKey, ...] = await self.parts.access.change(fn)
+        except ValueError as exc:
+            raise ControlError(P.FAILED, str(exc)) from None
+        except ConfigError as exc:
+            raise ControlError(P.CONFIG_ERROR, "the keys file is broken as it is now (fix it "
+                               "first; the keys in force stay): " + "; ".join(exc.problems[:5])
+                               ) from None
+        except OSError as exc:
+            raise ControlError(P.FAILED, f"cannot write the keys file: {exc.strerror or exc}"
+                               ) from None
+        return result
+
+    def _key_doc(self, k: K.ApiKey) -> dict[str, Any]:
+        return {"id": k.id, "models": list(k.models), "rpm": k.requests_per_minute,
+                "tpm": k.tokens_per_minute, "concurrency": k.max_concurrency,
+                "expires": k.expires, "previous_until": k.previous_until}
+
+    async def cmd_key_new(self, a: P.Args) -> Any:
+        assert a.key_id is not None
+        expires = None
+        if a.expires is not None:
+            try:
+                expires = K.parse_expires(a.expires, time.time())
+            except ValueError as exc:
+                raise ControlError(P.BAD_REQUEST, str(exc)) from None
+            if expires <= time.time():
+                raise ControlError(P.BAD_REQUEST, "--expires: that moment is past")
+        secret = K.new_secret()
+        key = K.ApiKey(a.key_id, K.hash_secret(secret), a.models, a.rpm, a.tpm,
+                       a.concurrency, expires)
+        await self._keys(lambda keys, _now: K.add_key(keys, key))
+        log.info("key %s made (models %s)", key.id, ", ".join(key.models))
+        return {**self._key_doc(key), "secret": secret}
+
+    async def cmd_key_revoke(self, a: P.Args) -> Any:
+        assert a.key_id is not None
+        key_id = a.key_id
+        await self._keys(lambda keys, _now: K.revoke_key(keys, key_id))
+        log.info("key %s revoked", key_id)
+        return {"id": key_id, "revoked": True}
+
+    async def cmd_key_rotate(self, a: P.Args) -> Any:
+        assert a.key_id is not None
+        key_id, overlap = a.key_id, a.overlap_s
+        secret = K.new_secret()
+        digest = K.hash_secret(secret)
+        keys = await self._keys(lambda keys, now: K.rotate_key(keys, key_id, digest, overlap,
+                                                               now))
+        key = next(k for k in keys if k.id == key_id)
+        log.info("key %s rotated (the old secret valid %g s more)", key_id, overlap)
+        return {**self._key_doc(key), "secret": secret}
+
+    async def cmd_key_list(self, a: P.Args) -> Any:
+        access = self.parts.access
+        front = self.sup.gates
+        if front is not None:
+            await front.refresh()
+        live = front.door_stats.get("keys", {}) if front is not None else {}
+        out = []
+        for k in access.keys:
+            doc = self._key_doc(k)
+            used = live.get(k.id) if isinstance(live, dict) else None
+            if isinstance(used, dict):
+                doc.update(requests=sum(v for v in (used.get("requests") or {}).values()
+                                        if isinstance(v, int)),
+                           prompt_tokens=used.get("prompt_tokens"),
+                           completion_tokens=used.get("completion_tokens"),
+                           last_used=used.get("last_used"), inflight=used.get("inflight"),
+                           rejected=used.get("rejected"))
+            out.append(doc)
+        return {"auth": access.keys_file is not None, "keys_file": access.keys_file,
+                "keys": out}

@@ -313,6 +313,9 @@ class FrontClient:
         self._old_light: dict[Channel, dict[str, int]] = {}  # their requests inside, by gate
         self._retiring: set[asyncio.Task[None]] = set()
         self.cut_requests = 0  # requests in flight in fronts that died
+        # the front door (keys, audit): told every front before it gets a listener
+        self.door: dict[str, Any] = {"keys": None, "audit": None}
+        self.door_stats: dict[str, Any] = {}
 
     # --- the process --------------------------------------------------------------------------
 
@@ -348,9 +351,23 @@ class FrontClient:
 
     async def _start(self) -> None:
         d = await asyncio.to_thread(self._dir)
-        if await self._adopt(d):
-            return
-        await self._launch(d)
+        if not await self._adopt(d):
+            await self._launch(d)
+        # before any listener: keys (or none), the audit log
+        try:
+            reply = await self.ask({"op": "door", **self.door}, raise_closed=True)
+        except (ChannelClosed, TimeoutError):
+            raise StartupError("the front process did not take its keys") from None
+        if reply is None or reply.get("op") != "ok":
+            raise StartupError("the front process refused its keys: "
+                               f"{(reply or {}).get('message')}")
+
+    async def set_door(self, doc: dict[str, Any]) -> None:
+        """New keys or audit settings (a reload, `llmctl key`); the audit file is opened
+        again. In force in the front when this returns."""
+        self.door = doc
+        if self._ch is not None:
+            await self.ask({"op": "door", **doc})
 
     async def stop_leftover(self) -> bool:
         """Stop the front an earlier daemon left, if there is one (True)."""
@@ -717,6 +734,11 @@ class FrontClient:
     async def _replay(self) -> None:
         """A new front: every gate with its sockets and the daemon's decisions, the router
         with its catalogue."""
+        # the door first: no listener of the new front serves without the keys
+        reply = await self.ask({"op": "door", **self.door}, raise_closed=True)
+        if reply is None or reply.get("op") != "ok":
+            raise StartupError("the new front process refused its keys: "
+                               f"{(reply or {}).get('message')}")
         for name, g in self.gates.items():
             g.unloading = g.yielding = False
             g.active = g.inflight = g.queued = g.cold_waiting = 0
@@ -858,6 +880,8 @@ class FrontClient:
             g = self.gates.get(str(name))
             if g is not None and isinstance(doc, dict):
                 g.take_stats(doc)
+        door = reply.get("door")
+        self.door_stats = door if isinstance(door, dict) else {}
         router = reply.get("router")
         if self.router is not None and isinstance(router, dict):
             self.router.stats.rejected = _counts(router.get("rejected"))

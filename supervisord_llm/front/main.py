@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from .. import native
+from ..audit import AuditLog
 from ..config import GateSection, RouterSection
+from ..gate.door import Door
 from ..gate.host import finish_gate
-from ..gate.proxy import Gate, Histogram
+from ..gate.proxy import Gate, GateEntry, Histogram
 from ..gate.router import Router
 from ..gate.server import Listener, serve_sockets
 from ..gate.upstream import UpstreamPool
@@ -100,6 +102,9 @@ class Front:
         self.listeners: dict[str, Listener] = {}
         self.router: Router | None = None
         self.router_listener: Listener | None = None
+        self.door = Door()  # keys, limits, the audit log: the router's and the gates'
+        self.door_doc: dict[str, Any] | None = None  # as the daemon last set it
+        self.audit: AuditLog | None = None
         self.client: Channel | None = None
         self._pending: list[Channel] = []  # connections that have not said hello
         self.greeted = False  # the client said hello
@@ -302,7 +307,7 @@ class Front:
                       "catalog": [self.router.routes,
                                   [json.loads(e) for e in self.router.entries.values()]]}
         return {"op": "snapshot", "proto": PROTO, "build": BUILD, "pid": os.getpid(),
-                "gates": gates,
+                "gates": gates, "door": self.door_doc,
                 "router": router, "grace_s": self.grace_s, "unattended_s": self.unattended_s}
 
     def _light(self, g: Gate) -> dict[str, Any]:
@@ -370,7 +375,7 @@ class Front:
         settings, drains...) is in force before its listener takes a connection."""
         gate = self.gates.get(name)
         if gate is None:
-            gate = Gate(name, cfg, self.pool, self.limiter)
+            gate = Gate(name, cfg, self.pool, self.limiter, self.door)
             gate.set_demand(False, 900.0, self._ask, self._waiting)
             self.gates[name] = gate
         else:
@@ -380,7 +385,7 @@ class Front:
         if socks is not None or cfg.listen is None:
             old = self.listeners.pop(name, None)
             if socks:
-                self.listeners[name] = serve_sockets(gate, socks)
+                self.listeners[name] = serve_sockets(GateEntry(gate), socks)
             if old is not None:
                 self._spawn(old.close(REMOVE_GRACE_S))
         self.push_soon()
@@ -402,7 +407,7 @@ class Front:
                 self._spawn(old.close(REMOVE_GRACE_S))
             return
         if self.router is None:
-            self.router = Router(cfg, self.gates, self.limiter)
+            self.router = Router(cfg, self.gates, self.limiter, self.door)
         self.router.reconfigure(cfg)
         if socks:
             self.router_listener = serve_sockets(self.router, socks)
@@ -419,12 +424,39 @@ class Front:
                 "ttft": hist_doc(st.ttft), "event_rate": hist_doc(st.event_rate),
                 "models": {m: {"requests": dict(ms.requests), "ttft": hist_doc(ms.ttft)}
                            for m, ms in g.models.items()},
+                "turned_away": (self.listeners[name].turned_away if name in self.listeners
+                                else 0),
                 **self._light(g)}
         router = None
         if self.router is not None:
+            listener = self.router_listener
             router = {"rejected": dict(self.router.stats.rejected),
-                      "requests": dict(self.router.stats.requests)}
-        return {"op": "stats", "gates": gates, "router": router}
+                      "requests": dict(self.router.stats.requests),
+                      "turned_away": listener.turned_away if listener is not None else 0}
+        door = self.door.stats()
+        door["audit"] = self.audit.counters() if self.audit is not None else None
+        return {"op": "stats", "gates": gates, "router": router, "door": door}
+
+    def set_door(self, doc: dict[str, Any]) -> None:
+        """Keys (their hashes and limits; None: no [auth]) and the audit log (its path, or
+        None). The audit file is opened again each time (logrotate)."""
+        keys = doc.get("keys")
+        if keys is not None and not isinstance(keys, list):
+            raise ValueError("door: bad keys")
+        audit = doc.get("audit")
+        path = audit.get("path") if isinstance(audit, dict) else None
+        gid = audit.get("gid") if isinstance(audit, dict) else None
+        self.door.set_keys(keys)
+        if self.audit is not None and self.audit.path != path:
+            self.audit.close(0.5)
+            self.audit = None
+        if isinstance(path, str) and path:
+            if self.audit is None:
+                self.audit = AuditLog(path, gid if isinstance(gid, int) else None)
+            else:
+                self.audit.reopen()
+        self.door.audit = self.audit.add if self.audit is not None else None
+        self.door_doc = {"keys": keys, "audit": audit}
 
     def listener_fds(self) -> tuple[list[list[Any]], list[int]]:
         keys: list[list[Any]] = []
@@ -461,6 +493,8 @@ class Front:
                   for name, gate in self.gates.items()]
         await asyncio.gather(*waits, return_exceptions=True)
         self.pool.close()
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)
         self.done.set()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -574,6 +608,12 @@ def _op_router(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> No
     ch.answer(doc, {"op": "ok"})
 
 
+def _op_door(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
+    close_fds(fds)
+    f.set_door(doc)
+    ch.answer(doc, {"op": "ok"})
+
+
 def _op_catalog(f: Front, ch: Channel, doc: dict[str, Any], fds: list[int]) -> None:
     close_fds(fds)
     if f.router is not None:
@@ -656,6 +696,7 @@ _HANDLERS: Final = {
     "set": _op_set, "router": _op_router, "catalog": _op_catalog, "retire": _op_retire,
     "wait_idle": _op_wait_idle, "stalled_for": _op_stalled, "stats": _op_stats,
     "listeners": _op_listeners, "stop": _op_stop, "settings": _op_settings,
+    "door": _op_door,
 }
 
 

@@ -15,7 +15,8 @@ from typing import Any, Final, TypeVar
 
 from ..config import GateSection, RouterSection
 from ..logs import LogLimiter
-from .proxy import Gate
+from .door import Door
+from .proxy import Gate, GateEntry
 from .router import Router
 from .server import Listener, open_listener
 from .upstream import UpstreamPool
@@ -47,6 +48,7 @@ class GateHost:
         self.limiter = LogLimiter("supervisord_llm.gate")
         self.router: Router | None = None
         self._router_listener: Listener | None = None
+        self.door = Door()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -91,9 +93,9 @@ class GateHost:
     async def _add(self, name: str, cfg: GateSection) -> Gate:
         if self._pool is None:
             self._pool = UpstreamPool()
-        gate = Gate(name, cfg, self._pool, self.limiter)
+        gate = Gate(name, cfg, self._pool, self.limiter, self.door)
         if cfg.listen is not None:  # else reachable through the router only
-            self._listeners[name] = open_listener(gate, cfg.listen.host, cfg.listen.port,
+            self._listeners[name] = open_listener(GateEntry(gate), cfg.listen.host, cfg.listen.port,
                                                   f"{name}'s gate {cfg.listen}")
         self.gates[name] = gate
         return gate
@@ -111,7 +113,7 @@ class GateHost:
             was = gate.cfg.listen or "the router only"
             try:
                 self._listeners[name] = open_listener(
-                    gate, cfg.listen.host, cfg.listen.port,
+                    GateEntry(gate), cfg.listen.host, cfg.listen.port,
                     f"{name}'s gate {cfg.listen} (it stays on {was})")
             except BaseException:
                 if old is not None:
@@ -140,7 +142,7 @@ class GateHost:
                 await old.close(REMOVE_GRACE_S)
             return
         if self.router is None:
-            self.router = Router(cfg, self.gates, self.limiter)
+            self.router = Router(cfg, self.gates, self.limiter, self.door)
         if catalog is not None:
             self.router.set_catalog(*catalog)
         if old is not None and self.router.cfg.listen == cfg.listen:

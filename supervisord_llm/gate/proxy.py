@@ -28,6 +28,7 @@ from ..config import GateSection
 from ..http1 import ResponseHead
 from ..logs import LogLimiter
 from .admission import Admission, Rejected
+from .door import Door, Paths, Refusal
 from .server import (
     BODY_BUFFER,
     BodyRefused,
@@ -58,6 +59,7 @@ _TO_UPSTREAM_DROP: Final = frozenset({b"host", b"content-length", b"expect",
                                       b"x-forwarded-for"})
 _TO_CLIENT_DROP: Final = frozenset({b"content-length"})
 _UP_DROP: Final = http1.HOP_BY_HOP | _TO_UPSTREAM_DROP
+_UP_DROP_AUTH: Final = _UP_DROP | {b"authorization"}  # with [auth]: our keys stay here
 _DOWN_DROP: Final = http1.HOP_BY_HOP | _TO_CLIENT_DROP
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -167,9 +169,11 @@ class _Events:
 
 class Gate:
     def __init__(self, name: str, cfg: GateSection, pool: UpstreamPool,
-                 limiter: LogLimiter | None = None) -> None:
+                 limiter: LogLimiter | None = None, door: Door | None = None) -> None:
         self.name = name
         self.cfg = cfg
+        self.door = door if door is not None else Door()
+        self.paths = Paths(cfg.allow_paths)
         self.pool = pool
         self.limiter = limiter or LogLimiter(__name__)
         self.admission = Admission(cfg.max_concurrency, cfg.max_queue, cfg.queue_timeout_s)
@@ -369,6 +373,8 @@ class Gate:
         self._refresh()
 
     def reconfigure(self, cfg: GateSection) -> None:
+        if cfg.allow_paths != self.cfg.allow_paths:
+            self.paths = Paths(cfg.allow_paths)
         """New settings from a reload (same listen address); drain reasons and the limit
         factor stay."""
         self.cfg = cfg
@@ -435,6 +441,9 @@ class Gate:
         driven by callbacks (no task): None, and `conn.finished` is called at its end.
         Anything that must wait (a cold start, the body, the queue) is the coroutine
         returned, to run as a task: True at its end if the connection may serve another."""
+        ticket = req.ticket
+        if ticket is not None:
+            ticket.service = self.name
         admission = self.admission
         if not req.body.complete or admission._queue or admission.inflight >= admission.limit:
             return self.handle(req, conn, model)
@@ -470,8 +479,12 @@ class Gate:
             stats = self.models[model] = ModelStats()
         return stats
 
-    def _ended(self, code: int, started: float, stats: ModelStats | None) -> None:
+    def _ended(self, code: int, started: float, stats: ModelStats | None, req: Request,
+               conn: ClientConnection) -> None:
         """A request is out of the gate (answered, refused, or its client gone)."""
+        ticket = req.ticket
+        if ticket is not None:
+            ticket.close(code, req.body.received, conn.sent)
         self.active -= 1
         self.last_active = time.monotonic()
         if not self.active and self.on_demand:
@@ -514,7 +527,7 @@ class Gate:
                                                                refused.code))
             return False
         finally:
-            self._ended(code, started, stats)
+            self._ended(code, started, stats, req, conn)
         return writer.finished and writer.keep_alive
 
     async def _serve(self, req: Request, conn: ClientConnection, writer: ResponseWriter,
@@ -602,9 +615,10 @@ class Gate:
                 self._hosts = {target: host}
         lines = [req.method + b" " + req.target + b" HTTP/1.1", host]
         prior = b""
+        drop = _UP_DROP_AUTH if self.door.auth else _UP_DROP
         for k, v in req.headers:
             name = k.lower()
-            if name in _UP_DROP:
+            if name in drop:
                 if name == b"x-forwarded-for":
                     prior = prior + b", " + v if prior else v
                 elif name == b"connection":  # (rare) what it names is hop-by-hop too
@@ -617,7 +631,8 @@ class Gate:
                             length: int | None) -> bytes:
         """`_request_head` for a request whose `Connection` names headers (`lines`: the
         request line and the Host line)."""
-        lines += [k + b": " + v for k, v in http1.end_to_end(req.headers, _TO_UPSTREAM_DROP)]
+        drop = _TO_UPSTREAM_DROP | {b"authorization"} if self.door.auth else _TO_UPSTREAM_DROP
+        lines += [k + b": " + v for k, v in http1.end_to_end(req.headers, drop)]
         prior = b", ".join([v for k, v in req.headers if k.lower() == b"x-forwarded-for"])
         return self._head_end(req, conn, lines, prior, length)
 
@@ -665,6 +680,9 @@ class Gate:
         return time.monotonic() - since
 
     def _bad_gateway(self, writer: ResponseWriter, target: Upstream, exc: Exception) -> int:
+        ticket = writer.req.ticket
+        if ticket is not None:
+            ticket.end = "error"
         self.limiter.warning("upstream_error", "%s gate: upstream %s:%d failed: %s",
                              self.name, target[0], target[1], exc)
         self.stats.reject("upstream_error")
@@ -679,6 +697,9 @@ class Gate:
         cannot look complete."""
         self.limiter.warning("upstream_cut", "%s gate: upstream ended mid-response: %s",
                              self.name, exc)
+        ticket = writer.req.ticket
+        if ticket is not None:
+            ticket.end = "cut"
         self.stats.reject("upstream_cut")
         if writer.event_stream and (writer.chunked or not writer.keep_alive):
             event = http1.error_body(f"{self.name}: the model server stopped mid-stream",
@@ -691,6 +712,56 @@ class Gate:
             # it before that request is even read
             return
         conn.abort()
+
+
+def answer_refusal(writer: ResponseWriter, refusal: Refusal, conn: ClientConnection) -> bool:
+    """The door's own answer (401, 404, 429): written, its ticket closed; True if the
+    connection may serve another request."""
+    req = writer.req
+    ticket = req.ticket
+    if ticket is not None:
+        ticket.end = refusal.end
+    writer.simple(refusal.status, http1.error_body(refusal.message, refusal.kind, refusal.code),
+                  refusal.headers)
+    if ticket is not None:
+        ticket.close(refusal.status, req.body.received, conn.sent)
+    return writer.keep_alive and req.body.complete
+
+
+class GateEntry:
+    """The `Handler` of a gate's own listener: the door (paths, keys, limits), then the
+    gate."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.name = gate.name
+        self.limiter = gate.limiter
+
+    @property
+    def cfg(self) -> GateSection:
+        return self.gate.cfg
+
+    def count(self, code: int) -> None:
+        self.gate.stats.count(code)
+
+    def begin(self, req: Request, conn: ClientConnection
+              ) -> Coroutine[Any, Any, bool] | None:
+        gate = self.gate
+        door = gate.door
+        refusal = door.enter(req, conn, gate.paths)
+        if refusal is None:
+            ticket = req.ticket
+            key = ticket.key if ticket is not None else None
+            if key is None or key.may_use_any(door.models_of(gate.name)):
+                return gate.begin(req, conn)
+            key.reject("model_not_found")
+            refusal = Refusal(404, "model_not_found", f"{gate.name} does not exist",
+                              "refused", [])
+        if refusal.status >= 400:
+            gate.stats.reject(refusal.code)
+        gate.stats.count(refusal.status)
+        conn.finished(answer_refusal(ResponseWriter(conn, req), refusal, conn))
+        return None
 
 
 def _client_lines(headers: http1.Headers) -> tuple[list[bytes], bytes]:
@@ -832,6 +903,9 @@ class _Exchange:
         gate, writer, up, target = self.gate, self.writer, self.up, self.target
         assert up is not None
         lines, ctype = _client_lines(head.headers)
+        ticket = self.req.ticket
+        if ticket is not None and ticket.rate is not None:
+            lines += [k + b": " + v for k, v in ticket.rate]
         if self.head_request or head.framing == "none":
             cl = http1.header(head.headers, b"content-length") \
                 if self.head_request and head.status != 204 else None  # never on a 204
@@ -850,8 +924,13 @@ class _Exchange:
         self.conn.on_writable = self
         # generation is a POST answered 2xx (a GET of /health or /v1/models through the gate
         # says nothing of the engine's slots)
-        self.generating = 200 <= head.status < 300 and target == gate.upstream and self.post
-        if self.generating and writer.event_stream:
+        ok = 200 <= head.status < 300 and self.post
+        self.generating = ok and target == gate.upstream
+        if ticket is not None and ok:
+            ticket.answer = True  # its tokens are counted at its end
+            if writer.event_stream:
+                self.sse = _Events()
+        elif self.generating and writer.event_stream:
             self.sse = _Events()
         up.start_body(self._sink if self.post else writer.write)  # (may end it, now)
         if not self.done:
@@ -861,12 +940,16 @@ class _Exchange:
                 up.pause()
 
     def _sink(self, data: bytes) -> None:
+        ticket = self.req.ticket
+        if ticket is not None:  # the last two reads: the `usage` is at the end
+            ticket.tail0 = ticket.tail1
+            ticket.tail1 = data
         now = time.monotonic()
         self.gate._heard[self.target[1]] = now
+        if self.sse is not None:
+            self.sse.feed(data, now)
         if self.generating:
             self.gate.last_ok = (self.target, now)  # it generates: bytes flow
-            if self.sse is not None:
-                self.sse.feed(data, now)
         self.writer.write(data)
 
     def writable(self, ok: bool) -> None:
@@ -884,7 +967,14 @@ class _Exchange:
         try:
             self.writer.finish()
             gate, sse = self.gate, self.sse
-            if sse is not None and sse.first is not None:
+            ticket = self.req.ticket
+            if ticket is not None:
+                ticket.end = "done"
+                if sse is not None:
+                    ticket.events = sse.count
+                    if sse.first is not None:
+                        ticket.ttft = sse.first - self.started_at + self.waited
+            if sse is not None and sse.first is not None and self.generating:
                 gate.stats.ttft.observe(sse.first - self.started_at)
                 if self.stats is not None:  # from the request's arrival: a cold start counts
                     self.stats.ttft.observe(sse.first - self.started_at + self.waited)
@@ -946,6 +1036,9 @@ class _Exchange:
         """A bug of ours on the way: logged, the client's connection dropped."""
         self.gate.limiter.exception("handler", "%s gate: internal error handling a request",
                                     self.gate.name)
+        ticket = self.req.ticket
+        if ticket is not None:
+            ticket.end = "error"
         if not self.done:
             self.conn.abort()
             self._end(500)
@@ -972,6 +1065,6 @@ class _Exchange:
             if not fut.done():
                 fut.set_result(code)
             return
-        gate._ended(code, self.started, self.stats)
+        gate._ended(code, self.started, self.stats, self.req, self.conn)
         writer = self.writer
         self.conn.finished(writer.finished and writer.keep_alive)

@@ -25,7 +25,8 @@ from urllib.parse import unquote_to_bytes
 from .. import http1
 from ..config import RouterSection
 from ..logs import LogLimiter
-from .proxy import Gate
+from .door import Door, Key, Paths, Refusal
+from .proxy import Gate, answer_refusal
 from .server import (
     BODY_BUFFER,
     BodyRefused,
@@ -299,8 +300,10 @@ class Router:
     name = "router"
 
     def __init__(self, cfg: RouterSection, gates: dict[str, Gate],
-                 limiter: LogLimiter | None = None) -> None:
+                 limiter: LogLimiter | None = None, door: Door | None = None) -> None:
         self.cfg = cfg
+        self.door = door if door is not None else Door()
+        self.paths = Paths(cfg.allow_paths)
         self.gates = gates  # the GateHost's, by service name (read at each request)
         self.limiter = limiter or LogLimiter(__name__)
         self.routes: dict[str, str] = {}  # model -> service
@@ -314,8 +317,14 @@ class Router:
         self.routes = routes
         self.entries = {str(e["id"]): json.dumps(e).encode() for e in entries}
         self.listing = json.dumps({"object": "list", "data": entries}).encode()
+        served: dict[str, list[str]] = {}
+        for model, service in routes.items():
+            served.setdefault(service, []).append(model)
+        self.door.served = {k: tuple(v) for k, v in served.items()}
 
     def reconfigure(self, cfg: RouterSection) -> None:
+        if cfg.allow_paths != self.cfg.allow_paths:
+            self.paths = Paths(cfg.allow_paths)
         self.cfg = cfg
 
     def count(self, code: int) -> None:
@@ -329,7 +338,13 @@ class Router:
         """A small body that came whole (the common case) is routed at once, and the gate
         goes on by callbacks where it can; anything else is the coroutine `handle`."""
         body = req.body
-        if req.method != b"POST" or not body.complete or not 0 < body.buffered <= SMALL_BODY:
+        if req.method != b"POST":
+            return self.handle(req, conn)
+        refusal = self.door.enter(req, conn, self.paths)
+        if refusal is not None:
+            conn.finished(self._refuse(ResponseWriter(conn, req), refusal, conn))
+            return None
+        if not body.complete or not 0 < body.buffered <= SMALL_BODY:
             return self.handle(req, conn)
         held = body.take()
         try:
@@ -338,21 +353,37 @@ class Router:
             keep = self._own(ResponseWriter(conn, req), exc.status, exc.code, exc.message)
             conn.finished(keep)
             return None
-        gate = self._gate_of(model)
+        gate = self._gate_of(model, req)
         if gate is None:
             conn.finished(self._no_gate(ResponseWriter(conn, req), model))
             return None
         body.unread(held)
         return gate.begin(req, conn, model)
 
-    def _gate_of(self, model: str) -> Gate | None:
+    def _refuse(self, writer: ResponseWriter, refusal: Refusal,
+                conn: ClientConnection) -> bool:
+        self.count(refusal.status)
+        self.stats.reject(refusal.code)
+        return answer_refusal(writer, refusal, conn)
+
+    def _gate_of(self, model: str, req: Request) -> Gate | None:
+        ticket = req.ticket
+        if ticket is not None:
+            ticket.model = model
+            key = ticket.key
+            if key is not None and not key.may_use(model):
+                key.reject("model_not_found")
+                return None  # exactly as if it did not exist
         service = self.routes.get(model)
         return self.gates.get(service) if service is not None else None
 
     def _no_gate(self, writer: ResponseWriter, model: str) -> bool:
+        ticket = writer.req.ticket
+        key = ticket.key if ticket is not None else None
         service = self.routes.get(model)
-        if service is None:
-            known = ", ".join(sorted(self.routes)) or "none"
+        if service is None or (key is not None and not key.may_use(model)):
+            known = ", ".join(sorted(m for m in self.routes
+                                     if key is None or key.may_use(m))) or "none"
             shown = model if len(model) <= 80 else model[:80] + "..."
             return self._own(writer, 404, "model_not_found",
                              f"the model {json.dumps(shown)} does not exist; known "
@@ -364,8 +395,14 @@ class Router:
     async def handle(self, req: Request, conn: ClientConnection) -> bool:
         if req.method != b"POST":
             writer = ResponseWriter(conn, req)
-            if req.method in (b"GET", b"HEAD"):
-                return self._get(writer, req.target.split(b"?", 1)[0])
+            path = req.target.split(b"?", 1)[0]
+            get = req.method in (b"GET", b"HEAD")
+            if not get or path not in (b"/health", b"/healthz"):  # (the router's own: no key)
+                refusal = self.door.enter(req, conn, self.paths)
+                if refusal is not None:
+                    return self._refuse(writer, refusal, conn)
+            if get:
+                return self._get(writer, path)
             return self._own(writer, 405, "method_not_allowed", "the router takes POST "
                              "requests with a JSON `model`, and GET /v1/models",
                              [(b"Allow", b"GET, HEAD, POST")])
@@ -388,8 +425,10 @@ class Router:
             return False
         except ClientGone:
             self.count(499)
+            if req.ticket is not None:
+                req.ticket.close(499, req.body.received, conn.sent)
             return False
-        gate = self._gate_of(model)
+        gate = self._gate_of(model, req)
         if gate is None:
             return self._no_gate(ResponseWriter(conn, req), model)
         req.body.unread(held)
@@ -447,27 +486,42 @@ class Router:
             self.held -= 2 * len(buf)
 
     def _get(self, writer: ResponseWriter, path: bytes) -> bool:
+        ticket = writer.req.ticket
+        key = ticket.key if ticket is not None else None
         if path in _MODELS_PATHS:
-            self.count(200)
-            writer.simple(200, self.listing)
-            return writer.keep_alive
+            return self._ok(writer, self.listing if key is None or key.models is None
+                            else self._listing(key))
         for prefix in _MODELS_PATHS:
             if path.startswith(prefix + b"/"):
                 name = unquote_to_bytes(path[len(prefix) + 1:]).decode("utf-8", "replace")
                 entry = self.entries.get(name)
-                if entry is None:
+                if entry is None or (key is not None and not key.may_use(name)):
                     return self._own(writer, 404, "model_not_found",
                                      "no such model; GET /v1/models lists them")
-                self.count(200)
-                writer.simple(200, entry)
-                return writer.keep_alive
+                return self._ok(writer, entry)
         if path in (b"/health", b"/healthz"):
-            self.count(200)
-            writer.simple(200, b'{"status": "ok"}')
-            return writer.keep_alive
+            return self._ok(writer, b'{"status": "ok"}')
         return self._own(writer, 404, "not_found", "the router serves GET /v1/models and "
                          "POST requests with a JSON `model` (/v1/chat/completions, "
                          "/v1/completions, /v1/embeddings, ...)")
+
+    def _listing(self, key: Key) -> bytes:
+        """GET /v1/models for a key with a list of models: only those (made once for each
+        catalogue)."""
+        if key.listing_of is not self.listing:
+            entries = [e for m, e in self.entries.items() if key.may_use(m)]
+            key.listing = b'{"object": "list", "data": [' + b", ".join(entries) + b"]}"
+            key.listing_of = self.listing
+        return key.listing
+
+    def _ok(self, writer: ResponseWriter, body: bytes) -> bool:
+        self.count(200)
+        ticket = writer.req.ticket
+        writer.simple(200, body, ticket.rate if ticket is not None else None)
+        if ticket is not None:
+            ticket.end = "done"
+            ticket.close(200, 0, writer.conn.sent)
+        return writer.keep_alive
 
     def _own(self, writer: ResponseWriter, status: int, code: str, message: str,
              headers: http1.Headers | None = None) -> bool:
@@ -476,6 +530,11 @@ class Router:
         if status >= 400:
             self.stats.reject(code)
         kind = "invalid_request_error" if status < 500 else "service_unavailable"
+        ticket = writer.req.ticket
+        if ticket is not None and ticket.rate is not None:
+            headers = [*(headers or []), *ticket.rate]
         writer.simple(status, http1.error_body(message, kind, code), headers)
+        if ticket is not None:
+            ticket.close(status, writer.req.body.received, writer.conn.sent)
         return writer.keep_alive and writer.req.body.complete
 

@@ -40,6 +40,7 @@ import httptools
 from .. import http1
 from ..errors import StartupError
 from ..logs import LogLimiter
+from .door import Ticket
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ SEND_BUFFER: Final = 64 * 1024  # response bytes held for a client before the up
 PIPELINE_MAX: Final = 8  # requests queued behind the one being answered, on one connection
 FRESH_GRACE_S: Final = 1.0  # a listener closing: a new connection's first request may come
 _ACCEPT_BATCH: Final = 32
+_TOO_MANY_BODY: Final = http1.error_body(
+    "too many connections from this address at once; close some and retry",
+    "rate_limit_error", "too_many_connections")
+_TOO_MANY: Final = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                    % len(_TOO_MANY_BODY) + _TOO_MANY_BODY)
 _ACCEPT_RETRY_S: Final[tuple[float, ...]] = (0.1, 2.0)
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -92,6 +99,8 @@ class Limits(Protocol):
     def send_timeout_s(self) -> float: ...
     @property
     def max_connections(self) -> int: ...
+    @property
+    def max_connections_per_client(self) -> int | None: ...
 
 
 class Writable(Protocol):
@@ -279,6 +288,7 @@ class Request:
     chunked: bool
     content_length: int | None
     expect_continue: bool
+    ticket: Ticket | None = None  # the front door's (keys or the audit on)
 
 
 class ResponseWriter:
@@ -377,8 +387,10 @@ class ResponseWriter:
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener, client: str = "") -> None:
         self.listener = listener
+        self.client = client  # its address, as counted against max_connections_per_client
+        self.sent = 0  # bytes written to it
         self.handler = listener.handler
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
@@ -611,15 +623,17 @@ class ClientConnection(asyncio.Protocol):
         self._task = task
         self.listener.tasks.add(task)
         task.add_done_callback(self.listener.tasks.discard)
-        task.add_done_callback(functools.partial(self._never_ran, coro, began))
+        task.add_done_callback(functools.partial(self._never_ran, coro, began, req))
 
-    def _never_ran(self, coro: Coroutine[Any, Any, bool], began: list[bool],
+    def _never_ran(self, coro: Coroutine[Any, Any, bool], began: list[bool], req: Request,
                    _task: object) -> None:
         """The task ended before it began (its client left in the same turn of the loop):
         the handler never saw the request; it is counted here, as its client's leaving."""
         if not began[0]:
             coro.close()  # (never awaited: closed, so that it is not warned about)
             self.handler.count(499)
+            if req.ticket is not None:
+                req.ticket.close(499, req.body.received, self.sent)
 
     async def _run(self, coro: Coroutine[Any, Any, bool], began: list[bool]) -> None:
         began[0] = True
@@ -640,6 +654,10 @@ class ClientConnection(asyncio.Protocol):
         self.on_writable = None
         self.on_gone = None
         self._active = None
+        if req is not None and req.ticket is not None and req.ticket.end != "closed":
+            # (a handler that failed on the way: its ticket must not hold its key's slot)
+            req.ticket.end = "error"
+            req.ticket.close(500, req.body.received, self.sent)
         if self.gone or req is None:
             return
         if not keep or not req.keep_alive or not req.body.complete or self._eof \
@@ -717,6 +735,7 @@ class ClientConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         t = self.transport
         if t is not None and not self.gone and not t.is_closing():
+            self.sent += len(data)
             t.write(data)
 
     def close(self) -> None:
@@ -871,6 +890,8 @@ class Listener:
         self._retry_s = _ACCEPT_RETRY_S[0]
         self._pending = 0  # accepted, transport not made yet
         self._closed = False
+        self.per_client: dict[str, int] = {}  # open connections by client address
+        self.turned_away = 0  # connections closed at once: their client had too many
         self._all_closed: asyncio.Event | None = None
 
     def bind(self) -> None:
@@ -911,7 +932,7 @@ class Listener:
                 self._pause_accepting()  # the rest wait in the backlog
                 return
             try:
-                conn, _addr = sock.accept()
+                conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -925,18 +946,48 @@ class Listener:
                     return
                 continue  # ECONNABORTED and friends: that client is gone
             self._retry_s = _ACCEPT_RETRY_S[0]
+            client = ""
+            per_client = self.handler.cfg.max_connections_per_client
+            if per_client is not None:
+                client = str(addr[0]) if isinstance(addr, tuple) and addr else ""
+                have = self.per_client.get(client, 0)
+                if have >= per_client:
+                    self._turn_away(conn, client, per_client)
+                    continue
+                self.per_client[client] = have + 1
             conn.setblocking(False)
             self._pending += 1
-            task = loop.create_task(self._connect(conn))
+            task = loop.create_task(self._connect(conn, client))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def _connect(self, conn: socket.socket) -> None:
+    def _turn_away(self, conn: socket.socket, client: str, limit: int) -> None:
+        """A client over max_connections_per_client: a 429 if the socket takes it at once,
+        then the close (nothing is read, no transport is made)."""
+        self.turned_away += 1
+        self.handler.limiter.warning(
+            "per_client", "%s gate: %s has %d connections open, the most one client may: "
+            "new ones are closed", self.handler.name, client or "?", limit)
+        with contextlib.suppress(OSError):
+            conn.setblocking(False)
+            conn.send(_TOO_MANY)
+        conn.close()
+
+    def _uncount(self, client: str) -> None:
+        if client:
+            n = self.per_client.get(client, 0) - 1
+            if n > 0:
+                self.per_client[client] = n
+            else:
+                self.per_client.pop(client, None)
+
+    async def _connect(self, conn: socket.socket, client: str) -> None:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: ClientConnection(self), conn)
+                lambda: ClientConnection(self, client), conn)
         except OSError:
             conn.close()
+            self._uncount(client)
         finally:
             self._pending -= 1
             self._maybe_resume()
@@ -956,6 +1007,7 @@ class Listener:
 
     def closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
+        self._uncount(conn.client)
         self._maybe_all_closed()
         self._maybe_resume()
 

@@ -1,0 +1,446 @@
+"""The front door of the router and of every gate's own listener: which paths are served,
+who may come in (API keys), how much each key may use (requests and tokens per minute,
+requests at once), and one audit line per request.
+
+- **Paths.** Only the API (`config.API_PATHS`) and what `allow_paths` adds are forwarded;
+  anything else is 404 before its body is read: an engine's admin endpoints are never
+  reachable from a client.
+- **Keys.** `Authorization: Bearer <secret>`. The secret's SHA-256 is looked up (the daemon
+  sends the hashes of the keys file, never a secret); the digest found is compared again in
+  constant time. No key, an unknown, expired or ill-formed one: 401 `invalid_api_key`.
+- **Limits,** per key: requests per minute (an exact sliding window: at most N requests
+  begin in any 60 s), tokens per minute (prompt + completion, counted when a request ends,
+  by the second), requests at once. Over one: 429 with `Retry-After`; every answer to a key
+  with a limit carries OpenAI's `x-ratelimit-*` headers.
+- **Tickets.** A request that comes through the door while keys or the audit are on holds a
+  `Ticket` (`req.ticket`), closed exactly once with its status (`Ticket.close`): the key's
+  counters and slot, and the audit line. Tokens come from the engine's `usage` in the last
+  bytes of the answer (the answer or the SSE event before `[DONE]`), never from parsing each
+  event; without one they are estimated (a quarter of the request body's bytes; one token per
+  event, or a quarter of the answer's bytes).
+
+Runs on the gate loop; compiled with the request path (`native.MODULES`)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+
+from ..config import API_PATHS
+
+WINDOW_S: Final = 60.0
+SECRET_MAX: Final = 512  # bytes of a bearer token looked at (longer: not one of ours)
+_USAGE_TAIL: Final = 8192  # bytes at the end of an answer searched for its `usage`
+_PROMPT_RE: Final = re.compile(rb'"prompt_tokens"\s*:\s*(\d{1,12})')
+_COMPLETION_RE: Final = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
+_SAFE_RE: Final = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]*")  # needs no JSON escape
+ENDS: Final = ("done", "client_gone", "cut", "refused", "limited", "error")
+
+
+class Paths:
+    """The paths a listener forwards: exact ones, and prefixes (`/v1/models/*`)."""
+
+    def __init__(self, extra: tuple[str, ...] = ()) -> None:
+        exact: set[bytes] = set()
+        prefixes: list[bytes] = []
+        for path in (*API_PATHS, *extra):
+            if path.endswith("*"):
+                prefixes.append(path[:-1].encode())
+            else:
+                exact.add(path.encode())
+        self.exact = frozenset(exact)
+        self.prefixes = tuple(prefixes)
+
+    def allows(self, target: bytes) -> bool:
+        q = target.find(b"?")
+        path = target if q < 0 else target[:q]
+        if path in self.exact:
+            return True
+        for prefix in self.prefixes:
+            if path.startswith(prefix) and len(path) > len(prefix):
+                rest = path[len(prefix):]
+                # no way out of the prefix on the server's side: no dot segments, no
+                # escapes (an engine may decode %2e%2e or %2f), no backslashes
+                return not (b"%" in rest or b"\\" in rest or b"/." in b"/" + rest)
+        return False
+
+
+class Key:
+    """A key in force, and what it used (kept across reloads: the same object per id)."""
+
+    def __init__(self, key_id: str) -> None:
+        self.id = key_id
+        self.models: frozenset[str] | None = None  # None: every model
+        self.rpm = 0  # 0: no limit
+        self.tpm = 0
+        self.concurrency = 0
+        self.expires = 0.0  # epoch seconds; 0: never
+        self.inflight = 0
+        self.starts: deque[float] = deque()  # (monotonic) the requests begun in the window
+        self.tok_sec: list[int] = [0] * 60  # tokens by second (monotonic), 60 buckets
+        self.tok_n: list[int] = [0] * 60
+        self.requests = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.last_used = 0.0  # epoch seconds
+        self.codes: dict[str, int] = {}
+        self.rejected: dict[str, int] = {}
+        self.listing = b""  # its GET /v1/models, for the catalogue `listing_of`
+        self.listing_of: object = None
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.rpm or self.tpm)
+
+    def may_use(self, model: str) -> bool:
+        models = self.models
+        return models is None or model in models
+
+    def may_use_any(self, models: tuple[str, ...]) -> bool:
+        return self.models is None or not self.models.isdisjoint(models)
+
+    def window(self, now: float) -> int:
+        """Requests begun in the last minute."""
+        starts = self.starts
+        edge = now - WINDOW_S
+        while starts and starts[0] <= edge:
+            starts.popleft()
+        return len(starts)
+
+    def tokens(self, now: float) -> int:
+        """Tokens counted in the last minute (by whole seconds)."""
+        sec = int(now)
+        total = 0
+        for i in range(60):
+            if sec - self.tok_sec[i] < 60:
+                total += self.tok_n[i]
+        return total
+
+    def tokens_reset(self, now: float) -> float:
+        """Seconds until the oldest second with tokens leaves the window."""
+        sec = int(now)
+        oldest = sec
+        for i in range(60):
+            at = self.tok_sec[i]
+            if self.tok_n[i] and sec - at < 60 and at < oldest:
+                oldest = at
+        return max(0.0, oldest + 60.0 - now)
+
+    def add_tokens(self, now: float, n: int) -> None:
+        if n <= 0:
+            return
+        sec = int(now)
+        i = sec % 60
+        if self.tok_sec[i] != sec:
+            self.tok_sec[i] = sec
+            self.tok_n[i] = 0
+        self.tok_n[i] += n
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+def _reset_text(seconds: float) -> bytes:
+    """A reset time as OpenAI writes it (`1s`, `6m0s`, `250ms`)."""
+    if seconds < 1.0:
+        return b"%dms" % max(0, int(seconds * 1000))
+    s = math.ceil(seconds)
+    return b"%dm%ds" % (s // 60, s % 60) if s >= 60 else b"%ds" % s
+
+
+class Refusal:
+    """An answer of the door's own: 401, 404, 429."""
+
+    def __init__(self, status: int, code: str, message: str, end: str,
+                 headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.end = end
+        self.headers = headers
+
+    @property
+    def kind(self) -> str:
+        return "rate_limit_error" if self.status == 429 else "invalid_request_error"
+
+
+class Door:
+    """Shared by the router and the gates of one front (the daemon sets its keys)."""
+
+    def __init__(self) -> None:
+        self.auth = False  # keys required
+        self.keys: dict[str, Key] = {}
+        # digest -> (key, the digest, valid until (0: no end))
+        self._hashes: dict[bytes, tuple[Key, bytes, float]] = {}
+        self.audit: Callable[[str], None] | None = None
+        self.rejected: dict[str, int] = {}  # refusals without a key (no key, a wrong one)
+        self.served: dict[str, tuple[str, ...]] = {}  # service -> its models (the router's)
+        self._sec = -1
+        self._stamp = ""
+
+    @property
+    def active(self) -> bool:
+        return self.auth or self.audit is not None
+
+    def set_keys(self, docs: list[dict[str, Any]] | None) -> None:
+        """The keys in force (None: no [auth], anyone comes in). A key keeps its counters
+        and its requests in flight across a change (same id, same object); a key gone
+        makes its next request 401."""
+        if docs is None:
+            self.auth = False
+            self.keys = {}
+            self._hashes = {}
+            return
+        keys: dict[str, Key] = {}
+        hashes: dict[bytes, tuple[Key, bytes, float]] = {}
+        for doc in docs:
+            key_id = str(doc["id"])
+            key = self.keys.get(key_id) or Key(key_id)
+            models = [str(m) for m in doc.get("models") or ["*"]]
+            key.models = None if "*" in models else frozenset(models)
+            key.rpm = int(doc.get("rpm") or 0)
+            key.tpm = int(doc.get("tpm") or 0)
+            key.concurrency = int(doc.get("concurrency") or 0)
+            key.expires = float(doc.get("expires") or 0.0)
+            key.listing_of = None
+            keys[key_id] = key
+            digest = bytes.fromhex(str(doc["sha256"]))
+            hashes[digest] = (key, digest, 0.0)
+            previous = doc.get("previous")
+            until = float(doc.get("previous_until") or 0.0)
+            if previous and until > 0:
+                old = bytes.fromhex(str(previous))
+                hashes[old] = (key, old, until)
+        self.keys = keys
+        self._hashes = hashes
+        self.auth = True
+
+    # --- a request ---------------------------------------------------------------------------
+
+    def models_of(self, service: str) -> tuple[str, ...]:
+        return self.served.get(service) or (service,)
+
+    def enter(self, req: Any, conn: Any, paths: Paths) -> Refusal | None:
+        """At a request's arrival, before its body is read: the path, the key, the key's
+        limits. Sets `req.ticket` when keys or the audit are on. None: go on."""
+        if not paths.allows(req.target):
+            refusal: Refusal | None = Refusal(404, "not_found", "no such endpoint: this "
+                                              "server forwards the OpenAI API (/v1/chat/"
+                                              "completions, /v1/completions, /v1/embeddings,"
+                                              " /v1/models, ...)", "refused", [])
+        else:
+            refusal = None
+        if not self.auth and self.audit is None:
+            return refusal
+        ticket = Ticket(self, req, conn.peer, conn.sent)
+        req.ticket = ticket
+        if refusal is not None or not self.auth:
+            return refusal
+        key = self._key(req)
+        if key is None:
+            self.rejected["invalid_api_key"] = self.rejected.get("invalid_api_key", 0) + 1
+            return Refusal(401, "invalid_api_key", "Incorrect or missing API key: send "
+                           "`Authorization: Bearer <key>`", "refused",
+                           [(b"WWW-Authenticate", b'Bearer realm="llm-supervisor"')])
+        ticket.key = key
+        key.last_used = ticket.t0
+        return self._limits(key, ticket)
+
+    def _key(self, req: Any) -> Key | None:
+        value: bytes | None = None
+        for name, v in req.headers:
+            if len(name) == 13 and name.lower() == b"authorization":
+                if value is not None:
+                    return None  # two: which one?
+                value = v
+        if value is None or len(value) > SECRET_MAX + 7 or value[:7].lower() != b"bearer ":
+            return None
+        secret = value[7:].strip()
+        if not secret:
+            return None
+        digest = hashlib.sha256(secret).digest()
+        found = self._hashes.get(digest)
+        if found is None:
+            return None
+        key, stored, until = found
+        # the lookup is by digest (its timing tells nothing of a secret); the comparison
+        # that decides takes the same time whatever the bytes
+        if not hmac.compare_digest(stored, digest):
+            return None
+        now = time.time()
+        if until and now >= until:
+            return None  # an old secret whose overlap is over
+        if key.expires and now >= key.expires:
+            return None
+        return key
+
+    def _limits(self, key: Key, ticket: Ticket) -> Refusal | None:
+        now = time.monotonic()
+        if key.concurrency and key.inflight >= key.concurrency:
+            key.reject("concurrency")
+            return Refusal(429, "rate_limit_exceeded",
+                           f"key {key.id}: {key.concurrency} request(s) at once at most",
+                           "limited", [(b"Retry-After", b"1"), (b"retry-after-ms", b"1000"),
+                                       *self._rate(key, now)])
+        if key.rpm:
+            begun = key.window(now)
+            if begun >= key.rpm:
+                key.reject("requests")
+                wait = key.starts[0] + WINDOW_S - now
+                return self._limited(key, now, wait,
+                                     f"key {key.id}: {key.rpm} requests per minute at most")
+        if key.tpm:
+            used = key.tokens(now)
+            if used >= key.tpm:
+                key.reject("tokens")
+                wait = key.tokens_reset(now)
+                return self._limited(key, now, wait,
+                                     f"key {key.id}: {key.tpm} tokens per minute at most")
+        if key.rpm:
+            key.starts.append(now)
+        key.inflight += 1
+        ticket.holding = True
+        if key.limited:
+            ticket.rate = self._rate(key, now)
+        return None
+
+    def _limited(self, key: Key, now: float, wait: float, message: str) -> Refusal:
+        wait = max(wait, 0.001)
+        return Refusal(429, "rate_limit_exceeded", message, "limited",
+                       [(b"Retry-After", b"%d" % max(1, math.ceil(wait))),
+                        (b"retry-after-ms", b"%d" % max(1, math.ceil(wait * 1000))),
+                        *self._rate(key, now)])
+
+    @staticmethod
+    def _rate(key: Key, now: float) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        if key.rpm:
+            begun = key.window(now)
+            reset = key.starts[0] + WINDOW_S - now if key.starts else 0.0
+            out += [(b"x-ratelimit-limit-requests", b"%d" % key.rpm),
+                    (b"x-ratelimit-remaining-requests", b"%d" % max(0, key.rpm - begun)),
+                    (b"x-ratelimit-reset-requests", _reset_text(reset))]
+        if key.tpm:
+            used = key.tokens(now)
+            out += [(b"x-ratelimit-limit-tokens", b"%d" % key.tpm),
+                    (b"x-ratelimit-remaining-tokens", b"%d" % max(0, key.tpm - used)),
+                    (b"x-ratelimit-reset-tokens", _reset_text(key.tokens_reset(now)))]
+        return out
+
+    def refused_without_key(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    # --- the audit line ---------------------------------------------------------------------
+
+    def stamp(self, t: float) -> str:
+        """`2026-12-07T18:45:17.123Z` (the second's part made once a second)."""
+        sec = int(t)
+        if sec != self._sec:
+            self._sec = sec
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._stamp}.{int((t - sec) * 1000):03d}Z"
+
+    def stats(self) -> dict[str, Any]:
+        keys = {}
+        for key in self.keys.values():
+            keys[key.id] = {"requests": dict(key.codes), "rejected": dict(key.rejected),
+                            "prompt_tokens": key.prompt_tokens,
+                            "completion_tokens": key.completion_tokens,
+                            "last_used": key.last_used or None, "inflight": key.inflight}
+        return {"auth": self.auth, "keys": keys, "rejected": dict(self.rejected)}
+
+
+def _text(value: str | None) -> str:
+    if value is None:
+        return "null"
+    if _SAFE_RE.fullmatch(value) is not None:
+        return '"' + value + '"'
+    return json.dumps(value)
+
+
+class Ticket:
+    """One request through the door, closed once (`close`)."""
+
+    def __init__(self, door: Door, req: Any, peer: str | None, sent: int) -> None:
+        self.door = door
+        self.key: Key | None = None
+        self.method: bytes = req.method
+        self.target: bytes = req.target
+        self.peer = peer
+        self.model: str | None = None
+        self.service: str | None = None
+        self.t0 = time.time()
+        self.p0 = time.perf_counter()
+        self.holding = False  # holds one of its key's requests at once
+        self.rate: list[tuple[bytes, bytes]] | None = None  # x-ratelimit-* for its answer
+        self.end = ""  # how it ended, when known before `close`
+        self.ttft = -1.0
+        self.events = 0  # SSE events of the answer
+        self.answer = False  # a 2xx answer of the engine's to a POST: it generated
+        self.tail0 = b""  # the last two reads of that answer (its `usage` is there)
+        self.tail1 = b""
+        self.sent = sent  # the connection's bytes sent before its answer
+
+    def close(self, status: int, body_in: int, sent_now: int) -> None:
+        """The request's end: `body_in` bytes of body came, the connection had sent
+        `sent_now` bytes (its answer: those since the ticket was made)."""
+        if self.end == "closed":
+            return
+        sent = max(0, sent_now - self.sent)
+        end = self.end or ("client_gone" if status == 499 else "refused")
+        self.end = "closed"
+        door, key = self.door, self.key
+        prompt = completion = 0
+        estimated = False
+        if self.answer:
+            prompt, completion, estimated = self._usage(body_in, sent)
+        if key is not None:
+            if self.holding:
+                self.holding = False
+                key.inflight -= 1
+            code = str(status)
+            key.codes[code] = key.codes.get(code, 0) + 1
+            key.requests += 1
+            if prompt or completion:
+                key.prompt_tokens += prompt
+                key.completion_tokens += completion
+                key.add_tokens(time.monotonic(), prompt + completion)
+        audit = door.audit
+        if audit is not None:
+            now = time.perf_counter()
+            q = self.target.find(b"?")
+            path = (self.target if q < 0 else self.target[:q]).decode("latin-1")
+            tokens = (f"{prompt},\"completion_tokens\":{completion},\"tokens_estimated\":"
+                      f"{'true' if estimated else 'false'}") if self.answer else \
+                "null,\"completion_tokens\":null,\"tokens_estimated\":false"
+            ttft = f"{self.ttft:.4f}" if self.ttft >= 0 else "null"
+            audit(f"{{\"time\":\"{door.stamp(self.t0)}\",\"key\":"
+                  f"{_text(key.id if key is not None else None)},\"client\":"
+                  f"{_text(self.peer)},\"method\":{_text(self.method.decode('latin-1'))},"
+                  f"\"path\":{_text(path)},\"model\":{_text(self.model)},\"service\":"
+                  f"{_text(self.service)},\"status\":{status},\"prompt_tokens\":{tokens},"
+                  f"\"ttft_s\":{ttft},\"duration_s\":{now - self.p0:.4f},\"bytes_in\":"
+                  f"{body_in},\"bytes_out\":{sent},\"end\":\"{end}\"}}")
+
+    def _usage(self, body_in: int, sent: int) -> tuple[int, int, bool]:
+        tail1 = self.tail1
+        if len(tail1) >= _USAGE_TAIL:
+            buf = tail1[-_USAGE_TAIL:]
+        else:
+            buf = self.tail0[-(_USAGE_TAIL - len(tail1)):] + tail1 if self.tail0 else tail1
+        at = buf.rfind(b'"usage"')
+        if at >= 0:
+            part = buf[at:at + 1024]
+            p = _PROMPT_RE.search(part)
+            c = _COMPLETION_RE.search(part)
+            if p is not None:
+                return int(p.group(1)), int(c.group(1)) if c is not None else 0, False
+        completion = self.events if self.events else sent // 4
+        return body_in // 4, completion, True
