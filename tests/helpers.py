@@ -26,6 +26,9 @@ from supervisord_llm.ports import pick_free_port, port_free
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = str(Path(__file__).resolve().parent / "fakebackend.py")
+# allow_paths of the tests about HTTP itself (any path; not those of the front door's
+# allowlist, tests/test_door.py)
+ANY_PATH: tuple[str, ...] = ("/*",)
 SIM_UUID = "GPU-5a1e0000-0000-4000-8000-{:012d}"
 
 _used_ports: set[int] = set()

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collect import Wired
-from helpers import RawBackend, async_stays, async_wait_until, free_port, front_host
+from helpers import ANY_PATH, RawBackend, async_stays, async_wait_until, free_port, front_host
 from supervisord_llm.config import GateSection, RouterSection, parse_listen
 from supervisord_llm.gate import GateHost
 from supervisord_llm.gate.server import FRESH_GRACE_S
@@ -66,7 +66,7 @@ async def host(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
 async def gate_env(host: Any) -> AsyncIterator[Callable[..., Awaitable[Env]]]:
     async def make(backend_port: int, **settings: object) -> Env:
         listen = parse_listen(f"127.0.0.1:{free_port()}")
-        cfg = replace(GateSection(listen), **settings)  # type: ignore[arg-type]
+        cfg = replace(GateSection(listen, allow_paths=ANY_PATH), **settings)  # type: ignore[arg-type]
         gate = await host.add(f"g{listen.port}", cfg)
         host.call(gate.set_upstreams, ("127.0.0.1", backend_port), None)
         await async_wait_until(lambda: gate.state == "open", 2, what="gate open")
@@ -487,7 +487,7 @@ async def _fuzz_once(fragments: list[bytes], method: bytes, keep_open: bool) -> 
     try:
         async with RawBackend(backend_) as backend:
             listen = parse_listen(f"127.0.0.1:{free_port()}")
-            gate = await host.add("fuzz", GateSection(listen))
+            gate = await host.add("fuzz", GateSection(listen, allow_paths=ANY_PATH))
             host.call(gate.set_upstreams, ("127.0.0.1", backend.port), None)
             await async_wait_until(lambda: gate.state == "open", 2, what="open")
             reader, writer = await connect(listen.port)
@@ -712,7 +712,7 @@ async def router_env(host: Any) -> AsyncIterator[Callable[..., Awaitable[Env]]]:
         host.call(gate.set_upstreams, ("127.0.0.1", backend_port), None)
         await async_wait_until(lambda: gate.state == "open", 2, what="gate open")
         listen = parse_listen(f"127.0.0.1:{free_port()}")
-        await host.set_router(RouterSection(listen, **settings),  # type: ignore[arg-type]
+        await host.set_router(RouterSection(listen, **{"allow_paths": ANY_PATH, **settings}),  # type: ignore[arg-type]
                               ({"m": "svc"}, [{"id": "m", "service": "svc"}]))
         return Env(host, gate, listen.port)
 
