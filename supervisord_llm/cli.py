@@ -80,6 +80,9 @@ def check(config_path: str, overrides: Overrides) -> int:
         return 2
     sys.stdout.write(render_plan(cfg, gpus, plans, disc.backend_names) + "\n")
     sys.stdout.write(f"gpu discovery: {disc.message}\n")
+    for warning in cfg.warnings:
+        if "beyond loopback" in warning:  # loudly: an open door is not a detail
+            sys.stderr.write(f"llm-supervisor: WARNING: {warning}\n")
     return 0
 
 

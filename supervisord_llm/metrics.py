@@ -88,6 +88,7 @@ class SupervisorCollector(Collector):
         yield errs
         yield from self._services()
         yield from self._gates()
+        yield from self._door()
         yield from self._models()
         yield from self._gpus()
         yield from self._power()
@@ -174,6 +175,55 @@ class SupervisorCollector(Collector):
                     cp_age.add_metric([cp.name], ok_at)
         yield from (reachable, on_battery, low, charge, runtime, flags, events, steps, runs,
                     cp_duration, cp_age)
+
+    def _door(self) -> Iterator[Metric]:
+        """Per API key (an id label, bounded by the keys in force; "" for requests without
+        a valid key), the audit log, connections turned away."""
+        front = self.sup.gates
+        if front is None:
+            return
+        stats = front.door_stats
+        requests = CounterMetricFamily("llm_supervisor_key_requests",
+                                       "Requests by API key and status code",
+                                       labels=["key", "code"])
+        tokens = CounterMetricFamily("llm_supervisor_key_tokens",
+                                     "Tokens by API key (prompt, completion; from the "
+                                     "engine's usage, else estimated)", labels=["key", "kind"])
+        rejected = CounterMetricFamily("llm_supervisor_key_rejected",
+                                       "Requests refused at the door, by API key and reason "
+                                       "(invalid_api_key under key \"\", requests, tokens, "
+                                       "concurrency, model_not_found)", labels=["key", "reason"])
+        inflight = GaugeMetricFamily("llm_supervisor_key_inflight_requests",
+                                     "Requests in flight by API key", labels=["key"])
+        keys = stats.get("keys")
+        for key_id, doc in sorted(keys.items()) if isinstance(keys, dict) else ():
+            if not isinstance(doc, dict):
+                continue
+            for code, n in sorted((doc.get("requests") or {}).items()):
+                requests.add_metric([key_id, str(code)], n)
+            tokens.add_metric([key_id, "prompt"], doc.get("prompt_tokens") or 0)
+            tokens.add_metric([key_id, "completion"], doc.get("completion_tokens") or 0)
+            for reason, n in sorted((doc.get("rejected") or {}).items()):
+                rejected.add_metric([key_id, str(reason)], n)
+            inflight.add_metric([key_id], doc.get("inflight") or 0)
+        for reason, n in sorted((stats.get("rejected") or {}).items()):
+            rejected.add_metric(["", str(reason)], n)
+        yield from (requests, tokens, rejected, inflight)
+        audit = stats.get("audit")
+        if isinstance(audit, dict):
+            yield CounterMetricFamily("llm_supervisor_audit_lines", "Audit lines written",
+                                      value=audit.get("written") or 0)
+            yield CounterMetricFamily("llm_supervisor_audit_lines_dropped",
+                                      "Audit lines dropped: the writer fell behind, or a "
+                                      "write failed", value=audit.get("dropped") or 0)
+        away = CounterMetricFamily("llm_supervisor_connections_turned_away",
+                                   "Connections closed at once: their client address had "
+                                   "max_connections_per_client open", labels=["listener"])
+        if front.router is not None:
+            away.add_metric(["router"], front.router.stats.turned_away)
+        for name, gate in sorted(front.gates.items()):
+            away.add_metric([name], gate.stats.turned_away)
+        yield away
 
     def _gates(self) -> Iterator[Metric]:
         inflight = GaugeMetricFamily("llm_supervisor_gate_inflight_requests",

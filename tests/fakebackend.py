@@ -36,6 +36,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -87,6 +88,14 @@ def _sim_memory(path: str, uuid: str, delta: int, per_process: bool) -> None:
         with open(path + f".{os.getpid()}", "w") as fh:
             json.dump(state, fh)
         os.replace(path + f".{os.getpid()}", path)
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    """A stand-in for a tokenizer: a token per word of the messages."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    return sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
 
 
 def main() -> None:
@@ -177,6 +186,11 @@ def main() -> None:
                     await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     if delay:
                         await asyncio.sleep(delay)
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    usage = {"prompt_tokens": _prompt_tokens(body), "completion_tokens": n,
+                             "total_tokens": _prompt_tokens(body) + n}
+                    await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}"
+                                     "\n\n".encode())
                 await resp.write(b"data: [DONE]\n\n")
                 await resp.write_eof()
             except (ConnectionResetError, asyncio.CancelledError):
@@ -193,7 +207,8 @@ def main() -> None:
             "choices": [{"index": 0, "message": {"role": "assistant",
                                                   "content": " ".join(f"t{i}" for i in range(n))},
                          "finish_reason": "length"}],
-            "usage": {"completion_tokens": n},
+            "usage": {"prompt_tokens": _prompt_tokens(body), "completion_tokens": n,
+                      "total_tokens": _prompt_tokens(body) + n},
         })
 
     async def run() -> None:

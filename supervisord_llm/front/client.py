@@ -78,6 +78,7 @@ class StatsView:
         self.ttfb = Hist()
         self.ttft = Hist()
         self.event_rate = Hist()
+        self.turned_away = 0  # connections closed at once (max_connections_per_client)
 
 
 class ModelView:
@@ -233,6 +234,8 @@ class RemoteGate:
         st.rejected = _counts(doc.get("rejected"))
         for key in ("duration", "ttfb", "ttft", "event_rate"):
             getattr(st, key).set(doc.get(key))
+        turned = doc.get("turned_away")
+        st.turned_away = turned if isinstance(turned, int) else 0
         models = doc.get("models")
         if isinstance(models, dict):
             for model, mdoc in models.items():
@@ -247,6 +250,7 @@ class RouterStatsView:
     def __init__(self) -> None:
         self.rejected: dict[str, int] = {}
         self.requests: dict[str, int] = {}
+        self.turned_away = 0
 
 
 class RemoteRouter:
@@ -886,6 +890,8 @@ class FrontClient:
         if self.router is not None and isinstance(router, dict):
             self.router.stats.rejected = _counts(router.get("rejected"))
             self.router.stats.requests = _counts(router.get("requests"))
+            turned = router.get("turned_away")
+            self.router.stats.turned_away = turned if isinstance(turned, int) else 0
 
     def _bind(self, key: str | None, host: str, port: int, what: str) -> list[int]:
         """Listening sockets for `key` at host:port: ours already if we hold that address

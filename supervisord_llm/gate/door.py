@@ -174,7 +174,10 @@ class Refusal:
 class Door:
     """Shared by the router and the gates of one front (the daemon sets its keys)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.clock = clock  # the windows of the limits
+        self.wall = wall  # expiry, last use, the audit's time
         self.auth = False  # keys required
         self.keys: dict[str, Key] = {}
         # digest -> (key, the digest, valid until (0: no end))
@@ -274,7 +277,7 @@ class Door:
         # that decides takes the same time whatever the bytes
         if not hmac.compare_digest(stored, digest):
             return None
-        now = time.time()
+        now = self.wall()
         if until and now >= until:
             return None  # an old secret whose overlap is over
         if key.expires and now >= key.expires:
@@ -282,7 +285,7 @@ class Door:
         return key
 
     def _limits(self, key: Key, ticket: Ticket) -> Refusal | None:
-        now = time.monotonic()
+        now = self.clock()
         if key.concurrency and key.inflight >= key.concurrency:
             key.reject("concurrency")
             return Refusal(429, "rate_limit_exceeded",
@@ -376,7 +379,7 @@ class Ticket:
         self.peer = peer
         self.model: str | None = None
         self.service: str | None = None
-        self.t0 = time.time()
+        self.t0 = door.wall()
         self.p0 = time.perf_counter()
         self.holding = False  # holds one of its key's requests at once
         self.rate: list[tuple[bytes, bytes]] | None = None  # x-ratelimit-* for its answer
@@ -411,7 +414,7 @@ class Ticket:
             if prompt or completion:
                 key.prompt_tokens += prompt
                 key.completion_tokens += completion
-                key.add_tokens(time.monotonic(), prompt + completion)
+                key.add_tokens(door.clock(), prompt + completion)
         audit = door.audit
         if audit is not None:
             now = time.perf_counter()
@@ -440,7 +443,12 @@ class Ticket:
             part = buf[at:at + 1024]
             p = _PROMPT_RE.search(part)
             c = _COMPLETION_RE.search(part)
-            if p is not None:
-                return int(p.group(1)), int(c.group(1)) if c is not None else 0, False
-        completion = self.events if self.events else sent // 4
-        return body_in // 4, completion, True
+            if p is not None or c is not None:
+                return (int(p.group(1)) if p is not None else body_in // 4,
+                        int(c.group(1)) if c is not None else self._completion(sent),
+                        p is None or c is None)
+        return body_in // 4, self._completion(sent), True
+
+    def _completion(self, sent: int) -> int:
+        """Without `usage`: one token per event of a stream, or a quarter of the bytes."""
+        return self.events if self.events else sent // 4
