@@ -523,11 +523,13 @@ http {{
 # --- clients through a gate or the router --------------------------------------------------
 
 
-def post(port: int, body: dict[str, Any], timeout: float = 30) -> bytes:
+def post(port: int, body: dict[str, Any], timeout: float = 30,
+         secret: str | None = None) -> bytes:
     """One request on its own connection (Connection: close): the whole answer."""
     raw = json.dumps(body).encode()
+    auth = f"Authorization: Bearer {secret}\r\n".encode() if secret else b""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth +
                   b"Content-Type: application/json\r\nConnection: close\r\n"
                   + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
         data = b""
@@ -541,7 +543,8 @@ class Streams:
     or cut."""
 
     def __init__(self, port: int, n: int, tokens: int, delay: float,
-                 model: str | None = None) -> None:
+                 model: str | None = None, *, secret: str | None = None) -> None:
+        self.secret = secret
         self.n = n
         self.done = 0
         self.cut = 0
@@ -558,7 +561,7 @@ class Streams:
 
     def _one(self, port: int, body: dict[str, Any]) -> None:
         try:
-            ok = b"data: [DONE]" in post(port, body)
+            ok = b"data: [DONE]" in post(port, body, secret=self.secret)
         except OSError:
             ok = False
         with self._lock:

@@ -482,13 +482,13 @@ def test_power_keys_and_the_nut_password(tmp_path: Path, monkeypatch: pytest.Mon
     pw.write_text("s3cret\nignored\n")
     cfg = parse_config(toml_dumps({**base, "power": {"username": "mon",
                                                      "password_file": str(pw)}}), "cfg.toml")
-    assert cfg.power.password == "s3cret" and "s3cret" not in repr(cfg)  # noqa: S105 - a test value
+    assert cfg.power.password == "s3cret" and "s3cret" not in repr(cfg)
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "nut-password").write_text("fromcred")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     cfg = parse_config(toml_dumps({**base, "power": {"username": "mon"}}), "cfg.toml")
-    assert cfg.power.password == "fromcred"  # noqa: S105 - a test value
+    assert cfg.power.password == "fromcred"
     for bad, expect in [
         ({"username": "mon", "password_file": str(tmp_path / "nope")},
          "power.password_file: cannot read the NUT password"),

@@ -150,7 +150,7 @@ def test_an_expired_key_and_an_old_secret_after_its_overlap_are_401() -> None:
 
 def test_exactly_n_requests_in_a_minute_pass_and_the_window_slides() -> None:
     clock = Clock()
-    door, lines = door_with(key(requests_per_minute=3), clock=clock)
+    door, _ = door_with(key(requests_per_minute=3), clock=clock)
     for i in range(3):
         refusal, req = enter(door)
         assert refusal is None
@@ -280,7 +280,7 @@ def test_with_auth_off_every_request_comes_in_and_is_audited() -> None:
     assert door.enter(req, Conn(), Paths()) is None and req.ticket is None  # nothing held
 
 
-# --- the keys file ---------------------------------------------------------------------------------
+# --- the keys file -------------------------------------------------------------------------------
 
 HEX = "a" * 64
 
@@ -356,7 +356,7 @@ def test_expires_refuses_what_it_cannot_place(text: str) -> None:
         K.parse_expires(text, 1000.0)
 
 
-# --- the config ------------------------------------------------------------------------------------
+# --- the config ----------------------------------------------------------------------------------
 
 
 def _cfg(extra: str, listen: str = "127.0.0.1:9000") -> str:
@@ -410,3 +410,388 @@ def test_a_broken_keys_file_is_a_config_error(tmp_path: Path) -> None:
 def test_a_listener_beyond_loopback_without_auth_is_warned_of(listen: str, warns: bool) -> None:
     cfg = parse_config(_cfg("", listen))
     assert any("beyond loopback" in w for w in cfg.warnings) is warns
+
+
+# --- the daemon, with the official client and raw sockets --------------------------------------
+
+ALICE, BOB, CAROL = "sk-alice-0123456789", "sk-bob-0123456789", "sk-carol-0123456789"
+
+
+class Front:
+    """The daemon's door: the router (models m1 and m2), the gate of `one` (m1), the files."""
+
+    def __init__(self, d: Daemon, router: int, gate: int, tmp: Path) -> None:
+        self.d = d
+        self.router = router
+        self.gate = gate
+        self.keys = tmp / "keys.toml"
+        self.audit = tmp / "audit.log"
+        self.skip = 0  # the lines before the test's own
+
+    def mark(self) -> None:
+        """From now on `lines` counts the test's own: a request of its own path is made,
+        and what the audit log holds up to its line is passed over."""
+        http(self.router, "POST", "/mark", {})
+        wait_until(lambda: any('"/mark"' in x for x in self._raw()), 10, what="the mark")
+        self.skip = next(i for i, x in enumerate(self._raw()) if '"/mark"' in x) + 1
+
+    def _raw(self) -> list[str]:
+        return self.audit.read_text().splitlines() if self.audit.exists() else []
+
+    def lines(self, n: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
+        """The test's audit lines, once there are at least `n` (written every 0.1 s)."""
+        wait_until(lambda: len(self._raw()) - self.skip >= n, timeout,
+                   what=f"{n} audit lines")
+        return [json.loads(line) for line in self._raw()[self.skip:]]
+
+    def metrics(self) -> str:
+        port = int(self.d.doc["metrics"]["listen"].rsplit(":", 1)[1])
+        status, _, body = http(port, "GET", "/metrics")
+        assert status == 200
+        return body.decode()
+
+
+def http(port: int, method: str, path: str, body: dict[str, Any] | None = None, *,
+         secret: str | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    conn = http_client(port, timeout)
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    if secret is not None:
+        hdrs["Authorization"] = f"Bearer {secret}"
+    try:
+        conn.request(method, path, json.dumps(body).encode() if body is not None else None,
+                     hdrs)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def http_client(port: int, timeout: float) -> Any:
+    import http.client
+
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+
+def chat(model: str = "m1", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": 3, **extra}
+
+
+@contextlib.contextmanager
+def door_daemon(tmp: Path, keys: tuple[K.ApiKey, ...], router: dict[str, Any] | None = None,
+                gate: dict[str, Any] | None = None) -> Iterator[Front]:
+    rport, gport = free_port(), free_port()
+    one = fake_service("one", free_port(), models=["m1"],
+                       gate={"listen": f"127.0.0.1:{gport}", **(gate or {})})
+    two = fake_service("two", free_port(), models=["m2"])
+    K.write_keys(str(tmp / "keys.toml"), keys, None)
+    doc = base_config(tmp, [one, two], router={"listen": f"127.0.0.1:{rport}",
+                                               **(router or {})},
+                      auth={"keys_file": str(tmp / "keys.toml")},
+                      audit={"path": str(tmp / "audit.log")})
+    with running(tmp, doc) as d:
+        front = Front(d, rport, gport, tmp)
+
+        def up() -> bool:
+            try:
+                return all(http(p, "POST", "/v1/chat/completions", chat(m),
+                                secret=ALICE)[0] == 200
+                           for p, m in ((rport, "m1"), (rport, "m2"), (gport, "m1")))
+            except OSError:
+                return False
+
+        wait_until(up, 20, what="both models through the router and the gate")
+        front.mark()
+        yield front
+
+
+def keyring() -> tuple[K.ApiKey, ...]:
+    return (K.ApiKey("alice", K.hash_secret(ALICE)),
+            K.ApiKey("bob", K.hash_secret(BOB), models=("m1",)),
+            K.ApiKey("carol", K.hash_secret(CAROL), requests_per_minute=2, max_concurrency=1))
+
+
+def openai_client(port: int, secret: str, retries: int = 0) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=secret,
+                         max_retries=retries, timeout=20)
+
+
+def test_keys_with_the_official_client_and_raw_sockets(tmp_path: Path) -> None:
+    import openai
+
+    with door_daemon(tmp_path, keyring()) as f:
+        for port in (f.router, f.gate):
+            with pytest.raises(openai.AuthenticationError) as exc:
+                openai_client(port, "sk-wrong").chat.completions.create(**chat())
+            assert exc.value.status_code == 401 and exc.value.code == "invalid_api_key"
+        # no key at all, on a raw socket, with a body announced that never comes: the 401
+        # comes before the body is read, and the connection closes
+        with socket.create_connection(("127.0.0.1", f.router), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: 1000000\r\n\r\n")
+            answer = s.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 401 ") and b"invalid_api_key" in answer
+            assert b"Connection: close" in answer
+        # a model the key may not use: exactly as if it did not exist
+        bob = openai_client(f.router, BOB)
+        with pytest.raises(openai.NotFoundError) as nf:
+            bob.chat.completions.create(**chat("m2"))
+        assert nf.value.code == "model_not_found" and "m2" in str(nf.value)
+        assert "known models: m1" in str(nf.value)
+        with pytest.raises(openai.NotFoundError):
+            bob.chat.completions.create(**chat("no-such"))
+        assert [m.id for m in bob.models.list()] == ["m1"]
+        with pytest.raises(openai.NotFoundError):
+            bob.models.retrieve("m2")
+        assert sorted(m.id for m in openai_client(f.router, ALICE).models.list()) == ["m1", "m2"]
+        reply = bob.chat.completions.create(**chat("m1"))
+        assert reply.choices[0].message.content == "t0 t1 t2"
+        assert reply.usage is not None and reply.usage.prompt_tokens == 2
+        # bob may use the gate of `one` (m1), not that of a service he has no model of
+        assert http(f.gate, "POST", "/v1/chat/completions", chat(), secret=BOB)[0] == 200
+        assert http(f.gate, "GET", "/v1/models", secret=ALICE)[0] == 200
+        lines = f.lines(9)
+        assert all(ALICE not in json.dumps(x) and BOB not in json.dumps(x) for x in lines)
+        assert "sk-" not in f.audit.read_text()
+        assert [(x["status"], x["key"], x["end"]) for x in lines[:2]] == [
+            (401, None, "refused"), (401, None, "refused")]
+
+
+def test_the_key_of_a_request_never_reaches_the_engine(tmp_path: Path) -> None:
+    with door_daemon(tmp_path, keyring(), gate={"allow_paths": ["/echo"]}) as f:
+        status, _, body = http(f.gate, "POST", "/echo", {"x": 1}, secret=ALICE,
+                               headers={"X-Other": "kept"})
+        assert status == 200
+        seen = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+        assert "authorization" not in seen and seen["x-other"] == "kept"
+
+
+def test_limits_give_429_with_the_openai_headers_and_the_client_retries(tmp_path: Path
+                                                                        ) -> None:
+    import openai
+
+    with door_daemon(tmp_path, keyring()) as f:
+        carol = openai_client(f.router, CAROL)
+        raw = carol.chat.completions.with_raw_response.create(**chat())
+        assert raw.headers["x-ratelimit-limit-requests"] == "2"
+        assert raw.headers["x-ratelimit-remaining-requests"] == "1"
+        assert raw.headers["x-ratelimit-reset-requests"].endswith("s")
+        carol.chat.completions.create(**chat())
+        with pytest.raises(openai.RateLimitError) as exc:  # the third in the minute
+            carol.chat.completions.create(**chat())
+        headers = exc.value.response.headers
+        assert headers["x-ratelimit-remaining-requests"] == "0"
+        assert 50 <= int(headers["retry-after"]) <= 60
+        assert exc.value.code == "rate_limit_exceeded"
+        lines = f.lines(3)
+        assert [(x["status"], x["end"]) for x in lines] == [(200, "done"), (200, "done"),
+                                                            (429, "limited")]
+        assert 'llm_supervisor_key_rejected_total{key="carol",reason="requests"} 1.0' in \
+            f.metrics()
+
+
+def test_the_client_retries_after_a_concurrency_429_as_told(tmp_path: Path) -> None:
+    """carol may have one request at a time: while a stream holds it, the client's next
+    request gets 429 with Retry-After 1; the official client waits and tries again."""
+    keys = (K.ApiKey("alice", K.hash_secret(ALICE)),
+            K.ApiKey("carol", K.hash_secret(CAROL), max_concurrency=1))
+    with door_daemon(tmp_path, keys) as f:
+        done: list[bytes] = []
+        holder = threading.Thread(target=lambda: done.append(http(
+            f.router, "POST", "/v1/chat/completions",
+            chat(stream=True, max_tokens=12, fake_token_delay_s=0.1), secret=CAROL)[2]))
+        holder.start()
+        wait_until(lambda: 'llm_supervisor_key_inflight_requests{key="carol"} 1.0'
+                   in f.metrics(), 10, what="the stream inside")
+        began = time.monotonic()
+        reply = openai_client(f.router, CAROL, retries=3).chat.completions.create(**chat())
+        took = time.monotonic() - began
+        holder.join(20)
+        assert reply.choices[0].message.content == "t0 t1 t2"
+        assert done and b"data: [DONE]" in done[0]
+        assert took >= 0.5  # it waited as told (Retry-After: 1), it did not hammer
+        ends = [(x["status"], x["end"]) for x in f.lines(3)]
+        assert (429, "limited") in ends and ends.count((200, "done")) == 2
+
+
+def test_an_engines_admin_paths_are_never_reachable(tmp_path: Path) -> None:
+    with door_daemon(tmp_path, keyring()) as f:
+        pid = f.d.service("one")["pid"]
+        for port in (f.router, f.gate):
+            for path in ("/admin/shutdown", "/slots/0?action=erase", "/_ctl?exit=3",
+                         "/_ctl?health_status=500", "/v1/models/../../_ctl?exit=3",
+                         "/metrics"):
+                status, _, body = http(port, "POST", path, chat(), secret=ALICE)
+                assert status == 404, (port, path, body)
+                assert json.loads(body)["error"]["code"] == "not_found"
+        time.sleep(0.5)
+        assert f.d.service("one")["pid"] == pid and f.d.service("one")["state"] == "ready"
+        assert http(f.router, "POST", "/v1/chat/completions", chat(), secret=ALICE)[0] == 200
+
+
+def test_revoke_and_rotate_under_16_streams_cut_none(tmp_path: Path) -> None:
+    with door_daemon(tmp_path, keyring()) as f:
+        streams = Streams(f.router, 16, tokens=30, delay=0.05, model="m1", secret=ALICE)
+        wait_until(lambda: 'llm_supervisor_key_inflight_requests{key="alice"} 16.0'
+                   in f.metrics(), 15, what="16 streams inside")
+        out = f.d.llmctl("key", "revoke", "alice")
+        assert out.returncode == 0, out.stderr
+        assert "revoked" in out.stdout
+        # the next request with it, at once
+        assert http(f.router, "POST", "/v1/chat/completions", chat(), secret=ALICE)[0] == 401
+        assert http(f.gate, "POST", "/v1/chat/completions", chat(), secret=ALICE)[0] == 401
+        # a rotation with an overlap: both secrets, then only the new one
+        out = f.d.llmctl("key", "rotate", "bob", "--overlap", "1h")
+        assert out.returncode == 0, out.stderr
+        new = next(line.split(": ", 1)[1] for line in out.stdout.splitlines()
+                   if line.startswith("secret: "))
+        assert new.startswith("sk-llm-") and new not in f.keys.read_text()
+        for secret in (BOB, new):
+            assert http(f.router, "POST", "/v1/chat/completions", chat(), secret=secret)[0] == 200
+        out = f.d.llmctl("key", "rotate", "bob", "--overlap", "0")
+        newer = next(line.split(": ", 1)[1] for line in out.stdout.splitlines()
+                     if line.startswith("secret: "))
+        assert http(f.router, "POST", "/v1/chat/completions", chat(), secret=new)[0] == 401
+        assert http(f.router, "POST", "/v1/chat/completions", chat(), secret=newer)[0] == 200
+        streams.join(30)
+        assert (streams.done, streams.cut) == (16, 0)
+        listed = f.d.llmctl("key", "list")
+        assert listed.returncode == 0 and "bob" in listed.stdout and "alice" not in listed.stdout
+        stat_ = os.stat(f.keys)
+        assert stat.S_IMODE(stat_.st_mode) == 0o640
+
+
+def test_a_key_made_by_llmctl_works_at_once_with_its_limits(tmp_path: Path) -> None:
+    with door_daemon(tmp_path, keyring()) as f:
+        out = f.d.llmctl("key", "new", "dave", "--models", "m2", "--rpm", "2", "--expires",
+                         "30d")
+        assert out.returncode == 0, out.stderr
+        secret = next(line.split(": ", 1)[1] for line in out.stdout.splitlines()
+                      if line.startswith("secret: "))
+        assert K.hash_secret(secret) in f.keys.read_text() and secret not in f.keys.read_text()
+        # (a request counts against the key's rate once it is let in, whatever its answer)
+        assert http(f.router, "POST", "/v1/chat/completions", chat("m1"), secret=secret)[0] == 404
+        assert http(f.router, "POST", "/v1/chat/completions", chat("m2"), secret=secret)[0] == 200
+        assert http(f.router, "POST", "/v1/chat/completions", chat("m2"), secret=secret)[0] == 429
+        data = f.d.call("key-list")
+        dave = next(k for k in data["keys"] if k["id"] == "dave")
+        assert (dave["models"], dave["rpm"], dave["requests"]) == (["m2"], 2, 3)  # 404 200 429
+        assert dave["last_used"] is not None and dave["expires"] > time.time() + 29 * 86400
+        out = f.d.llmctl("key", "new", "dave")
+        assert out.returncode != 0 and "exists already" in out.stderr
+        out = f.d.llmctl("key", "new", "bad id!")
+        assert out.returncode != 0 and "key id" in out.stderr
+        out = f.d.llmctl("key", "rotate", "nobody")
+        assert out.returncode != 0 and "no key 'nobody'" in out.stderr
+
+
+def test_a_hand_broken_keys_file_is_refused_and_the_keys_in_force_stay(tmp_path: Path
+                                                                        ) -> None:
+    with door_daemon(tmp_path, keyring()) as f:
+        good = f.keys.read_text()
+        f.keys.write_text(good + '\n[[key]]\nid = "eve"\nsha256 = "not hex"\n')
+        out = f.d.llmctl("reload")
+        assert out.returncode != 0 and "sha256" in out.stderr
+        assert http(f.router, "POST", "/v1/chat/completions", chat(), secret=ALICE)[0] == 200
+        out = f.d.llmctl("key", "revoke", "alice")  # refused too: the file is broken
+        assert out.returncode != 0 and "broken" in out.stderr
+        assert http(f.router, "POST", "/v1/chat/completions", chat(), secret=ALICE)[0] == 200
+        # fixed by hand: a new key, alice gone; then SIGHUP
+        f.keys.write_text(K.render_keys((K.ApiKey("eve", K.hash_secret("sk-eve-1")),)))
+        f.d.signal(signal.SIGHUP)
+        wait_until(lambda: http(f.router, "POST", "/v1/chat/completions", chat(),
+                                secret="sk-eve-1")[0] == 200, 10, what="eve's key in force")
+        assert http(f.router, "POST", "/v1/chat/completions", chat(), secret=ALICE)[0] == 401
+
+
+def test_the_audit_log_says_how_each_request_ended(tmp_path: Path) -> None:
+    with door_daemon(tmp_path, keyring()) as f:
+        # done, with the engine's usage (a stream that asks for it)
+        status, _, body = http(f.router, "POST", "/v1/chat/completions",
+                               chat(stream=True, stream_options={"include_usage": True}),
+                               secret=ALICE)
+        assert status == 200 and b"[DONE]" in body
+        # refused (no key), limited (carol's third)
+        http(f.router, "POST", "/v1/chat/completions", chat())
+        for _ in range(3):
+            http(f.router, "POST", "/v1/chat/completions", chat(), secret=CAROL)
+        # the client goes away in the middle of a stream
+        with socket.create_connection(("127.0.0.1", f.router), timeout=10) as s:
+            raw = json.dumps(chat(stream=True, max_tokens=50, fake_token_delay_s=0.05)).encode()
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                      b"Bearer " + ALICE.encode() + b"\r\nContent-Length: %d\r\n\r\n"
+                      % len(raw) + raw)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        # the engine dies in the middle of a stream: cut
+        http(f.gate, "POST", "/v1/chat/completions",
+             chat(stream=True, max_tokens=10, fake_die_after=3), secret=ALICE)
+        lines = f.lines(7)
+        ends = [(x["status"], x["end"], x["key"]) for x in lines]
+        assert ends[:5] == [(200, "done", "alice"), (401, "refused", None),
+                            (200, "done", "carol"), (200, "done", "carol"),
+                            (429, "limited", "carol")]
+        assert sorted(ends[5:]) == [(499, "client_gone", "alice"), (502, "cut", "alice")]
+        first = lines[0]
+        assert (first["prompt_tokens"], first["completion_tokens"]) == (2, 3)
+        assert first["tokens_estimated"] is False and first["ttft_s"] is not None
+        assert (first["model"], first["service"], first["path"]) == ("m1", "one",
+                                                                    "/v1/chat/completions")
+        assert first["client"] == "127.0.0.1" and first["bytes_out"] > 0
+        assert first["bytes_in"] == len(json.dumps(chat(
+            stream=True, stream_options={"include_usage": True})))
+        assert "hello there" not in f.audit.read_text()  # never the prompt
+        assert "t0" not in f.audit.read_text()  # never the completion
+        metrics = f.metrics()
+        assert 'llm_supervisor_key_tokens_total{key="alice",kind="prompt"}' in metrics
+        assert 'llm_supervisor_key_rejected_total{key="",reason="invalid_api_key"} 1.0' in \
+            metrics
+        assert "llm_supervisor_audit_lines_dropped_total 0.0" in metrics
+        # logrotate: the file moved, then SIGHUP; the next line goes to a new file
+        f.audit.rename(f.audit.with_name("audit.log.1"))
+        f.d.signal(signal.SIGHUP)
+        wait_until(lambda: http(f.router, "POST", "/v1/chat/completions", chat(), secret=ALICE)[0]
+                   == 200 and f.audit.exists(), 10, what="a new audit file")
+        f.skip = 0
+        assert f.lines(1)[-1]["key"] == "alice"
+
+
+def test_a_flood_of_connections_from_one_address_is_turned_away(tmp_path: Path) -> None:
+    with door_daemon(tmp_path, keyring(), router={"max_connections_per_client": 4}) as f:
+        held = [socket.create_connection(("127.0.0.1", f.router), timeout=10)
+                for _ in range(4)]
+        try:
+            for _ in range(6):
+                with socket.create_connection(("127.0.0.1", f.router), timeout=10) as s:
+                    data = b""
+                    while chunk := s.recv(4096):
+                        data += chunk
+                    assert data.startswith(b"HTTP/1.1 429 ") and b"too_many_connections" in data
+            # those held are served
+            s = held[0]
+            raw = json.dumps(chat()).encode()
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                      + ALICE.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            assert 'llm_supervisor_connections_turned_away_total{listener="router"} 6.0' in \
+                f.metrics()
+        finally:
+            for s in held:
+                s.close()
+        # once they are closed, the address may connect again
+        wait_until(lambda: http(f.router, "POST", "/v1/chat/completions", chat(), secret=ALICE)[0]
+                   == 200, 10, what="served again")
+
+
+def test_check_warns_loudly_of_a_router_open_to_all(tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [fake_service("one", free_port(), models=["m1"])],
+                      router={"listen": f"0.0.0.0:{free_port()}"})
+    d = Daemon(tmp_path, doc)
+    out = subprocess.run([sys.executable, "-m", "supervisord_llm", "--check", "--config",
+                          str(d.config)], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert "WARNING: router.listen = '0.0.0.0:" in out.stderr
+    assert "there is no [auth]" in out.stderr
