@@ -31,6 +31,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GPU_LABELS = ["gpu", "uuid", "pci_bus_id", "name"]
 THERMAL_STATES = ("ok", "warm", "throttled", "critical", "lost", "unresponsive")
 P_FLAGS = ("OL", "OB", "LB", "FSD", "CHRG", "DISCHRG", "RB", "OVER", "BYPASS")
+KEY_REJECTIONS = ("requests", "tokens", "concurrency", "model_not_found")
 POWER_EVENTS = ("on_battery", "power_back", "power_down", "powered_down", "restart",
                 "ups_unreachable", "ups_reachable", "override", "fsd_ignored")
 
@@ -177,7 +178,7 @@ class SupervisorCollector(Collector):
                     cp_duration, cp_age)
 
     def _door(self) -> Iterator[Metric]:
-        """Per API key (an id label, bounded by the keys in force; "" for requests without
+        """Per API key (an id label, bounded by the keys in force; "-" for requests without
         a valid key), the audit log, connections turned away."""
         front = self.sup.gates
         if front is None:
@@ -191,8 +192,9 @@ class SupervisorCollector(Collector):
                                      "engine's usage, else estimated)", labels=["key", "kind"])
         rejected = CounterMetricFamily("llm_supervisor_key_rejected",
                                        "Requests refused at the door, by API key and reason "
-                                       "(invalid_api_key under key \"\", requests, tokens, "
-                                       "concurrency, model_not_found)", labels=["key", "reason"])
+                                       "(requests, tokens, concurrency, model_not_found; "
+                                       "invalid_api_key under key \"-\": no valid key)",
+                                       labels=["key", "reason"])
         inflight = GaugeMetricFamily("llm_supervisor_key_inflight_requests",
                                      "Requests in flight by API key", labels=["key"])
         keys = stats.get("keys")
@@ -203,11 +205,13 @@ class SupervisorCollector(Collector):
                 requests.add_metric([key_id, str(code)], n)
             tokens.add_metric([key_id, "prompt"], doc.get("prompt_tokens") or 0)
             tokens.add_metric([key_id, "completion"], doc.get("completion_tokens") or 0)
-            for reason, n in sorted((doc.get("rejected") or {}).items()):
-                rejected.add_metric([key_id, str(reason)], n)
+            counted = doc.get("rejected") or {}
+            for reason in (*KEY_REJECTIONS, *sorted(set(counted) - set(KEY_REJECTIONS))):
+                rejected.add_metric([key_id, str(reason)], counted.get(reason, 0))
             inflight.add_metric([key_id], doc.get("inflight") or 0)
-        for reason, n in sorted((stats.get("rejected") or {}).items()):
-            rejected.add_metric(["", str(reason)], n)
+        if stats.get("auth"):  # (no key id begins with '-')
+            rejected.add_metric(["-", "invalid_api_key"],
+                                (stats.get("rejected") or {}).get("invalid_api_key", 0))
         yield from (requests, tokens, rejected, inflight)
         audit = stats.get("audit")
         if isinstance(audit, dict):

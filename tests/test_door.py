@@ -746,7 +746,7 @@ def test_the_audit_log_says_how_each_request_ended(tmp_path: Path) -> None:
         assert "t0" not in f.audit.read_text()  # never the completion
         metrics = f.metrics()
         assert 'llm_supervisor_key_tokens_total{key="alice",kind="prompt"}' in metrics
-        assert 'llm_supervisor_key_rejected_total{key="",reason="invalid_api_key"} 1.0' in \
+        assert 'llm_supervisor_key_rejected_total{key="-",reason="invalid_api_key"} 1.0' in \
             metrics
         assert "llm_supervisor_audit_lines_dropped_total 0.0" in metrics
         # logrotate: the file moved, then SIGHUP; the next line goes to a new file

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from promserver import PromServer, prometheus_missing
 
 from helpers import base_config, fake_service, free_port, running, wait_until
+from supervisord_llm.keys import ApiKey, hash_secret, write_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM = ROOT / "docs" / "prometheus"
@@ -54,7 +55,10 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrape]:
         lazy = fake_service("lazy", free_port(), gpus=[1], start="on-demand", vram_gb=1,
                             metrics_url="")
         rport = free_port()
+        write_keys(str(tmp / "keys.toml"), (ApiKey("ops", hash_secret("sk-ops")),), None)
         doc = base_config(tmp, [chat, lazy], gpus=2, router={"listen": f"127.0.0.1:{rport}"},
+                          auth={"keys_file": str(tmp / "keys.toml")},
+                          audit={"path": str(tmp / "audit.log")},
                           power={"source": "nut", "ups": ups.ups, "poll_interval_s": 0.2},
                           checkpoint=[{"name": "rag-store", "kind": "command",
                                        "command": ["/bin/true"]}])
@@ -63,8 +67,10 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrape]:
             req = urllib.request.Request(
                 f"http://127.0.0.1:{rport}/v1/chat/completions",
                 json.dumps({"model": "lazy", "messages": [], "stream": True}).encode(),
-                {"Content-Type": "application/json"})
+                {"Content-Type": "application/json", "Authorization": "Bearer sk-ops"})
             wait_until(lambda: _answers(req), 15, what="the router loads lazy")
+            req.remove_header("Authorization")
+            assert not _answers(req)  # 401: a rejection, under key "-"
             assert d.llmctl("checkpoint").returncode == 0
             wait_until(lambda: d.status()["power"]["state"] == "online", 10)
             listen = doc["metrics"]["listen"]
@@ -112,7 +118,9 @@ def test_the_families_alerts_lean_on_have_samples(scrape: Scrape) -> None:
                 "llm_supervisor_checkpoint_last_success_timestamp_seconds",
                 "llm_supervisor_model_loaded", "llm_supervisor_model_cold_starts",
                 "llm_supervisor_gate_requests", "llm_supervisor_loop_lag_seconds",
-                "llm_supervisor_watchdog_pings", "llm_supervisor_mode"):
+                "llm_supervisor_watchdog_pings", "llm_supervisor_mode",
+                "llm_supervisor_key_rejected", "llm_supervisor_key_requests",
+                "llm_supervisor_audit_lines_dropped"):
         assert scrape[fam]["samples"], fam
 
 
