@@ -15,11 +15,14 @@
 #   - /etc/llm-supervisor/config.toml from config.toml.example if there is none (never
 #     overwritten), owned root:llm-admin, mode 0640;
 #   - the docs under /usr/share/doc/llm-supervisor (the unit's Documentation=);
+#   - /var/log/llm-supervisor (root:llm-admin, 0750) for the audit log, and its logrotate
+#     file /etc/logrotate.d/llm-supervisor (rotated daily, the daemon told by a reload);
 #   - the unit, its ExecStart pointing at the venv, enabled (`systemd-analyze verify`
 #     checked); an upgrade over a running supervisor leaves it running the old code until
 #     `systemctl restart llm-supervisor` (or --restart), since a restart restarts the models;
 #   - `llm-supervisor --check` of the config at the end.
-# Options: --prefix DIR, --bindir DIR, --etc DIR, --unit-dir DIR, --doc-dir DIR, --start
+# Options: --prefix DIR, --bindir DIR, --etc DIR, --unit-dir DIR, --doc-dir DIR,
+# --log-dir DIR, --logrotate-dir DIR, --start
 # (start it now, if the config passes --check), --restart (restart a running one after an
 # upgrade, likewise), --dry-run, --uninstall, --purge.
 # SYSTEMCTL (default: systemctl) is the command that talks to systemd.
@@ -30,6 +33,8 @@ BINDIR=/usr/local/bin
 ETC=/etc/llm-supervisor
 UNITDIR=/etc/systemd/system
 DOCDIR=/usr/share/doc/llm-supervisor
+LOGDIR=/var/log/llm-supervisor
+LOGROTATE=/etc/logrotate.d
 USER_NAME=llm
 GROUP_NAME=llm-admin
 DRY=0; UNINSTALL=0; PURGE=0; START=0; RESTART=0
@@ -46,6 +51,8 @@ while [ $# -gt 0 ]; do
     --etc) ETC=${2:?--etc needs a directory}; shift ;;
     --unit-dir) UNITDIR=${2:?--unit-dir needs a directory}; shift ;;
     --doc-dir) DOCDIR=${2:?--doc-dir needs a directory}; shift ;;
+    --log-dir) LOGDIR=${2:?--log-dir needs a directory}; shift ;;
+    --logrotate-dir) LOGROTATE=${2:?--logrotate-dir needs a directory}; shift ;;
     --dry-run) DRY=1 ;;
     --uninstall) UNINSTALL=1 ;;
     --purge) PURGE=1 ;;
@@ -57,12 +64,13 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ "$PURGE" = 1 ] && [ "$UNINSTALL" = 0 ] && die "--purge goes with --uninstall"
-for d in "$PREFIX" "$BINDIR" "$ETC" "$UNITDIR" "$DOCDIR"; do
+for d in "$PREFIX" "$BINDIR" "$ETC" "$UNITDIR" "$DOCDIR" "$LOGDIR" "$LOGROTATE"; do
   case "$d" in /*) ;; *) die "$d: give an absolute path" ;; esac
   case "$d" in *[[:space:]]*) die "'$d': a path with blanks cannot go in a unit file" ;; esac
   [ "$d" != / ] || die "/ is no place for it"
 done
 PREFIX=${PREFIX%/}; BINDIR=${BINDIR%/}; ETC=${ETC%/}; UNITDIR=${UNITDIR%/}; DOCDIR=${DOCDIR%/}
+LOGDIR=${LOGDIR%/}; LOGROTATE=${LOGROTATE%/}
 [ "$BINDIR" != "$PREFIX/bin" ] || die "--bindir is the venv's own bin ($PREFIX/bin)"
 # the unit runs with PrivateTmp=yes: it would not see a venv or a config under /tmp or /var/tmp
 for d in "$PREFIX" "$ETC"; do
@@ -95,6 +103,9 @@ if [ "$UNINSTALL" = 1 ]; then
       run rm -f "$BINDIR/$b"
     fi
   done
+  if [ -f "$LOGROTATE/llm-supervisor" ] && grep -q "scripts/install.sh" "$LOGROTATE/llm-supervisor"; then
+    run rm -f "$LOGROTATE/llm-supervisor"
+  fi
   # only what this script made (its mark inside): never a directory it did not create
   for d in "$PREFIX" "$DOCDIR"; do
     if [ -f "$d/$MARK" ]; then
@@ -107,6 +118,7 @@ if [ "$UNINSTALL" = 1 ]; then
     [ -e "$ETC/config.toml" ] && run rm -f "$ETC/config.toml"
     if [ "$DRY" = 0 ] && [ -d "$ETC" ] && rmdir "$ETC" 2>/dev/null; then echo "+ rmdir $ETC"; fi
     [ -d /var/lib/llm-supervisor ] && run rm -rf /var/lib/llm-supervisor
+    [ -d "$LOGDIR" ] && run rm -rf "$LOGDIR"
     if getent passwd "$USER_NAME" >/dev/null; then
       home=$(getent passwd "$USER_NAME" | cut -d: -f6)
       run userdel "$USER_NAME"
@@ -115,7 +127,8 @@ if [ "$UNINSTALL" = 1 ]; then
     fi
     getent group "$GROUP_NAME" >/dev/null && run groupdel "$GROUP_NAME"
   else
-    echo "kept: $ETC (config) and /var/lib/llm-supervisor (state); --purge removes them"
+    echo "kept: $ETC (config), /var/lib/llm-supervisor (state) and $LOGDIR (the audit log);" \
+      "--purge removes them"
   fi
   if [ "$DRY" = 1 ]; then echo "dry run: nothing was changed"; else echo "llm-supervisor uninstalled"; fi
   exit 0
@@ -191,6 +204,17 @@ run install -d -m 0755 "$DOCDIR"
 [ "$DRY" = 1 ] || echo "made by scripts/install.sh" > "$DOCDIR/$MARK"
 run install -m 0644 "$SRC/README.md" "$SRC/config.toml.example" "$DOCDIR/"
 run cp -r "$SRC/docs/." "$DOCDIR/"
+
+# the audit log's directory, and its rotation (a reload makes the daemon open the file again)
+run install -d -m 0750 -o root -g "$GROUP_NAME" "$LOGDIR"
+run install -d -m 0755 "$LOGROTATE"
+echo "+ write $LOGROTATE/llm-supervisor ($LOGDIR/*.log, daily)"
+if [ "$DRY" = 0 ]; then
+  sed -e "s|/var/log/llm-supervisor|$LOGDIR|g" -e "s|llm-admin|$GROUP_NAME|" \
+    "$SRC/units/llm-supervisor.logrotate" > "$LOGROTATE/.llm-supervisor.new"
+  chmod 0644 "$LOGROTATE/.llm-supervisor.new"
+  mv -f "$LOGROTATE/.llm-supervisor.new" "$LOGROTATE/llm-supervisor"
+fi
 
 run install -d -m 0755 "$UNITDIR"
 echo "+ write $UNITDIR/$UNIT (ExecStart=$PREFIX/bin/llm-supervisor --config $ETC/config.toml)"

@@ -46,16 +46,27 @@ class Wired:
     bytes) and `up.data_received` (the server's), read `client.out` and `upstream.out`.
     Made on a running loop; the project's modules are imported then (those on sys.path)."""
 
-    def __init__(self, **gate_settings: Any) -> None:
+    def __init__(self, door: Any = None, **gate_settings: Any) -> None:
+        import dataclasses
+
         from supervisord_llm.config import GateSection
-        from supervisord_llm.gate.proxy import Gate
+        from supervisord_llm.gate import proxy
         from supervisord_llm.gate.server import ClientConnection, Listener
         from supervisord_llm.gate.upstream import UpstreamConnection, UpstreamPool
 
         pool = UpstreamPool()
-        self.gate = Gate("g", GateSection(None, **gate_settings), pool)
+        fields = {f.name for f in dataclasses.fields(GateSection)}
+        if "allow_paths" in fields:  # any path, unless told (these drive HTTP itself)
+            gate_settings.setdefault("allow_paths", ("/*",))
+        self.gate = proxy.Gate("g", GateSection(None, **gate_settings), pool)
+        if door is not None:
+            self.gate.door = door
         self.gate.set_upstreams(("127.0.0.1", 9), None)
-        self.conn = ClientConnection(Listener(self.gate, "127.0.0.1", 0))
+        # the gate's own listener's handler: its front door, then the gate (an older source
+        # tree has none: the gate is its own handler there)
+        entry = getattr(proxy, "GateEntry", None)
+        handler = entry(self.gate) if entry is not None else self.gate
+        self.conn = ClientConnection(Listener(handler, "127.0.0.1", 0))
         self.client = Collect()
         self.conn.connection_made(self.client)  # type: ignore[arg-type]
         self.up = UpstreamConnection(pool, ("127.0.0.1", 9))

@@ -183,9 +183,10 @@ def base_config(tmp: Path, services: list[dict[str, Any]], gpus: int = 2,
 def gated(name: str, *knobs: str, gpus: list[Any] | None = None, backup: str | None = None,
           service: Mapping[str, Any] | None = None, **gate: Any) -> dict[str, Any]:
     """A fake service behind a request gate on a free port (`max_concurrency` 10 unless
-    given); `service` adds or changes other sections of the service (health, env, ...)."""
+    given, any path: ANY_PATH); `service` adds or changes other sections of the service
+    (health, env, ...)."""
     cfg: dict[str, Any] = {"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 10,
-                           **gate}
+                           "allow_paths": list(ANY_PATH), **gate}
     if backup:
         cfg["backup"] = backup
     return fake_service(name, free_port(), *knobs, gpus=gpus, gate=cfg, **(service or {}))

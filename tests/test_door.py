@@ -602,18 +602,20 @@ def test_the_client_retries_after_a_concurrency_429_as_told(tmp_path: Path) -> N
         done: list[bytes] = []
         holder = threading.Thread(target=lambda: done.append(http(
             f.router, "POST", "/v1/chat/completions",
-            chat(stream=True, max_tokens=12, fake_token_delay_s=0.1), secret=CAROL)[2]))
+            chat(stream=True, max_tokens=40, fake_token_delay_s=0.1), secret=CAROL)[2]))
         holder.start()
         wait_until(lambda: 'llm_supervisor_key_inflight_requests{key="carol"} 1.0'
                    in f.metrics(), 10, what="the stream inside")
         began = time.monotonic()
-        reply = openai_client(f.router, CAROL, retries=3).chat.completions.create(**chat())
+        reply = openai_client(f.router, CAROL, retries=10).chat.completions.create(**chat())
         took = time.monotonic() - began
         holder.join(20)
         assert reply.choices[0].message.content == "t0 t1 t2"
         assert done and b"data: [DONE]" in done[0]
         assert took >= 0.5  # it waited as told (Retry-After: 1), it did not hammer
-        ends = [(x["status"], x["end"]) for x in f.lines(3)]
+        wait_until(lambda: [x["end"] for x in f.lines(2)].count("done") == 2, 10,
+                   what="both answers audited")
+        ends = [(x["status"], x["end"]) for x in f.lines(2)]
         assert (429, "limited") in ends and ends.count((200, "done")) == 2
 
 

@@ -22,8 +22,9 @@ Stream = tuple[int, list[str], list[float]]
 
 
 def gated(name: str, *knobs: str, backup: str | None = None, **gate: Any) -> dict[str, Any]:
+    # (any path: these drive the gate's HTTP; the allowlist is tests/test_door.py's)
     cfg: dict[str, Any] = {"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 64,
-                           "max_queue": 64, "queue_timeout_s": 5}
+                           "max_queue": 64, "queue_timeout_s": 5, "allow_paths": ["/*"]}
     cfg.update(gate)
     if backup:
         cfg["backup"] = backup

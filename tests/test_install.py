@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -105,7 +106,7 @@ def status_json(lab: Lab, ctl: str) -> dict[str, Any] | None:
 def paths(lab: Lab) -> dict[str, Path]:
     b = lab.base
     return {"prefix": b / "opt", "bindir": b / "bin", "etc": b / "etc", "unit_dir": lab.units,
-            "doc_dir": b / "doc"}
+            "doc_dir": b / "doc", "log_dir": b / "log", "logrotate_dir": b / "logrotate.d"}
 
 
 def install(lab: Lab, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -114,6 +115,7 @@ def install(lab: Lab, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(INSTALL), "--prefix", str(p["prefix"]), "--bindir", str(p["bindir"]), "--etc",
          str(p["etc"]), "--unit-dir", str(p["unit_dir"]), "--doc-dir", str(p["doc_dir"]),
+         "--log-dir", str(p["log_dir"]), "--logrotate-dir", str(p["logrotate_dir"]),
          *extra], env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -173,6 +175,14 @@ def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
     assert f"ExecStart={p['prefix']}/bin/llm-supervisor --config {p['etc']}/config.toml" in unit
     assert f"file://{p['doc_dir']}/README.md" in unit and (p["doc_dir"] / "README.md").exists()
     assert (p["doc_dir"] / "operations.md").exists()
+    # the audit log's directory and its rotation (logrotate reads the file as written)
+    assert stat.S_IMODE(p["log_dir"].stat().st_mode) == 0o750
+    rotate = p["logrotate_dir"] / "llm-supervisor"
+    assert f"{p['log_dir']}/*.log {{" in rotate.read_text()
+    if shutil.which("logrotate"):
+        lr = subprocess.run(["logrotate", "--debug", "--state", str(lab.base / "lr.state"),
+                             str(rotate)], capture_output=True, text=True, check=False)
+        assert lr.returncode == 0 and "error" not in lr.stderr.lower(), lr.stderr
     check = subprocess.run(["systemd-analyze", "verify", str(p["unit_dir"] /
                                                              "llm-supervisor.service")],
                            capture_output=True, text=True, check=False)
@@ -224,6 +234,7 @@ def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
     assert not (p["unit_dir"] / "llm-supervisor.service").exists()
     assert not (p["unit_dir"] / "multi-user.target.wants" / "llm-supervisor.service").exists()
     assert (p["etc"] / "config.toml").exists() and (lab.base / "state").exists()
+    assert not (p["logrotate_dir"] / "llm-supervisor").exists() and p["log_dir"].exists()
     assert "kept:" in gone.stdout
     again = install(lab, "--uninstall")  # idempotent
     assert again.returncode == 0, again.stderr
@@ -234,7 +245,7 @@ def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
         subprocess.run(["userdel", MEMBER], capture_output=True, check=False)
         purged = install(lab, "--uninstall", "--purge")
         assert purged.returncode == 0, purged.stderr
-        assert not (p["etc"] / "config.toml").exists()
+        assert not (p["etc"] / "config.toml").exists() and not p["log_dir"].exists()
         assert not _exists("passwd", "llm") and not _exists("group", "llm-admin")
         assert not _exists("group", "llm")
         assert not Path("/var/lib/llm").exists() and not STATE_DIRECTORY.exists()
@@ -248,7 +259,8 @@ def test_it_never_takes_or_removes_a_directory_it_did_not_make(scratch: Path) ->
     (keep / "precious.txt").write_text("x")
     args = ["--prefix", str(keep), "--bindir", str(tmp_path / "bin"), "--etc",
             str(tmp_path / "etc"), "--unit-dir", str(tmp_path / "units"), "--doc-dir",
-            str(keep)]
+            str(keep), "--log-dir", str(tmp_path / "log"), "--logrotate-dir",
+            str(tmp_path / "logrotate.d")]
     r = subprocess.run([str(INSTALL), *args], capture_output=True, text=True, check=False)
     assert r.returncode == 1 and "is not a virtual environment this script made" in r.stderr
     r = subprocess.run([str(INSTALL), "--uninstall", *args], capture_output=True,

@@ -49,8 +49,10 @@ def nginx_conf(tmp: Path, listen: int, gates: list[str]) -> Path:
 
 @pytest.fixture
 def nginx_in_front(tmp_path: Path) -> Iterator[tuple[Daemon, str, dict[str, Any]]]:
-    a = fake_service("chat-a", free_port(), gate={"listen": f"127.0.0.1:{free_port()}"})
-    b = fake_service("chat-b", free_port(), gate={"listen": f"127.0.0.1:{free_port()}"})
+    a = fake_service("chat-a", free_port(), gate={"listen": f"127.0.0.1:{free_port()}",
+                                                  "allow_paths": ["/echo"]})
+    b = fake_service("chat-b", free_port(), gate={"listen": f"127.0.0.1:{free_port()}",
+                                                  "allow_paths": ["/echo"]})
     port = free_port()
     conf = nginx_conf(tmp_path, port, [a["gate"]["listen"], b["gate"]["listen"]])
     assert NGINX is not None

@@ -80,7 +80,9 @@ def test_two_supervisors_behind_nginx_one_drained(tmp_path: Path) -> None:
         tmp.mkdir()
         svc = fake_service("chat", free_port())
         router = f"127.0.0.1:{free_port()}"
-        hosts.append((tmp, base_config(tmp, [svc], gpus=1, router={"listen": router}),
+        # (its /echo says which box answered: a path beside the API's)
+        hosts.append((tmp, base_config(tmp, [svc], gpus=1, router={"listen": router,
+                                                                   "allow_paths": ["/echo"]}),
                       str(svc["port"]), router))
     listen = free_port()
     conf = nginx_conf(tmp_path, listen, [h[3] for h in hosts])

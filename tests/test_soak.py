@@ -30,7 +30,8 @@ def flood_service(name: str, **gate: Any) -> dict[str, Any]:
         "health": {"interval_s": 0.5, "timeout_s": 0.5, "failures": 5, "startup_timeout_s": 10},
         "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 1},
         "stop": {"timeout_s": 2},
-        "gate": {"listen": f"127.0.0.1:{free_port()}", "max_concurrency": 32, "max_queue": 64,
+        "gate": {"listen": f"127.0.0.1:{free_port()}", "allow_paths": ["/*"],
+                 "max_concurrency": 32, "max_queue": 64,
                  "queue_timeout_s": 2, "header_timeout_s": 1, "body_timeout_s": 1,
                  "send_timeout_s": 1, **gate},
     }

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from helpers import RawBackend, async_wait_until, free_port, front_host, read_request
+from helpers import ANY_PATH, RawBackend, async_wait_until, free_port, front_host, read_request
 from supervisord_llm.config import GateSection, parse_listen
 from supervisord_llm.gate import GateHost
 
@@ -33,7 +33,7 @@ async def gate_host(request: pytest.FixtureRequest
 
         async def make(port: int) -> str:
             listen = parse_listen(f"127.0.0.1:{free_port()}")
-            gate = await host.add(f"g{port}", GateSection(listen))
+            gate = await host.add(f"g{port}", GateSection(listen, allow_paths=ANY_PATH))
             host.call(gate.set_upstreams, ("127.0.0.1", port), None)
             await async_wait_until(lambda: gate.state == "open", 2, what="gate open")
             return f"127.0.0.1:{listen.port}"

@@ -360,6 +360,10 @@ class Door:
         return {"auth": self.auth, "keys": keys, "rejected": dict(self.rejected)}
 
 
+def _plain(value: str | None) -> str:
+    return "null" if value is None else '"' + value + '"'
+
+
 def _text(value: str | None) -> str:
     if value is None:
         return "null"
@@ -424,11 +428,13 @@ class Ticket:
                       f"{'true' if estimated else 'false'}") if self.answer else \
                 "null,\"completion_tokens\":null,\"tokens_estimated\":false"
             ttft = f"{self.ttft:.4f}" if self.ttft >= 0 else "null"
+            # (the key id, the service name, the address and the method need no escape:
+            # their characters are checked where they come from)
             audit(f"{{\"time\":\"{door.stamp(self.t0)}\",\"key\":"
-                  f"{_text(key.id if key is not None else None)},\"client\":"
-                  f"{_text(self.peer)},\"method\":{_text(self.method.decode('latin-1'))},"
+                  f"{_plain(key.id if key is not None else None)},\"client\":"
+                  f"{_plain(self.peer)},\"method\":\"{self.method.decode('latin-1')}\","
                   f"\"path\":{_text(path)},\"model\":{_text(self.model)},\"service\":"
-                  f"{_text(self.service)},\"status\":{status},\"prompt_tokens\":{tokens},"
+                  f"{_plain(self.service)},\"status\":{status},\"prompt_tokens\":{tokens},"
                   f"\"ttft_s\":{ttft},\"duration_s\":{now - self.p0:.4f},\"bytes_in\":"
                   f"{body_in},\"bytes_out\":{sent},\"end\":\"{end}\"}}")
 

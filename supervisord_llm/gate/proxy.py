@@ -501,6 +501,9 @@ class Gate:
         started = time.perf_counter()
         writer = ResponseWriter(conn, req)
         code = 499
+        ticket = req.ticket
+        if ticket is not None:
+            ticket.service = self.name
         self.active += 1
         self.last_active = time.monotonic()
         stats = self._model_stats(model)
