@@ -225,6 +225,9 @@ def test_a_change_of_keys_keeps_what_a_key_used_and_drops_a_revoked_one() -> Non
      (7, 9, False)),
     (b"", b'{"usage":{"completion_tokens":4}}', (25, 4, True)),  # prompt estimated
     (b"", b'data: {"choices":[{"delta":{}}],"usage":null}\n\ndata: [DONE]\n\n', (25, 6, True)),
+    # llama-server's stream without include_usage: its timings say how many were predicted
+    (b'data: {"choices":[],"timings":{"prompt_n":1,"predicted_n":4,"predicted_ms":1.3}}',
+     b'\n\ndata: [DONE]\n\n', (25, 4, True)),
 ])
 def test_usage_is_read_from_the_end_of_the_answer(tail0: bytes, tail1: bytes,
                                                   expect: tuple[int, int, bool]) -> None:
@@ -797,3 +800,48 @@ def test_check_warns_loudly_of_a_router_open_to_all(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "WARNING: router.listen = '0.0.0.0:" in out.stderr
     assert "there is no [auth]" in out.stderr
+
+
+@pytest.mark.e2e
+def test_tokens_of_a_real_llama_server_are_counted(tmp_path: Path) -> None:
+    """llama-server behind the router, with a key and the audit log, driven by the official
+    client: the tokens of its `usage` (an answer; a stream with include_usage) and of its
+    `timings` (a stream without) are the key's, and the audit's."""
+    from helpers import make_tiny_model, require_llama_server
+
+    binary = require_llama_server()
+    model = make_tiny_model(tmp_path / "tiny.gguf")
+    rport = free_port()
+    svc = {"name": "tiny", "port": free_port(), "models": ["tiny"],
+           "command": [binary, "-m", str(model), "--host", "127.0.0.1", "--port", "{port}",
+                       "-c", "512", "-t", "1", "--no-webui"],
+           "health": {"interval_s": 0.2, "timeout_s": 0.2, "startup_timeout_s": 30}}
+    K.write_keys(str(tmp_path / "keys.toml"),
+                 (K.ApiKey("alice", K.hash_secret(ALICE), tokens_per_minute=100_000),), None)
+    doc = base_config(tmp_path, [svc], router={"listen": f"127.0.0.1:{rport}"},
+                      auth={"keys_file": str(tmp_path / "keys.toml")},
+                      audit={"path": str(tmp_path / "audit.log")})
+    with running(tmp_path, doc) as d:
+        d.wait_state("tiny", "ready", 30)
+        client = openai_client(rport, ALICE)
+        messages = [{"role": "user", "content": "hello there"}]
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4)
+        assert reply.usage is not None
+        for options in ({"include_usage": True}, None):
+            stream = client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=4, stream=True,
+                **({"stream_options": options} if options else {}))
+            assert list(stream)
+        front = Front(d, rport, 0, tmp_path)
+        lines = front.lines(3)
+        got = [(x["prompt_tokens"], x["completion_tokens"], x["tokens_estimated"])
+               for x in lines]
+        engine = (reply.usage.prompt_tokens, reply.usage.completion_tokens)
+        assert got[0] == (*engine, False)
+        assert got[1][:2] == engine and got[1][2] is False  # the last event's usage
+        assert got[2][1] == engine[1] and got[2][2] is True  # timings; the prompt estimated
+        assert all(x["end"] == "done" and x["ttft_s"] is not None for x in lines[1:])
+        metrics = front.metrics()
+        total = engine[1] * 3
+        assert f'llm_supervisor_key_tokens_total{{key="alice",kind="completion"}} {total}.0' \
+            in metrics

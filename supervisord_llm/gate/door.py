@@ -40,6 +40,7 @@ SECRET_MAX: Final = 512  # bytes of a bearer token looked at (longer: not one of
 _USAGE_TAIL: Final = 8192  # bytes at the end of an answer searched for its `usage`
 _PROMPT_RE: Final = re.compile(rb'"prompt_tokens"\s*:\s*(\d{1,12})')
 _COMPLETION_RE: Final = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
+_PREDICTED_RE: Final = re.compile(rb'"predicted_n"\s*:\s*(\d{1,12})')
 _SAFE_RE: Final = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]*")  # needs no JSON escape
 ENDS: Final = ("done", "client_gone", "cut", "refused", "limited", "error")
 
@@ -453,8 +454,15 @@ class Ticket:
                 return (int(p.group(1)) if p is not None else body_in // 4,
                         int(c.group(1)) if c is not None else self._completion(sent),
                         p is None or c is None)
-        return body_in // 4, self._completion(sent), True
+        return body_in // 4, self._completion(sent, buf), True
 
-    def _completion(self, sent: int) -> int:
-        """Without `usage`: one token per event of a stream, or a quarter of the bytes."""
+    def _completion(self, sent: int, buf: bytes = b"") -> int:
+        """Without `usage`: llama-server's `timings.predicted_n` (it gives that in the last
+        event of every stream), else one token per event of a stream, or a quarter of the
+        bytes."""
+        at = buf.rfind(b'"predicted_n"')
+        if at >= 0:
+            m = _PREDICTED_RE.match(buf, at)
+            if m is not None:
+                return int(m.group(1))
         return self.events if self.events else sent // 4
