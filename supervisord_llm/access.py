@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class Access:
-    def __init__(self, push: Callable[[dict[str, Any]], Awaitable[None]],
+    def __init__(self, push: Callable[[dict[str, Any]], Awaitable[bool]],
                  clock: Callable[[], float] = time.time) -> None:
         self._push = push
         self._clock = clock
@@ -65,8 +65,18 @@ class Access:
         audit = {"path": self.audit, "gid": self.gid} if self.audit is not None else None
         return {"keys": keys, "audit": audit}
 
-    async def push(self) -> None:
-        await self._push(self.doc())
+    async def push(self) -> bool:
+        return await self._push(self.doc())
+
+    async def reload(self, cfg: Config) -> None:
+        """The keys file read again (a hand edit, a reload), one change at a time with
+        `llmctl key` (a reload that read the file before a revoke must not bring the key
+        back), then told to the front. ConfigError: nothing changes."""
+        async with self._lock:
+            await asyncio.to_thread(self.load, cfg)
+            if not await self.push():
+                log.error("the front process did not take the keys read from %s; it is told "
+                          "again at the next reload", self.keys_file)
 
     async def change(self, fn: Callable[[tuple[K.ApiKey, ...], float], tuple[K.ApiKey, ...]]
                      ) -> tuple[K.ApiKey, ...]:
@@ -88,5 +98,7 @@ class Access:
                 return new
 
             self.keys = await asyncio.to_thread(apply)
-            await self.push()
+            if not await self.push():
+                raise ValueError("the keys file is written, but the front process did not "
+                                 "take it (see the log); `llmctl reload` tells it again")
             return self.keys

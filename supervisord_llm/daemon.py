@@ -542,7 +542,7 @@ class Daemon:
             cfg = await asyncio.wait_for(asyncio.to_thread(self.load), RELOAD_READ_TIMEOUT_S)
             plans: list[ServicePlan] = await asyncio.to_thread(resolve_plan, cfg, self.gpus)
             if self.access is not None:  # the keys file read again (a hand edit)
-                await asyncio.to_thread(self.access.load, cfg)
+                await self.access.reload(cfg)
         except ConfigError as exc:
             for problem in exc.problems[:RELOAD_PROBLEMS_SHOWN]:
                 log.error("reload: %s", problem)
@@ -571,7 +571,6 @@ class Daemon:
             log.warning("config: %s", warning)
         self.cfg = cfg
         if self.access is not None:
-            await self.access.push()
             log.info("reload: %s", self.access.summary())
         return cfg, plans
 

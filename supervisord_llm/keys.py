@@ -224,7 +224,8 @@ def write_keys(path: str, keys: tuple[ApiKey, ...], gid: int | None) -> None:
     over it, the directory synced. OSError out; the old file stays whole."""
     text = render_keys(keys)
     parse_keys(text, path)  # never write what would be refused
-    d = os.path.dirname(os.path.abspath(path))
+    path = os.path.realpath(path)  # (a symlink to the file stays one)
+    d = os.path.dirname(path)
     tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                  0o600)

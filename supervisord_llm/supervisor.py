@@ -190,11 +190,12 @@ class Supervisor:
             self.gates = front
         return self.gates
 
-    async def set_door(self, doc: dict[str, Any]) -> None:
-        """Keys and audit settings: in force in the front (if there is one) on return."""
+    async def set_door(self, doc: dict[str, Any]) -> bool:
+        """Keys and audit settings: in force in the front (if there is one) on True."""
         self.door = doc
         if self.gates is not None:
-            await self.gates.set_door(doc)
+            return await self.gates.set_door(doc)
+        return True
 
     def _ask(self, name: str, model: str | None) -> None:
         self.wants.ask(name, model)

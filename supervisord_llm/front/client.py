@@ -366,12 +366,15 @@ class FrontClient:
             raise StartupError("the front process refused its keys: "
                                f"{(reply or {}).get('message')}")
 
-    async def set_door(self, doc: dict[str, Any]) -> None:
+    async def set_door(self, doc: dict[str, Any]) -> bool:
         """New keys or audit settings (a reload, `llmctl key`); the audit file is opened
-        again. In force in the front when this returns."""
+        again. In force in the front when this returns True; False: the front refused them
+        or did not answer (a front being started again gets them before its listeners)."""
         self.door = doc
-        if self._ch is not None:
-            await self.ask({"op": "door", **doc})
+        if self._ch is None:
+            return True  # (replayed first to the front that comes)
+        reply = await self.ask({"op": "door", **doc})
+        return reply is not None and reply.get("op") == "ok"
 
     async def stop_leftover(self) -> bool:
         """Stop the front an earlier daemon left, if there is one (True)."""
