@@ -62,7 +62,7 @@ def main() -> None:
                 "command": [sys.executable, str(HERE / "sse_backend.py"), "--port", "{port}"],
                 "health": {"interval_s": 1, "timeout_s": 1, "failures": 3},
                 "gate": {"listen": f"127.0.0.1:{gate}", "max_concurrency": 1024,
-                         "max_queue": 1024},
+                         "max_queue": 1024, "allow_paths": ["/small"]},
             }],
         }
         d = Daemon(tmp, doc, {"NOTIFY_SOCKET": str(tmp / "notify.sock"),

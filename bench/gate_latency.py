@@ -236,7 +236,7 @@ def main() -> None:
                 "command": [sys.executable, str(HERE / "sse_backend.py"), "--port", "{port}"],
                 "health": {"interval_s": 2, "timeout_s": 1},
                 "gate": {"listen": f"127.0.0.1:{gate_port}", "max_concurrency": 1024,
-                         "max_queue": 1024},
+                         "max_queue": 1024, "allow_paths": ["/small", "/stream"]},
             }],
         }
         daemon = Daemon(tmp, doc).start()

@@ -55,7 +55,7 @@ def make_door(kind: str) -> object:
     from supervisord_llm.keys import ApiKey, hash_secret
 
     door = Door()
-    limits = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12,
+    limits = {"requests_per_minute": 10**6, "tokens_per_minute": 10**9,
               "max_concurrency": 10**6} if kind in ("limits", "audit") else {}
     door.set_keys([ApiKey("bench", hash_secret(SECRET), **limits).to_doc()])  # type: ignore[arg-type]
     if kind == "audit":

@@ -88,7 +88,7 @@ def config(tmp: Path, router_port: int, service: dict[str, Any]) -> dict[str, An
                        "state_dir": str(tmp / "state"), "log_format": "text"},
         "metrics": {"listen": ""},
         "gpu": {"backend": "none"},
-        "router": {"listen": f"127.0.0.1:{router_port}"},
+        "router": {"listen": f"127.0.0.1:{router_port}", "allow_paths": ["/small"]},
         "service": [service],
     }
 
@@ -102,7 +102,7 @@ def overhead(rounds: int) -> dict[str, list[dict[str, float]]]:
             "command": [sys.executable, str(HERE / "sse_backend.py"), "--port", "{port}"],
             "health": {"interval_s": 2, "timeout_s": 1},
             "gate": {"listen": f"127.0.0.1:{gate_port}", "max_concurrency": 1024,
-                     "max_queue": 1024},
+                     "max_queue": 1024, "allow_paths": ["/small"]},
         })
         daemon = Daemon(tmp, doc).start()
         results: dict[str, list[dict[str, float]]] = {}

@@ -525,9 +525,10 @@ def _key_request(args: argparse.Namespace) -> tuple[str, dict[str, Any], float |
         for name in ("rpm", "tpm", "concurrency"):
             value = getattr(args, name)
             if value is not None:
-                if not 0 < value <= 1_000_000_000:
+                top = 1_000_000 if name == "rpm" else 1_000_000_000
+                if not 0 < value <= top:
                     raise CtlError(EXIT_USAGE, f"key new: --{name} must be a whole number "
-                                   "from 1")
+                                   f"from 1 to {top}")
                 req[name] = value
         if args.expires is not None:
             req["expires"] = args.expires

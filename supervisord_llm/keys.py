@@ -40,6 +40,8 @@ _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w
 MAX_KEYS: Final = 10_000
 MAX_MODELS: Final = 1_000
 MAX_LIMIT: Final = 1_000_000_000
+MAX_RPM: Final = 1_000_000  # the front keeps the start time of each (8 bytes)
+MAX_RPM_TOTAL: Final = 10_000_000  # all keys together: 80 MB at most
 SECRET_PREFIX: Final = "sk-llm-"  # noqa: S105 (the start of every secret made)
 
 
@@ -96,8 +98,8 @@ def _time(t: Table, key: str) -> float | None:
     return when.timestamp()
 
 
-def _limit(t: Table, key: str) -> int | None:
-    value = t.number(key, None, integer=True, minimum=1, maximum=MAX_LIMIT)
+def _limit(t: Table, key: str, maximum: int = MAX_LIMIT) -> int | None:
+    value = t.number(key, None, integer=True, minimum=1, maximum=maximum)
     return int(value) if value is not None else None
 
 
@@ -119,7 +121,7 @@ def _key(t: Table) -> ApiKey | None:
             if not name or len(name) > 256:
                 t.problems.append(f"{t.key_path('models')}[{i}]: must be a model name (1-256 "
                                   "characters) or \"*\"")
-    rpm = _limit(t, "requests_per_minute")
+    rpm = _limit(t, "requests_per_minute", MAX_RPM)
     tpm = _limit(t, "tokens_per_minute")
     conc = _limit(t, "max_concurrency")
     expires = _time(t, "expires")
@@ -173,6 +175,10 @@ def build_keys(doc: Mapping[str, Any], where: str) -> tuple[ApiKey, ...]:
             if digest in hashes:
                 problems.append(f"key[{i}].{field}: the same secret as {hashes[digest]}")
             hashes.setdefault(digest, f"key[{i}] ({k.id})")
+    total = sum(k.requests_per_minute or 0 for k in keys)
+    if total > MAX_RPM_TOTAL:
+        problems.append(f"key: the requests_per_minute of all keys add up to {total}, at most "
+                        f"{MAX_RPM_TOTAL} (the front keeps 8 bytes per request of each limit)")
     if problems:
         raise config_error([f"{where}: {p}" for p in problems])
     return tuple(keys)

@@ -191,9 +191,10 @@ def _key_args(cmd: str, args: dict[str, Any], out: dict[str, Any]) -> None:
     for key in ("rpm", "tpm", "concurrency"):
         if args.get(key) is not None:
             value = args[key]
+            top = 1_000_000 if key == "rpm" else 1_000_000_000
             if isinstance(value, bool) or not isinstance(value, int) \
-                    or not 0 < value <= 1_000_000_000:
-                raise ProtocolError(f"args.{key} must be a whole number from 1, not "
+                    or not 0 < value <= top:
+                raise ProtocolError(f"args.{key} must be a whole number from 1 to {top}, not "
                                     f"{_short(value)}")
             out[key] = value
     if args.get("expires") is not None:

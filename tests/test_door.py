@@ -845,3 +845,15 @@ def test_tokens_of_a_real_llama_server_are_counted(tmp_path: Path) -> None:
         total = engine[1] * 3
         assert f'llm_supervisor_key_tokens_total{{key="alice",kind="completion"}} {total}.0' \
             in metrics
+
+
+def test_the_request_windows_are_bounded_in_memory() -> None:
+    with pytest.raises(ConfigError, match=r"requests_per_minute: must be <= 1e\+06"):
+        K.parse_keys('[[key]]\nid = "a"\nsha256 = "' + HEX + '"\nrequests_per_minute = '
+                     '1000001')
+    many = "".join(f'[[key]]\nid = "k{i}"\nsha256 = "{i:064x}"\nrequests_per_minute = '
+                   "1000000\n" for i in range(11))
+    with pytest.raises(ConfigError, match="add up to 11000000"):
+        K.parse_keys(many)
+    door, _ = door_with(key(requests_per_minute=1000))
+    assert len(door.keys["alice"].ring) == 1000  # 8 KB: a start time a request of the limit
