@@ -7,6 +7,7 @@ edges, every kind of audit line, a flood of one client address, a hand-broken ke
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -24,7 +25,16 @@ from typing import Any
 
 import pytest
 
-from helpers import Daemon, Streams, base_config, fake_service, free_port, running, wait_until
+from helpers import (
+    Daemon,
+    Streams,
+    async_wait_until,
+    base_config,
+    fake_service,
+    free_port,
+    running,
+    wait_until,
+)
 from supervisord_llm import keys as K
 from supervisord_llm.config import parse_config
 from supervisord_llm.errors import ConfigError
@@ -857,3 +867,78 @@ def test_the_request_windows_are_bounded_in_memory() -> None:
         K.parse_keys(many)
     door, _ = door_with(key(requests_per_minute=1000))
     assert len(door.keys["alice"].ring) == 1000  # 8 KB: a start time a request of the limit
+
+
+# --- the audit log's writer ----------------------------------------------------------------------
+
+
+async def test_the_audit_writer_never_blocks_and_counts_what_it_drops(tmp_path: Path) -> None:
+    """A FIFO whose reader reads nothing: the writer's writes fail at once (non-blocking),
+    the loop never waits, every line is counted (written or dropped)."""
+    from supervisord_llm.audit import AuditLog
+
+    fifo = tmp_path / "audit.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # there, and never reads
+    log = AuditLog(str(fifo))
+    try:
+        began = time.monotonic()
+        for i in range(50_000):
+            log.add(f'{{"n":{i},"pad":"{"x" * 200}"}}')
+        assert time.monotonic() - began < 5  # (no write was waited for)
+        log.flush()
+        wait_until(lambda: log.counters()["written"] + log.counters()["dropped"] == 50_000,
+                   10, what="every line accounted for")
+        assert log.counters()["dropped"] > 0 and log.counters()["errors"] > 0
+    finally:
+        await asyncio.to_thread(log.close)
+        os.close(reader)
+
+
+async def test_the_audit_log_goes_to_the_journal_as_one_entry_a_line(tmp_path: Path) -> None:
+    from supervisord_llm.audit import IDENTIFIER, AuditLog
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "journal.sock"))
+    sock.settimeout(5)
+    log = AuditLog("journal", journal_socket=str(tmp_path / "journal.sock"))
+    try:
+        log.add('{"status":200}')
+        log.add('{"status":401}')
+        log.flush()
+        got = [sock.recv(65536) for _ in range(2)]
+        assert got[0] == (b"SYSLOG_IDENTIFIER=" + IDENTIFIER.encode()
+                          + b'\nPRIORITY=6\nMESSAGE={"status":200}\n')
+        assert got[1].endswith(b'MESSAGE={"status":401}\n')
+    finally:
+        await asyncio.to_thread(log.close)
+        sock.close()
+
+
+async def test_an_engine_that_answers_nothing_is_audited_as_an_error() -> None:
+    """A 502 of the gate's (the engine closed the connection without an answer): `error`."""
+    from helpers import RawBackend
+    from supervisord_llm.config import GateSection, parse_listen
+    from supervisord_llm.gate import GateHost
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.close()
+
+    host = GateHost()
+    lines: list[str] = []
+    try:
+        async with RawBackend(hang_up) as backend:
+            host.start()
+            host.door.audit = lines.append
+            listen = parse_listen(f"127.0.0.1:{free_port()}")
+            gate = await host.add("svc", GateSection(listen))
+            host.call(gate.set_upstreams, ("127.0.0.1", backend.port), None)
+            status, _, _ = await asyncio.to_thread(http, listen.port, "POST",
+                                                   "/v1/chat/completions", chat())
+            assert status == 502
+            await async_wait_until(lambda: lines, 5, what="the audit line")
+            line = json.loads(lines[0])
+            assert (line["status"], line["end"], line["service"]) == (502, "error", "svc")
+    finally:
+        await host.close()
