@@ -56,6 +56,16 @@ BENCHES: list[tuple[str, list[str], list[str], list[tuple[str, str, str, str, Ch
     ("gate_python", ["bench/gate_python.py"], ["bench/gate_python.py", "--rounds", "3"], [
         ("gate Python per small request (no kernel)", r"per small request: ([\d.]+) us", "us",
          "report", lambda v: True)]),
+    ("door_python", ["bench/gate_python.py", "--door"],
+     ["bench/gate_python.py", "--door", "--rounds", "3"], [
+        ("the door: a key, its limits, the audit (Python)",
+         r"a key, its limits and the audit log\s+[\d.]+ us per request \(\+([\d.]+)\)", "us",
+         "<= 10", lambda v: v <= 10),
+        ("the door: per SSE event", r"SSE, per event: .*\(([+-]?\d+) ns\)", "ns",
+         "nothing measurable", lambda v: v <= 100)]),
+    ("door", ["bench/door.py", "--rounds", "3"], ["bench/door.py", "--rounds", "1"], [
+        ("the door end to end: CPU per request added", r"added by the door: ([+-][\d.]+) us",
+         "us", "<= 10", lambda v: v <= 10)]),
     ("gate_flood", ["bench/gate_flood.py"], ["bench/gate_flood.py"], [
         ("watchdog gap while flooded (max)",
          r"watchdog ping gap \(ms\)\s+[\d.]+ /\s+[\d.]+\s+[\d.]+ /\s+([\d.]+)", "ms", "< 1000",
