@@ -135,6 +135,16 @@ def test_no_key_a_wrong_one_or_two_is_401(headers: list[tuple[bytes, bytes]]) ->
     assert door.rejected == {"invalid_api_key": 1}
 
 
+def test_a_health_check_needs_no_key_and_nothing_else_passes_with_it() -> None:
+    door, _ = door_with(key())
+    assert door.enter(Req(b"/health", method=b"GET"), Conn(), Paths()) is None
+    assert door.enter(Req(b"/health", method=b"HEAD"), Conn(), Paths()) is None
+    for req in (Req(b"/health", method=b"POST"), Req(b"/health?x", method=b"GET"),
+                Req(b"/v1/models", method=b"GET")):
+        refusal = door.enter(req, Conn(), Paths())
+        assert refusal is not None and refusal.status == 401
+
+
 def test_the_bearer_scheme_is_case_insensitive_and_the_key_found() -> None:
     door, _ = door_with(key(), key("bob", "other"))
     req = Req(headers=[(b"authorization", b"bearer other")])

@@ -280,6 +280,8 @@ class Door:
         req.ticket = ticket
         if refusal is not None or not self.auth:
             return refusal
+        if req.target == b"/health" and req.method in (b"GET", b"HEAD"):
+            return None  # (a load balancer's check needs no key; it tells nothing)
         key = self._key(req)
         if key is None:
             self.rejected["invalid_api_key"] = self.rejected.get("invalid_api_key", 0) + 1
