@@ -29,6 +29,7 @@ class Access:
         self.keys: tuple[K.ApiKey, ...] = ()
         self.audit: str | None = None
         self.gid: int | None = None
+        self.models: frozenset[str] = frozenset()  # what the services serve (names a key may)
         self._lock = asyncio.Lock()
 
     def load(self, cfg: Config) -> None:
@@ -45,6 +46,12 @@ class Access:
                 gid = None
         self.keys_file = cfg.auth.keys_file if cfg.auth is not None else None
         self.keys = keys
+        self.models = frozenset(m for s in cfg.services for m in (s.models or (s.name,)))
+        for k in keys:
+            unknown = sorted(set(k.models) - self.models - {"*"})
+            if unknown:
+                log.warning("key %s names model(s) no service serves: %s", k.id,
+                            ", ".join(unknown[:10]))
         self.audit = cfg.audit.path if cfg.audit is not None else None
         self.gid = gid
 
@@ -73,7 +80,11 @@ class Access:
         `llmctl key` (a reload that read the file before a revoke must not bring the key
         back), then told to the front. ConfigError: nothing changes."""
         async with self._lock:
-            await asyncio.to_thread(self.load, cfg)
+            try:
+                await asyncio.to_thread(self.load, cfg)
+            except BaseException:
+                await self.push()  # (the audit file opened again all the same: logrotate)
+                raise
             if not await self.push():
                 log.error("the front process did not take the keys read from %s; it is told "
                           "again at the next reload", self.keys_file)

@@ -48,6 +48,7 @@ class AuditLog:
         self._sock: socket.socket | None = None
         self._reopen = True
         self._closed = False
+        self._torn = False  # a write stopped within a line: the next begins on a new one
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -131,8 +132,13 @@ class AuditLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
                          | os.O_NOFOLLOW | os.O_NONBLOCK, 0o640)
         except OSError as exc:
-            log.error("audit: cannot open %s: %s; audit lines are dropped until it can be "
-                      "(llmctl reload tries again)", self.path, exc.strerror or exc)
+            if self._fd >= 0:
+                log.error("audit: cannot open %s again: %s; the lines go on to the file that "
+                          "was open (llmctl reload tries again)", self.path,
+                          exc.strerror or exc)
+            else:
+                log.error("audit: cannot open %s: %s; audit lines are dropped until it can be "
+                          "(llmctl reload tries again)", self.path, exc.strerror or exc)
             return
         if self.gid is not None and os.geteuid() == 0:
             with contextlib.suppress(OSError):
@@ -146,12 +152,17 @@ class AuditLog:
             return self._journal(data)
         if self._fd < 0:
             return False
+        if self._torn:
+            data = b"\n" + data
         view = memoryview(data)
         try:
             while view:
                 view = view[os.write(self._fd, view):]
         except OSError:
+            if len(view) != len(data):
+                self._torn = True  # (else it stays as it was)
             return False
+        self._torn = False
         return True
 
     def _journal(self, data: bytes) -> bool:

@@ -554,15 +554,18 @@ def render_keys(data: Any) -> str:
     if not data.get("auth"):
         return "no [auth] keys_file in the config: the router and the gates take no keys"
     rows = [["ID", "MODELS", "RPM", "TPM", "CONC", "EXPIRES", "LAST USE", "REQUESTS",
-             "TOKENS"]]
+             "TOKENS", "NOW"]]
     for k in data.get("keys") or []:
         tokens = "-"
         if isinstance(k.get("prompt_tokens"), int):
             tokens = f"{k['prompt_tokens']}+{k.get('completion_tokens') or 0}"
-        rows.append([str(k.get("id")), ",".join(k.get("models") or []),
+        models = ",".join(k.get("models") or [])
+        models = models if len(models) <= 40 else models[:37] + "..."
+        rows.append([str(k.get("id")), models,
                      str(k.get("rpm") or "-"), str(k.get("tpm") or "-"),
                      str(k.get("concurrency") or "-"), _when(k.get("expires")),
-                     _when(k.get("last_used")), str(k.get("requests", "-")), tokens])
+                     _when(k.get("last_used")), str(k.get("requests", "-")), tokens,
+                     str(k.get("inflight", "-"))])
     return f"keys file: {data.get('keys_file')}\n" + _table(rows)
 
 

@@ -536,13 +536,18 @@ class Daemon:
     async def _load_for_reload(self) -> tuple[Config, list[ServicePlan]]:
         """Read and validate the config off the loop. Any failure keeps the running config:
         it is logged (briefly) and raised as ControlError."""
-        if self.access is not None:  # the audit file again, whatever the config (logrotate)
-            await self.access.push()
         try:
-            cfg = await asyncio.wait_for(asyncio.to_thread(self.load), RELOAD_READ_TIMEOUT_S)
-            plans: list[ServicePlan] = await asyncio.to_thread(resolve_plan, cfg, self.gpus)
-            if self.access is not None:  # the keys file read again (a hand edit)
-                await self.access.reload(cfg)
+            try:
+                cfg = await asyncio.wait_for(asyncio.to_thread(self.load),
+                                             RELOAD_READ_TIMEOUT_S)
+                plans: list[ServicePlan] = await asyncio.to_thread(resolve_plan, cfg,
+                                                                   self.gpus)
+            except BaseException:
+                if self.access is not None:  # the audit file opened again all the same
+                    await self.access.push()  # (logrotate's reload)
+                raise
+            if self.access is not None:  # the keys file read again (a hand edit), and the
+                await self.access.reload(cfg)  # audit file opened again
         except ConfigError as exc:
             for problem in exc.problems[:RELOAD_PROBLEMS_SHOWN]:
                 log.error("reload: %s", problem)

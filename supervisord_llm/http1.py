@@ -165,7 +165,8 @@ def chunk(data: bytes) -> bytes:
 LAST_CHUNK: Final = b"0\r\n\r\n"
 
 REASONS: Final = {
-    200: b"OK", 400: b"Bad Request", 404: b"Not Found", 408: b"Request Timeout",
+    200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout",
     413: b"Content Too Large", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
     499: b"Client Closed Request", 500: b"Internal Server Error", 501: b"Not Implemented",
     502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from .config.reader import MISSING, Table, config_error, read_config_file, short
+from .errors import ConfigError
 
 ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _HEX_RE: Final = re.compile(r"^[0-9a-f]{64}$")
@@ -42,6 +43,7 @@ MAX_MODELS: Final = 1_000
 MAX_LIMIT: Final = 1_000_000_000
 MAX_RPM: Final = 1_000_000  # the front keeps the start time of each (8 bytes)
 MAX_RPM_TOTAL: Final = 10_000_000  # all keys together: 80 MB at most
+MAX_FILE_BYTES: Final = 16 * 1024 * 1024  # a keys file (10,000 keys with long model lists)
 SECRET_PREFIX: Final = "sk-llm-"  # noqa: S105 (the start of every secret made)
 
 
@@ -118,9 +120,9 @@ def _key(t: Table) -> ApiKey | None:
         if len(models) > MAX_MODELS:
             t.error("models", f"at most {MAX_MODELS} names")
         for i, name in enumerate(models):
-            if not name or len(name) > 256:
+            if not name or len(name) > 256 or not name.isprintable():
                 t.problems.append(f"{t.key_path('models')}[{i}]: must be a model name (1-256 "
-                                  "characters) or \"*\"")
+                                  "printable characters) or \"*\"")
     rpm = _limit(t, "requests_per_minute", MAX_RPM)
     tpm = _limit(t, "tokens_per_minute")
     conc = _limit(t, "max_concurrency")
@@ -189,7 +191,18 @@ def load_keys(path: str) -> tuple[ApiKey, ...]:
     makes it). ConfigError for anything else wrong: the caller keeps the keys in force."""
     if not os.path.lexists(path):
         return ()
-    data = read_config_file(path, "keys")
+    data = read_config_file(path, "keys", MAX_FILE_BYTES)
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and st.st_mode & 0o022:
+        raise config_error([f"{path}: writable by {'others' if st.st_mode & 0o002 else 'its group'}"
+                            f" ({st.st_mode & 0o777:o}): anyone who can write it can add a "
+                            "key; chmod 640 it (llmctl key writes it so)"])
+    if st is not None and st.st_uid not in (0, os.geteuid()):
+        raise config_error([f"{path}: owned by uid {st.st_uid}, not root: whoever owns it can "
+                            "add a key; chown root it"])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -229,7 +242,14 @@ def write_keys(path: str, keys: tuple[ApiKey, ...], gid: int | None) -> None:
     """Replace the file atomically: a new file beside it (0640, root:`gid`), synced, renamed
     over it, the directory synced. OSError out; the old file stays whole."""
     text = render_keys(keys)
-    parse_keys(text, path)  # never write what would be refused
+    try:
+        parse_keys(text, path)  # never write what would be refused
+    except ConfigError as exc:
+        raise ValueError("the change would make a keys file that cannot be read back: "
+                         + "; ".join(exc.problems[:3])) from None
+    if len(text.encode()) > MAX_FILE_BYTES:
+        raise ValueError(f"the keys file would be larger than {MAX_FILE_BYTES // 2**20} MB, "
+                         "the most it may hold: revoke keys, or list fewer models")
     path = os.path.realpath(path)  # (a symlink to the file stays one)
     d = os.path.dirname(path)
     tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}")
@@ -278,15 +298,20 @@ def parse_expires(text: str, now: float) -> float:
     raw = text.strip()
     try:
         when = dt.datetime.fromisoformat(raw.replace("z", "Z"))
-    except ValueError:
+        if len(raw) == 10:  # a date: its start, UTC
+            when = when.replace(tzinfo=dt.UTC)
+        if when.tzinfo is None:
+            raise ValueError(f"--expires: give {raw[:40]!r} with its offset (Z for UTC)")
+        ts = when.timestamp()
+    except (ValueError, OverflowError) as exc:
+        if "with its offset" in str(exc):
+            raise
         raise ValueError(f"--expires: {raw[:40]!r} is not a date-time with its offset "
                          "(2027-01-01T00:00:00Z), a date (2027-01-01) or a duration "
                          "(30d)") from None
-    if len(raw) == 10:  # a date: its start, UTC
-        when = when.replace(tzinfo=dt.UTC)
-    if when.tzinfo is None:
-        raise ValueError(f"--expires: give {raw[:40]!r} with its offset (Z for UTC)")
-    return when.timestamp()
+    if ts > now + 100 * 365 * 86400:
+        raise ValueError(f"--expires: {raw[:40]!r} is more than 100 years away")
+    return ts
 
 
 # --- the changes llmctl asks for (pure: keys in, keys out) -------------------------------------

@@ -220,6 +220,10 @@ class SupervisorCollector(Collector):
             yield CounterMetricFamily("llm_supervisor_audit_lines_dropped",
                                       "Audit lines dropped: the writer fell behind, or a "
                                       "write failed", value=audit.get("dropped") or 0)
+            yield CounterMetricFamily("llm_supervisor_audit_lines_suppressed",
+                                      "Refusals without a key from one address beyond 20 in "
+                                      "10 s: summed up in one audit line, not one each",
+                                      value=stats.get("audit_suppressed") or 0)
         away = CounterMetricFamily("llm_supervisor_connections_turned_away",
                                    "Connections closed at once: their client address had "
                                    "max_connections_per_client open", labels=["listener"])

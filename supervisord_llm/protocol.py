@@ -184,9 +184,9 @@ def _key_args(cmd: str, args: dict[str, Any], out: dict[str, Any]) -> None:
     if "models" in args:
         raw = args["models"]
         if not isinstance(raw, list) or not raw or len(raw) > 1000 or not all(
-                isinstance(m, str) and 0 < len(m) <= 256 for m in raw):
-            raise ProtocolError(f"args.models must be a list of model names (or [\"*\"]), "
-                                f"not {_short(raw)}")
+                isinstance(m, str) and 0 < len(m) <= 256 and m.isprintable() for m in raw):
+            raise ProtocolError(f"args.models must be a list of model names (1-256 printable "
+                                f"characters; or [\"*\"]), not {_short(raw)}")
         out["models"] = tuple(dict.fromkeys(raw))
     for key in ("rpm", "tpm", "concurrency"):
         if args.get(key) is not None:

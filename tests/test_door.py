@@ -535,11 +535,23 @@ def keyring() -> tuple[K.ApiKey, ...]:
             K.ApiKey("carol", K.hash_secret(CAROL), requests_per_minute=2, max_concurrency=1))
 
 
+_CLIENTS: list[Any] = []  # closed at the end of each test (their pools hold sockets)
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
+
 def openai_client(port: int, secret: str, retries: int = 0) -> Any:
     import openai
 
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=secret,
-                         max_retries=retries, timeout=20)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=secret,
+                           max_retries=retries, timeout=20)
+    _CLIENTS.append(client)
+    return client
 
 
 def test_keys_with_the_official_client_and_raw_sockets(tmp_path: Path) -> None:
@@ -759,6 +771,8 @@ def test_the_audit_log_says_how_each_request_ended(tmp_path: Path) -> None:
                             (200, "done", "carol"), (200, "done", "carol"),
                             (429, "limited", "carol")]
         assert sorted(ends[5:]) == [(499, "client_gone", "alice"), (502, "cut", "alice")]
+        for x in lines[5:]:  # what came before the end: its events, its first token
+            assert x["ttft_s"] is not None and 1 <= x["completion_tokens"] <= 50, x
         first = lines[0]
         assert (first["prompt_tokens"], first["completion_tokens"]) == (2, 3)
         assert first["tokens_estimated"] is False and first["ttft_s"] is not None
@@ -952,3 +966,148 @@ async def test_an_engine_that_answers_nothing_is_audited_as_an_error() -> None:
             assert (line["status"], line["end"], line["service"]) == (502, "error", "svc")
     finally:
         await host.close()
+
+
+# --- what an attacker found, each fixed ----------------------------------------------------------
+
+
+async def test_a_strangers_refusals_are_audited_at_a_bounded_rate_and_summed_up() -> None:
+    wall = Clock(1.8e9)
+    door, lines = door_with(key(), wall=wall)
+    for i in range(50):
+        req = Req(b"/" + b"A" * 5000 if i == 0 else b"/v1/models", method=b"GET")
+        refusal = door.enter(req, Conn(), Paths())
+        assert refusal is not None and req.ticket is not None
+        req.ticket.end = refusal.end
+        req.ticket.close(refusal.status, 0, 0)
+    assert len(lines) == 20 and door.suppressed == 30
+    first = json.loads(lines[0])
+    assert first["path"] == "/" + "A" * 1023 + "..."  # cut
+    wall.t += 10.0  # the next window: the held-back ones summed up first
+    req = Req(b"/v1/models", method=b"GET")
+    assert door.enter(req, Conn(), Paths()) is not None
+    assert req.ticket is not None
+    req.ticket.close(401, 0, 0)
+    summary = json.loads(lines[20])
+    assert (summary["client"], summary["more_refused"], summary["end"]) == ("10.1.2.3", 30,
+                                                                           "refused")
+    assert json.loads(lines[21])["status"] == 401
+    # a key's own refusals (429) are never held back
+    door2, lines2 = door_with(key(max_concurrency=1))
+    _, _held = enter(door2)
+    for _ in range(40):
+        refusal, req = enter(door2)
+        assert refusal is not None and req.ticket is not None
+        req.ticket.end = refusal.end
+        req.ticket.close(429, 0, 0)
+    assert len(lines2) == 40
+
+
+async def test_long_paths_are_not_kept_by_the_escape_cache() -> None:
+    from supervisord_llm.gate import door as door_module
+
+    before = dict(door_module._TEXTS)
+    door, _lines = door_with()
+    door.auth = False
+    for i in range(50):
+        req = Req(b"/x%d" % i + b"B" * 2000)
+        assert door.enter(req, Conn(), Paths()) is not None
+        assert req.ticket is not None
+        req.ticket.close(404, 0, 0)
+    assert all(len(k) <= 256 for k in set(door_module._TEXTS) - set(before))
+
+
+def test_a_change_of_a_keys_rpm_keeps_the_requests_of_the_window() -> None:
+    clock = Clock()
+    door, _ = door_with(key(requests_per_minute=3), clock=clock)
+    for _ in range(3):
+        assert enter(door)[0] is None
+        clock.t += 1
+    door.set_keys([key(requests_per_minute=4).to_doc()])
+    assert enter(door)[0] is None  # the fourth of the minute
+    assert enter(door)[0] is not None
+    door.set_keys([key(requests_per_minute=2).to_doc()])
+    assert enter(door)[0] is not None  # (the newest two of those still count)
+    clock.t += 60
+    assert enter(door)[0] is None
+
+
+def test_a_keys_file_others_may_write_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    K.write_keys(str(path), (key(),), None)
+    path.chmod(0o666)
+    with pytest.raises(ConfigError, match="writable by others"):
+        K.load_keys(str(path))
+    path.chmod(0o660)
+    with pytest.raises(ConfigError, match="writable by its group"):
+        K.load_keys(str(path))
+    path.chmod(0o640)
+    os.chown(path, 65534, -1)
+    with pytest.raises(ConfigError, match="owned by uid 65534"):
+        K.load_keys(str(path))
+
+
+def test_a_change_that_would_not_read_back_is_not_written(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    path = tmp_path / "keys.toml"
+    monkeypatch.setattr(K, "MAX_FILE_BYTES", 4096)
+    keys = tuple(key(f"k{i}", f"s{i}", models=tuple(f"m{j}" * 20 for j in range(10)))
+                 for i in range(10))
+    with pytest.raises(ValueError, match="larger than 0 MB"):
+        K.write_keys(str(path), keys, None)
+    assert not path.exists()
+    with pytest.raises(ValueError, match="cannot be read back"):
+        K.write_keys(str(path), (key(models=("\x1b[31m",)),), None)
+    with pytest.raises(ValueError, match="more than 100 years"):
+        K.parse_expires("9999-12-31T23:59:59-05:00", 1.8e9)
+
+
+def test_a_client_that_leaves_mid_body_frees_its_keys_slot(tmp_path: Path) -> None:
+    """Through the router, a client that leaves while its body is being read for `model`
+    (part of it sent; 100-continue and nothing; an unfinished chunked body): the key's one
+    slot is freed, and each is audited 499."""
+    keys = (K.ApiKey("alice", K.hash_secret(ALICE)),
+            K.ApiKey("carol", K.hash_secret(CAROL), max_concurrency=1))
+    heads = [b"Content-Length: 81\r\n\r\n" + b'{"model": "m1"',
+             b"Content-Length: 81\r\nExpect: 100-continue\r\n\r\n",
+             b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod"]
+    with door_daemon(tmp_path, keys) as f:
+        for head in heads:
+            with socket.create_connection(("127.0.0.1", f.router), timeout=10) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                          b"Bearer " + CAROL.encode() + b"\r\n" + head)
+                time.sleep(0.2)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            wait_until(lambda: http(f.router, "POST", "/v1/chat/completions", chat(),
+                                    secret=CAROL)[0] == 200, 10, what="carol's slot free")
+        ends = [(x["status"], x["end"]) for x in f.lines(6)]
+        assert ends.count((499, "client_gone")) == 3 and ends.count((200, "done")) >= 3
+
+
+def test_a_refusal_before_a_large_body_reaches_the_client(tmp_path: Path) -> None:
+    """401 to a client still sending 5 MB: it reads the answer (the rest of its body is
+    read and dropped before the close), not a reset."""
+    import urllib.error
+    import urllib.request
+
+    with door_daemon(tmp_path, keyring()) as f:
+        for port in (f.router, f.gate):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                         b"x" * (5 * 1024 * 1024),
+                                         {"Content-Type": "application/json",
+                                          "Authorization": "Bearer sk-wrong"})
+            with pytest.raises(urllib.error.HTTPError) as exc:
+                urllib.request.urlopen(req, timeout=30)  # noqa: S310 - loopback
+            assert exc.value.code == 401 and exc.value.reason == "Unauthorized"
+            assert b"invalid_api_key" in exc.value.read()
+            exc.value.close()
+
+
+def test_llmctl_key_new_refuses_a_model_no_service_serves(tmp_path: Path) -> None:
+    with door_daemon(tmp_path, keyring()) as f:
+        out = f.d.llmctl("key", "new", "eve", "--models", "m1", "no-such-model")
+        assert out.returncode != 0 and "no service serves model(s) no-such-model" in out.stderr
+        assert "eve" not in f.keys.read_text()
+        out = f.d.llmctl("key", "new", "eve", "--models", "m1\x1b[2J")
+        assert out.returncode != 0 and "printable" in out.stderr

@@ -262,16 +262,17 @@ def file_kind(mode: int) -> str:
 def _refuse(p: str, mode: int, what: str) -> ConfigError:
     if stat.S_ISDIR(mode):
         return config_error([f"{p}: is a directory, not a {what} file"])
-    return config_error([f"{p}: is {file_kind(mode)}, not a regular file: a {what} must be "
-                         "a regular file"])
+    return config_error([f"{p}: is {file_kind(mode)}, not a regular file: a {what} file "
+                         "must be a regular file"])
 
 
-def _too_large(p: str, what: str) -> ConfigError:
-    return config_error([f"{p}: larger than 1 MB ({MAX_CONFIG_BYTES} bytes), the limit for a "
-                         f"{what} file"])
+def _too_large(p: str, what: str, limit: int = MAX_CONFIG_BYTES) -> ConfigError:
+    return config_error([f"{p}: larger than {limit // (1024 * 1024)} MB ({limit} bytes), the "
+                         f"limit for a {what} file"])
 
 
-def read_config_file(path: str | os.PathLike[str], what: str = "config") -> bytes:
+def read_config_file(path: str | os.PathLike[str], what: str = "config",
+                     limit: int = MAX_CONFIG_BYTES) -> bytes:
     """The bytes of a config file (or another file the daemon reads at start, `what`): a
     regular file of at most MAX_CONFIG_BYTES. Never blocks on a FIFO or a device and never
     reads more than the limit; raises ConfigError."""
@@ -280,8 +281,8 @@ def read_config_file(path: str | os.PathLike[str], what: str = "config") -> byte
         st = os.stat(p)
         if not stat.S_ISREG(st.st_mode):
             raise _refuse(p, st.st_mode, what)
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise _too_large(p, what)
+        if st.st_size > limit:
+            raise _too_large(p, what, limit)
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         raise config_error([f"{p}: no such file"]) from None
@@ -295,8 +296,8 @@ def read_config_file(path: str | os.PathLike[str], what: str = "config") -> byte
             raise _refuse(p, st.st_mode, what)
         chunks: list[bytes] = []
         size = 0
-        while size <= MAX_CONFIG_BYTES:
-            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
             if not chunk:
                 break
             chunks.append(chunk)
@@ -305,8 +306,8 @@ def read_config_file(path: str | os.PathLike[str], what: str = "config") -> byte
         raise config_error([f"{p}: cannot read: {exc.strerror or exc}"]) from None
     finally:
         os.close(fd)
-    if size > MAX_CONFIG_BYTES:
-        raise _too_large(p, what)
+    if size > limit:
+        raise _too_large(p, what, limit)
     return b"".join(chunks)
 
 

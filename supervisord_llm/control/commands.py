@@ -252,6 +252,11 @@ class Commands:
                 raise ControlError(P.BAD_REQUEST, str(exc)) from None
             if expires <= time.time():
                 raise ControlError(P.BAD_REQUEST, "--expires: that moment is past")
+        served = self.parts.access.models
+        unknown = [m for m in a.models if m != "*" and m not in served]
+        if unknown:
+            raise ControlError(P.BAD_REQUEST, f"no service serves model(s) {', '.join(unknown[:5])}"
+                               f" (the models: {', '.join(sorted(served)[:20]) or 'none'})")
         secret = K.new_secret()
         key = K.ApiKey(a.key_id, K.hash_secret(secret), a.models, a.rpm, a.tpm,
                        a.concurrency, expires)

@@ -23,6 +23,7 @@ Runs on the gate loop; compiled with the request path (`native.MODULES`)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -43,6 +44,12 @@ _COMPLETION_RE: Final = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
 _PREDICTED_RE: Final = re.compile(rb'"predicted_n"\s*:\s*(\d{1,12})')
 _SAFE_RE: Final = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]*")  # needs no JSON escape
 ENDS: Final = ("done", "client_gone", "cut", "refused", "limited", "error")
+AUDIT_PATH_MAX: Final = 1024  # characters of a path in an audit line (then "...")
+# refusals without a key (401, 404 of a path), per client address: this many audit lines in
+# STRANGER_WINDOW_S, the rest counted and written as one line when the window ends
+STRANGER_LINES: Final = 20
+STRANGER_WINDOW_S: Final = 10.0
+STRANGERS_MAX: Final = 10_000  # addresses tracked at once
 
 
 class Paths:
@@ -114,10 +121,18 @@ class Key:
         return self.models is None or not self.models.isdisjoint(models)
 
     def set_rpm(self, rpm: int) -> None:
-        if rpm != self.rpm:
-            self.rpm = rpm
-            self.ring = array("d", [-1e18]) * rpm
-            self.head = 0
+        """A new limit; the requests begun in the window still count (the newest of them,
+        as many as the new limit holds)."""
+        if rpm == self.rpm:
+            return
+        old, head, n = self.ring, self.head, len(self.ring)
+        ring = array("d", [-1e18]) * rpm
+        keep = min(n, rpm)
+        for i in range(keep):  # the newest `keep`, oldest first, at the end of the new ring
+            ring[rpm - keep + i] = old[(head + n - keep + i) % n]
+        self.rpm = rpm
+        self.ring = ring
+        self.head = 0
 
     def may_begin(self, now: float) -> bool:
         return self.ring[self.head] <= now - WINDOW_S
@@ -219,6 +234,10 @@ class Door:
         self.audit: Callable[[str], None] | None = None
         self.rejected: dict[str, int] = {}  # refusals without a key (no key, a wrong one)
         self.served: dict[str, tuple[str, ...]] = {}  # service -> its models (the router's)
+        # per address: [the window (its start, wall clock), lines written, lines held back]
+        self._strangers: dict[str, list[float]] = {}
+        self._summing: asyncio.TimerHandle | None = None
+        self.suppressed = 0  # audit lines of strangers' refusals not written one by one
         self._sec = -1
         self._stamp = ""
 
@@ -372,6 +391,44 @@ class Door:
 
     # --- the audit line ---------------------------------------------------------------------
 
+    def stranger(self, peer: str, now: float) -> bool:
+        """Whether the audit line of a refusal without a key from `peer` is written (the
+        first STRANGER_LINES of each window), or counted and summed up later."""
+        seen = self._strangers.get(peer)
+        if seen is None or now - seen[0] >= STRANGER_WINDOW_S:
+            if seen is not None and seen[2]:
+                self._sum_up(peer, seen)
+            if len(self._strangers) >= STRANGERS_MAX:
+                self.sum_up()
+            self._strangers[peer] = [now, 1.0, 0.0]
+            return True
+        if seen[1] < STRANGER_LINES:
+            seen[1] += 1.0
+            return True
+        seen[2] += 1.0
+        self.suppressed += 1
+        if self._summing is None:
+            self._summing = asyncio.get_running_loop().call_later(
+                STRANGER_WINDOW_S, self.sum_up)
+        return False
+
+    def sum_up(self) -> None:
+        """One line for each address whose refusals were held back; the windows start
+        again."""
+        self._summing = None
+        for peer, seen in self._strangers.items():
+            if seen[2]:
+                self._sum_up(peer, seen)
+        self._strangers = {}
+
+    def _sum_up(self, peer: str, seen: list[float]) -> None:
+        audit = self.audit
+        if audit is not None:
+            audit(f"{{\"time\":\"{self.stamp(self.wall())}\",\"key\":null,\"client\":"
+                  f"{_plain(peer)},\"end\":\"refused\",\"more_refused\":{int(seen[2])},"
+                  f"\"since\":\"{self.stamp(seen[0])}\"}}")
+        seen[2] = 0.0
+
     def stamp(self, t: float) -> str:
         """`2026-12-07T18:45:17.123Z` (the second's part made once a second)."""
         sec = int(t)
@@ -387,7 +444,8 @@ class Door:
                             "prompt_tokens": key.prompt_tokens,
                             "completion_tokens": key.completion_tokens,
                             "last_used": key.last_used or None, "inflight": key.inflight}
-        return {"auth": self.auth, "keys": keys, "rejected": dict(self.rejected)}
+        return {"auth": self.auth, "keys": keys, "rejected": dict(self.rejected),
+                "audit_suppressed": self.suppressed}
 
 
 def _plain(value: str | None) -> str:
@@ -404,9 +462,10 @@ def _text(value: str | None) -> str:
     if text is None:
         safe = _SAFE_RE.fullmatch(value) is not None
         text = '"' + value + '"' if safe else json.dumps(value)
-        if len(_TEXTS) >= 1024:
-            _TEXTS.clear()
-        _TEXTS[value] = text
+        if len(value) <= 256:  # (only the short ones: a stranger's long paths are not kept)
+            if len(_TEXTS) >= 1024:
+                _TEXTS.clear()
+            _TEXTS[value] = text
     return text
 
 
@@ -459,9 +518,14 @@ class Ticket:
                 key.add_tokens(door.clock(), prompt + completion)
         audit = door.audit
         if audit is not None:
+            if key is None and end == "refused" and not door.stranger(self.peer or "", self.t0):
+                return  # (a stranger's refusals: at a bounded rate, the rest summed up)
             now = time.perf_counter()
             q = self.target.find(b"?")
-            path = (self.target if q < 0 else self.target[:q]).decode("latin-1")
+            raw = self.target if q < 0 else self.target[:q]
+            if len(raw) > AUDIT_PATH_MAX:
+                raw = raw[:AUDIT_PATH_MAX] + b"..."
+            path = raw.decode("latin-1")
             tokens = (f"{prompt},\"completion_tokens\":{completion},\"tokens_estimated\":"
                       f"{'true' if estimated else 'false'}") if self.answer else \
                 "null,\"completion_tokens\":null,\"tokens_estimated\":false"

@@ -973,10 +973,6 @@ class _Exchange:
             ticket = self.req.ticket
             if ticket is not None:
                 ticket.end = "done"
-                if sse is not None:
-                    ticket.events = sse.count
-                    if sse.first is not None:
-                        ticket.ttft = sse.first - self.started_at + self.waited
             if sse is not None and sse.first is not None and self.generating:
                 gate.stats.ttft.observe(sse.first - self.started_at)
                 if self.stats is not None:  # from the request's arrival: a cold start counts
@@ -1050,6 +1046,11 @@ class _Exchange:
         if self.done:
             return
         self.done = True
+        ticket, sse = self.req.ticket, self.sse
+        if ticket is not None and sse is not None:  # (also a stream cut or left: what came)
+            ticket.events = sse.count
+            if sse.first is not None:
+                ticket.ttft = sse.first - self.started_at + self.waited
         gate = self.gate
         up, self.up = self.up, None
         if up is not None:  # mid-request: the server must see the end of it

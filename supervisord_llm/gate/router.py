@@ -15,6 +15,7 @@ Runs on the gate loop (`GateHost`); the supervisor pushes the catalogue (`set_ca
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Coroutine
@@ -424,10 +425,11 @@ class Router:
             self._own(ResponseWriter(conn, req), 408, "request_timeout", str(slow))
             return False
         except ClientGone:
-            self.count(499)
-            if req.ticket is not None:
-                req.ticket.close(499, req.body.received, conn.sent)
+            self._gone(req, conn)
             return False
+        except asyncio.CancelledError:  # the client left (its connection is lost)
+            self._gone(req, conn)
+            raise
         gate = self._gate_of(model, req)
         if gate is None:
             return self._no_gate(ResponseWriter(conn, req), model)
@@ -484,6 +486,13 @@ class Router:
                                   "`model` first, or raise router.max_body_bytes")
         finally:
             self.held -= 2 * len(buf)
+
+    def _gone(self, req: Request, conn: ClientConnection) -> None:
+        """The client left while the router read the body: counted, its ticket closed (its
+        key's slot freed, its audit line written)."""
+        self.count(499)
+        if req.ticket is not None:
+            req.ticket.close(499, req.body.received, conn.sent)
 
     def _get(self, writer: ResponseWriter, path: bytes) -> bool:
         ticket = writer.req.ticket

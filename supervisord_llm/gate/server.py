@@ -48,6 +48,13 @@ BODY_BUFFER: Final = 64 * 1024  # request body bytes held before reading from th
 SEND_BUFFER: Final = 64 * 1024  # response bytes held for a client before the upstream pauses
 PIPELINE_MAX: Final = 8  # requests queued behind the one being answered, on one connection
 FRESH_GRACE_S: Final = 1.0  # a listener closing: a new connection's first request may come
+# answered before the client's body came whole (a refusal, a 503): what it still sends is read
+# and discarded (a close over unread bytes sends a reset, which can destroy the answer in the
+# client's kernel before it is read), until it stops for LINGER_IDLE_S, at most LINGER_S and
+# LINGER_BYTES (nginx's lingering close)
+LINGER_S: Final = 10.0
+LINGER_IDLE_S: Final = 2.0
+LINGER_BYTES: Final = 64 * 1024 * 1024
 _ACCEPT_BATCH: Final = 32
 _TOO_MANY_BODY: Final = http1.error_body(
     "too many connections from this address at once; close some and retry",
@@ -430,6 +437,10 @@ class ClientConnection(asyncio.Protocol):
         self._close_after = False  # the listener closed: close after the request under way
         self.last = False  # the listener closes: the answer under way or next is the last
         self._fresh_timer: asyncio.TimerHandle | None = None
+        self._linger_until = 0.0  # lingering (see LINGER_S): until when at most, else 0
+        self._linger_left = 0
+        self._linger_mark = 0.0  # the last read while lingering
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio ------------------------------------------------------------------------------
 
@@ -466,6 +477,9 @@ class ClientConnection(asyncio.Protocol):
         self.listener.closed(self)
 
     def eof_received(self) -> bool:
+        if self._linger_until:
+            self.close()  # (lingering: the client has sent all it will)
+            return False
         # The client closed its side. Like nginx, take it as gone (a request in progress is
         # cancelled, its slot freed, the upstream closed): a client that sends FIN instead of
         # RST must not keep a slot until the model answers, nor a half-sent body until
@@ -474,6 +488,9 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_until:
+            self._lingered(len(data))
+            return
         try:
             while data and not (self._closing or self._halted):
                 try:
@@ -619,7 +636,7 @@ class ClientConnection(asyncio.Protocol):
         if coro is None:
             return  # answered by callbacks: `finished` follows
         began = [False]  # (a compiled coroutine has no state to ask: the task says it began)
-        task = self._loop.create_task(self._run(coro, began))
+        task = self._loop.create_task(self._run(coro, began, req))
         self._task = task
         self.listener.tasks.add(task)
         task.add_done_callback(self.listener.tasks.discard)
@@ -635,11 +652,18 @@ class ClientConnection(asyncio.Protocol):
             if req.ticket is not None:
                 req.ticket.close(499, req.body.received, self.sent)
 
-    async def _run(self, coro: Coroutine[Any, Any, bool], began: list[bool]) -> None:
+    async def _run(self, coro: Coroutine[Any, Any, bool], began: list[bool],
+                   req: Request) -> None:
         began[0] = True
         keep = False
         try:
             keep = await coro
+        except asyncio.CancelledError:
+            # the client left: a handler that did not close the request's ticket (it must not
+            # hold its key's slot for ever)
+            if req.ticket is not None:
+                req.ticket.close(499, req.body.received, self.sent)
+            raise
         except Exception:
             self.handler.limiter.exception(
                 "handler", "%s gate: internal error handling a request", self.handler.name)
@@ -662,7 +686,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if not keep or not req.keep_alive or not req.body.complete or self._eof \
                 or self._closing or self._close_after:
-            self.close()
+            if not req.body.complete and not self._eof:
+                self._linger()  # (the client is still sending its body)
+            else:
+                self.close()
             return
         if self._pipeline:
             self._start(self._pipeline.popleft())
@@ -737,6 +764,45 @@ class ClientConnection(asyncio.Protocol):
         if t is not None and not self.gone and not t.is_closing():
             self.sent += len(data)
             t.write(data)
+
+    def _linger(self) -> None:
+        """Close, the client still sending a body: our side first (FIN after the answer),
+        what comes is read and discarded (LINGER_S), then the close."""
+        t = self.transport
+        if t is None or t.is_closing() or not t.can_write_eof():
+            self.close()
+            return
+        self._closing = True
+        self._cancel_timers()
+        now = self._loop.time()
+        self._linger_until = now + LINGER_S
+        self._linger_left = LINGER_BYTES
+        try:
+            t.write_eof()
+        except (OSError, RuntimeError):
+            self.close()
+            return
+        if self._paused:  # (a body held: its reading waited for it to be taken)
+            self._paused.clear()
+            t.resume_reading()
+        self._linger_timer = self._loop.call_at(min(now + LINGER_IDLE_S, self._linger_until),
+                                                self._linger_check)
+        self._linger_mark = now
+
+    def _lingered(self, n: int) -> None:
+        self._linger_left -= n
+        self._linger_mark = self._loop.time()
+        if self._linger_left <= 0:
+            self.close()
+
+    def _linger_check(self) -> None:
+        self._linger_timer = None
+        now = self._loop.time()
+        if now >= self._linger_until or now - self._linger_mark >= LINGER_IDLE_S:
+            self.close()
+            return
+        self._linger_timer = self._loop.call_at(
+            min(self._linger_mark + LINGER_IDLE_S, self._linger_until), self._linger_check)
 
     def close(self) -> None:
         """Close after what is buffered has been sent."""
@@ -872,6 +938,9 @@ class ClientConnection(asyncio.Protocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
 
 
 class Listener:
