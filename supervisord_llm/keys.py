@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from .config.reader import MISSING, Table, config_error, read_config_file, short
+from .config.reader import MISSING, Table, config_error, read_config_file, short, text_of
 from .errors import ConfigError
 
 ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -203,12 +203,7 @@ def load_keys(path: str) -> tuple[ApiKey, ...]:
     if st is not None and st.st_uid not in (0, os.geteuid()):
         raise config_error([f"{path}: owned by uid {st.st_uid}, not root: whoever owns it can "
                             "add a key; chown root it"])
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise config_error([f"{path}: line {line}: not valid UTF-8"]) from None
-    return parse_keys(text, path)
+    return parse_keys(text_of(data, path), path)
 
 
 def _toml_time(ts: float) -> str:

@@ -4,6 +4,7 @@ with the key's path instead of stopping at the first. Knows nothing of the secti
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import datetime as dt
 import math
@@ -309,6 +310,18 @@ def read_config_file(path: str | os.PathLike[str], what: str = "config",
     if size > limit:
         raise _too_large(p, what, limit)
     return b"".join(chunks)
+
+
+def text_of(data: bytes, path: str) -> str:
+    """A file's bytes as text: UTF-8, a leading byte order mark dropped; ConfigError naming the
+    line of the first byte that is not UTF-8."""
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise config_error([f"{path}: line {line}: not valid UTF-8"]) from None
 
 
 # An integer of more digits than Python converts (sys.get_int_max_str_digits(), 4300 by

@@ -5,7 +5,6 @@ unknown GPU in `service[i].gpus`) are made by `plan.resolve_plan`, in the same f
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import errno
 import ipaddress
@@ -31,6 +30,7 @@ from .reader import (
     one_line,
     read_config_file,
     short,
+    text_of,
     type_name,
 )
 from .schema import (
@@ -1120,12 +1120,4 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file; raises ConfigError (and nothing else) on any problem.
     Blocking file I/O: call it off the event loop once the daemon runs."""
     p = os.fspath(path)
-    data = read_config_file(p)
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise config_error([f"{p}: line {line}: not valid UTF-8"]) from None
-    return parse_config(text, p)
+    return parse_config(text_of(read_config_file(p), p), p)
