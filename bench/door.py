@@ -80,15 +80,15 @@ def main() -> None:
                          "max_queue": 1024, "allow_paths": ["/small"]},
             }],
         }
-        door = {**base, "auth": {"keys_file": str(tmp / "keys.toml")},
-                "audit": {"path": str(tmp / "audit.log")}}
+        keys = {**base, "auth": {"keys_file": str(tmp / "keys.toml")}}
+        door = {**keys, "audit": {"path": str(tmp / "audit.log")}}
         daemon = Daemon(tmp, base).start()
-        results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+        results: dict[str, list[tuple[float, float]]] = {"off": [], "keys": [], "on": []}
         try:
             wait_until(lambda: daemon.service("bench")["gate"] == "open", 30, what="gate open")
             pid = int(daemon.status()["front"]["pid"])
             for _ in range(a.rounds):
-                for mode, doc in (("off", base), ("on", door)):
+                for mode, doc in (("off", base), ("keys", keys), ("on", door)):
                     daemon.write(doc)
                     r = daemon.llmctl("reload")
                     if r.returncode != 0:
@@ -107,6 +107,7 @@ def main() -> None:
           "each, medians")
     print(f"  {'':44s} {'requests/s':>11s} {'CPU/request':>12s}")
     print(f"  {'no [auth], no audit':44s} {med['off'][0]:11,.0f} {med['off'][1]:10.1f} us")
+    print(f"  {'a key with 3 limits':44s} {med['keys'][0]:11,.0f} {med['keys'][1]:10.1f} us")
     print(f"  {'a key with 3 limits, the audit log (a file)':44s} {med['on'][0]:11,.0f} "
           f"{med['on'][1]:10.1f} us")
     print(f"  added by the door: {med['on'][1] - med['off'][1]:+.1f} us of CPU per request; "

@@ -61,7 +61,8 @@ def make_door(kind: str) -> object:
     if kind == "audit":
         from supervisord_llm.audit import AuditLog
 
-        door.audit = AuditLog("/dev/null").add
+        door.sink = AuditLog("/dev/null").put_batch
+        door.audit = door.buffer_line
     return door
 
 

@@ -67,6 +67,19 @@ class AuditLog:
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(FLUSH_S, self.flush)
 
+    def put_batch(self, lines: list[str]) -> None:
+        """Lines gathered elsewhere (the door, on the loop), written as one batch; dropped
+        whole, and counted, when the writer is that far behind."""
+        size = sum(map(len, lines)) + len(lines)
+        if self.added - self.done + size > MAX_PENDING or self._closed:
+            self.dropped_full += len(lines)
+            return
+        self.added += size
+        self.accepted += len(lines)
+        with self._cond:
+            self._batches.append(("\n".join(lines) + "\n", len(lines)))
+            self._cond.notify()
+
     def flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

@@ -38,7 +38,7 @@ from helpers import (
 from supervisord_llm import keys as K
 from supervisord_llm.config import parse_config
 from supervisord_llm.errors import ConfigError
-from supervisord_llm.gate.door import Door, Paths, Refusal, Ticket
+from supervisord_llm.gate.door import Door, Paths, Refusal, Ticket, header_pairs
 
 # --- the door, pure -----------------------------------------------------------------------------
 
@@ -175,7 +175,7 @@ def test_exactly_n_requests_in_a_minute_pass_and_the_window_slides() -> None:
         refusal, req = enter(door)
         assert refusal is None
         assert req.ticket is not None and req.ticket.rate is not None
-        rate = dict(req.ticket.rate)
+        rate = dict(header_pairs(req.ticket.rate))
         assert rate[b"x-ratelimit-limit-requests"] == b"3"
         assert rate[b"x-ratelimit-remaining-requests"] == b"%d" % (2 - i)
         req.ticket.close(200, 10, 100)

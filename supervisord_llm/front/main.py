@@ -447,6 +447,7 @@ class Front:
         path = audit.get("path") if isinstance(audit, dict) else None
         gid = audit.get("gid") if isinstance(audit, dict) else None
         self.door.set_keys(keys)
+        self.door.flush_lines()
         if self.audit is not None and self.audit.path != path:
             self.audit.close(0.5)
             self.audit = None
@@ -455,7 +456,8 @@ class Front:
                 self.audit = AuditLog(path, gid if isinstance(gid, int) else None)
             else:
                 self.audit.reopen()
-        self.door.audit = self.audit.add if self.audit is not None else None
+        self.door.audit = self.door.buffer_line if self.audit is not None else None
+        self.door.sink = self.audit.put_batch if self.audit is not None else None
         self.door_doc = {"keys": keys, "audit": audit}
 
     def listener_fds(self) -> tuple[list[list[Any]], list[int]]:
@@ -494,6 +496,7 @@ class Front:
         await asyncio.gather(*waits, return_exceptions=True)
         self.pool.close()
         if self.audit is not None:
+            self.door.flush_lines()
             await asyncio.to_thread(self.audit.close)
         self.done.set()
 

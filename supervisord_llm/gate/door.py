@@ -50,6 +50,8 @@ AUDIT_PATH_MAX: Final = 1024  # characters of a path in an audit line (then "...
 STRANGER_LINES: Final = 20
 STRANGER_WINDOW_S: Final = 10.0
 STRANGERS_MAX: Final = 10_000  # addresses tracked at once
+AUDIT_FLUSH_S: Final = 0.1
+AUDIT_BATCH: Final = 512
 
 
 class Paths:
@@ -88,6 +90,8 @@ class Key:
         self.models: frozenset[str] | None = None  # None: every model
         self.rpm = 0  # 0: no limit
         self.tpm = 0
+        self.rpm_line = b""  # its x-ratelimit-limit-* header lines
+        self.tpm_line = b""
         self.concurrency = 0
         self.expires = 0.0  # epoch seconds; 0: never
         self.inflight = 0
@@ -96,10 +100,13 @@ class Key:
         # in 8 bytes a request of the limit, O(1) a request
         self.ring = array("d")
         self.head = 0
+        self.out = 0  # of the ring, oldest first: those known to be out of the window
         self.tok_sec: list[int] = [0] * 60  # tokens by second (monotonic), 60 buckets
         self.tok_n: list[int] = [0] * 60
         self._tok_at = -1  # the second `tokens` was last summed for, and its sum
         self._tok_sum = 0
+        self._oldest_at = -1  # the second `tokens_reset` last looked, and what it found
+        self._oldest = 0
         self.requests = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -133,6 +140,7 @@ class Key:
         self.rpm = rpm
         self.ring = ring
         self.head = 0
+        self.out = rpm - keep
 
     def may_begin(self, now: float) -> bool:
         return self.ring[self.head] <= now - WINDOW_S
@@ -141,20 +149,20 @@ class Key:
         ring = self.ring
         ring[self.head] = now
         self.head = (self.head + 1) % len(ring)
+        if self.out:
+            self.out -= 1  # (the one overwritten was the oldest, out of the window)
 
     def oldest(self, now: float) -> tuple[int, float]:
         """Requests begun in the last minute, and when the oldest of them began (now if
-        none): a binary search of the ring, oldest first."""
+        none). `out` (oldest first, those known to have left the window) only moves on as
+        time does: O(1) a request, amortized."""
         ring, head, n = self.ring, self.head, len(self.ring)
         edge = now - WINDOW_S
-        lo, hi = 0, n
-        while lo < hi:  # the first (oldest first) inside the window
-            mid = (lo + hi) // 2
-            if ring[(head + mid) % n] <= edge:
-                lo = mid + 1
-            else:
-                hi = mid
-        return n - lo, ring[(head + lo) % n] if lo < n else now
+        out = self.out
+        while out < n and ring[(head + out) % n] <= edge:
+            out += 1
+        self.out = out
+        return n - out, ring[(head + out) % n] if out < n else now
 
     def tokens(self, now: float) -> int:
         """Tokens counted in the last minute (by whole seconds; summed once a second)."""
@@ -169,14 +177,17 @@ class Key:
         return total
 
     def tokens_reset(self, now: float) -> float:
-        """Seconds until the oldest second with tokens leaves the window."""
+        """Seconds until the oldest second with tokens leaves the window (looked up once a
+        second)."""
         sec = int(now)
-        oldest = sec
-        for i in range(60):
-            at = self.tok_sec[i]
-            if self.tok_n[i] and sec - at < 60 and at < oldest:
-                oldest = at
-        return max(0.0, oldest + 60.0 - now)
+        if sec != self._oldest_at:
+            oldest = sec
+            for i in range(60):
+                at = self.tok_sec[i]
+                if self.tok_n[i] and sec - at < 60 and at < oldest:
+                    oldest = at
+            self._oldest_at, self._oldest = sec, oldest
+        return max(0.0, self._oldest + 60.0 - now)
 
     def add_tokens(self, now: float, n: int) -> None:
         if n <= 0:
@@ -191,6 +202,7 @@ class Key:
             self._tok_sum += n
         else:
             self._tok_at = -1
+        # (the oldest second with tokens stays: tokens are added to the newest)
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -232,6 +244,11 @@ class Door:
         # digest -> (key, the digest, valid until (0: no end))
         self._hashes: dict[bytes, tuple[Key, bytes, float]] = {}
         self.audit: Callable[[str], None] | None = None
+        # the audit log's lines gathered here (`buffer_line`), handed on in batches to `sink`
+        # (the writer: every AUDIT_FLUSH_S, or AUDIT_BATCH lines)
+        self.sink: Callable[[list[str]], None] | None = None
+        self._batch: list[str] = []
+        self._batch_timer: asyncio.TimerHandle | None = None
         self.rejected: dict[str, int] = {}  # refusals without a key (no key, a wrong one)
         self.served: dict[str, tuple[str, ...]] = {}  # service -> its models (the router's)
         # per address: [the window (its start, wall clock), lines written, lines held back]
@@ -240,6 +257,8 @@ class Door:
         self.suppressed = 0  # audit lines of strangers' refusals not written one by one
         self._sec = -1
         self._stamp = ""
+        self._ms = -1
+        self._ms_stamp = ""
 
     @property
     def active(self) -> bool:
@@ -262,7 +281,9 @@ class Door:
             models = [str(m) for m in doc.get("models") or ["*"]]
             key.models = None if "*" in models else frozenset(models)
             key.set_rpm(int(doc.get("rpm") or 0))
+            key.rpm_line = b"x-ratelimit-limit-requests: %d" % key.rpm
             key.tpm = int(doc.get("tpm") or 0)
+            key.tpm_line = b"x-ratelimit-limit-tokens: %d" % key.tpm
             key.concurrency = int(doc.get("concurrency") or 0)
             key.expires = float(doc.get("expires") or 0.0)
             key.listing_of = None
@@ -346,7 +367,7 @@ class Door:
             return Refusal(429, "rate_limit_exceeded",
                            f"key {key.id}: {key.concurrency} request(s) at once at most",
                            "limited", [(b"Retry-After", b"1"), (b"retry-after-ms", b"1000"),
-                                       *self._rate(key, now)])
+                                       *header_pairs(self._rate(key, now))])
         if key.rpm and not key.may_begin(now):
             key.reject("requests")
             return self._limited(key, now, key.ring[key.head] + WINDOW_S - now,
@@ -368,28 +389,47 @@ class Door:
         return Refusal(429, "rate_limit_exceeded", message, "limited",
                        [(b"Retry-After", b"%d" % max(1, math.ceil(wait))),
                         (b"retry-after-ms", b"%d" % max(1, math.ceil(wait * 1000))),
-                        *self._rate(key, now)])
+                        *header_pairs(self._rate(key, now))])
 
     @staticmethod
-    def _rate(key: Key, now: float) -> list[tuple[bytes, bytes]]:
-        out: list[tuple[bytes, bytes]] = []
+    def _rate(key: Key, now: float) -> list[bytes]:
+        """OpenAI's x-ratelimit-* header lines (`Name: value`) for an answer to `key`."""
+        out: list[bytes] = []
         if key.rpm:
             begun, first = key.oldest(now)
             reset = first + WINDOW_S - now if begun else 0.0
-            out += [(b"x-ratelimit-limit-requests", b"%d" % key.rpm),
-                    (b"x-ratelimit-remaining-requests", b"%d" % max(0, key.rpm - begun)),
-                    (b"x-ratelimit-reset-requests", _reset_text(reset))]
+            out.append(key.rpm_line)
+            out.append(b"x-ratelimit-remaining-requests: %d" % (key.rpm - begun))
+            out.append(b"x-ratelimit-reset-requests: " + _reset_text(reset))
         if key.tpm:
-            used = key.tokens(now)
-            out += [(b"x-ratelimit-limit-tokens", b"%d" % key.tpm),
-                    (b"x-ratelimit-remaining-tokens", b"%d" % max(0, key.tpm - used)),
-                    (b"x-ratelimit-reset-tokens", _reset_text(key.tokens_reset(now)))]
+            left = key.tpm - key.tokens(now)
+            out.append(key.tpm_line)
+            out.append(b"x-ratelimit-remaining-tokens: %d" % (left if left > 0 else 0))
+            out.append(b"x-ratelimit-reset-tokens: " + _reset_text(key.tokens_reset(now)))
         return out
 
     def refused_without_key(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     # --- the audit line ---------------------------------------------------------------------
+
+    def buffer_line(self, line: str) -> None:
+        """`audit` when the front writes the log: kept, handed on in batches."""
+        batch = self._batch
+        batch.append(line)
+        if len(batch) >= AUDIT_BATCH:
+            self.flush_lines()
+        elif self._batch_timer is None:
+            self._batch_timer = asyncio.get_running_loop().call_later(AUDIT_FLUSH_S,
+                                                                      self.flush_lines)
+
+    def flush_lines(self) -> None:
+        timer, self._batch_timer = self._batch_timer, None
+        if timer is not None:
+            timer.cancel()
+        batch, self._batch = self._batch, []
+        if batch and self.sink is not None:
+            self.sink(batch)
 
     def stranger(self, peer: str, now: float) -> bool:
         """Whether the audit line of a refusal without a key from `peer` is written (the
@@ -430,12 +470,18 @@ class Door:
         seen[2] = 0.0
 
     def stamp(self, t: float) -> str:
-        """`2026-12-07T18:45:17.123Z` (the second's part made once a second)."""
-        sec = int(t)
+        """`2026-12-07T18:45:17.123Z` (made once a millisecond; its second's part once a
+        second)."""
+        ms = int(t * 1000)
+        if ms == self._ms:
+            return self._ms_stamp
+        sec = ms // 1000
         if sec != self._sec:
             self._sec = sec
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._stamp}.{int((t - sec) * 1000):03d}Z"
+        self._ms = ms
+        self._ms_stamp = f"{self._stamp}.{ms % 1000:03d}Z"
+        return self._ms_stamp
 
     def stats(self) -> dict[str, Any]:
         keys = {}
@@ -448,10 +494,30 @@ class Door:
                 "audit_suppressed": self.suppressed}
 
 
+def header_pairs(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Header lines as (name, value) pairs."""
+    out = []
+    for line in lines:
+        name, _, value = line.partition(b": ")
+        out.append((name, value))
+    return out
+
+
+def _method(method: bytes) -> str:
+    text = _METHODS.get(method)
+    if text is None:
+        text = method.decode("latin-1")
+        if len(_METHODS) < 64:
+            _METHODS[method] = text
+    return text
+
+
 def _plain(value: str | None) -> str:
     return "null" if value is None else '"' + value + '"'
 
 
+_CODES: Final = {code: str(code) for code in range(100, 600)}
+_METHODS: dict[bytes, str] = {}  # (the few methods llhttp parses)
 _TEXTS: dict[str, str] = {}  # paths and models as JSON strings, the last 1024 seen
 
 
@@ -483,7 +549,7 @@ class Ticket:
         self.t0 = door.wall()
         self.p0 = time.perf_counter()
         self.holding = False  # holds one of its key's requests at once
-        self.rate: list[tuple[bytes, bytes]] | None = None  # x-ratelimit-* for its answer
+        self.rate: list[bytes] | None = None  # x-ratelimit-* header lines for its answer
         self.end = ""  # how it ended, when known before `close`
         self.ttft = -1.0
         self.events = 0  # SSE events of the answer
@@ -509,7 +575,7 @@ class Ticket:
             if self.holding:
                 self.holding = False
                 key.inflight -= 1
-            code = str(status)
+            code = _CODES.get(status) or str(status)
             key.codes[code] = key.codes.get(code, 0) + 1
             key.requests += 1
             if prompt or completion:
@@ -534,7 +600,7 @@ class Ticket:
             # their characters are checked where they come from)
             audit(f"{{\"time\":\"{door.stamp(self.t0)}\",\"key\":"
                   f"{_plain(key.id if key is not None else None)},\"client\":"
-                  f"{_plain(self.peer)},\"method\":\"{self.method.decode('latin-1')}\","
+                  f"{_plain(self.peer)},\"method\":\"{_method(self.method)}\","
                   f"\"path\":{_text(path)},\"model\":{_text(self.model)},\"service\":"
                   f"{_plain(self.service)},\"status\":{status},\"prompt_tokens\":{tokens},"
                   f"\"ttft_s\":{ttft},\"duration_s\":{now - self.p0:.4f},\"bytes_in\":"

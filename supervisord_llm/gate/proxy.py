@@ -908,7 +908,7 @@ class _Exchange:
         lines, ctype = _client_lines(head.headers)
         ticket = self.req.ticket
         if ticket is not None and ticket.rate is not None:
-            lines += [k + b": " + v for k, v in ticket.rate]
+            lines += ticket.rate
         if self.head_request or head.framing == "none":
             cl = http1.header(head.headers, b"content-length") \
                 if self.head_request and head.status != 204 else None  # never on a 204

@@ -26,7 +26,7 @@ from urllib.parse import unquote_to_bytes
 from .. import http1
 from ..config import RouterSection
 from ..logs import LogLimiter
-from .door import Door, Key, Paths, Refusal
+from .door import Door, Key, Paths, Refusal, header_pairs
 from .proxy import Gate, answer_refusal
 from .server import (
     BODY_BUFFER,
@@ -526,7 +526,8 @@ class Router:
     def _ok(self, writer: ResponseWriter, body: bytes) -> bool:
         self.count(200)
         ticket = writer.req.ticket
-        writer.simple(200, body, ticket.rate if ticket is not None else None)
+        writer.simple(200, body, header_pairs(ticket.rate) if ticket is not None and ticket.rate
+                      else None)
         if ticket is not None:
             ticket.end = "done"
             ticket.close(200, 0, writer.conn.sent)
@@ -541,7 +542,7 @@ class Router:
         kind = "invalid_request_error" if status < 500 else "service_unavailable"
         ticket = writer.req.ticket
         if ticket is not None and ticket.rate is not None:
-            headers = [*(headers or []), *ticket.rate]
+            headers = [*(headers or []), *header_pairs(ticket.rate)]
         writer.simple(status, http1.error_body(message, kind, code), headers)
         if ticket is not None:
             ticket.close(status, writer.req.body.received, writer.conn.sent)
