@@ -4,7 +4,7 @@
 # completion through the request gate, two models on demand behind one OpenAI endpoint (the
 # router) swapping on a GPU too small for both, a crash (kill -9) and the automatic restart, the
 # supervisor itself killed (its models adopted by the next one), a hot
-# swap and a drain, a hot GPU, a power cut on a real NUT server (upsd + dummy-ups) and the
+# swap and a drain, API keys and the audit log switched on live, a hot GPU, a power cut on a real NUT server (upsd + dummy-ups) and the
 # return of the power, then stops cleanly. With --keep it leaves the supervisor
 # running for you to explore.
 #
@@ -93,6 +93,9 @@ listen = "127.0.0.1:$PM"
 
 [router]                             # one OpenAI endpoint for every model, by "model"
 listen = "127.0.0.1:$PR"
+
+[audit]                              # one JSON line per request
+path = "$RUN/audit.log"
 
 [gpu]
 backend = "sim"
@@ -268,6 +271,29 @@ grep -E "coder: stopping to make room|writer: loaded in" "$RUN/daemon.log" | sed
 curl -s -o /dev/null -w "  an unknown model: HTTP %{http_code}\n" "http://127.0.0.1:$PR/v1/chat/completions" \
   -H 'Content-Type: application/json' -d '{"model":"gpt-9","messages":[]}'
 "${CTL[@]}" status | sed -n '/^router:/,/^$/p'
+
+say "the front door, live: [auth] added by a reload, a key made by llmctl (its secret shown once)"
+cp "$RUN/config.toml" "$RUN/config.open.toml"
+printf '\n[auth]\nkeys_file = "%s"\n' "$RUN/keys.toml" >> "$RUN/config.toml"
+"${CTL[@]}" reload >/dev/null
+SECRET=$("${CTL[@]}" key new demo --rpm 60 | sed -n 's/^secret: //p')
+echo "  llmctl key new demo --rpm 60 -> ${SECRET:0:12}..."
+door() {
+  curl -s -o /dev/null -w "  $1: HTTP %{http_code}\n" "http://127.0.0.1:$PR/v1/chat/completions" \
+    -H 'Content-Type: application/json' "${@:2}" \
+    -d '{"model":"coder-30b","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
+}
+door "no key"
+door "a wrong key" -H "Authorization: Bearer sk-wrong"
+door "the key" -H "Authorization: Bearer $SECRET"
+curl -s -o /dev/null -w "  an engine's admin path (POST /slots/0?action=erase): HTTP %{http_code}\n" \
+  "http://127.0.0.1:$PG/slots/0?action=erase" -H "Authorization: Bearer $SECRET" -d '{}'
+"${CTL[@]}" key list | sed 's/^/  /'
+sleep 0.3
+echo "  the audit log ($RUN/audit.log), its last line:"
+tail -1 "$RUN/audit.log" | sed 's/^/  /'
+mv "$RUN/config.open.toml" "$RUN/config.toml"
+"${CTL[@]}" reload >/dev/null  # (the rest of the demo without keys)
 
 PID=$("${CTL[@]}" --json status chat | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["services"][0]["pid"])')
 say "kill -9 $PID (the chat server crashes); llm-supervisor restarts it"

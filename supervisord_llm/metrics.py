@@ -31,7 +31,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GPU_LABELS = ["gpu", "uuid", "pci_bus_id", "name"]
 THERMAL_STATES = ("ok", "warm", "throttled", "critical", "lost", "unresponsive")
 P_FLAGS = ("OL", "OB", "LB", "FSD", "CHRG", "DISCHRG", "RB", "OVER", "BYPASS")
-KEY_REJECTIONS = ("requests", "tokens", "concurrency", "model_not_found")
+KEY_REJECTIONS = ("requests", "tokens", "concurrency", "model_not_found", "not_found")
 POWER_EVENTS = ("on_battery", "power_back", "power_down", "powered_down", "restart",
                 "ups_unreachable", "ups_reachable", "override", "fsd_ignored")
 
@@ -192,7 +192,8 @@ class SupervisorCollector(Collector):
                                      "engine's usage, else estimated)", labels=["key", "kind"])
         rejected = CounterMetricFamily("llm_supervisor_key_rejected",
                                        "Requests refused at the door, by API key and reason "
-                                       "(requests, tokens, concurrency, model_not_found; "
+                                       "(requests, tokens, concurrency, model_not_found, "
+                                       "not_found: a path not served; "
                                        "invalid_api_key under key \"-\": no valid key)",
                                        labels=["key", "reason"])
         inflight = GaugeMetricFamily("llm_supervisor_key_inflight_requests",

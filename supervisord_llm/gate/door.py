@@ -232,6 +232,14 @@ class Refusal:
         return "rate_limit_error" if self.status == 429 else "invalid_request_error"
 
 
+_NOT_FOUND: Final = Refusal(404, "not_found", "no such endpoint: this server forwards the "
+                           "OpenAI API (/v1/chat/completions, /v1/completions, "
+                           "/v1/embeddings, /v1/models, ...)", "refused", [])
+_NO_KEY: Final = Refusal(401, "invalid_api_key", "Incorrect or missing API key: send "
+                         "`Authorization: Bearer <key>`", "refused",
+                         [(b"WWW-Authenticate", b'Bearer realm="llm-supervisor"')])
+
+
 class Door:
     """Shared by the router and the gates of one front (the daemon sets its keys)."""
 
@@ -305,31 +313,28 @@ class Door:
         return self.served.get(service) or (service,)
 
     def enter(self, req: Any, conn: Any, paths: Paths) -> Refusal | None:
-        """At a request's arrival, before its body is read: the path, the key, the key's
-        limits. Sets `req.ticket` when keys or the audit are on. None: go on."""
-        if not paths.allows(req.target):
-            refusal: Refusal | None = Refusal(404, "not_found", "no such endpoint: this "
-                                              "server forwards the OpenAI API (/v1/chat/"
-                                              "completions, /v1/completions, /v1/embeddings,"
-                                              " /v1/models, ...)", "refused", [])
-        else:
-            refusal = None
+        """At a request's arrival, before its body is read: the key (with [auth]), the
+        path, the key's limits. Sets `req.ticket` when keys or the audit are on. None: go
+        on. (The key first: a stranger learns nothing of the paths, and the audit line of
+        a key's request to a path refused says whose it was.)"""
+        allowed = paths.allows(req.target)
         if not self.auth and self.audit is None:
-            return refusal
+            return None if allowed else _NOT_FOUND
         ticket = Ticket(self, req, conn.peer, conn.sent)
         req.ticket = ticket
-        if refusal is not None or not self.auth:
-            return refusal
+        if not self.auth:
+            return None if allowed else _NOT_FOUND
         if req.target == b"/health" and req.method in (b"GET", b"HEAD"):
             return None  # (a load balancer's check needs no key; it tells nothing)
         key = self._key(req)
         if key is None:
             self.rejected["invalid_api_key"] = self.rejected.get("invalid_api_key", 0) + 1
-            return Refusal(401, "invalid_api_key", "Incorrect or missing API key: send "
-                           "`Authorization: Bearer <key>`", "refused",
-                           [(b"WWW-Authenticate", b'Bearer realm="llm-supervisor"')])
+            return _NO_KEY
         ticket.key = key
         key.last_used = ticket.t0
+        if not allowed:
+            key.reject("not_found")
+            return _NOT_FOUND
         return self._limits(key, ticket)
 
     def _key(self, req: Any) -> Key | None:
