@@ -43,7 +43,9 @@ MAX_MODELS: Final = 1_000
 MAX_LIMIT: Final = 1_000_000_000
 MAX_RPM: Final = 1_000_000  # the front keeps the start time of each (8 bytes)
 MAX_RPM_TOTAL: Final = 10_000_000  # all keys together: 80 MB at most
-MAX_FILE_BYTES: Final = 16 * 1024 * 1024  # a keys file (10,000 keys with long model lists)
+MAX_FILE_BYTES: Final = 4 * 1024 * 1024  # a keys file
+# the keys as the front is told them (one message on its control socket, 4 MiB at most)
+MAX_DOC_BYTES: Final = 3 * 1024 * 1024
 SECRET_PREFIX: Final = "sk-llm-"  # noqa: S105 (the start of every secret made)
 
 
@@ -181,9 +183,16 @@ def build_keys(doc: Mapping[str, Any], where: str) -> tuple[ApiKey, ...]:
     if total > MAX_RPM_TOTAL:
         problems.append(f"key: the requests_per_minute of all keys add up to {total}, at most "
                         f"{MAX_RPM_TOTAL} (the front keeps 8 bytes per request of each limit)")
+    if not problems and (size := doc_size(keys)) > MAX_DOC_BYTES:
+        problems.append(f"key: the keys take {size} bytes as the front process is told them, "
+                        f"at most {MAX_DOC_BYTES}: fewer keys, or shorter lists of models")
     if problems:
         raise config_error([f"{where}: {p}" for p in problems])
     return tuple(keys)
+
+
+def doc_size(keys: tuple[ApiKey, ...] | list[ApiKey]) -> int:
+    return len(json.dumps([k.to_doc() for k in keys]))
 
 
 def load_keys(path: str) -> tuple[ApiKey, ...]:
@@ -191,18 +200,17 @@ def load_keys(path: str) -> tuple[ApiKey, ...]:
     makes it). ConfigError for anything else wrong: the caller keeps the keys in force."""
     if not os.path.lexists(path):
         return ()
-    data = read_config_file(path, "keys", MAX_FILE_BYTES)
-    try:
-        st = os.stat(path)
-    except OSError:
-        st = None
-    if st is not None and st.st_mode & 0o022:
-        raise config_error([f"{path}: writable by {'others' if st.st_mode & 0o002 else 'its group'}"
-                            f" ({st.st_mode & 0o777:o}): anyone who can write it can add a "
-                            "key; chmod 640 it (llmctl key writes it so)"])
-    if st is not None and st.st_uid not in (0, os.geteuid()):
-        raise config_error([f"{path}: owned by uid {st.st_uid}, not root: whoever owns it can "
-                            "add a key; chown root it"])
+    def owner_and_mode(st: os.stat_result) -> None:  # (of the file read: fstat)
+        if st.st_mode & 0o022:
+            who = "others" if st.st_mode & 0o002 else "its group"
+            raise config_error([f"{path}: writable by {who} ({st.st_mode & 0o777:o}): anyone "
+                                "who can write it can add a key; chmod 640 it (llmctl key "
+                                "writes it so)"])
+        if st.st_uid not in (0, os.geteuid()):
+            raise config_error([f"{path}: owned by uid {st.st_uid}, not root: whoever owns it "
+                                "can add a key; chown root it"])
+
+    data = read_config_file(path, "keys", MAX_FILE_BYTES, check=owner_and_mode)
     return parse_keys(text_of(data, path), path)
 
 
@@ -288,8 +296,12 @@ def parse_duration(text: str) -> float:
 def parse_expires(text: str, now: float) -> float:
     """`--expires`: a date-time with its offset, a date (its start, UTC), or a duration from
     now (`30d`); ValueError otherwise."""
-    with contextlib.suppress(ValueError):
+    try:
         return now + parse_duration(text)
+    except ValueError as exc:
+        if "too long" in str(exc):
+            raise ValueError(f"--expires: {text.strip()[:40]!r} is more than 100 years "
+                             "away") from None
     raw = text.strip()
     try:
         when = dt.datetime.fromisoformat(raw.replace("z", "Z"))

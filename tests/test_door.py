@@ -1116,3 +1116,60 @@ def test_llmctl_key_new_refuses_a_model_no_service_serves(tmp_path: Path) -> Non
         assert "eve" not in f.keys.read_text()
         out = f.d.llmctl("key", "new", "eve", "--models", "m1\x1b[2J")
         assert out.returncode != 0 and "printable" in out.stderr
+
+
+# --- what a second attack found, each fixed -------------------------------------------------------
+
+
+async def test_a_closing_connection_that_takes_nothing_is_dropped_at_send_timeout() -> None:
+    """A client that reads nothing while the server answers it itself (refusals, the
+    router's answers) and then is closed: reading stops while its answers wait, and the
+    close does not wait for it for ever (the send timeout stays armed)."""
+    from collect import Wired
+
+    w = Wired(send_timeout_s=0.2)
+    aborted: list[bool] = []
+    w.client.get_write_buffer_size = lambda: 1 << 20  # type: ignore[method-assign]
+    w.client.abort = lambda: aborted.append(True)  # type: ignore[method-assign]
+    w.conn.pause_writing()
+    assert "writing" in w.conn._paused  # no more requests read until it takes its answers
+    w.conn.close()
+    await async_wait_until(lambda: aborted, 5, what="the connection dropped")
+    w.conn.resume_writing()  # (a client that reads again is read again)
+
+
+async def test_a_health_check_through_a_gate_writes_no_audit_line() -> None:
+    door, lines = door_with(key())
+    for method in (b"GET", b"HEAD"):
+        req = Req(b"/health", method=method)
+        assert door.enter(req, Conn(), Paths()) is None and req.ticket is None
+    assert not lines
+
+
+async def test_strangers_from_many_addresses_are_capped_together() -> None:
+    door, lines = door_with(key())
+
+    class Many:
+        sent = 0
+
+        def __init__(self, i: int) -> None:
+            self.peer = f"10.0.{i // 256}.{i % 256}"
+
+    for i in range(600):
+        req = Req(b"/v1/models", method=b"GET")
+        refusal = door.enter(req, Many(i), Paths())
+        assert refusal is not None and req.ticket is not None
+        req.ticket.close(401, 0, 0)
+    assert len(lines) == 200 and door.suppressed == 400
+    door.sum_up()
+    summary = json.loads(lines[-1])
+    assert (summary["more_refused"], summary["clients"], summary["client"]) == (400, 400, None)
+
+
+def test_keys_the_front_could_not_be_told_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(K, "MAX_DOC_BYTES", 1000)
+    many = "".join(f'[[key]]\nid = "k{i}"\nsha256 = "{i:064x}"\n' for i in range(10))
+    with pytest.raises(ConfigError, match="as the front process is told them"):
+        K.parse_keys(many)
+    with pytest.raises(ValueError, match="more than 100 years"):
+        K.parse_expires("36600d", 1.8e9)

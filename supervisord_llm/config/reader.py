@@ -13,7 +13,7 @@ import re
 import reprlib
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from ..errors import ConfigError
@@ -273,7 +273,8 @@ def _too_large(p: str, what: str, limit: int = MAX_CONFIG_BYTES) -> ConfigError:
 
 
 def read_config_file(path: str | os.PathLike[str], what: str = "config",
-                     limit: int = MAX_CONFIG_BYTES) -> bytes:
+                     limit: int = MAX_CONFIG_BYTES,
+                     check: Callable[[os.stat_result], None] | None = None) -> bytes:
     """The bytes of a config file (or another file the daemon reads at start, `what`): a
     regular file of at most MAX_CONFIG_BYTES. Never blocks on a FIFO or a device and never
     reads more than the limit; raises ConfigError."""
@@ -295,6 +296,8 @@ def read_config_file(path: str | os.PathLike[str], what: str = "config",
         st = os.fstat(fd)  # what was opened, not what the path named a moment ago
         if not stat.S_ISREG(st.st_mode):
             raise _refuse(p, st.st_mode, what)
+        if check is not None:
+            check(st)
         chunks: list[bytes] = []
         size = 0
         while size <= limit:

@@ -360,7 +360,7 @@ class FrontClient:
         # before any listener: keys (or none), the audit log
         try:
             reply = await self.ask({"op": "door", **self.door}, raise_closed=True)
-        except (ChannelClosed, TimeoutError):
+        except (ChannelClosed, TimeoutError, ValueError):
             raise StartupError("the front process did not take its keys") from None
         if reply is None or reply.get("op") != "ok":
             raise StartupError("the front process refused its keys: "
@@ -373,7 +373,11 @@ class FrontClient:
         self.door = doc
         if self._ch is None:
             return True  # (replayed first to the front that comes)
-        reply = await self.ask({"op": "door", **doc})
+        try:
+            reply = await self.ask({"op": "door", **doc})
+        except ValueError as exc:  # (too large for one message: the keys file's rules say)
+            log.error("front: the keys cannot be sent: %s", exc)
+            return False
         return reply is not None and reply.get("op") == "ok"
 
     async def stop_leftover(self) -> bool:

@@ -447,6 +447,7 @@ class Front:
         path = audit.get("path") if isinstance(audit, dict) else None
         gid = audit.get("gid") if isinstance(audit, dict) else None
         self.door.set_keys(keys)
+        self.door.sum_up()
         self.door.flush_lines()
         if self.audit is not None and self.audit.path != path:
             self.audit.close(0.5)
@@ -496,6 +497,7 @@ class Front:
         await asyncio.gather(*waits, return_exceptions=True)
         self.pool.close()
         if self.audit is not None:
+            self.door.sum_up()
             self.door.flush_lines()
             await asyncio.to_thread(self.audit.close)
         self.done.set()

@@ -50,6 +50,7 @@ AUDIT_PATH_MAX: Final = 1024  # characters of a path in an audit line (then "...
 STRANGER_LINES: Final = 20
 STRANGER_WINDOW_S: Final = 10.0
 STRANGERS_MAX: Final = 10_000  # addresses tracked at once
+STRANGERS_LINES: Final = 200  # ... and all addresses together (many addresses: IPv6)
 AUDIT_FLUSH_S: Final = 0.1
 AUDIT_BATCH: Final = 512
 
@@ -262,6 +263,8 @@ class Door:
         # per address: [the window (its start, wall clock), lines written, lines held back]
         self._strangers: dict[str, list[float]] = {}
         self._summing: asyncio.TimerHandle | None = None
+        self._strangers_since = 0.0  # the window of all addresses together, and its lines
+        self._strangers_lines = 0
         self.suppressed = 0  # audit lines of strangers' refusals not written one by one
         self._sec = -1
         self._stamp = ""
@@ -320,12 +323,12 @@ class Door:
         allowed = paths.allows(req.target)
         if not self.auth and self.audit is None:
             return None if allowed else _NOT_FOUND
+        if req.target == b"/health" and req.method in (b"GET", b"HEAD"):
+            return None  # a load balancer's check: no key, no audit line (as the router's)
         ticket = Ticket(self, req, conn.peer, conn.sent)
         req.ticket = ticket
         if not self.auth:
             return None if allowed else _NOT_FOUND
-        if req.target == b"/health" and req.method in (b"GET", b"HEAD"):
-            return None  # (a load balancer's check needs no key; it tells nothing)
         key = self._key(req)
         if key is None:
             self.rejected["invalid_api_key"] = self.rejected.get("invalid_api_key", 0) + 1
@@ -439,16 +442,18 @@ class Door:
     def stranger(self, peer: str, now: float) -> bool:
         """Whether the audit line of a refusal without a key from `peer` is written (the
         first STRANGER_LINES of each window), or counted and summed up later."""
+        if now - self._strangers_since >= STRANGER_WINDOW_S:
+            self._strangers_since, self._strangers_lines = now, 0
         seen = self._strangers.get(peer)
         if seen is None or now - seen[0] >= STRANGER_WINDOW_S:
             if seen is not None and seen[2]:
                 self._sum_up(peer, seen)
             if len(self._strangers) >= STRANGERS_MAX:
                 self.sum_up()
-            self._strangers[peer] = [now, 1.0, 0.0]
-            return True
-        if seen[1] < STRANGER_LINES:
+            seen = self._strangers[peer] = [now, 0.0, 0.0]
+        if seen[1] < STRANGER_LINES and self._strangers_lines < STRANGERS_LINES:
             seen[1] += 1.0
+            self._strangers_lines += 1
             return True
         seen[2] += 1.0
         self.suppressed += 1
@@ -458,12 +463,23 @@ class Door:
         return False
 
     def sum_up(self) -> None:
-        """One line for each address whose refusals were held back; the windows start
-        again."""
-        self._summing = None
-        for peer, seen in self._strangers.items():
-            if seen[2]:
+        """One line for each address whose refusals were held back (one line for all of
+        them when they are many); the windows start again."""
+        timer, self._summing = self._summing, None
+        if timer is not None:
+            timer.cancel()
+        held = [(peer, seen) for peer, seen in self._strangers.items() if seen[2]]  # (a list)
+        if len(held) <= STRANGER_LINES:
+            for peer, seen in held:
                 self._sum_up(peer, seen)
+        elif self.audit is not None:
+            since, total = self.wall(), 0.0
+            for _peer, seen in held:  # (no generator: compiled)
+                since = min(since, seen[0])
+                total += seen[2]
+            self.audit(f"{{\"time\":\"{self.stamp(self.wall())}\",\"key\":null,\"client\":"
+                       f"null,\"end\":\"refused\",\"more_refused\":{int(total)},"
+                       f"\"clients\":{len(held)},\"since\":\"{self.stamp(since)}\"}}")
         self._strangers = {}
 
     def _sum_up(self, peer: str, seen: list[float]) -> None:

@@ -532,6 +532,10 @@ class ClientConnection(asyncio.Protocol):
         self.writing_paused = True
         if self.on_writable is not None:
             self.on_writable.writable(False)
+        else:
+            # our own answers (the router's, refusals) go out whatever the client reads: no
+            # more requests are read until it takes them (the buffer stays bounded)
+            self.pause_reading("writing")
         self._arm_send_timer()
 
     def resume_writing(self) -> None:
@@ -539,6 +543,7 @@ class ClientConnection(asyncio.Protocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        self.resume_reading("writing")
         if self.on_writable is not None:
             self.on_writable.writable(True)
 
@@ -773,7 +778,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self._closing = True
-        self._cancel_timers()
+        self._cancel_timers(keep_send=True)
         now = self._loop.time()
         self._linger_until = now + LINGER_S
         self._linger_left = LINGER_BYTES
@@ -805,9 +810,10 @@ class ClientConnection(asyncio.Protocol):
             min(self._linger_mark + LINGER_IDLE_S, self._linger_until), self._linger_check)
 
     def close(self) -> None:
-        """Close after what is buffered has been sent."""
+        """Close after what is buffered has been sent (a client that takes none of it for
+        send_timeout_s is dropped: the send timer stays)."""
         self._closing = True
-        self._cancel_timers()
+        self._cancel_timers(keep_send=True)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -916,7 +922,7 @@ class ClientConnection(asyncio.Protocol):
     def _send_timeout(self) -> None:
         self._send_timer = None
         t = self.transport
-        if t is None or t.is_closing() or not self.writing_paused:
+        if t is None or self.gone or not self.writing_paused:
             return
         size = t.get_write_buffer_size()
         if size < self._send_mark:  # slow, but it reads: give it another period
@@ -927,7 +933,7 @@ class ClientConnection(asyncio.Protocol):
                                   self.handler.cfg.send_timeout_s)
         self.abort()
 
-    def _cancel_timers(self) -> None:
+    def _cancel_timers(self, keep_send: bool = False) -> None:
         self._head_deadline = None
         if self._timer is not None:
             self._timer.cancel()
@@ -935,7 +941,7 @@ class ClientConnection(asyncio.Protocol):
         if self._fresh_timer is not None:
             self._fresh_timer.cancel()
             self._fresh_timer = None
-        if self._send_timer is not None:
+        if self._send_timer is not None and not keep_send:
             self._send_timer.cancel()
             self._send_timer = None
         if self._linger_timer is not None:
