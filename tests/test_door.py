@@ -96,6 +96,9 @@ def enter(door: Door, secret: str | None = "s3cret", target: bytes = b"/v1/chat/
     (b"/metrics", False), (b"/v1/chat/completions/", False), (b"//v1/chat/completions", False),
     (b"/v1/models/../../admin/shutdown", False), (b"/v1/models/%2e%2e/slots", False),
     (b"/v1/models/a/./b", False), (b"/v1/models/a\\..\\b", False), (b"/v1/models/", False),
+    (b"/v1/models/Qwen%2FQwen2.5-7B", True), (b"/v1/models/Qwen/Qwen2.5-7B", True),
+    (b"/v1/models/%252e%252e/slots", False), (b"/v1/models/a%5c..%5cb", False),
+    (b"/v1/models/a%2F..%2Fslots", False),
     (b"http://h/v1/chat/completions", False), (b"*", False), (b"/V1/chat/completions", False),
 ])
 def test_only_the_api_paths_are_forwarded(target: bytes, ok: bool) -> None:

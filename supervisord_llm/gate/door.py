@@ -33,6 +33,7 @@ import time
 from array import array
 from collections.abc import Callable
 from typing import Any, Final
+from urllib.parse import unquote_to_bytes
 
 from ..config import API_PATHS
 
@@ -76,9 +77,10 @@ class Paths:
             return True
         for prefix in self.prefixes:
             if path.startswith(prefix) and len(path) > len(prefix):
-                rest = path[len(prefix):]
-                # no way out of the prefix on the server's side: no dot segments, no
-                # escapes (an engine may decode %2e%2e or %2f), no backslashes
+                # no way out of the prefix on the server's side, decoded as a server does
+                # (a model id may hold an escaped `/`): no dot segments, no backslashes, no
+                # escape left after one decoding (an engine that decodes twice)
+                rest = unquote_to_bytes(path[len(prefix):])
                 return not (b"%" in rest or b"\\" in rest or b"/." in b"/" + rest)
         return False
 
