@@ -156,6 +156,9 @@ def served_from_the_lab(lab: Lab, svc: dict[str, Any]) -> dict[str, Any]:
     return svc
 
 
+# three pip builds (each compiles the request path with mypyc: about 40 s on a busy 2-core
+# machine), two daemon starts, an upgrade and an uninstall
+@pytest.mark.timeout(360)
 def test_install_start_status_upgrade_uninstall(lab: Lab) -> None:
     p = paths(lab)
     dry = install(lab, "--dry-run")

@@ -411,10 +411,11 @@ class Client:
         finally:
             conn.close()
 
-    def chat(self, model: str, **extra: Any) -> tuple[int, dict[str, str], bytes]:
+    def chat(self, model: str, timeout: float = 30, **extra: Any
+             ) -> tuple[int, dict[str, str], bytes]:
         return self.request("POST", "/v1/chat/completions",
                             {"model": model, "messages": [{"role": "user", "content": "hi"}],
-                             "max_tokens": 4, **extra})
+                             "max_tokens": 4, **extra}, timeout=timeout)
 
     def models(self) -> dict[str, dict[str, Any]]:
         status, _h, body = self.request("GET", "/v1/models")
@@ -647,8 +648,10 @@ def _a_drained_for_b(d: Daemon, client: Client, tokens: int, timed: bool = False
     t.start()
     wait_until(lambda: d.service("a")["inflight"] == 1, 10)
     got: dict[str, Any] = {}
+    # (b may wait its queue_timeout_s, 30 s in a test: the client waits longer)
     tb = threading.Thread(target=lambda: got.update(
-        b=(client.chat("model-b"), time.monotonic()) if timed else client.chat("model-b")))
+        b=(client.chat("model-b", timeout=60), time.monotonic()) if timed
+        else client.chat("model-b", timeout=60)))
     tb.start()
     # a is busy: drained for b (new requests for a wait), its stream runs on
     wait_until(lambda: d.service("a")["on_demand"]["draining_for"] == "b", 10)
@@ -719,8 +722,8 @@ def test_a_reload_that_keeps_a_draining_model_longer_calls_the_drain_off(
         assert client.chat("model-a")[0] == 200  # a's gate admits again
         t.join(30)
         assert stream["r"][0] == 200 and states(d)["a"][0] == "ready"
-        tb.join(40)
-        assert got["b"][0] == 503  # no room while a is kept
+        tb.join(70)
+        assert got["b"][0] == 503  # no room while a is kept (after its 30 s in the queue)
 
 
 def test_a_drained_model_sends_its_new_requests_to_its_backup(tmp_path: Path) -> None:
