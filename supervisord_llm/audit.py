@@ -1,15 +1,14 @@
 """The audit log's writer, in the front process: one JSON line per request (made by
 `gate/door.py`), to a file or to the journal.
 
-The request path only appends a line to a list; every 0.1 s (or at 512 lines) the lines go,
-joined, to a writer thread. At most MAX_PENDING bytes wait: beyond, lines are dropped and
-counted (`dropped`, a metric and an alert), never waited for: a full disk or a stuck
-journald never blocks the loop. `reopen()` (SIGHUP, `llmctl reload`: after logrotate moved
+The lines come in batches (`put_batch`: the door gathers them on the loop, every 0.1 s or
+512 lines) and go, joined, to a writer thread. At most MAX_PENDING bytes wait: beyond, lines
+are dropped and counted (`dropped`, a metric and an alert), never waited for: a full disk or
+a stuck journald never blocks the loop. `reopen()` (SIGHUP, `llmctl reload`: after logrotate moved
 the file) opens the path again."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -21,8 +20,6 @@ from typing import Final
 log = logging.getLogger(__name__)
 
 MAX_PENDING: Final = 16 * 1024 * 1024  # bytes of lines waiting for the writer
-FLUSH_S: Final = 0.1
-FLUSH_LINES: Final = 512
 JOURNAL_SOCKET: Final = "/run/systemd/journal/socket"
 IDENTIFIER: Final = "llm-supervisor-audit"
 
@@ -33,7 +30,6 @@ class AuditLog:
         self.path = path
         self.gid = gid
         self.journal_socket = journal_socket
-        self.lines: list[str] = []
         self.added = 0  # bytes of lines taken (on the loop)
         self.done = 0  # bytes of them written or dropped (by the writer thread)
         self.accepted = 0
@@ -41,7 +37,6 @@ class AuditLog:
         self.dropped_full = 0  # (on the loop) no room: the writer is behind
         self.dropped_failed = 0  # (the writer) a write failed
         self.errors = 0
-        self._timer: asyncio.TimerHandle | None = None
         self._cond = threading.Condition()
         self._batches: deque[tuple[str, int]] = deque()
         self._fd = -1
@@ -53,19 +48,6 @@ class AuditLog:
         self._thread.start()
 
     # --- on the loop --------------------------------------------------------------------------
-
-    def add(self, line: str) -> None:
-        size = len(line) + 1
-        if self.added - self.done + size > MAX_PENDING or self._closed:
-            self.dropped_full += 1
-            return
-        self.lines.append(line)
-        self.added += size
-        self.accepted += 1
-        if len(self.lines) >= FLUSH_LINES:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(FLUSH_S, self.flush)
 
     def put_batch(self, lines: list[str]) -> None:
         """Lines gathered elsewhere (the door, on the loop), written as one batch; dropped
@@ -80,16 +62,9 @@ class AuditLog:
             self._batches.append(("\n".join(lines) + "\n", len(lines)))
             self._cond.notify()
 
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        lines, self.lines = self.lines, []
-        if not lines:
-            return
-        with self._cond:
-            self._batches.append(("\n".join(lines) + "\n", len(lines)))
-            self._cond.notify()
+    def add(self, line: str) -> None:
+        """One line (a batch of one)."""
+        self.put_batch([line])
 
     def reopen(self) -> None:
         with self._cond:
@@ -98,7 +73,6 @@ class AuditLog:
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Write what waits (at most `timeout_s`), then stop."""
-        self.flush()
         with self._cond:
             self._closed = True
             self._cond.notify()

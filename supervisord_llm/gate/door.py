@@ -44,7 +44,6 @@ _PROMPT_RE: Final = re.compile(rb'"prompt_tokens"\s*:\s*(\d{1,12})')
 _COMPLETION_RE: Final = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
 _PREDICTED_RE: Final = re.compile(rb'"predicted_n"\s*:\s*(\d{1,12})')
 _SAFE_RE: Final = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]*")  # needs no JSON escape
-ENDS: Final = ("done", "client_gone", "cut", "refused", "limited", "error")
 AUDIT_PATH_MAX: Final = 1024  # characters of a path in an audit line (then "...")
 # refusals without a key (401, 404 of a path), per client address: this many audit lines in
 # STRANGER_WINDOW_S, the rest counted and written as one line when the window ends
@@ -417,9 +416,6 @@ class Door:
             out.append(b"x-ratelimit-remaining-tokens: %d" % (left if left > 0 else 0))
             out.append(b"x-ratelimit-reset-tokens: " + _reset_text(key.tokens_reset(now)))
         return out
-
-    def refused_without_key(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     # --- the audit line ---------------------------------------------------------------------
 
