@@ -4,7 +4,8 @@
 #     util-linux and systemd (the systemd tests run a private systemd as PID 1), nginx (in
 #     front of the gates in tests and benchmarks), wrk (load generator), nut-server and
 #     nut-client (a real upsd + dummy-ups for the power tests and the demo) and redis-server
-#     (a real checkpoint target), prometheus (for promtool);
+#     (a real checkpoint target), prometheus (for promtool), podman and runc (engines in
+#     containers);
 #   - a virtual environment in .venv with the project and its test dependencies, and the
 #     request path (the gate, the router) compiled in place with mypyc (setup.py; again
 #     whenever its sources change: supervisord_llm/native.py);
@@ -18,7 +19,7 @@ apt_need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   for p in cmake ninja-build g++ make util-linux bsdutils systemd procps curl \
-           nut-server nut-client redis-server; do
+           nut-server nut-client redis-server podman runc; do
     have_pkg "$p" || apt_need+=("$p")
   done
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_need+=(nginx-light)

@@ -288,6 +288,29 @@ class Keeper:
         if self.log_format not in ("plain", "journal", "text", "json"):
             raise ValueError(f"--log-format {self.log_format!r}: plain, journal, text or json")
         self.cmd = cmd
+        # in a container: the CLI in the foreground is the engine; the container itself is
+        # stopped, signalled and removed through the runtime (a CLI killed leaves it running)
+        self.container = opts.get("container") or None
+        self.runtime: list[str] = []
+        if self.container is not None:
+            runtime = loads(opts.get("runtime", "").encode())
+            if not isinstance(runtime, list) or not runtime \
+                    or not all(isinstance(a, str) and a for a in runtime):
+                raise ValueError("--runtime must be a JSON array of strings with --container")
+            self.runtime = runtime
+        self.pull_image = opts.get("pull") or None  # pulled first when it is not here
+        self.pull_timeout_s = float(opts.get("pull-timeout", "1800"))
+        self.helpers: list[tuple[list[str], float, int]] = []  # runtime calls to make, in order
+        self.helper_pid = 0
+        self.helper_args: list[str] = []
+        self.helper_sig = 0  # a signal the call was to give: to the CLI if it fails
+        self.helper_until: float | None = None
+        self._teardown_queued = False
+        self._removed = False  # the container of the run that ended is gone
+        self._exit_unsent: dict[str, object] | None = None  # said once its container is gone
+        self._fast = False  # SIGKILL asked: the container goes without its stop timeout
+        self._termed = False
+        self.tail: list[str] = []  # the last lines of the run's output (a runtime's refusal)
         self.libc: _Libc | None = None
         self.sel = _Poll()
         self.pid = 0
@@ -418,6 +441,8 @@ class Keeper:
         self.pid = self.pgid = pid  # the child makes itself a session (and group) leader
         self.ticks = start_ticks(pid)
         self.exit = None
+        self.tail = []
+        self._removed = self._fast = self._termed = False
         self.out_fd = rfd
         self._partial = b""
         os.set_blocking(rfd, False)
@@ -461,11 +486,30 @@ class Keeper:
                 warn(f"cannot set CPU affinity: {exc}")
         if self.mem_node is not None and libc is not None:
             _bind_memory(libc, self.mem_node, warn)
+        if self.pull_image is not None:
+            self._pull(self.pull_image, warn)
         try:
             os.execvp(self.cmd[0], self.cmd)  # noqa: S606 - the point of the keeper
         except OSError as exc:
             warn(f"cannot execute {self.cmd[0]!r}: {exc.strerror}")
         os._exit(127)
+
+    def _pull(self, image: str, warn: object) -> None:  # pragma: no cover - in the child
+        """The image, pulled first when the runtime does not have it (bounded by
+        pull_timeout_s); a pull that fails ends the run as the runtime would (125)."""
+        assert callable(warn)
+        if _wait([*self.runtime, "image", "inspect", "--format", "{{.Id}}", image], 120.0,
+                 quiet=True) == 0:
+            return
+        warn(f"{image} is not here: pulling it (for at most {self.pull_timeout_s:g} s)")
+        code = _wait([*self.runtime, "pull", image], self.pull_timeout_s)
+        if code is None:
+            warn(f"Error: pulling {image} took longer than pull_timeout_s "
+                 f"({self.pull_timeout_s:g} s)")
+            os._exit(125)
+        if code != 0:
+            warn(f"Error: cannot pull {image} (the runtime's exit {code})")
+            os._exit(125)
 
     def _save_state(self) -> None:
         try:
@@ -499,7 +543,8 @@ class Keeper:
 
     def _next_deadline(self) -> float | None:
         now = _now()
-        times = [t for t in (self.grace_until, self.stopping_until) if t is not None]
+        times = [t for t in (self.grace_until, self.stopping_until, self.helper_until)
+                 if t is not None]
         if self.alone_since is not None and self.unattended_s > 0:
             times.append(self.alone_since + self.unattended_s)
         if self.stopping_until is not None:
@@ -508,11 +553,25 @@ class Keeper:
 
     def _timers(self) -> None:
         now = _now()
+        if self.helper_until is not None and now >= self.helper_until and self.helper_pid:
+            self._log(f"`{self.runtime[0]} {self.helper_args[0]}` of {self.container} did not "
+                      "end in time: killed")
+            try:
+                os.killpg(self.helper_pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.helper_until = None
         if self.stopping_until is not None:
             if self._all_gone():
                 self._finish()
             elif now >= self.stopping_until:
                 self._kill_all(signal.SIGKILL)
+            elif self.container is not None and self.exit is None and not self._termed \
+                    and not self._helpers_busy():
+                # the runtime stopped what it could, and the CLI is still there (it was still
+                # pulling or creating): it passes the signal on, or ends with it
+                self._termed = True
+                self._signal_group(signal.SIGTERM)
             return
         if self.grace_until is not None and now >= self.grace_until:
             self._log(f"no lease for {self.grace_s:g}s: stopping the model")
@@ -533,20 +592,106 @@ class Keeper:
                 return
             if pid == 0:
                 return
-            if pid == self.pid and self.exit is None:
+            if pid == self.helper_pid:
+                self._helper_done(status)
+            elif pid == self.pid and self.exit is None:
                 self.exit = _exit_of(status)
-                if self.stopping_until is None:  # not asked for: say so (a stop's reply does)
-                    if self.client is None:  # (an attached supervisor says it itself)
-                        self._log(f"engine pid {pid} ended ({_describe(self.exit)}) while no "
-                                  "supervisor was attached")
-                    self._send({"op": "exited", "exit": self.exit, "pid": pid})
+                self._drain_output()
+                said = {"op": "exited", "exit": self.exit, "pid": pid, "tail": self.tail}
+                if self.container is not None:  # the container may outlive its CLI: removed
+                    self._teardown(0.0 if self._fast else self.stop_timeout_s)
+                    if self.stopping_until is None:
+                        self._exit_unsent = said  # said once the container is gone
+                elif self.stopping_until is None:  # not asked for: say so (a stop's reply does)
+                    self._say_exit(said)
+
+    def _say_exit(self, said: dict[str, object]) -> None:
+        if self.client is None:  # (an attached supervisor says it itself)
+            self._log(f"engine pid {said['pid']} ended ({_describe(self.exit or {})}) while no "
+                      "supervisor was attached")
+        self._send(said)
+
+    # --- the container -----------------------------------------------------------------------
+
+    def _helpers_busy(self) -> bool:
+        return bool(self.helper_pid or self.helpers)
+
+    def _teardown(self, timeout_s: float) -> None:
+        """Stop the container (its stop signal, SIGKILL after `timeout_s`), then remove it:
+        queued once until done (a CLI that ends while it runs needs no second one)."""
+        if self._teardown_queued or self.container is None:
+            return
+        self._teardown_queued = True
+        t = max(0, math.ceil(timeout_s))
+        self.helpers += [(["stop", "-t", str(t), self.container], t + 15.0, 0),
+                         (["rm", "-f", self.container], 30.0, 0)]
+        self._helper_next()
+
+    def _helper_next(self) -> None:
+        while not self.helper_pid and self.helpers:
+            args, timeout, sig = self.helpers.pop(0)
+            out = os.path.join(self.dir, "runtime.out")
+            try:
+                pid = os.posix_spawnp(self.runtime[0], [*self.runtime, *args], os.environ,
+                                      file_actions=[
+                                          (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                          (os.POSIX_SPAWN_OPEN, 1, out,
+                                           os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                                          (os.POSIX_SPAWN_DUP2, 1, 2)],
+                                      setsid=True, setsigmask=(), setsigdef=(signal.SIGPIPE,))
+            except OSError as exc:
+                self._log(f"cannot run `{self.runtime[0]} {args[0]}` for {self.container}: "
+                          f"{exc.strerror or exc}")
+                if sig and self.exit is None:
+                    self._signal_group(sig)
+                continue
+            self.helper_pid, self.helper_args, self.helper_sig = pid, args, sig
+            self.helper_until = _now() + timeout
+        if not self._helpers_busy() and self._teardown_queued:
+            self._teardown_queued = False
+            self._removed = self.exit is not None
+            if self._exit_unsent is not None:
+                said, self._exit_unsent = self._exit_unsent, None
+                if self.stopping_until is None:
+                    self._say_exit(said)
+
+    def _helper_done(self, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        args, sig = self.helper_args, self.helper_sig
+        self.helper_pid, self.helper_until = 0, None
+        if code != 0:
+            try:
+                with open(os.path.join(self.dir, "runtime.out"), "rb") as fh:
+                    said = fh.read(2000).decode("utf-8", "replace").strip()
+            except OSError:
+                said = ""
+            low = said.lower()
+            if "no such container" not in low and "no container with name" not in low:
+                self._log(f"`{self.runtime[0]} {args[0]}` of {self.container}: exit {code}: "
+                          f"{said[-600:]}")
+            if sig and self.exit is None:  # the runtime could not: the CLI passes it on
+                self._signal_group(sig)
+        self._helper_next()
+
+    def _signal_container(self, sig: int) -> int:
+        """A signal for the engine: to the container through the runtime. SIGKILL ends the
+        CLI at once, and its end removes the container without waiting."""
+        if sig == signal.SIGKILL:
+            self._fast = True
+            return self._signal_group(sig)
+        if sig in (signal.SIGCONT, 0):
+            return 1
+        assert self.container is not None
+        self.helpers.append((["kill", "--signal", str(sig), self.container], 15.0, sig))
+        self._helper_next()
+        return 1
 
     def _alive(self) -> list[int]:
         return [p for p in descendants(os.getpid()) if _is_process(p)]
 
     def _all_gone(self) -> bool:
         self._reap()
-        return self.exit is not None and not self._alive()
+        return self.exit is not None and not self._helpers_busy() and not self._alive()
 
     def _signal_group(self, sig: int) -> int:
         """The engine's process group: while its leader lives, by its id; after, each of our
@@ -584,7 +729,15 @@ class Keeper:
         self.grace_until = None
         self.alone_since = None
         self.stopping_until = _now() + max(0.0, timeout_s)
-        self._kill_all(signal.SIGTERM)  # the group, and what escaped it (still below us)
+        if self.container is None:
+            self._kill_all(signal.SIGTERM)  # the group, and what escaped it (still below us)
+            return
+        # the runtime's stop, then its rm (and SIGKILL to what is left when both are overdue)
+        self.stopping_until += 15.0 + 30.0 + 5.0
+        if timeout_s <= 0:
+            self._fast = True
+        if not self._removed:
+            self._teardown(timeout_s)
 
     def _finish(self) -> None:
         self._drain_output()
@@ -652,6 +805,9 @@ class Keeper:
                 line = line[:-1]
         body = b"[" + self.service.encode() + b"] " + line.rstrip(b"\r") + \
             (b" [line cut]" if cut else b"")
+        self.tail.append(line[:500].decode("utf-8", "replace").rstrip("\r"))
+        if len(self.tail) > 8:
+            del self.tail[0]
         if self._unsaid:  # said once it takes lines again, before the next one
             n = self._unsaid
             if not self._emit(f"keeper {self.id} of {self.service}: {n} log "
@@ -828,6 +984,8 @@ class Keeper:
         elif op == "run":
             gen = msg.get("gen")
             left = self._alive() if self.exit is not None else []
+            if self._helpers_busy():
+                left = left or [self.helper_pid]
             if not isinstance(gen, int) or isinstance(gen, bool):
                 self._send({"op": "error", "code": "bad_request",
                             "message": "run needs a generation (gen)"})
@@ -849,7 +1007,9 @@ class Keeper:
         elif op == "signal":
             sig = msg.get("sig")
             if isinstance(sig, int) and not isinstance(sig, bool) and 0 < sig < 65:
-                self._send({"op": "ok", "signalled": self._signal_group(sig)})
+                n = self._signal_container(sig) if self.container is not None \
+                    and self.exit is None else self._signal_group(sig)
+                self._send({"op": "ok", "signalled": n})
             else:
                 self._send({"op": "error", "code": "bad_request",
                             "message": "signal needs a signal number"})
@@ -866,7 +1026,8 @@ class Keeper:
                 "exited" if self.exit is not None else "running",
                 "exit": self.exit, "lease": self.lease is not None,
                 "dropped_lines": self.dropped, "grace_s": self.grace_s,
-                "unattended_s": self.unattended_s, "stop_timeout_s": self.stop_timeout_s}
+                "unattended_s": self.unattended_s, "stop_timeout_s": self.stop_timeout_s,
+                "container": self.container}
 
     # --- the lease ---------------------------------------------------------------------------
 
@@ -946,6 +1107,29 @@ class _Err:
             return False
         except OSError:
             return True  # gone: nobody reads it; not a drop to count
+
+
+def _wait(argv: list[str], timeout_s: float, quiet: bool = False
+          ) -> int | None:  # pragma: no cover - in the engine's child, before its exec
+    """Run a command and wait for it (at most `timeout_s`: then it is killed, None)."""
+    actions = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+               (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)] if quiet else []
+    try:
+        pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions)
+    except OSError as exc:
+        os.write(2, f"llm-supervisor keeper: Error: cannot run {argv[0]!r}: "
+                    f"{exc.strerror or exc}\n".encode())
+        return 127
+    deadline = _now() + timeout_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if _now() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.1)
 
 
 def _read(fd: int, size: int) -> bytes | None:

@@ -258,6 +258,9 @@ class Daemon:
             if found:
                 log.warning("stopped processes left by an earlier run: %s", ", ".join(found))
             adoptable = await spawner.adopt()  # the models an earlier daemon left running
+            # containers of this state directory that no keeper holds now: a dead run's
+            await spawner.keepers.sweep_containers(
+                {run.runtime for p in plans if (run := p.container_run()) is not None})
             if systemd is not None and (gone := systemd.leftover()):
                 log.info("dropped %d lease(s) of keepers gone meanwhile from the fd store",
                          len(gone))

@@ -21,7 +21,13 @@ class StartupError(SupervisorError):
 
 
 class SpawnError(SupervisorError):
-    """A service's process could not be launched (missing binary, bad user, ...)."""
+    """A service's process could not be launched (missing binary, bad user, ...). `refused`:
+    retrying cannot help until someone acts (a container runtime that is not installed), so
+    the start fails instead of backing off."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class SensorError(SupervisorError):

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import containers as C
 from . import procs as P
 from .errors import SpawnError
 from .logs import LogLimiter
@@ -84,6 +85,8 @@ class Spec(Protocol):
     def stop_timeout_s(self) -> float: ...
     @property
     def digest(self) -> str: ...
+    @property
+    def container(self) -> C.ContainerRun | None: ...
 
 
 @dataclass(frozen=True)
@@ -95,10 +98,20 @@ class KeptLaunch:
     port: int | None
     digest: str
     launch_id: str
+    # its container's runtime (with its global flags), for removing what a dead keeper left
+    runtime: tuple[str, ...] = ()
 
     def doc(self) -> dict[str, Any]:
-        return {"keeper_id": self.keeper_id, "service": self.service, "port": self.port,
-                "digest": self.digest, "launch": self.launch_id}
+        doc: dict[str, Any] = {"keeper_id": self.keeper_id, "service": self.service,
+                               "port": self.port, "digest": self.digest,
+                               "launch": self.launch_id}
+        if self.runtime:
+            doc["runtime"] = list(self.runtime)
+        return doc
+
+    @property
+    def container(self) -> str | None:
+        return C.name_of(self.keeper_id) if self.runtime else None
 
     @classmethod
     def from_doc(cls, doc: object) -> KeptLaunch | None:
@@ -108,8 +121,11 @@ class KeptLaunch:
             port = doc["port"]
             if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
                 return None
+            runtime = doc.get("runtime", [])
+            if not isinstance(runtime, list) or not all(isinstance(a, str) for a in runtime):
+                return None
             return cls(str(doc["keeper_id"]), str(doc["service"]), port, str(doc["digest"]),
-                       str(doc["launch"]))
+                       str(doc["launch"]), tuple(runtime))
         except KeyError:
             return None
 
@@ -265,6 +281,7 @@ class KeptProcess:
         # engine's end is seen through a pidfd, its status from the stop's reply if any)
         self.outdated = outdated
         self._stop_sent = False
+        self.tail: list[str] = []  # the last lines of output of the run that ended
         self._new_run(snap)
         link.on_event(self._event)
         link.closed.add_done_callback(lambda _f: self._keeper_gone())
@@ -308,6 +325,9 @@ class KeptProcess:
             return
         if doc.get("op") != "exited":
             return
+        tail = doc.get("tail")
+        if isinstance(tail, list):  # the last lines it wrote (a runtime's refusal)
+            self.tail = [str(x)[:1000] for x in tail[-8:]]
         pid = doc.get("pid")
         if isinstance(pid, int) and pid != self.pid:
             self._early[pid] = _code(doc.get("exit"))  # a run not known here yet
@@ -505,6 +525,7 @@ class Keepers:
         self._dead: list[tuple[Path, bool]] = []  # keepers found dead at the adoption
         self._ending: set[str] = set()  # keepers the daemon stopped or killed itself
         self._removing: set[asyncio.Future[None]] = set()  # directories being removed
+        self._dead_containers: list[tuple[tuple[str, ...], str]] = []
         self.closing = False
 
     def _dir(self) -> Path:
@@ -525,6 +546,12 @@ class Keepers:
         fut = asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, path, True)
         self._removing.add(fut)
         fut.add_done_callback(self._removing.discard)
+
+    @property
+    def state_label(self) -> str:
+        """The state directory its containers are labelled with (a later supervisor on the
+        same directory removes what a dead run of it left, and nothing else)."""
+        return str(self.base.parent) if self.base is not None else str(self._dir())
 
     def _prepare(self, record: KeptLaunch) -> Path:
         """A new keeper's directory, with our record of its launch. Blocking."""
@@ -554,7 +581,10 @@ class Keepers:
         elif idle is not None:
             await self._stop_keeper(idle, 0.0)
         keeper_id = f"{spec.service}-{secrets.token_hex(4)}"
-        record = KeptLaunch(keeper_id, spec.service, port, record_digest, "1")
+        run = spec.container
+        argv = spec.argv
+        record = KeptLaunch(keeper_id, spec.service, port, record_digest, "1",
+                            run.runtime if run is not None else ())
         kdir = await asyncio.to_thread(self._prepare, record)  # (file system: off the loop)
         env = {**env, **marker(keeper_id, record.launch_id)}
         cpus = ",".join(str(c) for c in spec.cpus) if spec.cpus else "-"
@@ -564,15 +594,21 @@ class Keepers:
                        "--unattended", f"{self.unattended_s:g}",
                        "--stop-timeout", f"{stop_timeout_s:g}", "--cpus", cpus,
                        "--mem-node", mem, "--creds", creds, "--log-format", self.log_format]
+        if run is not None:  # named and labelled after its keeper; stopped and removed by it
+            argv = run.argv(spec.service, keeper_id, self.state_label)
+            keeper_args += ["--container", C.name_of(keeper_id),
+                            "--runtime", json.dumps(list(run.runtime))]
+            if run.pull:
+                keeper_args += ["--pull", run.image, "--pull-timeout", f"{run.pull_timeout_s:g}"]
         if self.systemd is not None:
-            return await self._launch_unit(spec, record, kdir, keeper_args, env)
+            return await self._launch_unit(spec, record, kdir, keeper_args, env, argv=argv)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         lease_r, lease_w = os.pipe()
         link = Link(ours, keeper_id)
         started = link.expect()
         try:
             args = [sys.executable, "-I", "-S", "-c", _START.format(pkg=str(_PKG)),
-                    *keeper_args, "--lease-fd", "3", "--client-fd", "4", "--", *spec.argv]
+                    *keeper_args, "--lease-fd", "3", "--client-fd", "4", "--", *argv]
             pid = _spawn_keeper(args, env, lease_r, theirs.fileno(), self.output_fd)
         except OSError as exc:
             link.close()
@@ -597,14 +633,15 @@ class Keepers:
         return proc
 
     async def _launch_unit(self, spec: Spec, record: KeptLaunch, kdir: Path,
-                           keeper_args: list[str], env: dict[str, str]) -> KeptProcess:
+                           keeper_args: list[str], env: dict[str, str], *,
+                           argv: tuple[str, ...]) -> KeptProcess:
         """Under systemd: the keeper in a transient unit of its own (started by PID 1: it
         inherits nothing of ours), then connected to through its socket and given its lease
         (parked in the file descriptor store too)."""
         assert self.systemd is not None
         unit = unit_of(record.keeper_id)
         args = [sys.executable, "-I", "-S", "-c", _START.format(pkg=str(_PKG)), *keeper_args,
-                "--", *spec.argv]
+                "--", *argv]
         try:
             await self.systemd.start_unit(unit, f"llm-supervisor keeper of {spec.service}",
                                           args, env, spec.stop_timeout_s)
@@ -705,7 +742,33 @@ class Keepers:
             if self.systemd is not None:
                 self.systemd.forget(lease_name(k.record.keeper_id))
         k.link.close()
-        self._remove(k.dir)
+        if k.record.runtime:
+            self._track(self._container_after(k))
+        else:
+            self._remove(k.dir)
+
+    def _track(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._removing.add(task)
+        task.add_done_callback(self._removing.discard)
+
+    async def _container_after(self, k: _Keeper) -> None:
+        """A keeper of a container ended: one that ended without writing its exit (killed)
+        did not remove its container; it is removed here. Then its directory goes."""
+        finished = await asyncio.to_thread((k.dir / "exit.json").exists)
+        name = k.record.container
+        if not finished and name is not None:
+            log.warning("%s: keeper %s ended without removing its container %s: removing it",
+                        k.record.service, k.record.keeper_id, name)
+            await C.remove(k.record.runtime, [name], 10.0)
+        await asyncio.to_thread(shutil.rmtree, k.dir, True)
+
+    async def sweep_containers(self, runtimes: set[tuple[str, ...]]) -> list[str]:
+        """At start, after the adoption: remove the containers labelled with this state
+        directory whose keeper is not one of ours now (a dead run's)."""
+        if not runtimes:
+            return []
+        return await C.sweep(sorted(runtimes), self.state_label, set(self._all))
 
     def released(self, proc: KeptProcess, keep: bool) -> None:
         k = self._all.get(proc.keeper_id)
@@ -900,6 +963,8 @@ class Keepers:
                 finally:
                     os.close(fd)
         self._dead.append((kdir, real or record is not None))
+        if record is not None and record.container is not None:
+            self._dead_containers.append((record.runtime, record.container))
 
     async def _bury(self, dead: list[tuple[Path, bool]]) -> None:
         if not dead:
@@ -932,6 +997,15 @@ class Keepers:
         finally:
             for x in left:
                 os.close(x.pidfd)
+        by_runtime: dict[tuple[str, ...], list[str]] = {}
+        for runtime, name in self._dead_containers:
+            if C.keeper_of(name) in names:
+                by_runtime.setdefault(runtime, []).append(name)
+        self._dead_containers = []
+        for runtime, cnames in by_runtime.items():
+            log.warning("removing the container(s) of keepers that did not answer: %s",
+                        ", ".join(cnames))
+            await C.remove(runtime, cnames, 10.0)
         for kdir, _ in dead:
             await asyncio.to_thread(shutil.rmtree, kdir, True)
 
@@ -1036,6 +1110,7 @@ class _AdoptedSpec:
     port: int | None = None
     stop_timeout_s: float = 10.0
     digest: str = ""
+    container: C.ContainerRun | None = None
 
 
 def keeper_args(pid: int) -> dict[str, str]:

@@ -142,6 +142,7 @@ class Kill:
 class Launched:
     gen: int
     error: str | None = None  # the launch failed
+    refused: bool = False  # ... and trying again cannot help until someone acts: failed
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,9 @@ class Exited:
     gen: int
     code: int
     group_alive: bool  # the main process left children in its group
+    # the container runtime refused to run it (its words): while starting, the start fails
+    # (the same command would be refused again)
+    refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -379,6 +383,9 @@ class _Step:
                 self.launch("start requested during the stop")
                 return
             reason = pending  # a stop for a cause, or what an exit left behind (its policy)
+        elif self.m.fail_after is not None:  # refused by its container runtime
+            self.fail(self.m.fail_after)
+            return
         else:
             reason = self.exit_reason(code)  # it ended by itself while starting or ready
             self.do(Note(f"process {desc}"))
@@ -539,7 +546,10 @@ def _launched(st: _Step, ev: Launched) -> None:
     if ev.error is not None:
         st.set(running=False, last_exit=f"launch failed: {ev.error}")
         st.do(Note(f"launch failed: {ev.error}"))
-        st.after_exit(RestartReason.EXIT)
+        if ev.refused:
+            st.fail(f"launch failed: {ev.error}")
+        else:
+            st.after_exit(RestartReason.EXIT)
         return
     if st.r.health:
         st.do(SetTimer("startup", st.r.startup_timeout_s), StartHealth(st.m.gen))
@@ -551,6 +561,8 @@ def _exited(st: _Step, ev: Exited) -> None:
     desc = describe_exit(ev.code)
     st.set(exited=True, exit_code=ev.code, last_exit=desc)
     st.do(StopHealth())
+    if ev.refused is not None and st.m.state is State.STARTING:
+        st.set(fail_after=ev.refused, last_exit=f"{desc}: {ev.refused}")
     if st.m.state is not State.STOPPING:
         st.set(pending=st.exit_reason(ev.code))
         if ev.group_alive:  # it left children behind: stop them before anything else

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from .config import GIB, Config, ServiceConfig, normalize_pci_bus_id
+from .containers import ContainerRun, gpu_options, run_options
 from .errors import ConfigError
 from .sensors.base import GpuInfo
 from .topology import Topology, format_cpulist
@@ -59,6 +61,23 @@ class ServicePlan:
         vals = self.values(port)
         return tuple(substitute(a, vals) for a in self.config.command)
 
+    def container_run(self, port: int | None = None) -> ContainerRun | None:
+        """The container that runs the service (None: it runs as a process of its own)."""
+        c = self.config.container
+        if c is None:
+            return None
+        vals = self.values(port)
+        vendor = self.gpus[0].vendor if self.gpus else None
+        gpu = gpu_options(c, vendor, [g.uuid for g in self.gpus],
+                          [d for g in self.gpus for d in g.devices])
+        opts = run_options(c, env_keys=dict(self.env), gpu=gpu, cpus=self.cpus,
+                           mem_node=self.numa_node if self.bind_memory else None,
+                           stop_signal=self.config.stop.signal,
+                           stop_timeout_s=self.config.stop.timeout_s,
+                           run_args=tuple(substitute(a, vals) for a in c.run_args))
+        return ContainerRun((c.runtime, *(substitute(a, vals) for a in c.runtime_args)), opts,
+                            c.image, self.argv(port), c.pull == "missing", c.pull_timeout_s)
+
     def health_url(self, port: int | None = None) -> str | None:
         url = self.config.health.url
         return None if url is None else substitute(url, self.values(port))
@@ -87,13 +106,19 @@ def _find_gpu(ref: int | str, gpus: list[GpuInfo]) -> GpuInfo | None:
     return None
 
 
-def _pinning_env(gpus: tuple[GpuInfo, ...]) -> list[tuple[str, str]]:
+def _pinning_env(gpus: tuple[GpuInfo, ...], in_container: bool = False
+                 ) -> list[tuple[str, str]]:
     if not gpus:
         return []
     if gpus[0].vendor == "amd":
-        # ROCR selects the physical devices; HIP then indexes within what ROCR exposes.
+        # ROCR selects the physical devices; HIP then indexes within what ROCR exposes. In a
+        # container only the service's cards are there: a card pinned by its host index (no
+        # unique id) is found by its place among them
+        pins = [g.pin_token for g in gpus]
+        if in_container and any(g.pin for g in gpus):
+            pins = [str(i) for i in range(len(gpus))]
         return [
-            ("ROCR_VISIBLE_DEVICES", ",".join(g.pin_token for g in gpus)),
+            ("ROCR_VISIBLE_DEVICES", ",".join(pins)),
             ("HIP_VISIBLE_DEVICES", ",".join(str(i) for i in range(len(gpus)))),
         ]
     return [
@@ -156,7 +181,12 @@ def plan_service(  # noqa: PLR0917
                 notes.append(f"NUMA node {node} has no memory: memory not bound")
     env = list(svc.env)
     names = {k for k, _ in env}
-    for key, value in _pinning_env(tuple(chosen)):
+    if svc.container is not None:
+        for g in chosen:
+            if g.vendor == "amd" and not g.devices:
+                problems.append(f"service[{i}].gpus: GPU{g.index} ({g.uuid}) has no render "
+                                "node in /sys/class/drm: it cannot be given to a container")
+    for key, value in _pinning_env(tuple(chosen), svc.container is not None):
         if key in names:
             notes.append(f"env.{key} set in the config overrides the GPU pinning")
         else:
@@ -245,7 +275,17 @@ def render_plan(cfg: Config, gpus: list[GpuInfo], plans: list[ServicePlan],
         cpus = format_cpulist(p.cpus) if p.cpus else "any"
         numa = "none" if p.numa_node is None else str(p.numa_node)
         out.append(f"  {svc.name}")
-        out.append(f"    command  {' '.join(p.argv())}")
+        run = p.container_run()
+        if run is None:
+            out.append(f"    command  {' '.join(p.argv())}")
+        else:
+            pull = svc.container.pull if svc.container is not None else "never"
+            out.append(f"    image    {run.image} (pull {pull})")
+            out.append("    run      " + shlex.join(run.argv(
+                svc.name, f"{svc.name}-XXXXXXXX", cfg.supervisor.state_dir)))
+            if p.env:  # (their values are the CLI's environment: not shown, they may be keys)
+                out.append("    env      " + " ".join(k for k, _ in p.env)
+                           + " (-e KEY: from the runtime's environment)")
         out.append(f"    gpus     {gpu_text}")
         out.append(f"    numa     {numa} (cpus {cpus}, memory "
                    f"{'bound' if p.bind_memory else 'not bound'})")

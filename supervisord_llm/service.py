@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from . import lifecycle as L
+from .containers import RUNTIME_EXITS, refusal
 from .errors import SpawnError
 from .health import ProbeKind, ProbeResult
 from .keep import digest
@@ -139,11 +141,16 @@ def launch_spec(plan: ServicePlan, gen: int, port: int | None,
     two daemons with the same service configuration, whatever their own environment)."""
     argv, cpus = plan.argv(port), plan.cpus
     mem = plan.numa_node if plan.bind_memory else None
+    run = plan.container_run(port)
+    if run is not None:  # the pinning is the container's flags; the runtime runs unpinned
+        argv, cpus, mem = run.argv(plan.config.name, f"{plan.config.name}-XXXXXXXX", ""), None, None
     return LaunchSpec(
         service=plan.config.name, argv=argv, env=plan.environment(base_env, port), cpus=cpus,
         mem_node=mem, user=plan.config.user, gen=gen, port=port,
         stop_timeout_s=plan.config.stop.timeout_s,
-        digest=digest(argv, plan.environment({}, port), cpus, mem, plan.config.user))
+        digest=digest(argv if run is None else (json.dumps(run.key()),),
+                      plan.environment({}, port), cpus, mem, plan.config.user),
+        container=run)
 
 
 class ServiceActor:
@@ -470,7 +477,7 @@ class ServiceActor:
             proc = await self._spawner.launch(spec)
         except SpawnError as exc:
             self.proc = None
-            return L.Launched(gen, str(exc))
+            return L.Launched(gen, str(exc), refused=exc.refused)
         except OSError as exc:  # out of descriptors, or memory: a failed launch, not a bug
             self.proc = None
             return L.Launched(gen, f"cannot launch: {exc.strerror or exc}")
@@ -498,7 +505,11 @@ class ServiceActor:
 
     async def _watch(self, gen: int, proc: KeptProcess) -> None:
         code = await proc.wait()  # the exit itself, even while escaped processes hold the pipe
-        self.post(L.Exited(gen, code, proc.group_alive()))
+        refused = None
+        c = self.plan.config.container
+        if c is not None and code in RUNTIME_EXITS:
+            refused = refusal(c.runtime, proc.tail)
+        self.post(L.Exited(gen, code, proc.group_alive(), refused))
 
     async def _health_loop(self, gen: int, url: str) -> None:
         """A probe at every multiple of the interval (during start-up: of

@@ -36,6 +36,7 @@ from typing import Any
 
 from . import procs as P
 from .config import read_config_file
+from .containers import ContainerRun
 from .errors import ConfigError, SpawnError, StartupError
 from .keep import Adoptable, Keepers, KeptProcess, SystemdHooks
 from .procs import MARK_INSTANCE, MARK_LAUNCH, MARK_SERVICE, read_boot_id
@@ -58,6 +59,7 @@ class LaunchSpec:
     port: int | None = None
     stop_timeout_s: float = 10.0
     digest: str = ""  # what makes two launches the same (keep.digest), for a relaunch/adoption
+    container: ContainerRun | None = None  # run in a container: argv shows it (`--check`)
 
 
 def _user_env(user: str) -> tuple[int, int, dict[str, str]]:
@@ -207,6 +209,9 @@ class Spawner:
             if uid != os.geteuid():
                 creds = f"{uid}:{gid}:{groups}"
         exe = shutil.which(spec.argv[0], path=env.get("PATH", os.defpath))
+        if exe is None and spec.container is not None:
+            raise SpawnError(f"container runtime not found: {spec.argv[0]!r}"
+                             + ("" if "/" in spec.argv[0] else " (not in PATH)"), refused=True)
         if exe is None:
             raise SpawnError(f"command not found: {spec.argv[0]!r}"
                              + ("" if "/" in spec.argv[0] else " (not in PATH)"))

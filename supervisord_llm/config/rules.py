@@ -38,11 +38,13 @@ from .schema import (
     CHECKPOINT_KINDS,
     DEFAULT_METRICS_LISTEN,
     GPU_BACKENDS,
+    GPU_FLAGS,
     LOG_FORMATS,
     ON_CRITICAL,
     POWER_SOURCES,
     PROBE_ENDPOINTS,
     PROBE_KINDS,
+    PULL_POLICIES,
     RESTART_POLICIES,
     START_MODES,
     UPS_RE,
@@ -51,7 +53,9 @@ from .schema import (
     Checkpoint,
     CheckpointKind,
     Config,
+    ContainerSection,
     GateSection,
+    GpuFlag,
     GpuSection,
     HealthSection,
     Listen,
@@ -60,6 +64,7 @@ from .schema import (
     ProbeEndpoint,
     ProbeKind,
     ProbeSection,
+    PullPolicy,
     RestartSection,
     RouterSection,
     ServiceConfig,
@@ -566,6 +571,62 @@ def _restart(t: Table | None) -> RestartSection:
     return RestartSection(policy, initial, maximum, max_restarts, window)
 
 
+# what the supervisor sets on `run` itself (or what would undo its guarantees): refused in
+# run_args, with the key to use instead
+_OURS: Final = {
+    "--name": "the supervisor names each container (llm-<service>-<id>)",
+    "--rm": "the supervisor removes each container itself",
+    "--detach": "the runtime must stay in the foreground: its exit is the engine's",
+    "-d": "the runtime must stay in the foreground: its exit is the engine's",
+    "--pull": "use `pull`",
+    "--restart": "the supervisor restarts the service; a runtime restarting it too would "
+                 "fight it",
+    "--network": "use `network`",
+    "--net": "use `network`",
+    "--replace": "the supervisor removes each container itself",
+}
+_IMAGE_RE: Final = re.compile(r"^[A-Za-z0-9][\x21-\x7e]{0,511}$")
+_NETWORK_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,127}$")
+
+
+def _container(t: Table | None, has_port: bool) -> ContainerSection | None:
+    if t is None:
+        return None
+    image = t.string("image")
+    if isinstance(image, str) and not _IMAGE_RE.match(image):
+        t.error("image", f"must be an image reference (1-512 printable characters without "
+                f"spaces, not starting with `-`), got {short(image)}")
+    runtime = t.string("runtime", "podman")
+    if isinstance(runtime, str) and runtime not in ("podman", "docker") and (
+            not runtime.startswith("/") or any(c.isspace() for c in runtime)):
+        t.error("runtime", f'must be "podman", "docker" or an absolute path to one of them '
+                f"(got {short(runtime)})")
+    runtime_args = t.string_list("runtime_args", ())
+    run_args = t.string_list("run_args", ())
+    if isinstance(run_args, tuple):
+        _placeholders_ok(t, "run_args", run_args, has_port)
+        for i, arg in enumerate(run_args):
+            flag = arg.split("=", 1)[0]
+            if flag in _OURS:
+                t.problems.append(f"{t.key_path('run_args')}[{i}]: {flag} is not for run_args: "
+                                  f"{_OURS[flag]}")
+    if isinstance(runtime_args, tuple):
+        _placeholders_ok(t, "runtime_args", runtime_args, has_port)
+    pull = t.string("pull", "never", choices=PULL_POLICIES)
+    pull_timeout = t.number("pull_timeout_s", 1800.0, above=0, maximum=86400)
+    network = t.string("network", "host")
+    if isinstance(network, str) and not _NETWORK_RE.match(network):
+        t.error("network", f"must be a network name or mode such as host, bridge or "
+                f"slirp4netns (got {short(network)})")
+    gpu_flag = t.string("gpu_flag", None, choices=GPU_FLAGS)
+    t.finish()
+    if not isinstance(image, str):
+        return None
+    return ContainerSection(image, str(runtime), tuple(run_args or ()),
+                            tuple(runtime_args or ()), cast(PullPolicy, pull), pull_timeout,
+                            str(network), cast(GpuFlag | None, gpu_flag))
+
+
 def _stop(t: Table | None) -> StopSection:
     d = StopSection()
     if t is None:
@@ -791,8 +852,12 @@ def _service(t: Table, warnings: list[str], has_router: bool = False) -> Service
     port = t.number("port", None, integer=True, minimum=1, maximum=65535)
     # a port with a problem of its own stands as given for what needs one ({port}, probe...)
     has_port = port is not None or t.failed("port")
-    command = t.string_list("command", allow_empty=False)
-    if isinstance(command, tuple) and command and not command[0].strip():
+    container = _container(t.table("container"), has_port)
+    in_container = container is not None or t.failed("container")
+    command = t.string_list("command", () if in_container else MISSING,
+                            allow_empty=in_container)
+    if isinstance(command, tuple) and command and not command[0].strip() \
+            and not in_container:
         t.error("command", "the program (the first item) must not be empty")
         command = None
     if isinstance(command, tuple):
@@ -826,7 +891,10 @@ def _service(t: Table, warnings: list[str], has_router: bool = False) -> Service
         else:
             t.error("numa", f'must be "auto", "none" or a node number, not {short(raw_numa)}')
     user = t.string("user", None)
-    if isinstance(user, str):
+    if isinstance(user, str) and in_container:
+        t.error("user", "not with [service.container]: the runtime runs as the supervisor; "
+                "give the user inside the image in container.run_args (--user)")
+    elif isinstance(user, str):
         try:
             pwd.getpwnam(user)
         except KeyError:
@@ -873,7 +941,7 @@ def _service(t: Table, warnings: list[str], has_router: bool = False) -> Service
     return ServiceConfig(name, command, port, tuple(gpus), numa, user, tuple(env), health,
                          restart, stop, gate, probe, metrics_url, models,
                          cast(StartMode, start), idle, vram, exclusive,
-                         min_residency_s=residency)
+                         min_residency_s=residency, container=container)
 
 
 def _router(root: Table) -> RouterSection | None:

@@ -25,6 +25,8 @@ CheckpointKind = Literal["http", "command", "signal"]
 ProbeKind = Literal["completion"]
 ProbeEndpoint = Literal["completions", "chat"]
 StartMode = Literal["always", "on-demand"]
+PullPolicy = Literal["never", "missing"]
+GpuFlag = Literal["cdi", "gpus"]
 
 LOG_FORMATS: Final[tuple[str, ...]] = get_args(LogFormat)
 GPU_BACKENDS: Final[tuple[str, ...]] = get_args(GpuBackendName)
@@ -36,6 +38,8 @@ CHECKPOINT_KINDS: Final[tuple[str, ...]] = get_args(CheckpointKind)
 PROBE_KINDS: Final[tuple[str, ...]] = get_args(ProbeKind)
 PROBE_ENDPOINTS: Final[tuple[str, ...]] = get_args(ProbeEndpoint)
 START_MODES: Final[tuple[str, ...]] = get_args(StartMode)
+PULL_POLICIES: Final[tuple[str, ...]] = get_args(PullPolicy)
+GPU_FLAGS: Final[tuple[str, ...]] = get_args(GpuFlag)
 # what the router and the gates forward (exact paths; a trailing `*` matches a prefix): the
 # OpenAI API and what engines serve to its clients. Anything else (an engine's admin and
 # debug endpoints: /slots, /metrics, /reset_prefix_cache, /sleep...) is answered 404.
@@ -239,6 +243,27 @@ class GateSection:
 
 
 @dataclass(frozen=True)
+class ContainerSection:
+    """The service runs in a container (`containers.py`): its `command` is the command in the
+    image, run by `runtime` with the pinning translated into the runtime's flags."""
+
+    image: str
+    runtime: str = "podman"  # podman, docker, or a path to one of them
+    run_args: tuple[str, ...] = ()  # extra arguments to `run` ({port}, {gpu_uuids})
+    runtime_args: tuple[str, ...] = ()  # global flags before `run` (a storage driver)
+    pull: PullPolicy = "never"
+    pull_timeout_s: float = 1800.0
+    network: str = "host"
+    gpu_flag: GpuFlag | None = None  # None: by the runtime (docker: gpus; else cdi)
+
+    @property
+    def flag(self) -> GpuFlag:
+        if self.gpu_flag is not None:
+            return self.gpu_flag
+        return "gpus" if "docker" in self.runtime.rsplit("/", 1)[-1] else "cdi"
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     name: str
     command: tuple[str, ...]
@@ -261,6 +286,7 @@ class ServiceConfig:
     exclusive: bool = False  # its GPUs are for it alone
     # on-demand: once loaded, not stopped to make room for another before this long (0: off)
     min_residency_s: float = 10.0
+    container: ContainerSection | None = None
 
     @property
     def on_demand(self) -> bool:

@@ -404,7 +404,26 @@ class AmdSysfsBackend:
             default_power_limit_w=watts("power1_cap_default"),
             min_power_limit_w=lo if lo else None,
             max_power_limit_w=watts("power1_cap_max"),
-            slowdown_c=slowdown, shutdown_c=shutdown, pin=pin)
+            slowdown_c=slowdown, shutdown_c=shutdown, pin=pin,
+            devices=self._render_nodes(card.pci))
+
+    def _render_nodes(self, pci: str) -> tuple[str, ...]:
+        """The card's render node (`/dev/dri/renderD<N>`), found as the `renderD<N>` of
+        class/drm whose device is the card's PCI slot: what a container needs of it."""
+        try:
+            names = sorted(n for n in os.listdir(self._drm) if n.startswith("renderD"))
+        except OSError:
+            return ()
+        out: list[str] = []
+        for name in names:
+            node = self._drm / name
+            ev = self._uevent(node / "device")
+            slot = ev.get("PCI_SLOT_NAME") or os.path.basename(
+                os.path.realpath(node / "device"))
+            if slot.strip().lower() == pci:
+                devname = self._uevent(node).get("DEVNAME") or f"dri/{name}"
+                out.append(f"/dev/{devname}")
+        return tuple(out)
 
     @staticmethod
     def _node_of_cpulist(device: Path, topo: Topology) -> int:

@@ -38,6 +38,9 @@ class GpuInfo:
     # what *_VISIBLE_DEVICES names it by, when not its UUID (an AMD card without a unique_id
     # is pinned by its ROCm index, from the KFD topology)
     pin: str = ""
+    # the device nodes a container needs for it, beside the vendor's own (an AMD card's
+    # render node, `/dev/dri/renderD128`; NVIDIA GPUs go by CDI or --gpus)
+    devices: tuple[str, ...] = ()
 
     @property
     def pin_token(self) -> str:

@@ -1,0 +1,461 @@
+"""Engines in containers (`[service.container]`), with Debian's podman and an image built here
+from files (llama-server and the libraries `ldd` lists; no registry is reachable): the same
+start, health, gate, router, stop, swap and restart guarantees as a process, and never a
+container left behind. docker has no daemon on these machines: its flags are checked on the
+command line that is built."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import (
+    SIM_UUID,
+    Daemon,
+    base_config,
+    free_port,
+    make_tiny_model,
+    post,
+    require_llama_server,
+    running,
+    wait_until,
+)
+from supervisord_llm import containers as C
+from supervisord_llm.config import parse_config
+from supervisord_llm.plan import ServicePlan
+from supervisord_llm.sensors.base import GpuInfo
+
+pytestmark = pytest.mark.e2e
+
+PODMAN = shutil.which("podman")
+IMAGE = "localhost/llama-tiny:test"
+
+
+def _need_podman() -> str:
+    if PODMAN is None:
+        if os.environ.get("LLM_SUPERVISOR_REQUIRE_E2E") == "1":
+            raise RuntimeError("podman is required (LLM_SUPERVISOR_REQUIRE_E2E=1): "
+                               "apt-get install podman runc (scripts/setup.sh does)")
+        pytest.skip("podman is not installed", allow_module_level=True)
+    return PODMAN
+
+
+class Podman:
+    """podman on storage of the test's own (nothing left in /var/lib/containers), with the
+    flags these machines need (testbed section 6)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.args = ["--root", str(tmp / "root"), "--runroot", str(tmp / "run"),
+                     "--tmpdir", str(tmp / "tmp"), "--runtime", "runc",
+                     "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
+                     "--events-backend", "file"]
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 120
+                 ) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([_need_podman(), *self.args, *args], capture_output=True, text=True,
+                           timeout=timeout, check=False)
+        if check and r.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args)}: {r.returncode} {r.stderr}")
+        return r
+
+    def names(self, label: str | None = None) -> list[str]:
+        filt = ["--filter", f"label={label}"] if label else []
+        out = self("ps", "-a", *filt, "--format", "{{.Names}}").stdout
+        return sorted(n for n in out.split() if n)
+
+    def inspect(self, name: str) -> dict[str, Any]:
+        doc: list[dict[str, Any]] = json.loads(self("inspect", name).stdout)
+        return doc[0]
+
+    def build_image(self, binary: str) -> None:
+        """llama-server and its libraries as a rootfs, imported as an image."""
+        root = self.tmp / "rootfs"
+        (root / "bin").mkdir(parents=True)
+        shutil.copy(binary, root / "bin" / "llama-server")
+        ldd = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+        for line in ldd.splitlines():
+            for part in line.split():
+                if part.startswith("/"):
+                    dest = root / part.lstrip("/")
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(part, dest)  # (the library the link names)
+        with subprocess.Popen(["tar", "-C", str(root), "-c", "."],
+                              stdout=subprocess.PIPE) as tar:
+            r = subprocess.run([_need_podman(), *self.args, "import", "-", IMAGE],
+                               stdin=tar.stdout, capture_output=True, text=True, timeout=120,
+                               check=False)
+        assert r.returncode == 0, r.stderr
+        shutil.rmtree(root)
+
+    def clean(self) -> None:
+        """Every container of this storage, then the storage itself."""
+        self("rm", "-a", "-f", "-t", "0", check=False)
+        r = subprocess.run(["mount"], capture_output=True, text=True, check=False)
+        for line in r.stdout.splitlines():  # (vfs mounts nothing, but a shm may be left)
+            where = line.split(" on ", 1)[-1].split(" type ", 1)[0]
+            if where.startswith(str(self.tmp)):
+                subprocess.run(["umount", "-l", where], check=False)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
+    _need_podman()
+    binary = require_llama_server()
+    pm = Podman(tmp_path_factory.mktemp("podman"))
+    # what podman makes for itself whatever its storage (a blob cache, a networks run
+    # directory): removed after, when it was not there before
+    system = [Path(p) for p in ("/var/lib/containers", "/run/containers")]
+    made = [p for p in system if not p.exists()]
+    try:
+        pm.build_image(binary)
+        yield pm
+    finally:
+        pm.clean()
+        for p in made:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+def boxed(pm: Podman, model: Path, name: str = "boxed", **extra: Any) -> dict[str, Any]:
+    """llama-server in a container, on the host's network."""
+    container = {"image": IMAGE, "runtime_args": pm.args,
+                 "run_args": ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+                              "-v", f"{model}:/model.gguf:ro"],
+                 **extra.pop("container", {})}
+    svc: dict[str, Any] = {
+        "name": name,
+        "command": ["/bin/llama-server", "-m", "/model.gguf", "--host", "127.0.0.1",
+                    "--port", "{port}", "-c", "512", "-t", "1", "--no-webui"],
+        "port": free_port(),
+        "container": container,
+        "health": {"interval_s": 0.5, "timeout_s": 0.5, "failures": 3, "startup_timeout_s": 60},
+        "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "max_restarts": 10,
+                    "window_s": 60},
+        "stop": {"timeout_s": 5},
+    }
+    svc.update(extra)
+    return svc
+
+
+def _ours(d: Daemon) -> str:
+    return f"{C.LABEL_STATE}={d.doc['supervisor']['state_dir']}"
+
+
+def _chat(port: int) -> dict[str, Any]:
+    raw = post(port, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 4})
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), raw[:500]
+    doc: dict[str, Any] = json.loads(body)
+    return doc
+
+
+def _cli_pid(d: Daemon, name: str) -> int:
+    pid: int = d.service(name)["pid"]
+    assert pid and "podman" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    return pid
+
+
+def _engine_pid(port: int) -> int:
+    """The llama-server of the container on `port`, as the host sees it."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd[0] == b"/bin/llama-server" and str(port).encode() in cmd:
+                return int(entry)
+    raise AssertionError(f"no llama-server on port {port}")
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def _plan(doc: str, gpus: list[GpuInfo], cpus: tuple[int, ...] | None = None,
+          node: int | None = None) -> ServicePlan:
+    from supervisord_llm.plan import _pinning_env
+
+    svc = parse_config(doc).services[0]
+    env = (*svc.env, *_pinning_env(tuple(gpus), True))
+    return ServicePlan(svc, tuple(gpus), node, cpus, node is not None, env, ())
+
+
+def _gpu(i: int, vendor: str = "nvidia", devices: tuple[str, ...] = ()) -> GpuInfo:
+    return GpuInfo(i, SIM_UUID.format(i), "x", f"00000000:{0x41 + i:02x}:00.0", vendor, 0,
+                   None, None, None, None, None, None, devices=devices)
+
+
+def test_the_run_line_carries_the_pinning() -> None:
+    doc = """
+[[service]]
+name = "vllm"
+port = 8000
+command = ["--model", "Qwen/Qwen2.5-7B", "--port", "{port}"]
+env = { HF_TOKEN = "secret" }
+[service.container]
+image = "docker.io/vllm/vllm-openai:v0.11.0"
+run_args = ["--ipc=host", "-v", "/srv/hf:/root/.cache/huggingface"]
+"""
+    run = _plan(doc, [_gpu(0), _gpu(1)], (0, 1, 2, 3), 0).container_run()
+    assert run is not None
+    argv = run.argv("vllm", "vllm-1a2b3c4d", "/var/lib/llm-supervisor")
+    assert argv[:5] == ("podman", "run", "--rm", "--name", "llm-vllm-1a2b3c4d")
+    text = " ".join(argv)
+    assert f"--device nvidia.com/gpu={SIM_UUID.format(0)} " \
+           f"--device nvidia.com/gpu={SIM_UUID.format(1)}" in text
+    assert "--cpuset-cpus 0-3 --cpuset-mems 0" in text
+    assert "-e HF_TOKEN -e CUDA_VISIBLE_DEVICES -e CUDA_DEVICE_ORDER" in text
+    assert "secret" not in text  # by name: the value stays in the CLI's environment
+    assert f"--label {C.LABEL_KEEPER}=vllm-1a2b3c4d" in text
+    assert f"--label {C.LABEL_STATE}=/var/lib/llm-supervisor" in text
+    assert "--network host --stop-signal SIGTERM --stop-timeout 30" in text
+    assert text.endswith("--ipc=host -v /srv/hf:/root/.cache/huggingface "
+                         "docker.io/vllm/vllm-openai:v0.11.0 --model Qwen/Qwen2.5-7B "
+                         "--port 8000")
+    # docker's own flag: one device plain, several quoted as one CSV field
+    docker = doc.replace('[service.container]', '[service.container]\nruntime = "docker"')
+    run = _plan(docker, [_gpu(0)]).container_run()
+    assert run is not None and run.options[run.options.index("--gpus") + 1] \
+        == f"device={SIM_UUID.format(0)}"
+    run = _plan(docker, [_gpu(0), _gpu(1)]).container_run()
+    assert run is not None and run.options[run.options.index("--gpus") + 1] \
+        == f'"device={SIM_UUID.format(0)},{SIM_UUID.format(1)}"'
+    cdi = docker.replace('runtime = "docker"', 'runtime = "docker"\ngpu_flag = "cdi"')
+    run = _plan(cdi, [_gpu(0)]).container_run()
+    assert run is not None and "--gpus" not in run.options \
+        and f"nvidia.com/gpu={SIM_UUID.format(0)}" in run.options
+
+
+def test_an_amd_card_goes_in_as_kfd_and_its_render_node() -> None:
+    doc = """
+[[service]]
+name = "rocm"
+command = ["serve"]
+[service.container]
+image = "docker.io/rocm/vllm:latest"
+"""
+    gpu = GpuInfo(0, "GPU-2f987739463f9020", "RX", "0000:0f:00.0", "amd", -1, None, None,
+                  None, None, None, None, devices=("/dev/dri/renderD128",))
+    run = _plan(doc, [gpu]).container_run()
+    assert run is not None
+    assert " ".join(run.options).startswith(
+        "--pull never --network host --stop-signal SIGTERM --stop-timeout 30 "
+        "--device /dev/kfd --device /dev/dri/renderD128 -e ROCR_VISIBLE_DEVICES")
+    # a card pinned by its host index is, in the container, the first of its cards
+    indexed = GpuInfo(0, "AMD-0000:0f:00.0", "RX", "0000:0f:00.0", "amd", -1, None, None,
+                      None, None, None, None, pin="3", devices=("/dev/dri/renderD129",))
+    from supervisord_llm.plan import _pinning_env
+    assert dict(_pinning_env((indexed,), True))["ROCR_VISIBLE_DEVICES"] == "0"
+    assert dict(_pinning_env((indexed,), False))["ROCR_VISIBLE_DEVICES"] == "3"
+
+
+def test_check_prints_the_exact_run_line(tmp_path: Path) -> None:
+    doc = base_config(tmp_path, [{
+        "name": "vllm", "port": 8123, "gpus": [1], "numa": "none",
+        "command": ["--model", "m", "--port", "{port}"],
+        "env": {"HF_TOKEN": "hush"},
+        "container": {"image": "docker.io/vllm/vllm-openai:v0.11.0",
+                      "runtime_args": ["--storage-driver", "vfs"], "pull": "missing"}}])
+    cfg = tmp_path / "config.toml"
+    from helpers import toml_dumps
+    cfg.write_text(toml_dumps(doc))
+    r = subprocess.run([sys.executable, "-m", "supervisord_llm", "--config", str(cfg),
+                        "--check"], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    state = doc["supervisor"]["state_dir"]
+    assert "    image    docker.io/vllm/vllm-openai:v0.11.0 (pull missing)" in r.stdout
+    assert (f"    run      podman --storage-driver vfs run --rm --name llm-vllm-XXXXXXXX "
+            f"--label {C.LABEL_SERVICE}=vllm --label {C.LABEL_KEEPER}=vllm-XXXXXXXX "
+            f"--label {C.LABEL_STATE}={state} --pull never --network host "
+            f"--stop-signal SIGTERM --stop-timeout 30 --device "
+            f"nvidia.com/gpu={SIM_UUID.format(1)} -e HF_TOKEN -e CUDA_VISIBLE_DEVICES "
+            f"-e CUDA_DEVICE_ORDER docker.io/vllm/vllm-openai:v0.11.0 --model m --port 8123"
+            ) in r.stdout, r.stdout
+    assert "hush" not in r.stdout
+
+
+def test_bad_container_sections_are_named(tmp_path: Path) -> None:
+    from supervisord_llm.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        parse_config("""
+[[service]]
+name = "a"
+user = "root"
+[service.container]
+image = "-x"
+runtime = "crun"
+run_args = ["--name=mine", "-d", "--restart", "always", "--network=bridge"]
+pull = "always"
+""")
+    text = str(err.value)
+    for part in ("service[0].container.image: must be an image reference",
+                 'service[0].container.runtime: must be "podman", "docker" or an absolute',
+                 "service[0].container.run_args[0]: --name is not for run_args",
+                 "service[0].container.run_args[1]: -d is not for run_args",
+                 "service[0].container.run_args[2]: --restart is not for run_args",
+                 "service[0].container.run_args[4]: --network is not for run_args: use "
+                 "`network`",
+                 "service[0].container.pull: must be one of never, missing",
+                 "service[0].user: not with [service.container]"):
+        assert part in text, text
+    # without a container, a command is still required
+    with pytest.raises(ConfigError, match=r"service\[0\].command: required key is missing"):
+        parse_config('[[service]]\nname = "a"\n')
+
+
+# --- with podman ------------------------------------------------------------------------------
+
+
+def test_a_container_serves_stops_swaps_and_restarts(tmp_path: Path, podman: Podman,
+                                                     model: Path) -> None:
+    router = free_port()
+    svc = boxed(podman, model, numa=0, models=["tiny"],
+                gate={"listen": f"127.0.0.1:{free_port()}", "swap_port": free_port()},
+                container={"pull": "missing"})
+    doc = base_config(tmp_path, [svc], router={"listen": f"127.0.0.1:{router}"})
+    with running(tmp_path, doc) as d:
+        s = d.wait_state("boxed", "ready", 60)
+        names = podman.names(_ours(d))
+        assert len(names) == 1 and names[0].startswith("llm-boxed-")
+        # the pinning, read back from the runtime
+        info = podman.inspect(names[0])
+        cpus = Path("/sys/devices/system/node/node0/cpulist").read_text().strip()
+        assert info["HostConfig"]["CpusetCpus"] == cpus
+        assert info["HostConfig"]["CpusetMems"] == "0"
+        labels = info["Config"]["Labels"]
+        assert labels[C.LABEL_SERVICE] == "boxed"
+        assert names[0] == "llm-" + labels[C.LABEL_KEEPER]
+        assert info["HostConfig"]["NetworkMode"] == "host"
+        # through the gate and the router
+        gate_port = int(svc["gate"]["listen"].rsplit(":", 1)[1])
+        assert _chat(gate_port)["object"] == "chat.completion"
+        assert _chat(router)["object"] == "chat.completion"
+        # the engine in the container crashes: restarted
+        cli = s["pid"]
+        os.kill(_engine_pid(svc["port"]), signal.SIGKILL)
+        wait_until(lambda: d.service("boxed")["pid"] not in (cli, None)
+                   and d.service("boxed")["state"] == "ready", 60, what="restarted")
+        assert d.service("boxed")["restarts"] >= 1
+        assert len(podman.names(_ours(d))) == 1
+        # the CLI is killed: its container (which outlives it) is removed, and a new one runs
+        cli = _cli_pid(d, "boxed")
+        old = podman.names(_ours(d))
+        os.kill(cli, signal.SIGKILL)
+        wait_until(lambda: d.service("boxed")["pid"] not in (cli, None)
+                   and d.service("boxed")["state"] == "ready", 60, what="restarted after kill")
+        assert len(podman.names(_ours(d))) == 1
+        assert _chat(gate_port)["object"] == "chat.completion"
+        # a hot swap: the new container on the swap port, the old one gone
+        r = d.llmctl("swap", "boxed", timeout=120)
+        assert r.returncode == 0, r.stderr + d.logtext()[-3000:]
+        assert d.service("boxed")["port"] == svc["gate"]["swap_port"]
+        wait_until(lambda: len(podman.names(_ours(d))) == 1, 30, what="the old one removed")
+        assert podman.names(_ours(d)) != old
+        assert _chat(gate_port)["object"] == "chat.completion"
+        # stopped: no container at all
+        r = d.llmctl("stop", "boxed", timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert podman.names(_ours(d)) == []
+        r = d.llmctl("start", "boxed", timeout=60)
+        d.wait_state("boxed", "ready", 60)
+        assert len(podman.names(_ours(d))) == 1
+    # the daemon stopped: nothing left
+    assert podman.names(_ours(d)) == []
+    log = d.logtext()
+    assert "Traceback" not in log
+
+
+def test_a_refusal_fails_the_start_with_the_runtime_s_words(tmp_path: Path, podman: Podman,
+                                                            model: Path) -> None:
+    nope = boxed(podman, model, "nope", container={"image": "localhost/absent:1"})
+    unpulled = boxed(podman, model, "unpulled",
+                     container={"image": "localhost/absent:2", "pull": "missing"})
+    missing = boxed(podman, model, "noruntime", container={"runtime": "/nonexistent/podman"})
+    badflag = boxed(podman, model, "badflag", container={"run_args": ["--no-such-flag"]})
+    with running(tmp_path, base_config(tmp_path, [nope, unpulled, missing, badflag])) as d:
+        for name, words in (("nope", "image not known"), ("unpulled", "cannot pull"),
+                            ("noruntime", "container runtime not found"),
+                            ("badflag", "unknown flag")):
+            s = d.wait_state(name, "failed", 60)
+            assert words in (s["failed_reason"] or ""), s
+            assert s["restarts"] == 0, s  # not a crash loop
+        r = d.llmctl("status")
+        assert "image not known" in r.stdout, r.stdout
+        assert podman.names(_ours(d)) == []
+        assert "Traceback" not in d.logtext()
+
+
+def test_the_daemon_killed_for_good_leaves_no_container(tmp_path: Path, podman: Podman,
+                                                        model: Path) -> None:
+    doc = base_config(tmp_path, [boxed(podman, model)])
+    doc["supervisor"]["adopt_grace_s"] = 2
+    d = Daemon(tmp_path, doc).start()
+    try:
+        d.wait_state("boxed", "ready", 60)
+        label = _ours(d)
+        assert len(podman.names(label)) == 1
+        t0 = time.monotonic()
+        d.crash()  # and no daemon comes back: the keeper's grace, then its stop
+        wait_until(lambda: podman.names(label) == [], 2 + 5 + 30, what="container removed")
+        took = time.monotonic() - t0
+        assert took < 2 + 5 + 30, took
+    finally:
+        d.stop()
+
+
+def test_a_stale_container_of_ours_goes_and_a_foreign_one_stays(tmp_path: Path,
+                                                                podman: Podman,
+                                                                model: Path) -> None:
+    doc = base_config(tmp_path, [boxed(podman, model)])
+    state = doc["supervisor"]["state_dir"]
+    run = ["run", "-d", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+           "--network", "host", "-v", f"{model}:/model.gguf:ro"]
+    serve = [IMAGE, "/bin/llama-server", "-m", "/model.gguf", "--host", "127.0.0.1", "-c",
+             "512", "-t", "1"]
+    podman(*run, "--name", "llm-boxed-deadbeef", "--label", f"{C.LABEL_STATE}={state}",
+           "--label", f"{C.LABEL_KEEPER}=boxed-deadbeef", *serve, "--port", str(free_port()))
+    podman(*run, "--name", "foreign-one", *serve, "--port", str(free_port()))
+    podman(*run, "--name", "llm-boxed-0ther0ne", "--label", f"{C.LABEL_STATE}=/elsewhere",
+           *serve, "--port", str(free_port()))
+    try:
+        with running(tmp_path, doc) as d:
+            d.wait_state("boxed", "ready", 60)
+            names = podman.names()
+            assert "llm-boxed-deadbeef" not in names
+            assert "foreign-one" in names and "llm-boxed-0ther0ne" in names
+            assert "left by an earlier run: removing them" in d.logtext()
+    finally:
+        podman("rm", "-f", "-t", "0", "foreign-one", "llm-boxed-0ther0ne", check=False)
+
+
+def test_a_keeper_killed_takes_its_container_with_it(tmp_path: Path, podman: Podman,
+                                                     model: Path) -> None:
+    with running(tmp_path, base_config(tmp_path, [boxed(podman, model)])) as d:
+        d.wait_state("boxed", "ready", 60)
+        cli = _cli_pid(d, "boxed")
+        old = podman.names(_ours(d))
+        keeper = int(Path(f"/proc/{cli}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert b"_keeper" in Path(f"/proc/{keeper}/cmdline").read_bytes()
+        os.kill(keeper, signal.SIGKILL)
+        wait_until(lambda: d.service("boxed")["pid"] not in (cli, None)
+                   and d.service("boxed")["state"] == "ready", 60, what="restarted")
+        wait_until(lambda: old[0] not in podman.names(_ours(d)), 30, what="old one removed")
+        assert len(podman.names(_ours(d))) == 1
