@@ -128,7 +128,11 @@ def rules_of(plan: ServicePlan) -> L.Rules:
     c = plan.config
     return L.Rules(
         name=c.name, policy=c.restart.policy, health=plan.health_url() is not None,
-        failures=c.health.failures, startup_timeout_s=c.health.startup_timeout_s,
+        failures=c.health.failures,
+        # a pull (pull = "missing") is part of the start, bounded on its own
+        startup_timeout_s=c.health.startup_timeout_s + (
+            c.container.pull_timeout_s if c.container is not None
+            and c.container.pull == "missing" else 0.0),
         stop_signal=c.stop.signal, stop_timeout_s=c.stop.timeout_s,
         backoff_initial_s=c.restart.backoff_initial_s, backoff_max_s=c.restart.backoff_max_s,
         max_restarts=c.restart.max_restarts, window_s=c.restart.window_s,

@@ -158,7 +158,7 @@ def test_an_engine_exit_is_kept_and_sent(tmp_path: Path, keepers: list[Keeper]) 
     pid = c.ask({"op": "hello", "proto": [1, 2]})["pid"]
     assert c.ask({"op": "signal", "sig": signal.SIGTERM}) == {"op": "ok", "signalled": 1}  # sh ends
     assert c.recv() == {"op": "exited", "exit": {"code": None, "signal": signal.SIGTERM},
-                        "pid": pid}
+                        "pid": pid, "tail": []}
     assert not alive(pid)
     stays(lambda: k.proc.poll() is None, 1.0, "the keeper stays after its engine ended")
     c.close()
@@ -356,8 +356,11 @@ def test_a_relaunch_is_a_fork_of_the_keeper(tmp_path: Path, keepers: list[Keeper
     assert c.ask({"op": "run"})["code"] == "bad_request"  # no generation
     started = c.ask({"op": "run", "gen": 4})
     assert started["op"] == "started" and started["gen"] == 4 and started["pid"] != first
-    assert c.recv() == {"op": "exited", "exit": {"code": 5, "signal": None},
-                        "pid": started["pid"]}
+    said = c.recv()
+    tail = said.pop("tail")  # the run's last lines: what status shows of a runtime's refusal
+    assert said == {"op": "exited", "exit": {"code": 5, "signal": None},
+                    "pid": started["pid"]}
+    assert len(tail) == 1 and tail[0].startswith("run SigIgn:"), tail
     wait_until(lambda: k.log().count('"msg": "[svc] run') == 2, 10, what="two runs")
     for line in k.log().splitlines():
         doc = json.loads(line)  # every line the keeper writes is one JSON object
