@@ -682,6 +682,9 @@ class Keeper:
         if sig in (signal.SIGCONT, 0):
             return 1
         assert self.container is not None
+        if len(self.helpers) >= 16:  # a runtime that does not keep up: not a queue for ever
+            self._log(f"signal {sig} for {self.container} dropped: 16 runtime calls waiting")
+            return 0
         self.helpers.append((["kill", "--signal", str(sig), self.container], 15.0, sig))
         self._helper_next()
         return 1

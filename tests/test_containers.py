@@ -459,3 +459,25 @@ def test_a_keeper_killed_takes_its_container_with_it(tmp_path: Path, podman: Pod
                    and d.service("boxed")["state"] == "ready", 60, what="restarted")
         wait_until(lambda: old[0] not in podman.names(_ours(d)), 30, what="old one removed")
         assert len(podman.names(_ours(d))) == 1
+
+
+def test_a_crashed_daemon_s_container_is_adopted_by_the_next(tmp_path: Path, podman: Podman,
+                                                             model: Path) -> None:
+    """kill -9 of the daemon: the container keeps serving, the next daemon adopts it (same
+    CLI, same container), and its stop removes it."""
+    svc = boxed(podman, model)
+    doc = base_config(tmp_path, [svc])
+    d = Daemon(tmp_path, doc).start()
+    try:
+        cli = d.wait_state("boxed", "ready", 60)["pid"]
+        names = podman.names(_ours(d))
+        d.crash()
+        d.pids_seen.clear()  # (d.stop() must not clean up what the next daemon adopts)
+        assert _chat(svc["port"])["object"] == "chat.completion"  # no supervisor: it serves
+    finally:
+        d.stop()
+    with running(tmp_path, doc) as d2:
+        s = d2.wait_state("boxed", "ready", 60)
+        assert s["pid"] == cli and podman.names(_ours(d2)) == names
+        assert "adopted" in d2.logtext()
+    assert podman.names(_ours(d2)) == []
