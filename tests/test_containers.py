@@ -6,6 +6,7 @@ command line that is built."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -125,6 +126,29 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
         pm.clean()
         for p in made:
             shutil.rmtree(p, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cdi() -> Iterator[None]:
+    """A CDI spec (as the NVIDIA container toolkit writes one) for simulated GPU 0: podman
+    resolves `--device nvidia.com/gpu=UUID` through it, as on a real box. Its edits: a
+    variable and a device node (/dev/null as /dev/nvidia-sim0)."""
+    where = Path("/var/run/cdi")
+    made = not where.exists()
+    where.mkdir(parents=True, exist_ok=True)
+    spec = where / f"llm-supervisor-test-{os.getpid()}.json"
+    spec.write_text(json.dumps({
+        "cdiVersion": "0.5.0", "kind": "nvidia.com/gpu", "containerEdits": {},
+        "devices": [{"name": SIM_UUID.format(0), "containerEdits": {
+            "env": ["SIM_GPU=0"],
+            "deviceNodes": [{"path": "/dev/nvidia-sim0", "hostPath": "/dev/null"}]}}]}))
+    try:
+        yield
+    finally:
+        spec.unlink()
+        if made:
+            with contextlib.suppress(OSError):
+                where.rmdir()
 
 
 @pytest.fixture(scope="module")
@@ -325,9 +349,9 @@ pull = "always"
 
 
 def test_a_container_serves_stops_swaps_and_restarts(tmp_path: Path, podman: Podman,
-                                                     model: Path) -> None:
+                                                     model: Path, cdi: None) -> None:
     router = free_port()
-    svc = boxed(podman, model, numa=0, models=["tiny"],
+    svc = boxed(podman, model, numa=0, models=["tiny"], gpus=[0],
                 gate={"listen": f"127.0.0.1:{free_port()}", "swap_port": free_port()},
                 container={"pull": "missing"})
     doc = base_config(tmp_path, [svc], router={"listen": f"127.0.0.1:{router}"})
@@ -344,6 +368,13 @@ def test_a_container_serves_stops_swaps_and_restarts(tmp_path: Path, podman: Pod
         assert labels[C.LABEL_SERVICE] == "boxed"
         assert names[0] == "llm-" + labels[C.LABEL_KEEPER]
         assert info["HostConfig"]["NetworkMode"] == "host"
+        # the GPU, by UUID through CDI (the spec's edits are there), and pinned inside too
+        env = dict(e.split("=", 1) for e in info["Config"]["Env"])
+        assert env["SIM_GPU"] == "0" and env["CUDA_VISIBLE_DEVICES"] == SIM_UUID.format(0)
+        assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        assert [d["PathInContainer"] for d in info["HostConfig"]["Devices"]] \
+            == ["/dev/nvidia-sim0"]
+        assert not any(k.startswith("LLM_SUPERVISOR") for k in env)
         # through the gate and the router
         gate_port = int(svc["gate"]["listen"].rsplit(":", 1)[1])
         assert _chat(gate_port)["object"] == "chat.completion"
@@ -390,10 +421,14 @@ def test_a_refusal_fails_the_start_with_the_runtime_s_words(tmp_path: Path, podm
                      container={"image": "localhost/absent:2", "pull": "missing"})
     missing = boxed(podman, model, "noruntime", container={"runtime": "/nonexistent/podman"})
     badflag = boxed(podman, model, "badflag", container={"run_args": ["--no-such-flag"]})
-    with running(tmp_path, base_config(tmp_path, [nope, unpulled, missing, badflag])) as d:
+    nogpu = boxed(podman, model, "nogpu", gpus=[1])  # no CDI device for it on this host
+    with running(tmp_path, base_config(tmp_path, [nope, unpulled, missing, badflag,
+                                                  nogpu])) as d:
         for name, words in (("nope", "image not known"), ("unpulled", "cannot pull"),
                             ("noruntime", "container runtime not found"),
-                            ("badflag", "unknown flag")):
+                            ("badflag", "unknown flag"),
+                            ("nogpu", f"unresolvable CDI devices nvidia.com/gpu="
+                                      f"{SIM_UUID.format(1)}")):
             s = d.wait_state(name, "failed", 60)
             assert words in (s["failed_reason"] or ""), s
             assert s["restarts"] == 0, s  # not a crash loop
