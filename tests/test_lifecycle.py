@@ -55,6 +55,13 @@ CASES: list[tuple[str, L.Model, L.Event, L.Rules, State, list[State], list[str]]
      replace(R, health=False), State.READY, [State.READY], ["SetTimer"]),
     ("launch failed: backoff", model(State.STARTING), L.Launched(1, "no such file"), R,
      State.BACKOFF, [State.BACKOFF], ["Note", "CountRestart", "SetTimer"]),
+    ("launch refused (no container runtime): failed, no retry", model(State.STARTING),
+     L.Launched(1, "container runtime not found: 'podman'", refused=True), R,
+     State.FAILED, [State.FAILED], ["Note"]),
+    ("a refusal of the runtime while starting: failed once the group is gone",
+     model(State.STARTING, exited=True, exit_code=125, last_exit="exit 125",
+           fail_after="podman refused to run the container: Error: x: image not known"),
+     L.Reaped(1), R, State.FAILED, [State.FAILED], ["Finish", "CancelTimer"]),
     ("a launch of an older generation is ignored", model(State.STARTING, gen=2),
      L.Launched(1, "x"), R, State.STARTING, [], []),
     ("health ok while starting: ready", model(State.STARTING),
@@ -273,3 +280,17 @@ def test_any_sequence_keeps_the_invariants(events: list[L.Event], policy: str,
         m = d.model
         if m.state in (State.STOPPED, State.BACKOFF, State.FAILED):
             assert not m.running, (ev, m)
+
+
+def test_a_runtime_refusal_while_starting_fails_and_once_ready_is_an_exit() -> None:
+    why = "podman refused to run the container: Error: localhost/x:1: image not known"
+    d = L.decide(model(State.STARTING), L.Exited(1, 125, False, why), R, NOW, 0.5)
+    assert d.model.fail_after == why and "Reap" in kinds(d)
+    d = L.decide(d.model, L.Reaped(1), R, NOW, 0.5)
+    assert d.model.state is State.FAILED and d.model.failed_reason == why
+    assert d.model.budget.streak == 0  # no restart was counted: not a crash loop
+    # once ready, the same exit is the engine's: the restart policy decides
+    d = L.decide(model(State.READY), L.Exited(1, 125, False, why), R, NOW, 0.5)
+    assert d.model.fail_after is None
+    d = L.decide(d.model, L.Reaped(1), R, NOW, 0.5)
+    assert d.model.state is State.BACKOFF
