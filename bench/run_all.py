@@ -66,6 +66,12 @@ BENCHES: list[tuple[str, list[str], list[str], list[tuple[str, str, str, str, Ch
     ("door", ["bench/door.py", "--rounds", "3"], ["bench/door.py", "--rounds", "1"], [
         ("the door end to end: CPU per request added", r"added by the door: ([+-][\d.]+) us",
          "us", "<= 10", lambda v: v <= 10)]),
+    ("container", ["bench/container.py", "--rounds", "5"],
+     ["bench/container.py", "--rounds", "2"], [
+        ("a container: start -> ready added (median)", r"a container adds: start ([+-]\d+) ms",
+         "ms", "report", lambda v: True),
+        ("a container: stop added (median)", r"stop ([+-]\d+) ms \(medians\)", "ms", "report",
+         lambda v: True)]),
     ("gate_flood", ["bench/gate_flood.py"], ["bench/gate_flood.py"], [
         ("watchdog gap while flooded (max)",
          r"watchdog ping gap \(ms\)\s+[\d.]+ /\s+[\d.]+\s+[\d.]+ /\s+([\d.]+)", "ms", "< 1000",
