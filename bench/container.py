@@ -53,6 +53,7 @@ def llama_server() -> str:
 
 
 def podman_args(tmp: Path) -> list[str]:
+    # (podman wants a runroot of at most 50 characters: under /tmp/lsb-XXXXXXXX)
     return ["--root", str(tmp / "root"), "--runroot", str(tmp / "run"), "--tmpdir",
             str(tmp / "tmp"), "--runtime", "runc", "--storage-driver", "vfs",
             "--cgroup-manager", "cgroupfs", "--events-backend", "file"]
@@ -170,7 +171,7 @@ def main() -> None:
     binary = llama_server()
     made = [p for p in (Path("/var/lib/containers"), Path("/run/containers"))
             if not p.exists()]
-    tmp = Path(tempfile.mkdtemp(prefix="llmsup-bench-container-"))
+    tmp = Path(tempfile.mkdtemp(prefix="lsb-", dir="/tmp"))
     pargs = podman_args(tmp / "podman")
     daemon = None
     try:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +58,9 @@ class Podman:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.args = ["--root", str(tmp / "root"), "--runroot", str(tmp / "run"),
+        # podman refuses a runroot longer than 50 characters (pytest's, under xdist, is)
+        self.run = Path(tempfile.mkdtemp(prefix="lsp-", dir="/tmp"))
+        self.args = ["--root", str(tmp / "root"), "--runroot", str(self.run),
                      "--tmpdir", str(tmp / "tmp"), "--runtime", "runc",
                      "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
                      "--events-backend", "file"]
@@ -105,9 +108,10 @@ class Podman:
         r = subprocess.run(["mount"], capture_output=True, text=True, check=False)
         for line in r.stdout.splitlines():  # (vfs mounts nothing, but a shm may be left)
             where = line.split(" on ", 1)[-1].split(" type ", 1)[0]
-            if where.startswith(str(self.tmp)):
+            if where.startswith((str(self.tmp), str(self.run))):
                 subprocess.run(["umount", "-l", where], check=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.run, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
