@@ -305,9 +305,17 @@ class Keeper:
         self.helper_args: list[str] = []
         self.helper_sig = 0  # a signal the call was to give: to the CLI if it fails
         self.helper_until: float | None = None
+        self.helper_fd = -1  # its output (a pipe; the last 2000 bytes kept)
+        self.helper_said = b""
         self._teardown_queued = False
+        self._rm_ok = False  # the last `rm` removed the container (or there was none)
         self._removed = False  # the container of the run that ended is gone
         self._exit_unsent: dict[str, object] | None = None  # said once its container is gone
+        # after the removal: what the container left below the keeper (a conmon and a
+        # `runc init` of a container the runtime never recorded) is given until then, then
+        # SIGKILLed
+        self._settle_until: float | None = None
+        self._settle_killed = False
         self._fast = False  # SIGKILL asked: the container goes without its stop timeout
         self._termed = False
         self.tail: list[str] = []  # the last lines of the run's output (a runtime's refusal)
@@ -442,7 +450,7 @@ class Keeper:
         self.ticks = start_ticks(pid)
         self.exit = None
         self.tail = []
-        self._removed = self._fast = self._termed = False
+        self._removed = self._fast = self._termed = self._rm_ok = False
         self.out_fd = rfd
         self._partial = b""
         os.set_blocking(rfd, False)
@@ -537,14 +545,18 @@ class Keeper:
                     self._lease_readable()
                 elif what == "signal":
                     self._signals()
+                elif what == "helper":
+                    self._helper_output()
             self._reap()
             self._timers()
         return 0
 
     def _next_deadline(self) -> float | None:
         now = _now()
-        times = [t for t in (self.grace_until, self.stopping_until, self.helper_until)
-                 if t is not None]
+        times = [t for t in (self.grace_until, self.stopping_until, self.helper_until,
+                             self._settle_until) if t is not None]
+        if self._settle_until is not None:
+            times.append(now + 0.05)  # look whether what was left has gone
         if self.alone_since is not None and self.unattended_s > 0:
             times.append(self.alone_since + self.unattended_s)
         if self.stopping_until is not None:
@@ -561,6 +573,8 @@ class Keeper:
             except OSError:
                 pass
             self.helper_until = None
+        if self._settle_until is not None:
+            self._settle()
         if self.stopping_until is not None:
             if self._all_gone():
                 self._finish()
@@ -630,15 +644,8 @@ class Keeper:
     def _helper_next(self) -> None:
         while not self.helper_pid and self.helpers:
             args, timeout, sig = self.helpers.pop(0)
-            out = os.path.join(self.dir, "runtime.out")
             try:
-                pid = os.posix_spawnp(self.runtime[0], [*self.runtime, *args], os.environ,
-                                      file_actions=[
-                                          (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                                          (os.POSIX_SPAWN_OPEN, 1, out,
-                                           os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
-                                          (os.POSIX_SPAWN_DUP2, 1, 2)],
-                                      setsid=True, setsigmask=(), setsigdef=(signal.SIGPIPE,))
+                pid = self._spawn_helper([*self.runtime, *args])
             except OSError as exc:
                 self._log(f"cannot run `{self.runtime[0]} {args[0]}` for {self.container}: "
                           f"{exc.strerror or exc}")
@@ -649,29 +656,107 @@ class Keeper:
             self.helper_until = _now() + timeout
         if not self._helpers_busy() and self._teardown_queued:
             self._teardown_queued = False
-            self._removed = self.exit is not None
-            if self._exit_unsent is not None:
-                said, self._exit_unsent = self._exit_unsent, None
-                if self.stopping_until is None:
-                    self._say_exit(said)
+            if self.exit is not None:
+                self._removed = self._rm_ok
+                if self._settle_until is None:
+                    self._settle_until, self._settle_killed = _now() + 2.0, False
+                self._settle()
+
+    def _spawn_helper(self, argv: list[str]) -> int:
+        """A runtime call: a fork (its own session, stdin /dev/null, its output on a pipe we
+        read, the parent-death signal: it never outlives the keeper), then exec."""
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        me = os.getpid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child; it never returns
+                try:
+                    os.setsid()
+                    signal.set_wakeup_fd(-1)
+                    for sig in (*_HANDLED, signal.SIGPIPE):
+                        signal.signal(sig, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+                    if self.libc is not None:
+                        self.libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+                    if os.getppid() != me:
+                        os._exit(1)
+                    null = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(null, 0)
+                    os.dup2(wfd, 1)
+                    os.dup2(wfd, 2)
+                    os.execvp(argv[0], argv)  # noqa: S606
+                finally:
+                    os._exit(127)
+        except OSError:
+            os.close(rfd)
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+            os.close(wfd)
+        os.set_blocking(rfd, False)
+        self.helper_fd = rfd
+        self.helper_said = b""
+        self.sel.add(rfd, "helper")
+        return pid
+
+    def _helper_output(self) -> None:
+        """What the runtime call says: the last 2000 bytes kept, the rest read and dropped."""
+        for _ in range(64):
+            if self.helper_fd < 0:
+                return
+            data = _read(self.helper_fd, 65536)
+            if data is None:
+                return
+            if not data:
+                self.sel.remove(self.helper_fd)
+                os.close(self.helper_fd)
+                self.helper_fd = -1
+                return
+            self.helper_said = (self.helper_said + data)[-2000:]
 
     def _helper_done(self, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
         args, sig = self.helper_args, self.helper_sig
         self.helper_pid, self.helper_until = 0, None
-        if code != 0:
-            try:
-                with open(os.path.join(self.dir, "runtime.out"), "rb") as fh:
-                    said = fh.read(2000).decode("utf-8", "replace").strip()
-            except OSError:
-                said = ""
-            low = said.lower()
-            if "no such container" not in low and "no container with name" not in low:
-                self._log(f"`{self.runtime[0]} {args[0]}` of {self.container}: exit {code}: "
-                          f"{said[-600:]}")
+        self._helper_output()  # what is left in the pipe (a child that kept it open: cut)
+        if self.helper_fd >= 0:
+            self.sel.remove(self.helper_fd)
+            os.close(self.helper_fd)
+            self.helper_fd = -1
+        said = self.helper_said.decode("utf-8", "replace").strip()
+        low = said.lower()
+        gone = "no such container" in low or "no container with name" in low
+        if args[0] == "rm":
+            self._rm_ok = code == 0 or gone
+        if code != 0 and not gone:
+            self._log(f"`{self.runtime[0]} {' '.join(args[:-1])}` of {self.container}: "
+                      f"exit {code}: {_printable(said[-600:]) or '(nothing said)'}")
             if sig and self.exit is None:  # the runtime could not: the CLI passes it on
                 self._signal_group(sig)
         self._helper_next()
+
+    def _settle(self) -> None:
+        """After the container's removal: once nothing of the run is left below the keeper
+        (given 2 s, then SIGKILLed, then 5 s more), the exit is said."""
+        assert self._settle_until is not None
+        if self._helpers_busy():
+            return
+        left = self._alive()
+        now = _now()
+        if left and now < self._settle_until:
+            return
+        if left and not self._settle_killed:
+            self._log(f"{len(left)} process(es) of {self.container} left after its removal "
+                      f"(pid {', '.join(map(str, left[:5]))}): killed")
+            self._kill_all(signal.SIGKILL)
+            self._settle_killed, self._settle_until = True, now + 5.0
+            return
+        self._settle_until = None
+        if self._exit_unsent is not None:
+            said, self._exit_unsent = self._exit_unsent, None
+            if self.stopping_until is None:
+                self._say_exit(said)
 
     def _signal_container(self, sig: int) -> int:
         """A signal for the engine: to the container through the runtime. SIGKILL ends the
@@ -694,7 +779,8 @@ class Keeper:
 
     def _all_gone(self) -> bool:
         self._reap()
-        return self.exit is not None and not self._helpers_busy() and not self._alive()
+        return self.exit is not None and not self._helpers_busy() and not self._alive() \
+            and self._settle_until is None
 
     def _signal_group(self, sig: int) -> int:
         """The engine's process group: while its leader lives, by its id; after, each of our
@@ -745,8 +831,9 @@ class Keeper:
     def _finish(self) -> None:
         self._drain_output()
         try:
-            _write_json(os.path.join(self.dir, EXIT), {"exit": self.exit, "pid": self.pid,
-                                                         "dropped_lines": self.dropped})
+            _write_json(os.path.join(self.dir, EXIT), {
+                "exit": self.exit, "pid": self.pid, "dropped_lines": self.dropped,
+                "container_removed": self._removed if self.container is not None else None})
         except OSError as exc:  # its directory removed under it: the end all the same
             self._log(f"exit not recorded: {exc.strerror or exc}")
         if self.stop_reply is not None:
@@ -987,8 +1074,12 @@ class Keeper:
         elif op == "run":
             gen = msg.get("gen")
             left = self._alive() if self.exit is not None else []
-            if self._helpers_busy():
-                left = left or [self.helper_pid]
+            if self._helpers_busy() or self._settle_until is not None:
+                left = left or [self.helper_pid or os.getpid()]
+            elif self.container is not None and self.exit is not None and not self._removed:
+                self._send({"op": "error", "code": "busy", "message":
+                            f"its container {self.container} could not be removed"})
+                return
             if not isinstance(gen, int) or isinstance(gen, bool):
                 self._send({"op": "error", "code": "bad_request",
                             "message": "run needs a generation (gen)"})
@@ -1110,6 +1201,12 @@ class _Err:
             return False
         except OSError:
             return True  # gone: nobody reads it; not a drop to count
+
+
+def _printable(text: str) -> str:
+    """Another program's words, safe for a terminal (escapes and controls shown, not run)."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256
+                   else f"\\u{ord(c):04x}" for c in text)
 
 
 def _wait(argv: list[str], timeout_s: float, quiet: bool = False

@@ -148,8 +148,7 @@ async def call(argv: list[str], timeout_s: float = _CALL_TIMEOUT_S) -> tuple[int
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5.0):
                 await proc.wait()
-        raise SpawnError(f"`{' '.join(argv[:1] + argv[-3:])}` took longer than "
-                         f"{timeout_s:g} s") from None
+        raise SpawnError(f"took longer than {timeout_s:g} s") from None
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -169,16 +168,16 @@ async def remove(runtime: tuple[str, ...], names: list[str], stop_timeout_s: flo
     if not names:
         return
     t = max(0, round(stop_timeout_s))
-    for argv, timeout in (([*runtime, "stop", "-t", str(t), *names], t + 30.0),
-                          ([*runtime, "rm", "-f", *names], 60.0)):
+    for verb, argv, timeout in (("stop", [*runtime, "stop", "-t", str(t), *names], t + 15.0),
+                                ("rm", [*runtime, "rm", "-f", *names], 30.0)):
         try:
             code, out = await call(argv, timeout)
         except SpawnError as exc:
-            log.error("removing container(s) %s: %s", ", ".join(names), exc)
+            log.error("`%s %s` of %s: %s", runtime[0], verb, ", ".join(names), exc)
             continue
         if code != 0 and not _gone(out):
-            log.error("`%s %s`: exit %d: %s", runtime[0], " ".join(argv[len(runtime):][:1]),
-                      code, out.strip()[-500:])
+            log.error("`%s %s` of %s: exit %d: %s", runtime[0], verb, ", ".join(names), code,
+                      printable(out.strip()[-500:]))
 
 
 async def ours(runtime: tuple[str, ...], state_dir: str) -> list[str]:
@@ -210,15 +209,33 @@ async def sweep(runtimes: Iterable[tuple[str, ...]], state_dir: str, live: set[s
     return removed
 
 
-def refusal(runtime: str, tail: list[str]) -> str:
-    """What `llmctl status` says of a runtime that refused to run a container: its own
-    words (the last error line of its output)."""
-    lines = [ln.strip() for ln in tail if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower()]
-    said = (errors or lines or ["(it said nothing)"])[-1]
-    return f"{os.path.basename(runtime)} refused to run the container: {said[:400]}"
+def printable(text: str) -> str:
+    """Another program's words, safe for a terminal and a log (escape sequences and other
+    control characters shown as `\\xNN`, never run)."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256
+                   else f"\\u{ord(c):04x}" for c in text)
+
+
+_HINTS = ("Run '", "See '")  # the runtimes' last line after an error: a pointer to --help
+
+
+def refusal(runtime: str, code: int, tail: list[str]) -> str:
+    """What `llmctl status` says of a runtime's own exit while a container starts: the
+    runtime's words (its last error line: `Error: ...`, `docker: ...`; not the hint to read
+    --help that follows), made safe for a terminal. 126 and 127 are also what an engine
+    that exits so while starting gets: said as the runtime's reading of them."""
+    name = os.path.basename(runtime)
+    lines = [ln.strip() for ln in tail if ln.strip() and not ln.strip().startswith(_HINTS)]
+    errors = [ln for ln in lines if "error" in ln.lower() or ln.startswith(f"{name}:")]
+    said = printable((errors or lines or ["(it said nothing)"])[-1])[:400]
+    if code == 126:
+        return f"{name} run exited 126 (the command in the image cannot be run): {said}"
+    if code == 127:
+        return f"{name} run exited 127 (the command is not in the image): {said}"
+    return f"{name} refused to run the container: {said}"
 
 
 __all__ = ["LABEL_KEEPER", "LABEL_SERVICE", "LABEL_STATE", "RUNTIME_EXITS", "ContainerRun",
-           "call", "gpu_options", "keeper_of", "name_of", "ours", "refusal", "remove",
+           "call", "gpu_options", "keeper_of", "name_of", "ours", "printable", "refusal",
+           "remove",
            "run_options", "sweep"]

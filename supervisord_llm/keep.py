@@ -755,9 +755,10 @@ class Keepers:
     async def _container_after(self, k: _Keeper) -> None:
         """A keeper of a container ended: one that ended without writing its exit (killed)
         did not remove its container; it is removed here. Then its directory goes."""
-        finished = await asyncio.to_thread((k.dir / "exit.json").exists)
+        end = await asyncio.to_thread(_read_json, k.dir / "exit.json")
         name = k.record.container
-        if not finished and name is not None:
+        removed = isinstance(end, dict) and end.get("container_removed") is not False
+        if not removed and name is not None:
             log.warning("%s: keeper %s ended without removing its container %s: removing it",
                         k.record.service, k.record.keeper_id, name)
             await C.remove(k.record.runtime, [name], 10.0)
@@ -794,8 +795,12 @@ class Keepers:
         self._ending.add(k.record.keeper_id)
         with contextlib.suppress(KeeperGone):
             k.link.send({"op": "stop", "timeout_s": timeout_s})
+        # a container's keeper has the runtime's stop and rm to wait for (bounded there:
+        # 15 s and 30 s more, and what they leave given 7 s): killed sooner, it could not
+        # clean up what the runtime left
+        extra = 60.0 if k.record.runtime else 0.0
         try:
-            async with asyncio.timeout(timeout_s + 5.0):
+            async with asyncio.timeout(timeout_s + 5.0 + extra):
                 await asyncio.shield(k.gone)
         except TimeoutError:
             log.error("keeper %s (pid %d) did not stop: killing it", k.record.keeper_id, k.pid)
@@ -1093,7 +1098,15 @@ class Keepers:
         self._all.clear()
         self._idle.clear()
         if self._removing:
-            await asyncio.gather(*self._removing)
+            # (a container's removal by a runtime that hangs: not waited for beyond this;
+            # what is left is removed by the next start's sweep)
+            _done, pending = await asyncio.wait(self._removing, timeout=30.0)
+            if pending:
+                log.error("%d container removal(s) still running after 30 s: cancelled (the "
+                          "next start removes what they leave)", len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=10.0)
         if self._own_tmp is not None and not handover:
             shutil.rmtree(self._own_tmp, ignore_errors=True)
 

@@ -512,7 +512,7 @@ class ServiceActor:
         refused = None
         c = self.plan.config.container
         if c is not None and code in RUNTIME_EXITS:
-            refused = refusal(c.runtime, proc.tail)
+            refused = refusal(c.runtime, code, proc.tail)
         self.post(L.Exited(gen, code, proc.group_alive(), refused))
 
     async def _health_loop(self, gen: int, url: str) -> None:

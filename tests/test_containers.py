@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -520,3 +521,135 @@ def test_a_crashed_daemon_s_container_is_adopted_by_the_next(tmp_path: Path, pod
         assert s["pid"] == cli and podman.names(_ours(d2)) == names
         assert "adopted" in d2.logtext()
     assert podman.names(_ours(d2)) == []
+
+
+# --- what a runtime leaves, says or fails to do -------------------------------------------------
+
+FAKE_RUNTIME = """#!/bin/sh
+# a container runtime that misbehaves: every call is written down; `run` records its name,
+# leaves a process behind in a session of its own without our markers (as conmon and runc
+# init of a container the runtime never recorded, when its CLI is killed while creating it),
+# and fails; `rm` fails until RM_OK exists; `ps` lists the names not removed
+echo "$*" >> "{log}"
+verb=""; prev=""
+for a in "$@"; do
+  [ "$prev" = "--name" ] && name="$a"
+  case "$a" in run|rm|stop|kill|ps) [ -z "$verb" ] && verb="$a" ;; esac
+  prev="$a"
+done
+case "$verb" in
+  run) echo "$name" >> "{names}"
+       env -i setsid sleep 1000 < /dev/null > /dev/null 2>&1 &
+       echo "creating..."; sleep 0.3; exit 1 ;;
+  rm) if [ -e "{ok}" ]; then
+        for a in "$@"; do grep -vx -- "$a" "{names}" > "{names}.tmp"; mv "{names}.tmp" "{names}"
+        done
+        exit 0
+      fi
+      echo "Error: boom: storage is locked" >&2; exit 2 ;;
+  stop|kill) echo "Error: no such container" >&2; exit 125 ;;
+  ps) cat "{names}"; exit 0 ;;
+esac
+exit 0
+"""
+
+
+def _sleepers() -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{entry}/cmdline").read_bytes() == b"sleep\x001000\x00":
+                    out.append(int(entry))
+    return out
+
+
+def test_what_a_runtime_leaves_is_killed_and_a_failed_rm_retried(tmp_path: Path) -> None:
+    """A run that leaves processes the runtime does not know (they are the keeper's, as its
+    subreaper) has them killed before its exit is told; an `rm` that fails keeps the keeper
+    from reusing the name (a new keeper runs), the keeper's stop and the daemon try again,
+    and what is still there at the next start is removed by its sweep."""
+    calls, ok, listed = tmp_path / "calls.log", tmp_path / "RM_OK", tmp_path / "names"
+    listed.write_text("")
+    fake = tmp_path / "fakepodman"
+    fake.write_text(FAKE_RUNTIME.format(log=calls, ok=ok, names=listed))
+    fake.chmod(0o755)
+    before = set(_sleepers())
+    svc = {"name": "leaky", "command": ["serve"], "container": {
+        "image": "localhost/x:1", "runtime": str(fake)},
+        "restart": {"policy": "always", "backoff_initial_s": 0.1, "backoff_max_s": 0.2,
+                    "max_restarts": 100, "window_s": 60}, "stop": {"timeout_s": 1}}
+    doc = base_config(tmp_path, [svc])
+    try:
+        with running(tmp_path, doc) as d:
+            wait_until(lambda: "left after its removal" in d.logtext(), 30,
+                       what="the leftover killed")
+            wait_until(lambda: "could not be removed" in d.logtext(), 30, what="a new keeper")
+            wait_until(lambda: len(listed.read_text().split()) >= 2, 30, what="a second name")
+            first = listed.read_text().split()[0]
+            # the keeper's stop tried again, then the daemon, the keeper gone
+            wait_until(lambda: calls.read_text().count(f"rm -f {first}") >= 3, 60,
+                       what=f"rm tried again: {calls.read_text()}")
+            wait_until(lambda: f"ended without removing its container {first}"
+                       in d.logtext(), 30, what="the daemon's try")
+            assert "boom: storage is locked" in d.logtext()
+        left = listed.read_text().split()
+        assert first in left  # the runtime never removed it
+        ok.touch()  # it works again: the next start removes what is left
+        with running(tmp_path, doc) as d:
+            wait_until(lambda: "left by an earlier run: removing them" in d.logtext(), 30,
+                       what="the sweep")
+            wait_until(lambda: not set(left) & set(listed.read_text().split()), 30,
+                       what="the names left removed")
+            assert "Traceback" not in d.logtext()
+    finally:
+        for pid in set(_sleepers()) - before:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    stray = set(_sleepers()) - before
+    assert not stray, f"left running: {stray}"
+
+
+def test_the_refusal_is_the_runtime_s_words_made_safe() -> None:
+    evil = "\x1b]0;PWNED\x07\x1b[2J Error: evil"
+    said = C.refusal("/usr/bin/podman", 125, ["starting", evil])
+    assert said == ("podman refused to run the container: \\x1b]0;PWNED\\x07\\x1b[2J "
+                    "Error: evil")
+    # docker's reason has no "error" in it, and a pointer to --help follows it
+    said = C.refusal("docker", 125, [
+        "docker: Cannot connect to the Docker daemon at unix:///var/run/docker.sock.",
+        "", "Run 'docker run --help' for more information"])
+    assert said.endswith("docker: Cannot connect to the Docker daemon at "
+                         "unix:///var/run/docker.sock.")
+    assert C.refusal("podman", 127, ["Error: exec: nope: not found"]).startswith(
+        "podman run exited 127 (the command is not in the image)")
+    assert C.refusal("podman", 125, []).endswith("(it said nothing)")
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["-td"], "'-td' is not for run_args: the runtime must stay in the foreground"),
+    (["-dit"], "'-dit' is not for run_args"),
+    (["--label", "io.llm-supervisor.state-dir=/elsewhere"], "are the supervisor's own"),
+    (["--label=io.llm-supervisor.keeper=zzz"], "are the supervisor's own"),
+    (["-l", "io.llm-supervisor.service=x"], "are the supervisor's own"),
+])
+def test_run_args_cannot_undo_what_is_ours(args: list[str], words: str) -> None:
+    from supervisord_llm.errors import ConfigError
+
+    doc = ('[[service]]\nname = "a"\n[service.container]\nimage = "x"\nrun_args = '
+           + json.dumps(args) + "\n")
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        parse_config(doc)
+    # a label of one's own, and a value written joined, are fine
+    parse_config(doc.replace(json.dumps(args), json.dumps(
+        ["--label", "team=ml", "--env=-d", "-it"])))
+
+
+def test_a_trailing_newline_is_not_an_image() -> None:
+    from supervisord_llm.errors import ConfigError
+
+    for key in ("image", "network"):
+        doc = ('[[service]]\nname = "a"\n[service.container]\n'
+               + ('image = "x\\n"\n' if key == "image" else 'image = "x"\nnetwork = "host\\n"\n'))
+        with pytest.raises(ConfigError, match=rf"container\.{key}: must be"):
+            parse_config(doc)

@@ -585,15 +585,16 @@ _OURS: Final = {
     "--net": "use `network`",
     "--replace": "the supervisor removes each container itself",
 }
-_IMAGE_RE: Final = re.compile(r"^[A-Za-z0-9][\x21-\x7e]{0,511}$")
-_NETWORK_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,127}$")
+_IMAGE_RE: Final = re.compile(r"[A-Za-z0-9][\x21-\x7e]{0,511}")  # (fullmatch: no newline)
+_NETWORK_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,127}")
+C_LABELS: Final = "io.llm-supervisor."
 
 
 def _container(t: Table | None, has_port: bool) -> ContainerSection | None:
     if t is None:
         return None
     image = t.string("image")
-    if isinstance(image, str) and not _IMAGE_RE.match(image):
+    if isinstance(image, str) and not _IMAGE_RE.fullmatch(image):
         t.error("image", f"must be an image reference (1-512 printable characters without "
                 f"spaces, not starting with `-`), got {short(image)}")
     runtime = t.string("runtime", "podman")
@@ -607,15 +608,24 @@ def _container(t: Table | None, has_port: bool) -> ContainerSection | None:
         _placeholders_ok(t, "run_args", run_args, has_port)
         for i, arg in enumerate(run_args):
             flag = arg.split("=", 1)[0]
+            where = f"{t.key_path('run_args')}[{i}]"
+            label = arg.split("=", 1)[1] if flag == "--label" and "=" in arg else (
+                run_args[i + 1] if arg in ("--label", "-l") and i + 1 < len(run_args) else "")
             if flag in _OURS:
-                t.problems.append(f"{t.key_path('run_args')}[{i}]: {flag} is not for run_args: "
-                                  f"{_OURS[flag]}")
+                t.problems.append(f"{where}: {flag} is not for run_args: {_OURS[flag]}")
+            elif re.fullmatch(r"-[A-Za-z]*d[A-Za-z]*", arg):  # -d among short flags: -td
+                t.problems.append(f"{where}: {short(arg)} is not for run_args: the runtime "
+                                  "must stay in the foreground (-d); a value that looks so "
+                                  "is written joined: --env=-d")
+            elif label.startswith(C_LABELS):
+                t.problems.append(f"{where}: the labels io.llm-supervisor.* are the "
+                                  "supervisor's own (they say whose a container is)")
     if isinstance(runtime_args, tuple):
         _placeholders_ok(t, "runtime_args", runtime_args, has_port)
     pull = t.string("pull", "never", choices=PULL_POLICIES)
     pull_timeout = t.number("pull_timeout_s", 1800.0, above=0, maximum=86400)
     network = t.string("network", "host")
-    if isinstance(network, str) and not _NETWORK_RE.match(network):
+    if isinstance(network, str) and not _NETWORK_RE.fullmatch(network):
         t.error("network", f"must be a network name or mode such as host, bridge or "
                 f"slirp4netns (got {short(network)})")
     gpu_flag = t.string("gpu_flag", None, choices=GPU_FLAGS)
