@@ -653,3 +653,58 @@ def test_a_trailing_newline_is_not_an_image() -> None:
                + ('image = "x\\n"\n' if key == "image" else 'image = "x"\nnetwork = "host\\n"\n'))
         with pytest.raises(ConfigError, match=rf"container\.{key}: must be"):
             parse_config(doc)
+
+
+def _runtime_strays() -> set[int]:
+    """conmon and runc processes whose parent is PID 1: a container's monitor orphaned."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                exe = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == 1 and exe.rsplit(b"/", 1)[-1] in (b"conmon", b"runc"):
+                    out.add(int(entry))
+    return out
+
+
+def _run_clis() -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                if argv[0].endswith(b"podman") and b"run" in argv and b"--rm" in argv:
+                    out.add(int(entry))
+    return out
+
+
+def test_the_cli_killed_while_it_creates_the_container_leaves_nothing(
+        tmp_path: Path, podman: Podman, model: Path) -> None:
+    """kill -9 of `podman run` a few ms into the start (while it creates the container, a
+    conmon and a `runc init` podman has not recorded yet; found by an attacker at 0.1 s):
+    after each, the service is ready again and no conmon or runc is left under PID 1."""
+    before = _runtime_strays()
+    with running(tmp_path, base_config(tmp_path, [boxed(podman, model)])) as d:
+        d.wait_state("boxed", "ready", 60)
+        for delay in (0.02, 0.05, 0.08, 0.11, 0.15, 0.25):
+            assert d.llmctl("stop", "boxed").returncode == 0
+            seen = frozenset(_run_clis())
+
+            def started(seen: frozenset[int] = seen) -> set[int]:
+                return _run_clis() - seen
+
+            starting = subprocess.Popen(  # (llmctl start waits for ready: not here)
+                [sys.executable, "-m", "supervisord_llm.ctl", "--socket", d.socket, "start",
+                 "boxed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            new = wait_until(started, 30, interval=0.002, what="the CLI")
+            time.sleep(delay)
+            with contextlib.suppress(OSError):
+                os.kill(min(new), signal.SIGKILL)
+            starting.wait(120)
+            d.wait_state("boxed", "ready", 60)
+            wait_until(lambda: len(podman.names(_ours(d))) == 1, 30, what="one container")
+            assert not _runtime_strays() - before, f"after {delay} s: {d.logtext()[-2000:]}"
+    assert podman.names(_ours(d)) == []
+    assert not _runtime_strays() - before
+    assert "Traceback" not in d.logtext()
