@@ -643,8 +643,11 @@ class Keepers:
         args = [sys.executable, "-I", "-S", "-c", _START.format(pkg=str(_PKG)), *keeper_args,
                 "--", *argv]
         try:
+            # (a container's keeper also waits on the runtime's stop and rm: its unit's stop
+            # timeout, the engine's plus 30 s, covers them too)
             await self.systemd.start_unit(unit, f"llm-supervisor keeper of {spec.service}",
-                                          args, env, spec.stop_timeout_s)
+                                          args, env, spec.stop_timeout_s
+                                          + (60.0 if record.runtime else 0.0))
         except SpawnError:
             self._remove(kdir)
             raise
