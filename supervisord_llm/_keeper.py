@@ -1204,7 +1204,8 @@ class _Err:
 
 
 def _printable(text: str) -> str:
-    """Another program's words, safe for a terminal (escapes and controls shown, not run)."""
+    """Another program's words, safe for a terminal (escapes and controls shown, not run;
+    containers.printable's twin: the keeper imports nothing of the package)."""
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256
                    else f"\\u{ord(c):04x}" for c in text)
 

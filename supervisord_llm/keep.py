@@ -756,8 +756,9 @@ class Keepers:
         task.add_done_callback(self._removing.discard)
 
     async def _container_after(self, k: _Keeper) -> None:
-        """A keeper of a container ended: one that ended without writing its exit (killed)
-        did not remove its container; it is removed here. Then its directory goes."""
+        """A keeper of a container ended: one that ended without writing its exit (killed),
+        or whose exit says its runtime could not remove the container, left it; it is
+        removed here (once more). Then its directory goes."""
         end = await asyncio.to_thread(_read_json, k.dir / "exit.json")
         name = k.record.container
         removed = isinstance(end, dict) and end.get("container_removed") is not False
