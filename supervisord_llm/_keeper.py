@@ -421,18 +421,7 @@ class Keeper:
                     os.setsid()  # its own session and group, before anyone signals it
                     os.close(sync_r)
                     os.close(sync_w)  # the keeper goes on: the group is there
-                    signal.set_wakeup_fd(-1)
-                    # every disposition back to the default, as systemd gives a service:
-                    # Python ignores SIGPIPE and SIGXFSZ, a shell that started us without
-                    # job control SIGINT and SIGQUIT, nohup SIGHUP; an ignored signal
-                    # survives exec
-                    for sig in signal.valid_signals():
-                        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                            try:
-                                signal.signal(sig, signal.SIG_DFL)
-                            except (OSError, ValueError):
-                                pass  # (one the C library keeps for itself)
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+                    _default_signals()
                     os.close(rfd)
                     self._child(me, wfd)
                 finally:
@@ -673,10 +662,7 @@ class Keeper:
             if pid == 0:  # pragma: no cover - the child; it never returns
                 try:
                     os.setsid()
-                    signal.set_wakeup_fd(-1)
-                    for sig in (*_HANDLED, signal.SIGPIPE):
-                        signal.signal(sig, signal.SIG_DFL)
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+                    _default_signals()
                     if self.libc is not None:
                         self.libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
                     if os.getppid() != me:
@@ -1201,6 +1187,21 @@ class _Err:
             return False
         except OSError:
             return True  # gone: nobody reads it; not a drop to count
+
+
+def _default_signals() -> None:  # pragma: no cover - in a child, before its exec
+    """Every disposition back to the default, as systemd gives a service (Python ignores
+    SIGPIPE and SIGXFSZ, a shell that started us without job control SIGINT and SIGQUIT,
+    nohup SIGHUP; an ignored signal survives exec), the keeper's wakeup pipe dropped, and
+    the signals blocked across the fork unblocked."""
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass  # (one the C library keeps for itself)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
 
 
 def _printable(text: str) -> str:
