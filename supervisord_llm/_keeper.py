@@ -492,20 +492,26 @@ class Keeper:
         os._exit(127)
 
     def _pull(self, image: str, warn: object) -> None:  # pragma: no cover - in the child
-        """The image, pulled first when the runtime does not have it (bounded by
-        pull_timeout_s); a pull that fails ends the run as the runtime would (125)."""
+        """The image, pulled first when the runtime does not have it; the look and the pull
+        together within pull_timeout_s. One that fails or overruns ends the run as the
+        runtime would (125), saying so in a line `containers.refusal` reads (`pull: ...`)."""
         assert callable(warn)
-        if _wait([*self.runtime, "image", "inspect", "--format", "{{.Id}}", image], 120.0,
-                 quiet=True) == 0:
+        limit = self.pull_timeout_s
+        deadline = _now() + limit
+        code = _wait([*self.runtime, "image", "inspect", "--format", "{{.Id}}", image],
+                     min(60.0, limit), quiet=True)
+        if code == 0:
             return
-        warn(f"{image} is not here: pulling it (for at most {self.pull_timeout_s:g} s)")
-        code = _wait([*self.runtime, "pull", image], self.pull_timeout_s)
         if code is None:
-            warn(f"Error: pulling {image} took longer than pull_timeout_s "
-                 f"({self.pull_timeout_s:g} s)")
+            warn(f"pull: `image inspect {image}` did not answer within {min(60.0, limit):g} s")
+            os._exit(125)
+        warn(f"{image} is not here: pulling it (for at most {limit:g} s)")
+        code = _wait([*self.runtime, "pull", image], max(0.0, deadline - _now()))
+        if code is None:
+            warn(f"pull: {image} took longer than pull_timeout_s ({limit:g} s)")
             os._exit(125)
         if code != 0:
-            warn(f"Error: cannot pull {image} (the runtime's exit {code})")
+            warn(f"pull: {image} failed (exit {code})")
             os._exit(125)
 
     def _save_state(self) -> None:

@@ -217,21 +217,27 @@ def printable(text: str) -> str:
 
 
 _HINTS = ("Run '", "See '")  # the runtimes' last line after an error: a pointer to --help
+_KEEPER = "llm-supervisor keeper: "  # (the keeper's own lines in the engine's output)
 
 
 def refusal(runtime: str, code: int, tail: list[str]) -> str:
     """What `llmctl status` says of a runtime's own exit while a container starts: the
     runtime's words (its last error line: `Error: ...`, `docker: ...`; not the hint to read
-    --help that follows), made safe for a terminal. 126 and 127 are also what an engine
-    that exits so while starting gets: said as the runtime's reading of them."""
+    --help that follows), made safe for a terminal. A pull that failed (the keeper's
+    `pull: ...` line) says so, with the runtime's words. 126 and 127 may be the runtime's
+    (a CDI device it cannot resolve, a command not in the image) or the engine's own exit:
+    said as the exit they are."""
     name = os.path.basename(runtime)
     lines = [ln.strip() for ln in tail if ln.strip() and not ln.strip().startswith(_HINTS)]
-    errors = [ln for ln in lines if "error" in ln.lower() or ln.startswith(f"{name}:")]
-    said = printable((errors or lines or ["(it said nothing)"])[-1])[:400]
-    if code == 126:
-        return f"{name} run exited 126 (the command in the image cannot be run): {said}"
-    if code == 127:
-        return f"{name} run exited 127 (the command is not in the image): {said}"
+    pulled = [ln[len(_KEEPER) + 6:] for ln in lines if ln.startswith(_KEEPER + "pull: ")]
+    theirs = [ln for ln in lines if not ln.startswith(_KEEPER)]
+    errors = [ln for ln in theirs if "error" in ln.lower() or ln.startswith(f"{name}:")]
+    said = printable((errors or theirs or ["(it said nothing)"])[-1])[:400]
+    if pulled:
+        why = printable(pulled[-1])[:300]
+        return f"{name} could not pull the image: {why}" + (f"; {said}" if errors else "")
+    if code in (126, 127):
+        return f"{name} run exited {code} while starting: {said}"
     return f"{name} refused to run the container: {said}"
 
 

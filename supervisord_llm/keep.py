@@ -1104,7 +1104,10 @@ class Keepers:
         if self._removing:
             # (a container's removal by a runtime that hangs: not waited for beyond this;
             # what is left is removed by the next start's sweep)
-            _done, pending = await asyncio.wait(self._removing, timeout=30.0)
+            _done, pending = await asyncio.wait(self._removing, timeout=1.0)
+            if pending:
+                log.info("waiting for %d container removal(s) (at most 30 s)", len(pending))
+                _done, pending = await asyncio.wait(pending, timeout=29.0)
             if pending:
                 log.error("%d container removal(s) still running after 30 s: cancelled (the "
                           "next start removes what they leave)", len(pending))

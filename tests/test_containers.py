@@ -429,7 +429,9 @@ def test_a_refusal_fails_the_start_with_the_runtime_s_words(tmp_path: Path, podm
     nogpu = boxed(podman, model, "nogpu", gpus=[1])  # no CDI device for it on this host
     with running(tmp_path, base_config(tmp_path, [nope, unpulled, missing, badflag,
                                                   nogpu])) as d:
-        for name, words in (("nope", "image not known"), ("unpulled", "cannot pull"),
+        for name, words in (("nope", "image not known"),
+                            ("unpulled", "podman could not pull the image: localhost/absent:2 "
+                                         "failed (exit 125); Error: "),
                             ("noruntime", "container runtime not found"),
                             ("badflag", "unknown flag"),
                             ("nogpu", f"unresolvable CDI devices nvidia.com/gpu="
@@ -621,8 +623,17 @@ def test_the_refusal_is_the_runtime_s_words_made_safe() -> None:
         "", "Run 'docker run --help' for more information"])
     assert said.endswith("docker: Cannot connect to the Docker daemon at "
                          "unix:///var/run/docker.sock.")
-    assert C.refusal("podman", 127, ["Error: exec: nope: not found"]).startswith(
-        "podman run exited 127 (the command is not in the image)")
+    assert C.refusal("podman", 127, ["Error: exec: nope: not found"]) \
+        == "podman run exited 127 while starting: Error: exec: nope: not found"
+    # a pull that failed: said so, with the runtime's words rather than the keeper's
+    said = C.refusal("podman", 125, [
+        "llm-supervisor keeper: docker.io/x:1 is not here: pulling it (for at most 60 s)",
+        "Trying to pull docker.io/x:1...",
+        "Error: initializing source docker://x:1: pinging container registry: no such host",
+        "llm-supervisor keeper: pull: docker.io/x:1 failed (exit 125)"])
+    assert said == ("podman could not pull the image: docker.io/x:1 failed (exit 125); Error: "
+                    "initializing source docker://x:1: pinging container registry: no such "
+                    "host")
     assert C.refusal("podman", 125, []).endswith("(it said nothing)")
 
 
@@ -632,6 +643,10 @@ def test_the_refusal_is_the_runtime_s_words_made_safe() -> None:
     (["--label", "io.llm-supervisor.state-dir=/elsewhere"], "are the supervisor's own"),
     (["--label=io.llm-supervisor.keeper=zzz"], "are the supervisor's own"),
     (["-l", "io.llm-supervisor.service=x"], "are the supervisor's own"),
+    (["-l=io.llm-supervisor.state-dir=/x"], "are the supervisor's own"),
+    (["-lio.llm-supervisor.keeper=nobody"], "are the supervisor's own"),
+    (["--label-file", "/etc/labels"], "--label-file is not for run_args"),
+    (["-td=true"], "'-td=true' is not for run_args"),
 ])
 def test_run_args_cannot_undo_what_is_ours(args: list[str], words: str) -> None:
     from supervisord_llm.errors import ConfigError
@@ -708,3 +723,21 @@ def test_the_cli_killed_while_it_creates_the_container_leaves_nothing(
     assert podman.names(_ours(d)) == []
     assert not _runtime_strays() - before
     assert "Traceback" not in d.logtext()
+
+
+def test_a_runtime_that_hangs_on_the_image_is_a_bounded_refusal(tmp_path: Path) -> None:
+    """pull = "missing" with a runtime whose `image inspect` never answers: the start fails
+    within pull_timeout_s, saying so, instead of looping on the start's timeout."""
+    fake = tmp_path / "hangs"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = inspect ] && exec sleep 1000; done\n'
+                    'exit 0\n')
+    fake.chmod(0o755)
+    svc = {"name": "stuck", "command": ["serve"], "port": free_port(),
+           "container": {"image": "localhost/x:1", "runtime": str(fake), "pull": "missing",
+                         "pull_timeout_s": 1},
+           "health": {"interval_s": 0.5, "timeout_s": 0.5, "startup_timeout_s": 30}}
+    with running(tmp_path, base_config(tmp_path, [svc])) as d:
+        s = d.wait_state("stuck", "failed", 20)
+        assert s["failed_reason"] == ("hangs could not pull the image: `image inspect "
+                                      "localhost/x:1` did not answer within 1 s"), s
+        assert s["restarts"] == 0

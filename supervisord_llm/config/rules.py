@@ -584,6 +584,8 @@ _OURS: Final = {
     "--network": "use `network`",
     "--net": "use `network`",
     "--replace": "the supervisor removes each container itself",
+    "--label-file": "give labels with --label (the labels io.llm-supervisor.* are the "
+                    "supervisor's own)",
 }
 _IMAGE_RE: Final = re.compile(r"[A-Za-z0-9][\x21-\x7e]{0,511}")  # (fullmatch: no newline)
 _NETWORK_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,127}")
@@ -609,15 +611,14 @@ def _container(t: Table | None, has_port: bool) -> ContainerSection | None:
         for i, arg in enumerate(run_args):
             flag = arg.split("=", 1)[0]
             where = f"{t.key_path('run_args')}[{i}]"
-            label = arg.split("=", 1)[1] if flag == "--label" and "=" in arg else (
-                run_args[i + 1] if arg in ("--label", "-l") and i + 1 < len(run_args) else "")
             if flag in _OURS:
                 t.problems.append(f"{where}: {flag} is not for run_args: {_OURS[flag]}")
-            elif re.fullmatch(r"-[A-Za-z]*d[A-Za-z]*", arg):  # -d among short flags: -td
+            elif re.fullmatch(r"-[A-Za-z]*d[A-Za-z]*(=.*)?", arg, re.DOTALL):
+                # -d among short flags, however written: -td, -td=true, -itd
                 t.problems.append(f"{where}: {short(arg)} is not for run_args: the runtime "
                                   "must stay in the foreground (-d); a value that looks so "
-                                  "is written joined: --env=-d")
-            elif label.startswith(C_LABELS):
+                                  "is written joined to a long flag: --env=-d")
+            elif C_LABELS in arg:  # in any spelling: --label=, -l=, -lKEY=..., a value
                 t.problems.append(f"{where}: the labels io.llm-supervisor.* are the "
                                   "supervisor's own (they say whose a container is)")
     if isinstance(runtime_args, tuple):
