@@ -318,7 +318,7 @@ class Keeper:
         self._settle_killed = False
         self._fast = False  # SIGKILL asked: the container goes without its stop timeout
         self._termed = False
-        self.tail: list[str] = []  # the last lines of the run's output (a runtime's refusal)
+        self.tail: list[bytes] = []  # the last lines of the run's output (a runtime's refusal)
         self.libc: _Libc | None = None
         self.sel = _Poll()
         self.pid = 0
@@ -411,23 +411,20 @@ class Keeper:
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
         me = os.getpid()
-        # a signal for the engine that comes before its exec must not reach our handlers
-        # (whose wakeup pipe is the keeper's): blocked across the fork, default in the child
-        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+
+        def child() -> None:  # pragma: no cover - in the child
+            os.close(sync_r)
+            os.close(sync_w)  # the keeper goes on: the group is there
+            _default_signals()
+            os.close(rfd)
+            self._child(me, wfd)
+
         try:
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child; it never returns
-                try:
-                    os.setsid()  # its own session and group, before anyone signals it
-                    os.close(sync_r)
-                    os.close(sync_w)  # the keeper goes on: the group is there
-                    _default_signals()
-                    os.close(rfd)
-                    self._child(me, wfd)
-                finally:
-                    os._exit(127)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+            pid = _fork(child)
+        except OSError:
+            for fd in (rfd, wfd, sync_r, sync_w):
+                os.close(fd)
+            raise
         os.close(sync_w)
         try:
             os.read(sync_r, 1)  # EOF once the child has its group (or has died)
@@ -606,7 +603,8 @@ class Keeper:
             elif pid == self.pid and self.exit is None:
                 self.exit = _exit_of(status)
                 self._drain_output()
-                said = {"op": "exited", "exit": self.exit, "pid": pid, "tail": self.tail}
+                said = {"op": "exited", "exit": self.exit, "pid": pid, "tail": [
+                    t.decode("utf-8", "replace").rstrip("\r") for t in self.tail]}
                 if self.container is not None:  # the container may outlive its CLI: removed
                     self._teardown(0.0 if self._fast else self.stop_timeout_s)
                     if self.stopping_until is None:
@@ -662,29 +660,25 @@ class Keeper:
         read, the parent-death signal: it never outlives the keeper), then exec."""
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         me = os.getpid()
-        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+
+        def child() -> None:  # pragma: no cover - in the child
+            _default_signals()
+            if self.libc is not None:
+                self.libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+            if os.getppid() != me:
+                os._exit(1)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(wfd, 1)
+            os.dup2(wfd, 2)
+            os.execvp(argv[0], argv)  # noqa: S606
+
         try:
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child; it never returns
-                try:
-                    os.setsid()
-                    _default_signals()
-                    if self.libc is not None:
-                        self.libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-                    if os.getppid() != me:
-                        os._exit(1)
-                    null = os.open(os.devnull, os.O_RDONLY)
-                    os.dup2(null, 0)
-                    os.dup2(wfd, 1)
-                    os.dup2(wfd, 2)
-                    os.execvp(argv[0], argv)  # noqa: S606
-                finally:
-                    os._exit(127)
+            pid = _fork(child)
         except OSError:
             os.close(rfd)
             raise
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
             os.close(wfd)
         os.set_blocking(rfd, False)
         self.helper_fd = rfd
@@ -887,7 +881,7 @@ class Keeper:
                 line = line[:-1]
         body = b"[" + self.service.encode() + b"] " + line.rstrip(b"\r") + \
             (b" [line cut]" if cut else b"")
-        self.tail.append(line[:500].decode("utf-8", "replace").rstrip("\r"))
+        self.tail.append(line[:500])  # (decoded only when the run ends)
         if len(self.tail) > 8:
             del self.tail[0]
         if self._unsaid:  # said once it takes lines again, before the next one
@@ -1193,6 +1187,26 @@ class _Err:
             return False
         except OSError:
             return True  # gone: nobody reads it; not a drop to count
+
+
+def _fork(child: object) -> int:
+    """A fork whose child makes itself a session (and group) of its own, before anyone
+    signals it, then runs `child`, which execs (or exits 127). A signal meant for the child
+    before its exec must not reach our handlers (whose wakeup pipe is the keeper's): they are
+    blocked across the fork, and the child puts them back to their defaults."""
+    assert callable(child)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child; it never returns
+            try:
+                os.setsid()
+                child()
+            finally:
+                os._exit(127)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+    return pid
 
 
 def _default_signals() -> None:  # pragma: no cover - in a child, before its exec
