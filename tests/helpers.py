@@ -9,10 +9,12 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -404,6 +406,78 @@ def running(tmp: Path, doc: dict[str, Any], env: Mapping[str, str] | None = None
         yield d.start()
     finally:
         d.stop()
+
+
+# --- podman ---------------------------------------------------------------------------------
+
+
+class Podman:
+    """podman on storage of its own under `tmp` (for a test, a benchmark), with the flags these
+    machines need (testbed section 6). What podman makes for itself whatever its storage (a
+    blob cache, a networks run directory) is removed by `clean()` when it was not there."""
+
+    def __init__(self, tmp: Path, exe: str = "podman") -> None:
+        self.tmp = tmp
+        self.exe = exe
+        self.made = [p for p in (Path("/var/lib/containers"), Path("/run/containers"))
+                     if not p.exists()]
+        # podman refuses a runroot longer than 50 characters (pytest's, under xdist, is)
+        self.run = Path(tempfile.mkdtemp(prefix="lsp-", dir="/tmp"))
+        self.args = ["--root", str(tmp / "root"), "--runroot", str(self.run),
+                     "--tmpdir", str(tmp / "tmp"), "--runtime", "runc",
+                     "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
+                     "--events-backend", "file"]
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 120
+                 ) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([self.exe, *self.args, *args], capture_output=True, text=True,
+                           timeout=timeout, check=False)
+        if check and r.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args)}: {r.returncode} {r.stderr}")
+        return r
+
+    def names(self, label: str | None = None) -> list[str]:
+        filt = ["--filter", f"label={label}"] if label else []
+        out = self("ps", "-a", *filt, "--format", "{{.Names}}").stdout
+        return sorted(n for n in out.split() if n)
+
+    def inspect(self, name: str) -> dict[str, Any]:
+        doc: list[dict[str, Any]] = json.loads(self("inspect", name).stdout)
+        return doc[0]
+
+    def build_image(self, binary: str, image: str) -> None:
+        """llama-server (as /bin/llama-server) and its libraries as a rootfs, imported as
+        `image` (no registry is reachable here)."""
+        root = self.tmp / "rootfs"
+        (root / "bin").mkdir(parents=True)
+        shutil.copy(binary, root / "bin" / "llama-server")
+        ldd = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+        for line in ldd.splitlines():
+            for part in line.split():
+                if part.startswith("/"):
+                    dest = root / part.lstrip("/")
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(part, dest)  # (the library the link names)
+        with subprocess.Popen(["tar", "-C", str(root), "-c", "."],
+                              stdout=subprocess.PIPE) as tar:
+            r = subprocess.run([self.exe, *self.args, "import", "-", image],
+                               stdin=tar.stdout, capture_output=True, text=True, timeout=120,
+                               check=False)
+        assert r.returncode == 0, r.stderr
+        shutil.rmtree(root)
+
+    def clean(self) -> None:
+        """Every container of this storage, then the storage itself."""
+        self("rm", "-a", "-f", "-t", "0", check=False)
+        r = subprocess.run(["mount"], capture_output=True, text=True, check=False)
+        for line in r.stdout.splitlines():  # (vfs mounts nothing, but a shm may be left)
+            where = line.split(" on ", 1)[-1].split(" type ", 1)[0]
+            if where.startswith((str(self.tmp), str(self.run))):
+                subprocess.run(["umount", "-l", where], check=False)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.run, ignore_errors=True)
+        for p in self.made:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 # --- llama.cpp's llama-server -----------------------------------------------------------------
