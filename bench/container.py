@@ -33,6 +33,7 @@ from helpers import (
     base_config,
     free_port,
     llama_server_binary,
+    llama_server_pid,
     make_tiny_model,
 )
 
@@ -70,18 +71,6 @@ def wait(d: Daemon, name: str, want: str, not_pid: int | None = None,
             return
         time.sleep(0.01)
     raise SystemExit(f"{name} not {want} within {timeout} s: {d.service(name)}")
-
-
-def engine_pid(port: int) -> int:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if cmd[0].endswith(b"llama-server") and str(port).encode() in cmd:
-                return int(entry)
-    raise SystemExit(f"no llama-server on port {port}")
 
 
 def request(port: int) -> float:
@@ -135,7 +124,7 @@ def main() -> None:
                 r["request"].append(request(port))
                 pid = d.service(name)["pid"]
                 t0 = time.monotonic()
-                os.kill(engine_pid(port), signal.SIGKILL)
+                os.kill(llama_server_pid(port), signal.SIGKILL)
                 wait(d, name, "ready", not_pid=pid)
                 r["crash"].append(time.monotonic() - t0)
         print(f"{'':10} {'start->ready':>14} {'request':>10} {'crash->ready':>14} "

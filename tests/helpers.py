@@ -510,6 +510,19 @@ def require_llama_server() -> str:
     return binary
 
 
+def llama_server_pid(port: int) -> int:
+    """The llama-server serving on `port`, as this host sees it (in a container too)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd[0].endswith(b"llama-server") and str(port).encode() in cmd:
+                return int(entry)
+    raise AssertionError(f"no llama-server on port {port}")
+
+
 def make_tiny_model(path: Path, *args: str) -> Path:
     subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "make_tiny_gguf.py"),
                     str(path), *args], check=True, capture_output=True)

@@ -27,6 +27,7 @@ from helpers import (
     Podman,
     base_config,
     free_port,
+    llama_server_pid,
     make_tiny_model,
     post,
     require_llama_server,
@@ -129,19 +130,6 @@ def _cli_pid(d: Daemon, name: str) -> int:
     pid: int = d.service(name)["pid"]
     assert pid and "podman" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
     return pid
-
-
-def _engine_pid(port: int) -> int:
-    """The llama-server of the container on `port`, as the host sees it."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if cmd[0] == b"/bin/llama-server" and str(port).encode() in cmd:
-                return int(entry)
-    raise AssertionError(f"no llama-server on port {port}")
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -316,7 +304,7 @@ def test_a_container_serves_stops_swaps_and_restarts(tmp_path: Path, podman: Pod
         assert _chat(router)["object"] == "chat.completion"
         # the engine in the container crashes: restarted
         cli = s["pid"]
-        os.kill(_engine_pid(svc["port"]), signal.SIGKILL)
+        os.kill(llama_server_pid(svc["port"]), signal.SIGKILL)
         wait_until(lambda: d.service("boxed")["pid"] not in (cli, None)
                    and d.service("boxed")["state"] == "ready", 60, what="restarted")
         assert d.service("boxed")["restarts"] >= 1
